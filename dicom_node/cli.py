@@ -1,0 +1,64 @@
+"""The ``dicom-node`` command line: one entry point, one module per subcommand.
+
+Exit codes (shared CONVENTIONS): 0 success, 1 user error (one line, no traceback),
+2 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dicom_node import __version__
+from dicom_node.commands import COMMAND_MODULES
+from dicom_node.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-node",
+        description="A DICOM node that restyles radiographs to each radiologist's preferred look.",
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"dicom_node.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"dicom_node.commands.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"dicom-node {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - last resort: a bug, report it fully
+        import traceback
+
+        traceback.print_exc()
+        print(f"dicom-node {args.command}: internal error (a bug, please report it)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

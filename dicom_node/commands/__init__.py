@@ -1,0 +1,18 @@
+"""One module per ``dicom-node`` subcommand.
+
+Each module defines ``register(subparsers)``, which adds its parser and sets
+``func=run``.  Modules import heavy libraries (torch, pynetdicom) inside ``run`` so that
+``dicom-node --help`` stays fast.
+"""
+
+# The order here is the order in ``dicom-node --help``.
+COMMAND_MODULES = [
+    "serve",
+    "check_config",
+    "status",
+    "translate",
+    "train",
+    "model",
+    "demo_data",
+    "evaluate",
+]

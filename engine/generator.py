@@ -1,0 +1,109 @@
+"""The CycleGAN ResNet generator, in the one place both the engine and the trainer use.
+
+This follows the classic CycleGAN reference network (Zhu et al., 2017): reflection
+padding, a 7x7 stem, two stride-2 downsamplings, ``n_blocks`` residual blocks, two
+transposed-convolution upsamplings and a tanh output, with InstanceNorm (no affine
+parameters) after every convolution but the last.  One channel in and out, because
+radiographs are grayscale.
+
+``residual=True`` is the only addition: the network then predicts a change that is
+added to its input (``clamp(x + tanh(z), -1, 1)``).  With the last convolution
+zero-initialised such a network starts as the identity, which matters for style
+translation where the anatomy must stay put (see shared/DESIGN-NOTES.md).
+
+The layer list is kept flat and explicit on purpose: the seamless tiled executor in
+``tiling.py`` walks exactly these modules.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ResnetBlock", "ResnetGenerator", "init_weights"]
+
+
+class ResnetBlock(nn.Module):
+    """Two 3x3 convolutions with reflection padding and a skip connection."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3, bias=True),
+            nn.InstanceNorm2d(dim),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3, bias=True),
+            nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """Maps ``(N, 1, H, W)`` images in [-1, 1] to the same shape (H, W multiples of 4)."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        ngf: int = 64,
+        n_blocks: int = 9,
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        self.ngf = ngf
+        self.n_blocks = n_blocks
+        self.residual = residual
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, kernel_size=7, bias=True),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(True),
+        ]
+        for i in range(2):  # downsampling
+            mult = 2**i
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1, bias=True),
+                nn.InstanceNorm2d(ngf * mult * 2),
+                nn.ReLU(True),
+            ]
+        for _ in range(n_blocks):
+            layers.append(ResnetBlock(ngf * 4))
+        for i in range(2):  # upsampling
+            mult = 2 ** (2 - i)
+            layers += [
+                nn.ConvTranspose2d(
+                    ngf * mult, ngf * mult // 2, kernel_size=3, stride=2, padding=1, output_padding=1, bias=True
+                ),
+                nn.InstanceNorm2d(ngf * mult // 2),
+                nn.ReLU(True),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, kernel_size=7, bias=True), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        if self.residual:
+            y = torch.clamp(x + y, -1.0, 1.0)
+        return y
+
+    def architecture(self) -> dict:
+        """The constructor arguments, as stored in a style model's metadata."""
+        return {"type": "resnet_generator", "ngf": self.ngf, "n_blocks": self.n_blocks, "residual": self.residual}
+
+
+def init_weights(net: nn.Module, gain: float = 0.02, zero_last: bool = False) -> nn.Module:
+    """The standard CycleGAN init: conv weights ~ N(0, gain), biases 0.
+
+    ``zero_last`` zeroes the final convolution so a residual generator starts as the identity.
+    """
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    for m in convs:
+        nn.init.normal_(m.weight, 0.0, gain)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    if zero_last and convs:
+        nn.init.zeros_(convs[-1].weight)
+    return net

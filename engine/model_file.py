@@ -1,0 +1,199 @@
+"""Style model files: generator weights plus metadata in one safetensors file.
+
+safetensors is used because loading it can never execute code (unlike pickle-based
+``torch.save`` files), it is a single flat file, and it has a free-form string metadata
+header where we keep the architecture, normalisation, direction and provenance as JSON.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dicom_node.errors import UserError
+
+from .generator import ResnetGenerator
+
+__all__ = [
+    "FORMAT",
+    "StyleModel",
+    "DEFAULT_NORMALIZATION",
+    "bundled_model_path",
+    "resolve_model_path",
+    "load_style_model",
+    "save_style_model",
+    "new_style_model",
+]
+
+FORMAT = "dicom-node-style-model"
+FORMAT_VERSION = 1
+# Robust percentile window: p_low..p_high of the (modality-LUT'ed, MONOCHROME2) pixels map to -1..1.
+DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "low": 0.5, "high": 99.5}
+_JSON_KEYS = ("architecture", "normalization", "provenance", "output")
+
+
+@dataclass
+class StyleModel:
+    """A loaded style model: the generator (eval mode, CPU) and its metadata."""
+
+    generator: ResnetGenerator
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", "unnamed"))
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", "0"))
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        return dict(self.metadata.get("normalization") or DEFAULT_NORMALIZATION)
+
+    @property
+    def identity(self) -> str:
+        """A stable string naming this model, used to derive output UIDs."""
+        return f"{self.name}:{self.version}:{self.metadata.get('sha256', '')}"
+
+
+def bundled_model_path(name: str = "default") -> Path:
+    """Where the model shipped with the package under ``name`` lives (it may not exist)."""
+    return _package_models_dir() / f"{name}.safetensors"
+
+
+def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
+    """``default`` (or another bundled name) resolves to the model shipped with the package."""
+    p = Path(path_or_name)
+    if not p.exists() and p.suffix == "" and len(p.parts) == 1:
+        candidate = bundled_model_path(str(p))
+        if candidate.exists():
+            return candidate
+    return p
+
+
+def _package_models_dir() -> Path:
+    import dicom_node
+
+    return Path(dicom_node.__file__).resolve().parent / "models"
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_style_model(path: str | os.PathLike) -> StyleModel:
+    """Load a style model file; never executes code from it.
+
+    Raises :class:`UserError` with a one-line reason for anything that is not a valid model.
+    """
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    p = resolve_model_path(path)
+    if not p.is_file():
+        raise UserError(f"model file not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{p}: not a style model file ({exc.__class__.__name__}: {exc})") from None
+    if raw_meta.get("format") != FORMAT:
+        raise UserError(f"{p}: not a dicom-node style model (metadata 'format' is {raw_meta.get('format')!r})")
+    meta: dict[str, Any] = {}
+    for k, v in raw_meta.items():
+        if k in _JSON_KEYS:
+            try:
+                meta[k] = json.loads(v)
+            except json.JSONDecodeError:
+                raise UserError(f"{p}: metadata field {k!r} is not valid JSON") from None
+        else:
+            meta[k] = v
+    arch = meta.get("architecture") or {}
+    if arch.get("type") != "resnet_generator":
+        raise UserError(f"{p}: unsupported architecture {arch.get('type')!r}")
+    try:
+        gen = ResnetGenerator(
+            ngf=int(arch["ngf"]), n_blocks=int(arch["n_blocks"]), residual=bool(arch.get("residual", False))
+        )
+        gen.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{p}: weights do not match the architecture ({first})") from None
+    gen.eval()
+    gen.requires_grad_(False)
+    meta["sha256"] = _file_sha256(p)
+    return StyleModel(generator=gen, metadata=meta, path=p)
+
+
+def save_style_model(
+    generator: ResnetGenerator,
+    path: str | os.PathLike,
+    *,
+    name: str,
+    direction: str = "A->B",
+    version: str = "1",
+    normalization: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+    description: str = "",
+) -> Path:
+    """Write a style model atomically (temp file + fsync + rename)."""
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "name": name,
+        "version": str(version),
+        "direction": direction,
+        "description": description,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": json.dumps(generator.architecture()),
+        "normalization": json.dumps(normalization or DEFAULT_NORMALIZATION),
+        "provenance": json.dumps(provenance or {}),
+    }
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in generator.state_dict().items()}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def new_style_model(ngf: int = 64, n_blocks: int = 9, residual: bool = False, seed: int = 0) -> ResnetGenerator:
+    """An untrained generator with the standard N(0, 0.02) init (deterministic for a seed)."""
+    g = torch.Generator().manual_seed(seed)
+    gen = ResnetGenerator(ngf=ngf, n_blocks=n_blocks, residual=residual)
+    with torch.no_grad():
+        for m in gen.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.weight.normal_(0.0, 0.02, generator=g)
+                if m.bias is not None:
+                    m.bias.zero_()
+    if residual:
+        last = [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+    return gen.eval()

@@ -1,0 +1,1 @@
+"""The CycleGAN trainer behind ``dicom-node train``."""
