@@ -1,0 +1,67 @@
+"""``dicom-node check-config FILE``: validate a node config before deploying it.
+
+Prints every problem on its own line with its YAML path (so an operator fixes them all in
+one go) and exits 1, or prints what the node would do — called AE -> model ->
+destinations — and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-config", help="validate a node config and print every problem")
+    p.add_argument("file", help="node config (YAML)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dicom_node.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        print(f"{args.file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    for line in summary(cfg):
+        print(line)
+    return 0
+
+
+def summary(cfg) -> list[str]:
+    """Human-readable lines describing a valid config (no secrets, no patient data)."""
+    node = cfg.node
+    tls = " TLS" + (" (client certificates required)" if node.tls.require_client_cert else "") if node.tls else ""
+    lines = [
+        f"{cfg.source}: OK",
+        f"node {node.ae_title} listening on {node.host}:{node.port}{tls}, "
+        f"spool {cfg.storage.spool_dir}, study stable after {cfg.study_stable_seconds:g} s",
+        "routes:",
+    ]
+    for r in cfg.routes:
+        model = cfg.models[r.model]
+        dests = ", ".join(_describe_destination(cfg.destinations[d]) for d in r.destinations)
+        extra = []
+        if r.calling_ae:
+            extra.append("from " + "/".join(r.calling_ae))
+        for key, values in r.match.items():
+            extra.append(f"{key} in {'/'.join(values)}")
+        if r.forward_original:
+            extra.append("+ original")
+        suffix = f"  [{'; '.join(extra)}]" if extra else ""
+        lines.append(f"  {r.called_ae} -> model {r.model} ({model.path}) -> {dests}{suffix}")
+    lines.append(
+        f"retry: up to {cfg.retry.max_attempts} attempts, backoff "
+        + "/".join(f"{s:g}" for s in cfg.retry.backoff_seconds) + " s"
+    )
+    return lines
+
+
+def _describe_destination(dest) -> str:
+    if dest.type == "dicom":
+        tls = " TLS" if dest.tls else ""
+        return f"{dest.name} (dicom {dest.ae_title}@{dest.host}:{dest.port}{tls})"
+    return f"{dest.name} (folder {dest.path})"

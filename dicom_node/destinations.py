@@ -1,0 +1,355 @@
+"""Deliver finished DICOM files to a destination: a DICOM peer (C-STORE SCU) or a folder.
+
+The worker calls :func:`deliver` with the files of one study and gets one
+:class:`DeliveryResult` per file.  Network problems never raise: they come back as
+``ok=False`` results with a one-line error (no patient data), so the caller can decide to
+retry.  Both kinds are idempotent for a resend: a PACS stores an instance again under the
+same SOP Instance UID, and the folder destination treats an identical file as delivered.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from dicom_node.config import DestinationSettings
+
+__all__ = ["DeliveryResult", "deliver", "deliver_dicom", "deliver_folder", "valid_uid"]
+
+log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Presentation contexts per association (PS3.8: odd IDs 1..255).
+_MAX_CONTEXTS = 128
+
+
+@dataclass
+class DeliveryResult:
+    path: Path
+    ok: bool
+    status: int | None = None  # DIMSE status for dicom destinations
+    error: str | None = None  # one line, no PHI
+
+
+def valid_uid(value: object) -> bool:
+    """A DICOM UID safe to use as a file name: digits and dots, at most 64 characters."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+def deliver(
+    dest: DestinationSettings, files: Sequence[Path], *, calling_ae: str, timeout: float = 30.0
+) -> list[DeliveryResult]:
+    """Send ``files`` to ``dest``; one result per file, in the same order.
+
+    ``calling_ae`` is our AE title towards a DICOM peer (``dest.calling_ae`` wins when set).
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        return []
+    if dest.type == "dicom":
+        return deliver_dicom(dest, files, calling_ae=dest.calling_ae or calling_ae, timeout=timeout)
+    if dest.type == "folder":
+        return deliver_folder(dest, files)
+    return [DeliveryResult(f, False, error=f"unknown destination type {dest.type!r}") for f in files]
+
+
+# ------------------------------------------------------------------------------- DICOM
+
+
+@dataclass
+class _Item:
+    """One file to send, with what negotiation needs to know about it."""
+
+    index: int
+    path: Path
+    sop_class: str
+    transfer_syntax: str
+
+
+def deliver_dicom(
+    dest: DestinationSettings, files: Sequence[Path], *, calling_ae: str, timeout: float = 30.0
+) -> list[DeliveryResult]:
+    """C-STORE every file over one association (more only beyond 128 presentation contexts).
+
+    For each SOP class we propose the files' own transfer syntaxes (one context each, so a
+    peer that takes JPEG 2000 gets the original bytes) plus a context offering Explicit and
+    Implicit VR Little Endian; a file whose syntax the peer refused is decompressed and sent
+    uncompressed.
+    """
+    results: list[DeliveryResult | None] = [None] * len(files)
+    items: list[_Item] = []
+    for i, path in enumerate(files):
+        item_or_error = _inspect(i, Path(path))
+        if isinstance(item_or_error, str):
+            results[i] = DeliveryResult(Path(path), False, error=item_or_error)
+        else:
+            items.append(item_or_error)
+
+    for batch in _batches(items):
+        for item, result in zip(batch, _send_batch(dest, batch, calling_ae, timeout)):
+            results[item.index] = result
+    return [r for r in results if r is not None]
+
+
+def _inspect(index: int, path: Path) -> _Item | str:
+    """Read the file meta (not the pixels) or say in one line why the file cannot be sent."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except FileNotFoundError:
+        return "file not found"
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return f"cannot read DICOM file ({exc.__class__.__name__})"
+    meta = getattr(ds, "file_meta", None)
+    ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    sop = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
+    if not ts or not sop:
+        return "file has no SOP Class UID or Transfer Syntax UID in its meta information"
+    return _Item(index, path, sop, ts)
+
+
+def _contexts_for(items: Sequence[_Item]) -> list[tuple[str, list[str]]]:
+    """(abstract syntax, transfer syntaxes) to propose: native syntaxes first, then uncompressed."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    contexts: list[tuple[str, list[str]]] = []
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        if item.transfer_syntax not in uncompressed and (item.sop_class, item.transfer_syntax) not in seen:
+            seen.add((item.sop_class, item.transfer_syntax))
+            contexts.append((item.sop_class, [item.transfer_syntax]))
+    for sop in dict.fromkeys(item.sop_class for item in items):
+        contexts.append((sop, list(uncompressed)))
+    return contexts
+
+
+def _batches(items: list[_Item]) -> list[list[_Item]]:
+    """Split by SOP class so that no association needs more than 128 contexts (rare)."""
+    batches: list[list[_Item]] = []
+    current: list[_Item] = []
+    for sop in dict.fromkeys(item.sop_class for item in items):
+        group = [item for item in items if item.sop_class == sop]
+        if current and len(_contexts_for(current + group)) > _MAX_CONTEXTS:
+            batches.append(current)
+            current = []
+        current.extend(group)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _peer(dest: DestinationSettings) -> str:
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, timeout: float) -> list[DeliveryResult]:
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import build_context
+
+    def fail_all(error: str) -> list[DeliveryResult]:
+        return [DeliveryResult(item.path, False, error=error) for item in items]
+
+    if not dest.host or not dest.port or not dest.ae_title:
+        return fail_all("destination needs ae_title, host and port")
+    timeout = float(dest.timeout or timeout)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    contexts = _contexts_for(items)[:_MAX_CONTEXTS]
+    ae.requested_contexts = [build_context(sop, ts) for sop, ts in contexts]
+
+    tls_args = None
+    if dest.tls is not None:
+        from dicom_node.errors import UserError
+        from dicom_node.tls import client_context
+
+        try:
+            tls_args = (client_context(dest.tls), dest.host)
+        except UserError as exc:
+            return fail_all(str(exc))
+
+    connected: list[bool] = []  # set by EVT_CONN_OPEN: tells "refused/unreachable" from "aborted"
+    try:
+        assoc = ae.associate(
+            dest.host, int(dest.port), ae_title=dest.ae_title, tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+        )
+    except (OSError, ValueError, RuntimeError) as exc:  # bad address, TLS failures raised early
+        return fail_all(f"cannot connect to {_peer(dest)}: {exc.__class__.__name__}: {_first_line(exc)}")
+    if not assoc.is_established:
+        if not connected:
+            error = f"cannot connect to {_peer(dest)} (refused or unreachable)"
+        elif assoc.is_rejected:
+            error = f"association rejected by {_peer(dest)}"
+        elif assoc.is_aborted:
+            error = f"association aborted by {_peer(dest)} (or TLS handshake failed)"
+        else:
+            error = f"no answer from {_peer(dest)} within {timeout:g} s"
+        log.warning("delivery to destination %s failed: %s", dest.name, error)
+        return fail_all(error)
+
+    results: list[DeliveryResult] = []
+    try:
+        for item in items:
+            if not assoc.is_established:
+                results.append(DeliveryResult(item.path, False, error=f"association with {_peer(dest)} ended early"))
+                continue
+            results.append(_store_one(assoc, item, dest))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    ok = sum(r.ok for r in results)
+    log.info("delivered %d/%d instance(s) to %s (%s)", ok, len(results), dest.name, _peer(dest))
+    return results
+
+
+def _store_one(assoc, item: _Item, dest: DestinationSettings) -> DeliveryResult:
+    """Send one file in the accepted context that needs the least conversion."""
+    import pydicom
+    from pydicom.uid import UID
+    from pynetdicom.status import code_to_category
+
+    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == item.sop_class]
+    if not accepted:
+        return DeliveryResult(item.path, False, error=f"peer {_peer(dest)} refused SOP class {item.sop_class}")
+    syntaxes = {str(cx.transfer_syntax[0]) for cx in accepted}
+    try:
+        ds = pydicom.dcmread(str(item.path))
+        if item.transfer_syntax not in syntaxes:
+            ts = UID(item.transfer_syntax)
+            if ts.is_compressed:
+                # The peer accepted only uncompressed (or other) syntaxes: decode here.
+                ds.decompress()
+            elif ts.is_deflated or not ts.is_little_endian:
+                ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
+        status_ds = assoc.send_c_store(ds)
+    except (ValueError, NotImplementedError, RuntimeError, AttributeError, OSError) as exc:
+        # Conversion impossible (no decoder) or no context that fits: a per-file failure.
+        return DeliveryResult(item.path, False, error=f"cannot send: {exc.__class__.__name__}: {_first_line(exc)}")
+    if not status_ds or "Status" not in status_ds:
+        return DeliveryResult(item.path, False, error=f"no C-STORE response from {_peer(dest)} (timeout or abort)")
+    status = int(status_ds.Status)
+    category = code_to_category(status)
+    if category in ("Success", "Warning"):
+        return DeliveryResult(item.path, True, status=status)
+    return DeliveryResult(item.path, False, status=status, error=f"C-STORE {category.lower()} status 0x{status:04X}")
+
+
+def _plain_syntax(accepted: set[str]) -> str:
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    return ExplicitVRLittleEndian if ExplicitVRLittleEndian in accepted else ImplicitVRLittleEndian
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else exc.__class__.__name__
+
+
+# ------------------------------------------------------------------------------ folder
+
+
+def deliver_folder(dest: DestinationSettings, files: Sequence[Path]) -> list[DeliveryResult]:
+    """Copy each file to ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, atomically."""
+    if dest.path is None:
+        return [DeliveryResult(Path(f), False, error="folder destination has no path") for f in files]
+    return [_copy_one(Path(dest.path), Path(f)) for f in files]
+
+
+def _copy_one(root: Path, src: Path) -> DeliveryResult:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(
+            str(src), stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+        )
+    except FileNotFoundError:
+        return DeliveryResult(src, False, error="file not found")
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return DeliveryResult(src, False, error=f"cannot read DICOM file ({exc.__class__.__name__})")
+    uids = [ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+    uids = [str(u).strip() if u is not None else None for u in uids]
+    if not all(valid_uid(u) for u in uids):
+        # Never build a path from anything but a strict UID: no traversal, no odd names.
+        return DeliveryResult(src, False, error="refused: Study/Series/SOP Instance UID missing or not a valid UID")
+    folder = root.joinpath(uids[0], uids[1])
+    final = folder / f"{uids[2]}.dcm"
+    try:
+        if final.is_file() and _same_content(src, final):
+            return DeliveryResult(src, True)  # already delivered: idempotent resend
+        _mkdirs(root, folder)
+        _atomic_copy(src, final)
+    except OSError as exc:
+        return DeliveryResult(src, False, error=f"cannot write to folder destination: {exc.strerror or exc}")
+    return DeliveryResult(src, True)
+
+
+def _mkdirs(root: Path, folder: Path) -> None:
+    """Create the study/series folders and make their directory entries durable."""
+    created = []
+    for p in (root, folder.parent, folder):
+        if not p.is_dir():
+            p.mkdir(parents=True, exist_ok=True)
+            created.append(p)
+    for p in created:
+        _fsync_dir(p.parent)
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            ca, cb = fa.read(1 << 20), fb.read(1 << 20)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
+
+
+def _atomic_copy(src: Path, final: Path) -> None:
+    """Temp file in the same folder, fsync, rename over the target, fsync the folder.
+
+    A reader of the folder never sees a partial file, and after a crash the file is either
+    the old one or the complete new one.
+    """
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f, open(src, "rb") as fin:
+            shutil.copyfileobj(fin, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
