@@ -1,0 +1,124 @@
+"""One image through the whole engine: decode -> normalise -> translate -> SC dataset/file.
+
+The node (per received instance) and ``dicom-node translate`` (per file) both call this, so
+they produce byte-for-byte the same pixels and the same UIDs for the same input and model.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, output_window, read_dicom,
+                     to_output_pixels)
+from .secondary_capture import make_secondary_capture
+
+if TYPE_CHECKING:
+    from .model_file import StyleModel
+
+__all__ = ["translate_dataset", "translate_file", "Translation", "translate_radiograph", "model_output_window"]
+
+_UID_FILENAME = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass
+class Translation:
+    """Everything one translation produced (the SC plus the model-space images, for previews)."""
+
+    sc: Dataset
+    model_input: np.ndarray
+    model_output: np.ndarray
+
+
+def model_output_window(model: "StyleModel") -> tuple[float, float]:
+    """The SC window for this model: metadata ``output.window`` (model space) or the full range."""
+    output: Any = model.metadata.get("output") or {}
+    window = output.get("window") if isinstance(output, dict) else None
+    return output_window(tuple(window) if window else None)
+
+
+def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, *, tile: int | None = None,
+                         overlap: float = 0.25, device: Any = None) -> Translation:
+    """Translate an already decoded image of ``source``; padded pixels come out black (0)."""
+    from .tiling import translate
+
+    x = normalize(img, model.normalization)
+    y = translate(model, x, tile=tile, overlap=overlap, device=device)
+    out = to_output_pixels(y)
+    if img.valid is not None:
+        out[~img.valid] = 0
+    sc = make_secondary_capture(source, out, model, window=model_output_window(model))
+    return Translation(sc=sc, model_input=x, model_output=y)
+
+
+def translate_dataset(model: "StyleModel", ds: Dataset, *, tile: int | None = None, overlap: float = 0.25,
+                      device: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """The Secondary Capture dataset (ready to save or send) for one source image.
+
+    Raises :class:`dicom_node.errors.UnsupportedImage` for images the engine refuses.
+    """
+    img = decode_dataset(ds, max_pixels=max_pixels)
+    return translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device).sc
+
+
+def output_filename(sc: Dataset, suffix: str = ".dcm") -> str:
+    """File name from the SOP Instance UID, validated so it can never escape the folder."""
+    uid = str(sc.SOPInstanceUID)
+    if not _UID_FILENAME.match(uid) or not UID(uid).is_valid:
+        raise ValueError(f"refusing to use invalid SOP Instance UID {uid!r} as a file name")
+    return uid + suffix
+
+
+def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | os.PathLike, *,
+                   tile: int | None = None, overlap: float = 0.25, device: Any = None, preview: bool = False,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+    """Translate one DICOM file into ``outdir/<SOP Instance UID>.dcm`` (written atomically).
+
+    With ``preview``, also writes ``<SOP Instance UID>.png``: input | output side by side.
+    Raises :class:`dicom_node.errors.UserError` (one line, starting with the path) for files
+    that are not DICOM, are corrupt, or are refused.
+    """
+    ds, img = read_dicom(path, max_pixels=max_pixels)
+    result = translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device)
+    out_dir = Path(outdir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / output_filename(result.sc)
+    _atomic_write(target, lambda tmp: result.sc.save_as(tmp, enforce_file_format=True))
+    if preview:
+        png = target.with_suffix(".png")
+        _atomic_write(png, lambda tmp: _preview_image(result.model_input, result.model_output).save(tmp, "PNG"))
+    return target
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write via a temp file in the same folder + rename: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _preview_image(x: np.ndarray, y: np.ndarray, max_height: int = 1024):
+    """An 8-bit PNG-able image: model input | model output, both shown over -1..1."""
+    from PIL import Image
+
+    def to8(a: np.ndarray) -> np.ndarray:
+        return np.rint((np.clip(a, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+    h = x.shape[0]
+    gap = np.full((h, max(4, x.shape[1] // 100)), 255, dtype=np.uint8)
+    im = Image.fromarray(np.hstack([to8(x), gap, to8(y)]), mode="L")
+    if h > max_height:
+        im = im.resize((round(im.width * max_height / h), max_height), Image.Resampling.BILINEAR)
+    return im

@@ -1,0 +1,330 @@
+"""The pixel pipeline: DICOM/PNG/TIFF -> one float image in one polarity -> model space and back.
+
+This is the ONE place where stored pixels are decoded and normalised; the engine and the
+trainer both use it, so a model sees at inference exactly the intensities it saw in training.
+
+Steps (and why):
+
+1. Decode the stored values with pydicom (any transfer syntax it has a decoder plugin for).
+   pydicom already masks to BitsStored and sign-extends PixelRepresentation 1.
+2. Pixel Padding Value (+ Range Limit) is compared on the *stored* values, as the standard
+   says, giving the ``valid`` mask. Padded pixels are excluded from the statistics.
+3. Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence) gives physical units.
+4. MONOCHROME1 is mirrored to MONOCHROME2 *within the range of possible modality values*
+   (``lo + hi - x``), not negated: the twin MONOCHROME2 image (stored ``max - v``) then gives
+   exactly the same float pixels, so the same model input, bit for bit, and values stay in
+   the same numeric range. (A plain negation would also give the same *normalised* input,
+   because percentile normalisation is invariant to a shift; the mirror is simply exact.)
+   Presentation LUT Shape is not applied: in the DX/CR IODs ``INVERSE`` only restates
+   MONOCHROME1, applying it again would invert twice.
+5. ``normalize``: a robust percentile window of the valid pixels -> [-1, 1] (model space).
+
+The VOI LUT/window of the source is deliberately ignored: it is a display choice that varies
+between sites, while the percentile window depends only on the image content.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import UnsupportedImage, UserError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_NORMALIZATION",
+    "Radiograph",
+    "decode_dataset",
+    "read_dicom",
+    "read_image_file",
+    "normalize",
+    "to_output_pixels",
+    "output_window",
+    "OUTPUT_MAX",
+]
+
+# 64 Mpixel: a 43x43 cm detector at 0.1 mm is ~18 Mpixel; anything far beyond is an error
+# or an attack, and float32 working copies of it would cost several GiB.
+DEFAULT_MAX_PIXELS: int = 64 * 1024 * 1024
+DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "low": 0.5, "high": 99.5}
+OUTPUT_MAX = 65535  # output pixels are uint16, model space [-1, 1] -> [0, OUTPUT_MAX]
+
+
+@dataclass
+class Radiograph:
+    """A decoded grayscale image in one convention, whatever its source format.
+
+    ``pixels`` are float32 modality-LUT values in MONOCHROME2 polarity (higher = brighter);
+    ``valid`` is False where the source marked Pixel Padding (None when every pixel is valid).
+    """
+
+    pixels: np.ndarray
+    valid: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- DICOM decoding
+
+
+def _check_decodable(ds: Dataset, max_pixels: int) -> None:
+    """Refuse, before decoding anything, what the engine does not handle (one-line reasons)."""
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise UnsupportedImage("float pixel data is not supported")
+        modality = ds.get("Modality", "")
+        what = f"{modality} object" if modality else "object"
+        raise UnsupportedImage(f"not an image: {what} has no Pixel Data")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedImage(f"colour images are not supported (PhotometricInterpretation {pi or 'missing'}, "
+                               f"SamplesPerPixel {spp})")
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(frames or 1)
+    except (TypeError, ValueError):
+        raise UnsupportedImage(f"invalid Number of Frames {frames!r}") from None
+    if frames > 1:
+        raise UnsupportedImage(f"multi-frame images are not supported yet ({frames} frames)")
+    for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored"):
+        if ds.get(kw) in (None, "", 0):
+            raise UnsupportedImage(f"corrupt image: {kw} is missing or zero")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows * cols > max_pixels:
+        raise UnsupportedImage(f"image too large: {rows}x{cols} = {rows * cols} pixels > limit {max_pixels}")
+    if int(ds.BitsStored) > int(ds.BitsAllocated):
+        raise UnsupportedImage(f"corrupt image: BitsStored {ds.BitsStored} > BitsAllocated {ds.BitsAllocated}")
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """``valid`` mask from Pixel Padding Value (+ Pixel Padding Range Limit), on stored values."""
+    ppv = ds.get("PixelPaddingValue")
+    if ppv is None or ppv == "" or isinstance(ppv, (bytes, bytearray)):
+        return None
+    ppv = int(ppv)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None or limit == "" or isinstance(limit, (bytes, bytearray)):
+        padded = stored == ppv
+    else:
+        lo, hi = sorted((ppv, int(limit)))
+        padded = (stored >= lo) & (stored <= hi)
+    if not padded.any():
+        return None
+    return ~padded
+
+
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    """The smallest and largest value the stored pixels can take (BitsStored, signedness)."""
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _modality_lut(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" not in ds and "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
+        return stored.astype(np.float32)
+    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+
+
+def _monochrome1_mirror(ds: Dataset) -> float:
+    """``lo + hi`` of the possible modality values, so that MONOCHROME1 ``x`` -> ``lo + hi - x``."""
+    s_lo, s_hi = _stored_range(ds)
+    if "ModalityLUTSequence" in ds and s_hi - s_lo <= 1 << 16:
+        values = _modality_lut(ds, np.arange(s_lo, s_hi + 1, dtype=np.int64))
+    else:
+        values = _modality_lut(ds, np.array([s_lo, s_hi], dtype=np.int64))
+    return float(values.min()) + float(values.max())
+
+
+def decode_dataset(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
+    """Decode a single-frame grayscale DICOM image into a :class:`Radiograph`.
+
+    Raises :class:`UnsupportedImage` (one line) for colour, multi-frame, non-image, too large
+    or corrupt pixel data, or a transfer syntax no installed decoder handles.
+    """
+    _check_decodable(ds, max_pixels)
+    try:
+        stored = ds.pixel_array
+    except NotImplementedError as exc:  # no decoder plugin for this transfer syntax
+        ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+        raise UnsupportedImage(f"cannot decode transfer syntax {ts}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - every decoder failure means corrupt/unreadable pixels
+        raise UnsupportedImage(f"corrupt pixel data: {_first_line(exc)}") from None
+    if stored.ndim != 2 or stored.shape != (int(ds.Rows), int(ds.Columns)):
+        raise UnsupportedImage(f"corrupt pixel data: decoded shape {stored.shape} "
+                               f"does not match {ds.Rows}x{ds.Columns}")
+    valid = _padding_mask(ds, stored)
+    try:
+        pixels = _modality_lut(ds, stored)
+        if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
+            pixels = np.float32(_monochrome1_mirror(ds)) - pixels
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise UnsupportedImage(f"invalid Modality LUT: {_first_line(exc)}") from None
+    return Radiograph(pixels=np.ascontiguousarray(pixels, dtype=np.float32), valid=valid)
+
+
+def read_dicom(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Dataset, Radiograph]:
+    """Read and decode a DICOM file. Every problem is one line that starts with the path.
+
+    Raises :class:`UserError` for non-DICOM or unreadable files, :class:`UnsupportedImage`
+    (a UserError) for images the engine refuses.
+    """
+    ds = _dcmread(path)
+    try:
+        return ds, decode_dataset(ds, max_pixels=max_pixels)
+    except UnsupportedImage as exc:
+        raise UnsupportedImage(f"{path}: {exc}") from None
+
+
+def _dcmread(path: str | os.PathLike) -> Dataset:
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path))
+    except InvalidDicomError:
+        pass  # maybe a bare dataset without the 128-byte preamble and file meta: try below
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory") from None
+    except Exception as exc:  # noqa: BLE001 - truncated/garbled files raise all sorts
+        raise UserError(f"{path}: corrupt DICOM file ({_first_line(exc)})") from None
+    try:
+        ds = pydicom.dcmread(str(path), force=True)
+        if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
+            return ds
+    except Exception:  # noqa: BLE001
+        pass
+    raise UserError(f"{path}: not a DICOM file")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# --------------------------------------------------------------------- PNG / TIFF (training)
+
+
+def read_image_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
+    """A DICOM, PNG or TIFF (8 or 16 bit grayscale) radiograph, recognised by content.
+
+    PNG/TIFF values are taken as MONOCHROME2 (higher = brighter), which is what image
+    exports of radiographs use. For training data; the node only reads DICOM.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{p}: is a directory") from None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _read_raster(p, max_pixels)
+    return read_dicom(p, max_pixels=max_pixels)[1]
+
+
+def _read_raster(p: Path, max_pixels: int) -> Radiograph:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, before loading the pixels
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise UnsupportedImage(f"{p}: image too large: {h}x{w} = {h * w} pixels > limit {max_pixels}")
+            if getattr(im, "n_frames", 1) > 1:
+                raise UnsupportedImage(f"{p}: multi-page images are not supported")
+            if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F", "1", "LA"):
+                raise UnsupportedImage(f"{p}: colour images are not supported (mode {im.mode})")
+            if im.mode == "LA":
+                im = im.getchannel("L")
+            arr = np.asarray(im)
+    except UnsupportedImage:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pillow raises many types for broken files
+        raise UserError(f"{p}: corrupt image file ({_first_line(exc)})") from None
+    if arr.ndim != 2:
+        raise UnsupportedImage(f"{p}: colour images are not supported")
+    return Radiograph(pixels=np.ascontiguousarray(arr, dtype=np.float32), valid=None)
+
+
+# ----------------------------------------------------------------------------- model space
+
+
+def _window_values(img: Radiograph, normalization: Mapping[str, Any]) -> tuple[float, float]:
+    """The two pixel values that ``normalization`` maps to -1 and +1."""
+    method = str(normalization.get("method", "percentile"))
+    values = img.pixels if img.valid is None else img.pixels[img.valid]
+    if values.size == 0:
+        raise UnsupportedImage("every pixel is padding")
+    if method == "percentile":
+        low = float(normalization.get("low", 0.5))
+        high = float(normalization.get("high", 99.5))
+        lo, hi = np.percentile(values, [low, high])
+    elif method == "minmax":
+        lo, hi = values.min(), values.max()
+    elif method == "fixed":  # absolute values, e.g. a known detector range
+        lo, hi = normalization["low"], normalization["high"]
+    else:
+        raise UserError(f"unknown normalization method {method!r}")
+    return float(lo), float(hi)
+
+
+def normalize(img: Radiograph, normalization: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Map a radiograph to model space: float32, the window's low..high -> -1..1.
+
+    ``normalization`` comes from the model metadata (default: 0.5..99.5 percentile of the
+    valid pixels). Values outside the window are clipped to [-1, 1] (the generator's output
+    range, so that input and output live in the same space) unless ``"clip": false``.
+    Padded pixels become -1 (they carry no anatomy and must not produce extreme inputs).
+    """
+    norm = dict(DEFAULT_NORMALIZATION if normalization is None else normalization)
+    lo, hi = _window_values(img, norm)
+    scale = 2.0 / (hi - lo) if hi > lo else 1.0
+    x = (img.pixels.astype(np.float64) - lo) * scale - 1.0
+    if norm.get("clip", True):
+        np.clip(x, -1.0, 1.0, out=x)
+    x = x.astype(np.float32)
+    if img.valid is not None:
+        x[~img.valid] = -1.0
+    return x
+
+
+def to_output_pixels(y: np.ndarray) -> np.ndarray:
+    """Model space -> uint16 MONOCHROME2: -1..1 -> 0..65535 (clipped, rounded)."""
+    y = np.clip(np.asarray(y, dtype=np.float64), -1.0, 1.0)
+    return np.rint((y + 1.0) * (OUTPUT_MAX / 2.0)).astype(np.uint16)
+
+
+def output_window(model_range: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(WindowCenter, WindowWidth) for the uint16 output, so it displays like the target style.
+
+    Why the full range by default: the model was trained on the target style normalised the
+    same way, so in model space the target style's own p_low..p_high percentiles are -1..1.
+    Showing -1..1 as black..white therefore shows the output exactly as the target style's
+    images look under the same robust auto-window. A model whose target style is usually
+    displayed with a different window records it in model space as metadata
+    ``output.window = [low, high]`` (e.g. [-0.9, 0.8]); pass it here.
+
+    The DICOM linear VOI function maps ``c - 0.5 - (w - 1) / 2`` to black and
+    ``c - 0.5 + (w - 1) / 2`` to white, so stored values a..b need ``w = b - a + 1`` and
+    ``c = (a + b) / 2 + 0.5`` (for 0..65535: center 32768, width 65536).
+    """
+    low, high = (-1.0, 1.0) if model_range is None else (float(model_range[0]), float(model_range[1]))
+    if not high > low:
+        raise UserError(f"invalid output window {model_range!r}: high must be above low")
+    a, b = ((np.clip([low, high], -1.0, 1.0) + 1.0) * (OUTPUT_MAX / 2.0)).tolist()
+    return (a + b) / 2.0 + 0.5, b - a + 1.0
