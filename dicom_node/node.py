@@ -1,0 +1,110 @@
+"""The node: wires spool, state database, listener and worker threads; start and stop.
+
+Start order matters for recovery: the spool and database are opened (and partial writes
+dropped) before the listener accepts anything, and the workers start from whatever the
+database says is unfinished, so a restart after kill -9 resumes every acknowledged item.
+Stop order is the reverse: stop accepting, let each worker finish its current item, close
+the database.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from dicom_node.config import NodeConfig
+from dicom_node.scp import StoreSCP
+from dicom_node.spool import Spool
+from dicom_node.state import StateDB
+from dicom_node.worker import Claims, Deliverer, ModelCache, Translator
+
+__all__ = ["Node"]
+
+log = logging.getLogger("dicom_node.node")
+
+
+class Node:
+    """A running dicom-node (listener + workers) for one config."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.spool = Spool(config.storage.spool_dir)
+        self.db: StateDB | None = None
+        self.scp: StoreSCP | None = None
+        self.address: tuple[str, int] | None = None
+        self._stop = threading.Event()
+        self._translate_wake = threading.Event()
+        self._deliver_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        assert self.address is not None, "node not started"
+        return self.address[1]
+
+    def start(self) -> tuple[str, int]:
+        """Open the spool, resume unfinished work, start the workers and the listener."""
+        self.spool.open()
+        self.db = StateDB(self.spool.db_path)
+        inst, dels = self.db.counts()
+        unfinished = inst["received"] + inst["ready"] + inst["translated"]
+        if unfinished or dels["pending"]:
+            log.info("resuming: %d received, %d ready, %d translated instance(s), %d pending deliveries",
+                     inst["received"], inst["ready"], inst["translated"], dels["pending"])
+        models = ModelCache(self.config, self.spool)
+        claims = Claims()
+        for i in range(max(1, int(self.config.workers))):
+            self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
+                                            self._stop, self._deliver_wake, f"translator-{i}", claims))
+        self._threads.append(Deliverer(self.config, self.db, self._deliver_wake, self._stop))
+        for t in self._threads:
+            t.start()
+        self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._translate_wake.set)
+        self.address = self.scp.start()
+        return self.address
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let workers finish their current item, close the database."""
+        if self.scp is not None:
+            self.scp.stop()
+            self.scp = None
+        self._stop.set()
+        self._translate_wake.set()
+        self._deliver_wake.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("stopping with %s still busy (their items resume at the next start)", ", ".join(alive))
+        elif self.db is not None:
+            self.db.close()
+        self._threads = []
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop cleanly."""
+        stop_requested = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %s: stopping after the current item", signal.Signals(signum).name)
+            stop_requested.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not stop_requested.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def __enter__(self) -> "Node":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

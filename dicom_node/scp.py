@@ -1,0 +1,196 @@
+"""The DICOM listener: one port, many called AE titles, C-ECHO and C-STORE.
+
+Why the handler is so small: pynetdicom runs each association in its own thread and the
+C-STORE response waits for the handler, so the handler only validates, persists
+(spool file + SQLite row, both durable) and wakes the worker.  It never runs a model.
+Datasets are streamed to a temporary file by pynetdicom (STORE_RECV_CHUNKED_DATASET), so
+a 100 MB radiograph never sits in memory, and the handler reads only the header.
+
+Status codes returned to the sender:
+  0x0000 success (also for a duplicate SOP Instance UID: idempotent)
+  0xA700 out of resources: disk below storage.min_free_bytes, instance larger than
+         node.max_instance_bytes, or any write error (the sender should retry later)
+  0xC000 cannot understand: unparsable dataset, missing/invalid UIDs, or UIDs that
+         contradict the C-STORE command
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from dicom_node.config import NodeConfig
+from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict, fallback_route, match_keywords, select_route
+from dicom_node.spool import Spool
+from dicom_node.state import StateDB, abbreviate
+
+__all__ = ["StoreSCP", "STATUS_OUT_OF_RESOURCES", "STATUS_CANNOT_UNDERSTAND"]
+
+log = logging.getLogger("dicom_node.scp")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+_HEADER_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"}
+
+
+class StoreSCP:
+    """Builds the pynetdicom AE from the config and serves it in the background."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, on_received: Callable[[], None]) -> None:
+        self.config = config
+        self.spool = spool
+        self.db = db
+        self.on_received = on_received
+        self._server: Any = None
+        self._keywords = _HEADER_KEYWORDS | match_keywords(config.routes)
+        self._write_lock = threading.Lock()  # serialises free-space check + write across associations
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        """Start listening (non-blocking); returns the bound (host, port)."""
+        from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt)
+        from pynetdicom.sop_class import Verification
+
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False  # pynetdicom would log patient identifiers otherwise
+        node = self.config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.require_called_aet = False  # many called AE titles on one port; checked in _on_requested
+        ae.maximum_associations = node.max_associations
+        ae.network_timeout = node.network_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.acse_timeout = node.acse_timeout
+        ae.maximum_pdu_size = 0  # no limit on what peers may send us in one PDU
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ssl_context = None
+        if node.tls is not None:
+            from dicom_node.tls import server_context
+
+            ssl_context = server_context(node.tls)
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)]
+        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                       ssl_context=ssl_context)
+        host, port = self._server.server_address[:2]
+        log.info("listening on %s:%d (%s, %d routes, called AEs %s)", host, port,
+                 "TLS" if ssl_context else "plain", len(self.config.routes),
+                 ",".join(sorted({r.called_ae for r in self.config.routes})))
+        return host, port
+
+    def stop(self) -> None:
+        """Stop accepting, and end the associations in progress."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- association negotiation -------------------------------------------------------
+    def _on_requested(self, event: Any) -> None:
+        prim = event.assoc.requestor.primitive
+        called, calling = str(prim.called_ae_title).strip(), str(prim.calling_ae_title).strip()
+        verdict = association_verdict(self.config.routes, called, calling)
+        if verdict == ACCEPT:
+            return
+        log.warning("association rejected: %s (called %s, calling %s)", verdict, called, calling)
+        if verdict == REJECT_CALLED_AE:
+            event.assoc.acse.send_reject(0x01, 0x01, 0x07)
+        else:
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    # -- C-STORE -----------------------------------------------------------------------
+    def _on_store(self, event: Any) -> int:
+        prim = event.assoc.requestor.primitive
+        called, calling = str(prim.called_ae_title).strip(), str(prim.calling_ae_title).strip()
+        req = event.request
+        try:
+            src = Path(event.dataset_path)
+        except AttributeError:
+            log.error("store refused: no dataset file (chunked receive disabled?)")
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            return self._store(src, called, calling, str(req.AffectedSOPInstanceUID or ""),
+                               str(req.AffectedSOPClassUID or ""))
+        except Exception:  # noqa: BLE001 - never success when we could not persist
+            log.exception("store failed unexpectedly (called %s, calling %s)", called, calling)
+            return STATUS_OUT_OF_RESOURCES
+
+    def _store(self, src: Path, called: str, calling: str, affected_sop: str, affected_class: str) -> int:
+        size = src.stat().st_size
+        limit = self.config.node.max_instance_bytes
+        if limit and size > limit:
+            log.warning("store refused: %d bytes > max_instance_bytes %d (sop %s)", size, limit,
+                        abbreviate(affected_sop))
+            return STATUS_OUT_OF_RESOURCES
+        attrs, problem = self._read_header(src, affected_sop, affected_class)
+        if problem:
+            log.warning("store refused: %s (sop %s, from %s to %s)", problem, abbreviate(affected_sop), calling, called)
+            return STATUS_CANNOT_UNDERSTAND
+        sop_uid = attrs["SOPInstanceUID"]
+        existing = self.db.find_instance(called, sop_uid)
+        if existing is not None:
+            self.db.record_received(called_ae=called, calling_ae=calling, sop_uid=sop_uid,
+                                    sop_class=attrs["SOPClassUID"], study_uid=attrs["StudyInstanceUID"],
+                                    series_uid=attrs["SeriesInstanceUID"], route=existing.route, matched=True,
+                                    path=existing.path, size=existing.size)
+            log.info("duplicate sop %s to %s acknowledged (state %s)", abbreviate(sop_uid), called, existing.state)
+            return STATUS_SUCCESS
+        choice = select_route(self.config.routes, called, calling, attrs)
+        final = self.spool.original_path(called, sop_uid)
+        with self._write_lock:
+            free = self.spool.free_bytes()
+            if free - size < self.config.storage.min_free_bytes:
+                log.error("store refused: disk full (%d bytes free, min_free_bytes %d) sop %s", free,
+                          self.config.storage.min_free_bytes, abbreviate(sop_uid))
+                return STATUS_OUT_OF_RESOURCES
+            try:
+                self.spool.store_file(src, final)
+            except OSError as exc:
+                log.error("store refused: cannot write spool (%s) sop %s", exc.strerror or exc, abbreviate(sop_uid))
+                return STATUS_OUT_OF_RESOURCES
+        fallback = fallback_route(self.config.routes, choice)
+        forward = list(fallback.destinations) if fallback else []
+        _, new = self.db.record_received(
+            called_ae=called, calling_ae=calling, sop_uid=sop_uid, sop_class=attrs["SOPClassUID"],
+            study_uid=attrs["StudyInstanceUID"], series_uid=attrs["SeriesInstanceUID"], route=choice.index,
+            matched=choice.matched, path=str(final), size=size, forward=forward)
+        if choice.matched:
+            log.info("received sop %s study %s %s from %s to %s (route %d, %d bytes)", abbreviate(sop_uid),
+                     abbreviate(attrs["StudyInstanceUID"]), attrs.get("Modality") or "-", calling, called,
+                     choice.index, size)
+        else:
+            log.info("received sop %s %s from %s to %s: no route matches, kept%s", abbreviate(sop_uid),
+                     attrs.get("Modality") or "-", calling, called,
+                     f", forwarding original to {','.join(forward)}" if forward else " (not forwarded)")
+        self.on_received()
+        return STATUS_SUCCESS
+
+    def _read_header(self, src: Path, affected_sop: str, affected_class: str) -> tuple[dict[str, Any], str | None]:
+        """The attributes routing needs, or why the dataset is not acceptable."""
+        import pydicom
+        from pydicom.uid import UID
+
+        try:
+            ds = pydicom.dcmread(src, stop_before_pixels=True)
+            attrs: dict[str, Any] = {}
+            for kw in self._keywords:
+                value = ds.get(kw)
+                attrs[kw] = value
+        except Exception as exc:  # noqa: BLE001 - anything unparsable is the sender's problem
+            return {}, f"unparsable dataset ({exc.__class__.__name__})"
+        for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(attrs.get(kw) or "").strip()
+            if not value:
+                return {}, f"missing {kw}"
+            if not UID(value).is_valid:
+                return {}, f"invalid {kw}"
+            attrs[kw] = value
+        if affected_sop and attrs["SOPInstanceUID"] != affected_sop.strip():
+            return {}, "SOPInstanceUID differs from the C-STORE request"
+        if affected_class and attrs["SOPClassUID"] != affected_class.strip():
+            return {}, "SOPClassUID differs from the C-STORE request"
+        attrs["Modality"] = str(attrs.get("Modality") or "").strip()
+        return attrs, None

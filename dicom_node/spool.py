@@ -1,0 +1,133 @@
+"""The spool: the node's durable on-disk store of received originals and translated outputs.
+
+Why its own module: every file the node acknowledges or produces must survive a crash
+(kill -9, power loss) at any instant.  Each write therefore goes to a temporary file in
+``tmp/`` on the same filesystem, is fsynced, atomically renamed into place, and the
+directory is fsynced, so a file either exists completely under its final name or not at
+all.  The spool directory is 0700 and files are 0600 (they hold patient data).
+
+Layout::
+
+    <spool>/state.db            SQLite state (see state.py)
+    <spool>/tmp/                partial writes; emptied at start
+    <spool>/in/<AE>/<sop>.dcm   received originals, by called AE and SOP Instance UID
+    <spool>/out/<id>/<sop>.dcm  translated outputs of instance row <id>
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+__all__ = ["Spool", "fsync_dir"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe rendering of an AE title or UID (UIDs are already safe)."""
+    cleaned = _SAFE.sub("_", text.strip())
+    return cleaned or "_"
+
+
+class Spool:
+    """Atomic, durable files under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.tmp = self.root / "tmp"
+        self.incoming = self.root / "in"
+        self.outgoing = self.root / "out"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "state.db"
+
+    def open(self) -> "Spool":
+        """Create the layout (0700) and drop partial writes left by a crash."""
+        for d in (self.root, self.tmp, self.incoming, self.outgoing):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        for leftover in self.tmp.iterdir():
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+        return self
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def original_path(self, called_ae: str, sop_uid: str) -> Path:
+        return self.incoming / safe_name(called_ae) / f"{safe_name(sop_uid)}.dcm"
+
+    def output_dir(self, instance_id: int) -> Path:
+        return self.outgoing / str(instance_id)
+
+    def _mkdirs(self, directory: Path) -> None:
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+            fsync_dir(directory.parent)
+
+    def _temp(self) -> tuple[int, Path]:
+        fd, name = tempfile.mkstemp(prefix="part-", suffix=".dcm", dir=self.tmp)
+        os.fchmod(fd, 0o600)
+        return fd, Path(name)
+
+    def _commit(self, tmp: Path, final: Path) -> Path:
+        self._mkdirs(final.parent)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return final
+
+    def store_file(self, src: Path, final: Path, *, max_bytes: int | None = None) -> int:
+        """Copy ``src`` durably to ``final``; returns its size.
+
+        Raises OSError on any write problem (disk full included), leaving nothing behind.
+        """
+        fd, tmp = self._temp()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                while True:
+                    chunk = inp.read(1 << 20)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise OSError(27, "instance larger than max_instance_bytes")  # EFBIG
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            self._commit(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size
+
+    def store_dataset(self, ds: Dataset, final: Path) -> Path:
+        """Write a dataset durably (DICOM file format) to ``final``."""
+        fd, tmp = self._temp()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                ds.save_as(out, enforce_file_format=True)
+                out.flush()
+                os.fsync(out.fileno())
+            return self._commit(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -1,0 +1,368 @@
+"""The node's durable state machine in SQLite (WAL, synchronous=FULL).
+
+Why SQLite: the node must never lose an acknowledged instance and must resume every
+unfinished item after a crash; one small transactional file next to the spool gives that
+without a broker.  The C-STORE handler commits the instance row *before* it answers
+success; the worker moves rows forward one committed transaction at a time, so after
+kill -9 every row is in a state from which the worker simply continues.
+
+Instance states (one row per (called AE, SOP Instance UID)):
+
+    received    acknowledged, its study is still receiving (quiet-period timer running)
+    ready       its study has been quiet for study_stable_seconds: waiting for the model
+    translated  outputs are in the spool; deliveries (one row per destination and file)
+                are pending
+    delivered   every delivery succeeded                                  (final)
+    failed      translation failed, or a delivery gave up after max_attempts (``retry``)
+    unmatched   no route condition held: kept, not translated; its original may be
+                forwarded (deliveries rows)                                (final)
+    unsupported the engine cannot translate it (e.g. SR, colour): kept, original may be
+                forwarded                                                  (final)
+
+Delivery states: pending -> delivered | failed (after ``max_attempts``).
+
+Study timers live in the ``studies`` table (per route and Study Instance UID), so a
+restart does not lose or prematurely release a pending study.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+__all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "INSTANCE_STATES", "DELIVERY_STATES"]
+
+INSTANCE_STATES = ("received", "ready", "translated", "delivered", "failed", "unmatched", "unsupported")
+DELIVERY_STATES = ("pending", "delivered", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    id          INTEGER PRIMARY KEY,
+    called_ae   TEXT NOT NULL,
+    calling_ae  TEXT NOT NULL,
+    sop_uid     TEXT NOT NULL,
+    sop_class   TEXT NOT NULL,
+    study_uid   TEXT NOT NULL,
+    series_uid  TEXT NOT NULL,
+    route       INTEGER,
+    path        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    error       TEXT,
+    UNIQUE (called_ae, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS instances_state ON instances (state, id);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (called_ae, route, study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    id               INTEGER PRIMARY KEY,
+    called_ae        TEXT NOT NULL,
+    route            INTEGER NOT NULL,
+    study_uid        TEXT NOT NULL,
+    last_received_at REAL NOT NULL,
+    state            TEXT NOT NULL,          -- pending | released
+    UNIQUE (called_ae, route, study_uid)
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies (state, last_received_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id              INTEGER PRIMARY KEY,
+    instance_id     INTEGER NOT NULL REFERENCES instances (id),
+    destination     TEXT NOT NULL,
+    kind            TEXT NOT NULL,           -- output | original
+    sop_uid         TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    last_error      TEXT,
+    UNIQUE (instance_id, destination, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: int
+    called_ae: str
+    calling_ae: str
+    sop_uid: str
+    sop_class: str
+    study_uid: str
+    series_uid: str
+    route: int | None
+    path: str
+    size: int
+    state: str
+    received_at: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    id: int
+    instance_id: int
+    destination: str
+    kind: str
+    sop_uid: str
+    path: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    destination: str
+    kind: str  # "output" or "original"
+    sop_uid: str
+    path: str
+
+
+_INSTANCE_COLS = ("id, called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size, "
+                  "state, received_at, error")
+
+
+class StateDB:
+    """Thread-safe access to the state database (one connection, one lock)."""
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+        try:
+            self.path.chmod(0o600)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- plumbing ----------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, db: "StateDB") -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db._lock.acquire()
+            try:
+                self.db._conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.db._lock.release()
+                raise
+            return self.db._conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                self.db._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.db._lock.release()
+
+    def _tx(self) -> "StateDB._Tx":
+        """A write transaction: BEGIN IMMEDIATE ... COMMIT (ROLLBACK on exception)."""
+        return StateDB._Tx(self)
+
+    def _query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    # -- receiving ---------------------------------------------------------------------
+    def find_instance(self, called_ae: str, sop_uid: str) -> InstanceRow | None:
+        rows = self._query(f"SELECT {_INSTANCE_COLS} FROM instances WHERE called_ae=? AND sop_uid=?",
+                           (called_ae, sop_uid))
+        return InstanceRow(*rows[0]) if rows else None
+
+    def record_received(
+        self, *, called_ae: str, calling_ae: str, sop_uid: str, sop_class: str, study_uid: str,
+        series_uid: str, route: int | None, matched: bool, path: str, size: int,
+        forward: Iterable[str] = (), now: float | None = None,
+    ) -> tuple[int, bool]:
+        """Record an acknowledged instance; returns (row id, is_new).
+
+        A matched instance joins its study's quiet-period timer; an unmatched one is kept
+        (state ``unmatched``) and its original queued for the ``forward`` destinations.
+        A duplicate (same called AE + SOP Instance UID) changes nothing except that, while
+        its study is still receiving, it restarts the study's quiet period.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            row = c.execute("SELECT id, state, route FROM instances WHERE called_ae=? AND sop_uid=?",
+                            (called_ae, sop_uid)).fetchone()
+            if row is not None:
+                if row[1] == "received" and row[2] is not None:
+                    c.execute("UPDATE studies SET last_received_at=? WHERE called_ae=? AND route=? "
+                              "AND study_uid=? AND state='pending'", (now, called_ae, row[2], study_uid))
+                return int(row[0]), False
+            state = "received" if matched else "unmatched"
+            cur = c.execute(
+                "INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
+                "route, path, size, state, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size,
+                 state, now, now))
+            iid = int(cur.lastrowid)
+            if matched:
+                c.execute(
+                    "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state) "
+                    "VALUES (?,?,?,?, 'pending') ON CONFLICT (called_ae, route, study_uid) "
+                    "DO UPDATE SET last_received_at=excluded.last_received_at, state='pending'",
+                    (called_ae, route, study_uid, now))
+            else:
+                self._add_deliveries(c, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
+            return iid, True
+
+    # -- grouping ----------------------------------------------------------------------
+    def release_stable_studies(self, stable_seconds: float, now: float | None = None) -> int:
+        """Move the instances of every study quiet for ``stable_seconds`` to ``ready``."""
+        now = time.time() if now is None else now
+        released = 0
+        with self._tx() as c:
+            studies = c.execute("SELECT id, called_ae, route, study_uid FROM studies WHERE state='pending' "
+                                "AND last_received_at <= ?", (now - stable_seconds,)).fetchall()
+            for sid, called_ae, route, study_uid in studies:
+                c.execute("UPDATE instances SET state='ready', updated_at=? WHERE called_ae=? AND route=? "
+                          "AND study_uid=? AND state='received'", (now, called_ae, route, study_uid))
+                c.execute("UPDATE studies SET state='released' WHERE id=?", (sid,))
+                released += 1
+        return released
+
+    def next_study_deadline(self, stable_seconds: float) -> float | None:
+        rows = self._query("SELECT MIN(last_received_at) FROM studies WHERE state='pending'")
+        return None if rows[0][0] is None else float(rows[0][0]) + stable_seconds
+
+    # -- translating -------------------------------------------------------------------
+    def next_ready(self) -> InstanceRow | None:
+        rows = self._query(f"SELECT {_INSTANCE_COLS} FROM instances WHERE state='ready' ORDER BY id LIMIT 1")
+        return InstanceRow(*rows[0]) if rows else None
+
+    def mark_translated(self, instance_id: int, deliveries: Iterable[NewDelivery], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute("UPDATE instances SET state='translated', error=NULL, updated_at=? WHERE id=?",
+                      (now, instance_id))
+            self._add_deliveries(c, instance_id, deliveries, now)
+            self._finish_if_done(c, [instance_id], now)
+
+    def mark_not_translated(self, instance_id: int, state: str, error: str,
+                            deliveries: Iterable[NewDelivery] = (), now: float | None = None) -> None:
+        """``unsupported`` (kept; original maybe forwarded) or ``failed`` (``retry`` requeues)."""
+        assert state in ("unsupported", "failed")
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            c.execute("UPDATE instances SET state=?, error=?, updated_at=? WHERE id=?",
+                      (state, error[:500], now, instance_id))
+            self._add_deliveries(c, instance_id, deliveries, now)
+
+    @staticmethod
+    def _add_deliveries(c: sqlite3.Connection, instance_id: int, deliveries: Iterable[NewDelivery],
+                        now: float) -> None:
+        for d in deliveries:
+            c.execute("INSERT OR IGNORE INTO deliveries (instance_id, destination, kind, sop_uid, path, state, "
+                      "next_attempt_at, updated_at) VALUES (?,?,?,?,?, 'pending', ?, ?)",
+                      (instance_id, d.destination, d.kind, d.sop_uid, d.path, now, now))
+
+    # -- delivering --------------------------------------------------------------------
+    def due_deliveries(self, now: float | None = None, limit: int = 100) -> list[DeliveryRow]:
+        now = time.time() if now is None else now
+        rows = self._query("SELECT id, instance_id, destination, kind, sop_uid, path, attempts FROM deliveries "
+                           "WHERE state='pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (now, limit))
+        return [DeliveryRow(*r) for r in rows]
+
+    def next_delivery_time(self) -> float | None:
+        rows = self._query("SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending'")
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def record_delivery_results(self, results: Iterable[tuple[DeliveryRow, bool, str | None]],
+                                max_attempts: int, delay_for, now: float | None = None) -> tuple[int, int, int]:
+        """Apply delivery outcomes; returns (delivered, retrying, failed) counts.
+
+        ``delay_for(attempt)`` gives the back-off after failed attempt number ``attempt``.
+        """
+        now = time.time() if now is None else now
+        counts = [0, 0, 0]
+        touched: set[int] = set()
+        with self._tx() as c:
+            for row, ok, error in results:
+                touched.add(row.instance_id)
+                if ok:
+                    c.execute("UPDATE deliveries SET state='delivered', attempts=attempts+1, last_error=NULL, "
+                              "updated_at=? WHERE id=?", (now, row.id))
+                    counts[0] += 1
+                    continue
+                attempts = row.attempts + 1
+                if attempts >= max_attempts:
+                    c.execute("UPDATE deliveries SET state='failed', attempts=?, last_error=?, updated_at=? "
+                              "WHERE id=?", (attempts, (error or "")[:500], now, row.id))
+                    counts[2] += 1
+                else:
+                    c.execute("UPDATE deliveries SET attempts=?, last_error=?, next_attempt_at=?, updated_at=? "
+                              "WHERE id=?", (attempts, (error or "")[:500], now + float(delay_for(attempts)),
+                                             now, row.id))
+                    counts[1] += 1
+            self._finish_if_done(c, touched, now)
+        return counts[0], counts[1], counts[2]
+
+    @staticmethod
+    def _finish_if_done(c: sqlite3.Connection, instance_ids: Iterable[int], now: float) -> None:
+        """A translated instance becomes delivered (all ok) or failed (any gave up, none pending)."""
+        for iid in instance_ids:
+            st = dict(c.execute("SELECT state, COUNT(*) FROM deliveries WHERE instance_id=? GROUP BY state",
+                                (iid,)).fetchall())
+            if st.get("pending"):
+                continue
+            new = "failed" if st.get("failed") else "delivered"
+            c.execute("UPDATE instances SET state=?, updated_at=? WHERE id=? AND state='translated'",
+                      (new, now, iid))
+
+    # -- operator commands -------------------------------------------------------------
+    def retry_failed(self, now: float | None = None) -> tuple[int, int]:
+        """Requeue failed deliveries and failed translations; returns (deliveries, instances)."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            nd = c.execute("UPDATE deliveries SET state='pending', attempts=0, next_attempt_at=?, updated_at=? "
+                           "WHERE state='failed'", (now, now)).rowcount
+            # failed with deliveries: delivery gave up -> back to translated; else translation failed -> ready
+            c.execute("UPDATE instances SET state='translated', updated_at=? WHERE state='failed' AND EXISTS "
+                      "(SELECT 1 FROM deliveries d WHERE d.instance_id=instances.id AND d.kind='output')", (now,))
+            ni = c.execute("UPDATE instances SET state='ready', error=NULL, updated_at=? WHERE state='failed'",
+                           (now,)).rowcount
+        return nd, ni
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        inst = dict(self._query("SELECT state, COUNT(*) FROM instances GROUP BY state"))
+        dels = dict(self._query("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
+        return ({s: int(inst.get(s, 0)) for s in INSTANCE_STATES},
+                {s: int(dels.get(s, 0)) for s in DELIVERY_STATES})
+
+    def oldest_waiting(self) -> tuple[str, str, float] | None:
+        """(what, abbreviated UID, since) of the oldest unfinished item, or None."""
+        candidates = []
+        rows = self._query("SELECT state, sop_uid, received_at FROM instances WHERE state IN "
+                           "('received','ready','translated') ORDER BY received_at LIMIT 1")
+        if rows:
+            candidates.append((f"instance {rows[0][0]}", abbreviate(rows[0][1]), float(rows[0][2])))
+        rows = self._query("SELECT destination, sop_uid, i.received_at FROM deliveries d JOIN instances i "
+                           "ON i.id=d.instance_id WHERE d.state='pending' ORDER BY i.received_at LIMIT 1")
+        if rows:
+            candidates.append((f"delivery to {rows[0][0]}", abbreviate(rows[0][1]), float(rows[0][2])))
+        return min(candidates, key=lambda t: t[2]) if candidates else None
+
+    def instances(self, state: str | None = None) -> Iterator[InstanceRow]:
+        sql = f"SELECT {_INSTANCE_COLS} FROM instances"
+        rows = self._query(sql + (" WHERE state=? ORDER BY id" if state else " ORDER BY id"),
+                           (state,) if state else ())
+        return (InstanceRow(*r) for r in rows)
+
+
+def abbreviate(uid: str) -> str:
+    """UIDs in logs: the last 8 characters are enough to correlate, and say nothing about the patient."""
+    return "…" + uid[-8:] if len(uid) > 8 else uid

@@ -1,0 +1,256 @@
+"""Workers: release quiet studies, translate ready instances, deliver outputs with retries.
+
+Why separate threads from the network: a C-STORE answer must not wait for a model, and a
+slow or dead destination must not stall translation.  So there are two kinds of loops:
+
+* translator(s): release studies quiet for ``study_stable_seconds``, then translate one
+  ``ready`` instance at a time (engine calls serialised by one lock: one GPU, and the
+  engine already uses every CPU core), write the Secondary Capture to the spool
+  atomically and queue one delivery per destination (plus the original when the route
+  says ``forward_original``), all in one transaction.
+* deliverer: send due deliveries grouped per destination (one association per batch),
+  record each outcome; failures are retried with ``retry.backoff_seconds`` until
+  ``retry.max_attempts``, then ``failed`` (files stay in the spool; ``dicom-node retry``).
+
+Every step reads its work from SQLite and commits its result there, so after a crash the
+loops simply continue.  Re-translating after a crash writes the same output UIDs (the
+engine derives them deterministically), so a resend is idempotent at the destination.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import NodeConfig
+from dicom_node.errors import UnsupportedImage, UserError
+from dicom_node.spool import Spool
+from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, StateDB, abbreviate
+
+__all__ = ["Claims", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
+
+log = logging.getLogger("dicom_node.worker")
+
+ENGINE_LOCK = threading.Lock()  # one translation at a time in this process (GPU work serialised)
+POLL_SECONDS = 0.5
+
+
+class ModelCache:
+    """Loads each configured model once, on first use."""
+
+    def __init__(self, config: NodeConfig, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._models:
+                self._models[name] = self._load(name)
+            return self._models[name]
+
+    def _load(self, name: str) -> Any:
+        from dicom_node.engine import load_style_model
+        from dicom_node.engine.model_file import resolve_model_path
+
+        settings = self.config.models.get(name)
+        if settings is None:
+            raise UserError(f"model {name!r} is not configured")
+        path = resolve_model_path(settings.path)
+        if not path.exists() and str(settings.path) == "default":
+            path = self._untrained_default()
+        model = load_style_model(path)
+        log.info("model %s loaded (%s %s)", name, model.name, model.version)
+        return model
+
+    def _untrained_default(self) -> Path:
+        """No bundled model installed: a deterministic identity-start model, with a warning."""
+        from dicom_node.engine import new_style_model, save_style_model
+
+        path = self.spool.root / "models" / "untrained-default.safetensors"
+        log.warning("bundled model 'default' is not installed: using an UNTRAINED generated model (%s)", path)
+        if not path.exists():
+            gen = new_style_model(ngf=8, n_blocks=2, residual=True, seed=0)
+            save_style_model(gen, path, name="untrained-default", version="0",
+                             provenance={"trained": False, "reason": "bundled default model missing"})
+        return path
+
+
+class Claims:
+    """Which ready instances a translator of this node is working on (several translators)."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self, instance_id: int) -> bool:
+        with self._lock:
+            if instance_id in self._ids:
+                return False
+            self._ids.add(instance_id)
+            return True
+
+    def release(self, instance_id: int) -> None:
+        with self._lock:
+            self._ids.discard(instance_id)
+
+
+class _Loop(threading.Thread):
+    """A daemon thread that runs ``step()`` until stopped; ``step`` returns True when it did work."""
+
+    def __init__(self, name: str, wake: threading.Event, stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self.wake = wake
+        self.stop_event = stop
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                did_work = self.step()
+            except Exception:  # noqa: BLE001 - keep serving; the row stays where it was
+                log.exception("%s: unexpected error", self.name)
+                did_work = False
+            if not did_work:
+                self.wake.wait(self.idle_seconds())
+                self.wake.clear()
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def idle_seconds(self) -> float:
+        return POLL_SECONDS
+
+
+class Translator(_Loop):
+    """Releases stable studies and translates ready instances."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, models: ModelCache,
+                 wake: threading.Event, stop: threading.Event, deliver_wake: threading.Event, name: str,
+                 claims: "Claims") -> None:
+        super().__init__(name, wake, stop)
+        self.config, self.spool, self.db, self.models = config, spool, db, models
+        self.deliver_wake = deliver_wake
+        self.claims = claims
+
+    def idle_seconds(self) -> float:
+        deadline = self.db.next_study_deadline(self.config.study_stable_seconds)
+        if deadline is None:
+            return POLL_SECONDS
+        return max(0.01, min(POLL_SECONDS, deadline - time.time() + 0.01))
+
+    def step(self) -> bool:
+        released = self.db.release_stable_studies(self.config.study_stable_seconds)
+        if released:
+            log.info("%d stud%s quiet for %gs: ready for translation", released, "y" if released == 1 else "ies",
+                     self.config.study_stable_seconds)
+        row = self._claim()
+        if row is None:
+            return False
+        try:
+            self._translate(row)
+        finally:
+            self.claims.release(row.id)
+        self.deliver_wake.set()
+        return True
+
+    def _claim(self) -> InstanceRow | None:
+        for row in self.db.instances("ready"):
+            if self.claims.take(row.id):
+                return row
+        return None
+
+    def _translate(self, row: InstanceRow) -> None:
+        import pydicom
+
+        routes = self.config.routes
+        if row.route is None or row.route >= len(routes) or routes[row.route].called_ae.strip() != row.called_ae:
+            self.db.mark_not_translated(row.id, "failed", "its route is no longer configured")
+            log.error("sop %s: route %s no longer configured", abbreviate(row.sop_uid), row.route)
+            return
+        route = routes[row.route]
+        originals = ([NewDelivery(d, "original", row.sop_uid, row.path) for d in route.destinations]
+                     if route.forward_original else [])
+        settings = self.config.models.get(route.model)
+        try:
+            model = self.models.get(route.model)
+            ds = pydicom.dcmread(row.path)
+            t0 = time.perf_counter()
+            with ENGINE_LOCK:
+                from dicom_node.engine.pipeline import translate_dataset
+
+                sc = translate_dataset(model, ds, tile=settings.tile if settings else None,
+                                       overlap=settings.overlap if settings else 0.25,
+                                       device=_device(settings.device if settings else "auto"))
+            seconds = time.perf_counter() - t0
+        except UnsupportedImage as exc:
+            self.db.mark_not_translated(row.id, "unsupported", str(exc), originals)
+            log.info("sop %s not translated (%s)%s", abbreviate(row.sop_uid), exc,
+                     ", forwarding original" if originals else ", kept in spool")
+            return
+        except Exception as exc:  # noqa: BLE001 - a broken model or file fails this item only
+            self.db.mark_not_translated(row.id, "failed", f"{exc.__class__.__name__}: {exc}")
+            log.error("sop %s translation failed: %s", abbreviate(row.sop_uid), exc.__class__.__name__)
+            return
+        out_uid = str(sc.SOPInstanceUID)
+        out_path = self.spool.store_dataset(sc, self.spool.output_dir(row.id) / f"{out_uid}.dcm")
+        deliveries = [NewDelivery(d, "output", out_uid, str(out_path)) for d in route.destinations] + originals
+        self.db.mark_translated(row.id, deliveries)
+        log.info("sop %s translated with %s in %.2fs -> sc %s", abbreviate(row.sop_uid), route.model, seconds,
+                 abbreviate(out_uid))
+
+
+def _device(device: str | None) -> str | None:
+    return None if device in (None, "", "auto") else device
+
+
+class Deliverer(_Loop):
+    """Sends due deliveries, one association per destination batch."""
+
+    BATCH = 50
+
+    def __init__(self, config: NodeConfig, db: StateDB, wake: threading.Event, stop: threading.Event) -> None:
+        super().__init__("deliverer", wake, stop)
+        self.config, self.db = config, db
+
+    def idle_seconds(self) -> float:
+        nxt = self.db.next_delivery_time()
+        if nxt is None:
+            return POLL_SECONDS
+        return max(0.01, min(POLL_SECONDS, nxt - time.time()))
+
+    def step(self) -> bool:
+        due = self.db.due_deliveries(limit=500)
+        if not due:
+            return False
+        by_dest: dict[str, list[DeliveryRow]] = defaultdict(list)
+        for d in due:
+            by_dest[d.destination].append(d)
+        for name, rows in by_dest.items():
+            for i in range(0, len(rows), self.BATCH):
+                if self.stop_event.is_set():
+                    return True
+                self._send(name, rows[i:i + self.BATCH])
+        return True
+
+    def _send(self, name: str, rows: list[DeliveryRow]) -> None:
+        from dicom_node.destinations import deliver
+
+        dest = self.config.destinations.get(name)
+        retry = self.config.retry
+        if dest is None:
+            outcomes = [(r, False, f"destination {name!r} is not configured") for r in rows]
+        else:
+            results = deliver(dest, [Path(r.path) for r in rows], calling_ae=self.config.node.ae_title)
+            outcomes = [(r, res.ok, res.error) for r, res in zip(rows, results)]
+            outcomes += [(r, False, "no result") for r in rows[len(results):]]
+        ok, retrying, failed = self.db.record_delivery_results(outcomes, retry.max_attempts, retry.delay)
+        errors = sorted({e for _, good, e in outcomes if not good and e})
+        if retrying or failed:
+            log.warning("destination %s: %d delivered, %d to retry, %d failed (%s)", name, ok, retrying, failed,
+                        "; ".join(errors)[:300])
+        else:
+            log.info("destination %s: %d delivered", name, ok)
