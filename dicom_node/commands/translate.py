@@ -1,0 +1,148 @@
+"""``dicom-node translate``: offline translation of DICOM files/folders to Secondary Capture files.
+
+The same engine call as the node (``engine.pipeline.translate_file``), so what a radiologist
+reviews offline is what the node would send. A bad input never stops the batch: it is
+reported as one line ``path: reason`` and the exit code becomes 1.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# DICOMDIR files are DICOM but index a media folder; they are never images to translate.
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="translate DICOM files or folders into Secondary Capture files",
+                       description="Translate radiographs with a style model into Secondary Capture files "
+                                   "named by their SOP Instance UID. Folders are searched recursively.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (searched recursively)")
+    p.add_argument("--model", required=True, help="style model file, or 'default' for the bundled model")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
+    p.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="tile size in pixels for tiled inference (default: the engine chooses)")
+    p.add_argument("--overlap", type=float, default=0.25, metavar="F", help="tile overlap fraction (default 0.25)")
+    p.add_argument("--full-image", action="store_true", help="one whole-image pass, no tiling (same as --tile 0)")
+    p.add_argument("--device", default=None, metavar="D", help="torch device: cpu, cuda, cuda:1, auto (default)")
+    p.add_argument("--preview", action="store_true", help="also write a PNG (input | output) per image")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels than this (default 64 Mi)")
+    p.set_defaults(func=run)
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """Part 10 files (``DICM`` at byte 128) or ``*.dcm``; used only when scanning folders."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _is_dicomdir(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return path.name.upper() == "DICOMDIR" or _MEDIA_STORAGE_DIRECTORY.encode() in head
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], int]:
+    """Files to translate (explicit files always; folders: DICOM-looking files) + skipped count."""
+    from dicom_node.errors import UserError
+
+    files: list[Path] = []
+    skipped = 0
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                if f.name.startswith(".") or not _looks_like_dicom(f) or _is_dicomdir(f):
+                    skipped += 1
+                    continue
+                files.append(f)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    # The same file named twice (or via a folder and directly) is translated once.
+    unique = list(dict.fromkeys(f.resolve() for f in files))
+    by_resolved = {f.resolve(): f for f in files}
+    return [by_resolved[u] for u in unique], skipped
+
+
+def _load_model(name: str):
+    from dicom_node.engine import load_style_model
+    from dicom_node.engine.model_file import bundled_model_path, resolve_model_path
+    from dicom_node.errors import UserError
+
+    path = resolve_model_path(name)
+    if not path.exists() and name == "default":
+        raise UserError(f"no bundled default model is installed (expected {bundled_model_path()}); "
+                        f"pass --model FILE")
+    return load_style_model(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dicom_node.engine.pipeline import translate_file
+    from dicom_node.engine.pixels import DEFAULT_MAX_PIXELS
+    from dicom_node.errors import UserError
+
+    if args.full_image and args.tile not in (None, 0):
+        raise UserError("--full-image and --tile N contradict each other")
+    tile = 0 if args.full_image else args.tile
+    if tile is not None and tile < 0:
+        raise UserError("--tile must be >= 0 (0 = whole image)")
+    if not 0.0 <= args.overlap < 1.0:
+        raise UserError("--overlap must be in [0, 1)")
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
+    if max_pixels < 1:
+        raise UserError("--max-pixels must be >= 1")
+    device = None if args.device in (None, "", "auto") else args.device
+
+    files, skipped = collect_inputs(args.inputs)
+    if not files:
+        raise UserError("no DICOM files found in the inputs")
+    model = _load_model(args.model)
+    outdir = Path(args.output)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{outdir}: cannot create output folder ({exc.strerror})") from None
+
+    done, refused, failed = 0, 0, 0
+    bar = tqdm(files, unit="image", file=sys.stderr, disable=len(files) < 2, dynamic_ncols=True)
+    for path in bar:
+        try:
+            out = translate_file(model, path, outdir, tile=tile, overlap=args.overlap, device=device,
+                                 preview=args.preview, max_pixels=max_pixels)
+        except UserError as exc:
+            refused += 1
+            msg = str(exc)
+            tqdm.write(msg if msg.startswith(str(path)) else f"{path}: {msg}", file=sys.stderr)
+            continue
+        except Exception as exc:  # noqa: BLE001 - keep going; a bug on one file must not lose the batch
+            failed += 1
+            log.debug("internal error on %s", path, exc_info=True)
+            tqdm.write(f"{path}: internal error ({exc.__class__.__name__}: {exc})", file=sys.stderr)
+            continue
+        done += 1
+        log.debug("%s -> %s", path, out)
+    bar.close()
+    note = f", {skipped} non-DICOM files skipped" if skipped else ""
+    print(f"translated {done} of {len(files)} files into {outdir}"
+          f"{f', {refused} refused' if refused else ''}{f', {failed} failed' if failed else ''}{note}")
+    if failed:
+        return 2
+    return 1 if refused else 0
