@@ -1,0 +1,231 @@
+"""The trainer's configuration: typed settings parsed from YAML (shape: shared CONVENTIONS "Trainer").
+
+Every problem is collected with its YAML path (``train.steps: must be an integer >= 1``) and
+reported at once as a :class:`~dicom_node.config.ConfigError` (a UserError: one line, exit 1),
+so a user fixes a config in one round instead of one error per run.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import ConfigError
+from dicom_node.errors import UserError
+
+__all__ = [
+    "DataSettings", "ModelSettings", "TrainSettings", "OutputSettings", "TrainConfig",
+    "load_train_config", "parse_train_config", "apply_overrides",
+]
+
+
+@dataclass
+class DataSettings:
+    a: Path
+    b: Path
+    val: Path | None = None
+    min_images: int = 1  # fewer usable images than this in a domain is an error
+
+
+@dataclass
+class ModelSettings:
+    ngf: int = 64
+    n_blocks: int = 9
+    ndf: int = 64
+    residual: bool = False  # generator starts at the identity (see DESIGN-NOTES "Quality at small budgets")
+
+
+@dataclass
+class TrainSettings:
+    patch_size: int = 256
+    batch_size: int = 1
+    steps: int = 200_000
+    decay_from: int = 100_000  # linear decay to zero from here; >= steps means a constant lr
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.5  # times lambda_cycle, as in the CycleGAN paper
+    pool_size: int = 50
+    paired: str = "auto"  # auto: supervised L1 when A and B hold the same file names; "on"/"off"
+    lambda_paired: float = 10.0
+    amp: str = "auto"  # auto: bf16 autocast on CUDA where supported; "bf16"; "off"
+    seed: int = 0
+    device: str = "auto"
+    channels_last: bool = True
+    threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy small machine
+
+
+@dataclass
+class OutputSettings:
+    dir: Path = Path("runs/style")
+    name: str = ""  # model name in the exported files (default: the run directory's name)
+    sample_every: int = 1000
+    checkpoint_every: int = 5000
+    log_every: int = 50
+
+
+@dataclass
+class TrainConfig:
+    data: DataSettings
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    source: str = "config"
+
+    @property
+    def model_name(self) -> str:
+        return self.output.name or self.output.dir.name or "style"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-serialisable form (paths as strings); round-trips through parse."""
+        out = asdict(self)
+        out.pop("source")
+
+        def conv(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: conv(x) for k, x in v.items()}
+            return v
+
+        return conv(out)
+
+
+_SECTIONS = {"data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
+_CHOICES = {("train", "amp"): ("auto", "bf16", "off"), ("train", "paired"): ("auto", "on", "off")}
+_PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}
+_POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("train", "batch_size"),
+             ("train", "steps"), ("output", "sample_every"), ("output", "checkpoint_every"),
+             ("output", "log_every"), ("data", "min_images")}
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a trainer YAML file, apply ``section.key -> value`` overrides, validate."""
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read config {p}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"<yaml>: {str(exc).splitlines()[0]}"], str(p)) from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides or {})
+    return parse_train_config(raw, base_dir=p.resolve().parent, source=str(p))
+
+
+def apply_overrides(raw: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of ``raw`` with dotted keys (``train.steps``) set; values already typed."""
+    if not isinstance(raw, dict):
+        return raw
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][key] = value
+    return out
+
+
+def parse_train_config(raw: Any, base_dir: Path = Path("."), source: str = "config") -> TrainConfig:
+    """Validate a parsed YAML document; relative paths resolve against ``base_dir``."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: must be a mapping with data/model/train/output sections"], source)
+    for key in raw:
+        if key not in _SECTIONS:
+            problems.append(f"{key}: unknown section (expected one of {', '.join(_SECTIONS)})")
+    values: dict[str, dict[str, Any]] = {}
+    for section, cls in _SECTIONS.items():
+        sec = raw.get(section, {}) or {}
+        if not isinstance(sec, dict):
+            problems.append(f"{section}: must be a mapping")
+            sec = {}
+        fields = cls.__dataclass_fields__
+        values[section] = {}
+        for key, value in sec.items():
+            where = f"{section}.{key}"
+            if key not in fields:
+                problems.append(f"{where}: unknown key")
+                continue
+            checked = _check_value(section, key, value, fields[key].type, base_dir, where, problems)
+            if checked is not _BAD:
+                values[section][key] = checked
+    for key in ("a", "b"):
+        if key not in values["data"] and not any(p.startswith(f"data.{key}:") for p in problems):
+            problems.append(f"data.{key}: required (folder of domain {key.upper()} radiographs)")
+    t = values["train"]
+    steps, decay = t.get("steps", TrainSettings.steps), t.get("decay_from")
+    if decay is None and "steps" in t:
+        t["decay_from"] = steps // 2
+    ps = t.get("patch_size", TrainSettings.patch_size)
+    if isinstance(ps, int) and ps % 4:
+        problems.append(f"train.patch_size: {ps} must be a multiple of 4 (the generator downsamples twice)")
+    if isinstance(ps, int) and 0 < ps < 32:
+        problems.append(f"train.patch_size: {ps} is too small for the 70x70 PatchGAN (use >= 32)")
+    if problems:
+        raise ConfigError(problems, source)
+    return TrainConfig(
+        data=DataSettings(**values["data"]),
+        model=ModelSettings(**values["model"]),
+        train=TrainSettings(**values["train"]),
+        output=OutputSettings(**values["output"]),
+        source=source,
+    )
+
+
+_BAD = object()
+
+
+def _check_value(section: str, key: str, value: Any, typ: Any, base_dir: Path, where: str,
+                 problems: list[str]) -> Any:
+    typ = str(typ)
+    if (section, key) in _PATHS:
+        if value is None and key == "val":
+            return None
+        if not isinstance(value, (str, Path)) or not str(value):
+            problems.append(f"{where}: must be a folder path")
+            return _BAD
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+    if (section, key) in _CHOICES:
+        if value is True:
+            value = "on" if key == "paired" else "bf16"
+        if value is False:
+            value = "off"
+        if value not in _CHOICES[(section, key)]:
+            problems.append(f"{where}: {value!r} is not one of {', '.join(_CHOICES[(section, key)])}")
+            return _BAD
+        return value
+    if typ == "bool":
+        if not isinstance(value, bool):
+            problems.append(f"{where}: must be true or false")
+            return _BAD
+        return value
+    if typ == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: must be an integer")
+            return _BAD
+        if (section, key) in _POSITIVE and value < 1:
+            problems.append(f"{where}: must be >= 1")
+            return _BAD
+        if value < 0:
+            problems.append(f"{where}: must be >= 0")
+            return _BAD
+        return value
+    if typ == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: must be a number")
+            return _BAD
+        if value < 0:
+            problems.append(f"{where}: must be >= 0")
+            return _BAD
+        return float(value)
+    if typ == "str":
+        if not isinstance(value, str):
+            problems.append(f"{where}: must be a string")
+            return _BAD
+        return value
+    return value

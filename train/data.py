@@ -1,0 +1,284 @@
+"""Training data: folders of radiographs -> cached model-space arrays -> random patches.
+
+Images are decoded and normalised exactly as the engine does it (``dicom_node.engine.pixels``),
+so training and inference see identical inputs.  Each decoded image is cached once as a
+float16 ``.npy`` file in the run directory and memory-mapped afterwards: epochs, resumed runs
+and the other DDP ranks never decode again, and a data set larger than RAM still works.
+
+Patches are drawn at random positions, but positions whose area is mostly flat background
+(air, collimator shadow, padding outside the valid mask) are rejected a few times before one
+is accepted, because such patches teach the networks nothing about the style.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicom_node.errors import UserError
+
+__all__ = ["DomainData", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
+
+log = logging.getLogger("dicom_node.train")
+
+BLOCK = 8  # content map resolution in pixels
+CACHE_VERSION = 1
+_SKIP_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".npy", ".safetensors", ".pt", ".zip"}
+
+
+@dataclass
+class DomainData:
+    """One domain's usable images (memory-mapped float16 model space) and what was skipped."""
+
+    label: str
+    folder: Path
+    names: list[str] = field(default_factory=list)  # relative path without suffix, for pairing
+    arrays: list[np.ndarray] = field(default_factory=list)
+    content: list[np.ndarray] = field(default_factory=list)  # per 8x8 block: 1 = not background
+    skipped_unreadable: int = 0
+    skipped_small: int = 0
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def summary(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "images": len(self), "skipped_unreadable": self.skipped_unreadable,
+                "skipped_too_small": self.skipped_small}
+
+
+def find_image_files(folder: Path) -> list[Path]:
+    """All candidate image files under ``folder`` (recursive, sorted; hidden and text files left out).
+
+    DICOM files often have no suffix, so everything else is a candidate; files that turn out
+    unreadable are skipped and counted by :func:`load_domain`.
+    """
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.startswith(".") or Path(f).suffix.lower() in _SKIP_SUFFIXES or f == "DICOMDIR":
+                continue
+            out.append(Path(root) / f)
+    return out
+
+
+def _content_map(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """1 for each 8x8 block that holds structure: inside the valid area, not flat, not saturated."""
+    h, w = (image.shape[0] // BLOCK) * BLOCK, (image.shape[1] // BLOCK) * BLOCK
+    blocks = image[:h, :w].astype(np.float32).reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK)
+    mean = blocks.mean(axis=(1, 3))
+    std = blocks.std(axis=(1, 3))
+    ok = (std > 0.01) & (np.abs(mean) < 0.97)
+    if valid is not None:
+        vb = valid[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).all(axis=(1, 3))
+        ok &= vb
+    return ok.astype(np.uint8)
+
+
+def _decode(path: Path, normalization: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    from dicom_node.engine.pixels import normalize, read_image_file
+
+    radiograph = read_image_file(path)
+    image = np.asarray(normalize(radiograph, normalization), dtype=np.float32)
+    if image.ndim != 2:
+        raise UserError(f"not a single 2-D image (shape {image.shape})")
+    return image, radiograph.valid
+
+
+def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, *, patch_size: int = 0,
+                write_cache: bool = True, min_images: int = 1) -> DomainData:
+    """Decode (or reuse the cache of) every image under ``folder``.
+
+    ``write_cache=False`` (DDP ranks other than 0) only reads what rank 0 wrote.  Raises
+    :class:`UserError` for a missing or empty folder, too few usable images, or a patch size
+    larger than every image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"domain {label} folder not found: {folder}")
+    files = find_image_files(folder)
+    if not files:
+        raise UserError(f"domain {label} folder {folder} holds no image files")
+    cache = cache_dir / label
+    cache.mkdir(parents=True, exist_ok=True)
+    index_path = cache / "index.json"
+    index: dict[str, Any] = {}
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError:
+            index = {}
+    if index.get("version") != CACHE_VERSION or index.get("normalization") != normalization:
+        index = {"version": CACHE_VERSION, "normalization": normalization, "files": {}}
+    entries: dict[str, Any] = index["files"]
+    data = DomainData(label=label, folder=folder)
+    changed = False
+    for n, path in enumerate(files):
+        rel = path.relative_to(folder).as_posix()
+        st = path.stat()
+        key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        entry = entries.get(rel)
+        if entry is None or entry.get("key") != key or (
+                entry.get("ok") and not (cache / entry["file"]).exists()):
+            if not write_cache:
+                raise UserError(f"training cache of domain {label} is incomplete ({rel}); rank 0 must build it")
+            entry = {"key": key, "ok": False}
+            try:
+                image, valid = _decode(path, normalization)
+            except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped and counted
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+                entry["reason"] = reason[:200]
+            else:
+                stem = f"{n:06d}"
+                _save_npy(cache / f"{stem}.npy", image.astype(np.float16))
+                _save_npy(cache / f"{stem}.content.npy", _content_map(image, valid))
+                entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape))
+            entries[rel] = entry
+            changed = True
+        if not entry["ok"]:
+            data.skipped_unreadable += 1
+            log.warning("domain %s: skipping unreadable file %s (%s)", label, rel, entry.get("reason", "?"))
+            continue
+        h, w = entry["shape"]
+        if min(h, w) < patch_size:
+            data.skipped_small += 1
+            log.warning("domain %s: skipping %s: %dx%d is smaller than the %d px patch", label, rel, h, w, patch_size)
+            continue
+        data.names.append(str(Path(rel).with_suffix("")))
+        data.arrays.append(np.load(cache / entry["file"], mmap_mode="r"))
+        data.content.append(np.load(cache / entry["content"]))
+    if changed and write_cache:
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
+    if data.skipped_unreadable:
+        log.warning("domain %s: %d of %d files unreadable and skipped", label, data.skipped_unreadable, len(files))
+    if len(data) < min_images:
+        if data.skipped_small and data.skipped_small + len(data) >= min_images:
+            raise UserError(f"patch_size {patch_size} is larger than {data.skipped_small} of the "
+                            f"{data.skipped_small + len(data)} images in domain {label} ({folder}); "
+                            f"use a smaller train.patch_size")
+        raise UserError(f"domain {label} ({folder}) has {len(data)} usable image(s), at least {min_images} needed "
+                        f"({data.skipped_unreadable} unreadable of {len(files)} files)")
+    return data
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def paired_indices(a: DomainData, b: DomainData) -> list[tuple[int, int]]:
+    """(index in A, index in B) for images with the same relative name and the same shape."""
+    where_b = {name: i for i, name in enumerate(b.names)}
+    pairs = []
+    for i, name in enumerate(a.names):
+        j = where_b.get(name)
+        if j is not None and a.arrays[i].shape == b.arrays[j].shape:
+            pairs.append((i, j))
+    return pairs
+
+
+def load_pairs(folder: Path, normalization: dict, limit: int = 16) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Validation pairs: ``folder/A/NAME`` and ``folder/B/NAME`` (any suffix) of the same image.
+
+    Returns up to ``limit`` (name, A image, B image) in model space, float32, full resolution.
+    Unreadable or mismatched pairs are skipped with a warning.
+    """
+    folder = Path(folder)
+    subs = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else {}
+    if "a" not in subs or "b" not in subs:
+        raise UserError(f"validation folder {folder} must hold A/ and B/ subfolders with the same file names")
+    b_files = {f.relative_to(subs["b"]).with_suffix("").as_posix(): f for f in find_image_files(subs["b"])}
+    pairs = []
+    for fa in find_image_files(subs["a"]):
+        name = fa.relative_to(subs["a"]).with_suffix("").as_posix()
+        fb = b_files.get(name)
+        if fb is None:
+            continue
+        try:
+            ia, _ = _decode(fa, normalization)
+            ib, _ = _decode(fb, normalization)
+        except Exception as exc:  # noqa: BLE001 - skip and go on, as for training data
+            log.warning("validation: skipping %s (%s)", name, str(exc).splitlines()[0] if str(exc) else exc)
+            continue
+        if ia.shape != ib.shape:
+            log.warning("validation: skipping %s (A is %s, B is %s)", name, ia.shape, ib.shape)
+            continue
+        pairs.append((name, ia, ib))
+        if len(pairs) >= limit:
+            break
+    if not pairs:
+        raise UserError(f"validation folder {folder} holds no readable A/B pairs with the same file names")
+    return pairs
+
+
+class PatchSampler:
+    """Random training patches: unpaired A and B, or the same window of a pair in paired mode.
+
+    The RNG is seeded from (seed, rank) so DDP ranks draw different patches, and its state is
+    part of the checkpoint so a resumed run continues the same stream.
+    """
+
+    def __init__(self, a: DomainData, b: DomainData, patch_size: int, batch_size: int, *, seed: int = 0,
+                 rank: int = 0, pairs: list[tuple[int, int]] | None = None, tries: int = 8) -> None:
+        self.a, self.b = a, b
+        self.patch, self.batch = patch_size, batch_size
+        self.pairs = pairs or None
+        self.tries = tries
+        self.rng = np.random.default_rng([seed, rank])
+
+    def _position(self, content: np.ndarray, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+        p = self.patch
+        best, best_score = (0, 0), -1.0
+        for _ in range(self.tries):
+            y = int(rng.integers(0, shape[0] - p + 1))
+            x = int(rng.integers(0, shape[1] - p + 1))
+            cells = content[y // BLOCK:(y + p) // BLOCK, x // BLOCK:(x + p) // BLOCK]
+            score = float(cells.mean()) if cells.size else 1.0
+            if score >= 0.5:
+                return y, x
+            if score > best_score:
+                best, best_score = (y, x), score
+        return best
+
+    def _crop(self, image: np.ndarray, y: int, x: int, flip_h: bool, flip_v: bool) -> np.ndarray:
+        p = self.patch
+        crop = np.asarray(image[y:y + p, x:x + p], dtype=np.float32)
+        if flip_h:
+            crop = crop[:, ::-1]
+        if flip_v:
+            crop = crop[::-1, :]
+        return crop
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One batch ``(A, B)``, each float32 ``(batch, 1, patch, patch)`` in model space."""
+        rng = self.rng
+        out_a, out_b = [], []
+        for _ in range(self.batch):
+            if self.pairs:
+                i, j = self.pairs[int(rng.integers(len(self.pairs)))]
+                y, x = self._position(self.a.content[i], self.a.arrays[i].shape, rng)
+                fh, fv = bool(rng.integers(2)), bool(rng.integers(2))
+                out_a.append(self._crop(self.a.arrays[i], y, x, fh, fv))
+                out_b.append(self._crop(self.b.arrays[j], y, x, fh, fv))
+                continue
+            for dom, out in ((self.a, out_a), (self.b, out_b)):
+                i = int(rng.integers(len(dom)))
+                y, x = self._position(dom.content[i], dom.arrays[i].shape, rng)
+                out.append(self._crop(dom.arrays[i], y, x, bool(rng.integers(2)), bool(rng.integers(2))))
+        return np.stack(out_a)[:, None], np.stack(out_b)[:, None]
+
+    def state(self) -> str:
+        """The RNG state as JSON text (a plain string loads under ``torch.load(weights_only=True)``)."""
+        return json.dumps(self.rng.bit_generator.state)
+
+    def set_state(self, state: str) -> None:
+        self.rng.bit_generator.state = json.loads(state)

@@ -1,0 +1,125 @@
+"""Checkpoints of a run directory, and the two style model files exported from one.
+
+A checkpoint is a ``torch.save`` file holding only tensors and plain values (metadata as a
+JSON string), so it loads with ``torch.load(weights_only=True)``: opening a checkpoint
+somebody sent you can never execute code.  Written atomically (temp file + rename).
+
+Export writes ``models/NAME_A2B.safetensors`` and ``models/NAME_B2A.safetensors`` with
+:func:`dicom_node.engine.model_file.save_style_model`, recording the data, the steps and the
+config in the provenance metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dicom_node.errors import UserError
+
+__all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
+           "save_checkpoint", "load_checkpoint", "export_models"]
+
+CHECKPOINT_FORMAT = "dicom-node-train-checkpoint"
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+KEEP_CHECKPOINTS = 3
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in ``run_dir``, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], sampler_state: str,
+                    meta: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step_N.pt`` atomically and keep only the newest few."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "step": int(step), "state": state,
+               "sampler": sampler_state, "meta": json.dumps(meta)}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for _, old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); ``meta`` is decoded from JSON."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a dicom-node training checkpoint")
+    payload["meta"] = json.loads(payload["meta"])
+    return payload
+
+
+def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> list[Path]:
+    """Write the A->B and B->A style models from ``checkpoint`` (default: the newest one)."""
+    from dicom_node.engine.generator import ResnetGenerator
+    from dicom_node.engine.model_file import save_style_model
+
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UserError(f"{run_dir}: no checkpoint found (expected {run_dir}/checkpoints/step_*.pt)")
+    payload = load_checkpoint(Path(checkpoint))
+    meta = payload["meta"]
+    step = payload["step"]
+    model_cfg = meta["config"]["model"]
+    name = meta.get("name") or run_dir.name
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "models"
+    provenance = {
+        "trained": True,
+        "trainer": meta.get("trainer", "dicom-node train"),
+        "steps": step,
+        "data": meta.get("data", {}),
+        "paired": meta.get("paired", False),
+        "validation": meta.get("validation", {}),
+        "losses": meta.get("losses", {}),
+        "config": meta["config"],
+        "checkpoint": Path(checkpoint).name,
+    }
+    written = []
+    for key, direction, suffix in (("g_ab", "A->B", "A2B"), ("g_ba", "B->A", "B2A")):
+        gen = ResnetGenerator(ngf=int(model_cfg["ngf"]), n_blocks=int(model_cfg["n_blocks"]),
+                              residual=bool(model_cfg.get("residual", False)))
+        gen.load_state_dict(payload["state"][key])
+        path = save_style_model(
+            gen.eval(), out_dir / f"{name}_{suffix}.safetensors", name=f"{name}_{suffix}", direction=direction,
+            version=str(step), normalization=meta.get("normalization"), provenance=provenance,
+            description=f"CycleGAN style model {direction} trained by dicom-node train ({step} steps)",
+        )
+        written.append(path)
+    return written

@@ -1,0 +1,321 @@
+"""The training run: data, the step loop, logging, samples, validation, checkpoints, export.
+
+Everything a run produces lives in ``output.dir``::
+
+    config.yaml                the effective config (after flag overrides)
+    cache/A, cache/B           decoded images, float16 .npy, memory-mapped
+    checkpoints/step_N.pt      resumable state (weights_only-safe), newest few kept
+    metrics.csv                losses, lr, patches/s; validation PSNR/SSIM at checkpoints
+    samples/step_N.png         A | G(A) | F(G(A)) over B | F(B) | G(F(B))
+    models/NAME_A2B.safetensors, models/NAME_B2A.safetensors   the style models
+
+Under torchrun every rank trains on its own patches; rank 0 alone writes the cache, logs,
+samples, validates, checkpoints and exports, and the others wait for it at barriers.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dicom_node.errors import UserError
+
+from .config import TrainConfig
+from .cyclegan import LOSS_NAMES, CycleGAN
+from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indices
+from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
+from .export import export_models, latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["train", "TrainResult", "lr_factor"]
+
+log = logging.getLogger("dicom_node.train")
+
+VAL_KEYS = ("val_psnr_a2b", "val_ssim_a2b", "val_psnr_b2a", "val_ssim_b2a", "val_psnr_identity", "val_ssim_identity")
+CSV_COLUMNS = ("step", "elapsed_s", "lr", *LOSS_NAMES, "patches_per_s", *VAL_KEYS)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    models: list[Path] = field(default_factory=list)
+    losses: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def lr_factor(step: int, steps: int, decay_from: int) -> float:
+    """Constant until ``decay_from``, then linear to zero at ``steps`` (0-based step index)."""
+    if step < decay_from or steps <= decay_from:
+        return 1.0
+    return max(0.0, 1.0 - (step - decay_from) / (steps - decay_from))
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run (or resume) training as configured; under torchrun, one call per rank."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.train.device, local_rank)
+    threads = torch.get_num_threads()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    info = init_distributed(device)
+    try:
+        return _Run(cfg, info, device, resume, progress).run()
+    finally:
+        shutdown(info)
+        torch.set_num_threads(threads)
+
+
+def _broadcast_error(info: DistInfo, error: str | None) -> None:
+    """Rank 0's set-up error (or None) reaches every rank, so nobody waits at a barrier forever."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, resume: bool, progress: bool):
+        self.cfg, self.info, self.device, self.resume, self.progress = cfg, info, device, resume, progress
+        self.run_dir = Path(cfg.output.dir)
+        from dicom_node.engine.model_file import DEFAULT_NORMALIZATION
+
+        self.normalization = dict(DEFAULT_NORMALIZATION)
+        self.validation: dict[str, float] = {}
+        self.last_losses: dict[str, float] = {}
+        self.val_pairs: list = []
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_data(self, write: bool) -> tuple[DomainData, DomainData]:
+        c = self.cfg
+        cache = self.run_dir / "cache"
+        kw = dict(patch_size=c.train.patch_size, write_cache=write, min_images=c.data.min_images)
+        a = load_domain(c.data.a, "A", cache, self.normalization, **kw)
+        b = load_domain(c.data.b, "B", cache, self.normalization, **kw)
+        return a, b
+
+    def _setup_main(self) -> None:
+        """Rank 0: check the run directory, write the config copy, build the data cache."""
+        import yaml
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None and not self.resume:
+            raise UserError(f"{self.run_dir} already holds checkpoints; add --resume to continue that run "
+                            f"or choose another output.dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.data = self._load_data(write=True)
+        if self.cfg.data.val is not None:
+            self.val_pairs = load_pairs(self.cfg.data.val, self.normalization)
+            log.info("validation: %d pairs from %s", len(self.val_pairs), self.cfg.data.val)
+
+    def run(self) -> TrainResult:
+        c, info = self.cfg, self.info
+        error = None
+        if info.is_main:
+            try:
+                self._setup_main()
+            except UserError as exc:
+                error = str(exc)
+        _broadcast_error(info, error)
+        if not info.is_main:
+            self.data = self._load_data(write=False)
+        a, b = self.data
+        pairs = paired_indices(a, b)
+        paired = c.train.paired == "on" or (c.train.paired == "auto" and len(pairs) == len(a) == len(b))
+        if c.train.paired == "on" and not pairs:
+            raise UserError("train.paired is on but A and B share no file names (with equal image sizes)")
+        if info.is_main:
+            log.info("data: A %d images, B %d images (%d/%d unreadable skipped)%s", len(a), len(b),
+                     a.skipped_unreadable, b.skipped_unreadable,
+                     f"; paired mode on {len(pairs)} pairs" if paired else "; unpaired")
+        val_pairs = self.val_pairs
+
+        amp = c.train.amp == "bf16" or (c.train.amp == "auto" and self.device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported())
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        model = CycleGAN(ngf=c.model.ngf, n_blocks=c.model.n_blocks, ndf=c.model.ndf, residual=c.model.residual,
+                         lr=c.train.lr, betas=(c.train.beta1, c.train.beta2), lambda_cycle=c.train.lambda_cycle,
+                         lambda_identity=c.train.lambda_identity,
+                         lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
+                         device=self.device, amp=amp, channels_last=c.train.channels_last, seed=c.train.seed,
+                         rank=info.rank)
+        sampler = PatchSampler(a, b, c.train.patch_size, c.train.batch_size, seed=c.train.seed, rank=info.rank,
+                               pairs=pairs if paired else None)
+        start = 0
+        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        if ckpt is not None:
+            payload = load_checkpoint(ckpt)
+            saved_model = payload["meta"]["config"]["model"]
+            if saved_model != c.to_dict()["model"]:
+                raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
+                                f"{c.to_dict()['model']}; resume with the same model settings")
+            model.load_state_dict(payload["state"])
+            start = payload["step"]
+            if info.rank == 0:
+                sampler.set_state(payload["sampler"])
+            else:  # only rank 0's stream was saved; the others continue on a fresh, distinct one
+                sampler.rng = np.random.default_rng([c.train.seed, info.rank, start])
+            self.last_losses = payload["meta"].get("losses", {})
+            self.validation = payload["meta"].get("validation", {})
+            if info.is_main:
+                log.info("resuming from %s at step %d", ckpt, start)
+        elif self.resume and info.is_main:
+            log.info("no checkpoint in %s: starting a new run", self.run_dir)
+        if info.enabled:
+            model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
+
+        self.meta_base = {
+            "name": c.model_name,
+            "trainer": _trainer_version(),
+            "config": c.to_dict(),
+            "normalization": self.normalization,
+            "data": {"A": a.summary(), "B": b.summary(), "pairs": len(pairs) if paired else 0,
+                     "world_size": info.world_size},
+            "paired": paired,
+        }
+        if info.is_main:
+            self._init_metrics(start)
+            fixed = PatchSampler(a, b, c.train.patch_size, min(4, max(1, c.train.batch_size)),
+                                 seed=c.train.seed + 7919, pairs=pairs if paired else None)
+            self.sample_batch = fixed.sample()
+        self._loop(model, sampler, start, paired, val_pairs)
+        result = TrainResult(run_dir=self.run_dir, steps=c.train.steps, losses=self.last_losses,
+                             validation=self.validation, resumed_from=start)
+        if info.is_main:
+            result.models = export_models(self.run_dir)
+            for p in result.models:
+                log.info("exported %s", p)
+        barrier(info)
+        return result
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self, model: CycleGAN, sampler: PatchSampler, start: int, paired: bool, val_pairs: list) -> None:
+        c, info = self.cfg, self.info
+        steps = c.train.steps
+        bar = None
+        if info.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=None)
+        sums: dict[str, torch.Tensor] = {}
+        n_sum = 0
+        t0 = t_last = time.perf_counter()
+        step = start
+        if step >= steps and info.is_main:
+            log.info("already at step %d of %d: nothing to train", step, steps)
+        while step < steps:
+            lr = c.train.lr * lr_factor(step, steps, c.train.decay_from)
+            model.set_lr(lr)
+            batch_a, batch_b = sampler.sample()
+            losses = model.step(torch.from_numpy(batch_a), torch.from_numpy(batch_b), paired=paired)
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            n_sum += 1
+            if bar is not None:
+                bar.update(1)
+            last = step == steps
+            if info.is_main and (step % c.output.log_every == 0 or last):
+                now = time.perf_counter()
+                means = {k: float(v) / n_sum for k, v in sums.items()}
+                rate = n_sum * c.train.batch_size * info.world_size / max(now - t_last, 1e-9)
+                self.last_losses = means
+                self._write_metrics({"step": step, "elapsed_s": round(now - t0, 3), "lr": lr, **means,
+                                     "patches_per_s": round(rate, 3)})
+                if bar is not None:
+                    bar.set_postfix(G=f"{means['g_total']:.3f}", D=f"{means['d_a'] + means['d_b']:.3f}",
+                                    cyc=f"{means['cycle_a'] + means['cycle_b']:.3f}", pps=f"{rate:.1f}")
+                if bar is None or bar.disable:
+                    log.info("step %d/%d  G %.4f  D_A %.4f  D_B %.4f  cycle %.4f  lr %.2e  %.1f patches/s",
+                             step, steps, means["g_total"], means["d_a"], means["d_b"],
+                             means["cycle_a"] + means["cycle_b"], lr, rate)
+                sums, n_sum, t_last = {}, 0, time.perf_counter()
+            if info.is_main and (step % c.output.sample_every == 0 or last):
+                self._write_sample(model, step)
+            if step % c.output.checkpoint_every == 0 or last:
+                if info.is_main:
+                    if val_pairs:
+                        self.validation = self._validate(model, val_pairs)
+                        self._write_metrics({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
+                                             **self.validation})
+                        log.info("validation at step %d: %s", step,
+                                 "  ".join(f"{k[4:]} {v:.4f}" for k, v in self.validation.items()))
+                    meta = {**self.meta_base, "losses": self.last_losses, "validation": self.validation}
+                    save_checkpoint(self.run_dir, step, model.state_dict(), sampler.state(), meta)
+                barrier(info)
+        if bar is not None:
+            bar.close()
+
+    def _validate(self, model: CycleGAN, val_pairs: list) -> dict[str, float]:
+        from .validate import validate
+
+        return validate(model.module("g_ab"), model.module("g_ba"), val_pairs, device=self.device)
+
+    # ------------------------------------------------------------------ outputs
+
+    @property
+    def _metrics_path(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    def _init_metrics(self, start: int) -> None:
+        """Start metrics.csv, or on resume drop the rows logged after the checkpoint."""
+        rows = []
+        if start > 0 and self._metrics_path.exists():
+            with open(self._metrics_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= start]
+        with open(self._metrics_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        self.tb = None
+        try:  # TensorBoard when installed; the CSV is always written
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def _write_metrics(self, row: dict[str, Any]) -> None:
+        with open(self._metrics_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "elapsed_s") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def _write_sample(self, model: CycleGAN, step: int) -> None:
+        from PIL import Image
+
+        a, b = self.sample_batch
+        out = model.translate_both(torch.from_numpy(a), torch.from_numpy(b))
+        rows = []
+        for i in range(a.shape[0]):
+            rows.append(np.concatenate([out[k][i, 0].numpy() for k in ("a", "g_a", "f_g_a")], axis=1))
+            rows.append(np.concatenate([out[k][i, 0].numpy() for k in ("b", "f_b", "g_f_b")], axis=1))
+        panel = np.concatenate(rows, axis=0)
+        img = np.clip((panel + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+        path = self.run_dir / "samples" / f"step_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+
+
+def _trainer_version() -> str:
+    from dicom_node import __version__
+
+    return f"dicom-node {__version__} train"

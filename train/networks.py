@@ -1,0 +1,47 @@
+"""The 70x70 PatchGAN discriminator; the generator is the engine's (``dicom_node.engine.generator``).
+
+Classic CycleGAN layout (Isola et al. 2017, Zhu et al. 2017): three stride-2 4x4 convolutions,
+one stride-1, and a 1-channel stride-1 output; each output value sees a 70x70 input patch.
+InstanceNorm (no affine parameters, so convolutions keep their bias) after every convolution
+but the first and the last, LeakyReLU(0.2).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dicom_node.engine.generator import ResnetGenerator, init_weights
+
+__all__ = ["PatchDiscriminator", "build_generator", "build_discriminator"]
+
+
+class PatchDiscriminator(nn.Module):
+    """Maps ``(N, 1, H, W)`` to a map of real/fake scores, one per 70x70 receptive field."""
+
+    def __init__(self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1),
+                nn.InstanceNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def build_generator(ngf: int, n_blocks: int, residual: bool) -> ResnetGenerator:
+    """The engine's generator with the standard N(0, 0.02) init (identity start when residual)."""
+    return init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks, residual=residual), zero_last=residual)
+
+
+def build_discriminator(ndf: int) -> PatchDiscriminator:
+    """A 70x70 PatchGAN with the standard N(0, 0.02) init."""
+    return init_weights(PatchDiscriminator(ndf=ndf))
