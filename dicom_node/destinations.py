@@ -187,7 +187,9 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
     except (OSError, ValueError, RuntimeError) as exc:  # bad address, TLS failures raised early
         return fail_all(f"cannot connect to {_peer(dest)}: {exc.__class__.__name__}: {_first_line(exc)}")
     if not assoc.is_established:
-        if not connected:
+        if not connected and tls_args is not None and _tcp_reachable(dest.host, int(dest.port), timeout):
+            error = f"TLS handshake with {_peer(dest)} failed (certificate not trusted or protocol mismatch)"
+        elif not connected:
             error = f"cannot connect to {_peer(dest)} (refused or unreachable)"
         elif assoc.is_rejected:
             error = f"association rejected by {_peer(dest)}"
@@ -200,20 +202,28 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
 
     results: list[DeliveryResult] = []
     try:
-        for item in items:
-            if not assoc.is_established:
+        broken = False
+        for n, item in enumerate(items):
+            if broken or not assoc.is_established:
                 results.append(DeliveryResult(item.path, False, error=f"association with {_peer(dest)} ended early"))
                 continue
-            results.append(_store_one(assoc, item, dest))
+            result = _store_one(assoc, item, dest, msg_id=n % 65536)
+            results.append(result)
+            # No response means a DIMSE timeout or an abort: the association is unusable
+            # even if pynetdicom has not noticed yet, so don't wait another timeout per file.
+            broken = result.error is not None and result.error.startswith("no C-STORE response")
     finally:
         if assoc.is_established:
-            assoc.release()
+            if broken:
+                assoc.abort()
+            else:
+                assoc.release()
     ok = sum(r.ok for r in results)
     log.info("delivered %d/%d instance(s) to %s (%s)", ok, len(results), dest.name, _peer(dest))
     return results
 
 
-def _store_one(assoc, item: _Item, dest: DestinationSettings) -> DeliveryResult:
+def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -> DeliveryResult:
     """Send one file in the accepted context that needs the least conversion."""
     import pydicom
     from pydicom.uid import UID
@@ -232,8 +242,10 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings) -> DeliveryResult:
                 ds.decompress()
             elif ts.is_deflated or not ts.is_little_endian:
                 ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
-        status_ds = assoc.send_c_store(ds)
+        status_ds = assoc.send_c_store(ds, msg_id=msg_id)
     except (ValueError, NotImplementedError, RuntimeError, AttributeError, OSError) as exc:
+        if not assoc.is_established:
+            return DeliveryResult(item.path, False, error=f"association with {_peer(dest)} ended early")
         # Conversion impossible (no decoder) or no context that fits: a per-file failure.
         return DeliveryResult(item.path, False, error=f"cannot send: {exc.__class__.__name__}: {_first_line(exc)}")
     if not status_ds or "Status" not in status_ds:
@@ -243,6 +255,17 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings) -> DeliveryResult:
     if category in ("Success", "Warning"):
         return DeliveryResult(item.path, True, status=status)
     return DeliveryResult(item.path, False, status=status, error=f"C-STORE {category.lower()} status 0x{status:04X}")
+
+
+def _tcp_reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether a plain TCP connection opens: tells a TLS failure from a peer that is down."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
+            return True
+    except OSError:
+        return False
 
 
 def _plain_syntax(accepted: set[str]) -> str:
