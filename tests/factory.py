@@ -90,3 +90,53 @@ def write(ds: Dataset, path) -> str:
 
 def read(path) -> Dataset:
     return pydicom.dcmread(str(path))
+
+
+# ----------------------------------------------------------------- transfer syntax encoders
+# Added for the pixel pipeline tests: every common transfer syntax from one uncompressed dataset.
+# pydicom encodes RLE, JPEG-LS (pyjpegls) and JPEG 2000 (openjpeg); it has no JPEG (ITU T.81)
+# encoder, so baseline, extended 12-bit and lossless (process 14, SV1) come from imagecodecs
+# (libjpeg-turbo 3, which writes 8/12-bit DCT and 2..16-bit lossless streams).
+def _jpeg_stream(pixels: np.ndarray, syntax: str, bits_stored: int) -> bytes:
+    import imagecodecs
+
+    from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1
+
+    if syntax == JPEGBaseline8Bit:
+        return bytes(imagecodecs.jpeg8_encode(pixels.astype(np.uint8), level=95))
+    if syntax == JPEGExtended12Bit:
+        return bytes(imagecodecs.jpeg8_encode(pixels.astype(np.uint16), level=95, bitspersample=12))
+    predictor = {JPEGLossless: 7, JPEGLosslessSV1: 1}[syntax]  # process 14 with any predictor vs SV1
+    return bytes(imagecodecs.jpeg8_encode(pixels.astype(np.uint16), lossless=True, predictor=predictor,
+                                          bitspersample=bits_stored))
+
+
+def encode_as(ds: Dataset, syntax: str, **kwargs) -> Dataset:
+    """A copy of uncompressed ``ds`` whose Pixel Data is in transfer syntax ``syntax``.
+
+    ``kwargs`` go to ``Dataset.compress`` (e.g. ``jls_error=2``, ``j2k_cr=[10]``). Save the
+    result with :func:`write` (``save_as`` applies implicit VR / deflate from the file meta).
+    """
+    import copy
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian,
+                             JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
+
+    out = copy.deepcopy(ds)
+    if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        out.file_meta.TransferSyntaxUID = syntax
+    elif syntax == ExplicitVRBigEndian:
+        if out.BitsAllocated == 16:
+            out.PixelData = out.pixel_array.astype(">u2" if out.PixelRepresentation == 0 else ">i2").tobytes()
+        out.file_meta.TransferSyntaxUID = syntax
+    elif syntax in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1):
+        stream = _jpeg_stream(out.pixel_array, syntax, int(out.BitsStored))
+        out.PixelData = encapsulate([stream])
+        out["PixelData"].VR = "OB"
+        out.file_meta.TransferSyntaxUID = syntax
+        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+            out.LossyImageCompression = "01"
+    else:
+        out.compress(syntax, **kwargs)
+    return out

@@ -1,0 +1,297 @@
+"""The pixel pipeline: every common transfer syntax, Modality LUT, polarity, padding, refusals."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+                         RLELossless)
+
+from dicom_node.engine.pixels import (OUTPUT_MAX, Radiograph, decode_dataset, normalize, output_window,
+                                      read_dicom, read_image_file, to_output_pixels)
+from dicom_node.errors import UnsupportedImage, UserError
+from tests.factory import encode_as, make_dataset, phantom, write
+
+ROWS, COLS = 64, 48
+
+
+def _dataset_8bit() -> pydicom.Dataset:
+    px = phantom(ROWS, COLS, bits=8)
+    ds = make_dataset(px, bits_stored=8)
+    ds.BitsAllocated = 8
+    ds.PixelData = px.astype(np.uint8).tobytes()
+    return ds
+
+
+LOSSLESS = [
+    (ImplicitVRLittleEndian, {}),
+    (ExplicitVRLittleEndian, {}),
+    (ExplicitVRBigEndian, {}),
+    (DeflatedExplicitVRLittleEndian, {}),
+    (JPEGLossless, {}),
+    (JPEGLosslessSV1, {}),
+    (JPEGLSLossless, {}),
+    (JPEG2000Lossless, {}),
+    (RLELossless, {}),
+]
+
+
+@pytest.mark.parametrize("syntax,kwargs", LOSSLESS, ids=[s.name for s, _ in LOSSLESS])
+def test_lossless_transfer_syntaxes_round_trip_exactly(tmp_path, syntax, kwargs):
+    source = phantom(ROWS, COLS, bits=12, seed=3)
+    ds = make_dataset(source, bits_stored=12)
+    path = write(encode_as(ds, syntax, **kwargs), tmp_path / "in.dcm")
+    read, img = read_dicom(path)
+    assert read.file_meta.TransferSyntaxUID == syntax
+    assert img.pixels.dtype == np.float32 and img.valid is None
+    np.testing.assert_array_equal(img.pixels, source.astype(np.float32))
+
+
+def test_jpeg_process14_stream_really_uses_a_non_sv1_predictor(tmp_path):
+    """Guards the test above: the .57 file must not silently be an SV1 stream."""
+    ds = encode_as(make_dataset(phantom(ROWS, COLS, 12), bits_stored=12), JPEGLossless)
+    stream = bytes(ds.PixelData)
+    sos = stream.index(b"\xff\xda")
+    n_components = stream[sos + 4]
+    predictor = stream[sos + 5 + 2 * n_components]
+    assert predictor == 7
+
+
+LOSSY = [
+    (JPEGBaseline8Bit, {}, 8),
+    (JPEGExtended12Bit, {}, 12),
+    (JPEGLSNearLossless, {"jls_error": 3}, 12),
+    (JPEG2000, {"j2k_cr": [3]}, 12),
+]
+
+
+@pytest.mark.parametrize("syntax,kwargs,bits", LOSSY, ids=[s.name for s, _, _ in LOSSY])
+def test_lossy_transfer_syntaxes_decode_close_to_the_source(tmp_path, syntax, kwargs, bits):
+    ds = _dataset_8bit() if bits == 8 else make_dataset(phantom(ROWS, COLS, 12), bits_stored=12)
+    source = ds.pixel_array.astype(np.float32)
+    path = write(encode_as(ds, syntax, **kwargs), tmp_path / "in.dcm")
+    read, img = read_dicom(path)
+    assert read.file_meta.TransferSyntaxUID == syntax
+    err = np.abs(img.pixels - source)
+    full_range = 2**bits - 1
+    assert err.mean() < 0.01 * full_range
+    if syntax == JPEGLSNearLossless:
+        assert err.max() <= 3  # near-lossless bound NEAR
+    assert not np.array_equal(img.pixels, source) or syntax == JPEGLSNearLossless
+
+
+def test_bits_stored_below_bits_allocated_ignores_the_high_bits():
+    ds = make_dataset(np.zeros((2, 2), np.uint16), bits_stored=12)
+    ds.PixelData = np.array([[0xF001, 0x0FFF], [0xA800, 0x1234]], dtype=np.uint16).tobytes()
+    np.testing.assert_array_equal(decode_dataset(ds).pixels, [[1, 4095], [2048, 0x234]])
+
+
+def test_signed_rescaled_padded_image():
+    rng = np.random.default_rng(0)
+    stored = rng.integers(-1500, 2047, size=(ROWS, COLS)).astype(np.int16)
+    stored[:4, :] = -2048  # padding border (collimator) ...
+    stored[:, :3] = -2040  # ... and a range of padding values
+    raw = stored.astype(np.uint16) & 0x0FFF  # 12-bit two's complement; high bits garbage below
+    raw[::2, ::2] |= 0x5000
+    ds = make_dataset(np.zeros((ROWS, COLS), np.uint16), bits_stored=12)
+    ds.PixelRepresentation = 1
+    ds.PixelData = raw.tobytes()
+    ds.RescaleSlope = 0.5
+    ds.RescaleIntercept = 100
+    ds.PixelPaddingValue = -2048
+    ds.PixelPaddingRangeLimit = -2030
+
+    img = decode_dataset(ds)
+    expected_valid = np.ones((ROWS, COLS), bool)
+    expected_valid[:4, :] = False
+    expected_valid[:, :3] = False
+    np.testing.assert_array_equal(img.valid, expected_valid)
+    np.testing.assert_allclose(img.pixels, stored * 0.5 + 100, rtol=0, atol=1e-4)
+
+    x = normalize(img)
+    lo, hi = np.percentile(img.pixels[expected_valid], [0.5, 99.5])
+    expected = np.clip((img.pixels.astype(np.float64) - lo) * 2 / (hi - lo) - 1, -1, 1)
+    np.testing.assert_allclose(x[expected_valid], expected[expected_valid], atol=1e-6)
+    assert np.all(x[~expected_valid] == -1.0)
+
+
+def test_padding_value_alone_marks_only_that_value():
+    px = phantom(ROWS, COLS, 12)
+    px[0, :] = 0
+    ds = make_dataset(px, bits_stored=12)
+    ds.PixelPaddingValue = 0
+    img = decode_dataset(ds)
+    np.testing.assert_array_equal(img.valid, px != 0)
+
+
+def test_modality_lut_sequence_is_applied():
+    px = phantom(ROWS, COLS, 12)
+    ds = make_dataset(px, bits_stored=12)
+    lut = (np.sqrt(np.arange(4096)) * 100).astype(np.uint16)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "US"
+    item.LUTData = lut.tolist()
+    ds.ModalityLUTSequence = [item]
+    np.testing.assert_array_equal(decode_dataset(ds).pixels, lut[px].astype(np.float32))
+
+
+@pytest.mark.parametrize("bits,slope,intercept", [(12, None, None), (8, None, None), (12, 2.0, -1000.0)])
+def test_monochrome1_gives_the_same_model_input_as_its_monochrome2_twin(bits, slope, intercept):
+    v2 = phantom(ROWS, COLS, bits, seed=5)
+    v1 = (2**bits - 1) - v2  # the same image stored inverted
+    twins = []
+    for photometric, px in (("MONOCHROME2", v2), ("MONOCHROME1", v1)):
+        ds = make_dataset(px, bits_stored=bits, photometric=photometric)
+        if slope is not None:
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        twins.append(decode_dataset(ds))
+    mono2, mono1 = twins
+    np.testing.assert_array_equal(mono1.pixels, mono2.pixels)  # exact: mirrored in the value range
+    np.testing.assert_array_equal(normalize(mono1), normalize(mono2))
+    # Higher = brighter after decoding: the MONOCHROME1 stored minimum is the brightest pixel.
+    assert mono1.pixels[np.unravel_index(np.argmin(v1), v1.shape)] == mono1.pixels.max()
+
+
+def test_percentile_normalisation_of_the_negation_is_the_negation():
+    """Why polarity could also be fixed after normalising: norm(-x) == -norm(x) for symmetric p."""
+    img = Radiograph(phantom(ROWS, COLS, 12).astype(np.float32))
+    neg = Radiograph(-img.pixels)
+    np.testing.assert_allclose(normalize(neg), -normalize(img), atol=1e-6)
+
+
+def test_normalize_maps_the_percentile_window_to_minus_one_one():
+    pixels = np.arange(1000, dtype=np.float32).reshape(25, 40)
+    x = normalize(Radiograph(pixels), {"method": "percentile", "low": 10, "high": 90})
+    lo, hi = np.percentile(pixels, [10, 90])
+    assert x.dtype == np.float32
+    assert x[pixels <= lo].max() == -1.0 and x[pixels >= hi].min() == 1.0
+    mid = (pixels > lo) & (pixels < hi)
+    np.testing.assert_allclose(x[mid], (pixels[mid] - lo) * 2 / (hi - lo) - 1, atol=1e-6)
+    unclipped = normalize(Radiograph(pixels), {"method": "percentile", "low": 10, "high": 90, "clip": False})
+    assert unclipped.min() < -1.0 and unclipped.max() > 1.0
+    flat = normalize(Radiograph(np.full((4, 4), 7, np.float32)))
+    assert np.isfinite(flat).all()
+    with pytest.raises(UserError, match="unknown normalization"):
+        normalize(Radiograph(pixels), {"method": "magic"})
+
+
+def test_output_pixels_and_window():
+    y = np.array([[-2.0, -1.0, 0.0, 1.0, 3.0]], np.float32)
+    np.testing.assert_array_equal(to_output_pixels(y), [[0, 0, 32768, OUTPUT_MAX, OUTPUT_MAX]])
+    assert to_output_pixels(y).dtype == np.uint16
+    # DICOM linear VOI: black at c - 0.5 - (w-1)/2, white at c - 0.5 + (w-1)/2.
+    center, width = output_window()
+    assert (center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2) == (0.0, OUTPUT_MAX)
+    center, width = output_window((-0.5, 0.5))
+    black, white = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    np.testing.assert_allclose([black, white], to_output_pixels(np.array([-0.5, 0.5])), atol=0.5)
+    with pytest.raises(UserError):
+        output_window((0.5, -0.5))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_colour_is_refused():
+    ds = make_dataset(rows=8, cols=8)
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = bytes(8 * 8 * 3)
+    with pytest.raises(UnsupportedImage, match="colour"):
+        decode_dataset(ds)
+
+
+def test_multi_frame_is_refused():
+    ds = make_dataset(rows=8, cols=8)
+    ds.NumberOfFrames = 2
+    ds.PixelData = bytes(8 * 8 * 2 * 2)
+    with pytest.raises(UnsupportedImage, match="multi-frame"):
+        decode_dataset(ds)
+
+
+def test_too_large_is_refused_before_decoding():
+    ds = make_dataset(rows=ROWS, cols=COLS)
+    del ds.PixelData
+    ds.PixelData = b"\x00\x00"  # would be corrupt: the size check must come first
+    with pytest.raises(UnsupportedImage, match="too large"):
+        decode_dataset(ds, max_pixels=ROWS * COLS - 1)
+    decode_dataset(make_dataset(rows=ROWS, cols=COLS), max_pixels=ROWS * COLS)
+
+
+def test_non_image_is_refused():
+    ds = make_dataset(rows=8, cols=8)
+    del ds.PixelData
+    ds.Modality = "SR"
+    with pytest.raises(UnsupportedImage, match="not an image"):
+        decode_dataset(ds)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless],
+                         ids=lambda s: s.name)
+def test_truncated_pixel_data_is_refused_with_one_line(tmp_path, syntax):
+    ds = encode_as(make_dataset(phantom(ROWS, COLS, 12), bits_stored=12), syntax)
+    if syntax.is_encapsulated:
+        from pydicom.encaps import encapsulate, generate_fragments
+
+        frame = next(generate_fragments(ds.PixelData))
+        ds.PixelData = encapsulate([frame[: len(frame) // 3]])
+    else:
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    path = write(ds, tmp_path / "bad.dcm")
+    with pytest.raises(UnsupportedImage) as err:
+        read_dicom(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+def test_non_dicom_and_truncated_files_are_user_errors(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a radiograph\n")
+    with pytest.raises(UserError, match="not a DICOM file"):
+        read_dicom(text)
+    good = write(make_dataset(phantom(ROWS, COLS, 12)), tmp_path / "good.dcm")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(open(good, "rb").read()[:700])
+    with pytest.raises(UserError) as err:
+        read_dicom(cut)
+    assert str(err.value).startswith(str(cut)) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ PNG / TIFF (trainer)
+
+
+@pytest.mark.parametrize("fmt,dtype", [("PNG", np.uint8), ("PNG", np.uint16), ("TIFF", np.uint8),
+                                       ("TIFF", np.uint16)])
+def test_read_image_file_png_tiff(tmp_path, fmt, dtype):
+    from PIL import Image
+
+    bits = 8 if dtype == np.uint8 else 16
+    px = phantom(ROWS, COLS, bits).astype(dtype)
+    path = tmp_path / "image.bin"  # recognised by content, not by name
+    Image.fromarray(px).save(path, fmt)
+    img = read_image_file(path)
+    assert img.valid is None and img.pixels.dtype == np.float32
+    np.testing.assert_array_equal(img.pixels, px.astype(np.float32))
+
+
+def test_read_image_file_reads_dicom_by_content(tmp_path):
+    px = phantom(ROWS, COLS, 12)
+    path = write(make_dataset(px), tmp_path / "looks_like.png")
+    np.testing.assert_array_equal(read_image_file(path).pixels, px.astype(np.float32))
+
+
+def test_read_image_file_refuses_colour_png(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "colour.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    with pytest.raises(UnsupportedImage, match="colour"):
+        read_image_file(path)
