@@ -337,3 +337,93 @@ def dciodvfy_errors(path: Path | str) -> list[str]:
     out = res.stdout + res.stderr
     return [line.strip() for line in out.splitlines() if line.strip().startswith("Error")]
 
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class NodeProcess:
+    """``dicom-node serve --config`` as a real subprocess (so kill -9 is a real kill -9).
+
+    The config is written from a dict (JSON is valid YAML); ``workdir`` keeps the spool,
+    the config and the log across :meth:`kill` / :meth:`start`, like a service restart.
+    """
+
+    def __init__(self, workdir: Path, config: dict, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.config = config
+        self.config.setdefault("node", {})
+        self.config["node"].update({"host": LOOPBACK, "port": self.port})
+        self.config.setdefault("storage", {"spool_dir": str(self.workdir / "spool"), "min_free_bytes": 0})
+        self.config_path = self.workdir / "node.yaml"
+        self.log_path = self.workdir / "node.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "NodeProcess":
+        import sys
+
+        self.config_path.write_text(json.dumps(self.config, indent=1, default=str))
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=str(self.workdir))
+        log.close()
+        try:
+            wait_for_port(self.port, timeout=timeout, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}\n--- node log ---\n{self.log_tail()}") from None
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no cleanup, no flush, exactly what a power cut does to the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, timeout=20)
+            self.proc = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def count_log(self, needle: str) -> int:
+        return sum(needle in line for line in self.log_text().splitlines())
+
+
+def tiny_node_config(model: Path, destinations: dict, *, called_ae: str = "DR_KIM_STYLE",
+                     stable: float = 1.0, match: dict | None = None, backoff: list[float] | None = None,
+                     max_attempts: int = 50) -> dict:
+    """A node config for interop tests: one route to ``destinations`` with a tiny model on CPU."""
+    return {
+        "node": {"ae_title": "DICOMNODE", "max_associations": 16, "network_timeout": 30, "dimse_timeout": 30},
+        "study_stable_seconds": stable,
+        "models": {"tiny": {"path": str(model), "device": "cpu", "tile": 0}},
+        "destinations": destinations,
+        "routes": [{"called_ae": called_ae, "model": "tiny", "destinations": list(destinations),
+                    "match": match if match is not None else {"Modality": ["CR", "DX"]}}],
+        "retry": {"max_attempts": max_attempts, "backoff_seconds": backoff or [0.5, 1.0]},
+    }
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; fail with ``message`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
