@@ -96,10 +96,10 @@ class StoreSCP:
         if verdict == ACCEPT:
             return
         log.warning("association rejected: %s (called %s, calling %s)", verdict, called, calling)
-        if verdict == REJECT_CALLED_AE:
-            event.assoc.acse.send_reject(0x01, 0x01, 0x07)
-        else:
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x07 if verdict == REJECT_CALLED_AE else 0x03)
+        # As pynetdicom's own rejection does: wait until the DUL has sent the A-ASSOCIATE-RJ,
+        # otherwise the socket may close first and the peer sees an abort instead.
+        event.assoc.kill()
 
     # -- C-STORE -----------------------------------------------------------------------
     def _on_store(self, event: Any) -> int:

@@ -350,7 +350,7 @@ class StateDB:
                            "('received','ready','translated') ORDER BY received_at LIMIT 1")
         if rows:
             candidates.append((f"instance {rows[0][0]}", abbreviate(rows[0][1]), float(rows[0][2])))
-        rows = self._query("SELECT destination, sop_uid, i.received_at FROM deliveries d JOIN instances i "
+        rows = self._query("SELECT d.destination, d.sop_uid, i.received_at FROM deliveries d JOIN instances i "
                            "ON i.id=d.instance_id WHERE d.state='pending' ORDER BY i.received_at LIMIT 1")
         if rows:
             candidates.append((f"delivery to {rows[0][0]}", abbreviate(rows[0][1]), float(rows[0][2])))

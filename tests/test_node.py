@@ -1,0 +1,325 @@
+"""The node end to end, in process, over real associations on 127.0.0.1.
+
+Each test runs a real :class:`dicom_node.node.Node` (listener + workers + SQLite spool) on a
+kernel-chosen port, sends with pynetdicom, and checks what arrives at a pynetdicom storage
+SCP (standing in for a PACS) and in a folder destination.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_node.config import parse_config
+from dicom_node.node import Node
+from tests.factory import CR_STORAGE, PATIENT_ID, PATIENT_NAME, make_dataset
+from tests.nodeproc import Receiver, associate_result, folder_uids, node_config, send, wait_for
+
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def make_node(tmp_path: Path, model: Path, *, destinations, routes, stable: float = 0.3, **extra) -> Node:
+    """A Node from a config dict run through the real config parser, on a kernel-chosen port."""
+    raw = node_config(tmp_path, port=11112, model_path=model, destinations=destinations, routes=routes,
+                      stable=stable, **extra)
+    config = parse_config(raw, base_dir=tmp_path)
+    config.node.port = 0  # the kernel picks a free port; Node.start returns it
+    return Node(config)
+
+
+def study(n: int, *, modality: str = "CR", sop_class: str = CR_STORAGE, size: int = 64):
+    study_uid, series_uid = generate_uid(), generate_uid()
+    return [make_dataset(rows=size, cols=size, study_uid=study_uid, series_uid=series_uid, modality=modality,
+                         sop_class=sop_class, seed=i) for i in range(n)]
+
+
+def instance_states(node: Node) -> dict[str, str]:
+    return {r.sop_uid: r.state for r in node.db.instances()}
+
+
+def test_whole_path_dicom_and_folder_destinations(tmp_path, tiny_model_path):
+    """A study sent to a radiologist AE arrives as an SC series at the PACS and in the folder."""
+    with Receiver("PACS") as pacs:
+        node = make_node(tmp_path, tiny_model_path,
+                         destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                "port": pacs.port},
+                                       "outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                         routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["pacs", "outbox"]}])
+        with node:
+            sources = study(3)
+            assert send(node.port, sources, called="DR_KIM_STYLE") == [0, 0, 0]
+            assert wait_for(lambda: len(pacs.received) >= 3 and len(folder_uids(tmp_path / "outbox")) >= 3, 30)
+            time.sleep(0.3)
+            assert set(instance_states(node).values()) == {"delivered"}
+        src_uids = {str(ds.SOPInstanceUID) for ds in sources}
+        received = list(pacs.received)
+        assert len(received) == 3  # each exactly once
+        assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(folder_uids(tmp_path / "outbox"))
+        refs = set()
+        for sc in received:
+            assert str(sc.SOPClassUID) == SC_STORAGE
+            assert str(sc.StudyInstanceUID) == str(sources[0].StudyInstanceUID)
+            assert str(sc.SeriesInstanceUID) != str(sources[0].SeriesInstanceUID)
+            assert str(sc.SOPInstanceUID) not in src_uids
+            assert str(sc.PatientID) == PATIENT_ID
+            refs.add(str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID))
+        assert refs == src_uids
+        # one new series for one source series and one model
+        assert len({str(sc.SeriesInstanceUID) for sc in received}) == 1
+
+
+def test_study_waits_for_quiet_period(tmp_path, tiny_model_path):
+    """Instances of a study are not processed until no new one arrived for study_stable_seconds."""
+    node = make_node(tmp_path, tiny_model_path, stable=2.0,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["outbox"]}])
+    with node:
+        first, second = study(2)
+        send(node.port, [first], called="DR_KIM_STYLE")
+        time.sleep(1.2)
+        send(node.port, [second], called="DR_KIM_STYLE")  # a second association restarts the timer
+        time.sleep(1.2)  # 2.4 s after the first instance, 1.2 s after the second
+        assert set(instance_states(node).values()) == {"received"}
+        assert folder_uids(tmp_path / "outbox") == []
+        assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 2, 20)
+
+
+def test_unknown_called_ae_and_calling_ae_allow_list(tmp_path, tiny_model_path):
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["outbox"],
+                              "calling_ae": ["CR_ROOM1"]}])
+    with node:
+        unknown = associate_result(node.port, called="NOBODY", calling="CR_ROOM1")
+        assert unknown.is_rejected
+        assert unknown.acceptor.primitive.diagnostic == 7  # called AE title not recognised
+        stranger = associate_result(node.port, called="DR_KIM_STYLE", calling="EVIL")
+        assert stranger.is_rejected
+        assert stranger.acceptor.primitive.diagnostic == 3  # calling AE title not recognised
+        allowed = associate_result(node.port, called="DR_KIM_STYLE", calling="CR_ROOM1")
+        assert allowed.is_released
+        # C-ECHO on an accepted association
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title="CR_ROOM1")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DR_KIM_STYLE")
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+
+
+def test_non_matching_modality_kept_and_forwarded_untouched(tmp_path, tiny_model_path):
+    """A CT sent to a CR/DX route is not translated; forward_original sends it untouched."""
+    outbox = tmp_path / "outbox"
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(outbox)},
+                                   "other": {"type": "folder", "path": str(tmp_path / "other")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"],
+                              "match": {"Modality": ["CR", "DX"]}, "forward_original": True},
+                             {"called_ae": "LEE", "model": "tiny", "destinations": ["other"],
+                              "match": {"Modality": ["CR"]}}])
+    with node:
+        cr = study(1)[0]
+        ct = make_dataset(rows=32, cols=32, modality="CT", sop_class=CT_STORAGE)
+        assert send(node.port, [cr, ct], called="KIM") == [0, 0]
+        ct_lee = make_dataset(rows=32, cols=32, modality="CT", sop_class=CT_STORAGE)
+        assert send(node.port, [ct_lee], called="LEE") == [0]
+        # KIM: CR translated (+ its original), CT forwarded untouched
+        assert wait_for(lambda: len(folder_uids(outbox)) == 3, 20)
+        states = instance_states(node)
+        assert states[str(ct.SOPInstanceUID)] == "unmatched"
+        assert states[str(ct_lee.SOPInstanceUID)] == "unmatched"
+        assert states[str(cr.SOPInstanceUID)] == "delivered"
+        time.sleep(0.5)
+    files = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in outbox.rglob("*.dcm")}
+    forwarded = pydicom.dcmread(files[str(ct.SOPInstanceUID)])
+    assert str(forwarded.SOPClassUID) == CT_STORAGE and forwarded.PixelData == ct.PixelData
+    sc = [pydicom.dcmread(p) for p in files.values() if pydicom.dcmread(p).SOPClassUID == SC_STORAGE]
+    assert len(sc) == 1 and str(sc[0].SourceImageSequence[0].ReferencedSOPInstanceUID) == str(cr.SOPInstanceUID)
+    # LEE has no forward_original: the CT stays in the spool only
+    assert folder_uids(tmp_path / "other") == []
+    assert (tmp_path / "spool" / "in" / "LEE" / f"{ct_lee.SOPInstanceUID}.dcm").is_file()
+
+
+def test_non_image_object_is_kept_and_forwarded(tmp_path, tiny_model_path):
+    """An SR (no pixels) is received; the engine refuses it; forward_original sends it on."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    sr.SOPInstanceUID = generate_uid()
+    sr.StudyInstanceUID, sr.SeriesInstanceUID = generate_uid(), generate_uid()
+    sr.PatientName, sr.PatientID, sr.Modality = PATIENT_NAME, PATIENT_ID, "SR"
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"],
+                              "forward_original": True}])
+    with node:
+        assert send(node.port, [sr], called="KIM") == [0]
+        assert wait_for(lambda: folder_uids(tmp_path / "outbox") == [str(sr.SOPInstanceUID)], 20)
+        assert instance_states(node)[str(sr.SOPInstanceUID)] == "unsupported"
+
+
+def test_duplicates_are_idempotent(tmp_path, tiny_model_path):
+    with Receiver("PACS") as pacs:
+        node = make_node(tmp_path, tiny_model_path,
+                         destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                "port": pacs.port}},
+                         routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["pacs"]}])
+        with node:
+            ds = study(1)[0]
+            assert send(node.port, [ds, ds], called="KIM") == [0, 0]
+            assert wait_for(lambda: len(pacs.received) == 1, 20)
+            assert send(node.port, [ds], called="KIM") == [0]  # after processing: still success, no rework
+            time.sleep(1.0)
+            assert len(pacs.received) == 1
+            assert len(list(node.db.instances())) == 1
+
+
+def test_destination_down_retried_then_delivered(tmp_path, tiny_model_path):
+    from tests.nodeproc import free_port
+
+    port = free_port()
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
+                                            "timeout": 3}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["pacs"]}],
+                     retry={"max_attempts": 50, "backoff_seconds": [0.2, 0.4]})
+    with node:
+        sources = study(2)
+        assert send(node.port, sources, called="KIM") == [0, 0]
+
+        def attempts() -> int:
+            rows = node.db._query("SELECT MIN(attempts) FROM deliveries WHERE state='pending'")
+            return rows[0][0] or 0
+
+        assert wait_for(lambda: attempts() >= 2, 20)  # failed at least twice, still pending
+        with Receiver("PACS", port=port) as pacs:
+            assert wait_for(lambda: len(pacs.received) == 2, 20)
+            assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 10)
+            time.sleep(0.5)
+            assert len(pacs.received) == 2
+
+
+def test_gives_up_after_max_attempts_then_retry_command(tmp_path, tiny_model_path, capsys):
+    """After max_attempts the delivery is failed (file kept); `dicom-node retry` requeues it."""
+    import yaml
+
+    from dicom_node.cli import main
+    from tests.nodeproc import free_port
+
+    port = free_port()
+    raw = node_config(tmp_path, port=free_port(), model_path=tiny_model_path,
+                      destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                             "port": port, "timeout": 3}},
+                      routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["pacs"]}],
+                      stable=0.2, retry={"max_attempts": 2, "backoff_seconds": [0.1]})
+    cfg_path = tmp_path / "node.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    config = parse_config(raw, base_dir=tmp_path)
+    config.node.port = 0
+    with Node(config) as node:
+        ds = study(1)[0]
+        assert send(node.port, [ds], called="KIM") == [0]
+        assert wait_for(lambda: instance_states(node)[str(ds.SOPInstanceUID)] == "failed", 20)
+        assert main(["status", "--config", str(cfg_path)]) == 0
+        out = capsys.readouterr().out
+        assert "failed 1" in out
+        kept = node.db._query("SELECT path FROM deliveries")[0][0]
+        assert Path(kept).is_file()
+        with Receiver("PACS", port=port) as pacs:
+            assert main(["retry", "--config", str(cfg_path)]) == 0
+            assert "requeued 1 failed deliveries" in capsys.readouterr().out
+            assert wait_for(lambda: len(pacs.received) == 1, 20)
+            assert wait_for(lambda: instance_states(node)[str(ds.SOPInstanceUID)] == "delivered", 10)
+
+
+def test_full_disk_and_oversize_refused_with_out_of_resources(tmp_path, tiny_model_path):
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}],
+                     storage={"min_free_bytes": 1 << 60})
+    with node:
+        assert send(node.port, study(1), called="KIM") == [0xA700]
+        assert list(node.db.instances()) == []
+        node.config.storage.min_free_bytes = 0
+        node.config.node.max_instance_bytes = 1000  # the 64x64 image is ~9 kB
+        assert send(node.port, study(1), called="KIM") == [0xA700]
+        node.config.node.max_instance_bytes = 10**9
+        assert send(node.port, study(1), called="KIM") == [0]  # still serving
+        assert len(list(node.db.instances())) == 1
+
+
+def test_malformed_datasets_refused_node_keeps_serving(tmp_path, tiny_model_path):
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
+    with node:
+        no_study = study(1)[0]
+        del no_study.StudyInstanceUID
+        bad_uid = study(1)[0]
+        bad_uid.SeriesInstanceUID = "1.2.abc.3"
+        good = study(1)[0]
+        assert send(node.port, [no_study, bad_uid, good], called="KIM") == [0xC000, 0xC000, 0]
+        assert [r.sop_uid for r in node.db.instances()] == [str(good.SOPInstanceUID)]
+
+
+def test_unparsable_dataset_refused(tmp_path, tiny_model_path):
+    """Bytes that are not a DICOM data set (sent raw, chunked) get a failure status."""
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import AE, _config
+
+    bogus = tmp_path / "bogus.dcm"
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    with open(bogus, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, meta)
+        f.write(b"\x08\x00\x18\x00UI\xff\xff" + b"garbage" * 10)  # SOPInstanceUID with a length past the end
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
+    with node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CR_STORAGE, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="KIM")
+        old = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            status = assoc.send_c_store(bogus)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = old
+        assoc.release()
+        assert 0xC000 <= int(status.Status) <= 0xCFFF
+        assert send(node.port, study(1), called="KIM") == [0]
+
+
+def test_tls_association(tmp_path, tiny_model_path):
+    import ssl
+
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}],
+                     node={"tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), "ca": str(pki.ca),
+                                   "require_client_cert": True}})
+    with node:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        assert send(node.port, study(1), called="KIM", tls_context=ctx) == [0]
+        # plain TCP to the TLS port gets no association
+        with pytest.raises(ConnectionError):
+            send(node.port, study(1), called="KIM")
+        assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 20)
