@@ -142,12 +142,14 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
             changed = True
         if not entry["ok"]:
             data.skipped_unreadable += 1
-            log.warning("domain %s: skipping unreadable file %s (%s)", label, rel, entry.get("reason", "?"))
+            if write_cache:  # rank 0 reports; other DDP ranks read the same index silently
+                log.warning("domain %s: skipping unreadable file %s (%s)", label, rel, entry.get("reason", "?"))
             continue
         h, w = entry["shape"]
         if min(h, w) < patch_size:
             data.skipped_small += 1
-            log.warning("domain %s: skipping %s: %dx%d is smaller than the %d px patch", label, rel, h, w, patch_size)
+            if write_cache:
+                log.warning("domain %s: skipping %s: %dx%d is smaller than the %d px patch", label, rel, h, w, patch_size)
             continue
         data.names.append(str(Path(rel).with_suffix("")))
         data.arrays.append(np.load(cache / entry["file"], mmap_mode="r"))
@@ -156,7 +158,7 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
         tmp = index_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(index))
         os.replace(tmp, index_path)
-    if data.skipped_unreadable:
+    if data.skipped_unreadable and write_cache:
         log.warning("domain %s: %d of %d files unreadable and skipped", label, data.skipped_unreadable, len(files))
     if len(data) < min_images:
         if data.skipped_small and data.skipped_small + len(data) >= min_images:

@@ -49,6 +49,7 @@ class TrainResult:
     losses: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
+    weights_sha256: str = ""  # of all four networks; identical on every DDP rank
 
 
 def lr_factor(step: int, steps: int, decay_from: int) -> float:
@@ -194,7 +195,9 @@ class _Run:
             self.sample_batch = fixed.sample()
         self._loop(model, sampler, start, paired, val_pairs)
         result = TrainResult(run_dir=self.run_dir, steps=c.train.steps, losses=self.last_losses,
-                             validation=self.validation, resumed_from=start)
+                             validation=self.validation, resumed_from=start, weights_sha256=_digest(model))
+        if info.enabled:  # every rank says what it ended with: DDP must keep them identical
+            log.info("rank %d/%d: final weights sha256 %s", info.rank, info.world_size, result.weights_sha256)
         if info.is_main:
             result.models = export_models(self.run_dir)
             for p in result.models:
@@ -313,6 +316,18 @@ class _Run:
         path = self.run_dir / "samples" / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(path)
+
+
+def _digest(model: CycleGAN) -> str:
+    """sha256 over the parameters and buffers of the four networks (a cheap equality check)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(model.nets):
+        for key, value in sorted(model.module(name).state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _trainer_version() -> str:

@@ -4,6 +4,7 @@ Images go through ``dicom_node.engine.translate`` (the same path the node uses, 
 included), so the numbers describe what a radiologist will see.  Metrics are computed in model
 space ([-1, 1], data range 2).  The identity baseline (returning the input unchanged) is
 logged next to them, because a style model is only useful when it beats it (DESIGN-NOTES).
+The metric definitions are ``dicom-node evaluate``'s, so the numbers compare directly.
 """
 from __future__ import annotations
 
@@ -11,34 +12,10 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "validate"]
+from dicom_node.evaluate import psnr, ssim  # the same definitions as ``dicom-node evaluate``
 
-DATA_RANGE = 2.0
-
-
-def psnr(x: np.ndarray, y: np.ndarray, data_range: float = DATA_RANGE) -> float:
-    """Peak signal-to-noise ratio in dB (inf for identical images)."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
-
-
-def ssim(x: np.ndarray, y: np.ndarray, data_range: float = DATA_RANGE) -> float:
-    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03)."""
-    coords = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    g = (g / g.sum())
-    w = (g[:, None] * g[None, :])[None, None]
-    a = torch.as_tensor(np.asarray(x), dtype=torch.float64)[None, None]
-    b = torch.as_tensor(np.asarray(y), dtype=torch.float64)[None, None]
-    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
-    saa = F.conv2d(a * a, w) - mu_a**2
-    sbb = F.conv2d(b * b, w) - mu_b**2
-    sab = F.conv2d(a * b, w) - mu_a * mu_b
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
-    return float(s.mean())
+__all__ = ["validate"]
 
 
 def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str, np.ndarray, np.ndarray]],

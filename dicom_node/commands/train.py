@@ -57,6 +57,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for flag, key in _OVERRIDES.items():
         value = getattr(args, flag, None)
         if value is not None:
+            if flag == "out":  # a path on the command line is relative to the working directory
+                from pathlib import Path
+
+                value = str(Path(value).resolve())
             out[key] = value
     for item in args.set:
         key, sep, raw = item.partition("=")

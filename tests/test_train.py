@@ -1,0 +1,215 @@
+"""The trainer end to end: tiny CycleGAN runs on generated DICOM and 16-bit PNG data.
+
+Every run uses ngf 8 / 2 blocks / patch 64 and one CPU thread (fastest on a busy 2-core box),
+so the whole file takes seconds, not minutes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dicom_node.cli import main
+from dicom_node.config import ConfigError
+from dicom_node.engine import load_style_model, translate
+from dicom_node.engine.pixels import normalize, read_image_file
+from dicom_node.train.config import load_train_config
+from dicom_node.train.export import latest_checkpoint, load_checkpoint
+
+from factory import PATIENT_ID, PATIENT_NAME, make_dataset, phantom, write
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 96
+
+
+def style_b(stored: np.ndarray) -> np.ndarray:
+    """A different 'look' of the same 12-bit image: a gamma curve, as 16-bit values."""
+    x = stored.astype(np.float64) / 4095.0
+    return np.round(65535 * x**0.6).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A/ 3 DICOM, B/ 3 16-bit PNG (+ one unreadable file), val/A + val/B 2 DICOM pairs."""
+    root = tmp_path_factory.mktemp("traindata")
+    for sub in ("A", "B", "val/A", "val/B", "paired/A", "paired/B"):
+        (root / sub).mkdir(parents=True)
+    for i in range(3):
+        write(make_dataset(rows=SIZE, cols=SIZE, seed=i), root / "A" / f"a{i}.dcm")
+        Image.fromarray(style_b(phantom(SIZE, SIZE, 12, seed=10 + i))).save(root / "B" / f"b{i}.png")
+        pix = phantom(SIZE, SIZE, 12, seed=20 + i)
+        write(make_dataset(pix, seed=20 + i), root / "paired" / "A" / f"p{i}.dcm")
+        Image.fromarray(style_b(pix)).save(root / "paired" / "B" / f"p{i}.png")
+    (root / "B" / "broken.dcm").write_bytes(b"this is not DICOM")
+    for i in range(2):
+        pix = phantom(SIZE, SIZE, 12, seed=30 + i)
+        write(make_dataset(pix, seed=30 + i), root / "val" / "A" / f"v{i}.dcm")
+        write(make_dataset(style_b(pix) >> 4, seed=30 + i), root / "val" / "B" / f"v{i}.dcm")
+    return root
+
+
+def write_config(tmp_path: Path, data: Path, *, a: str = "A", b: str = "B", val: str | None = "val",
+                 **train) -> Path:
+    cfg = {
+        "data": {"a": str(data / a), "b": str(data / b), **({"val": str(data / val)} if val else {})},
+        "model": {"ngf": 8, "n_blocks": 2, "ndf": 8},
+        "train": {"patch_size": 64, "batch_size": 1, "steps": 20, "pool_size": 4, "threads": 1, **train},
+        "output": {"dir": str(tmp_path / "run"), "sample_every": 10, "checkpoint_every": 10, "log_every": 5},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_example_config_loads_with_the_trainer_loader():
+    cfg = load_train_config(REPO / "config" / "train.example.yaml")
+    assert (cfg.model.ngf, cfg.model.n_blocks, cfg.train.patch_size) == (64, 9, 256)
+    assert cfg.train.decay_from == 100000 and cfg.data.val is not None
+
+
+def test_config_problems_are_listed_with_their_paths(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"a": "x"}, "train": {"steps": 0, "patch_size": 30, "amp": "fp8"},
+                                   "model": {"ngf": "many"}, "extra": 1}))
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(bad)
+    text = str(exc.value)
+    for where in ("data.b", "train.steps", "train.patch_size", "train.amp", "model.ngf", "extra"):
+        assert where in text
+
+
+def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, capsys, caplog):
+    cfg = write_config(tmp_path, data)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    printed = capsys.readouterr().out
+    models = sorted((run / "models").glob("*.safetensors"))
+    assert [m.name for m in models] == ["run_A2B.safetensors", "run_B2A.safetensors"]
+    assert all(str(m) in printed for m in models)
+
+    # Usable: load like the node does and translate a real image of the other domain.
+    image = normalize(read_image_file(data / "val" / "A" / "v0.dcm"))
+    for m, direction in zip(models, ("A->B", "B->A")):
+        model = load_style_model(m)
+        assert model.metadata["direction"] == direction
+        out = translate(model, image)
+        assert out.shape == image.shape and np.isfinite(out).all() and out.std() > 0
+        prov = model.metadata["provenance"]
+        assert prov["steps"] == 20 and prov["trained"] is True
+        assert prov["data"]["A"]["images"] == 3 and prov["data"]["B"]["images"] == 3
+        assert prov["data"]["B"]["skipped_unreadable"] == 1  # broken.dcm skipped and counted
+        assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False}
+        assert prov["paired"] is False  # different file names: unpaired
+    # Checkpoints load without unpickling code.
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step_00000020.pt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["step"] == 20 and set(raw["state"]) >= {"g_ab", "g_ba", "d_a", "d_b", "opt_g", "opt_d"}
+    # Metrics: a row every 5 steps plus validation at the checkpoints (10, 20), with identity baseline.
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows if r["g_total"]] == [5, 10, 15, 20]
+    val = [r for r in rows if r["val_psnr_a2b"]]
+    assert [int(r["step"]) for r in val] == [10, 20]
+    assert all(float(r["val_ssim_identity"]) < 1 and float(r["val_psnr_a2b"]) > 0 for r in val)
+    assert float(rows[3]["patches_per_s"]) > 0
+    # Sample panels: 2 rows (A, B) per sample image x 3 columns of 64 px patches.
+    panels = sorted((run / "samples").glob("*.png"))
+    assert [p.name for p in panels] == ["step_00000010.png", "step_00000020.png"]
+    assert np.asarray(Image.open(panels[-1])).shape == (2 * 64, 3 * 64)
+    assert (run / "config.yaml").exists() and (run / "cache" / "A" / "index.json").exists()
+    assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
+
+
+def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):
+    """8 steps at once == 4 steps, then --resume to 8 (bit for bit), and export from the checkpoint."""
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    cfg = write_config(straight, data, a="paired/A", b="paired/B", val=None, steps=8, decay_from=8)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    split = tmp_path / "split"
+    split.mkdir()
+    cfg = write_config(split, data, a="paired/A", b="paired/B", val=None, steps=4, decay_from=8)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    # Without --resume an existing run is refused rather than overwritten.
+    assert main(["train", "--config", str(cfg), "--steps", "8", "--no-progress"]) == 1
+    assert main(["train", "--config", str(cfg), "--steps", "8", "--resume", "--no-progress"]) == 0
+
+    a = load_checkpoint(latest_checkpoint(straight / "run"))
+    b = load_checkpoint(latest_checkpoint(split / "run"))
+    assert a["step"] == b["step"] == 8
+    for net in ("g_ab", "g_ba", "d_a", "d_b"):
+        for key, value in a["state"][net].items():
+            assert torch.equal(value, b["state"][net][key]), f"{net}.{key} differs after resume"
+    assert a["meta"]["losses"] == b["meta"]["losses"]
+    assert a["meta"]["paired"] is True and a["meta"]["losses"]["paired"] > 0  # same names: supervised L1 on
+    rows = read_metrics(split / "run")
+    assert [int(r["step"]) for r in rows] == [4, 5, 8]  # log_every 5 (+ the last step of each part)
+    # the losses of steps 6..8 are the same as in the uninterrupted run: the loss continued
+    last_split, last_straight = rows[-1], read_metrics(straight / "run")[-1]
+    assert int(last_straight["step"]) == 8
+    assert all(last_split[k] == last_straight[k] for k in ("g_total", "cycle_a", "d_a", "d_b", "paired"))
+
+    # export from the checkpoint on demand, into another folder
+    out = tmp_path / "exported"
+    assert main(["train", "export", str(split / "run"), "-o", str(out)]) == 0
+    model = load_style_model(out / "run_A2B.safetensors")
+    assert model.metadata["version"] == "8" and model.metadata["provenance"]["steps"] == 8
+    gen = model.generator
+    for key, value in gen.state_dict().items():
+        assert torch.equal(value, a["state"]["g_ab"][key])
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "folder not found"),
+    ("empty", "holds no image files"),
+    ("unreadable", "0 usable image(s)"),
+    ("patch", "patch_size 128 is larger than 3 of the 3 images in domain A"),
+])
+def test_bad_data_gives_one_line_errors(tmp_path, data, capsys, case, expected):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    a, patch = "A", 64
+    if case == "missing":
+        a = str(tmp_path / "nowhere")
+    elif case == "empty":
+        (bad / "sub").mkdir()
+        a = str(bad)
+    elif case == "unreadable":
+        (bad / "x.dcm").write_bytes(b"garbage")
+        (bad / "y.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+        a = str(bad)
+    elif case == "patch":
+        patch = 128
+    cfg = write_config(tmp_path, data, a=a, val=None, patch_size=patch)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dicom-node train: error:"), err
+    assert expected in err[0]
+    assert "Traceback" not in "".join(err)
+
+
+def test_overrides_and_missing_config(tmp_path, data, capsys):
+    assert main(["train", "--no-progress"]) == 1
+    assert "--config" in capsys.readouterr().err
+    cfg = write_config(tmp_path, data, val=None)
+    assert main(["train", "--config", str(cfg), "--set", "train.lr", "--no-progress"]) == 1
+    assert "SECTION.KEY=VALUE" in capsys.readouterr().err
+    from dicom_node.commands.train import overrides_from_args
+    from dicom_node.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--steps", "3", "--set", "train.lr=0.001",
+                                      "--out", "somewhere"])
+    loaded = load_train_config(cfg, overrides_from_args(args))
+    assert loaded.train.steps == 3 and loaded.train.lr == 0.001
+    assert loaded.output.dir == Path("somewhere").resolve()
