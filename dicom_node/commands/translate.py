@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-pixels must be >= 1")
     device = None if args.device in (None, "", "auto") else args.device
 
+    if not getattr(args, "verbose", False):
+        # pydicom warns (log + UserWarning) about every oddity of a broken file; the user gets
+        # our one line per bad file instead. -v shows them.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     files, skipped = collect_inputs(args.inputs)
     if not files:
         raise UserError("no DICOM files found in the inputs")
