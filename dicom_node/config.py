@@ -135,12 +135,57 @@ def load_config(path: str | Path | None) -> NodeConfig:
 
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read config {p}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read config {p}: not UTF-8 text") from None
+    try:
+        raw, duplicates = _load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"<yaml>: {str(exc).splitlines()[0]}"], str(p)) from None
-    return parse_config(raw, base_dir=p.resolve().parent, source=str(p))
+        raise ConfigError([_yaml_error(exc)], str(p)) from None
+    try:
+        cfg = parse_config(raw, base_dir=p.resolve().parent, source=str(p))
+    except ConfigError as exc:
+        raise ConfigError(duplicates + exc.problems, str(p)) from None
+    if duplicates:
+        raise ConfigError(duplicates, str(p))
+    return cfg
+
+
+def _load_yaml(text: str) -> tuple[Any, list[str]]:
+    """``yaml.safe_load`` that also reports duplicate keys (PyYAML silently keeps the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        duplicates: list[str]
+
+    def construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    loader.duplicates.append(f"<yaml> line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+                seen.add(key)
+            except TypeError:
+                pass  # unhashable key: parse_config reports it
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    loader = StrictLoader(text)
+    loader.duplicates = []
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(exc: Exception) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"<yaml>{where}: {problem}"
 
 
 # --------------------------------------------------------------------------------------
@@ -430,6 +475,9 @@ def _model_path(s: dict, path: str, pr: _Problems, base_dir: Path) -> str | None
         return None
     p = _resolve(base_dir, value)
     if p.is_file():
+        problem = style_model_file_problem(p)
+        if problem:
+            pr.add(_join(path, "path"), f"{problem}: {p}")
         return str(p)
     bare = Path(value)
     if bare.suffix == "" and len(bare.parts) == 1:
@@ -442,6 +490,36 @@ def _model_path(s: dict, path: str, pr: _Problems, base_dir: Path) -> str | None
         return value
     pr.add(_join(path, "path"), f"file not found: {p}")
     return str(p)
+
+
+# Same value as dicom_node.engine.model_file.FORMAT (a test pins it); not imported from
+# there because that module pulls in torch, and check-config should stay quick.
+STYLE_MODEL_FORMAT = "dicom-node-style-model"
+
+
+def style_model_file_problem(path: Path) -> str | None:
+    """Cheap check that ``path`` is a style model: the safetensors header names our format.
+
+    Reads only the JSON header (the weights are checked when the node loads the model).
+    """
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "not a style model file (too short)"
+            (size,) = struct.unpack("<Q", head)
+            if size > 100 * 1024**2:
+                return "not a style model file (no safetensors header)"
+            header = json.loads(f.read(size).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "not a style model file (no safetensors header)"
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != STYLE_MODEL_FORMAT:
+        return "not a dicom-node style model (safetensors file without our metadata)"
+    return None
 
 
 def _destinations(raw: Any, pr: _Problems, base_dir: Path) -> dict[str, DestinationSettings]:
