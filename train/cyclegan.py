@@ -75,7 +75,7 @@ class CycleGAN:
         """Wrap every network in DistributedDataParallel (call after loading a checkpoint)."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        self.nets = {k: DDP(v, device_ids=device_ids, broadcast_buffers=False) for k, v in self.nets.items()}
+        self.nets = {k: DDP(v, device_ids=device_ids) for k, v in self.nets.items()}
 
     def module(self, name: str) -> nn.Module:
         """The plain network (without a DDP wrapper)."""
