@@ -136,6 +136,20 @@ class Translator(_Loop):
         self.deliver_wake = deliver_wake
         self.claims = claims
 
+    def run(self) -> None:
+        self._preload()
+        super().run()
+
+    def _preload(self) -> None:
+        """Load every routed model now: the first study is not delayed, a broken model shows at start."""
+        for name in dict.fromkeys(r.model for r in self.config.routes):
+            if self.stop_event.is_set():
+                return
+            try:
+                self.models.get(name)
+            except Exception as exc:  # noqa: BLE001 - reported now, and again per item that needs it
+                log.error("model %s cannot be loaded: %s", name, exc)
+
     def idle_seconds(self) -> float:
         deadline = self.db.next_study_deadline(self.config.study_stable_seconds)
         if deadline is None:
