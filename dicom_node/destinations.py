@@ -239,7 +239,7 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
             ts = UID(item.transfer_syntax)
             if ts.is_compressed:
                 # The peer accepted only uncompressed (or other) syntaxes: decode here.
-                ds.decompress()
+                ds.decompress(generate_instance_uid=False)  # same instance, new encoding
             elif ts.is_deflated or not ts.is_little_endian:
                 ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
         status_ds = assoc.send_c_store(ds, msg_id=msg_id)

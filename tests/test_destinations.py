@@ -7,7 +7,9 @@ folder destination is atomic, idempotent and cannot be steered outside its folde
 """
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.config import DestinationSettings
 from dicom_node.destinations import deliver, valid_uid
+from tests.conftest import require_tool
 from tests.factory import CR_STORAGE, make_dataset, write
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -116,9 +119,11 @@ def test_compressed_file_is_decompressed_for_peer_taking_only_uncompressed(scps,
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
     [result] = deliver(scp.dest(), [path], calling_ae="NODE")
     assert result.ok, result.error
-    [(_, ts, got)] = scp.received
+    [(uid, ts, got)] = scp.received
+    original = pydicom.dcmread(path)
     assert ts == ExplicitVRLittleEndian
-    assert np.array_equal(got.pixel_array, pydicom.dcmread(path).pixel_array)
+    assert uid == original.SOPInstanceUID  # the same instance, only re-encoded
+    assert np.array_equal(got.pixel_array, original.pixel_array)
 
 
 def test_compressed_file_is_sent_as_is_when_peer_accepts_its_syntax(scps, tmp_path):
@@ -302,3 +307,93 @@ def test_files_are_not_left_open_or_partial(tmp_path):
     deliver(_folder(out), files, calling_ae="NODE")
     after = len(os.listdir(f"/proc/{os.getpid()}/fd")) if Path("/proc/self/fd").exists() else 0
     assert after <= before
+
+
+def test_no_patient_data_in_logs(scps, tmp_path, caplog):
+    """Even at DEBUG (pynetdicom dumps PDUs there) no patient name or ID reaches the log."""
+    from tests.factory import PATIENT_ID, PATIENT_NAME
+
+    caplog.set_level(logging.DEBUG)
+    scp = scps({CR_STORAGE: [ExplicitVRLittleEndian]})
+    files = _files(tmp_path, 1, syntax=RLELossless)
+    assert deliver(scp.dest(), files, calling_ae="NODE")[0].ok
+    stopped = scps({CR_STORAGE: UNCOMPRESSED})
+    dest = stopped.dest()
+    stopped.stop()
+    deliver(dest, files, calling_ae="NODE")
+    deliver(_folder(tmp_path / "out"), files, calling_ae="NODE")
+    text = caplog.text
+    assert "delivered 1/1" in text  # the log was captured
+    for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_NAME.split("^")[0]):
+        assert secret not in text
+
+
+# ----------------------------------------------------------------- real peers (interop)
+
+
+@pytest.fixture(scope="module")
+def mixed_study(tmp_path_factory):
+    from tests.encodings import build_mixed_study
+
+    require_tool("dcmcjpeg")
+    return build_mixed_study(tmp_path_factory.mktemp("mixed"))
+
+
+@pytest.mark.interop
+def test_mixed_study_to_orthanc_keeps_original_encodings(mixed_study, tmp_path):
+    from tests.peers import Orthanc
+
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        dest = DestinationSettings(name="orthanc", type="dicom", ae_title=orthanc.ae_title, host="127.0.0.1",
+                                   port=orthanc.dicom_port, timeout=20)
+        files = [i.path for i in mixed_study.instances]
+        results = deliver(dest, files, calling_ae="NODE")
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+        assert sorted(orthanc.sop_instance_uids()) == sorted(i.sop_instance_uid for i in mixed_study.instances)
+        by_uid = {i.sop_instance_uid: i for i in mixed_study.instances}
+        for oid in orthanc.get("/instances"):
+            uid = orthanc.instance_tags(oid)["SOPInstanceUID"]
+            stored_ts = orthanc.get_bytes(f"/instances/{oid}/metadata/TransferSyntax").decode()
+            if by_uid[uid].transfer_syntax in UNCOMPRESSED:
+                assert stored_ts in UNCOMPRESSED  # explicit <-> implicit is the peer's choice
+            else:
+                assert stored_ts == by_uid[uid].transfer_syntax, by_uid[uid].label  # compressed bytes sent as is
+        # a resend is harmless (same SOP Instance UIDs; Orthanc keeps one copy)
+        assert all(r.ok for r in deliver(dest, files, calling_ae="NODE"))
+        assert orthanc.instance_count() == len(files)
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.interop
+def test_mixed_study_to_uncompressed_only_storescp_is_decoded(mixed_study, tmp_path):
+    """dcmtk storescp without +xa accepts only uncompressed syntaxes: every compressed
+    file must be decoded by us and arrive pixel-identical."""
+    from tests.peers import free_port, wait_for_port
+
+    exe = require_tool("storescp")
+    out = tmp_path / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([exe, "-aet", "STORESCP", "-od", str(out), "-uf", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=proc)
+        dest = DestinationSettings(name="scp", type="dicom", ae_title="STORESCP", host="127.0.0.1", port=port,
+                                   timeout=20)
+        results = deliver(dest, [i.path for i in mixed_study.instances], calling_ae="NODE")
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    received = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in out.iterdir()}
+    assert set(received) == {i.sop_instance_uid for i in mixed_study.instances}
+    compressed = [i for i in mixed_study.instances
+                  if i.transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+    assert len(compressed) >= 4
+    for inst in mixed_study.instances:
+        got = received[inst.sop_instance_uid]
+        assert got.file_meta.TransferSyntaxUID in UNCOMPRESSED, inst.label
+        if "PixelData" in got:
+            assert np.array_equal(got.pixel_array, pydicom.dcmread(inst.path).pixel_array), inst.label
