@@ -143,7 +143,10 @@ def test_non_matching_modality_kept_and_forwarded_untouched(tmp_path, tiny_model
     assert len(sc) == 1 and str(sc[0].SourceImageSequence[0].ReferencedSOPInstanceUID) == str(cr.SOPInstanceUID)
     # LEE has no forward_original: the CT stays in the spool only
     assert folder_uids(tmp_path / "other") == []
-    assert (tmp_path / "spool" / "in" / "LEE" / f"{ct_lee.SOPInstanceUID}.dcm").is_file()
+    kept = tmp_path / "spool" / "in" / "LEE" / f"{ct_lee.SOPInstanceUID}.dcm"
+    assert pydicom.dcmread(kept).PixelData == ct_lee.PixelData
+    assert kept.stat().st_mode & 0o777 == 0o600  # patient data: owner only
+    assert (tmp_path / "spool").stat().st_mode & 0o777 == 0o700
 
 
 def test_non_image_object_is_kept_and_forwarded(tmp_path, tiny_model_path):

@@ -1,0 +1,104 @@
+"""The SQLite state machine: receive -> ready -> translated -> delivered/failed, timers, retry."""
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from dicom_node.state import NewDelivery, StateDB
+
+
+def receive(db: StateDB, sop: str, study: str = "1.2.3", *, now: float, matched: bool = True, forward=()):
+    return db.record_received(called_ae="KIM", calling_ae="CR1", sop_uid=sop, sop_class="1.2.840.10008.5.1.4.1.1.1",
+                              study_uid=study, series_uid="1.2.3.4", route=0, matched=matched,
+                              path=f"/spool/{sop}.dcm", size=10, forward=forward, now=now)
+
+
+def states(db: StateDB) -> dict[str, str]:
+    return {r.sop_uid: r.state for r in db.instances()}
+
+
+def test_pragmas_and_permissions(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    assert db._query("PRAGMA journal_mode")[0][0] == "wal"
+    assert db._query("PRAGMA synchronous")[0][0] == 2  # FULL
+    assert oct(os.stat(tmp_path / "state.db").st_mode & 0o777) == "0o600"
+    db.close()
+
+
+def test_study_quiet_period_and_duplicates(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    assert receive(db, "1.1", now=100.0)[1] is True
+    receive(db, "1.2", now=104.0)
+    assert receive(db, "1.1", now=108.0)[1] is False  # duplicate: not new, restarts the quiet period
+    assert db.release_stable_studies(5.0, now=112.0) == 0  # 4 s after the duplicate
+    assert set(states(db).values()) == {"received"}
+    assert db.next_study_deadline(5.0) == 113.0
+    assert db.release_stable_studies(5.0, now=113.0) == 1
+    assert set(states(db).values()) == {"ready"}
+    # a late instance of a released study waits for its own quiet period; the others are untouched
+    receive(db, "1.3", now=200.0)
+    assert states(db) == {"1.1": "ready", "1.2": "ready", "1.3": "received"}
+    assert db.release_stable_studies(5.0, now=202.0) == 0
+    assert db.release_stable_studies(5.0, now=205.0) == 1
+    assert states(db)["1.3"] == "ready"
+
+
+def test_deliveries_retry_then_fail_then_requeue(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    iid, _ = receive(db, "1.1", now=0.0)
+    db.release_stable_studies(1.0, now=5.0)
+    assert db.next_ready().sop_uid == "1.1"
+    db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm"),
+                             NewDelivery("outbox", "output", "9.9", "/out/9.9.dcm")], now=10.0)
+    assert db.next_ready() is None
+    due = db.due_deliveries(now=10.0)
+    assert {d.destination for d in due} == {"pacs", "outbox"}
+    pacs = next(d for d in due if d.destination == "pacs")
+    outbox = next(d for d in due if d.destination == "outbox")
+    assert db.record_delivery_results([(outbox, True, None), (pacs, False, "refused")], 3, lambda a: 7.0,
+                                      now=10.0) == (1, 1, 0)
+    assert states(db)["1.1"] == "translated"  # one delivery still pending
+    assert db.due_deliveries(now=16.9) == []  # back-off
+    (pacs,) = db.due_deliveries(now=17.0)
+    db.record_delivery_results([(pacs, False, "refused")], 3, lambda a: 7.0, now=17.0)
+    (pacs,) = db.due_deliveries(now=24.0)
+    assert pacs.attempts == 2
+    assert db.record_delivery_results([(pacs, False, "refused")], 3, lambda a: 7.0, now=24.0) == (0, 0, 1)
+    assert states(db)["1.1"] == "failed"
+    inst, dels = db.counts()
+    assert inst["failed"] == 1 and dels == {"pending": 0, "delivered": 1, "failed": 1}
+    assert db.retry_failed(now=30.0) == (1, 0)
+    assert states(db)["1.1"] == "translated"
+    (pacs,) = db.due_deliveries(now=30.0)
+    assert pacs.attempts == 0
+    db.record_delivery_results([(pacs, True, None)], 3, lambda a: 7.0, now=30.0)
+    assert states(db)["1.1"] == "delivered"
+
+
+def test_failed_translation_is_requeued_as_ready(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    iid, _ = receive(db, "1.1", now=0.0)
+    db.release_stable_studies(1.0, now=5.0)
+    db.mark_not_translated(iid, "failed", "model missing")
+    assert db.retry_failed() == (0, 1)
+    assert states(db)["1.1"] == "ready"
+
+
+def test_unmatched_instance_forwards_original(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    receive(db, "1.1", now=0.0, matched=False, forward=["pacs"])
+    assert states(db)["1.1"] == "unmatched"
+    (d,) = db.due_deliveries(now=0.0)
+    assert (d.destination, d.kind, d.sop_uid) == ("pacs", "original", "1.1")
+    assert db.release_stable_studies(0.0, now=100.0) == 0  # unmatched instances join no study
+
+
+def test_state_survives_reopen_without_clean_close(tmp_path):
+    """Committed rows are there after the process dies without closing (simulated: a second connection)."""
+    db = StateDB(tmp_path / "state.db")
+    receive(db, "1.1", now=0.0)
+    other = sqlite3.connect(str(tmp_path / "state.db"))
+    assert other.execute("SELECT sop_uid, state FROM instances").fetchall() == [("1.1", "received")]
+    other.close()
+    db2 = StateDB(tmp_path / "state.db")
+    assert states(db2) == {"1.1": "received"}
