@@ -240,7 +240,10 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
             if ts.is_compressed:
                 # The peer accepted only uncompressed (or other) syntaxes: decode here.
                 ds.decompress(generate_instance_uid=False)  # same instance, new encoding
-            elif ts.is_deflated or not ts.is_little_endian:
+            elif not ts.is_little_endian:
+                _big_to_little_endian(ds)
+                ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
+            elif ts.is_deflated:
                 ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
         status_ds = assoc.send_c_store(ds, msg_id=msg_id)
     except (ValueError, NotImplementedError, RuntimeError, AttributeError, OSError) as exc:
@@ -255,6 +258,29 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
     if category in ("Success", "Warning"):
         return DeliveryResult(item.path, True, status=status)
     return DeliveryResult(item.path, False, status=status, error=f"C-STORE {category.lower()} status 0x{status:04X}")
+
+
+_RAW_BINARY_VRS = {"OB or OW", "US or OW", "US or SS or OW", "OW", "OF", "OD", "OL", "OV", "UN"}
+
+
+def _big_to_little_endian(ds) -> None:
+    """Re-encode a (retired) Explicit VR Big Endian dataset's pixels for a little endian peer.
+
+    pydicom re-encodes parsed values itself; raw binary elements are byte-swapped only for
+    Pixel Data, so a file with other word-sized binary data (LUTs, overlays) is refused
+    rather than sent corrupted.
+    """
+    others = [e.keyword or str(e.tag) for e in ds.iterall()
+              if e.VR in _RAW_BINARY_VRS and e.tag != 0x7FE00010]
+    if others:
+        raise ValueError(f"big endian file with binary elements that cannot be converted ({', '.join(others[:3])})")
+    if "PixelData" in ds:
+        pixels = ds.pixel_array
+        if pixels.dtype.itemsize > 1:
+            pixels = pixels.astype(pixels.dtype.newbyteorder("<"))
+        ds.PixelData = pixels.tobytes()
+        ds["PixelData"].VR = "OW" if pixels.dtype.itemsize > 1 else "OB"
+    ds.set_original_encoding(False, True)
 
 
 def _tcp_reachable(host: str, port: int, timeout: float) -> bool:

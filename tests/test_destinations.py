@@ -17,6 +17,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -134,6 +136,23 @@ def test_compressed_file_is_sent_as_is_when_peer_accepts_its_syntax(scps, tmp_pa
     [(_, ts, got)] = scp.received
     assert ts == RLELossless
     assert got.PixelData == pydicom.dcmread(path).PixelData  # the original compressed bytes
+
+
+@pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_deflated_and_big_endian_files_reach_a_plain_peer(scps, tmp_path, syntax):
+    scp = scps({CR_STORAGE: [ExplicitVRLittleEndian]})
+    ds = make_dataset(rows=24, cols=20)
+    pixels = ds.pixel_array.copy()
+    ds.file_meta.TransferSyntaxUID = syntax
+    if syntax == ExplicitVRBigEndian:
+        ds.PixelData = pixels.astype(">u2").tobytes()
+    path = Path(write(ds, tmp_path / "x.dcm"))
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    [result] = deliver(scp.dest(), [path], calling_ae="NODE")
+    assert result.ok, result.error
+    [(uid, ts, got)] = scp.received
+    assert ts == ExplicitVRLittleEndian and uid == ds.SOPInstanceUID
+    assert np.array_equal(got.pixel_array, pixels)
 
 
 def test_explicit_file_goes_implicit_to_implicit_only_peer(scps, tmp_path):
