@@ -73,6 +73,13 @@ _LOSSY_TRANSFER_SYNTAXES = {
 }
 
 
+def _text(value: object, limit: int = 64) -> str:
+    """Free text made safe for an LO/SH-like value: no backslash (the DICOM value separator), no
+    control characters, at most ``limit`` characters. Model names come from model files."""
+    cleaned = "".join(" " if (c == "\\" or ord(c) < 32) else c for c in str(value))
+    return cleaned.strip()[:limit]
+
+
 def derived_uid(*parts: str) -> str:
     """A deterministic UID from its inputs (e.g. source UID + model identity).
 
@@ -100,17 +107,49 @@ def _instance_number(source: Dataset) -> int:
         return 1
 
 
-def _pixel_spacing(source: Dataset) -> tuple[list[str] | None, bool]:
-    """Spacing for the SC, and whether it came from ImagerPixelSpacing (detector plane)."""
-    for kw in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
-        value = source.get(kw)
-        if value is not None and not isinstance(value, (str, bytes)) and len(value) == 2:
-            try:
-                if all(float(v) > 0 for v in value):
-                    return [str(v) for v in value], kw != "PixelSpacing"
-            except (TypeError, ValueError):
-                continue
-    return None, False
+def _spacing_pair(value) -> list[float] | None:
+    try:
+        pair = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return pair if len(pair) == 2 and all(v > 0 for v in pair) else None
+
+
+def _set_pixel_spacing(sc: Dataset, source: Dataset) -> None:
+    """Carry the source's spacing over so measurements on the output match the source.
+
+    - PixelSpacing (with its calibration, if any) is copied as is.
+    - Only ImagerPixelSpacing (detector plane, typical for CR/DX): divided by the Estimated
+      Radiographic Magnification Factor when the source has one (calibration GEOMETRY, as
+      DX does), otherwise copied as PixelSpacing, which is what viewers measure with on the
+      source anyway (the SC IOD has no Imager Pixel Spacing).
+    """
+    from pydicom.valuerep import DS
+
+    pixel = _spacing_pair(source.get("PixelSpacing"))
+    if pixel is not None:
+        sc.PixelSpacing = copy.deepcopy(source.PixelSpacing)
+        if source.get("PixelSpacingCalibrationType"):
+            sc.PixelSpacingCalibrationType = source.PixelSpacingCalibrationType
+            sc.PixelSpacingCalibrationDescription = _text(source.get("PixelSpacingCalibrationDescription")
+                                                           or "as calibrated in the source image")
+        return
+    imager = _spacing_pair(source.get("ImagerPixelSpacing"))
+    if imager is not None:
+        try:
+            magnification = float(source.get("EstimatedRadiographicMagnificationFactor") or 0)
+        except (TypeError, ValueError):
+            magnification = 0.0
+        if magnification > 0:
+            sc.PixelSpacing = [DS(v / magnification, auto_format=True) for v in imager]
+            sc.PixelSpacingCalibrationType = "GEOMETRY"
+            sc.PixelSpacingCalibrationDescription = "Imager Pixel Spacing / Est. Radiographic Magnification"
+        else:
+            sc.PixelSpacing = copy.deepcopy(source.ImagerPixelSpacing)
+        return
+    nominal = _spacing_pair(source.get("NominalScannedPixelSpacing"))
+    if nominal is not None:
+        sc.PixelSpacing = copy.deepcopy(source.NominalScannedPixelSpacing)
 
 
 def _laterality(source: Dataset) -> str:
@@ -145,9 +184,9 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     equipment = hd.ContributingEquipment(
         manufacturer="dicom-node",
         purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=f"style model {model.name}"[:64],
-        software_versions=[f"dicom-node {__version__}"[:64], f"model {model.name} {model.version}"[:64]],
-        contribution_description=f"Image style translation, model {model.name} {model.version}"[:64],
+        manufacturer_model_name=_text(f"style model {model.name}"),
+        software_versions=[_text(f"dicom-node {__version__}"), _text(f"model {model.name} {model.version}")],
+        contribution_description=_text(f"Image style translation, model {model.name} {model.version}", 1024),
     )
     # PATIENT coordinates need an orientation to construct; the source's value (possibly
     # empty, which is allowed) is set verbatim right after.
@@ -165,7 +204,7 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
         manufacturer="dicom-node",
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[equipment],
-        series_description=f"{style} style"[:64],
+        series_description=_text(f"{style} style"),
         manufacturer_model_name="dicom-node",
         software_versions=f"dicom-node {__version__}",
     )
@@ -178,7 +217,7 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
 
     # Series: description naming the style, modality as the source (hanging protocols match it).
     source_desc = str(source.get("SeriesDescription", "") or "").strip()
-    sc.SeriesDescription = (f"{style} style: {source_desc}" if source_desc else f"{style} style")[:64]
+    sc.SeriesDescription = _text(f"{style} style: {source_desc}" if source_desc else f"{style} style")
     if source.get("Modality"):
         sc.Modality = source.Modality
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
@@ -217,14 +256,12 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
             if kw in source:
                 sc[kw] = copy.deepcopy(source[kw])
 
-    spacing, _from_detector = _pixel_spacing(source)
-    if spacing is not None:
-        sc.PixelSpacing = spacing
+    _set_pixel_spacing(sc, source)
 
     center, width = window
     sc.WindowCenter = f"{center:.1f}"
     sc.WindowWidth = f"{width:.1f}"
-    sc.WindowCenterWidthExplanation = f"{style} style"[:64]
+    sc.WindowCenterWidthExplanation = _text(f"{style} style")
     sc.VOILUTFunction = "LINEAR"
     return sc
 

@@ -119,12 +119,29 @@ def test_laterality_rules_pass_dciodvfy(tiny_model, tmp_path, body_part, lateral
     assert dciodvfy_errors(path) == []
 
 
-def test_imager_pixel_spacing_only_becomes_pixel_spacing(tiny_model):
+@pytest.mark.parametrize("case,expected,calibration", [
+    ("pixel", [0.1, 0.12], None),
+    ("pixel_calibrated", [0.1, 0.12], "FIDUCIAL"),
+    ("imager", [0.139, 0.139], None),
+    ("imager_magnified", [0.125, 0.125], "GEOMETRY"),
+])
+def test_pixel_spacing_carried_over(tiny_model, tmp_path, case, expected, calibration):
     src = _source()
-    del src.PixelSpacing
-    src.ImagerPixelSpacing = [0.139, 0.139]
+    del src.PixelSpacing, src.ImagerPixelSpacing
+    if case.startswith("pixel"):
+        src.PixelSpacing = [0.1, 0.12]
+        if calibration:
+            src.PixelSpacingCalibrationType = calibration
+    else:
+        src.ImagerPixelSpacing = [0.139, 0.139] if case == "imager" else [0.15, 0.15]
+        if case == "imager_magnified":
+            src.EstimatedRadiographicMagnificationFactor = 1.2
     sc = translate_dataset(tiny_model, src)
-    assert [float(v) for v in sc.PixelSpacing] == [0.139, 0.139]
+    np.testing.assert_allclose([float(v) for v in sc.PixelSpacing], expected)
+    assert sc.get("PixelSpacingCalibrationType") == calibration
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
 
 
 def test_lossy_source_marks_output_lossy(tiny_model, tmp_path):
@@ -176,3 +193,14 @@ def test_no_phi_in_sc_provenance_text(tiny_model):
                                                    "WindowCenterWidthExplanation"))
     assert PATIENT_NAME not in text and PATIENT_ID not in text
     assert decode_dataset(sc).pixels.shape == (48, 40)  # the output is itself a readable radiograph
+
+
+def test_long_model_name_with_backslash_still_valid(tmp_path):
+    name = "Dr\\Kim soft " + "x" * 80
+    path = save_style_model(new_style_model(ngf=4, n_blocks=1, seed=3), tmp_path / "odd.safetensors",
+                            name=name, version="7")
+    sc = translate_dataset(load_style_model(path), _source())
+    assert sc.SeriesDescription.startswith("Dr Kim soft") and len(sc.SeriesDescription) <= 64
+    out = tmp_path / "sc.dcm"
+    sc.save_as(out, enforce_file_format=True)
+    assert dciodvfy_errors(out) == []
