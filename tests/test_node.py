@@ -53,8 +53,7 @@ def test_whole_path_dicom_and_folder_destinations(tmp_path, tiny_model_path):
             sources = study(3)
             assert send(node.port, sources, called="DR_KIM_STYLE") == [0, 0, 0]
             assert wait_for(lambda: len(pacs.received) >= 3 and len(folder_uids(tmp_path / "outbox")) >= 3, 30)
-            time.sleep(0.3)
-            assert set(instance_states(node).values()) == {"delivered"}
+            assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 10)
         src_uids = {str(ds.SOPInstanceUID) for ds in sources}
         received = list(pacs.received)
         assert len(received) == 3  # each exactly once
@@ -131,6 +130,7 @@ def test_non_matching_modality_kept_and_forwarded_untouched(tmp_path, tiny_model
         assert send(node.port, [ct_lee], called="LEE") == [0]
         # KIM: CR translated (+ its original), CT forwarded untouched
         assert wait_for(lambda: len(folder_uids(outbox)) == 3, 20)
+        assert wait_for(lambda: instance_states(node)[str(cr.SOPInstanceUID)] == "delivered", 10)
         states = instance_states(node)
         assert states[str(ct.SOPInstanceUID)] == "unmatched"
         assert states[str(ct_lee.SOPInstanceUID)] == "unmatched"
