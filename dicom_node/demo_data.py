@@ -16,14 +16,16 @@ so they are different phantoms.  Everything (pixels, UIDs, dates) is a pure func
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.errors import UserError
 from dicom_node.phantoms import Phantom, make_phantom, render
@@ -49,7 +51,8 @@ class DemoCase:
 
 def _uid(seed: int, index: int, *parts: str) -> str:
     """A deterministic UID (2.25 form) derived from the data set seed, the case and a role."""
-    return generate_uid(prefix=None, entropy_srcs=["dicom-node-demo", str(seed), str(index), *parts])
+    digest = hashlib.sha256("|".join(["dicom-node-demo", str(seed), str(index), *parts]).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16]).int}"
 
 
 def render_case(index: int, size: int, seed: int) -> DemoCase:
