@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tests import nodeproc
 from tests.conftest import require_tool
 
 LOOPBACK = "127.0.0.1"
@@ -342,50 +343,41 @@ def dciodvfy_errors(path: Path | str) -> list[str]:
 # --------------------------------------------------------------------------- the node
 
 
-class NodeProcess:
-    """``dicom-node serve --config`` as a real subprocess (so kill -9 is a real kill -9).
+class NodeProcess(nodeproc.NodeProcess):
+    """``dicom-node serve`` as a real subprocess (kill -9 is a real kill -9), built from a dict.
 
-    The config is written from a dict (JSON is valid YAML); ``workdir`` keeps the spool,
-    the config and the log across :meth:`kill` / :meth:`start`, like a service restart.
+    Reuses the node team's :class:`tests.nodeproc.NodeProcess` (start waits for the
+    "listening on" log line); this adds the config-from-dict and the log helpers the
+    interop tests use.  ``workdir`` keeps the spool, config and log across
+    :meth:`kill` / :meth:`start`, like a service restart.
     """
 
     def __init__(self, workdir: Path, config: dict, port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        port = port or free_port()
         self.config = config
         self.config.setdefault("node", {})
-        self.config["node"].update({"host": LOOPBACK, "port": self.port})
+        self.config["node"].update({"host": LOOPBACK, "port": port})
         self.config.setdefault("storage", {"spool_dir": str(self.workdir / "spool"), "min_free_bytes": 0})
-        self.config_path = self.workdir / "node.yaml"
-        self.log_path = self.workdir / "node.log"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(self.workdir / "node.yaml", port, self.workdir / "node.log")
 
     def start(self, timeout: float = 60.0) -> "NodeProcess":
-        import sys
-
-        self.config_path.write_text(json.dumps(self.config, indent=1, default=str))
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=str(self.workdir))
-        log.close()
-        try:
-            wait_for_port(self.port, timeout=timeout, proc=self.proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}\n--- node log ---\n{self.log_tail()}") from None
+        nodeproc.write_config(self.config_path, self.config)
+        super().start(timeout)
         return self
 
     def kill(self) -> None:
         """kill -9: no cleanup, no flush, exactly what a power cut does to the process."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        self.kill9()
         self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc, timeout=20)
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill9()
             self.proc = None
 
     @property
@@ -393,10 +385,7 @@ class NodeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return self.log()
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
