@@ -151,8 +151,12 @@ def _peer(dest: DestinationSettings) -> str:
 
 
 def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, timeout: float) -> list[DeliveryResult]:
-    from pynetdicom import AE, evt
+    from pynetdicom import AE, _config, evt
     from pynetdicom.presentation import build_context
+
+    # send_c_store(path) then streams the file from disk instead of decoding it into memory
+    # (a 2 GB instance stays out of RAM).  Process-wide, but only affects sends of paths.
+    _config.STORE_SEND_CHUNKED_DATASET = True
 
     def fail_all(error: str) -> list[DeliveryResult]:
         return [DeliveryResult(item.path, False, error=error) for item in items]
@@ -227,13 +231,16 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
     """Send one file in the accepted context that needs the least conversion."""
     import pydicom
     from pydicom.uid import UID
-    from pynetdicom.status import code_to_category
 
     accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == item.sop_class]
     if not accepted:
         return DeliveryResult(item.path, False, error=f"peer {_peer(dest)} refused SOP class {item.sop_class}")
     syntaxes = {str(cx.transfer_syntax[0]) for cx in accepted}
     try:
+        if item.transfer_syntax in syntaxes:
+            # The peer takes the file as it is: stream it from disk (no decode, no re-encode).
+            status_ds = assoc.send_c_store(item.path, msg_id=msg_id)
+            return _result(item, status_ds, dest)
         ds = pydicom.dcmread(str(item.path))
         if item.transfer_syntax not in syntaxes:
             ts = UID(item.transfer_syntax)
@@ -251,6 +258,13 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
             return DeliveryResult(item.path, False, error=f"association with {_peer(dest)} ended early")
         # Conversion impossible (no decoder) or no context that fits: a per-file failure.
         return DeliveryResult(item.path, False, error=f"cannot send: {exc.__class__.__name__}: {_first_line(exc)}")
+    return _result(item, status_ds, dest)
+
+
+def _result(item: _Item, status_ds, dest: DestinationSettings) -> DeliveryResult:
+    """Turn a C-STORE response (or its absence) into a result; warnings count as success."""
+    from pynetdicom.status import code_to_category
+
     if not status_ds or "Status" not in status_ds:
         return DeliveryResult(item.path, False, error=f"no C-STORE response from {_peer(dest)} (timeout or abort)")
     status = int(status_ds.Status)
