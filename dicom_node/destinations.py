@@ -211,7 +211,7 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
             if broken or not assoc.is_established:
                 results.append(DeliveryResult(item.path, False, error=f"association with {_peer(dest)} ended early"))
                 continue
-            result = _store_one(assoc, item, dest, msg_id=n % 65536)
+            result = _store_one(assoc, item, dest, msg_id=(n + 1) % 65536)
             results.append(result)
             # No response means a DIMSE timeout or an abort: the association is unusable
             # even if pynetdicom has not noticed yet, so don't wait another timeout per file.
@@ -241,22 +241,23 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
             # The peer takes the file as it is: stream it from disk (no decode, no re-encode).
             status_ds = assoc.send_c_store(item.path, msg_id=msg_id)
             return _result(item, status_ds, dest)
+        # The peer accepted this SOP class only in another syntax: re-encode in memory.
         ds = pydicom.dcmread(str(item.path))
-        if item.transfer_syntax not in syntaxes:
-            ts = UID(item.transfer_syntax)
-            if ts.is_compressed:
-                # The peer accepted only uncompressed (or other) syntaxes: decode here.
-                ds.decompress(generate_instance_uid=False)  # same instance, new encoding
-            elif not ts.is_little_endian:
-                _big_to_little_endian(ds)
-                ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
-            elif ts.is_deflated:
-                ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
+        ts = UID(item.transfer_syntax)
+        if ts.is_compressed:
+            ds.decompress(generate_instance_uid=False)  # same instance, new encoding
+        elif not ts.is_little_endian:
+            _big_to_little_endian(ds)
+            ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
+        elif ts.is_deflated:
+            ds.file_meta.TransferSyntaxUID = _plain_syntax(syntaxes)
+        # (explicit <-> implicit VR little endian: pynetdicom converts while encoding)
         status_ds = assoc.send_c_store(ds, msg_id=msg_id)
-    except (ValueError, NotImplementedError, RuntimeError, AttributeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch or the worker
         if not assoc.is_established:
             return DeliveryResult(item.path, False, error=f"association with {_peer(dest)} ended early")
-        # Conversion impossible (no decoder) or no context that fits: a per-file failure.
+        # Typically: no decoder for the syntax, or a file pynetdicom cannot encode.
+        log.warning("cannot send a file to %s: %s", dest.name, exc.__class__.__name__)
         return DeliveryResult(item.path, False, error=f"cannot send: {exc.__class__.__name__}: {_first_line(exc)}")
     return _result(item, status_ds, dest)
 

@@ -155,6 +155,24 @@ def test_deflated_and_big_endian_files_reach_a_plain_peer(scps, tmp_path, syntax
     assert np.array_equal(got.pixel_array, pixels)
 
 
+def test_file_that_cannot_be_decoded_fails_alone(scps, tmp_path):
+    """A syntax we cannot decode (MPEG2 here) for a peer that wants uncompressed data."""
+    from pydicom.encaps import encapsulate
+
+    scp = scps({CR_STORAGE: [ExplicitVRLittleEndian]})
+    ds = make_dataset(rows=16, cols=16)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    ds.PixelData = encapsulate([b"\x00\x01" * 64])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    bad = Path(write(ds, tmp_path / "mpeg.dcm"))
+    good = _files(tmp_path, 1)
+    results = deliver(scp.dest(), [bad, *good], calling_ae="NODE")
+    assert not results[0].ok and results[0].error.startswith("cannot send")
+    assert results[1].ok
+    assert [uid for uid, _, _ in scp.received] == [pydicom.dcmread(good[0]).SOPInstanceUID]
+
+
 def test_explicit_file_goes_implicit_to_implicit_only_peer(scps, tmp_path):
     scp = scps({CR_STORAGE: [ImplicitVRLittleEndian]})
     [path] = _files(tmp_path, 1)
