@@ -16,8 +16,8 @@ Status codes returned to the sender:
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,11 +82,22 @@ class StoreSCP:
                  ",".join(sorted({r.called_ae for r in self.config.routes})))
         return host, port
 
-    def stop(self) -> None:
-        """Stop accepting, and end the associations in progress."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting; give associations in progress ``grace`` seconds, then abort them.
+
+        An instance is acknowledged only after it is durable, so an aborted association
+        loses nothing acknowledged: the sender sees a failure and sends again.
+        """
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        ae = server.ae
+        server.shutdown()
+        deadline = time.monotonic() + grace
+        while ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in ae.active_associations:
+            assoc.abort()
 
     # -- association negotiation -------------------------------------------------------
     def _on_requested(self, event: Any) -> None:
@@ -147,7 +158,7 @@ class StoreSCP:
                           self.config.storage.min_free_bytes, abbreviate(sop_uid))
                 return STATUS_OUT_OF_RESOURCES
             try:
-                self.spool.store_file(src, final)
+                self.spool.adopt_file(src, final)
             except OSError as exc:
                 log.error("store refused: cannot write spool (%s) sop %s", exc.strerror or exc, abbreviate(sop_uid))
                 return STATUS_OUT_OF_RESOURCES

@@ -119,6 +119,27 @@ class Spool:
             raise
         return size
 
+    def adopt_file(self, src: Path, final: Path) -> int:
+        """Move a received temp file into place without copying when it is on the spool's filesystem.
+
+        ``dicom-node serve`` points Python's temp dir at ``<spool>/tmp``, so pynetdicom
+        streams each incoming dataset straight onto the spool's disk and this is an fsync
+        plus a rename.  Elsewhere (another filesystem) it falls back to a durable copy.
+        """
+        src = Path(src)
+        try:
+            same_fs = src.stat().st_dev == self.tmp.stat().st_dev
+        except OSError:
+            same_fs = False
+        if not same_fs:
+            return self.store_file(src, final)
+        size = src.stat().st_size
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(src, 0o600)
+        self._commit(src, final)
+        return size
+
     def store_dataset(self, ds: Dataset, final: Path) -> Path:
         """Write a dataset durably (DICOM file format) to ``final``."""
         fd, tmp = self._temp()

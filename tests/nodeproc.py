@@ -146,16 +146,20 @@ class Receiver:
 
 
 def send(port: int, datasets: Iterable[Any], *, called: str, calling: str = "MODALITY",
-         tls_context: Any = None) -> list[int | None]:
-    """C-STORE each dataset over one association; returns the status per dataset (None: no answer)."""
+         tls_context: Any = None, native_only: bool = False) -> list[int | None]:
+    """C-STORE each dataset over one association; returns the status per dataset (None: no answer).
+
+    ``native_only`` proposes only the datasets' own transfer syntax (else uncompressed too).
+    """
     from pynetdicom import AE
 
     datasets = list(datasets)
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    native = str(datasets[0].file_meta.TransferSyntaxUID)
+    syntaxes = [native] if native_only else list(dict.fromkeys([native, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]))
     for sop in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
-        ae.add_requested_context(sop, [str(datasets[0].file_meta.TransferSyntaxUID), "1.2.840.10008.1.2.1",
-                                       "1.2.840.10008.1.2"])
+        ae.add_requested_context(sop, syntaxes)
     tls_args = (tls_context, None) if tls_context is not None else None
     assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
     if not assoc.is_established:

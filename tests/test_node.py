@@ -326,3 +326,42 @@ def test_tls_association(tmp_path, tiny_model_path):
         with pytest.raises(ConnectionError):
             send(node.port, study(1), called="KIM")
         assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 20)
+
+
+def test_max_associations_limit(tmp_path, tiny_model_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}],
+                     node={"max_associations": 1})
+    with node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", node.port, ae_title="KIM")
+        assert first.is_established
+        second = associate_result(node.port, called="KIM")
+        assert second.is_rejected  # over the limit: rejected, not queued
+        first.release()
+        assert wait_for(lambda: associate_result(node.port, called="KIM").is_released, 5)
+
+
+def test_compressed_transfer_syntaxes_accepted_and_translated(tmp_path, tiny_model_path):
+    """JPEG-LS and RLE lossless sources are received as sent and translated."""
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    from tests.factory import encode_as
+
+    sources = study(2)
+    encoded = [encode_as(sources[0], JPEGLSLossless), encode_as(sources[1], RLELossless)]
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
+    with node:
+        for ds in encoded:  # one association per syntax, proposing only that one (as a modality would)
+            assert send(node.port, [ds], called="KIM", native_only=True) == [0]
+        spooled = {r.sop_uid: pydicom.dcmread(r.path).file_meta.TransferSyntaxUID for r in node.db.instances()}
+        assert spooled == {str(encoded[0].SOPInstanceUID): JPEGLSLossless, str(encoded[1].SOPInstanceUID): RLELossless}
+        assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 30)
+    assert len(folder_uids(tmp_path / "outbox")) == 2

@@ -11,9 +11,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+    import tempfile
+
     from dicom_node.config import load_config
     from dicom_node.node import Node
+    from dicom_node.spool import Spool
 
+    if not getattr(args, "verbose", False):
+        # One line per node event; pynetdicom's per-PDU chatter only with -v.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     config = load_config(args.config)
+    spool = Spool(config.storage.spool_dir).open()
+    # pynetdicom streams incoming datasets to temp files: put them on the spool's disk so
+    # accepting one is a rename, and a small /tmp cannot refuse a large study.
+    tempfile.tempdir = str(spool.tmp)
     Node(config).serve_forever()
     return 0
