@@ -221,7 +221,7 @@ class StoreSCP:
     def start(self) -> "StoreSCP":
         exe = require_tool("storescp")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.out_dir.parent / f"storescp-{self.port}.log", "ab")
+        log = open(self.log_path, "ab")
         # +xa: accept all supported transfer syntaxes; -uf: name files by SOP Instance UID
         # (a duplicate delivery overwrites, so duplicates are counted via the log instead).
         self.proc = subprocess.Popen(
@@ -239,6 +239,19 @@ class StoreSCP:
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir.parent / f"storescp-{self.port}.log"
+
+    def store_requests(self) -> int:
+        """C-STORE requests received so far, duplicates included (files are named by UID,
+        so a duplicate would overwrite its file: count it from the log instead)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return 0
+        return sum("Received Store Request" in line for line in text.splitlines())
 
 
 # dcmtk names of the transfer syntaxes a modality may send (used in storescu's -xf profile).
