@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from dicom_node.errors import UserError
 
@@ -579,15 +579,13 @@ def _str_list(value: Any, path: str, pr: _Problems) -> list[str] | None:
     return out
 
 
-def _routes(raw: Any, pr: _Problems, models: dict, destinations: dict, model_keys: set,
-            dest_keys: set) -> list[RouteSettings]:
+def _routes(raw: Any, pr: _Problems, model_keys: set, dest_keys: set) -> list[RouteSettings]:
     out: list[RouteSettings] = []
     if not isinstance(raw, list):
         pr.add("routes", f"must be a list, not {_type_name(raw)}")
         return out
     if not raw:
         pr.add("routes", "at least one route is required")
-    seen: dict[str, int] = {}
     for i, spec in enumerate(raw):
         path = _join("routes", i)
         s = _mapping(spec, path, {"called_ae", "model", "destinations", "calling_ae", "match", "forward_original"},
@@ -595,11 +593,6 @@ def _routes(raw: Any, pr: _Problems, models: dict, destinations: dict, model_key
         if s is None:
             continue
         called = _ae(s, "called_ae", path, pr)
-        if called is not None:
-            if called in seen:
-                pr.add(_join(path, "called_ae"), f"duplicate AE title {called!r} (also routes[{seen[called]}])")
-            else:
-                seen[called] = i
         model = _str(s, "model", path, pr)
         if model is not None and model not in model_keys:
             pr.add(_join(path, "model"), f"unknown model {model!r}")
@@ -620,11 +613,36 @@ def _routes(raw: Any, pr: _Problems, models: dict, destinations: dict, model_key
                     pr.add(_join(_join(path, "calling_ae"), j), problem)
             calling = [ae.strip() for ae in calling or []]
         match = _match(s.get("match"), _join(path, "match"), pr) if s.get("match") is not None else {}
-        out.append(RouteSettings(
+        route = RouteSettings(
             called_ae=called or "", model=model or "", destinations=dests, calling_ae=calling, match=match,
             forward_original=_bool(s, "forward_original", path, pr, False),
-        ))
+        )
+        for j, earlier in enumerate(out):
+            if called and earlier.called_ae == called and _shadows(earlier, route):
+                pr.add(_join(path, "called_ae"), f"duplicate AE title {called!r}: routes[{j}] already takes "
+                       "every instance this route would (give it a narrower calling_ae/match or remove one)")
+                break
+        out.append(route)
     return out
+
+
+def _fold(values: Iterable[str]) -> set[str]:
+    return {str(v).strip().casefold() for v in values}
+
+
+def _shadows(first: RouteSettings, later: RouteSettings) -> bool:
+    """Whether ``first`` (same called AE, earlier in the file) wins every instance ``later`` could.
+
+    Several routes may share a called AE title (first match wins, see dicom_node.routing),
+    but one that can never be chosen is a mistake: it is reported as a duplicate.
+    """
+    if first.calling_ae is not None:
+        if later.calling_ae is None or not set(later.calling_ae) <= set(first.calling_ae):
+            return False
+    for keyword, accepted in first.match.items():
+        if keyword not in later.match or not _fold(later.match[keyword]) <= _fold(accepted):
+            return False
+    return True
 
 
 def _match(raw: Any, path: str, pr: _Problems) -> dict[str, list[str]]:
@@ -688,7 +706,7 @@ def parse_config(raw: Any, base_dir: Path = Path("."), source: str = "config") -
     destinations = _destinations(top["destinations"], pr, base_dir) if "destinations" in top else {}
     model_keys = set(top["models"]) if isinstance(top.get("models"), dict) else set()
     dest_keys = set(top["destinations"]) if isinstance(top.get("destinations"), dict) else set()
-    routes = _routes(top["routes"], pr, models, destinations, model_keys, dest_keys) if "routes" in top else []
+    routes = _routes(top["routes"], pr, model_keys, dest_keys) if "routes" in top else []
     for i, route in enumerate(routes):
         if route.called_ae and route.called_ae == node.ae_title:
             pr.add(f"routes[{i}].called_ae", f"{route.called_ae!r} is the node's own AE title (node.ae_title)")

@@ -131,7 +131,7 @@ CASES = [
     (["routes", 1, "model"], "soft2", "routes[1].model: unknown model 'soft2'"),
     (["routes", 1, "destinations"], ["pacs", "nowhere"], "routes[1].destinations[1]: unknown destination 'nowhere'"),
     (["routes", 1, "destinations"], [], "routes[1].destinations: at least one destination is required"),
-    (["routes", 2, "called_ae"], "DR_KIM_STYLE", "routes[2].called_ae: duplicate AE title 'DR_KIM_STYLE'"),
+    (["routes", 2, "called_ae"], "DR_LEE_STYLE", "routes[2].called_ae: duplicate AE title 'DR_LEE_STYLE'"),
     (["routes", 2, "called_ae"], "BAD\x01AE", "routes[2].called_ae: AE title 'BAD\\x01AE' contains control characters"),
     (["routes", 2, "called_ae"], "", "routes[2].called_ae: AE title is empty"),
     (["routes", 2, "called_ae"], 42, "routes[2].called_ae: AE title must be a string, not an integer"),
@@ -158,12 +158,39 @@ def test_each_problem_is_reported_with_its_path(base, path, value, expected):
     assert any(p.startswith(expected) for p in problems), problems
 
 
+def test_routes_may_share_a_called_ae_unless_one_is_shadowed(base):
+    """Several routes per called AE are fine (first match wins); an unreachable one is not."""
+    raw = valid_raw()
+    kim = {"called_ae": "DR_KIM_STYLE", "destinations": ["pacs"]}
+    raw["routes"] = [
+        {**kim, "model": "soft", "match": {"Modality": ["CR"]}},
+        {**kim, "model": "sharp", "match": {"Modality": ["DX"]}},                  # other modality
+        {**kim, "model": "sharp", "calling_ae": ["ROOM2"]},                         # other sender
+        {**kim, "model": "soft"},                                                   # catch-all last
+    ]
+    cfg = parse_config(raw, base_dir=base)
+    assert [r.model for r in cfg.routes] == ["soft", "sharp", "sharp", "soft"]
+
+    shadowed = [
+        ({"calling_ae": None, "match": {}}, {"match": {"Modality": ["CR"]}}),        # catch-all first
+        ({"match": {"Modality": ["CR", "DX"]}}, {"match": {"Modality": ["cr"]}}),    # values are a subset
+        ({"calling_ae": ["A", "B"]}, {"calling_ae": ["A"], "match": {"BodyPartExamined": ["CHEST"]}}),
+        ({"match": {"Modality": ["CR"]}}, {"match": {"Modality": ["CR"]}}),          # identical
+    ]
+    for first, later in shadowed:
+        raw["routes"] = [{**kim, "model": "soft", **{k: v for k, v in first.items() if v is not None}},
+                         {**kim, "model": "sharp", **later}]
+        problems = problems_of(raw, base)
+        assert problems and problems[0].startswith("routes[1].called_ae: duplicate AE title 'DR_KIM_STYLE'"), \
+            (first, later, problems)
+
+
 def test_every_problem_is_reported_at_once(base):
     raw = valid_raw()
     raw["node"]["port"] = 0
     raw["node"]["prot"] = 1
     raw["routes"][1]["model"] = "soft2"
-    raw["routes"][2]["called_ae"] = "DR_KIM_STYLE"
+    raw["routes"][2]["called_ae"] = "DR_LEE_STYLE"
     raw["models"]["sharp"]["path"] = "missing.safetensors"
     problems = problems_of(raw, base)
     assert len(problems) == 5, problems
@@ -272,13 +299,14 @@ def test_check_config_cli_prints_one_line_per_problem(base, capsys):
     raw = valid_raw()
     raw["node"]["port"] = 0
     raw["routes"][1]["model"] = "soft2"
-    raw["routes"][2]["called_ae"] = "DR_KIM_STYLE"
+    raw["routes"][2]["called_ae"] = "DR_LEE_STYLE"
     assert main(["check-config", str(_write(base, raw))]) == 1
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
         "node.port: must be 1..65535",
         "routes[1].model: unknown model 'soft2'",
-        "routes[2].called_ae: duplicate AE title 'DR_KIM_STYLE' (also routes[0])",
+        "routes[2].called_ae: duplicate AE title 'DR_LEE_STYLE': routes[1] already takes every instance "
+        "this route would (give it a narrower calling_ae/match or remove one)",
     ]
     assert "3 problem(s)" in captured.err
 
