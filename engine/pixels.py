@@ -84,8 +84,10 @@ def _check_decodable(ds: Dataset, max_pixels: int) -> None:
         raise UnsupportedImage(f"not an image: {what} has no Pixel Data")
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if not pi:
+        raise UnsupportedImage("corrupt image: PhotometricInterpretation is missing")
     if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnsupportedImage(f"colour images are not supported (PhotometricInterpretation {pi or 'missing'}, "
+        raise UnsupportedImage(f"colour images are not supported (PhotometricInterpretation {pi}, "
                                f"SamplesPerPixel {spp})")
     frames = ds.get("NumberOfFrames", 1)
     try:
@@ -168,6 +170,31 @@ def _decode_stored(ds: Dataset) -> np.ndarray:
     return ds.pixel_array
 
 
+# ISO 10918 (JPEG) and JPEG-LS streams end with the EOI marker. libjpeg and CharLS decode a
+# truncated stream without an error (measured: a stream cut at 90 % decodes, grey below the
+# cut), so a missing EOI is the only reliable sign of truncation for these syntaxes.
+_EOI_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+}
+
+
+def _check_stream_end(ds: Dataset) -> None:
+    """Refuse JPEG/JPEG-LS pixel data whose stream does not end with EOI (truncated)."""
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if ts not in _EOI_SYNTAXES:
+        return
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:  # noqa: BLE001 - broken encapsulation
+        raise UnsupportedImage(f"corrupt pixel data: {_first_line(exc)}") from None
+    # Encapsulation pads odd lengths with one 0x00; tolerate a few bytes of trailing padding.
+    if b"\xff\xd9" not in bytes(frame[-16:]):
+        raise UnsupportedImage("corrupt pixel data: the compressed stream is truncated (no end-of-image marker)")
+
+
 def decode_dataset(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
     """Decode a single-frame grayscale DICOM image into a :class:`Radiograph`.
 
@@ -175,6 +202,7 @@ def decode_dataset(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radi
     or corrupt pixel data, or a transfer syntax no installed decoder handles.
     """
     _check_decodable(ds, max_pixels)
+    _check_stream_end(ds)
     try:
         stored = _decode_stored(ds)
     except NotImplementedError as exc:  # no decoder plugin for this transfer syntax
@@ -230,9 +258,12 @@ def _dcmread(path: str | os.PathLike) -> Dataset:
     raise UserError(f"{path}: not a DICOM file")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+def _first_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception as one short line (decoder errors span several lines)."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return exc.__class__.__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------- PNG / TIFF (training)
