@@ -707,9 +707,6 @@ def parse_config(raw: Any, base_dir: Path = Path("."), source: str = "config") -
     model_keys = set(top["models"]) if isinstance(top.get("models"), dict) else set()
     dest_keys = set(top["destinations"]) if isinstance(top.get("destinations"), dict) else set()
     routes = _routes(top["routes"], pr, model_keys, dest_keys) if "routes" in top else []
-    for i, route in enumerate(routes):
-        if route.called_ae and route.called_ae == node.ae_title:
-            pr.add(f"routes[{i}].called_ae", f"{route.called_ae!r} is the node's own AE title (node.ae_title)")
     cfg = NodeConfig(
         node=node,
         storage=storage,
