@@ -683,6 +683,24 @@ def _retry(raw: Any, pr: _Problems) -> RetrySettings:
     return RetrySettings(max_attempts=_int(m, "max_attempts", "retry", pr, d.max_attempts, 1), backoff_seconds=backoff)
 
 
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"}
+
+
+def _check_cross(cfg: NodeConfig, pr: _Problems) -> None:
+    """Problems that involve two sections: loops back into the node, outbox inside the spool."""
+    called = {r.called_ae for r in cfg.routes}
+    spool = Path(os.path.abspath(cfg.storage.spool_dir))
+    for name, dest in cfg.destinations.items():
+        path = f"destinations.{name}"
+        if (dest.type == "dicom" and dest.port == cfg.node.port and dest.ae_title in called
+                and (dest.host in _LOCAL_HOSTS or dest.host == cfg.node.host)):
+            pr.add(path, f"sends back to this node's own route {dest.ae_title!r} (an endless loop)")
+        if dest.type == "folder" and dest.path is not None:
+            out = Path(os.path.abspath(dest.path))
+            if out == spool or spool in out.parents or out in spool.parents:
+                pr.add(_join(path, "path"), f"overlaps storage.spool_dir {spool} (keep them apart)")
+
+
 _TOP_KEYS = {"node", "storage", "study_stable_seconds", "models", "destinations", "routes", "retry", "workers"}
 
 
@@ -721,6 +739,7 @@ def parse_config(raw: Any, base_dir: Path = Path("."), source: str = "config") -
     for dest in cfg.destinations.values():
         if dest.type == "dicom" and dest.calling_ae is None:
             dest.calling_ae = node.ae_title
+    _check_cross(cfg, pr)
     if pr.items:
         raise ConfigError(pr.items, source)
     return cfg
