@@ -65,7 +65,7 @@ class Node:
         self.address = self.scp.start()
         return self.address
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
         """Stop accepting, let workers finish their current item, close the database."""
         if self.scp is not None:
             self.scp.stop()

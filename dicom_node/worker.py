@@ -36,6 +36,7 @@ log = logging.getLogger("dicom_node.worker")
 
 ENGINE_LOCK = threading.Lock()  # one translation at a time in this process (GPU work serialised)
 POLL_SECONDS = 0.5
+ERROR_PAUSE = 5.0  # after an unexpected error (disk full, database busy) before trying again
 
 
 class ModelCache:
@@ -111,9 +112,12 @@ class _Loop(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 did_work = self.step()
-            except Exception:  # noqa: BLE001 - keep serving; the row stays where it was
-                log.exception("%s: unexpected error", self.name)
-                did_work = False
+            except Exception as exc:  # noqa: BLE001 - keep serving; the row stays where it was
+                # e.g. the spool's disk is full or the database is locked: the item stays in its
+                # state and is tried again after a pause (no busy loop, no log flood).
+                log.error("%s: %s: %s (retrying in %gs)", self.name, exc.__class__.__name__, exc, ERROR_PAUSE)
+                self.stop_event.wait(ERROR_PAUSE)
+                continue
             if not did_work:
                 self.wake.wait(self.idle_seconds())
                 self.wake.clear()
@@ -258,7 +262,11 @@ class Deliverer(_Loop):
         if dest is None:
             outcomes = [(r, False, f"destination {name!r} is not configured") for r in rows]
         else:
-            results = deliver(dest, [Path(r.path) for r in rows], calling_ae=self.config.node.ae_title)
+            try:
+                results = deliver(dest, [Path(r.path) for r in rows], calling_ae=self.config.node.ae_title)
+            except Exception as exc:  # noqa: BLE001 - counts as a failed attempt, retried with back-off
+                results = []
+                log.error("destination %s: delivery raised %s", name, exc.__class__.__name__)
             outcomes = [(r, res.ok, res.error) for r, res in zip(rows, results)]
             outcomes += [(r, False, "no result") for r in rows[len(results):]]
         ok, retrying, failed = self.db.record_delivery_results(outcomes, retry.max_attempts, retry.delay)
