@@ -406,8 +406,20 @@ def _tls(raw: Any, path: str, pr: _Problems, base_dir: Path, server: bool) -> TL
     require = _bool(m, "require_client_cert", path, pr, False)
     if require and "ca" not in m:
         pr.add(_join(path, "ca"), "required when require_client_cert is true (the CA that signs client certificates)")
-    return TLSSettings(cert=cert, key=key, ca=ca, require_client_cert=require,
-                       check_hostname=_bool(m, "check_hostname", path, pr, True))
+    tls = TLSSettings(cert=cert, key=key, ca=ca, require_client_cert=require,
+                      check_hostname=_bool(m, "check_hostname", path, pr, True))
+    files = [p for p in (cert, key, ca) if p is not None]
+    complete = cert is not None and key is not None if server else bool(files)
+    if complete and all(p.is_file() for p in files):
+        # Load them now, as the node will: a key that does not match its certificate, a
+        # password-protected key or a file that is not PEM is found by check-config.
+        from dicom_node import tls as tls_module
+
+        try:
+            (tls_module.server_context if server else tls_module.client_context)(tls)
+        except UserError as exc:
+            pr.add(path, str(exc).removeprefix("tls: ").removeprefix("node.tls: "))
+    return tls
 
 
 def _node(raw: Any, pr: _Problems, base_dir: Path) -> NodeSettings:

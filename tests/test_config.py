@@ -403,3 +403,25 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
         pytest.skip(f"systemd-analyze cannot run here: {output.splitlines()[0]}")
     assert proc.returncode == 0, output
     assert not [line for line in output.splitlines() if "dicom-node.service" in line], output
+
+
+def test_tls_files_are_loaded_by_check_config(base):
+    """Valid certificates load; a key that belongs to another certificate is found before serving."""
+    from tests.certs import make_pki
+
+    pki = make_pki(base / "pki")
+    raw = valid_raw()
+    raw["node"]["tls"] = {"cert": str(pki.server_cert), "key": str(pki.server_key), "ca": str(pki.ca),
+                          "require_client_cert": True}
+    raw["destinations"]["pacs"]["tls"] = {"ca": str(pki.ca), "cert": str(pki.client_cert),
+                                          "key": str(pki.client_key)}
+    cfg = parse_config(raw, base_dir=base)
+    assert cfg.node.tls.require_client_cert and cfg.node.tls.ca == pki.ca
+    assert cfg.destinations["pacs"].tls.cert == pki.client_cert
+
+    raw["node"]["tls"]["key"] = str(pki.client_key)  # not the server certificate's key
+    raw["destinations"]["pacs"]["tls"]["ca"] = str(pki.client_key)  # not a certificate
+    problems = problems_of(raw, base)
+    assert any(p.startswith("node.tls: cannot load certificate") for p in problems), problems
+    assert any(p.startswith("destinations.pacs.tls: cannot load CA") for p in problems), problems
+    assert len(problems) == 2
