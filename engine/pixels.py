@@ -79,6 +79,9 @@ def _check_decodable(ds: Dataset, max_pixels: int) -> None:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedImage("float pixel data is not supported")
+        if "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds:
+            # An image whose Pixel Data pydicom could not read: a file cut inside it.
+            raise UnsupportedImage("corrupt image: Pixel Data is missing or the file is truncated")
         modality = ds.get("Modality", "")
         what = f"{modality} object" if modality else "object"
         raise UnsupportedImage(f"not an image: {what} has no Pixel Data")
@@ -240,7 +243,14 @@ def _dcmread(path: str | os.PathLike) -> Dataset:
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(str(path))
+        if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
+            # pydicom drops the whole data set when a file ends inside an undefined-length
+            # element (e.g. encapsulated Pixel Data cut short), leaving only the file meta.
+            raise UserError(f"{path}: corrupt DICOM file (no SOP Class/Instance UID: truncated?)")
+        return ds
+    except UserError:
+        raise
     except InvalidDicomError:
         pass  # maybe a bare dataset without the 128-byte preamble and file meta: try below
     except FileNotFoundError:

@@ -140,3 +140,16 @@ def encode_as(ds: Dataset, syntax: str, **kwargs) -> Dataset:
     else:
         out.compress(syntax, **kwargs)
     return out
+
+
+def make_non_image(modality: str = "SR", sop_class: str = "1.2.840.10008.5.1.4.1.1.88.11") -> Dataset:
+    """A valid object without pixels (default: a Basic Text SR header), same patient/study shape."""
+    ds = make_dataset(rows=8, cols=8)
+    for kw in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+               "SamplesPerPixel", "PhotometricInterpretation", "PixelSpacing", "ImagerPixelSpacing",
+               "PatientOrientation", "Laterality", "BodyPartExamined"):
+        if kw in ds:
+            del ds[kw]
+    ds.Modality = modality
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    return ds

@@ -14,7 +14,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Ex
 from dicom_node.engine.pixels import (OUTPUT_MAX, Radiograph, decode_dataset, normalize, output_window,
                                       read_dicom, read_image_file, to_output_pixels)
 from dicom_node.errors import UnsupportedImage, UserError
-from tests.factory import encode_as, make_dataset, phantom, write
+from tests.factory import encode_as, make_dataset, make_non_image, phantom, write
 
 ROWS, COLS = 64, 48
 
@@ -227,10 +227,14 @@ def test_too_large_is_refused_before_decoding():
 
 
 def test_non_image_is_refused():
+    with pytest.raises(UnsupportedImage, match="not an image: SR object has no Pixel Data"):
+        decode_dataset(make_non_image())
+
+
+def test_image_header_without_pixel_data_is_corrupt():
     ds = make_dataset(rows=8, cols=8)
     del ds.PixelData
-    ds.Modality = "SR"
-    with pytest.raises(UnsupportedImage, match="not an image"):
+    with pytest.raises(UnsupportedImage, match="corrupt image: Pixel Data is missing"):
         decode_dataset(ds)
 
 
@@ -256,6 +260,17 @@ def test_truncated_pixel_data_is_refused_with_one_line(tmp_path, syntax):
         read_dicom(path)
     message = str(err.value)
     assert message.startswith(f"{path}: corrupt pixel data") and "\n" not in message
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEGLSLossless, RLELossless], ids=lambda s: s.name)
+def test_file_cut_inside_pixel_data_is_corrupt_not_a_non_image(tmp_path, syntax):
+    path = write(encode_as(make_dataset(phantom(ROWS, COLS, 12), bits_stored=12), syntax), tmp_path / "x.dcm")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) * 9 // 10])
+    with pytest.raises(UserError, match="corrupt") as err:
+        read_dicom(path)
+    assert "not an image" not in str(err.value)
 
 
 def test_non_dicom_and_truncated_files_are_user_errors(tmp_path):

@@ -12,7 +12,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from dicom_node.cli import main
 from dicom_node.engine.model_file import bundled_model_path
 from dicom_node.engine.secondary_capture import derived_uid
-from tests.factory import PATIENT_ID, PATIENT_NAME, encode_as, make_dataset, phantom, write
+from tests.factory import PATIENT_ID, PATIENT_NAME, encode_as, make_dataset, make_non_image, phantom, write
 from tests.test_secondary_capture import dciodvfy_errors
 
 
@@ -23,10 +23,7 @@ def _image(path, seed=0, **kwargs):
 
 
 def _sr_without_pixels(path):
-    ds = make_dataset(rows=8, cols=8)
-    del ds.PixelData
-    ds.Modality = "SR"
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds = make_non_image()
     write(ds, path)
     return ds
 
