@@ -35,7 +35,7 @@ import numpy as np
 
 from dicom_node.errors import UserError
 
-__all__ = ["DATA_RANGE", "psnr", "ssim", "seam_energy", "find_pairs", "panel", "evaluate_model"]
+__all__ = ["DATA_RANGE", "psnr", "ssim", "seam_energy", "find_pairs", "panel", "preview", "evaluate_model"]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,21 @@ def panel(inp: np.ndarray, out: np.ndarray, target: np.ndarray, max_side: int = 
     return canvas
 
 
+def preview(inp: np.ndarray, out: np.ndarray, max_side: int = 320):
+    """A small PIL image: input | output (for the README), model space shown black..white."""
+    from PIL import Image
+
+    h, w = inp.shape
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    views = [Image.fromarray(_to_u8(v)).resize(size, Image.LANCZOS) for v in (inp, out)]
+    gap = 4
+    canvas = Image.new("L", (2 * size[0] + gap, size[1]), 255)
+    for i, v in enumerate(views):
+        canvas.paste(v, (i * (size[0] + gap), 0))
+    return canvas
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def _effective_tile(model: Any, shape: tuple[int, int], tile: int | None, device: str | None) -> int:
@@ -183,8 +198,11 @@ def _finite(v: float) -> float | None:
 
 def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str | Path, *, tile: int | None = None,
                    device: str | None = None, limit: int | None = None, direction: str | None = None,
-                   panels: bool = True) -> dict[str, Any]:
-    """Translate every held-out input, compare with its target; write metrics.json and panels."""
+                   panels: bool = True, preview_path: str | Path | None = None) -> dict[str, Any]:
+    """Translate every held-out input, compare with its target; write metrics.json and panels.
+
+    ``preview_path``: also write input | output of the first pair there (small PNG).
+    """
     from dicom_node.engine import load_style_model, translate
     from dicom_node.engine.pixels import normalize, read_dicom
 
@@ -217,6 +235,9 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         row = {"name": name, "shape": list(x.shape), "psnr": psnr(y, t), "ssim": ssim(y, t),
                "identity_psnr": psnr(x, t), "identity_ssim": ssim(x, t), "tile": eff, "seconds": round(dt, 3)}
         rows.append(row)
+        if preview_path is not None and len(rows) == 1:
+            Path(preview_path).parent.mkdir(parents=True, exist_ok=True)
+            preview(x, y).save(preview_path, optimize=True)
         if panels:
             panel(x, y, t).save(out / "panels" / (Path(name).with_suffix("").as_posix().replace("/", "_") + ".png"))
         log.info("%s: psnr %.2f dB (identity %.2f), ssim %.4f (identity %.4f), %.2f s", name, row["psnr"],

@@ -67,7 +67,8 @@ def test_seam_energy_finds_tile_steps() -> None:
 
 def test_identity_model_output_equals_input(pairs_dir: Path, identity_model: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(identity_model), str(pairs_dir), "--out", str(out), "--tile", "64"]) == 0
+    assert main(["evaluate", "--model", str(identity_model), str(pairs_dir), "--out", str(out), "--tile", "64",
+                 "--preview", str(out / "preview.png")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("psnr", "ssim", "identity_psnr", "identity_ssim", "seam_ratio"):
         assert key in line
@@ -86,6 +87,8 @@ def test_identity_model_output_equals_input(pairs_dir: Path, identity_model: Pat
     # input and output panes are identical; the |difference| pane is not empty (output != target).
     assert np.array_equal(arr[:, :SIZE], arr[:, SIZE + 4:2 * SIZE + 4])
     assert arr[:, 3 * (SIZE + 4):].max() > 0
+    with Image.open(out / "preview.png") as im:
+        assert im.size == (2 * SIZE + 4, SIZE)
 
 
 def test_identity_direction_b_to_a_and_self_target(pairs_dir: Path, identity_model: Path, tmp_path: Path,

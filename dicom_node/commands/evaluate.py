@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--direction", default=None,
                    help="'A->B' or 'B->A' (default: the model's metadata, else A->B)")
     p.add_argument("--no-panels", action="store_true", help="skip the PNG panels")
+    p.add_argument("--preview", metavar="PNG", help="also write a small input | output picture of the first pair")
     p.set_defaults(func=run)
 
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.tile < 0:
         raise UserError("--tile must be >= 0")
     summary = evaluate_model(args.model, args.pairs_dir, args.out, tile=args.tile, device=args.device,
-                             limit=args.limit, direction=args.direction, panels=not args.no_panels)
+                             limit=args.limit, direction=args.direction, panels=not args.no_panels,
+                             preview_path=args.preview)
     print(json.dumps(summary))
     return 0
