@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -434,3 +436,11 @@ def test_mixed_study_to_uncompressed_only_storescp_is_decoded(mixed_study, tmp_p
         assert got.file_meta.TransferSyntaxUID in UNCOMPRESSED, inst.label
         if "PixelData" in got:
             assert np.array_equal(got.pixel_array, pydicom.dcmread(inst.path).pixel_array), inst.label
+
+
+@given(st.text(max_size=80) | st.from_regex(r"[0-9.]{1,70}", fullmatch=True))
+@settings(max_examples=300, deadline=None)
+def test_valid_uid_is_always_a_plain_file_name(text):
+    if valid_uid(text):
+        assert "/" not in text and "\\x00" not in text and text not in (".", "..")
+        assert len(text) <= 64 and Path(text).name == text and not Path(text).is_absolute()
