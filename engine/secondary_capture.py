@@ -228,6 +228,12 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
         sc.Laterality = _laterality(source)  # Type 2C: present for paired/unknown parts; empty = unknown
     sc.PatientOrientation = copy.deepcopy(source.PatientOrientation) if "PatientOrientation" in source else None
 
+    # SC Equipment: made by software on a workstation, not captured from a digital interface.
+    sc.ConversionType = "WSD"
+    sc.SecondaryCaptureDeviceManufacturer = "dicom-node"
+    sc.SecondaryCaptureDeviceManufacturerModelName = "dicom-node"
+    sc.SecondaryCaptureDeviceSoftwareVersions = _text(__version__)
+
     # Image: derived, with its provenance.
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (f"Image style translated by dicom-node {__version__} with style model "

@@ -204,3 +204,15 @@ def test_long_model_name_with_backslash_still_valid(tmp_path):
     out = tmp_path / "sc.dcm"
     sc.save_as(out, enforce_file_format=True)
     assert dciodvfy_errors(out) == []
+
+
+def test_model_output_window_metadata_sets_the_sc_window(tiny_model):
+    """A model whose target style is usually shown narrower records output.window (model space)."""
+    from dataclasses import replace
+
+    model = replace(tiny_model, metadata={**tiny_model.metadata, "output": {"window": [-0.5, 0.5]}})
+    sc = translate_dataset(model, _source())
+    center, width = float(sc.WindowCenter), float(sc.WindowWidth)
+    black, white = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    np.testing.assert_allclose([black, white], [0.25 * 65535, 0.75 * 65535], atol=1)
+    assert (center, width) != output_window()
