@@ -8,6 +8,7 @@ whose certificate it cannot verify.
 from __future__ import annotations
 
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from dicom_node.destinations import deliver
 from dicom_node.errors import UserError
 from dicom_node.tls import client_context, server_context
 from tests.certs import PKI, make_pki
+from tests.conftest import require_tool
 from tests.factory import CR_STORAGE, make_dataset, write
 
 
@@ -128,3 +130,54 @@ def test_bad_files_are_user_errors(pki, tmp_path):
         server_context(TLSSettings(cert=pki.server_cert, key=pki.client_key))  # key of another cert
     with pytest.raises(UserError):
         server_context(TLSSettings(cert=pki.server_cert, key=pki.server_key, require_client_cert=True))
+
+
+# ----------------------------------------------------------- dcmtk as the other side (interop)
+
+
+@pytest.mark.interop
+def test_dcmtk_echoscu_against_our_server_context(pki, mtls_server):
+    """dcmtk (OpenSSL, BCP 195 profile) talks to our listener context; without a
+    client certificate it is refused."""
+    port, _ = mtls_server
+    exe = require_tool("echoscu")
+    base = [exe, "-aec", "TLS_SCP", "-to", "5", "-ta", "5", "-td", "5"]
+    with_cert = subprocess.run(base + ["+tls", str(pki.client_key), str(pki.client_cert), "-pw", "+cf", str(pki.ca),
+                                       "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30)
+    assert with_cert.returncode == 0, with_cert.stderr
+    anonymous = subprocess.run(base + ["+tla", "+cf", str(pki.ca), "127.0.0.1", str(port)],
+                               capture_output=True, text=True, timeout=30)
+    assert anonymous.returncode != 0
+
+
+@pytest.mark.interop
+def test_tls_destination_to_dcmtk_storescp(pki, tmp_path):
+    """Our client context delivers to dcmtk storescp over TLS; without a client certificate,
+    or not trusting the server's CA, it does not."""
+    from tests.peers import free_port, wait_for_port
+
+    exe = require_tool("storescp")
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([exe, "-aet", "SCP", "-od", str(out), "+tls", str(pki.server_key), str(pki.server_cert),
+                             "-pw", "+cf", str(pki.ca), "-rc", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=proc)
+        path = Path(write(make_dataset(rows=16, cols=16), tmp_path / "a.dcm"))
+
+        def send(tls: TLSSettings):
+            dest = DestinationSettings(name="scp", type="dicom", ae_title="SCP", host="127.0.0.1", port=port,
+                                       tls=tls, timeout=5)
+            return deliver(dest, [path], calling_ae="NODE")[0]
+
+        assert send(TLSSettings(cert=pki.client_cert, key=pki.client_key, ca=pki.ca)).ok
+        assert len(list(out.iterdir())) == 1
+        assert not send(TLSSettings(ca=pki.ca)).ok  # storescp -rc requires a client certificate
+        untrusted = send(TLSSettings(cert=pki.client_cert, key=pki.client_key, ca=pki.rogue_ca))
+        assert not untrusted.ok and "TLS handshake" in untrusted.error
+        assert len(list(out.iterdir())) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
