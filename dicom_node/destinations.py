@@ -91,7 +91,7 @@ def deliver_dicom(
             items.append(item_or_error)
 
     for batch in _batches(items):
-        for item, result in zip(batch, _send_batch(dest, batch, calling_ae, timeout)):
+        for item, result in zip(batch, _send_batch(dest, batch, calling_ae, timeout), strict=True):
             results[item.index] = result
     return [r for r in results if r is not None]
 

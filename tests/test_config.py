@@ -122,7 +122,8 @@ CASES = [
     (["destinations", "pacs", "type"], _DELETE, "destinations.pacs.type: required key missing"),
     (["destinations", "pacs", "port"], _DELETE, "destinations.pacs.port: required key missing"),
     (["destinations", "pacs", "port"], -5, "destinations.pacs.port: must be 1..65535"),
-    (["destinations", "pacs", "ae_title"], "PA\\CS", "destinations.pacs.ae_title: AE title 'PA\\\\CS' contains a backslash"),
+    (["destinations", "pacs", "ae_title"], "PA\\CS",
+     "destinations.pacs.ae_title: AE title 'PA\\\\CS' contains a backslash"),
     (["destinations", "pacs", "path"], "/x", "destinations.pacs.path: unknown key"),
     (["destinations", "pacs", "timeout"], 0, "destinations.pacs.timeout: must be > 0"),
     (["destinations", "pacs", "tls"], {"ca": "missing-ca.pem"}, "destinations.pacs.tls.ca: file not found: "),
@@ -153,7 +154,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("path,value,expected", CASES, ids=[c[2].split(":")[0] + "-" + str(i) for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("path,value,expected", CASES,
+                         ids=[c[2].split(":")[0] + "-" + str(i) for i, c in enumerate(CASES)])
 def test_each_problem_is_reported_with_its_path(base, path, value, expected):
     raw = valid_raw()
     _set(raw, path, value)

@@ -112,7 +112,7 @@ def test_delivers_every_file_in_order(scps, tmp_path):
     assert all(r.ok and r.status == 0 and r.error is None for r in results)
     sent = [pydicom.dcmread(f) for f in files]
     assert [uid for uid, _, _ in scp.received] == [ds.SOPInstanceUID for ds in sent]
-    for (_, _, got), ds in zip(scp.received, sent):
+    for (_, _, got), ds in zip(scp.received, sent, strict=True):
         assert np.array_equal(got.pixel_array, ds.pixel_array)
 
 
