@@ -176,25 +176,69 @@ def _decode_stored(ds: Dataset) -> np.ndarray:
 # ISO 10918 (JPEG) and JPEG-LS streams end with the EOI marker. libjpeg and CharLS decode a
 # truncated stream without an error (measured: a stream cut at 90 % decodes, grey below the
 # cut), so a missing EOI is the only reliable sign of truncation for these syntaxes.
-_EOI_SYNTAXES = {
+_JPEG_SYNTAXES = {
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
     "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
 }
+_J2K_SYNTAXES = {
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
+}
+# Start-of-frame markers: ISO 10918 SOF0..SOF15 (not DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55.
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
 
 
-def _check_stream_end(ds: Dataset) -> None:
-    """Refuse JPEG/JPEG-LS pixel data whose stream does not end with EOI (truncated)."""
+def _jpeg_size(stream: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG / JPEG-LS frame header, None when not found."""
+    i = 2 if stream[:2] == b"\xff\xd8" else -1
+    while 0 <= i < len(stream) - 8:
+        if stream[i] != 0xFF:
+            return None
+        marker = stream[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(stream[i + 2:i + 4], "big")
+        if marker in _SOF_MARKERS:
+            return int.from_bytes(stream[i + 5:i + 7], "big"), int.from_bytes(stream[i + 7:i + 9], "big")
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _j2k_size(stream: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG 2000 SIZ marker segment (raw codestream or JP2)."""
+    i = stream.find(b"\xff\x4f\xff\x51")
+    if i < 0 or len(stream) < i + 24:
+        return None
+    x, y, x0, y0 = (int.from_bytes(stream[i + 8 + 4 * k:i + 12 + 4 * k], "big") for k in range(4))
+    return y - y0, x - x0
+
+
+def _check_stream(ds: Dataset) -> None:
+    """Before decoding: the compressed frame must match the header and (JPEG) be complete.
+
+    A frame whose own size differs from Rows x Columns is refused without decoding it, so
+    a small header over a huge stream cannot make a decoder allocate gigabytes.
+    """
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    if ts not in _EOI_SYNTAXES:
+    if ts not in _JPEG_SYNTAXES and ts not in _J2K_SYNTAXES:
         return
     from pydicom.encaps import generate_frames
 
     try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        frame = bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
     except Exception as exc:  # noqa: BLE001 - broken encapsulation
         raise UnsupportedImage(f"corrupt pixel data: {_first_line(exc)}") from None
+    size = _jpeg_size(frame) if ts in _JPEG_SYNTAXES else _j2k_size(frame)
+    expected = (int(ds.Rows), int(ds.Columns))
+    # JPEG allows height 0 in the frame header (defined later by a DNL marker).
+    if size is not None and size != expected and not (ts in _JPEG_SYNTAXES and size[0] == 0):
+        raise UnsupportedImage(f"corrupt pixel data: the compressed frame is {size[0]}x{size[1]}, "
+                               f"the header says {expected[0]}x{expected[1]}")
     # Encapsulation pads odd lengths with one 0x00; tolerate a few bytes of trailing padding.
-    if b"\xff\xd9" not in bytes(frame[-16:]):
+    if ts in _JPEG_SYNTAXES and b"\xff\xd9" not in frame[-16:]:
         raise UnsupportedImage("corrupt pixel data: the compressed stream is truncated (no end-of-image marker)")
 
 
@@ -205,7 +249,7 @@ def decode_dataset(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radi
     or corrupt pixel data, or a transfer syntax no installed decoder handles.
     """
     _check_decodable(ds, max_pixels)
-    _check_stream_end(ds)
+    _check_stream(ds)
     try:
         stored = _decode_stored(ds)
     except NotImplementedError as exc:  # no decoder plugin for this transfer syntax

@@ -273,6 +273,15 @@ def test_file_cut_inside_pixel_data_is_corrupt_not_a_non_image(tmp_path, syntax)
     assert "not an image" not in str(err.value)
 
 
+@pytest.mark.parametrize("syntax", [JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless], ids=lambda s: s.name)
+def test_compressed_frame_larger_than_the_header_is_refused_before_decoding(syntax):
+    """A small Rows x Columns over a bigger stream: refused from the stream header, no decode."""
+    ds = encode_as(make_dataset(phantom(ROWS, COLS, 12), bits_stored=12), syntax)
+    ds.Rows = ROWS // 2
+    with pytest.raises(UnsupportedImage, match=f"compressed frame is {ROWS}x{COLS}, the header says {ROWS // 2}x"):
+        decode_dataset(ds)
+
+
 def test_non_dicom_and_truncated_files_are_user_errors(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a radiograph\n")
