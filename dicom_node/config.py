@@ -17,7 +17,7 @@ from dicom_node.errors import UserError
 __all__ = [
     "ConfigError", "TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings",
     "DestinationSettings", "RouteSettings", "RetrySettings", "NodeConfig", "load_config",
-    "parse_config", "default_config",
+    "parse_config", "default_config", "ae_title_problem", "style_model_file_problem", "STYLE_MODEL_FORMAT",
 ]
 
 
