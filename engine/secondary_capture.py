@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import __version__
 
@@ -271,7 +271,3 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     sc.VOILUTFunction = "LINEAR"
     return sc
 
-
-def output_uid_is_valid(uid: str) -> bool:
-    """True for a syntactically valid UID, as used for output file names."""
-    return UID(uid).is_valid

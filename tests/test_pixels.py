@@ -1,7 +1,6 @@
 """The pixel pipeline: every common transfer syntax, Modality LUT, polarity, padding, refusals."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pydicom
