@@ -183,6 +183,30 @@ def test_explicit_file_goes_implicit_to_implicit_only_peer(scps, tmp_path):
     assert scp.received[0][1] == ImplicitVRLittleEndian
 
 
+def test_more_sop_classes_than_one_association_can_negotiate(scps, tmp_path):
+    """65 SOP classes, each compressed: 130 presentation contexts > 128, so two associations."""
+    from pynetdicom import StoragePresentationContexts
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import uid_to_service_class
+
+    sop_classes = [cx.abstract_syntax for cx in StoragePresentationContexts
+                   if uid_to_service_class(cx.abstract_syntax) is StorageServiceClass][:65]
+    assert len(sop_classes) == 65
+    scp = scps({sop: [RLELossless, ExplicitVRLittleEndian] for sop in sop_classes})
+    associations = []
+    scp.server.bind(evt.EVT_ACCEPTED, lambda event: associations.append(event.assoc))
+    files = []
+    for i, sop in enumerate(sop_classes):
+        ds = make_dataset(rows=8, cols=8, sop_class=sop, seed=i)
+        ds.compress(RLELossless)
+        files.append(Path(write(ds, tmp_path / f"{i}.dcm")))
+    results = deliver(scp.dest(), files, calling_ae="NODE")
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    assert [r.path for r in results] == files
+    assert len(scp.received) == 65 and {ts for _, ts, _ in scp.received} == {RLELossless}
+    assert len(associations) == 2
+
+
 def test_refused_sop_class_fails_only_that_file(scps, tmp_path):
     scp = scps({CTImageStorage: UNCOMPRESSED})
     cr = _files(tmp_path, 1)
