@@ -23,9 +23,15 @@ from .secondary_capture import make_secondary_capture
 if TYPE_CHECKING:
     from .model_file import StyleModel
 
-__all__ = ["translate_dataset", "translate_file", "Translation", "translate_radiograph", "model_output_window"]
+__all__ = ["translate_dataset", "translate_file", "Translation", "translate_radiograph", "model_output_window",
+           "ModelOutputError"]
 
 _UID_FILENAME = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class ModelOutputError(RuntimeError):
+    """The generator returned something that is not an image (NaN/inf, wrong shape): a bug or a
+    broken model file, never a property of the input, so it is not an UnsupportedImage."""
 
 
 @dataclass
@@ -51,6 +57,10 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
 
     x = normalize(img, model.normalization)
     y = translate(model, x, tile=tile, overlap=overlap, device=device)
+    if y.shape != x.shape or not np.isfinite(y).all():
+        # A broken model (NaN weights, fp16 overflow) must fail loudly, never ship a black image.
+        raise ModelOutputError(f"style model {model.name!r} produced "
+                               f"{'a wrong shape' if y.shape != x.shape else 'non-finite values'}")
     out = to_output_pixels(y)
     if img.valid is not None:
         out[~img.valid] = 0

@@ -216,3 +216,18 @@ def test_model_output_window_metadata_sets_the_sc_window(tiny_model):
     black, white = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
     np.testing.assert_allclose([black, white], [0.25 * 65535, 0.75 * 65535], atol=1)
     assert (center, width) != output_window()
+
+
+def test_a_model_producing_nan_fails_loudly(tiny_model):
+    """Never an all-black SC from a broken model: an error the node records as a failure."""
+    import copy
+
+    import torch
+
+    from dicom_node.engine.pipeline import ModelOutputError
+
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(broken.generator.parameters()).fill_(float("nan"))
+    with pytest.raises(ModelOutputError, match="non-finite"):
+        translate_dataset(broken, _source())
