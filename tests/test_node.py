@@ -365,3 +365,29 @@ def test_compressed_transfer_syntaxes_accepted_and_translated(tmp_path, tiny_mod
         assert spooled == {str(encoded[0].SOPInstanceUID): JPEGLSLossless, str(encoded[1].SOPInstanceUID): RLELossless}
         assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 30)
     assert len(folder_uids(tmp_path / "outbox")) == 2
+
+
+def test_embedded_default_config_end_to_end(tmp_path, monkeypatch, caplog):
+    """`dicom-node serve` without a config: DEFAULT_STYLE -> model 'default' -> ./outbox.
+
+    Uses the bundled model when installed; otherwise the node generates an untrained one
+    and says so in a warning (both paths end in an SC in ./outbox).
+    """
+    import logging
+
+    from dicom_node.config import load_config
+    from dicom_node.engine.model_file import bundled_model_path
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None)
+    config.node.port = 0  # the embedded 11112 may be taken by another test run
+    config.study_stable_seconds = 0.2
+    config.storage.min_free_bytes = 0
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    with Node(config) as node:
+        ds = study(1)[0]
+        assert send(node.port, [ds], called="DEFAULT_STYLE") == [0]
+        assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 60)
+    assert (tmp_path / "spool" / "state.db").is_file()
+    untrained_warning = any("UNTRAINED" in r.getMessage() for r in caplog.records)
+    assert untrained_warning == (not bundled_model_path("default").exists())
