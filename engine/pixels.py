@@ -342,28 +342,36 @@ def read_image_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PI
     return read_dicom(p, max_pixels=max_pixels)[1]
 
 
+_GRAY_MODES = ("L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F", "1")
+
+
 def _read_raster(p: Path, max_pixels: int) -> Radiograph:
+    """PNG/TIFF grayscale; RGB(A) only when the three channels are equal (a grey export)."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, before loading the pixels
     try:
         with Image.open(p) as im:
-            w, h = im.size
+            w, h = im.size  # header only: the size check comes before loading any pixels
             if w * h > max_pixels:
                 raise UnsupportedImage(f"{p}: image too large: {h}x{w} = {h * w} pixels > limit {max_pixels}")
             if getattr(im, "n_frames", 1) > 1:
                 raise UnsupportedImage(f"{p}: multi-page images are not supported")
-            if im.mode not in ("L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F", "1", "LA"):
-                raise UnsupportedImage(f"{p}: colour images are not supported (mode {im.mode})")
             if im.mode == "LA":
                 im = im.getchannel("L")
+            if im.mode not in _GRAY_MODES + ("RGB", "RGBA"):
+                raise UnsupportedImage(f"{p}: colour images are not supported (mode {im.mode})")
             arr = np.asarray(im)
     except UnsupportedImage:
         raise
+    except Image.DecompressionBombError:
+        raise UnsupportedImage(f"{p}: image too large for the image library's safety limit") from None
     except Exception as exc:  # noqa: BLE001 - pillow raises many types for broken files
         raise UserError(f"{p}: corrupt image file ({_first_line(exc)})") from None
-    if arr.ndim != 2:
-        raise UnsupportedImage(f"{p}: colour images are not supported")
+    if arr.ndim == 3:
+        rgb = arr[..., :3]
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
+            raise UnsupportedImage(f"{p}: colour images are not supported")
+        arr = rgb[..., 0]
     return Radiograph(pixels=np.ascontiguousarray(arr, dtype=np.float32), valid=None)
 
 

@@ -317,12 +317,29 @@ def test_read_image_file_reads_dicom_by_content(tmp_path):
     np.testing.assert_array_equal(read_image_file(path).pixels, px.astype(np.float32))
 
 
-def test_read_image_file_refuses_colour_png(tmp_path):
+def test_read_image_file_refuses_colour_png_but_reads_grey_rgb(tmp_path):
     from PIL import Image
 
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[2, 3] = (10, 20, 30)
     path = tmp_path / "colour.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    Image.fromarray(colour).save(path)
     with pytest.raises(UnsupportedImage, match="colour"):
+        read_image_file(path)
+    grey = phantom(ROWS, COLS, 8).astype(np.uint8)
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(path)  # viewers often export grey as RGB
+    np.testing.assert_array_equal(read_image_file(path).pixels, grey.astype(np.float32))
+
+
+def test_read_image_file_size_limit_and_corrupt_png(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "x.png"
+    Image.fromarray(phantom(ROWS, COLS, 8).astype(np.uint8)).save(path)
+    with pytest.raises(UnsupportedImage, match="too large"):
+        read_image_file(path, max_pixels=ROWS * COLS - 1)
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(UserError, match="corrupt image file"):
         read_image_file(path)
 
 
