@@ -1,10 +1,11 @@
 """The pixel pipeline: every common transfer syntax, Modality LUT, polarity, padding, refusals."""
 from __future__ import annotations
 
-
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
@@ -373,3 +374,26 @@ def test_streams_from_dcmtk_encoders_decode(tmp_path, cmd, bits, lossless):
         # so compare what the model sees: the percentile normalisation absorbs gain/offset.
         model_input = normalize(img)
         assert np.abs(model_input - normalize(Radiograph(px.astype(np.float32)))).mean() < 0.03
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 16), signed=st.booleans(), slope=st.sampled_from([1.0, 0.5, 2.0, 1.25]),
+       intercept=st.integers(-3000, 3000), seed=st.integers(0, 2**16))
+def test_property_decoding_and_monochrome1_twin(bits, signed, slope, intercept, seed):
+    """Any BitsStored/signedness/rescale: exact stored values, and the MONOCHROME1 twin's model
+    input equals the MONOCHROME2 one (to float32 rounding for non-integer slopes)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    values = rng.integers(lo, hi + 1, size=(9, 7))
+    garbage = rng.integers(0, 1 << 16, size=values.shape) & ~((1 << bits) - 1) & 0xFFFF
+    twins = []
+    for photometric, v in (("MONOCHROME2", values), ("MONOCHROME1", lo + hi - values)):
+        ds = make_dataset(np.zeros(values.shape, np.uint16), bits_stored=bits, photometric=photometric)
+        ds.PixelRepresentation = int(signed)
+        ds.PixelData = ((v.astype(np.int64) & ((1 << bits) - 1)) | garbage).astype(np.uint16).tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        twins.append(decode_dataset(ds))
+    mono2, mono1 = twins
+    np.testing.assert_allclose(mono2.pixels, values * slope + intercept, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(mono1.pixels, mono2.pixels, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(normalize(mono1), normalize(mono2), rtol=0, atol=1e-5)
