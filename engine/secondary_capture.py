@@ -22,10 +22,12 @@ from dicom_node import __version__
 if TYPE_CHECKING:
     from .model_file import StyleModel
 
-__all__ = ["derived_uid", "make_secondary_capture", "SERIES_NUMBER_OFFSET"]
+__all__ = ["derived_uid", "make_secondary_capture", "SERIES_NUMBER_OFFSET", "DERIVATION_CODE"]
 
 # A name-based (SHA-1, RFC 4122 version 5) UUID namespace for dicom-node output UIDs.
 _UID_NAMESPACE = uuid.UUID("6f1c2d4e-3b7a-5c8d-9e0f-a1b2c3d4e5f6")
+# Derivation code (value, private coding scheme, meaning) for "image style translation".
+DERIVATION_CODE = ("STYLE", "99DCMNODE", "Image style translation")
 # Output series number = source series number + this (deterministic, clearly "derived").
 SERIES_NUMBER_OFFSET = 1000
 
@@ -240,6 +242,13 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
                                 f"'{model.name}' version {model.version} "
                                 f"(direction {model.metadata.get('direction', '?')}, "
                                 f"sha256 {str(model.metadata.get('sha256', ''))[:16]})")[:1024]
+    # CID 7203 (Image Derivation, extensible) has no code for a style translation; a private
+    # coding scheme (99...) is what the standard provides for that (dciodvfy: a warning only).
+    derivation = Dataset()
+    derivation.CodeValue = DERIVATION_CODE[0]
+    derivation.CodingSchemeDesignator = DERIVATION_CODE[1]
+    derivation.CodeMeaning = DERIVATION_CODE[2]
+    sc.DerivationCodeSequence = Sequence([derivation])
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID

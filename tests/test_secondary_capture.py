@@ -56,6 +56,8 @@ def test_sc_carries_patient_study_provenance_and_window(tiny_model, tmp_path):
     assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
     assert tiny_model.name in sc.SeriesDescription and "PA" in sc.SeriesDescription
     assert "dicom-node" in sc.DerivationDescription and tiny_model.name in sc.DerivationDescription
+    code = sc.DerivationCodeSequence[0]
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("STYLE", "99DCMNODE")
     ref = sc.SourceImageSequence[0]
     assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (src.SOPClassUID, src.SOPInstanceUID)
     equipment = sc.ContributingEquipmentSequence[0]
