@@ -57,6 +57,10 @@ _COPIED_KEYWORDS = (
     "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
     # Series/image attributes that still describe the translated image
     "BodyPartExamined", "PatientPosition", "BurnedInAnnotation", "RecognizableVisualFeatures",
+    "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime",
+    # Not in the SC IOD (dciodvfy: a warning, "standard extended"), but chest hanging
+    # protocols sort PA/AP/LAT by it, so a radiologist's layout keeps working.
+    "ViewPosition",
 )
 # Body Part Examined values that are not paired structures: there Laterality (Type 2C) must be
 # absent, elsewhere present (empty when unknown). This is exactly the set dciodvfy enforces

@@ -43,13 +43,15 @@ def test_sc_carries_patient_study_provenance_and_window(tiny_model, tmp_path):
     src.StudyDescription = "XR CHEST PA"
     src.SeriesDescription = "PA"
     src.PatientAge = "056Y"
+    src.AcquisitionDate, src.AcquisitionTime, src.ViewPosition = "20260101", "120102", "PA"
     sc = translate_dataset(tiny_model, src)
 
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
     assert sc.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
                "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-               "SpecificCharacterSet", "BodyPartExamined", "Modality"):
+               "SpecificCharacterSet", "BodyPartExamined", "Modality", "AcquisitionDate", "AcquisitionTime",
+               "ViewPosition"):
         assert sc[kw].value == src[kw].value, kw
     assert sc.SeriesInstanceUID == derived_uid(src.SeriesInstanceUID, tiny_model.identity)
     assert sc.SOPInstanceUID == derived_uid(src.SOPInstanceUID, tiny_model.identity)
