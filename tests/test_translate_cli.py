@@ -136,3 +136,16 @@ def test_real_entry_point_exit_code(tiny_model_path, tmp_path):
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"{corrupt}: not a DICOM file"]
+
+
+def test_monochrome1_and_its_monochrome2_twin_give_the_same_output_pixels(tiny_model_path, tmp_path, capsys):
+    v2 = phantom(40, 32, 12, seed=4)
+    (tmp_path / "in").mkdir()
+    write(make_dataset(v2), tmp_path / "in" / "m2.dcm")
+    write(make_dataset(4095 - v2, photometric="MONOCHROME1"), tmp_path / "in" / "m1.dcm")
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(tiny_model_path), "-o", str(out), str(tmp_path / "in")]) == 0
+    a, b = (pydicom.dcmread(p) for p in sorted(out.iterdir()))
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+    assert a.PhotometricInterpretation == b.PhotometricInterpretation == "MONOCHROME2"
+    np.testing.assert_array_equal(a.pixel_array, b.pixel_array)
