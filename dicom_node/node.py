@@ -58,7 +58,7 @@ class Node:
         for i in range(max(1, int(self.config.workers))):
             self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
                                             self._stop, self._deliver_wake, f"translator-{i}", claims))
-        self._threads.append(Deliverer(self.config, self.db, self._deliver_wake, self._stop))
+        self._threads.append(Deliverer(self.config, self.spool, self.db, self._deliver_wake, self._stop))
         for t in self._threads:
             t.start()
         self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._translate_wake.set)

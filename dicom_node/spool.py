@@ -12,6 +12,9 @@ Layout::
     <spool>/tmp/                partial writes; emptied at start
     <spool>/in/<AE>/<sop>.dcm   received originals, by called AE and SOP Instance UID
     <spool>/out/<id>/<sop>.dcm  translated outputs of instance row <id>
+
+Files of an instance are removed once it is finished (every delivery succeeded); failed,
+pending and deliberately kept (unmatched, not forwarded) instances keep theirs.
 """
 from __future__ import annotations
 
@@ -76,6 +79,13 @@ class Spool:
 
     def output_dir(self, instance_id: int) -> Path:
         return self.outgoing / str(instance_id)
+
+    def remove_instance_files(self, instance_id: int, original: Path) -> None:
+        """Delete an instance's original and outputs (missing files are fine: idempotent)."""
+        original = Path(original)
+        if original.is_relative_to(self.incoming):  # never delete outside the spool
+            original.unlink(missing_ok=True)
+        shutil.rmtree(self.output_dir(instance_id), ignore_errors=True)
 
     def _mkdirs(self, directory: Path) -> None:
         if not directory.is_dir():

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     updated_at  REAL NOT NULL,
     error       TEXT,
+    purged      INTEGER NOT NULL DEFAULT 0,  -- 1: its spool files were removed after delivery
     UNIQUE (called_ae, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS instances_state ON instances (state, id);
@@ -139,6 +140,9 @@ class StateDB:
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(instances)")}
+            if "purged" not in columns:  # a database from before spool clean-up existed
+                self._conn.execute("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
         try:
             self.path.chmod(0o600)
         except OSError:
@@ -322,6 +326,24 @@ class StateDB:
             new = "failed" if st.get("failed") else "delivered"
             c.execute("UPDATE instances SET state=?, updated_at=? WHERE id=? AND state='translated'",
                       (new, now, iid))
+
+    # -- spool clean-up ----------------------------------------------------------------
+    def finished_unpurged(self, limit: int = 500) -> list[tuple[int, str]]:
+        """(id, original path) of finished instances whose spool files can go.
+
+        Finished: ``delivered``, or ``unmatched``/``unsupported`` whose forwarded original
+        reached every destination.  Instances kept on purpose (not forwarded) and anything
+        failed or pending keep their files.
+        """
+        return [(int(i), str(p)) for i, p in self._query(
+            "SELECT id, path FROM instances i WHERE purged=0 AND (state='delivered' OR "
+            "(state IN ('unmatched','unsupported') AND EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id) "
+            "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id AND d.state!='delivered'))) "
+            "ORDER BY id LIMIT ?", (limit,))]
+
+    def mark_purged(self, instance_ids: Iterable[int]) -> None:
+        with self._tx() as c:
+            c.executemany("UPDATE instances SET purged=1 WHERE id=?", [(int(i),) for i in instance_ids])
 
     # -- operator commands -------------------------------------------------------------
     def retry_failed(self, now: float | None = None) -> tuple[int, int]:

@@ -230,9 +230,28 @@ class Deliverer(_Loop):
 
     BATCH = 50
 
-    def __init__(self, config: NodeConfig, db: StateDB, wake: threading.Event, stop: threading.Event) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, wake: threading.Event,
+                 stop: threading.Event) -> None:
         super().__init__("deliverer", wake, stop)
-        self.config, self.db = config, db
+        self.config, self.spool, self.db = config, spool, db
+
+    def run(self) -> None:
+        self._purge()  # finished before a crash, files not yet removed
+        super().run()
+
+    def _purge(self) -> None:
+        """Remove the spool files of finished instances (the node is a router, not an archive).
+
+        The row stays (marked purged), so a re-sent duplicate is still recognised.  Runs
+        after the state commit; a crash in between leaves files that the next start removes.
+        """
+        while True:
+            rows = self.db.finished_unpurged()
+            if not rows:
+                return
+            for iid, original in rows:
+                self.spool.remove_instance_files(iid, Path(original))
+            self.db.mark_purged(i for i, _ in rows)
 
     def idle_seconds(self) -> float:
         nxt = self.db.next_delivery_time()
@@ -270,6 +289,8 @@ class Deliverer(_Loop):
             outcomes = [(r, res.ok, res.error) for r, res in zip(rows, results)]
             outcomes += [(r, False, "no result") for r in rows[len(results):]]
         ok, retrying, failed = self.db.record_delivery_results(outcomes, retry.max_attempts, retry.delay)
+        if ok:
+            self._purge()
         errors = sorted({e for _, good, e in outcomes if not good and e})
         if retrying or failed:
             log.warning("destination %s: %d delivered, %d to retry, %d failed (%s)", name, ok, retrying, failed,

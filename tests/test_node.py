@@ -69,6 +69,9 @@ def test_whole_path_dicom_and_folder_destinations(tmp_path, tiny_model_path):
         assert refs == src_uids
         # one new series for one source series and one model
         assert len({str(sc.SeriesInstanceUID) for sc in received}) == 1
+        # delivered: the spool keeps no patient data, only the rows (duplicates stay recognised)
+        assert list((tmp_path / "spool" / "in").rglob("*.dcm")) == []
+        assert list((tmp_path / "spool" / "out").rglob("*.dcm")) == []
 
 
 def test_study_waits_for_quiet_period(tmp_path, tiny_model_path):
@@ -355,7 +358,7 @@ def test_compressed_transfer_syntaxes_accepted_and_translated(tmp_path, tiny_mod
 
     sources = study(2)
     encoded = [encode_as(sources[0], JPEGLSLossless), encode_as(sources[1], RLELossless)]
-    node = make_node(tmp_path, tiny_model_path,
+    node = make_node(tmp_path, tiny_model_path, stable=2.0,  # spool files are read before processing
                      destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
                      routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
     with node:

@@ -102,3 +102,19 @@ def test_state_survives_reopen_without_clean_close(tmp_path):
     other.close()
     db2 = StateDB(tmp_path / "state.db")
     assert states(db2) == {"1.1": "received"}
+
+
+def test_finished_instances_are_listed_for_purge_once(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    iid, _ = receive(db, "1.1", now=0.0)
+    kept, _ = receive(db, "1.2", now=0.0, matched=False)  # unmatched, not forwarded: kept on purpose
+    fwd, _ = receive(db, "1.3", now=0.0, matched=False, forward=["pacs"])
+    db.release_stable_studies(1.0, now=5.0)
+    db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm")], now=6.0)
+    assert db.finished_unpurged() == []  # nothing delivered yet
+    for d in db.due_deliveries(now=6.0):
+        db.record_delivery_results([(d, True, None)], 3, lambda a: 1.0, now=6.0)
+    assert sorted(i for i, _ in db.finished_unpurged()) == [iid, fwd]
+    db.mark_purged([iid, fwd])
+    assert db.finished_unpurged() == []
+    assert states(db) == {"1.1": "delivered", "1.2": "unmatched", "1.3": "unmatched"}
