@@ -1,7 +1,7 @@
 """One image through the whole engine: decode -> normalise -> translate -> SC dataset/file.
 
 The node (per received instance) and ``dicom-node translate`` (per file) both call this, so
-they produce byte-for-byte the same pixels and the same UIDs for the same input and model.
+they produce the same pixels and the same UIDs for the same input and model.
 """
 from __future__ import annotations
 

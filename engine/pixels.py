@@ -5,6 +5,10 @@ trainer both use it, so a model sees at inference exactly the intensities it saw
 
 Steps (and why):
 
+0. Refuse before decoding what we cannot handle (colour, multi-frame, no pixels, too many
+   pixels) and compressed frames that are truncated (JPEG/JPEG-LS without EOI: libjpeg and
+   CharLS would decode them silently) or whose own size differs from Rows x Columns (a
+   decoder must never allocate for a size the header did not announce).
 1. Decode the stored values with pydicom (any transfer syntax it has a decoder plugin for).
    pydicom already masks to BitsStored and sign-extends PixelRepresentation 1.
 2. Pixel Padding Value (+ Range Limit) is compared on the *stored* values, as the standard
