@@ -9,7 +9,8 @@ Alternatives are measured in the same run, interleaved step by step (so a busy m
 slows them alike), and reported as ratios:
 
 * ``dicom-node``: the trainer's own step (:class:`dicom_node.train.cyclegan.CycleGAN`),
-* ``dicom-node (contiguous)``: the same without channels_last (``--compare``),
+* ``dicom-node (channels_last)``: the same in NHWC memory format (``--compare``; the trainer
+  uses it on CUDA only, where it pays),
 * ``classic``: the classic implementation's step order re-created with the same networks
   (six separate generator calls, two discriminator calls per discriminator; ``--compare``).
 
@@ -142,11 +143,13 @@ def main() -> int:
         return CycleGAN(ngf=args.ngf, n_blocks=args.blocks, ndf=args.ndf, device=device, amp=amp,
                         channels_last=channels_last, seed=0)
 
-    variants: dict[str, object] = {"dicom-node" + (" bf16" if args.amp else ""): make(True, args.amp)}
+    cl_default = device.type == "cuda"  # the trainer's channels_last "auto"
+    variants: dict[str, object] = {"dicom-node" + (" bf16" if args.amp else ""): make(cl_default, args.amp)}
     if device.type == "cuda" and not args.amp:
-        variants["dicom-node bf16"] = make(True, True)
+        variants["dicom-node bf16"] = make(cl_default, True)
     if args.compare:
-        variants["dicom-node (contiguous)"] = make(False, args.amp)
+        variants["dicom-node (contiguous)" if cl_default else "dicom-node (channels_last)"] = make(
+            not cl_default, args.amp)
         variants["classic"] = ClassicStep(make(False, False))
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, 1, args.patch, args.patch)

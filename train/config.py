@@ -53,7 +53,7 @@ class TrainSettings:
     amp: str = "auto"  # auto: bf16 autocast on CUDA where supported; "bf16"; "off"
     seed: int = 0
     device: str = "auto"
-    channels_last: bool = True
+    channels_last: str = "auto"  # auto: on CUDA only (measured slower on the project's CPU); "on"; "off"
     threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy small machine
 
 
@@ -94,7 +94,8 @@ class TrainConfig:
 
 
 _SECTIONS = {"data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
-_CHOICES = {("train", "amp"): ("auto", "bf16", "off"), ("train", "paired"): ("auto", "on", "off")}
+_CHOICES = {("train", "amp"): ("auto", "bf16", "off"), ("train", "paired"): ("auto", "on", "off"),
+            ("train", "channels_last"): ("auto", "on", "off")}
 _PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}
 _POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("train", "batch_size"),
              ("train", "steps"), ("output", "sample_every"), ("output", "checkpoint_every"),
@@ -192,7 +193,7 @@ def _check_value(section: str, key: str, value: Any, typ: Any, base_dir: Path, w
         return p if p.is_absolute() else (base_dir / p)
     if (section, key) in _CHOICES:
         if value is True:
-            value = "on" if key == "paired" else "bf16"
+            value = "bf16" if key == "amp" else "on"
         if value is False:
             value = "off"
         if value not in _CHOICES[(section, key)]:

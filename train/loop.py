@@ -152,7 +152,9 @@ class _Run:
                          lr=c.train.lr, betas=(c.train.beta1, c.train.beta2), lambda_cycle=c.train.lambda_cycle,
                          lambda_identity=c.train.lambda_identity,
                          lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
-                         device=self.device, amp=amp, channels_last=c.train.channels_last, seed=c.train.seed,
+                         device=self.device, amp=amp, seed=c.train.seed,
+                         channels_last=c.train.channels_last == "on" or (c.train.channels_last == "auto"
+                                                                         and self.device.type == "cuda"),
                          rank=info.rank)
         sampler = PatchSampler(a, b, c.train.patch_size, c.train.batch_size, seed=c.train.seed, rank=info.rank,
                                pairs=pairs if paired else None)
