@@ -113,17 +113,26 @@ def _check_decodable(ds: Dataset, max_pixels: int) -> None:
         raise UnsupportedImage(f"corrupt image: BitsStored {ds.BitsStored} > BitsAllocated {ds.BitsAllocated}")
 
 
+def _as_stored_value(ds: Dataset, value: int) -> int:
+    """A padding value as a (signed) stored value: some writers encode a signed image's Pixel
+    Padding Value with VR US, e.g. 0xF800 for -2048."""
+    bits = int(ds.BitsAllocated)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and value >= 1 << (bits - 1):
+        return value - (1 << bits)
+    return value
+
+
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     """``valid`` mask from Pixel Padding Value (+ Pixel Padding Range Limit), on stored values."""
     ppv = ds.get("PixelPaddingValue")
     if ppv is None or ppv == "" or isinstance(ppv, (bytes, bytearray)):
         return None
-    ppv = int(ppv)
+    ppv = _as_stored_value(ds, int(ppv))
     limit = ds.get("PixelPaddingRangeLimit")
     if limit is None or limit == "" or isinstance(limit, (bytes, bytearray)):
         padded = stored == ppv
     else:
-        lo, hi = sorted((ppv, int(limit)))
+        lo, hi = sorted((ppv, _as_stored_value(ds, int(limit))))
         padded = (stored >= lo) & (stored <= hi)
     if not padded.any():
         return None

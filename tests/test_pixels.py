@@ -119,6 +119,18 @@ def test_signed_rescaled_padded_image():
     assert np.all(x[~expected_valid] == -1.0)
 
 
+def test_signed_padding_value_written_as_unsigned_is_understood(tmp_path):
+    stored = phantom(ROWS, COLS, 11).astype(np.int16) - 1000
+    stored[:2] = -2048
+    ds = make_dataset(np.zeros((ROWS, COLS), np.uint16), bits_stored=12)
+    ds.PixelRepresentation = 1
+    ds.PixelData = (stored.astype(np.uint16) & 0x0FFF).tobytes()
+    ds.add_new("PixelPaddingValue", "US", 0xF800)  # -2048 as a 16-bit two's complement, VR US
+    path = write(ds, tmp_path / "x.dcm")
+    _, img = read_dicom(path)
+    np.testing.assert_array_equal(img.valid, stored != -2048)
+
+
 def test_padding_value_alone_marks_only_that_value():
     px = phantom(ROWS, COLS, 12)
     px[0, :] = 0
