@@ -317,12 +317,32 @@ def _dcmread(path: str | os.PathLike) -> Dataset:
     except Exception as exc:  # noqa: BLE001 - truncated/garbled files raise all sorts
         raise UserError(f"{path}: corrupt DICOM file ({_first_line(exc)})") from None
     try:
-        ds = pydicom.dcmread(str(path), force=True)
-        if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
-            return ds
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # A bare little-endian data set (old devices, some exports) starts with a group 0008
+        # (or 0002) tag; anything else is not worth a forced parse of a possibly huge file.
+        if head[:2] in (b"\x08\x00", b"\x02\x00"):
+            ds = pydicom.dcmread(str(path), force=True)
+            if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
+                _set_transfer_syntax_from_encoding(ds)
+                return ds
     except Exception:  # noqa: BLE001
         pass
     raise UserError(f"{path}: not a DICOM file")
+
+
+def _set_transfer_syntax_from_encoding(ds: Dataset) -> None:
+    """Without file meta, pydicom knows how it parsed the data set but cannot decode pixels."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
+                                      else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _first_line(exc: BaseException, limit: int = 240) -> str:

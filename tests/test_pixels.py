@@ -295,6 +295,19 @@ def test_compressed_frame_larger_than_the_header_is_refused_before_decoding(synt
         decode_dataset(ds)
 
 
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+def test_bare_data_set_without_preamble_or_file_meta_is_read(tmp_path, implicit):
+    """Old devices and some exports write the data set alone (no 'DICM', no group 0002)."""
+    px = phantom(ROWS, COLS, 12)
+    ds = make_dataset(px)
+    del ds.file_meta
+    path = tmp_path / "bare.dcm"
+    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    assert open(path, "rb").read(132)[128:132] != b"DICM"
+    _, img = read_dicom(path)
+    np.testing.assert_array_equal(img.pixels, px.astype(np.float32))
+
+
 def test_non_dicom_and_truncated_files_are_user_errors(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a radiograph\n")
