@@ -94,7 +94,8 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
                 write_cache: bool = True, min_images: int = 1) -> DomainData:
     """Decode (or reuse the cache of) every image under ``folder``.
 
-    ``write_cache=False`` (DDP ranks other than 0) only reads what rank 0 wrote.  Raises
+    ``write_cache=False`` (DDP ranks other than 0) reads what rank 0 wrote and decodes into
+    memory whatever it cannot find there (multi-node without a shared run directory).  Raises
     :class:`UserError` for a missing or empty folder, too few usable images, or a patch size
     larger than every image.
     """
@@ -123,10 +124,9 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
         st = path.stat()
         key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         entry = entries.get(rel)
+        in_memory: tuple[np.ndarray, np.ndarray] | None = None
         if entry is None or entry.get("key") != key or (
                 entry.get("ok") and not (cache / entry["file"]).exists()):
-            if not write_cache:
-                raise UserError(f"training cache of domain {label} is incomplete ({rel}); rank 0 must build it")
             entry = {"key": key, "ok": False}
             try:
                 image, valid = _decode(path, normalization)
@@ -135,9 +135,12 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
                 entry["reason"] = reason[:200]
             else:
                 stem = f"{n:06d}"
-                _save_npy(cache / f"{stem}.npy", image.astype(np.float16))
-                _save_npy(cache / f"{stem}.content.npy", _content_map(image, valid))
                 entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape))
+                if write_cache:
+                    _save_npy(cache / entry["file"], image.astype(np.float16))
+                    _save_npy(cache / entry["content"], _content_map(image, valid))
+                else:  # a rank on another node without rank 0's (shared) run directory
+                    in_memory = (image.astype(np.float16), _content_map(image, valid))
             entries[rel] = entry
             changed = True
         if not entry["ok"]:
@@ -149,11 +152,16 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
         if min(h, w) < patch_size:
             data.skipped_small += 1
             if write_cache:
-                log.warning("domain %s: skipping %s: %dx%d is smaller than the %d px patch", label, rel, h, w, patch_size)
+                log.warning("domain %s: skipping %s: %dx%d is smaller than the %d px patch",
+                            label, rel, h, w, patch_size)
             continue
         data.names.append(str(Path(rel).with_suffix("")))
-        data.arrays.append(np.load(cache / entry["file"], mmap_mode="r"))
-        data.content.append(np.load(cache / entry["content"]))
+        if in_memory is not None:
+            data.arrays.append(in_memory[0])
+            data.content.append(in_memory[1])
+        else:
+            data.arrays.append(np.load(cache / entry["file"], mmap_mode="r"))
+            data.content.append(np.load(cache / entry["content"]))
     if changed and write_cache:
         tmp = index_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(index))
