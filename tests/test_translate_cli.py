@@ -149,3 +149,14 @@ def test_monochrome1_and_its_monochrome2_twin_give_the_same_output_pixels(tiny_m
     assert a.SOPInstanceUID != b.SOPInstanceUID
     assert a.PhotometricInterpretation == b.PhotometricInterpretation == "MONOCHROME2"
     np.testing.assert_array_equal(a.pixel_array, b.pixel_array)
+
+
+def test_output_folder_inside_the_input_folder_is_not_rescanned(tiny_model_path, tmp_path, capsys):
+    study = tmp_path / "study"
+    study.mkdir()
+    _image(study / "a.dcm")
+    args = ["translate", "--model", str(tiny_model_path), "-o", str(study / "out"), str(study)]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "translated 1 of 1 files" in capsys.readouterr().out.splitlines()[-1]
+    assert len(list((study / "out").iterdir())) == 1

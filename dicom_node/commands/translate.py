@@ -57,16 +57,23 @@ def _is_dicomdir(path: Path) -> bool:
     return path.name.upper() == "DICOMDIR" or _MEDIA_STORAGE_DIRECTORY.encode() in head
 
 
-def collect_inputs(inputs: list[str]) -> tuple[list[Path], int]:
-    """Files to translate (explicit files always; folders: DICOM-looking files) + skipped count."""
+def collect_inputs(inputs: list[str], outdir: Path | None = None) -> tuple[list[Path], int]:
+    """Files to translate (explicit files always; folders: DICOM-looking files) + skipped count.
+
+    Files under ``outdir`` are never taken from a folder scan: with ``-o study/out study/`` a
+    second run must not translate its own outputs.
+    """
     from dicom_node.errors import UserError
 
+    out_resolved = outdir.resolve() if outdir is not None else None
     files: list[Path] = []
     skipped = 0
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
             for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                if out_resolved is not None and f.resolve().is_relative_to(out_resolved):
+                    continue
                 if f.name.startswith(".") or not _looks_like_dicom(f) or _is_dicomdir(f):
                     skipped += 1
                     continue
@@ -117,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
         # our one line per bad file instead. -v shows them.
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-    files, skipped = collect_inputs(args.inputs)
+    outdir = Path(args.output)
+    files, skipped = collect_inputs(args.inputs, outdir)
     if not files:
         raise UserError("no DICOM files found in the inputs")
     model = _load_model(args.model)
-    outdir = Path(args.output)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
