@@ -256,7 +256,10 @@ def throughput_phase(work: Path, model: Path, args) -> dict:
             send_files(port, aet, files)
             shutil.rmtree(work / f"warm-{name}")
         for rep in range(args.repeats):
-            for name, (port, aet) in receivers.items():
+            order = list(receivers.items())
+            if rep % 2:  # alternate who goes first, so drift in machine load favours neither
+                order.reverse()
+            for name, (port, aet) in order:
                 folder = work / f"send-{name}-{rep}"
                 files = write_radiographs(folder, args.images, args.rows, args.cols, pixels=pixels)
                 nbytes = sum(f.stat().st_size for f in files)
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=30, help="radiographs per throughput run")
     p.add_argument("--rows", type=int, default=2500)
     p.add_argument("--cols", type=int, default=1400, help="2500x1400x16 bit = 7.0 MB per image")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--latency-images", type=int, default=4)
     p.add_argument("--latency-repeats", type=int, default=3)
     p.add_argument("--stable", type=float, default=2.0, help="study_stable_seconds in the latency phase")
