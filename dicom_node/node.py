@@ -18,11 +18,13 @@ from dicom_node.config import NodeConfig
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateDB
-from dicom_node.worker import Claims, Deliverer, ModelCache, Translator
+from dicom_node.worker import Broadcast, Claims, Deliverer, ModelCache, Translator
 
 __all__ = ["Node"]
 
 log = logging.getLogger("dicom_node.node")
+
+DELIVERY_GRACE = 5.0  # seconds a delivery in progress may take to finish at stop
 
 
 class Node:
@@ -36,7 +38,7 @@ class Node:
         self.address: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._translate_wake = threading.Event()
-        self._deliver_wake = threading.Event()
+        self._deliver_wake: Broadcast = Broadcast([])
         self._threads: list[threading.Thread] = []
 
     @property
@@ -55,10 +57,13 @@ class Node:
                      inst["received"], inst["ready"], inst["translated"], dels["pending"])
         models = ModelCache(self.config, self.spool)
         claims = Claims()
+        deliverers = [Deliverer(self.config, self.spool, self.db, threading.Event(), self._stop, only=name)
+                      for name in [*self.config.destinations, None]]
+        self._deliver_wake = Broadcast([d.wake for d in deliverers])
         for i in range(max(1, int(self.config.workers))):
             self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
                                             self._stop, self._deliver_wake, f"translator-{i}", claims))
-        self._threads.append(Deliverer(self.config, self.spool, self.db, self._deliver_wake, self._stop))
+        self._threads.extend(deliverers)
         for t in self._threads:
             t.start()
         self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._translate_wake.set)
@@ -73,9 +78,12 @@ class Node:
         self._stop.set()
         self._translate_wake.set()
         self._deliver_wake.set()
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            # A translator finishes its item; a deliverer stuck on a silent peer is abandoned
+            # after DELIVERY_GRACE (its batch stays pending and is resent after the restart).
+            limit = timeout if isinstance(t, Translator) else min(timeout, DELIVERY_GRACE)
+            t.join(max(0.0, start + limit - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
             log.warning("stopping with %s still busy (their items resume at the next start)", ", ".join(alive))

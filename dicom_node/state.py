@@ -275,14 +275,28 @@ class StateDB:
                       (instance_id, d.destination, d.kind, d.sop_uid, d.path, now, now))
 
     # -- delivering --------------------------------------------------------------------
-    def due_deliveries(self, now: float | None = None, limit: int = 100) -> list[DeliveryRow]:
+    @staticmethod
+    def _destination_filter(only: str | None, exclude: Iterable[str]) -> tuple[str, list]:
+        if only is not None:
+            return " AND destination = ?", [only]
+        names = list(exclude)
+        if names:
+            return f" AND destination NOT IN ({','.join('?' * len(names))})", names
+        return "", []
+
+    def due_deliveries(self, now: float | None = None, limit: int = 100, *, only: str | None = None,
+                       exclude: Iterable[str] = ()) -> list[DeliveryRow]:
+        """Pending deliveries whose time has come (to destination ``only``, or not to ``exclude``)."""
         now = time.time() if now is None else now
+        where, params = self._destination_filter(only, exclude)
         rows = self._query("SELECT id, instance_id, destination, kind, sop_uid, path, attempts FROM deliveries "
-                           "WHERE state='pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (now, limit))
+                           f"WHERE state='pending' AND next_attempt_at <= ?{where} ORDER BY id LIMIT ?",
+                           [now, *params, limit])
         return [DeliveryRow(*r) for r in rows]
 
-    def next_delivery_time(self) -> float | None:
-        rows = self._query("SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending'")
+    def next_delivery_time(self, *, only: str | None = None, exclude: Iterable[str] = ()) -> float | None:
+        where, params = self._destination_filter(only, exclude)
+        rows = self._query(f"SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending'{where}", params)
         return None if rows[0][0] is None else float(rows[0][0])
 
     def record_delivery_results(self, results: Iterable[tuple[DeliveryRow, bool, str | None]],

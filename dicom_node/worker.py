@@ -30,7 +30,7 @@ from dicom_node.errors import UnsupportedImage, UserError
 from dicom_node.spool import Spool
 from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, StateDB, abbreviate
 
-__all__ = ["Claims", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
+__all__ = ["Broadcast", "Claims", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
 
 log = logging.getLogger("dicom_node.worker")
 
@@ -133,7 +133,7 @@ class Translator(_Loop):
     """Releases stable studies and translates ready instances."""
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, models: ModelCache,
-                 wake: threading.Event, stop: threading.Event, deliver_wake: threading.Event, name: str,
+                 wake: threading.Event, stop: threading.Event, deliver_wake: "Broadcast", name: str,
                  claims: "Claims") -> None:
         super().__init__(name, wake, stop)
         self.config, self.spool, self.db, self.models = config, spool, db, models
@@ -225,15 +225,34 @@ def _device(device: str | None) -> str | None:
     return None if device in (None, "", "auto") else device
 
 
+class Broadcast:
+    """Wakes several loops at once (the translator wakes every deliverer)."""
+
+    def __init__(self, events: list[threading.Event]) -> None:
+        self.events = events
+
+    def set(self) -> None:
+        for e in self.events:
+            e.set()
+
+
 class Deliverer(_Loop):
-    """Sends due deliveries, one association per destination batch."""
+    """Sends due deliveries to one destination, one association per batch.
+
+    One deliverer per destination: a destination that is down or slow to time out (a
+    black-holed host costs the whole connect timeout) never delays the others.  One more
+    deliverer (``only=None``) takes deliveries to destinations no longer configured and
+    lets them fail through the normal back-off, visible in ``status``.
+    """
 
     BATCH = 50
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, wake: threading.Event,
-                 stop: threading.Event) -> None:
-        super().__init__("deliverer", wake, stop)
+                 stop: threading.Event, only: str | None) -> None:
+        super().__init__(f"deliver-{only}" if only else "deliver-unconfigured", wake, stop)
         self.config, self.spool, self.db = config, spool, db
+        self.only = only
+        self.exclude = [] if only else list(config.destinations)
 
     def run(self) -> None:
         self._purge()  # finished before a crash, files not yet removed
@@ -244,6 +263,7 @@ class Deliverer(_Loop):
 
         The row stays (marked purged), so a re-sent duplicate is still recognised.  Runs
         after the state commit; a crash in between leaves files that the next start removes.
+        Several deliverers may purge the same instance: both steps are idempotent.
         """
         while True:
             rows = self.db.finished_unpurged()
@@ -254,13 +274,13 @@ class Deliverer(_Loop):
             self.db.mark_purged(i for i, _ in rows)
 
     def idle_seconds(self) -> float:
-        nxt = self.db.next_delivery_time()
+        nxt = self.db.next_delivery_time(only=self.only, exclude=self.exclude)
         if nxt is None:
             return POLL_SECONDS
         return max(0.01, min(POLL_SECONDS, nxt - time.time()))
 
     def step(self) -> bool:
-        due = self.db.due_deliveries(limit=500)
+        due = self.db.due_deliveries(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
         if not due:
             return False
         by_dest: dict[str, list[DeliveryRow]] = defaultdict(list)

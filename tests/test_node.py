@@ -394,3 +394,26 @@ def test_embedded_default_config_end_to_end(tmp_path, monkeypatch, caplog):
     assert (tmp_path / "spool" / "state.db").is_file()
     untrained_warning = any("UNTRAINED" in r.getMessage() for r in caplog.records)
     assert untrained_warning == (not bundled_model_path("default").exists())
+
+
+def test_a_hanging_destination_does_not_delay_the_others(tmp_path, tiny_model_path):
+    """A peer that accepts TCP but never answers costs its own timeout, not the folder's delivery."""
+    import socket
+
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(8)  # accepts connections (kernel backlog) and never speaks DICOM
+    try:
+        node = make_node(tmp_path, tiny_model_path,
+                         destinations={"stuck": {"type": "dicom", "ae_title": "STUCK", "host": "127.0.0.1",
+                                                 "port": hang.getsockname()[1], "timeout": 8},
+                                       "outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                         routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["stuck", "outbox"]}])
+        with node:
+            assert send(node.port, study(1), called="KIM") == [0]
+            assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 6)
+            rows = node.db._query("SELECT destination, state FROM deliveries ORDER BY destination")
+            assert rows == [("outbox", "delivered"), ("stuck", "pending")]
+            hang.close()  # resets the half-open connection, so stopping the node is quick
+    finally:
+        hang.close()
