@@ -379,6 +379,15 @@ class StateDB:
         return ({s: int(inst.get(s, 0)) for s in INSTANCE_STATES},
                 {s: int(dels.get(s, 0)) for s in DELIVERY_STATES})
 
+    def destination_summary(self) -> list[tuple[str, int, int, int, str | None]]:
+        """Per destination: (name, pending, failed, most attempts so far, latest error)."""
+        rows = self._query(
+            "SELECT destination, SUM(state='pending'), SUM(state='failed'), MAX(attempts), "
+            "(SELECT last_error FROM deliveries e WHERE e.destination=d.destination AND e.last_error IS NOT NULL "
+            " AND e.state!='delivered' ORDER BY e.updated_at DESC LIMIT 1) "
+            "FROM deliveries d WHERE state IN ('pending','failed') GROUP BY destination ORDER BY destination")
+        return [(str(n), int(p or 0), int(f or 0), int(a or 0), e) for n, p, f, a, e in rows]
+
     def oldest_waiting(self) -> tuple[str, str, float] | None:
         """(what, abbreviated UID, since) of the oldest unfinished item, or None."""
         candidates = []

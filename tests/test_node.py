@@ -238,6 +238,7 @@ def test_gives_up_after_max_attempts_then_retry_command(tmp_path, tiny_model_pat
         assert main(["status", "--config", str(cfg_path)]) == 0
         out = capsys.readouterr().out
         assert "failed 1" in out
+        assert "to pacs: pending 0  failed 1  (attempts up to 2)  last error: cannot connect" in out
         kept = node.db._query("SELECT path FROM deliveries")[0][0]
         assert Path(kept).is_file()
         with Receiver("PACS", port=port) as pacs:

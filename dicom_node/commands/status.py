@@ -36,10 +36,14 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         inst, dels = db.counts()
         oldest = db.oldest_waiting()
+        per_destination = db.destination_summary()
     finally:
         db.close()
     print("instances:  " + "  ".join(f"{k} {v}" for k, v in inst.items()))
     print("deliveries: " + "  ".join(f"{k} {v}" for k, v in dels.items()))
+    for name, pending, failed, attempts, error in per_destination:
+        line = f"  to {name}: pending {pending}  failed {failed}  (attempts up to {attempts})"
+        print(line + (f"  last error: {error}" if error else ""))
     if oldest is None:
         print("oldest waiting: none")
     else:
