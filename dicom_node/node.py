@@ -30,9 +30,9 @@ DELIVERY_GRACE = 5.0  # seconds a delivery in progress may take to finish at sto
 class Node:
     """A running dicom-node (listener + workers) for one config."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool | None = None) -> None:
         self.config = config
-        self.spool = Spool(config.storage.spool_dir)
+        self.spool = spool or Spool(config.storage.spool_dir)
         self.db: StateDB | None = None
         self.scp: StoreSCP | None = None
         self.address: tuple[str, int] | None = None
@@ -48,6 +48,7 @@ class Node:
 
     def start(self) -> tuple[str, int]:
         """Open the spool, resume unfinished work, start the workers and the listener."""
+        self.spool.lock()
         self.spool.open()
         self.db = StateDB(self.spool.db_path)
         inst, dels = self.db.counts()
@@ -89,6 +90,7 @@ class Node:
             log.warning("stopping with %s still busy (their items resume at the next start)", ", ".join(alive))
         elif self.db is not None:
             self.db.close()
+        self.spool.unlock()
         self._threads = []
         log.info("stopped")
 

@@ -59,6 +59,33 @@ class Spool:
     def db_path(self) -> Path:
         return self.root / "state.db"
 
+    def lock(self) -> None:
+        """Take the spool for this process; a second node on the same spool is refused.
+
+        Two nodes sharing one spool would both work the same rows (double sends).  flock is
+        released by the kernel when the process dies, so kill -9 leaves no stale lock.
+        """
+        import fcntl
+
+        from dicom_node.errors import UserError
+
+        if getattr(self, "_lock_fd", None) is not None:
+            return  # already ours
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"spool {self.root} is in use by another dicom-node process") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing releases the flock
+            self._lock_fd = None
+
     def open(self) -> "Spool":
         """Create the layout (0700) and drop partial writes left by a crash."""
         for d in (self.root, self.tmp, self.incoming, self.outgoing):

@@ -418,3 +418,15 @@ def test_a_hanging_destination_does_not_delay_the_others(tmp_path, tiny_model_pa
             hang.close()  # resets the half-open connection, so stopping the node is quick
     finally:
         hang.close()
+
+
+def test_second_node_on_the_same_spool_is_refused(tmp_path, tiny_model_path):
+    from dicom_node.errors import UserError
+
+    kwargs = dict(destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                  routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
+    with make_node(tmp_path, tiny_model_path, **kwargs):
+        with pytest.raises(UserError, match="in use by another dicom-node"):
+            make_node(tmp_path, tiny_model_path, **kwargs).start()
+    with make_node(tmp_path, tiny_model_path, **kwargs) as again:  # released at stop
+        assert again.port

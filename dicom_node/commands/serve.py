@@ -22,9 +22,11 @@ def run(args: argparse.Namespace) -> int:
         # One line per node event; pynetdicom's per-PDU chatter only with -v.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     config = load_config(args.config)
-    spool = Spool(config.storage.spool_dir).open()
+    spool = Spool(config.storage.spool_dir)
+    spool.lock()  # before touching tmp/: another node may be using this spool
+    spool.open()
     # pynetdicom streams incoming datasets to temp files: put them on the spool's disk so
     # accepting one is a rename, and a small /tmp cannot refuse a large study.
     tempfile.tempdir = str(spool.tmp)
-    Node(config).serve_forever()
+    Node(config, spool).serve_forever()
     return 0
