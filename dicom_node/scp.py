@@ -34,6 +34,11 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+# What peers may send us per PDU.  Measured with a 200 MB instance: unlimited (0) made the
+# sender put it in ONE PDU that pynetdicom holds in memory several times (peak RSS +790 MB,
+# 4.5 s); 256 KiB streams it to disk in 1.4 s with no RSS growth (16 KiB default: 2.3 s).
+MAX_PDU_BYTES = 256 * 1024
+
 _HEADER_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"}
 
 
@@ -64,7 +69,7 @@ class StoreSCP:
         ae.network_timeout = node.network_timeout
         ae.dimse_timeout = node.dimse_timeout
         ae.acse_timeout = node.acse_timeout
-        ae.maximum_pdu_size = 0  # no limit on what peers may send us in one PDU
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)

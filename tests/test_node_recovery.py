@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.state import StateDB
-from tests.factory import PATIENT_ID, PATIENT_NAME, make_dataset
+from tests.factory import CR_STORAGE as CR_STORAGE_UID, PATIENT_ID, PATIENT_NAME, make_dataset
 from tests.nodeproc import NodeProcess, Receiver, free_port, node_config, send, wait_for, write_config
 
 
@@ -188,3 +188,46 @@ def test_sigterm_finishes_current_item_and_exits_cleanly(tmp_path, slow_model_pa
             node.kill9()
         assert set(outputs_by_source(tmp_path / "outbox")) == {str(ds.SOPInstanceUID) for ds in sources}
         assert_no_phi(node.log())
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_large_instance_is_streamed_to_disk_not_held_in_memory(tmp_path, tiny_model_path):
+    """An 80 MB instance is acknowledged without the node's memory growing by its size."""
+    import numpy as np
+    from pynetdicom import AE, _config
+
+    from tests.factory import write
+
+    pixels = np.random.default_rng(0).integers(0, 4095, size=(6400, 6400), dtype=np.uint16)
+    big = Path(write(make_dataset(pixels), tmp_path / "big.dcm"))
+    del pixels
+    with Receiver("PACS") as pacs:
+        node = start_node(tmp_path, tiny_model_path, pacs.port, stable=600)
+        try:
+            time.sleep(1.0)  # let start-up (model preload) settle before the baseline
+            before = peak_rss_kb(node.proc.pid)
+            previous = _config.STORE_SEND_CHUNKED_DATASET
+            _config.STORE_SEND_CHUNKED_DATASET = True  # the sender streams from disk too
+            try:
+                ae = AE(ae_title="MODALITY")
+                ae.add_requested_context(CR_STORAGE_UID, "1.2.840.10008.1.2.1")
+                ae.dimse_timeout = ae.network_timeout = 120
+                assoc = ae.associate("127.0.0.1", node.port, ae_title="DR_KIM_STYLE")
+                status = assoc.send_c_store(big)
+                assoc.release()
+            finally:
+                _config.STORE_SEND_CHUNKED_DATASET = previous
+            assert int(status.Status) == 0
+            growth_mb = (peak_rss_kb(node.proc.pid) - before) / 1024
+            assert growth_mb < 40, f"peak RSS grew by {growth_mb:.0f} MB for an 80 MB instance"
+            spooled = list((tmp_path / "spool" / "in").rglob("*.dcm"))
+            assert len(spooled) == 1 and abs(spooled[0].stat().st_size - big.stat().st_size) < 1024  # new file meta
+        finally:
+            node.kill9()
