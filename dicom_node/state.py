@@ -244,6 +244,12 @@ class StateDB:
         return None if rows[0][0] is None else float(rows[0][0]) + stable_seconds
 
     # -- translating -------------------------------------------------------------------
+    def ready_instances(self, limit: int) -> list[InstanceRow]:
+        """The oldest ``ready`` instances (translators skip the ones another is working on)."""
+        rows = self._query(f"SELECT {_INSTANCE_COLS} FROM instances WHERE state='ready' ORDER BY id LIMIT ?",
+                           (limit,))
+        return [InstanceRow(*r) for r in rows]
+
     def next_ready(self) -> InstanceRow | None:
         rows = self._query(f"SELECT {_INSTANCE_COLS} FROM instances WHERE state='ready' ORDER BY id LIMIT 1")
         return InstanceRow(*rows[0]) if rows else None

@@ -110,6 +110,7 @@ class _Loop(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            self.wake.clear()  # before looking for work: a wake-up during step() is not lost
             try:
                 did_work = self.step()
             except Exception as exc:  # noqa: BLE001 - keep serving; the row stays where it was
@@ -120,7 +121,6 @@ class _Loop(threading.Thread):
                 continue
             if not did_work:
                 self.wake.wait(self.idle_seconds())
-                self.wake.clear()
 
     def step(self) -> bool:
         raise NotImplementedError
@@ -176,7 +176,7 @@ class Translator(_Loop):
         return True
 
     def _claim(self) -> InstanceRow | None:
-        for row in self.db.instances("ready"):
+        for row in self.db.ready_instances(limit=64):
             if self.claims.take(row.id):
                 return row
         return None
