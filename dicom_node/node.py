@@ -67,9 +67,14 @@ class Node:
         self._threads.extend(deliverers)
         for t in self._threads:
             t.start()
-        self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._translate_wake.set)
+        self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all)
         self.address = self.scp.start()
         return self.address
+
+    def _wake_all(self) -> None:
+        """A new instance: the translator checks its timers, deliverers pick up forwarded originals."""
+        self._translate_wake.set()
+        self._deliver_wake.set()
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop accepting, let workers finish their current item, close the database."""
