@@ -79,8 +79,13 @@ class StoreSCP:
 
             ssl_context = server_context(node.tls)
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)]
-        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
-                                       ssl_context=ssl_context)
+        try:
+            self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                           ssl_context=ssl_context)
+        except OSError as exc:
+            from dicom_node.errors import UserError
+
+            raise UserError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
         host, port = self._server.server_address[:2]
         log.info("listening on %s:%d (%s, %d routes, called AEs %s)", host, port,
                  "TLS" if ssl_context else "plain", len(self.config.routes),

@@ -430,3 +430,23 @@ def test_second_node_on_the_same_spool_is_refused(tmp_path, tiny_model_path):
             make_node(tmp_path, tiny_model_path, **kwargs).start()
     with make_node(tmp_path, tiny_model_path, **kwargs) as again:  # released at stop
         assert again.port
+
+
+def test_port_in_use_is_a_one_line_user_error(tmp_path, tiny_model_path):
+    import socket
+
+    from dicom_node.errors import UserError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        node = make_node(tmp_path, tiny_model_path,
+                         destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                         routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
+        node.config.node.port = taken.getsockname()[1]
+        with pytest.raises(UserError, match="cannot listen on 127.0.0.1"):
+            node.start()
+        node.stop()
+    finally:
+        taken.close()
