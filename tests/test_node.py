@@ -48,7 +48,8 @@ def test_whole_path_dicom_and_folder_destinations(tmp_path, tiny_model_path):
                          destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
                                                 "port": pacs.port},
                                        "outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
-                         routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["pacs", "outbox"]}])
+                         routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["pacs", "outbox"]}],
+                         workers=2)  # two translators must never take the same instance
         with node:
             sources = study(3)
             assert send(node.port, sources, called="DR_KIM_STYLE") == [0, 0, 0]
