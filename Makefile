@@ -36,12 +36,12 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
 # The bundled style model dicom_node/models/default.safetensors (README "The bundled model"):
-# demo data (24 training + 6 held-out 1024^2 pairs, seed 0), `dicom-node train` (paired L1 +
-# CycleGAN, residual ngf 16 / 4 blocks, 3500 steps of 4 patches of 96^2, one CPU thread),
+# demo data (24 training + 6 held-out 1024^2 pairs, seed 0), `dicom-node train` (paired L1 x100 +
+# CycleGAN, residual ngf 16 / 4 blocks, 2000 steps of 4 patches of 96^2, one CPU thread),
 # export renamed "default", then `dicom-node evaluate` on the held-out pairs.  About 80 min on
 # one busy CPU core.  Everything lands in runs/default-model/ (git-ignored) except the model.
 DEFAULT_MODEL_DIR ?= runs/default-model
-DEFAULT_MODEL_STEPS ?= 3500
+DEFAULT_MODEL_STEPS ?= 2000
 .PHONY: default-model
 default-model: install
 	$(VENV)/bin/dicom-node demo-data $(DEFAULT_MODEL_DIR)/data --count 24 --test-count 6 --size 1024 --seed 0
@@ -50,7 +50,7 @@ default-model: install
 	printf '%s\n' \
 	  'data: {a: data/A, b: data/B, val: val}' \
 	  'model: {ngf: 16, n_blocks: 4, ndf: 16, residual: true}' \
-	  'train: {patch_size: 96, batch_size: 4, steps: $(DEFAULT_MODEL_STEPS), decay_from: 2500, lr: 0.0003, lambda_identity: 0, paired: "on", lambda_paired: 10, seed: 0, device: cpu, threads: 1, channels_last: false}' \
+	  'train: {patch_size: 96, batch_size: 4, steps: $(DEFAULT_MODEL_STEPS), decay_from: 1200, lr: 0.0003, lambda_identity: 0, paired: "on", lambda_paired: 100, seed: 0, device: cpu, threads: 1, channels_last: false}' \
 	  'output: {dir: run, name: default, sample_every: 1000, checkpoint_every: 250, log_every: 50}' \
 	  > $(DEFAULT_MODEL_DIR)/train.yaml
 	cd $(DEFAULT_MODEL_DIR) && $(abspath $(VENV))/bin/dicom-node train --config train.yaml --no-progress
