@@ -103,10 +103,12 @@ class NodeProcess:
 class Receiver:
     """A pynetdicom storage SCP standing in for a PACS: records every dataset it receives."""
 
-    def __init__(self, ae_title: str = "PACS", port: int | None = None, status: int = 0x0000) -> None:
+    def __init__(self, ae_title: str = "PACS", port: int | None = None, status: int = 0x0000,
+                 delay: float = 0.0) -> None:
         self.ae_title = ae_title
         self.port = port or 0
         self.status = status
+        self.delay = delay  # seconds before each answer: a slow PACS keeps work in flight for tests
         self.received: list[Any] = []  # pydicom Datasets, in arrival order (duplicates included)
         self._lock = threading.Lock()
         self._server: Any = None
@@ -114,6 +116,8 @@ class Receiver:
     def _on_store(self, event: Any) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
+        if self.delay:
+            time.sleep(self.delay)
         with self._lock:
             self.received.append(ds)
         return self.status

@@ -136,22 +136,34 @@ def test_kill9_while_receiving_then_restart_delivers_every_acknowledged_once(tmp
         assert_no_phi(node.log())
 
 
-def test_kill9_while_processing_then_restart_delivers_exactly_once(tmp_path, slow_model_path):
+def test_kill9_then_sigterm_while_processing_then_restart_delivers_exactly_once(tmp_path, slow_model_path):
+    """kill -9 mid-processing, restart, SIGTERM mid-processing, restart: all delivered once.
+
+    (One test for both interruptions keeps the suite fast: every node start costs seconds.)
+    """
     n = 8
-    with Receiver("PACS") as pacs:
+    with Receiver("PACS", delay=0.25) as pacs:  # a slow PACS: work is still in flight at each interruption
         node = start_node(tmp_path, slow_model_path, pacs.port, stable=0.2)
         try:
-            sources = make_study(n, 256)
+            sources = make_study(n, 192)
             assert send(node.port, sources, called="DR_KIM_STYLE") == [0] * n
 
-            def some_delivered() -> bool:
-                inst, _ = db_counts(tmp_path)
-                return inst["delivered"] >= 2
+            def delivered_at_least(k: int):
+                return lambda: db_counts(tmp_path)[0]["delivered"] >= k
 
-            assert wait_for(some_delivered, 60, interval=0.02)
+            assert wait_for(delivered_at_least(2), 60, interval=0.02)
             node.kill9()
-            inst, dels = db_counts(tmp_path)
-            assert inst["delivered"] < n, "the kill must interrupt the processing"
+            assert db_counts(tmp_path)[0]["delivered"] < n, "the kill must interrupt the processing"
+
+            node.start()  # resumes; then SIGTERM while it is busy again
+            log_offset = len(node.log())
+            assert wait_for(lambda: "translated with" in node.log()[log_offset:], 60, interval=0.02)
+            assert db_counts(tmp_path)[0]["delivered"] < n, "the node must be busy when signalled"
+            t0 = time.monotonic()
+            assert node.terminate(timeout=20) == 0
+            assert time.monotonic() - t0 < 10, "SIGTERM must stop the node within seconds"
+            assert "stopped" in node.log()[log_offset:]
+
             node.start()
             assert wait_for(lambda: all_done(tmp_path, n), 90)
             time.sleep(0.5)
@@ -165,28 +177,7 @@ def test_kill9_while_processing_then_restart_delivers_exactly_once(tmp_path, slo
         assert set(uids) == expected
         # a resend can only happen for the batch in flight at the kill; it carries the same UIDs
         assert len(uids) - len(expected) <= 2
-        assert "resuming:" in node.log()
-        assert_no_phi(node.log())
-
-
-def test_sigterm_finishes_current_item_and_exits_cleanly(tmp_path, slow_model_path):
-    n = 4
-    with Receiver("PACS") as pacs:
-        node = start_node(tmp_path, slow_model_path, pacs.port, stable=0.2)
-        try:
-            sources = make_study(n, 256)
-            assert send(node.port, sources, called="DR_KIM_STYLE") == [0] * n
-            assert wait_for(lambda: "translated with" in node.log(), 60, interval=0.02)
-            t0 = time.monotonic()
-            assert node.terminate(timeout=20) == 0
-            stop_seconds = time.monotonic() - t0
-            assert stop_seconds < 10
-            assert "stopped" in node.log()
-            node.start()
-            assert wait_for(lambda: all_done(tmp_path, n), 90)
-        finally:
-            node.kill9()
-        assert set(outputs_by_source(tmp_path / "outbox")) == {str(ds.SOPInstanceUID) for ds in sources}
+        assert node.log().count("resuming:") == 2
         assert_no_phi(node.log())
 
 
