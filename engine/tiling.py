@@ -192,7 +192,7 @@ def choose_plan(
     storage = _storage_bytes(ngf, h, w, eb)
     on_device = device.type == "cpu" or storage <= cap // 2
     storage_dev = device if on_device else torch.device("cpu")
-    budget = cap - (storage if (on_device and device.type != "cpu") else 0)
+    budget = cap - (storage if on_device else 0)  # on CPU the maps share the same memory
     if tile is None:
         t = next((c for c in _TILE_CANDIDATES if _tile_bytes(ngf, c, eb) <= budget), _TILE_CANDIDATES[-1])
         t = min(t, _round_up(max(h, w), 4))
@@ -693,7 +693,10 @@ def _generator_on(gen: nn.Module, dev: torch.device) -> nn.Module:
     """The generator on ``dev`` (cached per device; refreshed when its weights change)."""
     if dev.type == "cpu":
         return gen.eval()
-    version = tuple(p._version for p in gen.parameters())
+    try:
+        version = tuple(p._version for p in gen.parameters())
+    except RuntimeError:  # inference tensors have no version counter: copy every time
+        return copy.deepcopy(gen).to(dev).eval().to(memory_format=torch.channels_last)
     per_dev = _DEVICE_COPIES.setdefault(gen, {})
     hit = per_dev.get(str(dev))
     if hit is None or hit[0] != version:

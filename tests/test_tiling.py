@@ -127,15 +127,17 @@ def test_2048_tiles_256_and_512_within_bound(which, request, big_image):
         assert mx < 1e-4, (tile, mean, mx)  # in fact exact on CPU fp32
 
 
-def test_naive_tiling_exceeds_the_bound(fresh):
+@pytest.mark.parametrize("which", ["fresh_tiny", "trained"])
+def test_naive_tiling_exceeds_the_bound(which, request):
     """Per-tile InstanceNorm statistics: the failure the executor exists to avoid."""
+    model = request.getfixturevalue(which)
     img = _image(256, 256, seed=5)
-    ref = translate(fresh, img, tile=0)
-    naive = translate_naive(fresh, img, tile=128, overlap=0.25)
+    ref = translate(model, img, tile=0)
+    naive = translate_naive(model, img, tile=128, overlap=0.25)
     mean, mx = _deviation(naive, ref)
     assert mean > MEAN_BOUND and mx > MAX_BOUND, (mean, mx)
     # while the seamless executor with the same tiles stays exact
-    assert _deviation(translate(fresh, img, tile=128, overlap=0.25), ref)[1] < 1e-4
+    assert _deviation(translate(model, img, tile=128, overlap=0.25), ref)[1] < 1e-4
 
 
 def test_engine_choice_follows_the_memory_cap(fresh):
