@@ -155,20 +155,23 @@ def main() -> int:
     shape = (args.batch, 1, args.patch, args.patch)
     batches = [(torch.rand(shape, generator=gen) * 2 - 1, torch.rand(shape, generator=gen) * 2 - 1) for _ in range(4)]
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu_times: dict[str, list[float]] = {k: [] for k in variants}  # process CPU s: less sensitive to other load
     load_before = machine_info(device).get("load_average")
     for i in range(args.warmup + args.steps):
         a, b = batches[i % len(batches)]
         for name, v in variants.items():  # interleaved: every variant sees the same machine load
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             v.step(a, b)
             sync()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i >= args.warmup:
                 times[name].append(dt)
-            print(f"  step {i + 1}/{args.warmup + args.steps} {name:26s} {dt:8.3f} s"
+                cpu_times[name].append(dc)
+            print(f"  step {i + 1}/{args.warmup + args.steps} {name:26s} {dt:8.3f} s  cpu {dc:8.3f} s"
                   f"{'  (warm-up)' if i < args.warmup else ''}", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
     main_name = next(iter(variants))
     result = {
         "benchmark": "train",
@@ -177,7 +180,8 @@ def main() -> int:
                    "batch": args.batch, "device": str(device), "amp": args.amp, "steps": args.steps,
                    "warmup": args.warmup},
         "median_step_s": med[main_name],
-        "variants": {k: {"median_step_s": med[k], "steps_per_s": 1.0 / med[k], "times_s": times[k]} for k in times},
+        "variants": {k: {"median_step_s": med[k], "steps_per_s": 1.0 / med[k], "times_s": times[k],
+                         "median_cpu_s": cpu_med[k], "cpu_times_s": cpu_times[k]} for k in times},
         "reference_classic_s": REFERENCE_CLASSIC_S,
         "ratio_vs_reference": med[main_name] / REFERENCE_CLASSIC_S,
         "machine": {**machine_info(device), "load_average_before": load_before},
@@ -186,16 +190,19 @@ def main() -> int:
     }
     if "classic" in med:
         result["ratio_vs_classic_same_run"] = med[main_name] / med["classic"]
+        result["cpu_ratio_vs_classic_same_run"] = cpu_med[main_name] / cpu_med["classic"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\nCycleGAN training step, ngf {args.ngf} / {args.blocks} blocks / patch {args.patch} / batch {args.batch}"
           f" on {device} ({result['machine']['cpu'] if device.type == 'cpu' else result['machine']['gpu']})")
-    print(f"{'variant':28s} {'median s/step':>14s} {'steps/s':>9s} {'vs classic':>11s}")
+    print(f"{'variant':28s} {'median s/step':>14s} {'steps/s':>9s} {'vs classic':>11s} {'CPU s/step':>11s} "
+          f"{'CPU vs classic':>15s}")
     for k in times:
         ratio = f"{med[k] / med['classic']:.2f}x" if "classic" in med else "-"
-        print(f"{k:28s} {med[k]:14.3f} {1 / med[k]:9.3f} {ratio:>11s}")
+        cratio = f"{cpu_med[k] / cpu_med['classic']:.2f}x" if "classic" in med else "-"
+        print(f"{k:28s} {med[k]:14.3f} {1 / med[k]:9.3f} {ratio:>11s} {cpu_med[k]:11.3f} {cratio:>15s}")
     print(f"reference classic (DESIGN-NOTES, idle machine): {REFERENCE_CLASSIC_S} s/step; "
           f"dicom-node / reference = {result['ratio_vs_reference']:.2f}x")
     print(json.dumps({"median_step_s": round(med[main_name], 4)}))

@@ -138,6 +138,9 @@ class _Run:
         paired = c.train.paired == "on" or (c.train.paired == "auto" and len(pairs) == len(a) == len(b))
         if c.train.paired == "on" and not pairs:
             raise UserError("train.paired is on but A and B share no file names (with equal image sizes)")
+        if info.is_main and c.train.decay_from >= c.train.steps:
+            log.warning("train.decay_from %d >= train.steps %d: the learning rate stays constant (no decay)",
+                        c.train.decay_from, c.train.steps)
         if info.is_main:
             log.info("data: A %d images, B %d images (%d/%d unreadable skipped)%s", len(a), len(b),
                      a.skipped_unreadable, b.skipped_unreadable,
