@@ -692,7 +692,10 @@ _DEVICE_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDi
 def _generator_on(gen: nn.Module, dev: torch.device) -> nn.Module:
     """The generator on ``dev`` (cached per device; refreshed when its weights change)."""
     if dev.type == "cpu":
-        return gen.eval()
+        return gen  # used as is (InstanceNorm without running stats: train/eval mode is the same)
+    first = next(gen.parameters(), None)
+    if first is not None and first.device == dev:
+        return gen  # already there (e.g. the trainer's validation): no copy, caller's module untouched
     try:
         version = tuple(p._version for p in gen.parameters())
     except RuntimeError:  # inference tensors have no version counter: copy every time
