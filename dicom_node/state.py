@@ -416,4 +416,4 @@ class StateDB:
 
 def abbreviate(uid: str) -> str:
     """UIDs in logs: the last 8 characters are enough to correlate, and say nothing about the patient."""
-    return "…" + uid[-8:] if len(uid) > 8 else uid
+    return "..." + uid[-8:] if len(uid) > 8 else uid

@@ -240,6 +240,11 @@ def test_gives_up_after_max_attempts_then_retry_command(tmp_path, tiny_model_pat
         out = capsys.readouterr().out
         assert "failed 1" in out
         assert "to pacs: pending 0  failed 1  (attempts up to 2)  last error: cannot connect" in out
+        import json
+
+        assert main(["status", "--json", "--config", str(cfg_path)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["instances"]["failed"] == 1 and report["destinations"]["pacs"]["failed"] == 1
         kept = node.db._query("SELECT path FROM deliveries")[0][0]
         assert Path(kept).is_file()
         with Receiver("PACS", port=port) as pacs:

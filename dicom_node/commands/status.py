@@ -12,6 +12,7 @@ import time
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="counts per state and the oldest waiting item")
     p.add_argument("--config", help="node config YAML (default: the embedded config)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (for monitoring)")
     p.set_defaults(func=run_status)
     r = sub.add_parser("retry", help="requeue failed translations and deliveries")
     r.add_argument("--config", help="node config YAML (default: the embedded config)")
@@ -39,6 +40,17 @@ def run_status(args: argparse.Namespace) -> int:
         per_destination = db.destination_summary()
     finally:
         db.close()
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({
+            "instances": inst, "deliveries": dels,
+            "destinations": {n: {"pending": p, "failed": f, "max_attempts_so_far": a, "last_error": e}
+                             for n, p, f, a, e in per_destination},
+            "oldest_waiting": None if oldest is None else
+            {"what": oldest[0], "sop": oldest[1], "age_seconds": round(time.time() - oldest[2], 1)},
+        }, indent=2))
+        return 0
     print("instances:  " + "  ".join(f"{k} {v}" for k, v in inst.items()))
     print("deliveries: " + "  ".join(f"{k} {v}" for k, v in dels.items()))
     for name, pending, failed, attempts, error in per_destination:
