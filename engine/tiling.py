@@ -74,7 +74,8 @@ def translate(
     the largest tile that fits); ``tile=0`` is exactly one whole-image pass of the generator
     (the reference); ``tile=N`` runs the seamless executor with tiles of N output pixels.
     ``device`` None/"auto" means CUDA when available, else CPU.  ``precision`` "auto" means
-    bf16 (fp16 where bf16 is unsupported) on CUDA and fp32 on CPU; "fp32" forces fp32.
+    bf16 (fp16 where bf16 is unsupported) on CUDA and fp32 on CPU; "fp32" forces fp32,
+    "bf16" asks for bf16 on either device.
     ``memory_cap`` (bytes) defaults to MEMORY_FRACTION of the free device memory.
     """
     image = _check_image(image)
@@ -247,9 +248,10 @@ def _whole_pass(gen: nn.Module, x: torch.Tensor, dev: torch.device, cdtype: torc
     x = x.to(dev, torch.float32)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=cdtype, enabled=cdtype != torch.float32):
-            return gen(x).float()
-    return gen(x)
+    if cdtype == torch.float32:
+        return gen(x)
+    with torch.autocast(dev.type, dtype=cdtype):
+        return gen(x).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,13 +676,17 @@ def _round_up(v: int, m: int) -> int:
 
 
 def _compute_dtype(dev: torch.device, precision: str) -> torch.dtype:
+    """auto: bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU.  bf16 may be asked for on
+    CPU too (fast on CPUs with AMX; also how the tests exercise the reduced-precision path)."""
     p = (precision or "auto").lower()
     if p in ("fp32", "float32"):
         return torch.float32
     if p not in ("auto", "bf16", "fp16"):
         raise UserError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if dev.type != "cuda":
-        return torch.float32
+        if p == "fp16":
+            raise UserError("precision fp16 is only supported on CUDA (use bf16 or fp32 on CPU)")
+        return torch.bfloat16 if p == "bf16" else torch.float32
     if p == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

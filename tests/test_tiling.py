@@ -140,6 +140,20 @@ def test_naive_tiling_exceeds_the_bound(which, request):
     assert _deviation(translate(model, img, tile=128, overlap=0.25), ref)[1] < 1e-4
 
 
+def test_reduced_precision_path_stays_within_the_bound(trained):
+    """The bf16 path the GPU uses (bf16 maps and convolutions, batched tiles), run on CPU.
+
+    Both sides carry bf16 rounding, so they agree to bf16 accuracy, not to 1e-6; the issue's
+    bound must still hold against the bf16 whole-image pass (autocast), as it will on CUDA.
+    """
+    img = _image(300, 260, seed=8)
+    ref = translate(trained, img, tile=0, precision="bf16")
+    ref32 = translate(trained, img, tile=0)
+    assert np.abs(ref - ref32).max() > 1e-4  # really ran in bf16
+    mean, mx = _deviation(translate(trained, img, tile=64, precision="bf16"), ref)
+    assert mean <= MEAN_BOUND and mx <= MAX_BOUND, (mean, mx)
+
+
 def test_engine_choice_follows_the_memory_cap(fresh):
     gen = fresh.generator
     cpu = torch.device("cpu")
