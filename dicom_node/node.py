@@ -18,7 +18,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateDB
-from dicom_node.worker import Broadcast, Claims, Deliverer, ModelCache, Translator
+from dicom_node.worker import Broadcast, Claims, Deliverer, Housekeeper, ModelCache, Translator
 
 __all__ = ["Node"]
 
@@ -65,6 +65,7 @@ class Node:
             self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
                                             self._stop, self._deliver_wake, f"translator-{i}", claims))
         self._threads.extend(deliverers)
+        self._threads.append(Housekeeper(self.config, self.spool, self._stop))
         for t in self._threads:
             t.start()
         self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all)

@@ -98,6 +98,27 @@ class Spool:
                 pass
         return self
 
+    def sweep_tmp(self, max_age: float) -> int:
+        """Delete files in ``tmp/`` untouched for ``max_age`` seconds; returns how many.
+
+        pynetdicom streams each incoming dataset into ``tmp/`` and deletes the file after the
+        handler, but a transfer aborted half-way (sender gone, network timeout) leaves its
+        partial file behind.  A transfer in progress writes every few seconds and is aborted
+        after the network timeout, so anything much older is garbage.
+        """
+        import time
+
+        cutoff = time.time() - max_age
+        removed = 0
+        for f in self.tmp.iterdir():
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    removed += 1
+            except OSError:
+                pass  # vanished meanwhile (finished transfer): fine
+        return removed
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

@@ -30,7 +30,7 @@ from dicom_node.errors import UnsupportedImage, UserError
 from dicom_node.spool import Spool
 from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, StateDB, abbreviate
 
-__all__ = ["Broadcast", "Claims", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
+__all__ = ["Broadcast", "Claims", "Housekeeper", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
 
 log = logging.getLogger("dicom_node.worker")
 
@@ -223,6 +223,28 @@ class Translator(_Loop):
 
 def _device(device: str | None) -> str | None:
     return None if device in (None, "", "auto") else device
+
+
+class Housekeeper(_Loop):
+    """Removes partial files left in the spool's tmp/ by aborted transfers, once a minute."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, config: NodeConfig, spool: Spool, stop: threading.Event) -> None:
+        super().__init__("housekeeper", threading.Event(), stop)
+        self.config, self.spool = config, spool
+        node = config.node
+        self.max_age = 2 * max(node.network_timeout, node.dimse_timeout, node.acse_timeout) + 60
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.INTERVAL):  # returns at once when the node stops
+            try:
+                removed = self.spool.sweep_tmp(self.max_age)
+            except OSError as exc:
+                log.error("housekeeper: %s", exc)
+                continue
+            if removed:
+                log.info("removed %d partial file(s) of aborted transfers from the spool", removed)
 
 
 class Broadcast:

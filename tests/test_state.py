@@ -118,3 +118,18 @@ def test_finished_instances_are_listed_for_purge_once(tmp_path):
     db.mark_purged([iid, fwd])
     assert db.finished_unpurged() == []
     assert states(db) == {"1.1": "delivered", "1.2": "unmatched", "1.3": "unmatched"}
+
+
+def test_spool_sweep_removes_only_stale_partial_files(tmp_path):
+    import time
+
+    from dicom_node.spool import Spool
+
+    spool = Spool(tmp_path / "spool").open()
+    stale, fresh = spool.tmp / "stale.dcm", spool.tmp / "fresh.dcm"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"in progress")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert spool.sweep_tmp(max_age=600) == 1
+    assert not stale.exists() and fresh.exists()
