@@ -1,16 +1,19 @@
 """Workers: release quiet studies, translate ready instances, deliver outputs with retries.
 
 Why separate threads from the network: a C-STORE answer must not wait for a model, and a
-slow or dead destination must not stall translation.  So there are two kinds of loops:
+slow or dead destination must not stall translation or the other destinations.  So there
+are three kinds of loops:
 
 * translator(s): release studies quiet for ``study_stable_seconds``, then translate one
   ``ready`` instance at a time (engine calls serialised by one lock: one GPU, and the
   engine already uses every CPU core), write the Secondary Capture to the spool
   atomically and queue one delivery per destination (plus the original when the route
   says ``forward_original``), all in one transaction.
-* deliverer: send due deliveries grouped per destination (one association per batch),
-  record each outcome; failures are retried with ``retry.backoff_seconds`` until
+* deliverers, one per destination: send due deliveries (one association per batch of up
+  to 50), record each outcome; failures are retried with ``retry.backoff_seconds`` until
   ``retry.max_attempts``, then ``failed`` (files stay in the spool; ``dicom-node retry``).
+  Finished instances' spool files are removed (the rows stay).
+* housekeeper: sweeps partial files of aborted transfers from the spool's tmp/.
 
 Every step reads its work from SQLite and commits its result there, so after a crash the
 loops simply continue.  Re-translating after a crash writes the same output UIDs (the
