@@ -199,6 +199,9 @@ class Translator(_Loop):
         try:
             model = self.models.get(route.model)
             ds = pydicom.dcmread(row.path)
+            if is_own_output(ds):
+                # A PACS that routes our SC back would otherwise start an endless restyling loop.
+                raise UnsupportedImage("already a dicom-node output (never restyled twice)")
             t0 = time.perf_counter()
             with ENGINE_LOCK:
                 from dicom_node.engine.pipeline import translate_dataset
@@ -222,6 +225,11 @@ class Translator(_Loop):
         self.db.mark_translated(row.id, deliveries)
         log.info("sop %s translated with %s in %.2fs -> sc %s", abbreviate(row.sop_uid), route.model, seconds,
                  abbreviate(out_uid))
+
+
+def is_own_output(ds: Any) -> bool:
+    """True for a Secondary Capture written by dicom-node (its SC equipment names it)."""
+    return str(ds.get("SecondaryCaptureDeviceManufacturer", "") or "").strip() == "dicom-node"
 
 
 def _device(device: str | None) -> str | None:

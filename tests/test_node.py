@@ -456,3 +456,19 @@ def test_port_in_use_is_a_one_line_user_error(tmp_path, tiny_model_path):
         node.stop()
     finally:
         taken.close()
+
+
+def test_own_output_sent_back_is_not_restyled_again(tmp_path, tiny_model_path):
+    """A PACS that routes our SC back to the node must not start a restyling loop."""
+    outbox = tmp_path / "outbox"
+    node = make_node(tmp_path, tiny_model_path,
+                     destinations={"outbox": {"type": "folder", "path": str(outbox)}},
+                     routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
+    with node:
+        assert send(node.port, study(1), called="KIM") == [0]
+        assert wait_for(lambda: len(folder_uids(outbox)) == 1, 20)
+        (sc_path,) = outbox.rglob("*.dcm")
+        sc = pydicom.dcmread(sc_path)
+        assert send(node.port, [sc], called="KIM") == [0]
+        assert wait_for(lambda: instance_states(node).get(str(sc.SOPInstanceUID)) == "unsupported", 20)
+        assert folder_uids(outbox) == [str(sc.SOPInstanceUID)]  # nothing new
