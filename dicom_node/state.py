@@ -143,6 +143,9 @@ class StateDB:
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(instances)")}
             if "purged" not in columns:  # a database from before spool clean-up existed
                 self._conn.execute("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
+            # Only the few rows whose files are still in the spool: the purge query stays cheap
+            # however many delivered instances the table remembers.
+            self._conn.execute("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
         try:
             self.path.chmod(0o600)
         except OSError:
@@ -356,7 +359,7 @@ class StateDB:
         failed or pending keep their files.
         """
         return [(int(i), str(p)) for i, p in self._query(
-            "SELECT id, path FROM instances i WHERE purged=0 AND (state='delivered' OR "
+            "SELECT id, path FROM instances i INDEXED BY instances_unpurged WHERE purged=0 AND (state='delivered' OR "
             "(state IN ('unmatched','unsupported') AND EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id) "
             "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id AND d.state!='delivered'))) "
             "ORDER BY id LIMIT ?", (limit,))]
