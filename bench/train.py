@@ -76,7 +76,8 @@ class ClassicStep:
         self.opt_g.step()
         self._set_requires_grad([self.d_a, self.d_b], True)
         self.opt_d.zero_grad()
-        for d, real, fake in ((self.d_a, real_b, self.pool_b.query(fake_b)), (self.d_b, real_a, self.pool_a.query(fake_a))):
+        for d, real, fake in ((self.d_a, real_b, self.pool_b.query(fake_b)),
+                              (self.d_b, real_a, self.pool_a.query(fake_a))):
             pr, pf = d(real), d(fake.detach())
             loss_d = (F.mse_loss(pr, torch.ones_like(pr)) + F.mse_loss(pf, torch.zeros_like(pf))) * 0.5
             loss_d.backward()

@@ -6,7 +6,6 @@ so the whole file takes seconds, not minutes.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
