@@ -365,7 +365,7 @@ def test_compressed_transfer_syntaxes_accepted_and_translated(tmp_path, tiny_mod
 
     sources = study(2)
     encoded = [encode_as(sources[0], JPEGLSLossless), encode_as(sources[1], RLELossless)]
-    node = make_node(tmp_path, tiny_model_path, stable=2.0,  # spool files are read before processing
+    node = make_node(tmp_path, tiny_model_path, stable=1.0,  # spool files are read before processing
                      destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
                      routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["outbox"]}])
     with node:
