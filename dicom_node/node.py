@@ -65,7 +65,7 @@ class Node:
             self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
                                             self._stop, self._deliver_wake, f"translator-{i}", claims))
         self._threads.extend(deliverers)
-        self._threads.append(Housekeeper(self.config, self.spool, self._stop))
+        self._threads.append(Housekeeper(self.config, self.spool, self.db, self._stop))
         for t in self._threads:
             t.start()
         self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all)

@@ -368,6 +368,26 @@ class StateDB:
         with self._tx() as c:
             c.executemany("UPDATE instances SET purged=1 WHERE id=?", [(int(i),) for i in instance_ids])
 
+    def forget_older_than(self, seconds: float, now: float | None = None) -> int:
+        """Drop rows of instances finished and purged more than ``seconds`` ago; returns how many.
+
+        Keeps the database small on a busy node.  Within the window a re-sent duplicate is
+        recognised; after it, it is translated again, to the same output UIDs (harmless).
+        """
+        now = time.time() if now is None else now
+        cutoff = now - seconds
+        with self._tx() as c:
+            ids = [r[0] for r in c.execute("SELECT id FROM instances INDEXED BY instances_state WHERE "
+                                           "state IN ('delivered','unmatched','unsupported') AND purged=1 "
+                                           "AND updated_at < ?", (cutoff,))]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                c.execute(f"DELETE FROM deliveries WHERE instance_id IN ({marks})", chunk)
+                c.execute(f"DELETE FROM instances WHERE id IN ({marks})", chunk)
+            c.execute("DELETE FROM studies WHERE state='released' AND last_received_at < ?", (cutoff,))
+        return len(ids)
+
     # -- operator commands -------------------------------------------------------------
     def retry_failed(self, now: float | None = None) -> tuple[int, int]:
         """Requeue failed deliveries and failed translations; returns (deliveries, instances)."""

@@ -237,13 +237,15 @@ def _device(device: str | None) -> str | None:
 
 
 class Housekeeper(_Loop):
-    """Removes partial files left in the spool's tmp/ by aborted transfers, once a minute."""
+    """Once a minute: sweep partial files of aborted transfers from the spool's tmp/, and
+    forget finished rows older than ``FORGET_AFTER`` (the database stays small)."""
 
     INTERVAL = 60.0
+    FORGET_AFTER = 30 * 86400.0  # duplicates re-sent within 30 days are recognised
 
-    def __init__(self, config: NodeConfig, spool: Spool, stop: threading.Event) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, stop: threading.Event) -> None:
         super().__init__("housekeeper", threading.Event(), stop)
-        self.config, self.spool = config, spool
+        self.config, self.spool, self.db = config, spool, db
         node = config.node
         self.max_age = 2 * max(node.network_timeout, node.dimse_timeout, node.acse_timeout) + 60
 
@@ -251,11 +253,15 @@ class Housekeeper(_Loop):
         while not self.stop_event.wait(self.INTERVAL):  # returns at once when the node stops
             try:
                 removed = self.spool.sweep_tmp(self.max_age)
-            except OSError as exc:
-                log.error("housekeeper: %s", exc)
+                forgotten = self.db.forget_older_than(self.FORGET_AFTER)
+            except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the node
+                log.error("housekeeper: %s: %s", exc.__class__.__name__, exc)
                 continue
             if removed:
                 log.info("removed %d partial file(s) of aborted transfers from the spool", removed)
+            if forgotten:
+                log.info("forgot %d instance(s) finished more than %d days ago", forgotten,
+                         self.FORGET_AFTER // 86400)
 
 
 class Broadcast:

@@ -133,3 +133,20 @@ def test_spool_sweep_removes_only_stale_partial_files(tmp_path):
     os.utime(stale, (old, old))
     assert spool.sweep_tmp(max_age=600) == 1
     assert not stale.exists() and fresh.exists()
+
+
+def test_old_finished_rows_are_forgotten(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    old_id, _ = receive(db, "1.1", study="7.1", now=0.0)
+    new_id, _ = receive(db, "1.2", study="7.2", now=0.0)
+    db.release_stable_studies(1.0, now=5.0)
+    for iid, sop in ((old_id, "9.1"), (new_id, "9.2")):
+        db.mark_translated(iid, [NewDelivery("pacs", "output", sop, f"/out/{sop}.dcm")], now=6.0)
+    (d_old, d_new) = db.due_deliveries(now=6.0)
+    db.record_delivery_results([(d_old, True, None)], 3, lambda a: 1.0, now=10.0)
+    db.record_delivery_results([(d_new, True, None)], 3, lambda a: 1.0, now=1000.0)
+    db.mark_purged([old_id])  # only purged rows may go (their files are gone)
+    assert db.forget_older_than(500.0, now=1100.0) == 1
+    assert states(db) == {"1.2": "delivered"}
+    assert db._query("SELECT COUNT(*) FROM deliveries")[0][0] == 1
+    assert receive(db, "1.1", study="7.1", now=1200.0)[1] is True  # forgotten: new again
