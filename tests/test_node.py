@@ -394,13 +394,14 @@ def test_embedded_default_config_end_to_end(tmp_path, monkeypatch, caplog):
     config.study_stable_seconds = 0.2
     config.storage.min_free_bytes = 0
     caplog.set_level(logging.INFO, logger="dicom_node")
+    bundled = bundled_model_path("default").exists()  # before the start: decides what the node does
     with Node(config) as node:
         ds = study(1)[0]
         assert send(node.port, [ds], called="DEFAULT_STYLE") == [0]
         assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 60)
     assert (tmp_path / "spool" / "state.db").is_file()
     untrained_warning = any("UNTRAINED" in r.getMessage() for r in caplog.records)
-    assert untrained_warning == (not bundled_model_path("default").exists())
+    assert untrained_warning == (not bundled)
 
 
 def test_a_hanging_destination_does_not_delay_the_others(tmp_path, tiny_model_path):
