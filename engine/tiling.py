@@ -284,16 +284,21 @@ class _Stats:
 
     def add(self, out: torch.Tensor) -> None:
         """``out``: (B, C, h, w) tiles; each tile contributes its own output region only."""
-        # Two passes within the tile (mean, then squared deviations) keep fp32 accurate even
-        # when a channel's mean is large against its spread; vector_norm is ~10x faster on CPU
-        # than torch.var_mean.
-        f = out.float().flatten(2)
-        mean = f.mean(dim=2, keepdim=True)
-        m2 = torch.linalg.vector_norm(f - mean, dim=2) ** 2
-        mean = mean[:, :, 0]
-        nb = f.shape[2]
+        # One pass for sum and sum of squares (vector_norm: ~10x faster than torch.var_mean on
+        # CPU, no temporary).  sum(x^2) - n*mean^2 loses accuracy when a channel's mean is large
+        # against its spread, so such tiles are redone with two passes (mean, then deviations).
+        f = out.float()
+        nb = f.shape[2] * f.shape[3]
+        s = f.sum(dim=(2, 3)).double()
+        sq = torch.linalg.vector_norm(f, dim=(2, 3)).double() ** 2
+        mean = s / nb
+        m2 = sq - s * mean
+        if bool((m2 < 1e-3 * sq).any()):
+            mean32 = f.mean(dim=(2, 3), keepdim=True)
+            m2 = (torch.linalg.vector_norm(f - mean32, dim=(2, 3)) ** 2).double()
+            mean = mean32[:, :, 0, 0].double()
         for b in range(out.shape[0]):
-            mb, m2b = mean[b].double(), m2[b].double()
+            mb, m2b = mean[b], m2[b]
             n = self.n + nb
             delta = mb - self.mean
             self.mean += delta * (nb / n)
@@ -385,27 +390,57 @@ class _Executor:
 
     # -- reading tiles -------------------------------------------------------------------------
 
-    def _read(self, x: _Lazy, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        """Evaluate ``x`` (raw + pending ops) on rows r0:r1, cols c0:c1, as fp32 on the device."""
-        t = x.raw[:, :, r0:r1, c0:c1].to(self.dev, torch.float32, non_blocking=True)
-        # .to() returns a view when nothing changes: never modify the stored map in place.
-        owned = t.untyped_storage().data_ptr() != x.raw.untyped_storage().data_ptr()
-        for op in x.ops:
+    def _eval_into(self, x: _Lazy, r0: int, r1: int, c0: int, c1: int, out: torch.Tensor) -> None:
+        """Write ``x`` (raw + pending ops) on rows r0:r1, cols c0:c1 into ``out`` (fp32, device).
+
+        The first normalisation is fused with the copy (addcmul into ``out``); the rest are
+        in place, so a tile costs one pass per op and no extra copy.
+        """
+        raw = x.raw[:, :, r0:r1, c0:c1]
+        if raw.device != self.dev:
+            raw = raw.to(self.dev, non_blocking=True)
+        ops = x.ops
+        if ops and ops[0][0] == "norm":
+            torch.addcmul(ops[0][1], raw, ops[0][2], out=out)
+            ops = ops[1:]
+        else:
+            out.copy_(raw)
+        for op in ops:
             kind = op[0]
-            if kind == "norm":  # (x - mean) * scale [+ bias], as one fused op
-                t = torch.addcmul(op[1], t, op[2])
-                owned = True
+            if kind == "norm":
+                out.mul_(op[2]).add_(op[1])
             elif kind == "relu":
-                t = t.relu_() if owned else t.relu()
-                owned = True
+                out.relu_()
             elif kind == "tanh":
-                t = t.tanh_() if owned else t.tanh()
-                owned = True
+                out.tanh_()
             elif kind == "add":
-                s = op[1][:, :, r0:r1, c0:c1].to(self.dev, torch.float32, non_blocking=True)
-                t = t.add_(s) if owned else t + s
-                owned = True
-        return t
+                out.add_(op[1][:, :, r0:r1, c0:c1].to(self.dev, non_blocking=True))
+
+    def _read(self, x: _Lazy, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """Evaluate ``x`` on rows r0:r1, cols c0:c1 as a new fp32 tensor on the device."""
+        out = torch.empty((1, x.shape[0], r1 - r0, c1 - c0), dtype=torch.float32, device=self.dev)
+        self._eval_into(x, r0, r1, c0, c1, out)
+        return out
+
+    def _read_windows(self, x: _Lazy, windows: list[tuple[int, int, int, int]], reflect: int) -> torch.Tensor:
+        """Evaluate ``x`` on same-sized windows (rows lo:hi, cols lo:hi; may reach outside the
+        image) into one fp32 batch, padded the way the network pads the map.
+
+        The in-image part is written straight into the batch buffer; the border strips are then
+        filled by reflection (within ``reflect`` of the image border) or zeros.  Same result as
+        ``F.pad`` after evaluation, without copying each tile a second time.
+        """
+        c, h, w = x.shape
+        lo_r, hi_r, lo_c, hi_c = windows[0]
+        mf = torch.channels_last if self.cl else torch.contiguous_format
+        buf = torch.empty((len(windows), c, hi_r - lo_r, hi_c - lo_c), dtype=torch.float32, device=self.dev,
+                          memory_format=mf)
+        for i, (lo_r, hi_r, lo_c, hi_c) in enumerate(windows):
+            a, b, cc, d = max(lo_r, 0), min(hi_r, h), max(lo_c, 0), min(hi_c, w)
+            view = buf[i:i + 1]
+            self._eval_into(x, a, b, cc, d, view[:, :, a - lo_r:b - lo_r, cc - lo_c:d - lo_c])
+            _fill_border(view, a - lo_r, hi_r - b, cc - lo_c, hi_c - d, reflect)
+        return buf
 
     def _new_map(self, c: int, h: int, w: int) -> torch.Tensor:
         mf = torch.channels_last if self.cl and self.sdev.type == "cuda" else torch.contiguous_format
@@ -488,17 +523,12 @@ class _Executor:
 
         jobs = [job(r, c) for r in rows for c in cols]
         for batch in _batches(jobs, self._batch_size(cin + cout, t)):
-            tiles = []
-            for (r, c), geo in batch:
-                lo_r, hi_r, lo_c, hi_c = geo[:4]
-                a, b, cc, d = max(lo_r, 0), min(hi_r, h), max(lo_c, 0), min(hi_c, w)
-                src = self._read(x, a, b, cc, d)
-                if kept is not None:
-                    kept[:, :, r[0]:r[1], c[0]:c[1]] = src[:, :, r[0] - a:r[1] - a, c[0] - cc:c[1] - cc].to(
-                        self.sdev, self.cdtype)
-                tiles.append(_pad_tile(src, lo_r, hi_r, lo_c, hi_c, h, w, reflect))
-            inp = self._prep(torch.cat(tiles) if len(tiles) > 1 else tiles[0])
-            out = F.conv2d(inp, wgt, bias, stride=(sh, sw))
+            src = self._read_windows(x, [geo[:4] for _rc, geo in batch], reflect)
+            if kept is not None:  # same-size conv: output region == input region
+                for i, ((r, c), geo) in enumerate(batch):
+                    kept[:, :, r[0]:r[1], c[0]:c[1]] = src[i:i + 1, :, r[0] - geo[0]:r[1] - geo[0],
+                                                           c[0] - geo[2]:c[1] - geo[2]].to(self.sdev, self.cdtype)
+            out = F.conv2d(self._prep(src), wgt, bias, stride=(sh, sw))
             if stats is not None:
                 stats.add(out)
             for i, ((r, c), _geo) in enumerate(batch):
@@ -544,13 +574,8 @@ class _Executor:
                 i0c, i1c = inputs_for(c[0], c[1], sw, pw, kw)
                 jobs.append(((r, c), (i0r, i1r, i0c, i1c, h, w, 0, 0)))
         for batch in _batches(jobs, self._batch_size(cin + cout, t)):
-            tiles = []
-            for (_r, _c), geo in batch:
-                i0r, i1r, i0c, i1c = geo[:4]
-                src = self._read(x, max(i0r, 0), min(i1r, h), max(i0c, 0), min(i1c, w))
-                tiles.append(_pad_tile(src, i0r, i1r, i0c, i1c, h, w, 0))
-            inp = self._prep(torch.cat(tiles) if len(tiles) > 1 else tiles[0])
-            full = F.conv_transpose2d(inp, wgt, bias, stride=(sh, sw))
+            src = self._read_windows(x, [geo[:4] for _rc, geo in batch], 0)  # zeros: no input there
+            full = F.conv_transpose2d(self._prep(src), wgt, bias, stride=(sh, sw))
             for i, ((r, c), geo) in enumerate(batch):
                 i0r, i0c = geo[0], geo[2]
                 y0, x0 = r[0] - i0r * sh + ph, c[0] - i0c * sw + pw
@@ -565,21 +590,29 @@ class _Executor:
 # Helpers
 
 
-def _pad_tile(src: torch.Tensor, lo_r: int, hi_r: int, lo_c: int, hi_c: int, h: int, w: int,
-              reflect: int) -> torch.Tensor:
-    """Pad a tile read from rows max(lo,0):min(hi,h) to rows lo:hi like the network pads the map.
+def _fill_border(t: torch.Tensor, top: int, bottom: int, left: int, right: int, reflect: int) -> None:
+    """Fill the border strips of a (1, C, H, W) window whose inner part is the image.
 
-    Rows within ``reflect`` of the image border are reflected (ReflectionPad2d), rows beyond
-    that are zeros (the convolution's own zero padding, or no input for transposed convs).
+    Up to ``reflect`` rows/columns next to the image edge mirror it (ReflectionPad2d: row -k
+    = row k); anything further out is zero (the convolution's own zero padding, or no input
+    for a transposed convolution).  Rows first, then columns over the full height, so the
+    corners match a 2-D reflection pad.
     """
-    top, bottom, left, right = max(0, -lo_r), max(0, hi_r - h), max(0, -lo_c), max(0, hi_c - w)
-    rt, rb, rl, rr = (min(reflect, v) for v in (top, bottom, left, right))
-    if rt or rb or rl or rr:
-        src = F.pad(src, (rl, rr, rt, rb), mode="reflect")
-    zt, zb, zl, zr = top - rt, bottom - rb, left - rl, right - rr
-    if zt or zb or zl or zr:
-        src = F.pad(src, (zl, zr, zt, zb))
-    return src
+    for dim, lo, hi in ((2, top, bottom), (3, left, right)):
+        n = t.shape[dim]
+        if lo:
+            r = min(reflect, lo)
+            if r:
+                t.narrow(dim, lo - r, r).copy_(t.narrow(dim, lo + 1, r).flip(dim))
+            if lo - r:
+                t.narrow(dim, 0, lo - r).zero_()
+        if hi:
+            e = n - hi - 1  # last row/column inside the image
+            r = min(reflect, hi)
+            if r:
+                t.narrow(dim, e + 1, r).copy_(t.narrow(dim, e - r, r).flip(dim))
+            if hi - r:
+                t.narrow(dim, e + 1 + r, hi - r).zero_()
 
 
 def _batches(jobs: list, size: int) -> Iterator[list]:
