@@ -37,11 +37,12 @@ clean:
 
 # The bundled style model dicom_node/models/default.safetensors (README "The bundled model"):
 # demo data (24 training + 6 held-out 1024^2 pairs, seed 0), `dicom-node train` (paired L1 x100 +
-# CycleGAN, residual ngf 16 / 4 blocks, 2000 steps of 4 patches of 96^2, one CPU thread),
-# export renamed "default", then `dicom-node evaluate` on the held-out pairs.  About 80 min on
-# one busy CPU core.  Everything lands in runs/default-model/ (git-ignored) except the model.
+# CycleGAN, residual ngf 16 / 4 blocks, 500 steps of 4 patches of 96^2 at a constant lr, one
+# CPU thread; longer runs scored worse on whole images, see README), export renamed "default",
+# then `dicom-node evaluate` on the held-out pairs and docs/preview.png.  About 12 min on one
+# busy CPU core.  Everything lands in runs/default-model/ (git-ignored) except the model.
 DEFAULT_MODEL_DIR ?= runs/default-model
-DEFAULT_MODEL_STEPS ?= 2000
+DEFAULT_MODEL_STEPS ?= 500
 .PHONY: default-model
 default-model: install
 	$(VENV)/bin/dicom-node demo-data $(DEFAULT_MODEL_DIR)/data --count 24 --test-count 6 --size 1024 --seed 0

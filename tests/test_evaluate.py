@@ -118,3 +118,21 @@ def test_seamless_engine_with_tiles(pairs_dir: Path, tiny_model_path: Path, tmp_
 def test_missing_pairs_is_a_user_error(identity_model: Path, tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--model", str(identity_model), str(tmp_path)]) == 1
     assert "A/ and B/" in capsys.readouterr().err
+
+
+def test_bundled_model_beats_identity(tmp_path: Path, capsys) -> None:
+    """The shipped 'default' model (style A -> B) loads and beats returning the input."""
+    from dicom_node.engine import load_style_model
+    from dicom_node.engine.model_file import bundled_model_path
+
+    assert bundled_model_path("default").is_file()
+    assert bundled_model_path("default").stat().st_size <= 20 * 1024 * 1024
+    model = load_style_model("default")
+    assert model.name == "default" and model.metadata["direction"] == "A->B"
+    pairs = tmp_path / "pairs"
+    assert main(["demo-data", str(pairs), "--count", "0", "--test-count", "2", "--size", "256", "--seed", "5"]) == 0
+    assert main(["evaluate", "--model", "default", str(pairs), "--out", str(tmp_path / "e"), "--no-panels"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["pairs"] == 2
+    assert line["psnr"] > line["identity_psnr"] + 1.0
+    assert line["ssim"] > line["identity_ssim"]
