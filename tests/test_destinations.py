@@ -396,7 +396,7 @@ def test_no_patient_data_in_logs(scps, tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def mixed_study(tmp_path_factory):
-    from tests.encodings import build_mixed_study
+    from tests.mixed_study import build_mixed_study
 
     require_tool("dcmcjpeg")
     return build_mixed_study(tmp_path_factory.mktemp("mixed"))

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from tests.certs import make_pki
-from tests.encodings import build_mixed_study
+from tests.mixed_study import build_mixed_study
 from tests.factory import make_dataset, write
 from tests.peers import (
     NodeProcess,

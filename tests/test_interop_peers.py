@@ -10,7 +10,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from tests.encodings import build_mixed_study
+from tests.mixed_study import build_mixed_study
 from tests.peers import (
     Orthanc,
     StoreSCP,
