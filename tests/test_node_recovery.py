@@ -162,6 +162,9 @@ def test_kill9_then_sigterm_while_processing_then_restart_delivers_exactly_once(
             assert node.terminate(timeout=20) == 0
             assert time.monotonic() - t0 < 10, "SIGTERM must stop the node within seconds"
             assert node.log().count("stopped") == 1
+            # SIGTERM lets the batch in flight finish, which may complete the study: the
+            # second restart has work to resume only if some was left.
+            left = not all_done(tmp_path, n)
 
             node.start()
             assert wait_for(lambda: all_done(tmp_path, n), 90)
@@ -177,7 +180,7 @@ def test_kill9_then_sigterm_while_processing_then_restart_delivers_exactly_once(
         # Only files of the association in flight at the kill can arrive twice (same UIDs):
         # the node records a batch's outcome when the batch ends.  SIGTERM lets it finish.
         assert len(uids) - len(expected) <= at_kill
-        assert node.log().count("resuming:") == 2
+        assert node.log().count("resuming:") == (2 if left else 1)
         assert_no_phi(node.log())
 
 
