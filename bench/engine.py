@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import machine_info  # noqa: E402  (bench/ is on sys.path when run as a script)
 from dicom_node.engine import new_style_model, translate  # noqa: E402
 from dicom_node.engine.model_file import StyleModel  # noqa: E402
 from dicom_node.engine.tiling import (  # noqa: E402
@@ -89,25 +90,6 @@ def monai_translate(model: StyleModel, image: np.ndarray, tile: int, overlap: fl
         y = sliding_window_inference(x, roi_size=(tile, tile), sw_batch_size=1, predictor=predictor,
                                      overlap=overlap, mode="gaussian")
     return torch.as_tensor(y)[0, 0, :h, :w].float().cpu().numpy().copy()
-
-
-def machine_info(dev: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "gpu": None}
-    if dev.type == "cuda":
-        p = torch.cuda.get_device_properties(dev)
-        info["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                       "bf16": torch.cuda.is_bf16_supported()}
-    return info
 
 
 def versions() -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 import numpy as np  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
@@ -74,36 +75,19 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 
 def machine_info() -> dict:
-    """CPU model, cores, GPU (if any) and library versions, for the results file."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The shared machine facts plus the DICOM stack's versions, for the results file."""
     versions = {"python": platform.python_version()}
     for mod in ("numpy", "pydicom", "pynetdicom", "torch", "dicom_node"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - informational only
             versions[mod] = None
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
-        pass
     dcmtk = None
     if shutil.which("storescu"):
         out = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout
         dcmtk = out.split("\n", 1)[0].strip()
     versions["dcmtk"] = dcmtk
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
-            "versions": versions, "loadavg_at_start": os.getloadavg()}
+    return {**machine.machine_info(), "versions": versions}
 
 
 def write_radiographs(folder: Path, count: int, rows: int, cols: int, *, study_uid: str | None = None,

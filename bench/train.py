@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from machine import machine_info  # bench/ is on sys.path when run as a script
 from dicom_node.train.cyclegan import CycleGAN
 from dicom_node.train.losses import ImagePool
 
@@ -82,26 +82,6 @@ class ClassicStep:
             loss_d = (F.mse_loss(pr, torch.ones_like(pr)) + F.mse_loss(pf, torch.zeros_like(pf))) * 0.5
             loss_d.backward()
         self.opt_d.step()
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "gpu": None}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
 
 
 def versions() -> dict:
