@@ -243,3 +243,17 @@ def test_lr_schedule_constant_then_linear_to_zero():
     assert [lr_factor(s, 10, 6) for s in (0, 5, 6, 8)] == [1.0, 1.0, 1.0, 0.5]
     assert lr_factor(9, 10, 6) == pytest.approx(0.25) and lr_factor(10, 10, 6) == 0.0
     assert lr_factor(50, 10, 20) == 1.0  # decay_from >= steps: constant
+
+
+def test_image_pool_survives_a_patch_size_change():
+    """A run resumed with another patch size must not crash on the stored history."""
+    import torch
+
+    from dicom_node.train.losses import ImagePool
+
+    pool = ImagePool(4, seed=0)
+    for _ in range(3):
+        pool.query(torch.zeros(2, 1, 64, 64))
+    out = pool.query(torch.ones(2, 1, 96, 96))
+    assert out.shape == (2, 1, 96, 96)
+    assert all(img.shape[-1] == 96 for img in pool.images)

@@ -34,6 +34,8 @@ class ImagePool:
     def query(self, images: torch.Tensor) -> torch.Tensor:
         if self.size == 0:
             return images
+        if self.images and self.images[0].shape[1:] != images.shape[1:]:
+            self.images = []
         out = []
         for image in images.detach():
             image = image.unsqueeze(0)
