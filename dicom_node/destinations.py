@@ -183,10 +183,15 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
             return fail_all(str(exc))
 
     connected: list[bool] = []  # set by EVT_CONN_OPEN: tells "refused/unreachable" from "aborted"
+
+    def on_open(event) -> None:
+        connected.append(True)
+        _no_delay(event)
+
     try:
         assoc = ae.associate(
             dest.host, int(dest.port), ae_title=dest.ae_title, tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
         )
     except (OSError, ValueError, RuntimeError) as exc:  # bad address, TLS failures raised early
         return fail_all(f"cannot connect to {_peer(dest)}: {exc.__class__.__name__}: {_first_line(exc)}")
@@ -225,6 +230,21 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
     ok = sum(r.ok for r in results)
     log.info("delivered %d/%d instance(s) to %s (%s)", ok, len(results), dest.name, _peer(dest))
     return results
+
+
+def _no_delay(event) -> None:
+    """Turn off Nagle's algorithm on our side of the association.
+
+    A C-STORE request ends in a small PDV that Nagle holds back until the peer's delayed ACK
+    (measured on loopback, 40 small instances to a pynetdicom SCP: 55 ms per instance with it,
+    9 ms without).
+    """
+    import socket
+
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass  # not a TCP socket (or already closed): nothing to tune
 
 
 def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -> DeliveryResult:
