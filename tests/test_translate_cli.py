@@ -106,13 +106,16 @@ def test_refusals_too_large_and_multi_frame(tiny_model_path, tmp_path, capsys):
     assert f"{big}: image too large" in err and f"{multi}: multi-frame" in err
 
 
-def test_missing_default_model_is_a_clear_error(tmp_path, capsys):
-    if bundled_model_path().exists():
-        pytest.skip("a bundled default model is installed")
+def test_bundled_model_name_resolves_and_unknown_name_is_a_clear_error(tmp_path, capsys):
+    """``--model default`` is the model shipped in the package; an unknown name is one line, exit 1."""
+    assert bundled_model_path().exists(), "the bundled default model must ship with the package"
     _image(tmp_path / "x.dcm")
     rc = main(["translate", "--model", "default", "-o", str(tmp_path / "out"), str(tmp_path / "x.dcm")])
+    assert rc == 0 and len(list((tmp_path / "out").glob("*.dcm"))) == 1
+    capsys.readouterr()
+    rc = main(["translate", "--model", "nosuchstyle", "-o", str(tmp_path / "out2"), str(tmp_path / "x.dcm")])
     err = capsys.readouterr().err
-    assert rc == 1 and "no bundled default model" in err and len(err.strip().splitlines()) == 1
+    assert rc == 1 and "nosuchstyle" in err and "not found" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_arguments_are_user_errors(tiny_model_path, tmp_path, capsys):
