@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from dicom_node.cli import main
