@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402  (bench/ is on sys.path when run as a script)
+from tests.factory import trained_like_generator  # noqa: E402
 from dicom_node.engine import new_style_model, translate  # noqa: E402
 from dicom_node.engine.model_file import StyleModel  # noqa: E402
 from dicom_node.engine.tiling import (  # noqa: E402
@@ -52,22 +53,6 @@ def phantom(size: int, seed: int = 0) -> np.ndarray:
     ribs = 0.15 * (np.sin(y * 40) > 0.6)
     img = 0.15 + 0.6 * body + ribs * body + 0.02 * rng.standard_normal((size, size)).astype(np.float32)
     return (np.clip(img, 0, 1) * 2 - 1).astype(np.float32)
-
-
-def trained_like(ngf: int, blocks: int, seed: int = 11) -> torch.nn.Module:
-    """Same recipe as tests/test_tiling.py: residual, He-scaled weights, biases N(0, 0.5)."""
-    gen = new_style_model(ngf=ngf, n_blocks=blocks, residual=True, seed=seed)
-    rng = torch.Generator().manual_seed(seed)
-    convs = [m for m in gen.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-    with torch.no_grad():
-        for m in convs:
-            w = m.weight
-            fan_in = w[0].numel() if isinstance(m, torch.nn.Conv2d) else w.shape[0] * w[0, 0].numel()
-            w.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=rng)
-            m.bias.normal_(0.0, 0.5, generator=rng)
-        convs[-1].weight.mul_(0.2)
-        convs[-1].bias.mul_(0.2)
-    return gen.eval()
 
 
 def monai_translate(model: StyleModel, image: np.ndarray, tile: int, overlap: float, dev: torch.device,
@@ -120,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = resolve_device(args.device)
     gen = (new_style_model(ngf=args.ngf, n_blocks=args.blocks, seed=0) if args.init == "fresh"
-           else trained_like(args.ngf, args.blocks))
+           else trained_like_generator(args.ngf, args.blocks))
     model = StyleModel(gen, {"name": f"bench-{args.init}"})
     image = phantom(args.size)
     flops = conv_flops(gen, args.size, args.size)

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from tests.factory import make_dataset, phantom  # noqa: E402
+from tests.peers import wait_for_port  # noqa: E402
 
 CALLED_AE = "BENCH_STYLE"
 LOOPBACK = "127.0.0.1"
@@ -48,19 +49,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
 
 
 def stop(proc: subprocess.Popen | None) -> None:
@@ -164,7 +152,7 @@ class Storescp:
             [sys.executable, "-m", "pynetdicom", "storescp", str(self.port), "-aet", ae_title, "-od", str(self.out),
              *pdu, "-ba", LOOPBACK, "-q"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.proc)
+        wait_for_port(self.port, timeout=60.0, proc=self.proc)
 
     def files(self) -> list[Path]:
         return [p for p in self.out.iterdir() if p.is_file()]
@@ -203,7 +191,7 @@ class Node:
         self.logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(cfg)],
                                      stdout=self.logf, stderr=subprocess.STDOUT, cwd=str(self.dir))
-        wait_for_port(self.port, self.proc)
+        wait_for_port(self.port, timeout=60.0, proc=self.proc)
 
     def stop(self) -> None:
         stop(self.proc)
