@@ -9,14 +9,13 @@ same SOP Instance UID, and the folder destination treats an identical file as de
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from dicom_node.atomic import atomic_write, fsync_dir
 from dicom_node.config import DestinationSettings
 
 __all__ = ["DeliveryResult", "deliver", "deliver_dicom", "deliver_folder", "valid_uid"]
@@ -374,7 +373,7 @@ def _copy_one(root: Path, src: Path) -> DeliveryResult:
         if final.is_file() and _same_content(src, final):
             return DeliveryResult(src, True)  # already delivered: idempotent resend
         _mkdirs(root, folder)
-        _atomic_copy(src, final)
+        atomic_write(final, lambda tmp: shutil.copyfile(src, tmp), mode=0o644)
     except OSError as exc:
         return DeliveryResult(src, False, error=f"cannot write to folder destination: {exc.strerror or exc}")
     return DeliveryResult(src, True)
@@ -388,7 +387,7 @@ def _mkdirs(root: Path, folder: Path) -> None:
             p.mkdir(parents=True, exist_ok=True)
             created.append(p)
     for p in created:
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -401,39 +400,3 @@ def _same_content(a: Path, b: Path) -> bool:
                 return False
             if not ca:
                 return True
-
-
-def _atomic_copy(src: Path, final: Path) -> None:
-    """Temp file in the same folder, fsync, rename over the target, fsync the folder.
-
-    A reader of the folder never sees a partial file, and after a crash the file is either
-    the old one or the complete new one.
-    """
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as fin:
-            shutil.copyfileobj(fin, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)

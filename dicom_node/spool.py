@@ -26,18 +26,11 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-__all__ = ["Spool", "fsync_dir"]
+from dicom_node.atomic import fsync_dir
+
+__all__ = ["Spool"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def safe_name(text: str) -> str:

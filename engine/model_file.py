@@ -9,13 +9,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dicom_node.atomic import atomic_write
 from dicom_node.errors import UserError
 
 from .generator import ResnetGenerator
@@ -169,17 +169,7 @@ def save_style_model(
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in generator.state_dict().items()}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def new_style_model(ngf: int = 64, n_blocks: int = 9, residual: bool = False, seed: int = 0) -> ResnetGenerator:

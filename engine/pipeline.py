@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+
+from dicom_node.atomic import atomic_write
 
 from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, output_window, read_dicom,
                      to_output_pixels)
@@ -100,23 +101,12 @@ def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | o
     out_dir = Path(outdir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / output_filename(result.sc)
-    _atomic_write(target, lambda tmp: result.sc.save_as(tmp, enforce_file_format=True))
+    atomic_write(target, lambda tmp: result.sc.save_as(tmp, enforce_file_format=True), durable=False)
     if preview:
         png = target.with_suffix(".png")
-        _atomic_write(png, lambda tmp: _preview_image(result.model_input, result.model_output).save(tmp, "PNG"))
+        atomic_write(png, lambda tmp: _preview_image(result.model_input, result.model_output).save(tmp, "PNG"),
+                     durable=False)
     return target
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write via a temp file in the same folder + rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _preview_image(x: np.ndarray, y: np.ndarray, max_height: int = 1024):

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.atomic import atomic_write
 from dicom_node.errors import UserError
 
 __all__ = ["DomainData", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
@@ -163,9 +164,7 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
             data.arrays.append(np.load(cache / entry["file"], mmap_mode="r"))
             data.content.append(np.load(cache / entry["content"]))
     if changed and write_cache:
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_path)
+        atomic_write(index_path, lambda tmp: tmp.write_text(json.dumps(index)), durable=False)
     if data.skipped_unreadable and write_cache:
         log.warning("domain %s: %d of %d files unreadable and skipped", label, data.skipped_unreadable, len(files))
     if len(data) < min_images:
@@ -179,10 +178,11 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            np.save(f, array)
+
+    atomic_write(path, write, durable=False)
 
 
 def paired_indices(a: DomainData, b: DomainData) -> list[tuple[int, int]]:

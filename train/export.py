@@ -11,14 +11,13 @@ config in the provenance metadata.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dicom_node.atomic import atomic_write
 from dicom_node.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
@@ -58,14 +57,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], sampler_sta
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "step": int(step), "state": state,
                "sampler": sampler_state, "meta": json.dumps(meta)}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=False)
     for _, old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
     return path
