@@ -45,13 +45,19 @@ from dicom_node.errors import UserError
 from .generator import ResnetBlock
 from .model_file import StyleModel
 
-__all__ = ["translate", "translate_naive", "resolve_device", "choose_plan", "Plan", "conv_flops"]
+__all__ = ["translate", "translate_naive", "resolve_device", "choose_plan", "Plan", "conv_flops", "seam_lines",
+           "SEAMLESS_MEAN_BOUND", "SEAMLESS_MAX_BOUND"]
 
 # Fraction of free accelerator memory (or available host memory on CPU) the engine may use.
 MEMORY_FRACTION = float(os.environ.get("DICOM_NODE_MEMORY_FRACTION", "0.6"))
 # Tile sizes tried (largest first) when the engine chooses and the whole image does not fit.
 _TILE_CANDIDATES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64)
 _MIN_SIDE = 16  # smaller images are padded to this so every reflection pad is valid
+# "Seamless" as measured: mean and max |tiled - whole-image pass| as fractions of the output
+# range (tests, `dicom-node evaluate`).  The executor stays orders of magnitude below them;
+# naive tiling exceeds both.
+SEAMLESS_MEAN_BOUND = 0.005
+SEAMLESS_MAX_BOUND = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +139,33 @@ def translate_naive(
                 acc[0, 0, y0:y0 + th, x0:x0 + tw] += out[0, 0] * wt
                 wsum[0, 0, y0:y0 + th, x0:x0 + tw] += wt
     return (acc / wsum)[0, 0, :h, :w].cpu().numpy().copy()
+
+
+def seam_lines(n: int, tile: int, overlap: float = 0.25) -> list[tuple[float, int]]:
+    """Where tiles meet along one image axis of ``n`` output pixels: ``(centre, width)`` pairs.
+
+    Why: a seam metric must look where a seam could be.  Tiles of ``tile`` pixels meet in two
+    ways: the overlapping output tiles of the last layer (also :func:`translate_naive`'s
+    tiles) are blended over ``width`` pixels around ``centre``; the executor's other
+    full-resolution layers abut on a balanced grid (``width`` 0, the line between pixels
+    ``centre - 1`` and ``centre``).  Empty for ``tile`` 0 or a tile covering the axis.
+    Coordinates are of the padded image the engine runs on (multiples of 4); positions past
+    a smaller image's edge are simply outside it.
+    """
+    if tile <= 0:
+        return []
+    t = _round_up(int(tile), 4)
+    n_pad = max(_round_up(int(n), 4), _MIN_SIDE)
+    if t >= n_pad:
+        return []
+    starts = _overlapping_starts(n_pad, t, overlap)
+    lines: dict[float, int] = {}
+    for s0, s1 in zip(starts, starts[1:]):
+        width = max(0, s0 + t - s1)
+        lines[(s1 + s0 + t) / 2 if width else float(s1)] = width
+    for lo, _hi in _grid(n_pad, t)[1:]:
+        lines.setdefault(float(lo), 0)
+    return sorted(lines.items())
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

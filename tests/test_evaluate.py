@@ -53,16 +53,61 @@ def test_ssim_known_answers() -> None:
     assert 0.99 < ssim(mid, mid + 0.05) < 1.0
 
 
+def _ratio(totals: tuple[float, int, float, int]) -> float:
+    b, nb, o, no = totals
+    return (b / nb) / (o / no)
+
+
 def test_seam_energy_finds_tile_steps() -> None:
+    """Hard and blended tone steps on the engine's tile layout stand out; smooth anatomy does not."""
+    import torch
+
+    from dicom_node.engine.tiling import _overlapping_starts, _ramp_weights, seam_lines
+
     rng = np.random.default_rng(2)
-    yy, xx = np.mgrid[0:128, 0:128]
-    smooth = 0.3 * np.sin(xx / 9.0) * np.cos(yy / 13.0) + rng.normal(0, 0.002, (128, 128))
-    b, nb, o, no = seam_energy(smooth, 32)
-    assert 0.6 < (b / nb) / (o / no) < 1.6  # no seams: border steps look like any others
-    steps = smooth + np.kron(rng.normal(0, 0.2, (4, 4)), np.ones((32, 32)))  # a tone jump per 32px tile
-    b, nb, o, no = seam_energy(steps, 32)
-    assert (b / nb) / (o / no) > 20
-    assert nb == 2 * 3 * 128  # 3 inner borders per axis, 128 pixels long
+    n, tile = 512, 128
+    yy, xx = np.mgrid[0:n, 0:n]
+    smooth = 0.1 * np.sin(xx / 50.0) * np.cos(yy / 65.0) + rng.normal(0, 0.02, (n, n))  # ~ a model's change
+    assert 0.6 < _ratio(seam_energy(smooth, tile)) < 1.6  # no seams: border steps look like any others
+
+    # Hard tiles (overlap 0: the tiles abut at the seam lines): one tone offset per tile.
+    edges = [0] + [int(c) for c, _w in seam_lines(n, tile, 0.0)] + [n]
+    assert edges == [0, 128, 256, 384, 512]
+    offsets = rng.normal(0, 0.05, (4, 4))
+    hard = smooth + np.kron(offsets, np.ones((tile, tile)))
+    assert _ratio(seam_energy(hard, tile, 0.0)) > 8
+
+    # Blended tiles: one offset per tile of a sliding window, raised-cosine ramps over the overlaps.
+    starts = _overlapping_starts(n, tile, 0.25)
+    assert len(starts) == 5 and len([w for _c, w in seam_lines(n, tile, 0.25) if w]) == 4
+    weights = np.zeros((len(starts), n))
+    for k, s0 in enumerate(starts):
+        weights[k, s0:s0 + tile] = _ramp_weights(starts, k, tile, torch.device("cpu")).numpy()
+    weights /= weights.sum(axis=0)
+    offsets = rng.normal(0, 0.05, (len(starts), len(starts)))
+    blended = smooth + np.einsum("iy,ij,jx->yx", weights, offsets, weights)
+    assert _ratio(seam_energy(blended, tile, 0.25)) > 3
+
+
+def test_seam_ratio_and_deviation_flag_naive_tiling(tmp_path: Path) -> None:
+    """On a real (demo) radiograph: the engine's tiling scores like no tiling, a naive one does not."""
+    from dicom_node.engine import load_style_model, translate
+    from dicom_node.engine.pixels import normalize, read_dicom
+    from dicom_node.engine.tiling import SEAMLESS_MAX_BOUND, translate_naive
+
+    model = load_style_model("default")  # a trained generator, so the change has structure
+    assert main(["demo-data", str(tmp_path), "--count", "0", "--test-count", "1", "--size", "512", "--seed", "4"]) == 0
+    _, img = read_dicom(tmp_path / "test" / "A" / "0000_chest.dcm")
+    x = normalize(img, model.normalization)
+    whole = translate(model, x, tile=0)
+    seamless = translate(model, x, tile=128)
+    naive = translate_naive(model, x, tile=128, overlap=0.0)
+    assert np.abs(seamless - whole).max() / 2 < SEAMLESS_MAX_BOUND
+    assert np.abs(naive - whole).max() / 2 > SEAMLESS_MAX_BOUND
+    assert 0.5 < _ratio(seam_energy(seamless - x, 128)) < 1.6
+    assert _ratio(seam_energy(naive - x, 128, 0.0)) > 10  # hard seams (measured 46)
+    blended = translate_naive(model, x, tile=128, overlap=0.25)
+    assert _ratio(seam_energy(blended - x, 128, 0.25)) > 2  # per-tile tone smeared over the overlap (3.8)
 
 
 def test_identity_model_output_equals_input(pairs_dir: Path, identity_model: Path, tmp_path: Path, capsys) -> None:
@@ -70,13 +115,15 @@ def test_identity_model_output_equals_input(pairs_dir: Path, identity_model: Pat
     assert main(["evaluate", "--model", str(identity_model), str(pairs_dir), "--out", str(out), "--tile", "64",
                  "--preview", str(out / "preview.png")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("psnr", "ssim", "identity_psnr", "identity_ssim", "seam_ratio"):
+    for key in ("psnr", "ssim", "identity_psnr", "identity_ssim", "seam_ratio", "seam_max_deviation",
+                "seam_mean_deviation", "seamless"):
         assert key in line
-    assert line["pairs"] == 2 and line["direction"] == "A->B" and line["tile"] == 64
+    assert line["pairs"] == 2 and line["direction"] == "A->B" and line["tile"] == 64 and line["seam_tile"] == 64
     assert line["psnr"] == line["identity_psnr"]
     assert line["ssim"] == line["identity_ssim"]
     assert 10 < line["identity_psnr"] < 35 and line["identity_ssim"] < 0.99  # the styles differ
     assert line["seam_ratio"] == 1.0  # no change at all, so no seams
+    assert line["seam_max_deviation"] == 0.0 and line["seamless"] is True
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["psnr"] == line["psnr"] and len(saved["images"]) == 2
     panels = sorted((out / "panels").glob("*.png"))
@@ -113,6 +160,21 @@ def test_seamless_engine_with_tiles(pairs_dir: Path, tiny_model_path: Path, tmp_
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["psnr"] != line["identity_psnr"]
     assert 0.5 < line["seam_ratio"] < 1.5
+    assert line["seamless"] is True and line["seam_max_deviation"] < 1e-3  # % of the range
+
+
+def test_default_tiling_gets_a_seam_check_pass(pairs_dir: Path, tiny_model_path: Path, tmp_path: Path,
+                                               capsys) -> None:
+    """The engine translates these small images in one pass; the seam check tiles them anyway."""
+    assert main(["evaluate", "--model", str(tiny_model_path), str(pairs_dir), "--out", str(tmp_path / "t"),
+                 "--no-panels"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["tile"] == 0 and line["seam_tile"] == SIZE // 2  # 256 would cover the 128 px image
+    assert line["seamless"] is True and line["seam_ratio"] is not None
+    assert main(["evaluate", "--model", str(tiny_model_path), str(pairs_dir), "--out", str(tmp_path / "u"),
+                 "--no-panels", "--no-seam-check"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["seamless"] is None and line["seam_ratio"] is None and line["seam_max_deviation"] is None
 
 
 def test_missing_pairs_is_a_user_error(identity_model: Path, tmp_path: Path, capsys) -> None:

@@ -13,13 +13,21 @@ import torch
 
 from dicom_node.engine import new_style_model, translate
 from dicom_node.engine.model_file import StyleModel
-from dicom_node.engine.tiling import choose_plan, conv_flops, resolve_device, translate_naive
+from dicom_node.engine.tiling import (
+    SEAMLESS_MAX_BOUND,
+    SEAMLESS_MEAN_BOUND,
+    choose_plan,
+    conv_flops,
+    resolve_device,
+    seam_lines,
+    translate_naive,
+)
 from dicom_node.errors import UserError
 from tests.factory import phantom, trained_like_generator
 
 RANGE = 2.0  # outputs live in [-1, 1]
-MEAN_BOUND = 0.005 * RANGE
-MAX_BOUND = 0.05 * RANGE
+MEAN_BOUND = SEAMLESS_MEAN_BOUND * RANGE
+MAX_BOUND = SEAMLESS_MAX_BOUND * RANGE
 
 
 def _image(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -176,3 +184,23 @@ def test_device_resolution():
 def test_flop_count_matches_the_design_notes():
     gen = new_style_model(ngf=64, n_blocks=9)
     assert conv_flops(gen, 256, 256) == pytest.approx(97.5e9, rel=0.02)
+
+
+def test_seam_lines_are_where_naive_tiles_meet() -> None:
+    """seam_lines (used by the seam metric) names the engine's tile layout: blend zones of the
+    overlapping output tiles plus the full-resolution grid, where hard tiles abut."""
+    assert seam_lines(1024, 0) == [] and seam_lines(200, 256) == []
+    assert seam_lines(1024, 256, 0.0) == [(256.0, 0), (512.0, 0), (768.0, 0)]
+    lines = seam_lines(1024, 256, 0.25)
+    assert [w for _c, w in lines if w] == [64, 64, 64, 64]  # 5 tiles overlapping by 64 px
+    assert {c for c, w in lines if not w} == {256.0, 512.0, 768.0}
+    model = StyleModel(trained_like_generator(ngf=4, blocks=1, seed=3), {})
+    x = _image(256, 256, seed=5)
+    err = translate_naive(model, x, tile=64, overlap=0.0) - translate(model, x, tile=0)
+    steps = np.abs(np.diff(err.mean(axis=0)))  # steps[j]: between columns j and j+1, coherent over rows
+    lines = [int(c) for c, _w in seam_lines(256, 64, 0.0)]
+    assert lines == [64, 128, 192]
+    # The largest steps of the tiling error sit at the lines (within the few pixels where a
+    # tile's own padding reaches; by chance each would have a ~10 % probability).
+    for j in np.argsort(steps)[-5:]:
+        assert min(abs(int(j) + 1 - c) for c in lines) <= 4, (int(j) + 1, lines)
