@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +12,16 @@ INTEROP = os.environ.get("DICOM_NODE_INTEROP") == "1"
 
 
 def require_tool(name: str) -> str:
-    """Path of an external tool; skip when missing, fail under DICOM_NODE_INTEROP=1 (CI)."""
-    path = shutil.which(name)
+    """Path of an external tool; skip when missing, fail under DICOM_NODE_INTEROP=1 (CI).
+
+    The virtual environment's own bin/ is skipped: pynetdicom installs apps named like
+    dcmtk's (storescp, storescu, echoscu, ...), which shadow the real dcmtk tools once the
+    venv is activated.
+    """
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    search = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                             if d and Path(d).resolve() != venv_bin)
+    path = shutil.which(name, path=search)
     if path is None:
         if INTEROP:
             pytest.fail(f"{name} is required when DICOM_NODE_INTEROP=1 but is not installed")
