@@ -12,7 +12,25 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_write", "fsync_dir", "umask_mode"]
+
+
+def umask_mode() -> int:
+    """The mode an ordinarily created file gets (0666 minus the umask).
+
+    For files meant to be shared, such as style models: a temp file is 0600, and a model
+    copied from it as root into /etc/dicom-node/models would stay unreadable to the service.
+    Read from /proc (thread-safe); elsewhere the umask is set and restored.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return 0o666 & ~current
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

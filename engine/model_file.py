@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dicom_node.atomic import atomic_write
+from dicom_node.atomic import atomic_write, umask_mode
 from dicom_node.errors import UserError
 
 from .generator import ResnetGenerator
@@ -151,7 +151,7 @@ def save_style_model(
     provenance: dict[str, Any] | None = None,
     description: str = "",
 ) -> Path:
-    """Write a style model atomically (temp file + fsync + rename)."""
+    """Write a style model atomically (temp file + fsync + rename), with the umask's file mode."""
     from safetensors.torch import save_file
 
     meta = {
@@ -169,7 +169,7 @@ def save_style_model(
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in generator.state_dict().items()}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta), mode=umask_mode())
 
 
 def new_style_model(ngf: int = 64, n_blocks: int = 9, residual: bool = False, seed: int = 0) -> ResnetGenerator:

@@ -24,6 +24,22 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
         assert torch.equal(model.generator(x), gen(x))
 
 
+def test_saved_model_has_the_umask_mode(tmp_path):
+    """A model is meant to be shared (copied to /etc/dicom-node/models for the service user):
+    it gets the mode of an ordinary file, not the temp file's 0600."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_style_model(new_style_model(ngf=4, n_blocks=1), tmp_path / "m.safetensors", name="m")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        path = save_style_model(new_style_model(ngf=4, n_blocks=1), tmp_path / "p.safetensors", name="p")
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_init_is_deterministic_and_standard(tmp_path):
     a, b = new_style_model(ngf=8, n_blocks=1, seed=5), new_style_model(ngf=8, n_blocks=1, seed=5)
     for pa, pb in zip(a.parameters(), b.parameters()):
