@@ -53,9 +53,9 @@ def test_ssim_known_answers() -> None:
     assert 0.99 < ssim(mid, mid + 0.05) < 1.0
 
 
-def _ratio(totals: tuple[float, int, float, int]) -> float:
-    b, nb, o, no = totals
-    return (b / nb) / (o / no)
+def _ratio(with_seams: np.ndarray, reference: np.ndarray, tile: int, overlap: float = 0.25) -> float:
+    """evaluate's seam ratio for one image: border step energy, tiled over whole-image pass."""
+    return seam_energy(with_seams, tile, overlap)[0] / seam_energy(reference, tile, overlap)[0]
 
 
 def test_seam_energy_finds_tile_steps() -> None:
@@ -68,14 +68,17 @@ def test_seam_energy_finds_tile_steps() -> None:
     n, tile = 512, 128
     yy, xx = np.mgrid[0:n, 0:n]
     smooth = 0.1 * np.sin(xx / 50.0) * np.cos(yy / 65.0) + rng.normal(0, 0.02, (n, n))  # ~ a model's change
-    assert 0.6 < _ratio(seam_energy(smooth, tile)) < 1.6  # no seams: border steps look like any others
+    total, count = seam_energy(smooth, tile)
+    assert count == 2 * (4 + 3) * (n // 32)  # 4 blend zones + 3 grid lines per axis, one step per 32 px
+    noisier = smooth + rng.normal(0, 0.02, (n, n))  # more noise, no seams: the ratio hardly moves
+    assert 0.8 < _ratio(noisier, smooth, tile) < 1.25
 
     # Hard tiles (overlap 0: the tiles abut at the seam lines): one tone offset per tile.
     edges = [0] + [int(c) for c, _w in seam_lines(n, tile, 0.0)] + [n]
     assert edges == [0, 128, 256, 384, 512]
     offsets = rng.normal(0, 0.05, (4, 4))
     hard = smooth + np.kron(offsets, np.ones((tile, tile)))
-    assert _ratio(seam_energy(hard, tile, 0.0)) > 8
+    assert _ratio(hard, smooth, tile, 0.0) > 8
 
     # Blended tiles: one offset per tile of a sliding window, raised-cosine ramps over the overlaps.
     starts = _overlapping_starts(n, tile, 0.25)
@@ -86,7 +89,7 @@ def test_seam_energy_finds_tile_steps() -> None:
     weights /= weights.sum(axis=0)
     offsets = rng.normal(0, 0.05, (len(starts), len(starts)))
     blended = smooth + np.einsum("iy,ij,jx->yx", weights, offsets, weights)
-    assert _ratio(seam_energy(blended, tile, 0.25)) > 3
+    assert _ratio(blended, smooth, tile) > 3
 
 
 def test_seam_ratio_and_deviation_flag_naive_tiling(tmp_path: Path) -> None:
@@ -104,10 +107,10 @@ def test_seam_ratio_and_deviation_flag_naive_tiling(tmp_path: Path) -> None:
     naive = translate_naive(model, x, tile=128, overlap=0.0)
     assert np.abs(seamless - whole).max() / 2 < SEAMLESS_MAX_BOUND
     assert np.abs(naive - whole).max() / 2 > SEAMLESS_MAX_BOUND
-    assert 0.5 < _ratio(seam_energy(seamless - x, 128)) < 1.6
-    assert _ratio(seam_energy(naive - x, 128, 0.0)) > 10  # hard seams (measured 46)
+    assert _ratio(seamless - x, whole - x, 128) == pytest.approx(1.0, abs=1e-3)
+    assert _ratio(naive - x, whole - x, 128, 0.0) > 10  # hard seams
     blended = translate_naive(model, x, tile=128, overlap=0.25)
-    assert _ratio(seam_energy(blended - x, 128, 0.25)) > 2  # per-tile tone smeared over the overlap (3.8)
+    assert _ratio(blended - x, whole - x, 128) > 2  # per-tile tone smeared over the overlap
 
 
 def test_identity_model_output_equals_input(pairs_dir: Path, identity_model: Path, tmp_path: Path, capsys) -> None:
@@ -159,7 +162,7 @@ def test_seamless_engine_with_tiles(pairs_dir: Path, tiny_model_path: Path, tmp_
                  "--tile", "64", "--no-panels"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["psnr"] != line["identity_psnr"]
-    assert 0.5 < line["seam_ratio"] < 1.5
+    assert line["seam_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert line["seamless"] is True and line["seam_max_deviation"] < 1e-3  # % of the range
 
 
@@ -183,7 +186,8 @@ def test_missing_pairs_is_a_user_error(identity_model: Path, tmp_path: Path, cap
 
 
 def test_bundled_model_beats_identity(tmp_path: Path, capsys) -> None:
-    """The shipped 'default' model (style A -> B) loads and beats returning the input."""
+    """The shipped 'default' model (style A -> B) loads and meets the issue's quality goals on
+    held-out demo pairs it never saw (PSNR >= 30 dB and >= identity + 6 dB), seamlessly."""
     from dicom_node.engine import load_style_model
     from dicom_node.engine.model_file import bundled_model_path
 
@@ -192,9 +196,10 @@ def test_bundled_model_beats_identity(tmp_path: Path, capsys) -> None:
     model = load_style_model("default")
     assert model.name == "default" and model.metadata["direction"] == "A->B"
     pairs = tmp_path / "pairs"
-    assert main(["demo-data", str(pairs), "--count", "0", "--test-count", "2", "--size", "256", "--seed", "5"]) == 0
+    assert main(["demo-data", str(pairs), "--count", "0", "--test-count", "2", "--size", "512", "--seed", "5"]) == 0
     assert main(["evaluate", "--model", "default", str(pairs), "--out", str(tmp_path / "e"), "--no-panels"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["pairs"] == 2
-    assert line["psnr"] > line["identity_psnr"] + 1.0
-    assert line["ssim"] > line["identity_ssim"]
+    assert line["psnr"] >= 30.0 and line["psnr"] >= line["identity_psnr"] + 6.0  # measured 33.5 vs 20.3
+    assert line["ssim"] > line["identity_ssim"] + 0.1
+    assert line["seamless"] is True
