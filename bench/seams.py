@@ -25,16 +25,14 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402  (bench/ is on sys.path when run as a script)
 from dicom_node.cli import main as cli  # noqa: E402
 from dicom_node.engine import load_style_model, translate  # noqa: E402
 from dicom_node.engine.pixels import normalize, read_dicom  # noqa: E402
-from dicom_node.engine.tiling import SEAMLESS_MAX_BOUND, SEAMLESS_MEAN_BOUND, translate_naive  # noqa: E402
-from dicom_node.evaluate import DATA_RANGE, seam_energy  # noqa: E402
+from dicom_node.engine.tiling import translate_naive  # noqa: E402
+from dicom_node.evaluate import compare_seams, seam_summary  # noqa: E402
 
 METHODS = {
     "seamless executor": lambda m, x, t: (translate(m, x, tile=t, overlap=0.25), 0.25),
@@ -63,23 +61,17 @@ def main() -> None:
     rows = []
     for tile in tiles:
         for name, run in METHODS.items():
-            totals = np.zeros(2)
-            means, maxes, per_image = [], [], []
+            checks = []
             for x, whole in zip(images, wholes):
                 y, overlap = run(model, x, tile)
-                t = np.array([seam_energy(y - x, tile, overlap)[0], seam_energy(whole - x, tile, overlap)[0]])
-                totals += t
-                per_image.append(round(float(t[0] / t[1]), 3))
-                dev = np.abs(y.astype(np.float64) - whole) / DATA_RANGE * 100
-                means.append(float(dev.mean()))
-                maxes.append(float(dev.max()))
+                checks.append(compare_seams(x, y, whole, tile, overlap))
+            pooled = seam_summary(checks)
             rows.append({"tile": tile, "method": name,
-                         "seam_ratio": round(float(totals[0] / totals[1]), 3),
-                         "seam_ratio_per_image": per_image,
-                         "mean_deviation_pct": float(f"{np.mean(means):.3g}"),
-                         "max_deviation_pct": float(f"{np.max(maxes):.3g}"),
-                         "seamless": bool(np.mean(means) <= 100 * SEAMLESS_MEAN_BOUND
-                                          and np.max(maxes) <= 100 * SEAMLESS_MAX_BOUND)})
+                         "seam_ratio": round(pooled["seam_ratio"], 3),
+                         "seam_ratio_per_image": [round(seam_summary([c])["seam_ratio"], 3) for c in checks],
+                         "mean_deviation_pct": float(f"{pooled['seam_mean_deviation']:.3g}"),
+                         "max_deviation_pct": float(f"{pooled['seam_max_deviation']:.3g}"),
+                         "seamless": pooled["seamless"]})
     result = {"benchmark": "seams", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info("cpu"), "model": model.name, "model_version": model.version,
               "images": [f.name for f in files], "size": args.size, "seed": args.seed, "rows": rows}

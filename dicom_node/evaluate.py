@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ import numpy as np
 
 from dicom_node.errors import UserError
 
-__all__ = ["DATA_RANGE", "psnr", "ssim", "seam_energy", "find_pairs", "panel", "preview", "evaluate_model"]
+__all__ = ["DATA_RANGE", "psnr", "ssim", "seam_energy", "SeamCheck", "compare_seams", "seam_summary", "find_pairs",
+           "panel", "preview", "evaluate_model"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,41 @@ def seam_energy(change: np.ndarray, tile: int, overlap: float = 0.25) -> tuple[f
             total += float((step ** 2).sum())
             count += int(step.size)
     return total, count
+
+
+@dataclass(frozen=True)
+class SeamCheck:
+    """One image's tiled pass compared with its whole-image pass (see :func:`compare_seams`)."""
+
+    max_deviation: float  # max |tiled - whole|, % of the range
+    mean_deviation: float  # mean |tiled - whole|, % of the range
+    energy_tiled: float  # seam_energy of the tiled pass's change
+    energy_whole: float  # the same lines in the whole-image pass
+
+
+def compare_seams(x: np.ndarray, tiled: np.ndarray, whole: np.ndarray, tile: int, overlap: float) -> SeamCheck:
+    """Deviation and border step energy of a tiled pass against the whole-image pass of ``x``."""
+    dev = np.abs(np.asarray(tiled, np.float64) - whole) / DATA_RANGE * 100.0
+    return SeamCheck(float(dev.max()), float(dev.mean()), seam_energy(tiled - x, tile, overlap)[0],
+                     seam_energy(whole - x, tile, overlap)[0])
+
+
+def seam_summary(checks: list[SeamCheck]) -> dict[str, Any]:
+    """Pooled over images: ``seam_ratio`` (energies summed first; 1 when both are equal, e.g.
+    0 for an identity model), ``seam_max_deviation`` (max), ``seam_mean_deviation`` (mean),
+    ``seamless`` (both within the engine's bound)."""
+    from dicom_node.engine.tiling import SEAMLESS_MAX_BOUND, SEAMLESS_MEAN_BOUND
+
+    tiled = sum(c.energy_tiled for c in checks)
+    whole = sum(c.energy_whole for c in checks)
+    max_dev = max(c.max_deviation for c in checks)
+    mean_dev = float(np.mean([c.mean_deviation for c in checks]))
+    return {
+        "seam_ratio": 1.0 if tiled == whole else (tiled / whole if whole > 0 else math.inf),
+        "seam_max_deviation": max_dev,
+        "seam_mean_deviation": mean_dev,
+        "seamless": bool(max_dev <= 100 * SEAMLESS_MAX_BOUND and mean_dev <= 100 * SEAMLESS_MEAN_BOUND),
+    }
 
 
 # --------------------------------------------------------------------------- data
@@ -221,6 +258,11 @@ def _seam_check_tile(shape: tuple[int, int], seam_tile: int) -> int:
     return max(64, (side // 2) // 4 * 4)
 
 
+def _sig3(v: float) -> float:
+    """Three significant digits (deviations span 1e-6 % to 100 %)."""
+    return float(f"{v:.3g}")
+
+
 def _finite(v: float) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), 4)
 
@@ -238,7 +280,6 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     """
     from dicom_node.engine import load_style_model, translate
     from dicom_node.engine.pixels import normalize, read_dicom
-    from dicom_node.engine.tiling import SEAMLESS_MAX_BOUND, SEAMLESS_MEAN_BOUND
 
     model = load_style_model(model_path)
     direction = direction or str(model.metadata.get("direction") or "A->B")
@@ -249,7 +290,7 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     (out / "panels").mkdir(parents=True, exist_ok=True)
     norm = model.normalization
     rows: list[dict[str, Any]] = []
-    seam = np.zeros(2)  # border step energy: tiled pass, whole-image pass
+    checks: list[SeamCheck] = []
     tiles_used: set[int] = set()
     seam_tiles: set[int] = set()
     t_total = 0.0
@@ -273,10 +314,11 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
             else:
                 whole, s_tile = y, _seam_check_tile(x.shape, seam_tile)
                 tiled = translate(model, x, tile=s_tile, overlap=overlap, device=device)
-            dev = np.abs(tiled.astype(np.float64) - whole) / DATA_RANGE * 100.0
-            row.update(seam_tile=s_tile, seam_max_deviation=float(dev.max()), seam_mean_deviation=float(dev.mean()))
+            check = compare_seams(x, tiled, whole, s_tile, overlap)
+            checks.append(check)
             seam_tiles.add(s_tile)
-            seam += [seam_energy(tiled - x, s_tile, overlap)[0], seam_energy(whole - x, s_tile, overlap)[0]]
+            row.update(seam_tile=s_tile, seam_max_deviation=_sig3(check.max_deviation),
+                       seam_mean_deviation=_sig3(check.mean_deviation))
         rows.append(row)
         if preview_path is not None and len(rows) == 1:
             Path(preview_path).parent.mkdir(parents=True, exist_ok=True)
@@ -286,9 +328,6 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         log.info("%s: psnr %.2f dB (identity %.2f), ssim %.4f (identity %.4f), %.2f s%s", name, row["psnr"],
                  row["identity_psnr"], row["ssim"], row["identity_ssim"], dt,
                  f", tiled vs whole max {row['seam_max_deviation']:.2g} % of range" if seam_check else "")
-    seam_ratio = None
-    if seam_check:
-        seam_ratio = 1.0 if seam[0] == seam[1] else (seam[0] / seam[1] if seam[1] > 0 else math.inf)
 
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in rows]))
@@ -296,8 +335,7 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     def one_or_all(values: set[int]) -> int | list[int] | None:
         return None if not values else (next(iter(values)) if len(values) == 1 else sorted(values))
 
-    max_dev = max(r["seam_max_deviation"] for r in rows) if seam_check else None
-    mean_dev = mean("seam_mean_deviation") if seam_check else None
+    seams = seam_summary(checks) if checks else {}
     summary: dict[str, Any] = {
         "model": model.name,
         "model_version": model.version,
@@ -307,20 +345,16 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         "ssim": _finite(mean("ssim")),
         "identity_psnr": _finite(mean("identity_psnr")),
         "identity_ssim": _finite(mean("identity_ssim")),
-        "seam_ratio": _finite(seam_ratio) if seam_ratio is not None else None,
+        "seam_ratio": _finite(seams["seam_ratio"]) if seams else None,
         "seam_tile": one_or_all(seam_tiles),
-        "seam_max_deviation": None if max_dev is None else float(f"{max_dev:.3g}"),
-        "seam_mean_deviation": None if mean_dev is None else float(f"{mean_dev:.3g}"),
-        "seamless": None if max_dev is None else bool(max_dev <= 100 * SEAMLESS_MAX_BOUND
-                                                     and mean_dev <= 100 * SEAMLESS_MEAN_BOUND),
+        "seam_max_deviation": _sig3(seams["seam_max_deviation"]) if seams else None,
+        "seam_mean_deviation": _sig3(seams["seam_mean_deviation"]) if seams else None,
+        "seamless": seams.get("seamless"),
         "tile": one_or_all(tiles_used),
         "seconds_per_image": round(t_total / max(len(rows), 1), 3),
     }
     for r in rows:
         for k in ("psnr", "ssim", "identity_psnr", "identity_ssim"):
             r[k] = _finite(r[k])
-        for k in ("seam_max_deviation", "seam_mean_deviation"):
-            if k in r:
-                r[k] = float(f"{r[k]:.3g}")
     (out / "metrics.json").write_text(json.dumps({**summary, "images": rows}, indent=2) + "\n")
     return summary
