@@ -1,17 +1,25 @@
-"""Write synthetic paired radiographs in two vendor styles as DICOM CR files.
+"""Write synthetic radiographs in two vendor styles as DICOM CR files, paired or unpaired.
 
 Layout (documented in docs/demo-data.md; the trainer's validation and ``evaluate`` rely on it)::
 
-    OUTDIR/A/NNNN_PART.dcm        training images, style A (MONOCHROME1)
-    OUTDIR/B/NNNN_PART.dcm        the same exposures, style B (MONOCHROME2)
+    OUTDIR/A/NNNN_PART.dcm        training images, style A (classic pair: MONOCHROME1)
+    OUTDIR/B/NNNN_PART.dcm        the same exposures, style B (classic pair: MONOCHROME2)
     OUTDIR/test/A/NNNN_PART.dcm   held-out pairs (other phantoms), style A
     OUTDIR/test/B/NNNN_PART.dcm   ... and style B
     OUTDIR/manifest.json          the parameters and the style definitions
 
 The same file name in A/ and B/ marks a pair: one phantom, one exposure (the same quantum
 noise), processed by the two styles.  Held-out images use indices after the training ones,
-so they are different phantoms.  Everything (pixels, UIDs, dates) is a pure function of
-(seed, index, size), so the same command writes byte-identical pixel data.
+so they are different phantoms.
+
+Unpaired (``unpaired=True``): ``A/aNNNN_PART.dcm`` are phantoms 0..count-1 in style A only,
+``B/bNNNN_PART.dcm`` phantoms count..2*count-1 in style B only (disjoint exposures, patients,
+studies and UIDs); ``test/`` holds true pairs of phantoms 2*count.. as in paired mode.
+
+``style_pair`` picks the two styles from :data:`dicom_node.styles.STYLE_PAIRS`.  Everything
+(pixels, UIDs, dates) is a pure function of (seed, index, size, style pair, mode), so the
+same command writes byte-identical files; the default (paired, classic) writes exactly what
+it wrote before style pairs and unpaired mode existed.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.errors import UserError
 from dicom_node.phantoms import Phantom, make_phantom, render
-from dicom_node.styles import MAX_VALUE, STYLES, VendorStyle, process, to_stored
+from dicom_node.styles import DEFAULT_STYLE_PAIR, STYLES, VendorStyle, get_style_pair, process, to_stored
 
 __all__ = ["CR_IMAGE_STORAGE", "DemoCase", "render_case", "case_dataset", "write_demo_data"]
 
@@ -41,12 +49,14 @@ MIN_SIZE, MAX_SIZE = 64, 4096
 
 @dataclass
 class DemoCase:
-    """One phantom exposure rendered in both styles (stored 12-bit values)."""
+    """One phantom exposure rendered in one or both styles (stored values)."""
 
     index: int
-    name: str  # file name, identical in A/ and B/
+    name: str  # file name, identical in A/ and B/ for a pair
     phantom: Phantom
     stored: dict[str, np.ndarray]  # style key -> uint16 stored values
+    tag: str = ""  # "" for a pair; "a" / "b" for an unpaired single-style case (file name, PatientID)
+    namespace: tuple[str, ...] = ()  # extra UID parts: () for the classic paired data set
 
 
 def _uid(seed: int, index: int, *parts: str) -> str:
@@ -55,13 +65,15 @@ def _uid(seed: int, index: int, *parts: str) -> str:
     return f"2.25.{uuid.UUID(bytes=digest[:16]).int}"
 
 
-def render_case(index: int, size: int, seed: int) -> DemoCase:
-    """Render phantom ``index`` once and process the raw image with both styles."""
+def render_case(index: int, size: int, seed: int, styles: dict[str, VendorStyle] | None = None, *,
+                tag: str = "", namespace: tuple[str, ...] = ()) -> DemoCase:
+    """Render phantom ``index`` once and process the raw image with each style (default: the classic pair)."""
+    styles = STYLES if styles is None else styles
     ph = make_phantom(index, size, seed)
     raw = render(ph, np.random.default_rng([seed, index, 1]))
-    stored = {key: to_stored(process(raw, style), style) for key, style in STYLES.items()}
-    name = f"{index:04d}_{ph.body_part.lower()}.dcm"
-    return DemoCase(index=index, name=name, phantom=ph, stored=stored)
+    stored = {key: to_stored(process(raw, style), style) for key, style in styles.items()}
+    name = f"{tag}{index:04d}_{ph.body_part.lower()}.dcm"
+    return DemoCase(index=index, name=name, phantom=ph, stored=stored, tag=tag, namespace=namespace)
 
 
 def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
@@ -69,31 +81,32 @@ def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
     ph = case.phantom
     pixels = case.stored[style.key]
     i = case.index
+    ns, tag = case.namespace, case.tag
     date = (_dt.date(2026, 1, 5) + _dt.timedelta(days=i)).strftime("%Y%m%d")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = _uid(seed, i, "instance", style.key)
+    ds.file_meta.MediaStorageSOPInstanceUID = _uid(seed, i, *ns, "instance", style.key)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = CR_IMAGE_STORAGE
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    # Patient / study: one synthetic patient and study per phantom, shared by both styles.
-    ds.PatientName = f"DEMO^PHANTOM{i:04d}"
-    ds.PatientID = f"DEMO-{seed}-{i:04d}"
+    # Patient / study: one synthetic patient and study per phantom, shared by both styles of a pair.
+    ds.PatientName = f"DEMO^PHANTOM{tag.upper()}{i:04d}"
+    ds.PatientID = f"DEMO-{seed}-{tag}{i:04d}"
     ds.PatientBirthDate = f"{1940 + (i * 7) % 60}0101"
     ds.PatientSex = "O"
     ds.PatientIdentityRemoved = "NO"  # synthetic: there never was an identity
-    ds.StudyInstanceUID = _uid(seed, i, "study")
+    ds.StudyInstanceUID = _uid(seed, i, *ns, "study")
     ds.StudyDate = date
     ds.StudyTime = "093000"
     ds.StudyID = f"{i + 1}"
-    ds.AccessionNumber = f"DEMO{seed % 1000:03d}{i:05d}"
+    ds.AccessionNumber = f"DEMO{seed % 1000:03d}{tag.upper()}{i:05d}"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = f"XR {ph.body_part} {ph.view} (synthetic demo)"
     # Series: one per style (as if the exposure had been processed by two vendors' software).
-    ds.SeriesInstanceUID = _uid(seed, i, "series", style.key)
+    ds.SeriesInstanceUID = _uid(seed, i, *ns, "series", style.key)
     ds.SeriesNumber = 1 if style.key == "A" else 2
     ds.SeriesDescription = f"{ph.body_part} {ph.view} - {style.name}"
     ds.SeriesDate = date
@@ -115,19 +128,19 @@ def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
     ds.AcquisitionTime = "092959"
     ds.KVP = 120 if ph.body_part == "CHEST" else 65
     ds.DerivationDescription = f"synthetic phantom, {style.name} processing"
-    # Pixels: 12-bit unsigned in 16-bit words.
+    # Pixels: style.bits-bit unsigned (12 unless the style says otherwise) in 16-bit words.
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = style.photometric
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
+    ds.BitsStored = style.bits
+    ds.HighBit = style.bits - 1
     ds.PixelRepresentation = 0
     spacing = round(ph.pixel_spacing_mm, 6)
     ds.ImagerPixelSpacing = [spacing, spacing]
     ds.PixelSpacing = [spacing, spacing]
-    ds.WindowCenter = (MAX_VALUE + 1) // 2
-    ds.WindowWidth = MAX_VALUE + 1
+    ds.WindowCenter = (style.max_value + 1) // 2
+    ds.WindowWidth = style.max_value + 1
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
@@ -136,37 +149,56 @@ def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
 
 
 def write_demo_data(outdir: str | Path, *, count: int = 24, test_count: int = 6, size: int = 1024,
-                    seed: int = 0, progress: bool = False) -> dict:
-    """Write ``count`` training pairs and ``test_count`` held-out pairs; returns the manifest."""
+                    seed: int = 0, progress: bool = False, unpaired: bool = False,
+                    style_pair: str = DEFAULT_STYLE_PAIR) -> dict:
+    """Write ``count`` training pairs (or, ``unpaired``, ``count`` images per style from disjoint
+    phantoms) and ``test_count`` held-out pairs in the two styles of ``style_pair``; returns the manifest."""
     if count < 0 or test_count < 0 or count + test_count == 0:
         raise UserError("--count and --test-count must be >= 0, and not both 0")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise UserError(f"--size must be between {MIN_SIZE} and {MAX_SIZE}")
+    pair = get_style_pair(style_pair)
+    styles = pair.styles
+    legacy = style_pair == DEFAULT_STYLE_PAIR and not unpaired  # today's data set, byte for byte
+    # Distinct UIDs for every other data set of the same seed (the same index there is other pixels).
+    namespace = () if legacy else (f"pair={style_pair}",) + (("unpaired",) if unpaired else ())
     out = Path(outdir)
-    folders = {("train", k): out / k for k in STYLES} | {("test", k): out / "test" / k for k in STYLES}
+    folders = {("train", k): out / k for k in styles} | {("test", k): out / "test" / k for k in styles}
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
-    jobs = [("train", i) for i in range(count)] + [("test", count + i) for i in range(test_count)]
+    # (split, phantom index, style keys, tag): paired cases get both styles, unpaired ones one.
+    if unpaired:
+        a_key, b_key = pair.a.key, pair.b.key
+        jobs = ([("train", i, (a_key,), "a") for i in range(count)]
+                + [("train", count + i, (b_key,), "b") for i in range(count)]
+                + [("test", 2 * count + i, (a_key, b_key), "") for i in range(test_count)])
+    else:
+        jobs = ([("train", i, tuple(styles), "") for i in range(count)]
+                + [("test", count + i, tuple(styles), "") for i in range(test_count)])
     iterator = jobs
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(jobs, desc="demo-data", unit="pair")
-    files: dict[str, list[str]] = {"train": [], "test": []}
-    for split, index in iterator:
-        case = render_case(index, size, seed)
-        for key, style in STYLES.items():
-            case_dataset(case, style, seed).save_as(folders[(split, key)] / case.name, enforce_file_format=True)
-        files[split].append(case.name)
-        log.debug("wrote pair %s (%s)", case.name, split)
+        iterator = tqdm(jobs, desc="demo-data", unit="case" if unpaired else "pair")
+    files: dict[str, list[str]] = {"A": [], "B": [], "test": []} if unpaired else {"train": [], "test": []}
+    for split, index, keys, tag in iterator:
+        case = render_case(index, size, seed, {k: styles[k] for k in keys}, tag=tag, namespace=namespace)
+        for key in keys:
+            case_dataset(case, styles[key], seed).save_as(folders[(split, key)] / case.name, enforce_file_format=True)
+        files[keys[0] if tag else split].append(case.name)
+        log.debug("wrote %s (%s, %s)", case.name, split, "/".join(keys))
     manifest = {
         "generator": "dicom-node demo-data",
         "seed": seed,
         "size": size,
         "count": count,
         "test_count": test_count,
+    }
+    if not legacy:  # absent = paired, classic (manifests written before these keys existed)
+        manifest |= {"unpaired": unpaired, "style_pair": style_pair, "style_pair_description": pair.description}
+    manifest |= {
         "layout": {"train": ["A", "B"], "test": ["test/A", "test/B"]},
-        "styles": {k: s.describe() for k, s in STYLES.items()},
+        "styles": {k: s.describe() for k, s in styles.items()},
         "files": files,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

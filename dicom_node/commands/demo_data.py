@@ -1,22 +1,35 @@
-"""``dicom-node demo-data OUTDIR``: synthetic paired radiographs in two vendor styles."""
+"""``dicom-node demo-data OUTDIR``: synthetic radiographs in two vendor styles, paired or unpaired."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dicom_node.styles import DEFAULT_STYLE_PAIR, STYLE_PAIRS
+
+    pairs = "\n".join(f"  {name:<8} {pair.description}" for name, pair in STYLE_PAIRS.items())
     p = sub.add_parser(
         "demo-data",
-        help="write synthetic paired radiographs in two styles (A/, B/, test/A, test/B)",
+        help="write synthetic radiographs in two styles, paired or --unpaired (A/, B/, test/A, test/B)",
         description="Procedural chest and knee phantoms, each exposure processed by two synthetic vendor "
-        "styles (A: MONOCHROME1 'Alpha soft', B: MONOCHROME2 'Beta crisp'), written as DICOM CR files. "
-        "Same file name in A/ and B/ = same exposure. See docs/demo-data.md.",
+        "styles (default pair 'classic': A MONOCHROME1 'Alpha soft', B MONOCHROME2 'Beta crisp'), written "
+        "as DICOM CR files. Paired (default): same file name in A/ and B/ = same exposure. --unpaired: A/ "
+        "and B/ hold disjoint phantoms (aNNNN_*, bNNNN_*); true pairs only in test/. See docs/demo-data.md.",
+        epilog=f"style pairs (--style-pair):\n{pairs}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("outdir", help="output folder (created)")
-    p.add_argument("--count", type=int, default=24, help="training pairs (default 24)")
-    p.add_argument("--test-count", type=int, default=6, help="held-out pairs in test/ (default 6)")
+    p.add_argument("--count", type=int, default=24,
+                   help="training pairs, or with --unpaired images per style (default 24)")
+    p.add_argument("--test-count", type=int, default=6, help="held-out true pairs in test/ (default 6)")
     p.add_argument("--size", type=int, default=1024, help="image rows and columns (default 1024, up to 4096)")
     p.add_argument("--seed", type=int, default=0, help="data set seed; same seed, same data (default 0)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="A/ and B/ from disjoint exposures (A: phantoms 0..count-1, B: count..2*count-1); "
+                   "test/ keeps true pairs (phantoms 2*count..) for scoring")
+    p.add_argument("--style-pair", default=DEFAULT_STYLE_PAIR, metavar="NAME",
+                   help=f"the two vendor styles: {', '.join(STYLE_PAIRS)} (default {DEFAULT_STYLE_PAIR}; "
+                   "listed below)")
     p.set_defaults(func=run)
 
 
@@ -28,7 +41,13 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     manifest = write_demo_data(args.outdir, count=args.count, test_count=args.test_count, size=args.size,
-                               seed=args.seed, progress=sys.stderr.isatty())
-    print(f"wrote {manifest['count']} training and {manifest['test_count']} held-out pairs "
-          f"({args.size}x{args.size}) to {args.outdir} in {time.perf_counter() - t0:.1f} s")
+                               seed=args.seed, progress=sys.stderr.isatty(), unpaired=args.unpaired,
+                               style_pair=args.style_pair)
+    if args.unpaired:
+        what = (f"{manifest['count']} unpaired training images per style and {manifest['test_count']} "
+                "held-out pairs")
+    else:
+        what = f"{manifest['count']} training and {manifest['test_count']} held-out pairs"
+    print(f"wrote {what} ({args.size}x{args.size}, {'unpaired' if args.unpaired else 'paired'}, style pair "
+          f"{args.style_pair}) to {args.outdir} in {time.perf_counter() - t0:.1f} s")
     return 0
