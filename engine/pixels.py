@@ -46,6 +46,7 @@ __all__ = [
     "decode_dataset",
     "read_dicom",
     "read_image_file",
+    "sniff_format",
     "normalize",
     "to_output_pixels",
     "output_window",
@@ -317,11 +318,9 @@ def _dcmread(path: str | os.PathLike) -> Dataset:
     except Exception as exc:  # noqa: BLE001 - truncated/garbled files raise all sorts
         raise UserError(f"{path}: corrupt DICOM file ({_first_line(exc)})") from None
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        # A bare little-endian data set (old devices, some exports) starts with a group 0008
-        # (or 0002) tag; anything else is not worth a forced parse of a possibly huge file.
-        if head[:2] in (b"\x08\x00", b"\x02\x00"):
+        # A bare data set (no preamble, no 'DICM'): only what sniff_format recognises is worth
+        # a forced parse of a possibly huge file.
+        if sniff_format(path) == "dicom":
             ds = pydicom.dcmread(str(path), force=True)
             if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
                 _set_transfer_syntax_from_encoding(ds)
@@ -353,24 +352,75 @@ def _first_line(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# ------------------------------------------------------------------- recognising a file
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+# Explicit VR codes, to tell the first element of a bare explicit-VR data set.
+_VRS = frozenset(v.encode() for v in (
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+    "US UT UV").split())
+
+
+def _bare_dataset(head: bytes, size: int) -> bool:
+    """Does ``head`` start like a data set written without preamble and file meta?
+
+    Such a file (old devices, some exports) starts with a little-endian group 0008 (or 0002)
+    tag, then an explicit VR code or an implicit-VR 32-bit length that fits in the file.
+    """
+    if len(head) < 8 or head[:2] not in (b"\x08\x00", b"\x02\x00"):
+        return False
+    if head[4:6] in _VRS:
+        return True
+    length = int.from_bytes(head[4:8], "little")
+    return length == 0xFFFFFFFF or length <= size - 8
+
+
+def sniff_format(path: str | os.PathLike) -> str | None:
+    """``"dicom"``, ``"png"``, ``"tiff"`` or None (unknown or unreadable), from the content alone.
+
+    The ONE recognition rule, used by the trainer (:func:`read_image_file`), by
+    ``dicom-node translate`` when it scans folders and by :func:`read_dicom` for bare data
+    sets, so that every file the node reads is also training data.
+
+    DICOM is recognised first: a Part 10 file has ``DICM`` at offset 128 whatever its
+    128-byte preamble holds, and PS3.10 7.1 lets the preamble carry a TIFF header (a
+    dual-personality file), so raster magic at offset 0 is only checked afterwards. A data set
+    without preamble and file meta counts as DICOM when it starts like one (see
+    :func:`_bare_dataset`).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:8] == _PNG_MAGIC:
+        return "png"
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    if _bare_dataset(head, size):
+        return "dicom"
+    return None
+
+
 # --------------------------------------------------------------------- PNG / TIFF (training)
 
 
 def read_image_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
     """A DICOM, PNG or TIFF (8 or 16 bit grayscale) radiograph, recognised by content.
 
-    PNG/TIFF values are taken as MONOCHROME2 (higher = brighter), which is what image
-    exports of radiographs use. For training data; the node only reads DICOM.
+    Recognition is :func:`sniff_format` (DICOM before raster formats, so a dual-personality
+    DICOM/TIFF file is read as the DICOM it is, exactly as the node reads it). Anything not
+    recognised as PNG or TIFF goes to :func:`read_dicom`, whose one-line errors say why it is
+    unreadable. PNG/TIFF values are taken as MONOCHROME2 (higher = brighter), which is what
+    image exports of radiographs use. For training data; the node only reads DICOM.
     """
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(132)
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{p}: is a directory") from None
-    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if sniff_format(p) in ("png", "tiff"):
         return _read_raster(p, max_pixels)
     return read_dicom(p, max_pixels=max_pixels)[1]
 

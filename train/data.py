@@ -53,18 +53,27 @@ class DomainData:
 
 
 def find_image_files(folder: Path) -> list[Path]:
-    """All candidate image files under ``folder`` (recursive, sorted; hidden and text files left out).
+    """All candidate image files under ``folder`` (recursive, sorted; hidden files, DICOMDIR and
+    text/config/cache files left out).
 
     DICOM files often have no suffix, so everything else is a candidate; files that turn out
-    unreadable are skipped and counted by :func:`load_domain`.
+    unreadable are skipped and counted by :func:`load_domain`. A file with one of the
+    left-out suffixes is still taken when its content is an image (``sniff_format``, the same
+    rule ``dicom-node translate`` uses), so a DICOM file the node reads is never left out here
+    because of its name.
     """
+    from dicom_node.engine.pixels import sniff_format
+
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
-            if f.startswith(".") or Path(f).suffix.lower() in _SKIP_SUFFIXES or f == "DICOMDIR":
+            if f.startswith(".") or f == "DICOMDIR":
                 continue
-            out.append(Path(root) / f)
+            path = Path(root) / f
+            if Path(f).suffix.lower() in _SKIP_SUFFIXES and sniff_format(path) is None:
+                continue
+            out.append(path)
     return out
 
 
@@ -105,7 +114,8 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
         raise UserError(f"domain {label} folder not found: {folder}")
     files = find_image_files(folder)
     if not files:
-        raise UserError(f"domain {label} folder {folder} holds no image files")
+        raise UserError(f"domain {label} folder {folder} holds no image files (DICOM, PNG or TIFF, "
+                        f"searched recursively)")
     cache = cache_dir / label
     cache.mkdir(parents=True, exist_ok=True)
     index_path = cache / "index.json"
@@ -120,6 +130,10 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
     entries: dict[str, Any] = index["files"]
     data = DomainData(label=label, folder=folder)
     changed = False
+    first_unreadable: tuple[str, str] | None = None  # (relative path, reason), for the error
+    # Skip warnings wait until one file has been read: when none is, the error alone (one line,
+    # with the first reason) says it all, instead of a warning per file before it.
+    held: list[tuple[str, str]] | None = []
     for n, path in enumerate(files):
         rel = path.relative_to(folder).as_posix()
         st = path.stat()
@@ -146,9 +160,18 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
             changed = True
         if not entry["ok"]:
             data.skipped_unreadable += 1
+            if first_unreadable is None:
+                first_unreadable = (rel, _without_path(entry.get("reason", "?"), path))
             if write_cache:  # rank 0 reports; other DDP ranks read the same index silently
-                log.warning("domain %s: skipping unreadable file %s (%s)", label, rel, entry.get("reason", "?"))
+                if held is None:
+                    _warn_unreadable(label, rel, entry.get("reason", "?"))
+                else:
+                    held.append((rel, entry.get("reason", "?")))
             continue
+        if held is not None:
+            for args in held:
+                _warn_unreadable(label, *args)
+            held = None
         h, w = entry["shape"]
         if min(h, w) < patch_size:
             data.skipped_small += 1
@@ -165,16 +188,27 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
             data.content.append(np.load(cache / entry["content"]))
     if changed and write_cache:
         atomic_write(index_path, lambda tmp: tmp.write_text(json.dumps(index)), durable=False)
-    if data.skipped_unreadable and write_cache:
+    if data.skipped_unreadable and write_cache and held is None:
         log.warning("domain %s: %d of %d files unreadable and skipped", label, data.skipped_unreadable, len(files))
     if len(data) < min_images:
         if data.skipped_small and data.skipped_small + len(data) >= min_images:
             raise UserError(f"patch_size {patch_size} is larger than {data.skipped_small} of the "
                             f"{data.skipped_small + len(data)} images in domain {label} ({folder}); "
                             f"use a smaller train.patch_size")
+        example = (f"; first: {first_unreadable[0]}: {first_unreadable[1]}" if first_unreadable else "")
         raise UserError(f"domain {label} ({folder}) has {len(data)} usable image(s), at least {min_images} needed "
-                        f"({data.skipped_unreadable} unreadable of {len(files)} files)")
+                        f"({data.skipped_unreadable} unreadable of {len(files)} files{example})")
     return data
+
+
+def _warn_unreadable(label: str, rel: str, reason: str) -> None:
+    log.warning("domain %s: skipping unreadable file %s (%s)", label, rel, reason)
+
+
+def _without_path(reason: str, path: Path) -> str:
+    """A decoder's one-line reason without its leading ``path: `` (the caller names the file)."""
+    prefix = f"{path}: "
+    return reason[len(prefix):] if reason.startswith(prefix) else reason
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -37,15 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _looks_like_dicom(path: Path) -> bool:
-    """Part 10 files (``DICM`` at byte 128) or ``*.dcm``; used only when scanning folders."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
+    """DICOM by content (``engine.pixels.sniff_format``, the rule the trainer uses too) or
+    ``*.dcm`` (so a broken ``.dcm`` is reported, not skipped); used only when scanning folders."""
+    from dicom_node.engine.pixels import sniff_format
+
+    return path.suffix.lower() == ".dcm" or sniff_format(path) == "dicom"
 
 
 def _is_dicomdir(path: Path) -> bool:
