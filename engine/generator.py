@@ -6,10 +6,16 @@ transposed-convolution upsamplings and a tanh output, with InstanceNorm (no affi
 parameters) after every convolution but the last.  One channel in and out, because
 radiographs are grayscale.
 
-``residual=True`` is the only addition: the network then predicts a change that is
-added to its input (``clamp(x + tanh(z), -1, 1)``).  With the last convolution
-zero-initialised such a network starts as the identity, which matters for style
-translation where the anatomy must stay put (see shared/DESIGN-NOTES.md).
+Two additions:
+
+* ``residual=True``: the network predicts a change that is added to its input
+  (``clamp(x + tanh(z), -1, 1)``).  With the last convolution zero-initialised such a
+  network starts as the identity, which matters for style translation where the anatomy
+  must stay put.
+* ``tone_filter=True``: a :class:`~.tone_filter.ToneFilter` (tone curve, band gains, tone
+  curve, fitted from the two domains' distributions) runs first; the network then sees, and
+  with ``residual`` adds its change to, the tone-filtered image.  It only learns what the
+  global stage cannot express.
 
 The layer list is kept flat and explicit on purpose: the seamless tiled executor in
 ``tiling.py`` walks exactly these modules.
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .tone_filter import ToneFilter
 
 __all__ = ["ResnetBlock", "ResnetGenerator", "init_weights"]
 
@@ -51,11 +59,16 @@ class ResnetGenerator(nn.Module):
         ngf: int = 64,
         n_blocks: int = 9,
         residual: bool = False,
+        tone_filter: bool | dict = False,
     ) -> None:
         super().__init__()
         self.ngf = ngf
         self.n_blocks = n_blocks
         self.residual = residual
+        # A dict gives ToneFilter's arguments (as stored in a model file's architecture).
+        self.tone_filter: ToneFilter | None = None
+        if tone_filter:
+            self.tone_filter = ToneFilter(**(tone_filter if isinstance(tone_filter, dict) else {}))
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, kernel_size=7, bias=True),
@@ -84,6 +97,8 @@ class ResnetGenerator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tone_filter is not None:
+            x = self.tone_filter(x)
         y = self.model(x)
         if self.residual:
             y = torch.clamp(x + y, -1.0, 1.0)
@@ -91,7 +106,10 @@ class ResnetGenerator(nn.Module):
 
     def architecture(self) -> dict:
         """The constructor arguments, as stored in a style model's metadata."""
-        return {"type": "resnet_generator", "ngf": self.ngf, "n_blocks": self.n_blocks, "residual": self.residual}
+        arch = {"type": "resnet_generator", "ngf": self.ngf, "n_blocks": self.n_blocks, "residual": self.residual}
+        if self.tone_filter is not None:  # absent in files written before it existed: they load as before
+            arch["tone_filter"] = self.tone_filter.architecture()
+        return arch
 
 
 def init_weights(net: nn.Module, gain: float = 0.02, zero_last: bool = False) -> nn.Module:

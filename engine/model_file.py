@@ -29,6 +29,7 @@ __all__ = [
     "load_style_model",
     "save_style_model",
     "new_style_model",
+    "generator_from_architecture",
 ]
 
 FORMAT = "dicom-node-style-model"
@@ -95,6 +96,19 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def generator_from_architecture(arch: dict[str, Any]) -> ResnetGenerator:
+    """An (uninitialised) generator for a model file's ``architecture`` metadata.
+
+    Files written before the tone filter existed have no ``tone_filter`` key and build the
+    same network as then, so they load and translate identically.
+    """
+    tone = arch.get("tone_filter") or False
+    if tone and not isinstance(tone, dict):
+        raise ValueError("architecture.tone_filter must be a mapping")
+    return ResnetGenerator(ngf=int(arch["ngf"]), n_blocks=int(arch["n_blocks"]),
+                           residual=bool(arch.get("residual", False)), tone_filter=tone)
+
+
 def load_style_model(path: str | os.PathLike) -> StyleModel:
     """Load a style model file; never executes code from it.
 
@@ -127,9 +141,7 @@ def load_style_model(path: str | os.PathLike) -> StyleModel:
     if arch.get("type") != "resnet_generator":
         raise UserError(f"{p}: unsupported architecture {arch.get('type')!r}")
     try:
-        gen = ResnetGenerator(
-            ngf=int(arch["ngf"]), n_blocks=int(arch["n_blocks"]), residual=bool(arch.get("residual", False))
-        )
+        gen = generator_from_architecture(arch)
         gen.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

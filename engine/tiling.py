@@ -367,6 +367,9 @@ class _Executor:
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (1, 1, H, W) fp32, H and W already padded to multiples of 4."""
         inp = x.to(self.sdev, torch.float32)
+        tone = getattr(self.gen, "tone_filter", None)
+        if tone is not None:  # global (large-support, 1 channel): the whole image at once, as a whole pass does
+            inp = tone(inp.to(self.dev)).to(self.sdev)
         layers = list(self.gen.model)
         self._last_conv = [m for m in layers if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
         y = self._run_layers(layers, _Lazy(inp), full_h=x.shape[-2])

@@ -6,6 +6,7 @@ so the whole file takes seconds, not minutes.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,11 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     models = sorted((run / "models").glob("*.safetensors"))
     assert [m.name for m in models] == ["run_A2B.safetensors", "run_B2A.safetensors"]
     assert all(str(m) in printed for m in models)
+    # `model info` shows the fitted tone filter and the style distance the run measured.
+    assert main(["model", "info", str(models[0]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["tone_filter"]["band_gains"]) == len(info["tone_filter"]["band_sigmas_px"]) > 0
+    assert info["style_distance"]["input_vs_target"] > 0
 
     # Usable: load like the node does and translate a real image of the other domain.
     image = normalize(read_image_file(data / "val" / "A" / "v0.dcm"))
@@ -108,8 +114,11 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
         assert prov["steps"] == 20 and prov["trained"] is True
         assert prov["data"]["A"]["images"] == 3 and prov["data"]["B"]["images"] == 3
         assert prov["data"]["B"]["skipped_unreadable"] == 1  # broken.dcm skipped and counted
-        assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False}
+        assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False, "tone_filter": True}
+        assert model.generator.tone_filter is not None  # the default: fitted from the two domains
+        assert model.metadata["architecture"]["tone_filter"]["knots"] > 1
         assert prov["paired"] is False  # different file names: unpaired
+        assert prov["validation"]["style_distance"] >= 0 and prov["validation"]["style_distance_identity"] > 0
     # Checkpoints load without unpickling code.
     ckpt = latest_checkpoint(run)
     assert ckpt.name == "step_00000020.pt"
@@ -121,7 +130,11 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     val = [r for r in rows if r["val_psnr_a2b"]]
     assert [int(r["step"]) for r in val] == [10, 20]
     assert all(float(r["val_ssim_identity"]) < 1 and float(r["val_psnr_a2b"]) > 0 for r in val)
-    assert float(rows[3]["patches_per_s"]) > 0
+    assert float([r for r in rows if r["g_total"]][2]["patches_per_s"]) > 0
+    # Validation without pairs: the style distance of G(A) from B, with A's own, at every checkpoint.
+    style = [r for r in rows if r["style_distance"]]
+    assert [int(r["step"]) for r in style] == [10, 20]
+    assert all(float(r["style_distance"]) >= 0 and float(r["style_distance_identity"]) > 0 for r in style)
     # Sample panels: 2 rows (A, B) per sample image x 3 columns of 64 px patches.
     panels = sorted((run / "samples").glob("*.png"))
     assert [p.name for p in panels] == ["step_00000010.png", "step_00000020.png"]
@@ -153,10 +166,12 @@ def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):
     assert a["meta"]["losses"] == b["meta"]["losses"]
     assert a["meta"]["paired"] is True and a["meta"]["losses"]["paired"] > 0  # same names: supervised L1 on
     rows = read_metrics(split / "run")
-    assert [int(r["step"]) for r in rows] == [4, 5, 8]  # log_every 5 (+ the last step of each part)
+    assert [int(r["step"]) for r in rows if r["g_total"]] == [4, 5, 8]  # log_every 5 (+ the last step of each part)
+    assert [int(r["step"]) for r in rows if r["style_distance"]] == [4, 8]  # validation rows at checkpoints
     # the losses of steps 6..8 are the same as in the uninterrupted run: the loss continued
-    last_split, last_straight = rows[-1], read_metrics(straight / "run")[-1]
-    assert int(last_straight["step"]) == 8
+    last_split = [r for r in rows if r["g_total"]][-1]
+    last_straight = [r for r in read_metrics(straight / "run") if r["g_total"]][-1]
+    assert int(last_straight["step"]) == 8 and last_split["g_total"] != ""
     assert all(last_split[k] == last_straight[k] for k in ("g_total", "cycle_a", "d_a", "d_b", "paired"))
 
     # export from the checkpoint on demand, into another folder

@@ -33,7 +33,8 @@ class ModelSettings:
     ngf: int = 64
     n_blocks: int = 9
     ndf: int = 64
-    residual: bool = False  # generator starts at the identity (see DESIGN-NOTES "Quality at small budgets")
+    residual: bool = True  # the network adds a change to its input and starts as the identity
+    tone_filter: bool = True  # global tone/band-gain stage fitted from the domains (engine/tone_filter.py)
 
 
 @dataclass
@@ -46,7 +47,9 @@ class TrainSettings:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_cycle: float = 10.0
-    lambda_identity: float = 0.5  # times lambda_cycle, as in the CycleGAN paper
+    # Times lambda_cycle, as in the CycleGAN paper (0.5 there).  0 by default: with a tone filter in
+    # front, G_ab(B) is *meant* to differ from B, so "leave target-domain images alone" is wrong.
+    lambda_identity: float = 0.0
     pool_size: int = 50
     paired: str = "auto"  # auto: supervised L1 when A and B hold the same file names; "on"/"off"
     lambda_paired: float = 10.0

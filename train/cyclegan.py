@@ -43,6 +43,7 @@ class CycleGAN:
     """Networks, optimisers and pools of one CycleGAN run, with a checkpointable state."""
 
     def __init__(self, *, ngf: int = 64, n_blocks: int = 9, ndf: int = 64, residual: bool = False,
+                 tone_filter: bool = False,
                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), lambda_cycle: float = 10.0,
                  lambda_identity: float = 0.5, lambda_paired: float = 0.0, pool_size: int = 50,
                  device: torch.device | str = "cpu", amp: bool = False, channels_last: bool = True,
@@ -54,8 +55,8 @@ class CycleGAN:
         self.base_lr = lr
         torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         nets = {
-            "g_ab": build_generator(ngf, n_blocks, residual),
-            "g_ba": build_generator(ngf, n_blocks, residual),
+            "g_ab": build_generator(ngf, n_blocks, residual, tone_filter),
+            "g_ba": build_generator(ngf, n_blocks, residual, tone_filter),
             "d_a": build_discriminator(ndf),  # judges domain A (real A vs. fake A)
             "d_b": build_discriminator(ndf),
         }
@@ -68,6 +69,15 @@ class CycleGAN:
                                       lr=lr, betas=betas)
         self.pool_a = ImagePool(pool_size, seed=(seed * 1009 + rank) * 2)
         self.pool_b = ImagePool(pool_size, seed=(seed * 1009 + rank) * 2 + 1)
+
+    def set_tone_filters(self, ab: nn.Module, ba: nn.Module) -> None:
+        """Load fitted tone filters (:mod:`.tone_fit`) into the two generators (before DDP wrapping)."""
+        for name, fitted in (("g_ab", ab), ("g_ba", ba)):
+            own = self.module(name).tone_filter
+            if own is None:
+                raise ValueError("the generators were built without a tone filter")
+            own.load_state_dict(fitted.state_dict())
+            own.to(self.device)
 
     # ------------------------------------------------------------------ distributed
 

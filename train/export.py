@@ -78,8 +78,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> list[Path]:
     """Write the A->B and B->A style models from ``checkpoint`` (default: the newest one)."""
-    from dicom_node.engine.generator import ResnetGenerator
-    from dicom_node.engine.model_file import save_style_model
+    from dicom_node.engine.model_file import generator_from_architecture, save_style_model
 
     run_dir = Path(run_dir)
     if checkpoint is None:
@@ -105,8 +104,10 @@ def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path |
     }
     written = []
     for key, direction, suffix in (("g_ab", "A->B", "A2B"), ("g_ba", "B->A", "B2A")):
-        gen = ResnetGenerator(ngf=int(model_cfg["ngf"]), n_blocks=int(model_cfg["n_blocks"]),
-                              residual=bool(model_cfg.get("residual", False)))
+        arch = meta.get("architecture") or {  # checkpoints written before it was recorded
+            "type": "resnet_generator", "ngf": model_cfg["ngf"], "n_blocks": model_cfg["n_blocks"],
+            "residual": model_cfg.get("residual", False)}
+        gen = generator_from_architecture(arch)
         gen.load_state_dict(payload["state"][key])
         path = save_style_model(
             gen.eval(), out_dir / f"{name}_{suffix}.safetensors", name=f"{name}_{suffix}", direction=direction,

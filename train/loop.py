@@ -37,7 +37,8 @@ __all__ = ["train", "TrainResult", "lr_factor"]
 
 log = logging.getLogger("dicom_node.train")
 
-VAL_KEYS = ("val_psnr_a2b", "val_ssim_a2b", "val_psnr_b2a", "val_ssim_b2a", "val_psnr_identity", "val_ssim_identity")
+VAL_KEYS = ("val_psnr_a2b", "val_ssim_a2b", "val_psnr_b2a", "val_ssim_b2a", "val_psnr_identity", "val_ssim_identity",
+            "style_distance", "style_distance_identity", "style_intensity", "style_contrast", "style_noise")
 CSV_COLUMNS = ("step", "elapsed_s", "lr", *LOSS_NAMES, "patches_per_s", *VAL_KEYS)
 
 
@@ -152,6 +153,7 @@ class _Run:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         model = CycleGAN(ngf=c.model.ngf, n_blocks=c.model.n_blocks, ndf=c.model.ndf, residual=c.model.residual,
+                         tone_filter=c.model.tone_filter,
                          lr=c.train.lr, betas=(c.train.beta1, c.train.beta2), lambda_cycle=c.train.lambda_cycle,
                          lambda_identity=c.train.lambda_identity,
                          lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
@@ -165,7 +167,7 @@ class _Run:
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         if ckpt is not None:
             payload = load_checkpoint(ckpt)
-            saved_model = payload["meta"]["config"]["model"]
+            saved_model = {"tone_filter": False, **payload["meta"]["config"]["model"]}  # older runs had none
             if saved_model != c.to_dict()["model"]:
                 raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
                                 f"{c.to_dict()['model']}; resume with the same model settings")
@@ -181,6 +183,11 @@ class _Run:
                 log.info("resuming from %s at step %d", ckpt, start)
         elif self.resume and info.is_main:
             log.info("no checkpoint in %s: starting a new run", self.run_dir)
+        if ckpt is None and c.model.tone_filter:  # every rank fits the same (deterministic) filters
+            from .tone_fit import fit_tone_filter
+
+            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, seed=c.train.seed),
+                                   fit_tone_filter(b.arrays, a.arrays, seed=c.train.seed))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
 
@@ -189,6 +196,7 @@ class _Run:
             "trainer": _trainer_version(),
             "config": c.to_dict(),
             "normalization": self.normalization,
+            "architecture": model.module("g_ab").architecture(),
             "data": {"A": a.summary(), "B": b.summary(), "pairs": len(pairs) if paired else 0,
                      "world_size": info.world_size},
             "paired": paired,
@@ -257,17 +265,34 @@ class _Run:
                 self._write_sample(model, step)
             if step % c.output.checkpoint_every == 0 or last:
                 if info.is_main:
+                    self.validation = self._style_check(model)
                     if val_pairs:
-                        self.validation = self._validate(model, val_pairs)
-                        self._write_metrics({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
-                                             **self.validation})
-                        log.info("validation at step %d: %s", step,
-                                 "  ".join(f"{k[4:]} {v:.4f}" for k, v in self.validation.items()))
+                        self.validation.update(self._validate(model, val_pairs))
+                        log.info("validation at step %d: %s", step, "  ".join(
+                            f"{k[4:]} {v:.4f}" for k, v in self.validation.items() if k.startswith("val_")))
+                    self._write_metrics({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
+                                         **self.validation})
                     meta = {**self.meta_base, "losses": self.last_losses, "validation": self.validation}
                     save_checkpoint(self.run_dir, step, model.state_dict(), sampler.state(), meta)
                 barrier(info)
         if bar is not None:
             bar.close()
+
+    def _style_check(self, model: CycleGAN) -> dict[str, float]:
+        """Style distance of G(A) from B on a few training images (no pairs needed)."""
+        from dicom_node.engine.style_stats import style_distance, style_statistics
+
+        from .validate import pick_images, style_check
+
+        if not hasattr(self, "_style_ref"):
+            a, b = self.data
+            a_images = pick_images(a.arrays)
+            b_stats = style_statistics(pick_images(b.arrays))
+            self._style_ref = (a_images, b_stats, style_distance(style_statistics(a_images), b_stats)["total"])
+        a_images, b_stats, identity = self._style_ref
+        result = style_check(model.module("g_ab"), a_images, b_stats, identity, device=self.device)
+        log.info("style distance of G(A) from B: %.3f (A itself: %.3f)", result["style_distance"], identity)
+        return result
 
     def _validate(self, model: CycleGAN, val_pairs: list) -> dict[str, float]:
         from .validate import validate

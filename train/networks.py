@@ -37,9 +37,13 @@ class PatchDiscriminator(nn.Module):
         return self.model(x)
 
 
-def build_generator(ngf: int, n_blocks: int, residual: bool) -> ResnetGenerator:
-    """The engine's generator with the standard N(0, 0.02) init (identity start when residual)."""
-    return init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks, residual=residual), zero_last=residual)
+def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool = False) -> ResnetGenerator:
+    """The engine's generator with the standard N(0, 0.02) init (identity start when residual).
+
+    ``tone_filter`` adds the global stage in front, as the identity until it is fitted
+    (:func:`dicom_node.train.tone_fit.fit_tone_filter`)."""
+    gen = ResnetGenerator(ngf=ngf, n_blocks=n_blocks, residual=residual, tone_filter=tone_filter)
+    return init_weights(gen, zero_last=residual)
 
 
 def build_discriminator(ndf: int) -> PatchDiscriminator:

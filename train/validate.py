@@ -41,3 +41,35 @@ def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
     return {k: v / len(pairs) for k, v in sums.items()}
+
+
+STYLE_IMAGES = 4  # training images of each domain whose style statistics are compared
+
+
+def pick_images(arrays: list, limit: int = STYLE_IMAGES) -> list[np.ndarray]:
+    """An evenly spread, deterministic subset of a domain's images, as float32 arrays."""
+    idx = np.unique(np.linspace(0, len(arrays) - 1, num=min(limit, len(arrays))).round().astype(int))
+    return [np.asarray(arrays[i], dtype=np.float32) for i in idx]
+
+
+def style_check(g_ab: torch.nn.Module, a_images: list[np.ndarray], b_stats, identity: float | None = None,
+                device: torch.device | str | None = None) -> dict[str, float]:
+    """Validation without pairs: style distance of G(A) from B, next to A's own (the baseline).
+
+    G runs on whole images through the engine, as at inference.  See
+    :mod:`dicom_node.engine.style_stats` for the statistics and the distance.
+    """
+    from dicom_node.engine import translate
+    from dicom_node.engine.model_file import StyleModel
+    from dicom_node.engine.style_stats import style_distance, style_statistics
+
+    g = copy.deepcopy(g_ab).eval()
+    g.requires_grad_(False)
+    model = StyleModel(generator=g, metadata={"name": "validation-a2b"})
+    out = [translate(model, img, device=device) for img in a_images]
+    d = style_distance(style_statistics(out), b_stats)
+    result = {"style_distance": d["total"], "style_intensity": d["intensity"], "style_contrast": d["contrast"],
+              "style_noise": d["noise"]}
+    if identity is not None:
+        result["style_distance_identity"] = identity
+    return result

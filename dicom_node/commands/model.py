@@ -32,6 +32,13 @@ def run_info(args: argparse.Namespace) -> int:
     meta = dict(model.metadata)
     meta["parameters"] = n_params
     meta["path"] = str(model.path)
+    tone = model.generator.tone_filter
+    if tone is not None:
+        meta["tone_filter"] = tone.describe()
+    validation = (meta.get("provenance") or {}).get("validation") or {}
+    if "style_distance" in validation:  # lower is closer to the target domain's look
+        meta["style_distance"] = {"output_vs_target": round(validation["style_distance"], 4),
+                                  "input_vs_target": round(validation.get("style_distance_identity", float("nan")), 4)}
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0

@@ -1,0 +1,327 @@
+"""Unpaired style-learning quality: every method at the same budget, several seeds and style pairs.
+
+Why: a style model trained from unpaired images must beat the two things a site gets for free:
+returning the input (identity) and a global histogram lookup.  This benchmark trains on
+``dicom-node demo-data --unpaired`` data (A and B from disjoint phantoms) and scores on the
+held-out true pairs in ``test/``, for each style pair and seed:
+
+* ``identity``: the input unchanged;
+* ``histogram``: global histogram matching of A's intensities onto B's (training domains);
+* ``tone_filter``: the trainer's fitted tone filter alone (no network), an ablation;
+* ``classic``: the classic CycleGAN recipe through ``dicom-node train`` (no residual, no
+  tone filter, identity loss 0.5, constant learning rate);
+* ``default``: ``dicom-node train`` with its default config (only the budget set);
+* ``reference``: the reference CycleGAN implementation itself (``--reference PATH``, a
+  checkout outside this repository; skipped when absent).
+
+Score: PSNR and SSIM of A->B on every held-out pair after a least-squares gain/offset fit of the
+output onto the true target ("affine", so a normalisation difference does not count), in model
+space (data range 2).  Per method: mean over images, and the worst image's margin over its own
+identity score.
+
+Budget (defaults as in issue 10): ngf 16, 6 blocks, ndf 16, patch 128, batch 1, 1500 steps,
+CPU.  Prints a table last and writes ``bench/results/quality.json`` with the raw numbers.
+``--steps 200 --pairs classic --seeds 0`` is a quick smoke run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA_RANGE = 2.0  # model space [-1, 1]
+ALL_METHODS = ("identity", "histogram", "tone_filter", "classic", "default", "reference")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def affine_fit(out: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``out`` after the least-squares gain and offset that best match ``target``."""
+    x = out.astype(np.float64).ravel()
+    y = target.astype(np.float64).ravel()
+    xm, ym = x.mean(), y.mean()
+    var = ((x - xm) ** 2).mean()
+    gain = ((x - xm) * (y - ym)).mean() / var if var > 0 else 0.0
+    return (gain * (out.astype(np.float64) - xm) + ym).astype(np.float32)
+
+
+def affine_scores(out: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    from dicom_node.evaluate import psnr, ssim
+
+    fitted = affine_fit(out, target)
+    return psnr(fitted, target, DATA_RANGE), ssim(fitted, target, DATA_RANGE)
+
+
+def load_test_pairs(data: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from dicom_node.engine.model_file import DEFAULT_NORMALIZATION
+    from dicom_node.train.data import load_pairs
+
+    return load_pairs(data / "test", dict(DEFAULT_NORMALIZATION), limit=1000)
+
+
+def load_domain_arrays(folder: Path) -> list[np.ndarray]:
+    from dicom_node.engine.model_file import DEFAULT_NORMALIZATION
+    from dicom_node.engine.pixels import normalize, read_image_file
+    from dicom_node.train.data import find_image_files
+
+    return [np.asarray(normalize(read_image_file(f), dict(DEFAULT_NORMALIZATION)), np.float32)
+            for f in find_image_files(folder)]
+
+
+def score(translate_fn, pairs, style_ref=None) -> dict:
+    """Affine PSNR/SSIM on the held-out pairs; with ``style_ref`` = (A training images, B's
+    StyleStats) also the style distance of G(A) from B, which needs no pairs."""
+    rows = []
+    for name, a, b in pairs:
+        p, s = affine_scores(translate_fn(a), b)
+        pi, si = affine_scores(a, b)
+        rows.append({"image": name, "psnr": p, "ssim": s, "identity_psnr": pi, "identity_ssim": si})
+    out = {"images": rows, "psnr": float(np.mean([r["psnr"] for r in rows])),
+           "ssim": float(np.mean([r["ssim"] for r in rows])),
+           "worst_margin_db": float(min(r["psnr"] - r["identity_psnr"] for r in rows))}
+    if style_ref is not None:
+        from dicom_node.engine.style_stats import style_distance, style_statistics
+
+        a_images, b_stats = style_ref
+        out["style_distance"] = style_distance(style_statistics([translate_fn(a) for a in a_images]), b_stats)
+    return out
+
+
+# ----------------------------------------------------------------------------- methods
+
+def histogram_lut(a_arrays: list[np.ndarray], b_arrays: list[np.ndarray]):
+    q = np.linspace(0, 1, 1025)
+    xs = np.quantile(np.concatenate([x.ravel() for x in a_arrays]), q) + np.arange(q.size) * 1e-9
+    ys = np.quantile(np.concatenate([x.ravel() for x in b_arrays]), q)
+    return lambda img: np.interp(img, xs, ys).astype(np.float32)
+
+
+def tone_filter_only(a_arrays, b_arrays, seed: int):
+    import torch
+
+    from dicom_node.train.tone_fit import fit_tone_filter
+
+    tf = fit_tone_filter(a_arrays, b_arrays, seed=seed)
+
+    def run(img: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return tf(torch.from_numpy(img)[None, None])[0, 0].numpy()
+    return run
+
+
+def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespace, seed: int) -> dict:
+    budget = {"patch_size": args.patch, "batch_size": args.batch, "steps": args.steps, "seed": seed,
+              "device": args.device, "threads": args.threads}
+    cfg = {"data": {"a": str(data / "A"), "b": str(data / "B")},
+           "model": {"ngf": args.ngf, "n_blocks": args.blocks, "ndf": args.ndf},
+           "train": budget,
+           "output": {"dir": str(run_dir), "sample_every": args.steps, "checkpoint_every": args.steps,
+                      "log_every": max(1, args.steps // 10)}}
+    if method == "classic":
+        cfg["model"].update(residual=False, tone_filter=False)
+        cfg["train"].update(lambda_identity=0.5, decay_from=args.steps)
+    return cfg
+
+
+def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, seed: int) -> Path:
+    import yaml
+
+    run_dir = work / f"{method}-seed{seed}"
+    model = run_dir / "models" / f"{run_dir.name}_A2B.safetensors"
+    if model.exists() and not args.retrain:
+        return model
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(train_config(method, data, run_dir, args, seed)))
+    cmd = [sys.executable, "-m", "dicom_node", "train", "--config", str(cfg_path), "--no-progress"]
+    t0 = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    print(f"  trained {method} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model
+
+
+def engine_fn(model_path: Path, device: str):
+    from dicom_node.engine import load_style_model, translate
+
+    model = load_style_model(model_path)
+    return lambda img: translate(model, img, device=device)
+
+
+def reference_fn(data: Path, work: Path, args: argparse.Namespace, seed: int):
+    """Train the reference implementation itself via bench/reference_cyclegan.py (same budget)."""
+    script = Path(__file__).resolve().parent / "reference_cyclegan.py"
+    out = work / f"reference-seed{seed}.pt"
+    if not out.exists() or args.retrain:
+        cmd = [sys.executable, str(script), "--reference", str(args.reference), "--data", str(data),
+               "--out", str(out), "--steps", str(args.steps), "--ngf", str(args.ngf), "--blocks", str(args.blocks),
+               "--ndf", str(args.ndf), "--patch", str(args.patch), "--seed", str(seed)]
+        with open(work / f"reference-seed{seed}.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    import torch
+
+    sys.path.insert(0, str(args.reference))
+    from models import networks  # type: ignore  # the reference's own module
+
+    net = networks.define_G(1, 1, args.ngf, f"resnet_{args.blocks}blocks", "instance", False, "normal", 0.02)
+    net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True))
+    net.eval()
+
+    def run(img: np.ndarray) -> np.ndarray:
+        h, w = img.shape
+        x = torch.from_numpy(np.pad(img, ((0, -h % 4), (0, -w % 4)), mode="reflect"))[None, None]
+        with torch.no_grad():
+            return net(x)[0, 0, :h, :w].numpy()
+    return run
+
+
+# ----------------------------------------------------------------------------- driver
+
+def make_data(pair: str, work: Path, args: argparse.Namespace) -> Path:
+    from dicom_node.demo_data import write_demo_data
+
+    data = work / f"data-{pair}"
+    if not (data / "manifest.json").exists():
+        write_demo_data(data, count=args.count, test_count=args.test_count, size=args.size, seed=args.data_seed,
+                        unpaired=True, style_pair=pair)
+    return data
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", default="classic,edges,noise", help="demo style pairs (comma-separated)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--ngf", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--ndf", type=int, default=16)
+    ap.add_argument("--patch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--size", type=int, default=512, help="demo image side (default 512)")
+    ap.add_argument("--count", type=int, default=12, help="training images per domain")
+    ap.add_argument("--test-count", type=int, default=6)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: torch's default)")
+    ap.add_argument("--reference", type=Path, default=Path("/work/ref/cyclegan"),
+                    help="checkout of the reference CycleGAN implementation (skipped when absent)")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"), help="data and runs (reused)")
+    ap.add_argument("--retrain", action="store_true", help="train again even if a run's model exists")
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    args = ap.parse_args()
+    pairs = [p for p in args.pairs.split(",") if p]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    if "reference" in methods and not (args.reference / "models" / "networks.py").exists():
+        print(f"reference implementation not found at {args.reference}: skipped", flush=True)
+        methods.remove("reference")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    for pair in pairs:
+        data = make_data(pair, args.work, args)
+        test = load_test_pairs(data)
+        a_arr, b_arr = load_domain_arrays(data / "A"), load_domain_arrays(data / "B")
+        from dicom_node.engine.style_stats import style_statistics
+        from dicom_node.train.validate import pick_images
+
+        style_ref = (pick_images(a_arr), style_statistics(b_arr))
+        work = args.work / pair
+        work.mkdir(exist_ok=True)
+        res = results.setdefault(pair, {})
+        for method in methods:
+            for seed in seeds if method not in ("identity", "histogram") else seeds[:1]:
+                print(f"{pair}: {method} seed {seed}", flush=True)
+                if method == "identity":
+                    fn = lambda img: img  # noqa: E731
+                elif method == "histogram":
+                    fn = histogram_lut(a_arr, b_arr)
+                elif method == "tone_filter":
+                    fn = tone_filter_only(a_arr, b_arr, seed)
+                elif method == "reference":
+                    fn = reference_fn(data, work, args, seed)
+                else:
+                    fn = engine_fn(run_trainer(method, data, work, args, seed), args.device)
+                res.setdefault(method, {})[str(seed)] = score(fn, test, style_ref)
+        res["_ranking"] = ranking(res)
+        _write(args, results, pairs, seeds, methods)
+    _table(results, pairs, methods)
+    return 0
+
+
+def ranking(res: dict) -> dict:
+    """Spearman rank correlation, over every trained or fitted model of a style pair, between
+    the style distance (no pairs needed: lower is better) and the affine PSNR on the pairs."""
+    d, p = [], []
+    for method, runs in res.items():
+        if method.startswith("_"):
+            continue
+        for r in runs.values():
+            if "style_distance" in r:
+                d.append(r["style_distance"]["total"])
+                p.append(r["psnr"])
+    if len(d) < 3:
+        return {"models": len(d)}
+    rd, rp = np.argsort(np.argsort(d)), np.argsort(np.argsort(p))
+    rho = float(np.corrcoef(rd, -rp)[0, 1])
+    return {"models": len(d), "spearman_distance_vs_psnr": rho}
+
+
+def _write(args, results, pairs, seeds, methods) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    doc = {"benchmark": "quality", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine_info(), "torch": torch.__version__,
+           "budget": {"ngf": args.ngf, "n_blocks": args.blocks, "ndf": args.ndf, "patch_size": args.patch,
+                      "batch_size": args.batch, "steps": args.steps, "device": args.device},
+           "data": {"size": args.size, "count": args.count, "test_count": args.test_count,
+                    "data_seed": args.data_seed, "unpaired": True},
+           "pairs": pairs, "seeds": seeds, "methods": methods, "results": results}
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _table(results, pairs, methods) -> None:
+    print()
+    print(f"{'style pair':<10} {'method':<12} {'affine PSNR dB (per seed)':<28} {'mean':>6} {'SSIM':>6} "
+          f"{'vs hist':>8} {'vs id':>7} {'worst img vs id':>15} {'style dist':>9}")
+    for pair in pairs:
+        res = results.get(pair, {})
+        hist = np.mean([r["psnr"] for r in res.get("histogram", {}).values()]) if "histogram" in res else math.nan
+        ident = np.mean([r["psnr"] for r in res.get("identity", {}).values()]) if "identity" in res else math.nan
+        for method in methods:
+            if method not in res:
+                continue
+            sd = np.mean([r["style_distance"]["total"] for r in res[method].values() if "style_distance" in r])
+            runs = res[method]
+            per = " ".join(f"{r['psnr']:.1f}" for r in runs.values())
+            mean = float(np.mean([r["psnr"] for r in runs.values()]))
+            ss = float(np.mean([r["ssim"] for r in runs.values()]))
+            worst = min(r["worst_margin_db"] for r in runs.values())
+            print(f"{pair:<10} {method:<12} {per:<28} {mean:6.2f} {ss:6.3f} {mean - hist:+8.2f} {mean - ident:+7.2f} "
+                  f"{worst:+15.2f} {sd:9.3f}")
+        rank = res.get("_ranking", {})
+        if "spearman_distance_vs_psnr" in rank:
+            print(f"{pair:<10} style distance ranks {rank['models']} models like PSNR: "
+                  f"Spearman {rank['spearman_distance_vs_psnr']:+.2f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

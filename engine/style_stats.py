@@ -1,0 +1,117 @@
+"""Style statistics of radiographs, and a distance between two sets of them.
+
+Why: without pairs there is no target to compare a translation with, but a style is a
+*distribution*: its intensity histogram (tone), its local contrast at several scales (edge
+enhancement, dynamic-range compression) and its noise power spectrum (noise reduction or
+texture).  How far these statistics of G(A) are from B's tells, without a single pair,
+whether a model produces the target look; the same number for A itself is the baseline.
+``dicom-node train`` logs it at every checkpoint and keeps it in the exported model.
+
+All statistics are pooled over a set of images (model space, [-1, 1]):
+
+* ``quantiles``: 101 quantiles of the pooled intensities;
+* ``band_energy``: mean squared coefficient of each octave band (``tone_filter.band_split``);
+* ``spectrum``: radially averaged power spectrum in 12 log-spaced frequency bins (128-px
+  windows from the image centre region, so image size does not change the estimate).
+
+The distance adds three parts, each ~1 for "clearly another style":
+
+* ``intensity``: 1-D Wasserstein distance of the intensity distributions / 0.05;
+* ``contrast``: RMS over bands of |log2 amplitude ratio| (1 = a factor 2 in band amplitude);
+* ``noise``: RMS over the upper half of the spectrum bins of |log2 amplitude ratio|.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .tone_filter import DEFAULT_SIGMAS, band_split
+
+__all__ = ["StyleStats", "style_statistics", "style_distance"]
+
+N_QUANTILES = 101
+N_SPECTRUM_BINS = 12
+WINDOW = 128
+INTENSITY_SCALE = 0.05  # model-space W1 distance that counts as 1
+
+
+@dataclass
+class StyleStats:
+    """Pooled style statistics of a set of images (plain lists: JSON-serialisable)."""
+
+    quantiles: list[float]
+    band_energy: list[float]
+    spectrum: list[float]
+    images: int
+
+    def to_dict(self) -> dict:
+        return {"quantiles": self.quantiles, "band_energy": self.band_energy, "spectrum": self.spectrum,
+                "images": self.images}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StyleStats":
+        return cls(quantiles=list(d["quantiles"]), band_energy=list(d["band_energy"]),
+                   spectrum=list(d["spectrum"]), images=int(d.get("images", 0)))
+
+
+def _spectrum(img: np.ndarray) -> np.ndarray:
+    """Mean power in log-spaced radial frequency bins over WINDOW-sized tiles (Hann-windowed)."""
+    h, w = img.shape
+    win = min(WINDOW, h, w)
+    hann = np.outer(np.hanning(win), np.hanning(win))
+    fy = np.fft.fftfreq(win)[:, None]
+    fx = np.fft.rfftfreq(win)[None, :]
+    r = np.sqrt(fy * fy + fx * fx)
+    edges = np.geomspace(1.0 / win, 0.5, N_SPECTRUM_BINS + 1)
+    which = np.digitize(r, edges) - 1
+    power = np.zeros(N_SPECTRUM_BINS)
+    n = 0
+    for y in range(0, h - win + 1, win):
+        for x in range(0, w - win + 1, win):
+            t = img[y:y + win, x:x + win].astype(np.float64)
+            p = np.abs(np.fft.rfft2((t - t.mean()) * hann)) ** 2
+            power += np.bincount(which[(which >= 0) & (which < N_SPECTRUM_BINS)],
+                                 weights=p[(which >= 0) & (which < N_SPECTRUM_BINS)], minlength=N_SPECTRUM_BINS)
+            n += 1
+    counts = np.bincount(which[(which >= 0) & (which < N_SPECTRUM_BINS)], minlength=N_SPECTRUM_BINS)
+    return power / max(n, 1) / np.maximum(counts, 1)
+
+
+def style_statistics(images: Iterable[np.ndarray], sigmas: Sequence[float] = DEFAULT_SIGMAS,
+                     pixels_per_image: int = 100_000, seed: int = 0) -> StyleStats:
+    """Pooled statistics of 2-D model-space images (any sizes)."""
+    rng = np.random.default_rng(seed)
+    samples, energy, spectrum, n = [], np.zeros(len(sigmas)), np.zeros(N_SPECTRUM_BINS), 0
+    for img in images:
+        img = np.asarray(img, dtype=np.float32)
+        flat = img.ravel()
+        k = min(pixels_per_image, flat.size)
+        samples.append(flat[rng.choice(flat.size, k, replace=False)] if k < flat.size else flat)
+        with torch.no_grad():
+            bands = band_split(torch.from_numpy(img)[None, None], sigmas)
+        energy += np.array([float((b.double() ** 2).mean()) for b in bands[:-1]])
+        spectrum += _spectrum(img)
+        n += 1
+    if n == 0:
+        raise ValueError("style statistics need at least one image")
+    q = np.quantile(np.concatenate(samples).astype(np.float64), np.linspace(0, 1, N_QUANTILES))
+    return StyleStats(quantiles=[float(v) for v in q], band_energy=[float(v) for v in energy / n],
+                      spectrum=[float(v) for v in spectrum / n], images=n)
+
+
+def _log2_ratio_rms(x: Sequence[float], y: Sequence[float]) -> float:
+    a, b = np.maximum(np.asarray(x), 1e-12), np.maximum(np.asarray(y), 1e-12)
+    return float(np.sqrt(np.mean((0.5 * np.log2(a / b)) ** 2)))  # 0.5: power -> amplitude
+
+
+def style_distance(x: StyleStats, ref: StyleStats) -> dict[str, float]:
+    """How far the style of ``x`` is from ``ref``: ``total`` and its three parts (see module doc)."""
+    intensity = float(np.mean(np.abs(np.asarray(x.quantiles) - np.asarray(ref.quantiles)))) / INTENSITY_SCALE
+    contrast = _log2_ratio_rms(x.band_energy, ref.band_energy)
+    half = N_SPECTRUM_BINS // 2
+    noise = _log2_ratio_rms(x.spectrum[half:], ref.spectrum[half:])
+    total = intensity + contrast + noise
+    return {"total": total, "intensity": intensity, "contrast": contrast, "noise": noise}

@@ -1,0 +1,117 @@
+"""The global part of a style: tone curve, multi-scale band gains, tone curve.
+
+Why: most of a vendor's look is global and linear-ish -- a gradation (tone) curve, dynamic
+range compression and multi-scale edge enhancement (band gains), noise reduction (gains below
+one at the finest scales).  All of it can be fitted from *unpaired* images of the two domains
+by matching distributions (see ``dicom_node.train.tone_fit``): a tone curve by 1-D optimal
+transport between the intensity histograms, a band gain by the ratio of the domains' band
+energies.  A CycleGAN that has to discover this from an adversarial signal starts from noise
+and, at small budgets, ends worse than returning the input (DESIGN-NOTES "Quality at small
+budgets").  With this stage in front, the residual network only learns what a lookup table
+and a linear filter cannot express.
+
+    t = tone_in(x)                                   monotone curve, knots on [-1, 1]
+    p = sum_k gain_k * (G_{s(k-1)} t - G_{s(k)} t) + G_{s(K)} t      (G_{s(0)} t = t)
+    y = tone_out(p)                                  monotone curve, knots on [out_lo, out_hi]
+
+``G_s`` is a Gaussian blur of sigma ``s`` detector pixels with reflected borders, computed by
+FFT.  With gains 1 and identity curves the stage is exactly the identity.
+
+Tiled inference: the stage has a support of several hundred pixels, so it is applied to the
+whole (single-channel) image once, before the tiled executor runs the network; the whole-image
+and the tiled paths therefore see the same bits (``engine.tiling``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "gaussian_blur", "band_split"]
+
+# Band edges in detector pixels: octaves from the finest texture to the scale of the lungs.
+DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.4, 2.8, 5.6, 11.2, 22.4, 44.8)
+DEFAULT_KNOTS = 257
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``(N, 1, H, W)`` by FFT, borders reflected (as the vendor filters do).
+
+    The reflection is ``min(ceil(3.5 sigma), side - 1)`` wide; beyond it the FFT wraps, which
+    only matters for sigmas comparable to the image (then the blur is nearly the mean anyway).
+    """
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+    ph = int(min(math.ceil(3.5 * sigma), h - 1))
+    pw = int(min(math.ceil(3.5 * sigma), w - 1))
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode="reflect") if (ph or pw) else x
+    hh, ww = xp.shape[-2:]
+    fy = torch.fft.fftfreq(hh, device=x.device, dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(ww, device=x.device, dtype=torch.float64)[None, :]
+    kernel = torch.exp(-2.0 * (math.pi * sigma) ** 2 * (fy * fy + fx * fx)).to(torch.float32)
+    out = torch.fft.irfft2(torch.fft.rfft2(xp.float()) * kernel, s=(hh, ww))
+    return out[..., ph:ph + h, pw:pw + w].to(x.dtype)
+
+
+def band_split(x: torch.Tensor, sigmas: Sequence[float]) -> list[torch.Tensor]:
+    """``len(sigmas)`` band-pass images (fine to coarse) plus the low-pass rest; they sum to ``x``."""
+    bands, prev = [], x
+    for s in sigmas:
+        low = gaussian_blur(x, s)
+        bands.append(prev - low)
+        prev = low
+    bands.append(prev)
+    return bands
+
+
+def _interp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear curve through ``values`` at equally spaced knots on [lo, hi]; flat outside."""
+    k = values.shape[0]
+    u = ((x - lo) / (hi - lo)).clamp(0.0, 1.0) * (k - 1)
+    i0 = u.floor().clamp(max=k - 2).long()
+    frac = u - i0.to(u.dtype)
+    return values[i0] + frac * (values[i0 + 1] - values[i0])
+
+
+class ToneFilter(nn.Module):
+    """Tone curve -> band gains -> tone curve, on ``(N, 1, H, W)`` images in model space.
+
+    The curves and gains are buffers: they are fitted from the training domains, not learned
+    by gradient descent, and saved in the style model file with the generator's weights.
+    """
+
+    def __init__(self, sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS) -> None:
+        super().__init__()
+        if knots < 2:
+            raise ValueError("a tone curve needs at least 2 knots")
+        self.sigmas = tuple(float(s) for s in sigmas)
+        grid = torch.linspace(-1.0, 1.0, knots)
+        self.register_buffer("tone_in", grid.clone())
+        self.register_buffer("gains", torch.ones(len(self.sigmas)))
+        self.register_buffer("out_range", torch.tensor([-1.0, 1.0]))
+        self.register_buffer("tone_out", grid.clone())
+
+    @property
+    def knots(self) -> int:
+        return int(self.tone_in.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        t = _interp(x, -one, one, self.tone_in.to(x.dtype))
+        if bool((self.gains != 1).any()):
+            bands = band_split(t, self.sigmas)
+            t = bands[-1]
+            for g, b in zip(self.gains.to(x.dtype), bands[:-1]):
+                t = t + g * b
+        lo, hi = self.out_range.to(x.dtype)
+        return _interp(t, lo, hi, self.tone_out.to(x.dtype))
+
+    def architecture(self) -> dict:
+        return {"sigmas": list(self.sigmas), "knots": self.knots}
+
+    def describe(self) -> dict:
+        """Human-readable summary (``dicom-node model info``)."""
+        return {"band_sigmas_px": list(self.sigmas), "band_gains": [round(float(g), 3) for g in self.gains]}

@@ -1,0 +1,137 @@
+"""The tone filter (engine/tone_filter.py), its fit from unpaired domains, and style statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.engine import load_style_model, save_style_model, translate
+from dicom_node.engine.generator import ResnetGenerator
+from dicom_node.engine.model_file import StyleModel, bundled_model_path
+from dicom_node.engine.style_stats import style_distance, style_statistics
+from dicom_node.engine.tone_filter import ToneFilter, band_split, gaussian_blur
+from dicom_node.engine.tiling import SEAMLESS_MAX_BOUND, SEAMLESS_MEAN_BOUND
+from dicom_node.train.tone_fit import fit_tone_filter
+
+
+def smooth_field(seed: int, size: int = 160) -> np.ndarray:
+    """A radiograph-like test image in model space: blobs at several scales plus fine noise."""
+    rng = np.random.default_rng(seed)
+    img = torch.zeros(1, 1, size, size)
+    for sigma, amp in ((24.0, 0.6), (6.0, 0.25), (1.5, 0.1)):
+        img += amp * gaussian_blur(torch.from_numpy(rng.standard_normal((size, size)).astype(np.float32))[None, None],
+                                   sigma) * sigma
+    img += 0.02 * torch.from_numpy(rng.standard_normal((size, size)).astype(np.float32))
+    x = img[0, 0].numpy()
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    return np.clip((x - lo) / (hi - lo) * 2 - 1, -1, 1).astype(np.float32)
+
+
+def vendor_b(x: np.ndarray) -> np.ndarray:
+    """A known 'style': fine edges x2.2, coarse compression, then an S-curve."""
+    t = torch.from_numpy(x)[None, None]
+    bands = band_split(t, (1.4, 5.6, 22.4))
+    y = 2.2 * bands[0] + 1.3 * bands[1] + bands[2] + 0.6 * bands[3]
+    return np.tanh(1.5 * y[0, 0].numpy()).astype(np.float32)
+
+
+def fitted_like(seed: int = 0) -> ToneFilter:
+    tf = ToneFilter()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        steps = torch.rand(tf.knots, generator=g) + 0.1
+        curve = torch.cumsum(steps, 0)
+        tf.tone_in.copy_((curve - curve[0]) / (curve[-1] - curve[0]) * 2 - 1)
+        tf.gains.copy_(torch.linspace(2.5, 0.8, len(tf.sigmas)))
+        tf.out_range.copy_(torch.tensor([-3.0, 3.0]))
+        tf.tone_out.copy_(torch.tanh(torch.linspace(-3.0, 3.0, tf.knots)))
+    return tf
+
+
+def generator_with_tone(seed: int = 3) -> ResnetGenerator:
+    from dicom_node.engine import new_style_model
+
+    gen = ResnetGenerator(ngf=4, n_blocks=1, residual=True, tone_filter=True)
+    gen.load_state_dict({**new_style_model(ngf=4, n_blocks=1, residual=True, seed=seed).state_dict(),
+                         **{f"tone_filter.{k}": v for k, v in fitted_like(seed).state_dict().items()}})
+    with torch.no_grad():  # a non-zero residual branch, so the network part is exercised too
+        [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.normal_(0, 0.02)
+    return gen.eval()
+
+
+def test_unfitted_tone_filter_is_the_identity():
+    x = torch.from_numpy(smooth_field(0))[None, None]
+    assert torch.allclose(ToneFilter()(x), x, atol=1e-6)  # up to float rounding of the knots
+
+
+def test_bands_sum_to_the_image():
+    x = torch.from_numpy(smooth_field(1))[None, None]
+    assert torch.allclose(sum(band_split(x, (0.7, 2.8, 11.2))), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [64, 96])
+def test_tone_filter_generator_tiles_exactly_like_the_whole_image(tile):
+    model = StyleModel(generator=generator_with_tone(), metadata={"name": "tone"})
+    img = smooth_field(2, size=200)[:, :184]  # not a multiple of the tile
+    whole = translate(model, img, tile=0)
+    tiled = translate(model, img, tile=tile)
+    assert np.abs(whole - img).mean() > 0.05  # the tone filter really changes the image
+    diff = np.abs(tiled - whole)
+    assert diff.mean() < SEAMLESS_MEAN_BOUND * 2 / 100 and diff.max() < SEAMLESS_MAX_BOUND * 2 / 100
+
+
+def test_model_file_round_trip_keeps_the_tone_filter(tmp_path):
+    gen = generator_with_tone()
+    path = save_style_model(gen, tmp_path / "t.safetensors", name="t")
+    model = load_style_model(path)
+    assert model.metadata["architecture"]["tone_filter"] == {"sigmas": list(gen.tone_filter.sigmas), "knots": 257}
+    img = smooth_field(3)
+    ref = StyleModel(generator=gen, metadata={})
+    assert np.array_equal(translate(model, img, tile=0), translate(ref, img, tile=0))
+
+
+def test_files_written_before_the_tone_filter_load_and_translate_as_before():
+    """The bundled model was written without one: no tone filter, output = the plain network's."""
+    model = load_style_model(bundled_model_path())
+    assert "tone_filter" not in model.metadata["architecture"] and model.generator.tone_filter is None
+    img = smooth_field(4, size=128)
+    x = torch.from_numpy(img)[None, None]
+    with torch.no_grad():
+        plain = torch.clamp(x + model.generator.model(x), -1, 1)[0, 0].numpy()  # the network of then
+    assert np.allclose(translate(model, img, tile=0), plain, atol=1e-6)
+
+
+def test_fit_from_unpaired_domains_beats_histogram_matching():
+    a_train = [smooth_field(s) for s in range(10, 16)]
+    b_train = [vendor_b(smooth_field(s)) for s in range(20, 26)]  # other images: unpaired
+    tf = fit_tone_filter(a_train, b_train)
+    assert tf.gains[0] > 1.5  # the fine edge enhancement was found
+    q = np.linspace(0, 1, 1025)
+    xs = np.quantile(np.concatenate([a.ravel() for a in a_train]), q) + np.arange(q.size) * 1e-9
+    ys = np.quantile(np.concatenate([b.ravel() for b in b_train]), q)
+    err_hist, err_tone = [], []
+    for s in range(30, 33):
+        a, b = smooth_field(s), vendor_b(smooth_field(s))
+        with torch.no_grad():
+            out = tf(torch.from_numpy(a)[None, None])[0, 0].numpy()
+        err_hist.append(np.mean((np.interp(a, xs, ys) - b) ** 2))
+        err_tone.append(np.mean((out - b) ** 2))
+    assert np.mean(err_tone) < 0.5 * np.mean(err_hist)  # > 3 dB better
+
+
+def test_style_distance_is_zero_to_itself_and_ranks_closer_styles_first():
+    a = [smooth_field(s) for s in range(40, 44)]
+    b = [vendor_b(smooth_field(s)) for s in range(50, 54)]
+    ref = style_statistics(b)
+    assert style_distance(ref, ref)["total"] == pytest.approx(0.0, abs=1e-9)
+    tf = fit_tone_filter(a, [vendor_b(smooth_field(s)) for s in range(60, 66)])
+    with torch.no_grad():
+        styled = [tf(torch.from_numpy(x)[None, None])[0, 0].numpy() for x in a]
+    d_identity = style_distance(style_statistics(a), ref)
+    d_styled = style_distance(style_statistics(styled), ref)
+    d_truth = style_distance(style_statistics([vendor_b(x) for x in a]), ref)
+    assert d_styled["total"] < 0.5 * d_identity["total"] and d_truth["total"] < 0.6 * d_identity["total"]
+    # The true style's local contrast and noise match the reference's (its histogram varies with
+    # the content of 4 small images); the input's do not.
+    assert d_truth["contrast"] + d_truth["noise"] < 0.2 * (d_identity["contrast"] + d_identity["noise"])
+    assert set(d_identity) == {"total", "intensity", "contrast", "noise"}
