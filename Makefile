@@ -60,7 +60,7 @@ default-model: install
 	$(VENV)/bin/dicom-node demo-data $(DEFAULT_MODEL_DIR)/unseen --count 0 --test-count 6 --size 1024 --seed 1
 	printf '%s\n' \
 	  'data: {a: data/A, b: data/B, val: val/test}' \
-	  'model: {ngf: 16, n_blocks: 4, ndf: 16, residual: true}' \
+	  'model: {ngf: 16, n_blocks: 4, ndf: 16, residual: true, tone_filter: false}' \
 	  'train: {patch_size: 96, batch_size: 4, steps: 500, decay_from: 500, lr: 0.0003, lambda_identity: 0, paired: "on", lambda_paired: 100, seed: 0, device: cpu, threads: 1, channels_last: false}' \
 	  'output: {dir: run, name: default, sample_every: 100, checkpoint_every: 100, log_every: 50}' \
 	  > $(DEFAULT_MODEL_DIR)/train.yaml

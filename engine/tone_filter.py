@@ -99,15 +99,17 @@ class ToneFilter(nn.Module):
         return int(self.tone_in.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 whatever the caller's precision: a bf16 curve would be quantised to ~1/256.
+        dtype, x = x.dtype, x.float()
         one = torch.ones((), dtype=x.dtype, device=x.device)
-        t = _interp(x, -one, one, self.tone_in.to(x.dtype))
+        t = _interp(x, -one, one, self.tone_in.float())
         if bool((self.gains != 1).any()):
             bands = band_split(t, self.sigmas)
             t = bands[-1]
-            for g, b in zip(self.gains.to(x.dtype), bands[:-1]):
+            for g, b in zip(self.gains.float(), bands[:-1]):
                 t = t + g * b
-        lo, hi = self.out_range.to(x.dtype)
-        return _interp(t, lo, hi, self.tone_out.to(x.dtype))
+        lo, hi = self.out_range.float()
+        return _interp(t, lo, hi, self.tone_out.float()).to(dtype)
 
     def architecture(self) -> dict:
         return {"sigmas": list(self.sigmas), "knots": self.knots}
