@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from dicom_node.engine.yaml_config import ConfigError, Problems, join_path, read_yaml_file, type_name
 from dicom_node.errors import UserError
 
 __all__ = [
@@ -19,14 +20,6 @@ __all__ = [
     "DestinationSettings", "RouteSettings", "RetrySettings", "NodeConfig", "load_config",
     "parse_config", "default_config", "ae_title_problem", "style_model_file_problem", "STYLE_MODEL_FORMAT",
 ]
-
-
-class ConfigError(UserError):
-    """A config with problems; ``problems`` holds one ``path: message`` string each."""
-
-    def __init__(self, problems: list[str], source: str = "config") -> None:
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
 
 
 @dataclass
@@ -131,19 +124,8 @@ def load_config(path: str | Path | None) -> NodeConfig:
     """Read and validate a YAML config file (``None``: the embedded default)."""
     if path is None:
         return default_config()
-    import yaml
-
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read config {p}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"cannot read config {p}: not UTF-8 text") from None
-    try:
-        raw, duplicates = _load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_error(exc)], str(p)) from None
+    raw, duplicates = read_yaml_file(p)
     try:
         cfg = parse_config(raw, base_dir=p.resolve().parent, source=str(p))
     except ConfigError as exc:
@@ -151,41 +133,6 @@ def load_config(path: str | Path | None) -> NodeConfig:
     if duplicates:
         raise ConfigError(duplicates, str(p))
     return cfg
-
-
-def _load_yaml(text: str) -> tuple[Any, list[str]]:
-    """``yaml.safe_load`` that also reports duplicate keys (PyYAML silently keeps the last)."""
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        duplicates: list[str]
-
-    def construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            try:
-                if key in seen:
-                    loader.duplicates.append(f"<yaml> line {key_node.start_mark.line + 1}: duplicate key {key!r}")
-                seen.add(key)
-            except TypeError:
-                pass  # unhashable key: parse_config reports it
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    loader = StrictLoader(text)
-    loader.duplicates = []
-    try:
-        return loader.get_single_data(), loader.duplicates
-    finally:
-        loader.dispose()
-
-
-def _yaml_error(exc: Exception) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-    return f"<yaml>{where}: {problem}"
 
 
 # --------------------------------------------------------------------------------------
@@ -197,38 +144,9 @@ _MISSING = object()
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-class _Problems:
-    """Collects ``path: message`` strings."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.items.append(f"{path or '<root>'}: {message}")
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
+_Problems = Problems
+_join = join_path
+_type_name = type_name
 
 
 def _mapping(raw: Any, path: str, allowed: set[str], required: set[str], pr: _Problems) -> dict[str, Any] | None:

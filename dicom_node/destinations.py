@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dicom_node.atomic import atomic_write, fsync_dir
+from dicom_node.engine.atomic import atomic_write, fsync_dir
 from dicom_node.config import DestinationSettings
 
 __all__ = ["DeliveryResult", "deliver", "deliver_dicom", "deliver_folder", "valid_uid"]

@@ -1,14 +1,8 @@
-"""Exception types that decide how the command line exits.
+"""The node's exception types: the engine's (:mod:`dicom_node.engine.errors`), re-exported.
 
-A :class:`UserError` is something the user can fix (bad input file, bad config, missing
-model): the CLI prints its message on one line and exits 1, with no traceback.  Anything
-else is a bug and exits 2.
+They live in the engine, the lowest layer that raises them, so the engine and the trainer
+need nothing from the node; the node's modules keep importing them from here.
 """
+from dicom_node.engine.errors import UnsupportedImage, UserError
 
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line."""
-
-
-class UnsupportedImage(UserError):
-    """A DICOM object the engine refuses to translate (colour, multi-frame, no pixels, too large...)."""
+__all__ = ["UserError", "UnsupportedImage"]

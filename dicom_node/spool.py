@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from dicom_node.atomic import fsync_dir
+from dicom_node.engine.atomic import fsync_dir
 
 __all__ = ["Spool"]
 

@@ -1,17 +1,35 @@
 """The translation engine: style models, the pixel pipeline, seamless tiled inference, SC output.
 
-Public API (stable, see shared CONVENTIONS): :func:`load_style_model`, :func:`translate`.
+Public API (stable, see docs/ and the README): :func:`load_style_model`, :func:`translate`.
+
+The engine is the ground floor: it imports nothing from the node (``dicom_node.*``) or the
+trainer (``dicom_node.train``); both import it (tests/test_layering.py checks this).
+Names are imported lazily, so ``dicom_node.engine.errors`` and friends stay light (no torch).
 """
-from .generator import ResnetGenerator
-from .model_file import StyleModel, load_style_model, save_style_model, new_style_model
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["ResnetGenerator", "StyleModel", "load_style_model", "save_style_model", "new_style_model", "translate"]
 
+_HOME = {
+    "ResnetGenerator": "generator",
+    "StyleModel": "model_file",
+    "load_style_model": "model_file",
+    "save_style_model": "model_file",
+    "new_style_model": "model_file",
+    "translate": "tiling",
+}
+
 
 def __getattr__(name: str):
-    # translate lives in tiling.py; imported lazily so the model file API stays light.
-    if name == "translate":
-        from .tiling import translate
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return translate
-    raise AttributeError(name)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from dicom_node.atomic import atomic_write, umask_mode
-from dicom_node.errors import UserError
+from .atomic import atomic_write, umask_mode
+from .errors import UserError
 
 from .generator import ResnetGenerator
 

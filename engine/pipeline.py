@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_node.atomic import atomic_write
+from .atomic import atomic_write
 
 from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, output_window, read_dicom,
                      to_output_pixels)
@@ -73,7 +73,7 @@ def translate_dataset(model: "StyleModel", ds: Dataset, *, tile: int | None = No
                       device: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     """The Secondary Capture dataset (ready to save or send) for one source image.
 
-    Raises :class:`dicom_node.errors.UnsupportedImage` for images the engine refuses.
+    Raises :class:`dicom_node.engine.errors.UnsupportedImage` for images the engine refuses.
     """
     img = decode_dataset(ds, max_pixels=max_pixels)
     return translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device).sc
@@ -93,7 +93,7 @@ def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | o
     """Translate one DICOM file into ``outdir/<SOP Instance UID>.dcm`` (written atomically).
 
     With ``preview``, also writes ``<SOP Instance UID>.png``: input | output side by side.
-    Raises :class:`dicom_node.errors.UserError` (one line, starting with the path) for files
+    Raises :class:`dicom_node.engine.errors.UserError` (one line, starting with the path) for files
     that are not DICOM, are corrupt, or are refused.
     """
     ds, img = read_dicom(path, max_pixels=max_pixels)

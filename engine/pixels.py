@@ -37,7 +37,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.errors import UnsupportedImage, UserError
+from .errors import UnsupportedImage, UserError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node import __version__
+from .version import __version__
 
 if TYPE_CHECKING:
     from .model_file import StyleModel

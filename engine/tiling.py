@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dicom_node.errors import UserError
+from .errors import UserError
 
 from .generator import ResnetBlock
 from .model_file import StyleModel

@@ -1,7 +1,7 @@
 """The trainer's configuration: typed settings parsed from YAML (shape: shared CONVENTIONS "Trainer").
 
 Every problem is collected with its YAML path (``train.steps: must be an integer >= 1``) and
-reported at once as a :class:`~dicom_node.config.ConfigError` (a UserError: one line, exit 1),
+reported at once as a :class:`~dicom_node.engine.yaml_config.ConfigError` (a UserError: one line, exit 1),
 so a user fixes a config in one round instead of one error per run.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import ConfigError
-from dicom_node.errors import UserError
+from dicom_node.engine.yaml_config import ConfigError
+from dicom_node.engine.errors import UserError
 
 __all__ = [
     "DataSettings", "ModelSettings", "TrainSettings", "OutputSettings", "TrainConfig",

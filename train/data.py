@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node.atomic import atomic_write
-from dicom_node.errors import UserError
+from dicom_node.engine.atomic import atomic_write
+from dicom_node.engine.errors import UserError
 
 __all__ = ["DomainData", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
 

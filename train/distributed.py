@@ -35,7 +35,7 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         if pref != "auto":
-            from dicom_node.errors import UserError
+            from dicom_node.engine.errors import UserError
 
             raise UserError(f"device {pref!r} requested but no CUDA GPU is available")
         return torch.device("cpu")

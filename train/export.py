@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from dicom_node.atomic import atomic_write
-from dicom_node.errors import UserError
+from dicom_node.engine.atomic import atomic_write
+from dicom_node.engine.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
            "save_checkpoint", "load_checkpoint", "export_models"]

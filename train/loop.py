@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicom_node.errors import UserError
+from dicom_node.engine.errors import UserError
 
 from .config import TrainConfig
 from .cyclegan import LOSS_NAMES, CycleGAN
@@ -361,6 +361,6 @@ def _digest(model: CycleGAN) -> str:
 
 
 def _trainer_version() -> str:
-    from dicom_node import __version__
+    from dicom_node.engine.version import __version__
 
     return f"dicom-node {__version__} train"

@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import torch
 
-from dicom_node.evaluate import psnr, ssim  # the same definitions as ``dicom-node evaluate``
+from dicom_node.engine.quality import psnr, ssim  # the same definitions as ``dicom-node evaluate``
 
 __all__ = ["validate"]
 

@@ -1,0 +1,116 @@
+"""The import graph runs one way: node -> trainer -> engine, node -> engine; never back.
+
+The engine (``engine/``, installed as ``dicom_node.engine``) imports nothing from the node
+(``dicom_node.*``) or the trainer; the trainer (``train/``, ``dicom_node.train``) imports
+nothing from the node.  Checked twice: by reading every import statement (including the
+ones inside functions), and by importing every engine and trainer module in a fresh
+interpreter where the node's modules cannot be imported at all.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"engine": "dicom_node.engine", "train": "dicom_node.train"}
+NODE_MODULES = {p.stem for p in (ROOT / "dicom_node").glob("*.py")} | {
+    p.name for p in (ROOT / "dicom_node").iterdir() if (p / "__init__.py").is_file()}
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).glob("*.py"))
+
+
+def _imports(path: Path, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``path`` (a module of ``package``)."""
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            out.append((node.lineno, module))
+            for alias in node.names:  # from dicom_node import config  ->  dicom_node.config
+                if module == "dicom_node" and alias.name in NODE_MODULES:
+                    out.append((node.lineno, f"dicom_node.{alias.name}"))
+    return out
+
+
+def _layer(module: str) -> str | None:
+    """``node``, ``train``, ``engine`` or None (a third-party or standard library module)."""
+    if module == "dicom_node.engine" or module.startswith("dicom_node.engine."):
+        return "engine"
+    if module == "dicom_node.train" or module.startswith("dicom_node.train."):
+        return "train"
+    if module == "dicom_node":
+        return None  # the package root: kept free of node imports (checked below)
+    if module.startswith("dicom_node."):
+        return "node"
+    return None
+
+
+FORBIDDEN = {"engine": {"node", "train"}, "train": {"node"}}
+
+
+@pytest.mark.parametrize("folder", sorted(PACKAGES))
+def test_no_import_arrow_points_up(folder: str) -> None:
+    bad = []
+    for path in _modules(folder):
+        package = PACKAGES[folder]
+        for line, module in _imports(path, package):
+            if _layer(module) in FORBIDDEN[folder]:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_package_root_imports_only_the_engine() -> None:
+    """``import dicom_node.engine`` runs dicom_node/__init__.py first: it must stay light."""
+    found = _imports(ROOT / "dicom_node" / "__init__.py", "dicom_node")
+    assert all(_layer(m) in (None, "engine") and m != "dicom_node.engine.tiling" for _l, m in found), found
+
+
+BLOCKED_IMPORT = r"""
+import importlib, pathlib, sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("dicom_node.") and not name.startswith(("dicom_node.engine", "dicom_node.train")):
+            raise ImportError(f"layering: {name} imported from the engine or the trainer")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+root = pathlib.Path(sys.argv[1])
+for folder, package in (("engine", "dicom_node.engine"), ("train", "dicom_node.train")):
+    for path in sorted((root / folder).glob("*.py")):
+        name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+        importlib.import_module(name)
+leaked = sorted(m for m in sys.modules
+                if m.startswith("dicom_node.") and not m.startswith(("dicom_node.engine", "dicom_node.train")))
+assert not leaked, leaked
+print("ok")
+"""
+
+
+def test_engine_and_trainer_import_with_the_node_blocked() -> None:
+    result = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT, str(ROOT)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_engine_errors_are_the_nodes() -> None:
+    """The node re-exports the engine's exception types: one class each, caught the same."""
+    from dicom_node import errors as node_errors
+    from dicom_node.engine import errors as engine_errors
+
+    assert node_errors.UserError is engine_errors.UserError
+    assert node_errors.UnsupportedImage is engine_errors.UnsupportedImage
