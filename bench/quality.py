@@ -194,7 +194,7 @@ def reference_fn(data: Path, work: Path, args: argparse.Namespace, seed: int):
 # ----------------------------------------------------------------------------- driver
 
 def make_data(pair: str, work: Path, args: argparse.Namespace) -> Path:
-    from dicom_node.demo_data import write_demo_data
+    from dicom_node.demo.writer import write_demo_data
 
     data = work / f"data-{pair}"
     if not (data / "manifest.json").exists():

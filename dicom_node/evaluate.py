@@ -127,13 +127,9 @@ def _effective_tile(model: Any, shape: tuple[int, int], tile: int | None, device
     """The tile size the engine uses for this image (0 = whole image)."""
     if tile is not None:
         return int(tile)
-    import torch
+    from dicom_node.engine.tiling import planned_tile
 
-    from dicom_node.engine.tiling import choose_plan, resolve_device
-
-    h, w = shape
-    return int(choose_plan(model.generator, h + (-h) % 4, w + (-w) % 4, resolve_device(device),
-                           torch.float32, tile=None).tile)
+    return planned_tile(model, shape, device=device, precision="fp32")
 
 
 def _seam_check_tile(shape: tuple[int, int], seam_tile: int) -> int:

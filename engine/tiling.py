@@ -45,7 +45,7 @@ from .errors import UserError
 from .generator import ResnetBlock
 from .model_file import StyleModel
 
-__all__ = ["translate", "translate_naive", "resolve_device", "choose_plan", "Plan", "conv_flops", "seam_lines",
+__all__ = ["translate", "translate_naive", "planned_tile", "resolve_device", "choose_plan", "Plan", "conv_flops", "seam_lines",
            "SEAMLESS_MEAN_BOUND", "SEAMLESS_MAX_BOUND"]
 
 # Fraction of free accelerator memory (or available host memory on CPU) the engine may use.
@@ -166,6 +166,16 @@ def seam_lines(n: int, tile: int, overlap: float = 0.25) -> list[tuple[float, in
     for lo, _hi in _grid(n_pad, t)[1:]:
         lines.setdefault(float(lo), 0)
     return sorted(lines.items())
+
+
+def planned_tile(model: StyleModel, shape: tuple[int, int], *, device: str | torch.device | None = None,
+                 precision: str = "auto", memory_cap: int | None = None) -> int:
+    """The tile size :func:`translate` with ``tile=None`` picks for an image of ``shape`` (0 = whole image)."""
+    h, w = shape
+    hp, wp = max(_round_up(h, 4), _MIN_SIDE), max(_round_up(w, 4), _MIN_SIDE)
+    dev = resolve_device(device)
+    return int(choose_plan(model.generator, hp, wp, dev, _compute_dtype(dev, precision), tile=None,
+                           memory_cap=memory_cap).tile)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import require_tool
 from dicom_node.cli import main
-from dicom_node.demo_data import _uid, case_dataset, render_case, write_demo_data
+from dicom_node.demo.writer import _uid, case_dataset, render_case, write_demo_data
 from dicom_node.errors import UserError
-from dicom_node.phantoms import MU_SOFT, Phantom, render
-from dicom_node.styles import STYLE_PAIRS
+from dicom_node.demo.phantoms import MU_SOFT, Phantom, render
+from dicom_node.demo.vendor_processing import STYLE_PAIRS
 
 SIZE = 128
 

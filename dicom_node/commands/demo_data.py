@@ -5,7 +5,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dicom_node.styles import DEFAULT_STYLE_PAIR, STYLE_PAIRS
+    from dicom_node.demo.vendor_processing import DEFAULT_STYLE_PAIR, STYLE_PAIRS
 
     pairs = "\n".join(f"  {name:<8} {pair.description}" for name, pair in STYLE_PAIRS.items())
     p = sub.add_parser(
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from dicom_node.demo_data import write_demo_data
+    from dicom_node.demo.writer import write_demo_data
 
     t0 = time.perf_counter()
     manifest = write_demo_data(args.outdir, count=args.count, test_count=args.test_count, size=args.size,

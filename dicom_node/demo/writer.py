@@ -16,7 +16,7 @@ Unpaired (``unpaired=True``): ``A/aNNNN_PART.dcm`` are phantoms 0..count-1 in st
 ``B/bNNNN_PART.dcm`` phantoms count..2*count-1 in style B only (disjoint exposures, patients,
 studies and UIDs); ``test/`` holds true pairs of phantoms 2*count.. as in paired mode.
 
-``style_pair`` picks the two styles from :data:`dicom_node.styles.STYLE_PAIRS`.  Everything
+``style_pair`` picks the two styles from :data:`.vendor_processing.STYLE_PAIRS`.  Everything
 (pixels, UIDs, dates) is a pure function of (seed, index, size, style pair, mode), so the
 same command writes byte-identical files; the default (paired, classic) writes exactly what
 it wrote before style pairs and unpaired mode existed.
@@ -36,8 +36,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.errors import UserError
-from dicom_node.phantoms import Phantom, make_phantom, render
-from dicom_node.styles import DEFAULT_STYLE_PAIR, STYLES, VendorStyle, get_style_pair, process, to_stored
+from dicom_node.demo.phantoms import Phantom, make_phantom, render
+from dicom_node.demo.vendor_processing import (DEFAULT_STYLE_PAIR, STYLES, VendorStyle, get_style_pair, process,
+                                               to_stored)
 
 __all__ = ["CR_IMAGE_STORAGE", "DemoCase", "render_case", "case_dataset", "write_demo_data"]
 

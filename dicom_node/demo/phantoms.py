@@ -7,7 +7,7 @@ so the rendering can be physical: the transmitted fraction is
 ``exp(-(mu_soft * t_soft + mu_bone * t_bone))`` plus a blurred scatter component, the
 detector blurs a little, and quanta are counted with Poisson noise.  The result is the
 raw "for processing" log signal ``-ln(counts / counts_unattenuated)`` that the vendor
-styles in :mod:`dicom_node.styles` post-process.
+styles in :mod:`dicom_node.demo.vendor_processing` post-process.
 
 Only numpy is used (FFT-based filters), so rendering a 1024² image takes well under a
 second and 2048² a few seconds.  Everything is deterministic for a seed.

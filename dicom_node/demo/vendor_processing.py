@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dicom_node.errors import UserError
-from dicom_node.phantoms import gaussian_blur
+from dicom_node.demo.phantoms import gaussian_blur
 
 __all__ = ["VendorStyle", "StylePair", "STYLE_A", "STYLE_B", "STYLES", "STYLE_PAIRS", "DEFAULT_STYLE_PAIR",
            "TONE_CURVES", "get_style_pair", "process", "to_stored"]
