@@ -36,10 +36,10 @@ from dicom_node.engine.tiling import (  # noqa: E402
     _compute_dtype,
     _generator_on,
     _pad_input,
-    conv_flops,
     resolve_device,
     translate_naive,
 )
+from flops import conv_flops  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RANGE = 2.0
 FLOOR_TFLOP_NGF64 = 6.2  # per 2048^2 image, ngf 64 / 9 blocks (shared/DESIGN-NOTES.md)

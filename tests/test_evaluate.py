@@ -62,7 +62,9 @@ def test_seam_energy_finds_tile_steps() -> None:
     """Hard and blended tone steps on the engine's tile layout stand out; smooth anatomy does not."""
     import torch
 
-    from dicom_node.engine.tiling import _overlapping_starts, _ramp_weights, seam_lines
+    from dicom_node.engine.tile_geometry import overlapping_starts as _overlapping_starts
+    from dicom_node.engine.tile_geometry import ramp_weights as _ramp_weights
+    from dicom_node.engine.tiling import seam_lines
 
     rng = np.random.default_rng(2)
     n, tile = 512, 128

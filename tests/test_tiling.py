@@ -17,11 +17,11 @@ from dicom_node.engine.tiling import (
     SEAMLESS_MAX_BOUND,
     SEAMLESS_MEAN_BOUND,
     choose_plan,
-    conv_flops,
     resolve_device,
     seam_lines,
     translate_naive,
 )
+from bench.flops import conv_flops
 from dicom_node.errors import UserError
 from tests.factory import phantom, trained_like_generator
 
