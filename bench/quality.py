@@ -152,7 +152,8 @@ def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, s
     cmd = [sys.executable, "-m", "dicom_node", "train", "--config", str(cfg_path), "--no-progress"]
     t0 = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     print(f"  trained {method} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
     return model
 
@@ -164,7 +165,7 @@ def engine_fn(model_path: Path, device: str):
     return lambda img: translate(model, img, device=device)
 
 
-def reference_fn(data: Path, work: Path, args: argparse.Namespace, seed: int):
+def train_reference(data: Path, work: Path, args: argparse.Namespace, seed: int) -> Path:
     """Train the reference implementation itself via bench/reference_cyclegan.py (same budget)."""
     script = Path(__file__).resolve().parent / "reference_cyclegan.py"
     out = work / f"reference-seed{seed}.pt"
@@ -172,8 +173,17 @@ def reference_fn(data: Path, work: Path, args: argparse.Namespace, seed: int):
         cmd = [sys.executable, str(script), "--reference", str(args.reference), "--data", str(data),
                "--out", str(out), "--steps", str(args.steps), "--ngf", str(args.ngf), "--blocks", str(args.blocks),
                "--ndf", str(args.ndf), "--patch", str(args.patch), "--seed", str(seed)]
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        t0 = time.perf_counter()
         with open(work / f"reference-seed{seed}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        print(f"  trained reference seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def reference_fn(data: Path, work: Path, args: argparse.Namespace, seed: int):
+    """The reference's A->B generator, as trained by :func:`train_reference`."""
+    out = train_reference(data, work, args, seed)
     import torch
 
     sys.path.insert(0, str(args.reference))
@@ -224,7 +234,14 @@ def main() -> int:
                     help="checkout of the reference CycleGAN implementation (skipped when absent)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"), help="data and runs (reused)")
     ap.add_argument("--retrain", action="store_true", help="train again even if a run's model exists")
+    ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
+    ap.add_argument("--baseline-seeds", type=int, default=0,
+                    help="train the classic recipe and the reference on only the first N seeds (0: all)")
+    ap.add_argument("--full-pairs", type=int, default=0,
+                    help="all seeds for the first N style pairs only, the first seed for the others (0: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    ap.add_argument("--panel", type=Path, default=None,
+                    help="also write a PNG: per style pair, input | each method | target")
     args = ap.parse_args()
     pairs = [p for p in args.pairs.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -233,7 +250,31 @@ def main() -> int:
         print(f"reference implementation not found at {args.reference}: skipped", flush=True)
         methods.remove("reference")
     args.work.mkdir(parents=True, exist_ok=True)
+    baseline_seeds = seeds[:args.baseline_seeds] if args.baseline_seeds else seeds
+    pair_seeds = {p: (seeds if p in pairs[:args.full_pairs] or not args.full_pairs else seeds[:1]) for p in pairs}
+
+    def seeds_for(method: str, pair: str) -> list[int]:
+        if method in ("identity", "histogram"):
+            return seeds[:1]  # deterministic
+        chosen = pair_seeds[pair]
+        return [s for s in chosen if s in baseline_seeds] if method in ("classic", "reference") else chosen
+
+    # Train first, --jobs runs at a time (each with --threads torch threads), then score.
+    jobs = [(m, p, s) for p in pairs for m in methods if m in ("classic", "default", "reference")
+            for s in seeds_for(m, p)]
+    if jobs:
+        from concurrent.futures import ThreadPoolExecutor
+        from functools import partial
+
+        datas = {p: make_data(p, args.work, args) for p in pairs}
+        for p in pairs:
+            (args.work / p).mkdir(exist_ok=True)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for f in [pool.submit(train_reference if m == "reference" else partial(run_trainer, m),
+                                  datas[p], args.work / p, args, s) for m, p, s in jobs]:
+                f.result()
     results: dict = {}
+    panels: dict = {}
     for pair in pairs:
         data = make_data(pair, args.work, args)
         test = load_test_pairs(data)
@@ -246,7 +287,7 @@ def main() -> int:
         work.mkdir(exist_ok=True)
         res = results.setdefault(pair, {})
         for method in methods:
-            for seed in seeds if method not in ("identity", "histogram") else seeds[:1]:
+            for seed in seeds_for(method, pair):
                 print(f"{pair}: {method} seed {seed}", flush=True)
                 if method == "identity":
                     fn = lambda img: img  # noqa: E731
@@ -259,10 +300,43 @@ def main() -> int:
                 else:
                     fn = engine_fn(run_trainer(method, data, work, args, seed), args.device)
                 res.setdefault(method, {})[str(seed)] = score(fn, test, style_ref)
+                if seed == seeds_for(method, pair)[0]:
+                    panels.setdefault(pair, {"input": test[0][1], "target": test[0][2]})[method] = fn(test[0][1])
         res["_ranking"] = ranking(res)
         _write(args, results, pairs, seeds, methods)
+    if args.panel:
+        write_panel(args.panel, panels, methods)
     _table(results, pairs, methods)
     return 0
+
+
+def write_panel(path: Path, panels: dict, methods: list[str], crop: int = 224) -> None:
+    """One row per style pair, the centre of its first held-out image: input, each method, target.
+
+    Each method's output is shown after the same affine fit the score uses."""
+    from PIL import Image, ImageDraw
+
+    cols = ["input"] + [m for m in methods if m != "identity"] + ["target"]
+    rows = []
+    for pair, imgs in panels.items():
+        tgt = imgs["target"]
+        h, w = tgt.shape
+        y0, x0 = (h - crop) // 2, (w - crop) // 2
+        tiles = []
+        for c in cols:
+            if c not in imgs:
+                continue
+            img = imgs[c] if c in ("input", "target") else affine_fit(imgs[c], tgt)
+            u8 = np.clip((img[y0:y0 + crop, x0:x0 + crop] + 1) * 127.5, 0, 255).astype(np.uint8)
+            tile = Image.fromarray(u8).convert("RGB")
+            ImageDraw.Draw(tile).text((4, 4), f"{pair}: {c}" if c == "input" else c, fill=(255, 255, 0))
+            tiles.append(np.asarray(tile))
+        rows.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    print(f"wrote {path}")
 
 
 def ranking(res: dict) -> dict:

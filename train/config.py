@@ -53,10 +53,10 @@ class TrainSettings:
     pool_size: int = 50
     paired: str = "auto"  # auto: supervised L1 when A and B hold the same file names; "on"/"off"
     lambda_paired: float = 10.0
-    amp: str = "auto"  # auto: bf16 autocast on CUDA where supported; "bf16"; "off"
+    amp: str = "auto"  # auto: bf16 autocast on CUDA where supported, and on CPUs with native bf16; "bf16"; "off"
     seed: int = 0
     device: str = "auto"
-    channels_last: str = "auto"  # auto: on CUDA only (measured slower on the project's CPU); "on"; "off"
+    channels_last: str = "auto"  # auto: on CUDA only (NHWC was slower on the CPUs measured); "on"; "off"
     threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy small machine
 
 

@@ -13,7 +13,8 @@ What makes it cheaper than the reference implementation without changing the mat
 * Each discriminator sees real and pooled fake images in one call.
 * Discriminator weights are frozen during the generator step (no wasted weight gradients),
   gradients are released with ``set_to_none``, losses stay on the device (no per-step sync).
-* On GPUs: channels_last memory format and bf16 autocast (both measured slower on the CPU).
+* bf16 autocast on GPUs and on CPUs that multiply bf16 natively; channels_last on GPUs only
+  (what the trainer picks on a CPU: ``train/cpu_speed.py``, measured in bench/train.py).
 
 Under DDP each network is wrapped in ``DistributedDataParallel``; in the generator step the
 discriminators are called unwrapped (frozen, nothing to all-reduce).

@@ -150,6 +150,16 @@ class _Run:
 
         amp = c.train.amp == "bf16" or (c.train.amp == "auto" and self.device.type == "cuda"
                                         and torch.cuda.is_bf16_supported())
+        channels_last = c.train.channels_last == "on" or (c.train.channels_last == "auto"
+                                                          and self.device.type == "cuda")
+        if self.device.type == "cpu":  # what pays depends on the CPU's instructions (bench/train.py)
+            from .cpu_speed import cpu_fast_settings
+
+            fast = cpu_fast_settings(c.train.amp, c.train.channels_last)
+            amp, channels_last = fast["amp"], fast["channels_last"]
+            if info.is_main:
+                log.info("CPU step: %s, %s", "bf16 autocast" if amp else "fp32",
+                         "channels_last" if channels_last else "NCHW")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         model = CycleGAN(ngf=c.model.ngf, n_blocks=c.model.n_blocks, ndf=c.model.ndf, residual=c.model.residual,
@@ -158,8 +168,7 @@ class _Run:
                          lambda_identity=c.train.lambda_identity,
                          lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
                          device=self.device, amp=amp, seed=c.train.seed,
-                         channels_last=c.train.channels_last == "on" or (c.train.channels_last == "auto"
-                                                                         and self.device.type == "cuda"),
+                         channels_last=channels_last,
                          rank=info.rank)
         sampler = PatchSampler(a, b, c.train.patch_size, c.train.batch_size, seed=c.train.seed, rank=info.rank,
                                pairs=pairs if paired else None)
