@@ -237,6 +237,10 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
     ap.add_argument("--baseline-seeds", type=int, default=0,
                     help="train the classic recipe and the reference on only the first N seeds (0: all)")
+    ap.add_argument("--score-only-pairs", default="",
+                    help="style pairs scored without training (identity, histogram, tone_filter only)")
+    ap.add_argument("--baseline-pairs", type=int, default=0,
+                    help="train the classic recipe and the reference on the first N style pairs only (0: all)")
     ap.add_argument("--full-pairs", type=int, default=0,
                     help="all seeds for the first N style pairs only, the first seed for the others (0: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
@@ -257,7 +261,13 @@ def main() -> int:
         if method in ("identity", "histogram"):
             return seeds[:1]  # deterministic
         chosen = pair_seeds[pair]
-        return [s for s in chosen if s in baseline_seeds] if method in ("classic", "reference") else chosen
+        if method in ("classic", "default", "reference") and pair in args.score_only_pairs.split(","):
+            return []
+        if method in ("classic", "reference"):
+            if args.baseline_pairs and pair not in pairs[:args.baseline_pairs]:
+                return []
+            return [s for s in chosen if s in baseline_seeds]
+        return chosen
 
     # Train first, --jobs runs at a time (each with --threads torch threads), then score.
     jobs = [(m, p, s) for p in pairs for m in methods if m in ("classic", "default", "reference")
@@ -367,7 +377,9 @@ def _write(args, results, pairs, seeds, methods) -> None:
                       "batch_size": args.batch, "steps": args.steps, "device": args.device},
            "data": {"size": args.size, "count": args.count, "test_count": args.test_count,
                     "data_seed": args.data_seed, "unpaired": True},
-           "pairs": pairs, "seeds": seeds, "methods": methods, "results": results}
+           "pairs": pairs, "seeds": seeds, "methods": methods,
+           "options": {k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in vars(args).items()},
+           "results": results}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
