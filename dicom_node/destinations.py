@@ -9,20 +9,20 @@ same SOP Instance UID, and the folder destination treats an identical file as de
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from dicom_node.engine.atomic import atomic_write, fsync_dir
+from dicom_node.engine.defaults import UID_RE
+from dicom_node.engine.errors import first_line
 from dicom_node.config import DestinationSettings
 
 __all__ = ["DeliveryResult", "deliver", "deliver_dicom", "deliver_folder", "valid_uid"]
 
 log = logging.getLogger(__name__)
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Presentation contexts per association (PS3.8: odd IDs 1..255).
 _MAX_CONTEXTS = 128
 
@@ -37,7 +37,7 @@ class DeliveryResult:
 
 def valid_uid(value: object) -> bool:
     """A DICOM UID safe to use as a file name: digits and dots, at most 64 characters."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.match(value) is not None
 
 
 def deliver(
@@ -193,7 +193,7 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
         )
     except (OSError, ValueError, RuntimeError) as exc:  # bad address, TLS failures raised early
-        return fail_all(f"cannot connect to {_peer(dest)}: {exc.__class__.__name__}: {_first_line(exc)}")
+        return fail_all(f"cannot connect to {_peer(dest)}: {exc.__class__.__name__}: {first_line(exc, 200)}")
     if not assoc.is_established:
         if not connected and tls_args is not None and _tcp_reachable(dest.host, int(dest.port), timeout):
             error = f"TLS handshake with {_peer(dest)} failed (certificate not trusted or protocol mismatch)"
@@ -277,7 +277,7 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
             return DeliveryResult(item.path, False, error=f"association with {_peer(dest)} ended early")
         # Typically: no decoder for the syntax, or a file pynetdicom cannot encode.
         log.warning("cannot send a file to %s: %s", dest.name, exc.__class__.__name__)
-        return DeliveryResult(item.path, False, error=f"cannot send: {exc.__class__.__name__}: {_first_line(exc)}")
+        return DeliveryResult(item.path, False, error=f"cannot send: {exc.__class__.__name__}: {first_line(exc, 200)}")
     return _result(item, status_ds, dest)
 
 
@@ -332,11 +332,6 @@ def _plain_syntax(accepted: set[str]) -> str:
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     return ExplicitVRLittleEndian if ExplicitVRLittleEndian in accepted else ImplicitVRLittleEndian
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else exc.__class__.__name__
 
 
 # ------------------------------------------------------------------------------ folder

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.engine.defaults import DEFAULT_OVERLAP
 from dicom_node.engine.quality import (DATA_RANGE, SeamCheck, compare_seams, psnr, seam_energy, seam_summary,
                                        ssim)
 from dicom_node.errors import UserError
@@ -152,7 +153,7 @@ def _finite(v: float) -> float | None:
 def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str | Path, *, tile: int | None = None,
                    device: str | None = None, limit: int | None = None, direction: str | None = None,
                    panels: bool = True, preview_path: str | Path | None = None, seam_check: bool = True,
-                   seam_tile: int = 256, overlap: float = 0.25) -> dict[str, Any]:
+                   seam_tile: int = 256, overlap: float = DEFAULT_OVERLAP) -> dict[str, Any]:
     """Translate every held-out input, compare with its target; write metrics.json and panels.
 
     The scored output is what the engine produces (``tile``: None = its own choice, as in the

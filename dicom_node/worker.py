@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import NodeConfig
+from dicom_node.engine.defaults import DEFAULT_OVERLAP, MANUFACTURER
 from dicom_node.errors import UnsupportedImage, UserError
 from dicom_node.spool import Spool
 from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, StateDB, abbreviate
@@ -207,7 +208,7 @@ class Translator(_Loop):
                 from dicom_node.engine.pipeline import translate_dataset
 
                 sc = translate_dataset(model, ds, tile=settings.tile if settings else None,
-                                       overlap=settings.overlap if settings else 0.25,
+                                       overlap=settings.overlap if settings else DEFAULT_OVERLAP,
                                        device=_device(settings.device if settings else "auto"))
             seconds = time.perf_counter() - t0
         except UnsupportedImage as exc:
@@ -229,7 +230,7 @@ class Translator(_Loop):
 
 def is_own_output(ds: Any) -> bool:
     """True for a Secondary Capture written by dicom-node (its SC equipment names it)."""
-    return str(ds.get("SecondaryCaptureDeviceManufacturer", "") or "").strip() == "dicom-node"
+    return str(ds.get("SecondaryCaptureDeviceManufacturer", "") or "").strip() == MANUFACTURER
 
 
 def _device(device: str | None) -> str | None:

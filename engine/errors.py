@@ -6,6 +6,17 @@ else is a bug and exits 2.
 """
 
 
+__all__ = ["UserError", "UnsupportedImage", "first_line"]
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception as one short line for a message (decoder and network errors span several lines)."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return exc.__class__.__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class UserError(Exception):
     """A problem with the user's input, reported as one line."""
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write, umask_mode
+from .defaults import DEFAULT_NORMALIZATION, MODEL_FORMAT
 from .errors import UserError
 
 from .generator import ResnetGenerator
@@ -32,10 +33,8 @@ __all__ = [
     "generator_from_architecture",
 ]
 
-FORMAT = "dicom-node-style-model"
+FORMAT = MODEL_FORMAT
 FORMAT_VERSION = 1
-# Robust percentile window: p_low..p_high of the (modality-LUT'ed, MONOCHROME2) pixels map to -1..1.
-DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "low": 0.5, "high": 99.5}
 _JSON_KEYS = ("architecture", "normalization", "provenance", "output")
 
 

@@ -6,7 +6,6 @@ they produce the same pixels and the same UIDs for the same input and model.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from .atomic import atomic_write
+from .defaults import DEFAULT_OVERLAP, UID_RE
 
 from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, output_window, read_dicom,
                      to_output_pixels)
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["translate_dataset", "translate_file", "Translation", "translate_radiograph", "model_output_window",
            "ModelOutputError"]
 
-_UID_FILENAME = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class ModelOutputError(RuntimeError):
@@ -52,7 +51,7 @@ def model_output_window(model: "StyleModel") -> tuple[float, float]:
 
 
 def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, *, tile: int | None = None,
-                         overlap: float = 0.25, device: Any = None) -> Translation:
+                         overlap: float = DEFAULT_OVERLAP, device: Any = None) -> Translation:
     """Translate an already decoded image of ``source``; padded pixels come out black (0)."""
     from .tiling import translate
 
@@ -69,7 +68,7 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
     return Translation(sc=sc, model_input=x, model_output=y)
 
 
-def translate_dataset(model: "StyleModel", ds: Dataset, *, tile: int | None = None, overlap: float = 0.25,
+def translate_dataset(model: "StyleModel", ds: Dataset, *, tile: int | None = None, overlap: float = DEFAULT_OVERLAP,
                       device: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     """The Secondary Capture dataset (ready to save or send) for one source image.
 
@@ -82,13 +81,13 @@ def translate_dataset(model: "StyleModel", ds: Dataset, *, tile: int | None = No
 def output_filename(sc: Dataset, suffix: str = ".dcm") -> str:
     """File name from the SOP Instance UID, validated so it can never escape the folder."""
     uid = str(sc.SOPInstanceUID)
-    if not _UID_FILENAME.match(uid) or not UID(uid).is_valid:
+    if not UID_RE.match(uid) or not UID(uid).is_valid:
         raise ValueError(f"refusing to use invalid SOP Instance UID {uid!r} as a file name")
     return uid + suffix
 
 
 def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | os.PathLike, *,
-                   tile: int | None = None, overlap: float = 0.25, device: Any = None, preview: bool = False,
+                   tile: int | None = None, overlap: float = DEFAULT_OVERLAP, device: Any = None, preview: bool = False,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Translate one DICOM file into ``outdir/<SOP Instance UID>.dcm`` (written atomically).
 

@@ -38,6 +38,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from .errors import UnsupportedImage, UserError
+from .errors import first_line as _first_line
+from .defaults import DEFAULT_NORMALIZATION
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -56,7 +58,6 @@ __all__ = [
 # 64 Mpixel: a 43x43 cm detector at 0.1 mm is ~18 Mpixel; anything far beyond is an error
 # or an attack, and float32 working copies of it would cost several GiB.
 DEFAULT_MAX_PIXELS: int = 64 * 1024 * 1024
-DEFAULT_NORMALIZATION: dict[str, Any] = {"method": "percentile", "low": 0.5, "high": 99.5}
 OUTPUT_MAX = 65535  # output pixels are uint16, model space [-1, 1] -> [0, OUTPUT_MAX]
 
 
@@ -342,14 +343,6 @@ def _set_transfer_syntax_from_encoding(ds: Dataset) -> None:
         ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
                                       else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-
-
-def _first_line(exc: BaseException, limit: int = 240) -> str:
-    """An exception as one short line (decoder errors span several lines)."""
-    text = " ".join(str(exc).split())
-    if not text:
-        return exc.__class__.__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------- recognising a file

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .defaults import DEFAULT_OVERLAP
+
 __all__ = ["DATA_RANGE", "psnr", "ssim", "SEAM_SEGMENT", "seam_energy", "SeamCheck", "compare_seams", "seam_summary"]
 
 DATA_RANGE = 2.0  # model space is [-1, 1]
@@ -60,7 +62,7 @@ def ssim(x: np.ndarray, y: np.ndarray, data_range: float = DATA_RANGE) -> float:
 SEAM_SEGMENT = 32  # px along a tile border averaged into one step (a seam is coherent along it, noise is not)
 
 
-def seam_energy(change: np.ndarray, tile: int, overlap: float = 0.25) -> tuple[float, int]:
+def seam_energy(change: np.ndarray, tile: int, overlap: float = DEFAULT_OVERLAP) -> tuple[float, int]:
     """Squared steps of ``change`` across the engine's tile borders: (sum, count).
 
     Where: the borders of tiles of ``tile`` px with ``overlap`` as the engine lays them out

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from .defaults import MANUFACTURER
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     sop_uid = derived_uid(str(source.SOPInstanceUID), identity)
     style = _style_label(model)
     equipment = hd.ContributingEquipment(
-        manufacturer="dicom-node",
+        manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=_text(f"style model {model.name}"),
         software_versions=[_text(f"dicom-node {__version__}"), _text(f"model {model.name} {model.version}")],
@@ -207,11 +208,11 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
         series_number=_series_number(source),
         sop_instance_uid=sop_uid,
         instance_number=_instance_number(source),
-        manufacturer="dicom-node",
+        manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[equipment],
         series_description=_text(f"{style} style"),
-        manufacturer_model_name="dicom-node",
+        manufacturer_model_name=MANUFACTURER,
         software_versions=f"dicom-node {__version__}",
     )
     for kw in _COPIED_KEYWORDS:
@@ -236,8 +237,8 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
 
     # SC Equipment: made by software on a workstation, not captured from a digital interface.
     sc.ConversionType = "WSD"
-    sc.SecondaryCaptureDeviceManufacturer = "dicom-node"
-    sc.SecondaryCaptureDeviceManufacturerModelName = "dicom-node"
+    sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
+    sc.SecondaryCaptureDeviceManufacturerModelName = MANUFACTURER
     sc.SecondaryCaptureDeviceSoftwareVersions = _text(__version__)
 
     # Image: derived, with its provenance.

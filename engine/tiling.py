@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .defaults import DEFAULT_OVERLAP
 from .model_file import StyleModel
 from .tile_executor import Executor
 from .tile_geometry import MIN_SIDE, grid, overlapping_starts, ramp_weights, round_up
@@ -66,7 +67,7 @@ def translate(
     image: np.ndarray,
     *,
     tile: int | None = None,
-    overlap: float = 0.25,
+    overlap: float = DEFAULT_OVERLAP,
     device: str | torch.device | None = None,
     precision: str = "auto",
     memory_cap: int | None = None,
@@ -102,7 +103,7 @@ def translate_naive(
     image: np.ndarray,
     *,
     tile: int,
-    overlap: float = 0.25,
+    overlap: float = DEFAULT_OVERLAP,
     device: str | torch.device | None = None,
     precision: str = "auto",
 ) -> np.ndarray:
@@ -138,7 +139,7 @@ def translate_naive(
     return (acc / wsum)[0, 0, :h, :w].cpu().numpy().copy()
 
 
-def seam_lines(n: int, tile: int, overlap: float = 0.25) -> list[tuple[float, int]]:
+def seam_lines(n: int, tile: int, overlap: float = DEFAULT_OVERLAP) -> list[tuple[float, int]]:
     """Where tiles meet along one image axis of ``n`` output pixels: ``(centre, width)`` pairs.
 
     Why: a seam metric must look where a seam could be.  Tiles of ``tile`` pixels meet in two

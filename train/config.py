@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.engine.yaml_config import ConfigError
-from dicom_node.engine.errors import UserError
+from dicom_node.engine.yaml_config import ConfigError, read_yaml_file
 
 __all__ = [
     "DataSettings", "ModelSettings", "TrainSettings", "OutputSettings", "TrainConfig",
@@ -106,18 +105,18 @@ _POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("trai
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a trainer YAML file, apply ``section.key -> value`` overrides, validate."""
-    import yaml
-
+    """Read a trainer YAML file (the node's strict loader: duplicate keys and YAML errors with
+    their line), apply ``section.key -> value`` overrides, validate; every problem at once."""
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise UserError(f"cannot read config {p}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"<yaml>: {str(exc).splitlines()[0]}"], str(p)) from None
+    raw, duplicates = read_yaml_file(p)
     raw = apply_overrides(raw if raw is not None else {}, overrides or {})
-    return parse_train_config(raw, base_dir=p.resolve().parent, source=str(p))
+    try:
+        cfg = parse_train_config(raw, base_dir=p.resolve().parent, source=str(p))
+    except ConfigError as exc:
+        raise ConfigError(duplicates + exc.problems, str(p)) from None
+    if duplicates:
+        raise ConfigError(duplicates, str(p))
+    return cfg
 
 
 def apply_overrides(raw: Any, overrides: dict[str, Any]) -> Any:

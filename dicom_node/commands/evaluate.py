@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from dicom_node.engine.defaults import DEFAULT_OVERLAP
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
     p.add_argument("--tile", type=int, default=None,
                    help="tile size in pixels (default: the engine chooses; 0 = one whole-image pass)")
-    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
+                   help=f"tile overlap fraction (default {DEFAULT_OVERLAP:g})")
     p.add_argument("--seam-tile", type=int, default=256,
                    help="tile size of the seam check when the engine translates in one pass (default 256)")
     p.add_argument("--no-seam-check", action="store_true",

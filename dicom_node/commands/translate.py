@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from dicom_node.engine.defaults import DEFAULT_OVERLAP
+
 log = logging.getLogger(__name__)
 
 # DICOMDIR files are DICOM but index a media folder; they are never images to translate.
@@ -27,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="tile size in pixels for tiled inference (default: the engine chooses)")
-    p.add_argument("--overlap", type=float, default=0.25, metavar="F", help="tile overlap fraction (default 0.25)")
+    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
+                   help=f"tile overlap fraction (default {DEFAULT_OVERLAP:g})")
     p.add_argument("--full-image", action="store_true", help="one whole-image pass, no tiling (same as --tile 0)")
     p.add_argument("--device", default=None, metavar="D", help="torch device: cpu, cuda, cuda:1, auto (default)")
     p.add_argument("--preview", action="store_true", help="also write a PNG (input | output) per image")

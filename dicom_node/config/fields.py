@@ -1,0 +1,164 @@
+"""Typed readers for one value of a YAML mapping, each adding a ``path: message`` problem
+instead of raising, so a config's every mistake is reported at once with its YAML path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from dicom_node.engine.yaml_config import Problems, join_path, type_name
+
+__all__ = ["MISSING", "mapping", "integer", "number", "check_number", "boolean", "string", "string_list",
+           "ae_title_problem", "ae_title_field", "resolve", "folder_path"]
+
+MISSING = object()
+
+
+def mapping(raw: Any, path: str, allowed: set[str], required: set[str], pr: Problems) -> dict[str, Any] | None:
+    """Check that ``raw`` is a mapping with only ``allowed`` keys and all ``required`` ones."""
+    if not isinstance(raw, dict):
+        pr.add(path, f"must be a mapping, not {type_name(raw)}")
+        return None
+    for key in raw:
+        if not isinstance(key, str):
+            pr.add(path, f"key {key!r} must be a string")
+        elif key not in allowed:
+            pr.add(join_path(path, key), "unknown key")
+    for key in sorted(required):
+        if key not in raw:
+            pr.add(join_path(path, key), "required key missing")
+    return raw
+
+
+def integer(raw: dict, key: str, path: str, pr: Problems, default: Any, lo: int | None = None,
+         hi: int | None = None) -> Any:
+    p = join_path(path, key)
+    value = raw.get(key, MISSING)
+    if value is MISSING:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        pr.add(p, f"must be an integer, not {type_name(value)}")
+        return default
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if hi is None:
+            pr.add(p, f"must be >= {lo}")
+        else:
+            pr.add(p, f"must be {lo}..{hi}")
+        return default
+    return value
+
+
+def number(raw: dict, key: str, path: str, pr: Problems, default: Any, lo: float = 0.0,
+            lo_inclusive: bool = True, hi: float | None = None, hi_inclusive: bool = True) -> Any:
+    p = join_path(path, key)
+    value = raw.get(key, MISSING)
+    if value is MISSING:
+        return default
+    return check_number(value, p, pr, default, lo, lo_inclusive, hi, hi_inclusive)
+
+
+def check_number(value: Any, p: str, pr: Problems, default: Any, lo: float = 0.0,
+                  lo_inclusive: bool = True, hi: float | None = None, hi_inclusive: bool = True) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        pr.add(p, f"must be a number, not {type_name(value)}")
+        return default
+    bad_lo = value < lo if lo_inclusive else value <= lo
+    bad_hi = hi is not None and (value > hi if hi_inclusive else value >= hi)
+    if bad_lo or bad_hi:
+        lo_txt = f"{'>=' if lo_inclusive else '>'} {lo:g}"
+        hi_txt = "" if hi is None else f" and {'<=' if hi_inclusive else '<'} {hi:g}"
+        pr.add(p, f"must be {lo_txt}{hi_txt}")
+        return default
+    return float(value)
+
+
+def boolean(raw: dict, key: str, path: str, pr: Problems, default: bool) -> bool:
+    value = raw.get(key, MISSING)
+    if value is MISSING:
+        return default
+    if not isinstance(value, bool):
+        pr.add(join_path(path, key), f"must be true or false, not {type_name(value)}")
+        return default
+    return value
+
+
+def string(raw: dict, key: str, path: str, pr: Problems, default: Any = None) -> Any:
+    value = raw.get(key, MISSING)
+    if value is MISSING:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        what = "empty" if isinstance(value, str) else type_name(value)
+        pr.add(join_path(path, key), f"must be a non-empty string, not {what}")
+        return default
+    return value
+
+
+def ae_title_problem(value: Any) -> str | None:
+    """Why ``value`` is not a usable AE title (DICOM PS3.5 AE VR), or ``None`` if it is.
+
+    At most 16 characters of the default repertoire, no backslash, no control characters,
+    not only spaces.  Leading/trailing spaces are not significant and are stripped.
+    """
+    if not isinstance(value, str):
+        return f"AE title must be a string, not {type_name(value)}"
+    if not value.strip():
+        return "AE title is empty"
+    if len(value) > 16:
+        return f"AE title {value!r} is longer than 16 characters"
+    if "\\" in value:
+        return f"AE title {value!r} contains a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"AE title {value!r} contains control characters"
+    if not value.isascii():
+        return f"AE title {value!r} contains non-ASCII characters"
+    return None
+
+
+def ae_title_field(raw: dict, key: str, path: str, pr: Problems, default: Any = None) -> Any:
+    value = raw.get(key, MISSING)
+    if value is MISSING:
+        return default
+    problem = ae_title_problem(value)
+    if problem:
+        pr.add(join_path(path, key), problem)
+        return default
+    return value.strip()
+
+
+def resolve(base_dir: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def string_list(value: Any, path: str, pr: Problems) -> list[str] | None:
+    """A list of strings; a single string is accepted as a one-item list."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        pr.add(path, f"must be a list of strings, not {type_name(value)}")
+        return None
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            pr.add(join_path(path, i), f"must be a string, not {type_name(item)}")
+        else:
+            out.append(str(item))
+    return out
+
+
+def folder_path(raw: dict, key: str, path: str, pr: Problems, base_dir: Path, default: Path | None) -> Path | None:
+    """A folder path (relative to ``base_dir``), normalised; whether it can be written is checked
+    with the environment (:mod:`.environment`)."""
+    value = raw.get(key, MISSING)
+    if value is MISSING:
+        if default is None:
+            return None
+        p = resolve(base_dir, str(default))
+    else:
+        value = string(raw, key, path, pr)
+        if value is None:
+            return None
+        p = resolve(base_dir, value)
+    return Path(os.path.normpath(p))
+
