@@ -30,6 +30,7 @@ from typing import Any
 
 from dicom_node.config import NodeConfig
 from dicom_node.engine.defaults import DEFAULT_OVERLAP, MANUFACTURER
+from dicom_node.engine.devices import is_auto_device
 from dicom_node.errors import UnsupportedImage, UserError
 from dicom_node.spool import Spool
 from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, StateDB, abbreviate
@@ -234,7 +235,7 @@ def is_own_output(ds: Any) -> bool:
 
 
 def _device(device: str | None) -> str | None:
-    return None if device in (None, "", "auto") else device
+    return None if is_auto_device(device) else device
 
 
 class Housekeeper(_Loop):

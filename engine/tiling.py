@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import DEVICE_CHOICES, MIN_TILE, device_problem, is_auto_device
 from .errors import UserError
 from .defaults import DEFAULT_OVERLAP
 from .model_file import StyleModel
@@ -177,9 +178,14 @@ def planned_tile(model: StyleModel, shape: tuple[int, int], *, device: str | tor
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None/"auto" -> CUDA when available, else CPU; otherwise what was asked (checked)."""
-    if device is None or (isinstance(device, str) and device.strip().lower() in ("", "auto")):
+    """None/"auto" -> CUDA when available, else CPU; otherwise what was asked (checked).
+
+    The names accepted are :func:`.devices.device_problem`'s, the config's rule too; ``mps`` is
+    Apple's GPU (when this machine has one)."""
+    if is_auto_device(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str) and device_problem(device):
+        raise UserError(f"unsupported device {device!r} (use {DEVICE_CHOICES})")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -191,8 +197,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise UserError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device {device!r} requested but MPS is not available")
     elif dev.type != "cpu":
-        raise UserError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+        raise UserError(f"unsupported device {device!r} (use {DEVICE_CHOICES})")
     return dev
 
 
@@ -223,8 +232,8 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 def _check_args(tile: int | None, overlap: float) -> None:
     if tile is not None and (int(tile) != tile or tile < 0):
         raise UserError(f"tile must be a non-negative integer, got {tile!r}")
-    if tile and tile < 16:
-        raise UserError(f"tile must be 0 (whole image) or at least 16, got {tile}")
+    if tile and tile < MIN_TILE:
+        raise UserError(f"tile must be 0 (whole image) or at least {MIN_TILE}, got {tile}")
     if not (0.0 <= float(overlap) < 1.0):
         raise UserError(f"overlap must be in [0, 1), got {overlap!r}")
 

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from dicom_node.engine.defaults import DEFAULT_OVERLAP
+from dicom_node.engine.devices import is_auto_device, tile_problem
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,14 @@ def run(args: argparse.Namespace) -> int:
     if args.full_image and args.tile not in (None, 0):
         raise UserError("--full-image and --tile N contradict each other")
     tile = 0 if args.full_image else args.tile
-    if tile is not None and tile < 0:
-        raise UserError("--tile must be >= 0 (0 = whole image)")
+    if tile is not None and tile_problem(tile):
+        raise UserError(f"--tile {tile_problem(tile)}")
     if not 0.0 <= args.overlap < 1.0:
         raise UserError("--overlap must be in [0, 1)")
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
     if max_pixels < 1:
         raise UserError("--max-pixels must be >= 1")
-    device = None if args.device in (None, "", "auto") else args.device
+    device = None if is_auto_device(args.device) else args.device
 
     if not getattr(args, "verbose", False):
         # pydicom warns (log + UserWarning) about every oddity of a broken file; the user gets

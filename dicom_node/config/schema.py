@@ -7,11 +7,11 @@ Whether files and folders are usable on this machine is :mod:`.environment`'s jo
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
 from dicom_node.engine.defaults import DEFAULT_OVERLAP
+from dicom_node.engine.devices import device_problem, tile_problem
 from dicom_node.engine.yaml_config import ConfigError, Problems, join_path, type_name
 
 from .fields import (MISSING, ae_title_field, ae_title_problem, boolean, check_number, folder_path, integer, mapping,
@@ -21,7 +21,6 @@ from .settings import (DESTINATION_KINDS, DestinationSettings, DicomDestination,
 
 __all__ = ["parse_schema"]
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def _file(raw: dict, key: str, path: str, pr: Problems, base_dir: Path) -> Path | None:
@@ -92,13 +91,13 @@ def _models(raw: Any, pr: Problems, base_dir: Path) -> dict[str, ModelSettings]:
             continue
         model_path = _model_path(s, path, pr, base_dir)
         device = string(s, "device", path, pr, "auto")
-        if not _DEVICE_RE.match(device):
-            pr.add(join_path(path, "device"), f"must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
+        if device_problem(device):
+            pr.add(join_path(path, "device"), device_problem(device))
         tile = None
         if s.get("tile") is not None:
             tile = integer(s, "tile", path, pr, None, 0)
-            if tile is not None and 0 < tile < 64:
-                pr.add(join_path(path, "tile"), "must be 0 (whole image) or >= 64 pixels")
+            if tile is not None and tile_problem(tile):
+                pr.add(join_path(path, "tile"), tile_problem(tile))
         out[str(name)] = ModelSettings(
             name=str(name), path=model_path or "", device=device, tile=tile,
             overlap=number(s, "overlap", path, pr, DEFAULT_OVERLAP, 0.0, True, 1.0, False),
