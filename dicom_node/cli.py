@@ -1,6 +1,6 @@
 """The ``dicom-node`` command line: one entry point, one module per subcommand.
 
-Exit codes (shared CONVENTIONS): 0 success, 1 user error (one line, no traceback),
+Exit codes (README): 0 success, 1 user error (one line, no traceback),
 2 internal error.
 """
 from __future__ import annotations
@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"dicom_node.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"dicom_node.commands.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"dicom_node.commands.{name}").register(sub)
     return parser
 
 

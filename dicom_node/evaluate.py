@@ -1,7 +1,7 @@
 """Evaluate a style model on held-out pairs: PSNR, SSIM, identity baseline, seams, panels.
 
 Why these numbers: a style model is only useful when its output is closer to the true
-target style than the input itself is (the *identity baseline*, DESIGN-NOTES), and tiled
+target style than the input itself is (the *identity baseline*, docs/training.md), and tiled
 inference must not leave tile-shaped steps (the *seam ratio*).
 
 Where the comparison happens: in **model space**.  Input and target are both read with

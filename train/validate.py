@@ -3,7 +3,7 @@
 Images go through ``dicom_node.engine.translate`` (the same path the node uses, tiling
 included), so the numbers describe what a radiologist will see.  Metrics are computed in model
 space ([-1, 1], data range 2).  The identity baseline (returning the input unchanged) is
-logged next to them, because a style model is only useful when it beats it (DESIGN-NOTES).
+logged next to them, because a style model is only useful when it beats it (docs/training.md).
 The metric definitions are ``dicom-node evaluate``'s, so the numbers compare directly.
 """
 from __future__ import annotations

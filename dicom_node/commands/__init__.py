@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "serve",
     "check_config",
     "status",
+    "retry",
     "translate",
     "train",
     "model",

@@ -1,7 +1,7 @@
-"""``dicom-node status`` and ``dicom-node retry``: inspect and requeue the node's work.
+"""``dicom-node status``: inspect the node's work (``dicom-node retry``: :mod:`.retry`).
 
-Both read the state database in the configured spool directly (SQLite in WAL mode allows
-this while the node runs); the running node picks requeued items up within a second.
+Reads the state database in the configured spool directly (SQLite in WAL mode allows this
+while the node runs).
 """
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="node config YAML (default: the embedded config)")
     p.add_argument("--json", action="store_true", help="machine-readable output (for monitoring)")
     p.set_defaults(func=run_status)
-    r = sub.add_parser("retry", help="requeue failed translations and deliveries")
-    r.add_argument("--config", help="node config YAML (default: the embedded config)")
-    r.set_defaults(func=run_retry)
 
 
-def _open(config_path: str | None):
+def open_state(config_path: str | None):
+    """The state database of the spool that ``config_path`` (None: the embedded config) names."""
     from dicom_node.config import load_config
     from dicom_node.errors import UserError
     from dicom_node.spool import Spool
@@ -33,7 +31,7 @@ def _open(config_path: str | None):
 
 
 def run_status(args: argparse.Namespace) -> int:
-    db = _open(args.config)
+    db = open_state(args.config)
     try:
         inst, dels = db.counts()
         oldest = db.oldest_waiting()
@@ -61,14 +59,4 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         what, uid, since = oldest
         print(f"oldest waiting: {what} sop {uid}, received {time.time() - since:.0f} s ago")
-    return 0
-
-
-def run_retry(args: argparse.Namespace) -> int:
-    db = _open(args.config)
-    try:
-        nd, ni = db.retry_failed()
-    finally:
-        db.close()
-    print(f"requeued {nd} failed deliveries and {ni} failed translations")
     return 0
