@@ -100,6 +100,8 @@ def _inspect(index: int, path: Path) -> _Item | str:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from dicom_node.engine.dicom_decode import transfer_syntax
+
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except FileNotFoundError:
@@ -107,7 +109,7 @@ def _inspect(index: int, path: Path) -> _Item | str:
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return f"cannot read DICOM file ({exc.__class__.__name__})"
     meta = getattr(ds, "file_meta", None)
-    ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    ts = transfer_syntax(ds)
     sop = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
     if not ts or not sop:
         return "file has no SOP Class UID or Transfer Syntax UID in its meta information"

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from dicom_node.engine.defaults import DEFAULT_OVERLAP
+from dicom_node.engine.preview import save_png, to_u8
 from dicom_node.engine.quality import (DATA_RANGE, SeamCheck, compare_seams, psnr, seam_energy, seam_summary,
                                        ssim)
 from dicom_node.errors import UserError
@@ -84,7 +85,7 @@ def _direction(direction: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- panels
 
 def _to_u8(img: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint((np.asarray(img, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return to_u8(np.asarray(img, np.float64))  # the panels compute in float64
 
 
 def panel(inp: np.ndarray, out: np.ndarray, target: np.ndarray, max_side: int = 512):
@@ -205,9 +206,10 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         rows.append(row)
         if preview_path is not None and len(rows) == 1:
             Path(preview_path).parent.mkdir(parents=True, exist_ok=True)
-            preview(x, y).save(preview_path, optimize=True)
+            save_png(preview(x, y), preview_path, optimize=True)
         if panels:
-            panel(x, y, t).save(out / "panels" / (Path(name).with_suffix("").as_posix().replace("/", "_") + ".png"))
+            panel_name = Path(name).with_suffix("").as_posix().replace("/", "_") + ".png"
+            save_png(panel(x, y, t), out / "panels" / panel_name)
         log.info("%s: psnr %.2f dB (identity %.2f), ssim %.4f (identity %.4f), %.2f s%s", name, row["psnr"],
                  row["identity_psnr"], row["ssim"], row["identity_ssim"], dt,
                  f", tiled vs whole max {row['seam_max_deviation']:.2g} % of range" if seam_check else "")

@@ -13,7 +13,13 @@ from .errors import UnsupportedImage
 from .errors import first_line as _first_line
 from .radiograph import DEFAULT_MAX_PIXELS, Radiograph
 
-__all__ = ["decode_dataset"]
+__all__ = ["decode_dataset", "transfer_syntax"]
+
+
+def transfer_syntax(ds: Dataset) -> str:
+    """The Transfer Syntax UID in the data set's file meta, "" when it has none."""
+    meta = getattr(ds, "file_meta", None)
+    return str(getattr(meta, "TransferSyntaxUID", "") or "")
 
 
 # ---------------------------------------------------------------------------- DICOM decoding
@@ -116,7 +122,7 @@ _PREFERRED_PLUGINS = {
 
 def _decode_stored(ds: Dataset) -> np.ndarray:
     """The stored values (masked to BitsStored, sign-extended), with the fastest decoder."""
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    ts = transfer_syntax(ds)
     plugin = _PREFERRED_PLUGINS.get(ts)
     if plugin:
         try:
@@ -176,7 +182,7 @@ def _check_stream(ds: Dataset) -> None:
     A frame whose own size differs from Rows x Columns is refused without decoding it, so
     a small header over a huge stream cannot make a decoder allocate gigabytes.
     """
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    ts = transfer_syntax(ds)
     if ts not in _JPEG_SYNTAXES and ts not in _J2K_SYNTAXES:
         return
     from pydicom.encaps import generate_frames
@@ -207,7 +213,7 @@ def decode_dataset(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radi
     try:
         stored = _decode_stored(ds)
     except NotImplementedError as exc:  # no decoder plugin for this transfer syntax
-        ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+        ts = transfer_syntax(ds) or "unknown"
         raise UnsupportedImage(f"cannot decode transfer syntax {ts}: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - every decoder failure means corrupt/unreadable pixels
         raise UnsupportedImage(f"corrupt pixel data: {_first_line(exc)}") from None

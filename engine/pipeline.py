@@ -17,6 +17,7 @@ from pydicom.uid import UID
 from .atomic import atomic_write
 from .defaults import DEFAULT_OVERLAP, UID_RE
 
+from .preview import save_png, to_u8
 from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, output_window, read_dicom,
                      to_output_pixels)
 from .secondary_capture import make_secondary_capture
@@ -103,7 +104,7 @@ def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | o
     atomic_write(target, lambda tmp: result.sc.save_as(tmp, enforce_file_format=True), durable=False)
     if preview:
         png = target.with_suffix(".png")
-        atomic_write(png, lambda tmp: _preview_image(result.model_input, result.model_output).save(tmp, "PNG"),
+        atomic_write(png, lambda tmp: save_png(_preview_image(result.model_input, result.model_output), tmp),
                      durable=False)
     return target
 
@@ -112,12 +113,9 @@ def _preview_image(x: np.ndarray, y: np.ndarray, max_height: int = 1024):
     """An 8-bit PNG-able image: model input | model output, both shown over -1..1."""
     from PIL import Image
 
-    def to8(a: np.ndarray) -> np.ndarray:
-        return np.rint((np.clip(a, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-
     h = x.shape[0]
     gap = np.full((h, max(4, x.shape[1] // 100)), 255, dtype=np.uint8)
-    im = Image.fromarray(np.hstack([to8(x), gap, to8(y)]), mode="L")
+    im = Image.fromarray(np.hstack([to_u8(x), gap, to_u8(y)]), mode="L")
     if h > max_height:
         im = im.resize((round(im.width * max_height / h), max_height), Image.Resampling.BILINEAR)
     return im

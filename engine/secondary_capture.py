@@ -18,6 +18,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .defaults import MANUFACTURER
+from .dicom_decode import transfer_syntax
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -268,8 +269,7 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
         sc.ContributingEquipmentSequence = Sequence(
             [copy.deepcopy(item) for item in previous] + list(sc.ContributingEquipmentSequence))
 
-    ts = str(source.file_meta.get("TransferSyntaxUID", "")) if hasattr(source, "file_meta") else ""
-    if str(source.get("LossyImageCompression", "")) == "01" or ts in _LOSSY_TRANSFER_SYNTAXES:
+    if str(source.get("LossyImageCompression", "")) == "01" or transfer_syntax(source) in _LOSSY_TRANSFER_SYNTAXES:
         # Derived from lossy-compressed pixels: say so (the standard requires it to propagate).
         sc.LossyImageCompression = "01"
         for kw in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):

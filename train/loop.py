@@ -342,7 +342,7 @@ class _Run:
                     self.tb.add_scalar(k, v, row["step"])
 
     def _write_sample(self, model: CycleGAN, step: int) -> None:
-        from PIL import Image
+        from dicom_node.engine.preview import save_png, to_u8
 
         a, b = self.sample_batch
         out = model.translate_both(torch.from_numpy(a), torch.from_numpy(b))
@@ -351,10 +351,9 @@ class _Run:
             rows.append(np.concatenate([out[k][i, 0].numpy() for k in ("a", "g_a", "f_g_a")], axis=1))
             rows.append(np.concatenate([out[k][i, 0].numpy() for k in ("b", "f_b", "g_f_b")], axis=1))
         panel = np.concatenate(rows, axis=0)
-        img = np.clip((panel + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
         path = self.run_dir / "samples" / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path)
+        save_png(to_u8(panel), path)
 
 
 def _digest(model: CycleGAN) -> str:
