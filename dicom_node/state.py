@@ -253,10 +253,6 @@ class StateDB:
                            (limit,))
         return [InstanceRow(*r) for r in rows]
 
-    def next_ready(self) -> InstanceRow | None:
-        rows = self._query(f"SELECT {_INSTANCE_COLS} FROM instances WHERE state='ready' ORDER BY id LIMIT 1")
-        return InstanceRow(*rows[0]) if rows else None
-
     def mark_translated(self, instance_id: int, deliveries: Iterable[NewDelivery], now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as c:

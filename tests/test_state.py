@@ -47,10 +47,10 @@ def test_deliveries_retry_then_fail_then_requeue(tmp_path):
     db = StateDB(tmp_path / "state.db")
     iid, _ = receive(db, "1.1", now=0.0)
     db.release_stable_studies(1.0, now=5.0)
-    assert db.next_ready().sop_uid == "1.1"
+    assert [r.sop_uid for r in db.ready_instances(limit=64)] == ["1.1"]  # what the translator asks
     db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm"),
                              NewDelivery("outbox", "output", "9.9", "/out/9.9.dcm")], now=10.0)
-    assert db.next_ready() is None
+    assert db.ready_instances(limit=64) == []
     due = db.due_deliveries(now=10.0)
     assert {d.destination for d in due} == {"pacs", "outbox"}
     pacs = next(d for d in due if d.destination == "pacs")
