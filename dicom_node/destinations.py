@@ -152,8 +152,7 @@ def _peer(dest: DestinationSettings) -> str:
 
 
 def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, timeout: float) -> list[DeliveryResult]:
-    from pynetdicom import AE, _config, evt
-    from pynetdicom.presentation import build_context
+    from pynetdicom import _config, evt
 
     # send_c_store(path) then streams the file from disk instead of decoding it into memory
     # (a 2 GB instance stays out of RAM).  Process-wide, but only affects sends of paths.
@@ -165,13 +164,7 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
     if not dest.host or not dest.port or not dest.ae_title:
         return fail_all("destination needs ae_title, host and port")
     timeout = float(dest.timeout or timeout)
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    contexts = _contexts_for(items)[:_MAX_CONTEXTS]
-    ae.requested_contexts = [build_context(sop, ts) for sop, ts in contexts]
+    ae = _calling_ae(calling_ae, timeout, items)
 
     tls_args = None
     if dest.tls is not None:
@@ -197,19 +190,46 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
     except (OSError, ValueError, RuntimeError) as exc:  # bad address, TLS failures raised early
         return fail_all(f"cannot connect to {_peer(dest)}: {exc.__class__.__name__}: {first_line(exc, 200)}")
     if not assoc.is_established:
-        if not connected and tls_args is not None and _tcp_reachable(dest.host, int(dest.port), timeout):
-            error = f"TLS handshake with {_peer(dest)} failed (certificate not trusted or protocol mismatch)"
-        elif not connected:
-            error = f"cannot connect to {_peer(dest)} (refused or unreachable)"
-        elif assoc.is_rejected:
-            error = f"association rejected by {_peer(dest)}"
-        elif assoc.is_aborted:
-            error = f"association aborted by {_peer(dest)} (or TLS handshake failed)"
-        else:
-            error = f"no answer from {_peer(dest)} within {timeout:g} s"
+        error = _association_error(assoc, dest, bool(connected), tls_args is not None, timeout)
         log.warning("delivery to destination %s failed: %s", dest.name, error)
         return fail_all(error)
 
+    results = _store_all(assoc, items, dest)
+    ok = sum(r.ok for r in results)
+    log.info("delivered %d/%d instance(s) to %s (%s)", ok, len(results), dest.name, _peer(dest))
+    return results
+
+
+def _calling_ae(calling_ae: str, timeout: float, items: list[_Item]):
+    """Our AE for one association: every timeout ``timeout``, the contexts ``items`` need."""
+    from pynetdicom import AE
+    from pynetdicom.presentation import build_context
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    contexts = _contexts_for(items)[:_MAX_CONTEXTS]
+    ae.requested_contexts = [build_context(sop, ts) for sop, ts in contexts]
+    return ae
+
+
+def _association_error(assoc, dest: DestinationSettings, connected: bool, tls: bool, timeout: float) -> str:
+    """Why an association was not established, in one line."""
+    if not connected and tls and _tcp_reachable(dest.host, int(dest.port), timeout):
+        return f"TLS handshake with {_peer(dest)} failed (certificate not trusted or protocol mismatch)"
+    if not connected:
+        return f"cannot connect to {_peer(dest)} (refused or unreachable)"
+    if assoc.is_rejected:
+        return f"association rejected by {_peer(dest)}"
+    if assoc.is_aborted:
+        return f"association aborted by {_peer(dest)} (or TLS handshake failed)"
+    return f"no answer from {_peer(dest)} within {timeout:g} s"
+
+
+def _store_all(assoc, items: list[_Item], dest: DestinationSettings) -> list[DeliveryResult]:
+    """C-STORE every item over an established association, then release it (abort it when broken)."""
     results: list[DeliveryResult] = []
     try:
         broken = False
@@ -228,8 +248,6 @@ def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, 
                 assoc.abort()
             else:
                 assoc.release()
-    ok = sum(r.ok for r in results)
-    log.info("delivered %d/%d instance(s) to %s (%s)", ok, len(results), dest.name, _peer(dest))
     return results
 
 

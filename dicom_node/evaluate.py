@@ -163,7 +163,6 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     ``preview_path``: also write input | output of the first pair there (small PNG).
     """
     from dicom_node.engine import load_style_model, translate
-    from dicom_node.engine.pixels import normalize, read_dicom
 
     model = load_style_model(model_path)
     direction = direction or str(model.metadata.get("direction") or "A->B")
@@ -179,11 +178,7 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     seam_tiles: set[int] = set()
     t_total = 0.0
     for name, src, dst in pairs:
-        _, img_in = read_dicom(src)
-        _, img_tg = read_dicom(dst)
-        x, t = normalize(img_in, norm), normalize(img_tg, norm)
-        if x.shape != t.shape:
-            raise UserError(f"{name}: input {x.shape} and target {t.shape} differ in size")
+        x, t = _read_pair(name, src, dst, norm)
         eff = _effective_tile(model, x.shape, tile, device)
         tiles_used.add(eff)
         t0 = time.perf_counter()
@@ -193,12 +188,7 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         row = {"name": name, "shape": list(x.shape), "psnr": psnr(y, t), "ssim": ssim(y, t),
                "identity_psnr": psnr(x, t), "identity_ssim": ssim(x, t), "tile": eff, "seconds": round(dt, 3)}
         if seam_check:
-            if eff > 0:
-                tiled, s_tile, whole = y, eff, translate(model, x, tile=0, device=device)
-            else:
-                whole, s_tile = y, _seam_check_tile(x.shape, seam_tile)
-                tiled = translate(model, x, tile=s_tile, overlap=overlap, device=device)
-            check = compare_seams(x, tiled, whole, s_tile, overlap)
+            check, s_tile = _seam_pass(model, x, y, eff, seam_tile, overlap, device)
             checks.append(check)
             seam_tiles.add(s_tile)
             row.update(seam_tile=s_tile, seam_max_deviation=_sig3(check.max_deviation),
@@ -214,6 +204,44 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
                  row["identity_psnr"], row["ssim"], row["identity_ssim"], dt,
                  f", tiled vs whole max {row['seam_max_deviation']:.2g} % of range" if seam_check else "")
 
+    summary = _summary(model, direction, rows, checks, tiles_used, seam_tiles, t_total)
+    for r in rows:
+        for k in ("psnr", "ssim", "identity_psnr", "identity_ssim"):
+            r[k] = _finite(r[k])
+    (out / "metrics.json").write_text(json.dumps({**summary, "images": rows}, indent=2) + "\n")
+    return summary
+
+
+def _read_pair(name: str, src: Path, dst: Path, normalization: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Input and target of one pair in model space (the model's normalisation); same size."""
+    from dicom_node.engine.pixels import normalize, read_dicom
+
+    _, img_in = read_dicom(src)
+    _, img_tg = read_dicom(dst)
+    x, t = normalize(img_in, normalization), normalize(img_tg, normalization)
+    if x.shape != t.shape:
+        raise UserError(f"{name}: input {x.shape} and target {t.shape} differ in size")
+    return x, t
+
+
+def _seam_pass(model: Any, x: np.ndarray, y: np.ndarray, tile: int, seam_tile: int, overlap: float,
+               device: str | None) -> tuple[SeamCheck, int]:
+    """Seams of the scored output ``y`` (tiled with ``tile``, or whole when 0) against a second
+    pass the other way (whole image, or ``seam_tile`` px tiles); also returns the tile compared."""
+    from dicom_node.engine import translate
+
+    if tile > 0:
+        tiled, s_tile, whole = y, tile, translate(model, x, tile=0, device=device)
+    else:
+        whole, s_tile = y, _seam_check_tile(x.shape, seam_tile)
+        tiled = translate(model, x, tile=s_tile, overlap=overlap, device=device)
+    return compare_seams(x, tiled, whole, s_tile, overlap), s_tile
+
+
+def _summary(model: Any, direction: str, rows: list[dict[str, Any]], checks: list[SeamCheck],
+             tiles_used: set[int], seam_tiles: set[int], t_total: float) -> dict[str, Any]:
+    """The metrics.json header: means over the pairs, seam summary, tiles used, speed."""
+
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in rows]))
 
@@ -221,7 +249,7 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         return None if not values else (next(iter(values)) if len(values) == 1 else sorted(values))
 
     seams = seam_summary(checks) if checks else {}
-    summary: dict[str, Any] = {
+    return {
         "model": model.name,
         "model_version": model.version,
         "direction": direction,
@@ -238,8 +266,3 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         "tile": one_or_all(tiles_used),
         "seconds_per_image": round(t_total / max(len(rows), 1), 3),
     }
-    for r in rows:
-        for k in ("psnr", "ssim", "identity_psnr", "identity_ssim"):
-            r[k] = _finite(r[k])
-    (out / "metrics.json").write_text(json.dumps({**summary, "images": rows}, indent=2) + "\n")
-    return summary

@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -110,23 +110,11 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
     larger than every image.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"domain {label} folder not found: {folder}")
-    files = find_image_files(folder)
-    if not files:
-        raise UserError(f"domain {label} folder {folder} holds no image files (DICOM, PNG or TIFF, "
-                        f"searched recursively)")
+    files = _domain_files(folder, label)
     cache = cache_dir / label
     cache.mkdir(parents=True, exist_ok=True)
     index_path = cache / "index.json"
-    index: dict[str, Any] = {}
-    if index_path.exists():
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError:
-            index = {}
-    if index.get("version") != CACHE_VERSION or index.get("normalization") != normalization:
-        index = {"version": CACHE_VERSION, "normalization": normalization, "files": {}}
+    index = _read_index(index_path, normalization)
     entries: dict[str, Any] = index["files"]
     data = DomainData(label=label, folder=folder)
     changed = False
@@ -142,20 +130,7 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
         in_memory: tuple[np.ndarray, np.ndarray] | None = None
         if entry is None or entry.get("key") != key or (
                 entry.get("ok") and not (cache / entry["file"]).exists()):
-            entry = {"key": key, "ok": False}
-            try:
-                image, valid = _decode(path, normalization)
-            except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped and counted
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-                entry["reason"] = reason[:200]
-            else:
-                stem = f"{n:06d}"
-                entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape))
-                if write_cache:
-                    _save_npy(cache / entry["file"], image.astype(np.float16))
-                    _save_npy(cache / entry["content"], _content_map(image, valid))
-                else:  # a rank on another node without rank 0's (shared) run directory
-                    in_memory = (image.astype(np.float16), _content_map(image, valid))
+            entry, in_memory = _decode_entry(path, f"{n:06d}", key, normalization, cache, write_cache)
             entries[rel] = entry
             changed = True
         if not entry["ok"]:
@@ -191,14 +166,69 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, 
     if data.skipped_unreadable and write_cache and held is None:
         log.warning("domain %s: %d of %d files unreadable and skipped", label, data.skipped_unreadable, len(files))
     if len(data) < min_images:
-        if data.skipped_small and data.skipped_small + len(data) >= min_images:
-            raise UserError(f"patch_size {patch_size} is larger than {data.skipped_small} of the "
-                            f"{data.skipped_small + len(data)} images in domain {label} ({folder}); "
-                            f"use a smaller train.patch_size")
-        example = (f"; first: {first_unreadable[0]}: {first_unreadable[1]}" if first_unreadable else "")
-        raise UserError(f"domain {label} ({folder}) has {len(data)} usable image(s), at least {min_images} needed "
-                        f"({data.skipped_unreadable} unreadable of {len(files)} files{example})")
+        _too_few_images(data, len(files), min_images, patch_size, first_unreadable)
     return data
+
+
+def _domain_files(folder: Path, label: str) -> list[Path]:
+    """The image files under a domain's folder; a missing or empty folder is a UserError."""
+    if not folder.is_dir():
+        raise UserError(f"domain {label} folder not found: {folder}")
+    files = find_image_files(folder)
+    if not files:
+        raise UserError(f"domain {label} folder {folder} holds no image files (DICOM, PNG or TIFF, "
+                        f"searched recursively)")
+    return files
+
+
+def _read_index(index_path: Path, normalization: dict) -> dict[str, Any]:
+    """The cache index, or a fresh one when it is missing, unreadable, of another cache version
+    or made with another normalisation."""
+    index: dict[str, Any] = {}
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError:
+            index = {}
+    if index.get("version") != CACHE_VERSION or index.get("normalization") != normalization:
+        index = {"version": CACHE_VERSION, "normalization": normalization, "files": {}}
+    return index
+
+
+def _decode_entry(path: Path, stem: str, key: dict[str, int], normalization: dict, cache: Path,
+                  write_cache: bool) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+    """Decode one file into its index entry (``ok`` False with the reason when unreadable).
+
+    With ``write_cache`` the arrays go to ``cache/<stem>.npy`` and ``<stem>.content.npy``;
+    without, they are returned (image as float16, content map) to be kept in memory.
+    """
+    entry: dict[str, Any] = {"key": key, "ok": False}
+    try:
+        image, valid = _decode(path, normalization)
+    except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped and counted
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        entry["reason"] = reason[:200]
+        return entry, None
+    entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape))
+    if write_cache:
+        _save_npy(cache / entry["file"], image.astype(np.float16))
+        _save_npy(cache / entry["content"], _content_map(image, valid))
+        return entry, None
+    # a rank on another node without rank 0's (shared) run directory
+    return entry, (image.astype(np.float16), _content_map(image, valid))
+
+
+def _too_few_images(data: DomainData, n_files: int, min_images: int, patch_size: int,
+                    first_unreadable: tuple[str, str] | None) -> NoReturn:
+    """Raise the UserError that says why a domain has fewer than ``min_images`` usable images."""
+    label, folder = data.label, data.folder
+    if data.skipped_small and data.skipped_small + len(data) >= min_images:
+        raise UserError(f"patch_size {patch_size} is larger than {data.skipped_small} of the "
+                        f"{data.skipped_small + len(data)} images in domain {label} ({folder}); "
+                        f"use a smaller train.patch_size")
+    example = (f"; first: {first_unreadable[0]}: {first_unreadable[1]}" if first_unreadable else "")
+    raise UserError(f"domain {label} ({folder}) has {len(data)} usable image(s), at least {min_images} needed "
+                    f"({data.skipped_unreadable} unreadable of {n_files} files{example})")
 
 
 def _warn_unreadable(label: str, rel: str, reason: str) -> None:

@@ -135,6 +135,33 @@ class _Run:
         if not info.is_main:
             self.data = self._load_data(write=False)
         a, b = self.data
+        pairs, paired = self._pairing(a, b)
+        val_pairs = self.val_pairs
+
+        model = self._build_model(paired)
+        sampler = PatchSampler(a, b, c.train.patch_size, c.train.batch_size, seed=c.train.seed, rank=info.rank,
+                               pairs=pairs if paired else None)
+        start, resumed = self._resume(model, sampler)
+        if not resumed and c.model.tone_filter:  # every rank fits the same (deterministic) filters
+            from .tone_fit import fit_tone_filter
+
+            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, seed=c.train.seed),
+                                   fit_tone_filter(b.arrays, a.arrays, seed=c.train.seed))
+        if info.enabled:
+            model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
+
+        self.meta_base = self._meta_base(model, a, b, len(pairs) if paired else 0, paired)
+        if info.is_main:
+            self._init_metrics(start)
+            fixed = PatchSampler(a, b, c.train.patch_size, min(4, max(1, c.train.batch_size)),
+                                 seed=c.train.seed + 7919, pairs=pairs if paired else None)
+            self.sample_batch = fixed.sample()
+        self._loop(model, sampler, start, paired, val_pairs)
+        return self._finish(model, start)
+
+    def _pairing(self, a: DomainData, b: DomainData) -> tuple[list, bool]:
+        """The (A, B) pairs sharing a file name, and whether to train in paired mode."""
+        c, info = self.cfg, self.info
         pairs = paired_indices(a, b)
         paired = c.train.paired == "on" or (c.train.paired == "auto" and len(pairs) == len(a) == len(b))
         if c.train.paired == "on" and not pairs:
@@ -146,8 +173,11 @@ class _Run:
             log.info("data: A %d images, B %d images (%d/%d unreadable skipped)%s", len(a), len(b),
                      a.skipped_unreadable, b.skipped_unreadable,
                      f"; paired mode on {len(pairs)} pairs" if paired else "; unpaired")
-        val_pairs = self.val_pairs
+        return pairs, paired
 
+    def _step_settings(self) -> tuple[bool, bool]:
+        """(bf16 autocast, channels_last) for this device: train.amp/channels_last, 'auto' decided here."""
+        c = self.cfg
         amp = c.train.amp == "bf16" or (c.train.amp == "auto" and self.device.type == "cuda"
                                         and torch.cuda.is_bf16_supported())
         channels_last = c.train.channels_last == "on" or (c.train.channels_last == "auto"
@@ -157,65 +187,71 @@ class _Run:
 
             fast = cpu_fast_settings(c.train.amp, c.train.channels_last)
             amp, channels_last = fast["amp"], fast["channels_last"]
-            if info.is_main:
+            if self.info.is_main:
                 log.info("CPU step: %s, %s", "bf16 autocast" if amp else "fp32",
                          "channels_last" if channels_last else "NCHW")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        model = CycleGAN(ngf=c.model.ngf, n_blocks=c.model.n_blocks, ndf=c.model.ndf, residual=c.model.residual,
-                         tone_filter=c.model.tone_filter,
-                         lr=c.train.lr, betas=(c.train.beta1, c.train.beta2), lambda_cycle=c.train.lambda_cycle,
-                         lambda_identity=c.train.lambda_identity,
-                         lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
-                         device=self.device, amp=amp, seed=c.train.seed,
-                         channels_last=channels_last,
-                         rank=info.rank)
-        sampler = PatchSampler(a, b, c.train.patch_size, c.train.batch_size, seed=c.train.seed, rank=info.rank,
-                               pairs=pairs if paired else None)
-        start = 0
+        return amp, channels_last
+
+    def _build_model(self, paired: bool) -> CycleGAN:
+        c = self.cfg
+        amp, channels_last = self._step_settings()
+        return CycleGAN(ngf=c.model.ngf, n_blocks=c.model.n_blocks, ndf=c.model.ndf, residual=c.model.residual,
+                        tone_filter=c.model.tone_filter,
+                        lr=c.train.lr, betas=(c.train.beta1, c.train.beta2), lambda_cycle=c.train.lambda_cycle,
+                        lambda_identity=c.train.lambda_identity,
+                        lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
+                        device=self.device, amp=amp, seed=c.train.seed,
+                        channels_last=channels_last,
+                        rank=self.info.rank)
+
+    def _resume(self, model: CycleGAN, sampler: PatchSampler) -> tuple[int, bool]:
+        """With --resume, load the latest checkpoint into ``model`` and ``sampler``.
+
+        Returns (the step to start from, whether a checkpoint was loaded).
+        """
+        c, info = self.cfg, self.info
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
-        if ckpt is not None:
-            payload = load_checkpoint(ckpt)
-            saved_model = {"tone_filter": False, **payload["meta"]["config"]["model"]}  # older runs had none
-            if saved_model != c.to_dict()["model"]:
-                raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
-                                f"{c.to_dict()['model']}; resume with the same model settings")
-            model.load_state_dict(payload["state"])
-            start = payload["step"]
-            if info.rank == 0:
-                sampler.set_state(payload["sampler"])
-            else:  # only rank 0's stream was saved; the others continue on a fresh, distinct one
-                sampler.rng = np.random.default_rng([c.train.seed, info.rank, start])
-            self.last_losses = payload["meta"].get("losses", {})
-            self.validation = payload["meta"].get("validation", {})
-            if info.is_main:
-                log.info("resuming from %s at step %d", ckpt, start)
-        elif self.resume and info.is_main:
-            log.info("no checkpoint in %s: starting a new run", self.run_dir)
-        if ckpt is None and c.model.tone_filter:  # every rank fits the same (deterministic) filters
-            from .tone_fit import fit_tone_filter
+        if ckpt is None:
+            if self.resume and info.is_main:
+                log.info("no checkpoint in %s: starting a new run", self.run_dir)
+            return 0, False
+        payload = load_checkpoint(ckpt)
+        saved_model = {"tone_filter": False, **payload["meta"]["config"]["model"]}  # older runs had none
+        if saved_model != c.to_dict()["model"]:
+            raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
+                            f"{c.to_dict()['model']}; resume with the same model settings")
+        model.load_state_dict(payload["state"])
+        start = payload["step"]
+        if info.rank == 0:
+            sampler.set_state(payload["sampler"])
+        else:  # only rank 0's stream was saved; the others continue on a fresh, distinct one
+            sampler.rng = np.random.default_rng([c.train.seed, info.rank, start])
+        self.last_losses = payload["meta"].get("losses", {})
+        self.validation = payload["meta"].get("validation", {})
+        if info.is_main:
+            log.info("resuming from %s at step %d", ckpt, start)
+        return start, True
 
-            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, seed=c.train.seed),
-                                   fit_tone_filter(b.arrays, a.arrays, seed=c.train.seed))
-        if info.enabled:
-            model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
-
-        self.meta_base = {
+    def _meta_base(self, model: CycleGAN, a: DomainData, b: DomainData, n_pairs: int,
+                   paired: bool) -> dict[str, Any]:
+        """What every checkpoint and exported model records about the run."""
+        c = self.cfg
+        return {
             "name": c.model_name,
             "trainer": _trainer_version(),
             "config": c.to_dict(),
             "normalization": self.normalization,
             "architecture": model.module("g_ab").architecture(),
-            "data": {"A": a.summary(), "B": b.summary(), "pairs": len(pairs) if paired else 0,
-                     "world_size": info.world_size},
+            "data": {"A": a.summary(), "B": b.summary(), "pairs": n_pairs,
+                     "world_size": self.info.world_size},
             "paired": paired,
         }
-        if info.is_main:
-            self._init_metrics(start)
-            fixed = PatchSampler(a, b, c.train.patch_size, min(4, max(1, c.train.batch_size)),
-                                 seed=c.train.seed + 7919, pairs=pairs if paired else None)
-            self.sample_batch = fixed.sample()
-        self._loop(model, sampler, start, paired, val_pairs)
+
+    def _finish(self, model: CycleGAN, start: int) -> TrainResult:
+        """The result of the run; rank 0 exports the models."""
+        c, info = self.cfg, self.info
         result = TrainResult(run_dir=self.run_dir, steps=c.train.steps, losses=self.last_losses,
                              validation=self.validation, resumed_from=start, weights_sha256=_digest(model))
         if info.enabled:  # every rank says what it ended with: DDP must keep them identical
