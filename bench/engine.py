@@ -42,7 +42,7 @@ from dicom_node.engine.tiling import (  # noqa: E402
 from flops import conv_flops  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RANGE = 2.0
-FLOOR_TFLOP_NGF64 = 6.2  # per 2048^2 image, ngf 64 / 9 blocks (shared/DESIGN-NOTES.md)
+FLOOR_TFLOP_NGF64 = 6.2  # per 2048^2 image, ngf 64 / 9 blocks (docs/seamless.md "Measurements")
 
 
 def phantom(size: int, seed: int = 0) -> np.ndarray:

@@ -6,8 +6,8 @@ one at the finest scales).  All of it can be fitted from *unpaired* images of th
 by matching distributions (see ``dicom_node.train.tone_fit``): a tone curve by 1-D optimal
 transport between the intensity histograms, a band gain by the ratio of the domains' band
 energies.  A CycleGAN that has to discover this from an adversarial signal starts from noise
-and, at small budgets, ends worse than returning the input (DESIGN-NOTES "Quality at small
-budgets").  With this stage in front, the residual network only learns what a lookup table
+and, at small budgets, ends worse than returning the input (docs/training.md, "Why a plain CycleGAN
+is not enough").  With this stage in front, the residual network only learns what a lookup table
 and a linear filter cannot express.
 
     t = tone_in(x)                                   monotone curve, knots on [-1, 1]
