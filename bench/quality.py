@@ -142,6 +142,13 @@ def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, s
     model = run_dir / "models" / f"{run_dir.name}_A2B.safetensors"
     if model.exists() and not args.retrain:
         return model
+    if args.no_train:  # scoring pass: another process may still be training this run
+        deadline = time.monotonic() + 3600
+        while not model.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"--no-train: {model} did not appear within an hour")
+            time.sleep(10)
+        return model
     if run_dir.exists():
         import shutil
 
@@ -235,6 +242,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"), help="data and runs (reused)")
     ap.add_argument("--retrain", action="store_true", help="train again even if a run's model exists")
     ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="score existing runs only (wait for runs another process is still training)")
     ap.add_argument("--baseline-seeds", type=int, default=0,
                     help="train the classic recipe and the reference on only the first N seeds (0: all)")
     ap.add_argument("--score-only-pairs", default="",
