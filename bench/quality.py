@@ -335,6 +335,8 @@ def write_panel(path: Path, panels: dict, methods: list[str], crop: int = 224) -
     Each method's output is shown after the same affine fit the score uses."""
     from PIL import Image, ImageDraw
 
+    from dicom_node.engine.preview import save_png, to_u8
+
     cols = ["input"] + [m for m in methods if m != "identity"] + ["target"]
     rows = []
     for pair, imgs in panels.items():
@@ -346,7 +348,7 @@ def write_panel(path: Path, panels: dict, methods: list[str], crop: int = 224) -
             if c not in imgs:
                 continue
             img = imgs[c] if c in ("input", "target") else affine_fit(imgs[c], tgt)
-            u8 = np.clip((img[y0:y0 + crop, x0:x0 + crop] + 1) * 127.5, 0, 255).astype(np.uint8)
+            u8 = to_u8(img[y0:y0 + crop, x0:x0 + crop])
             tile = Image.fromarray(u8)  # grayscale: a quarter of an RGB file's size
             ImageDraw.Draw(tile).text((4, 4), f"{pair}: {c}" if c == "input" else c, fill=255)
             tiles.append(np.asarray(tile))
@@ -354,7 +356,7 @@ def write_panel(path: Path, panels: dict, methods: list[str], crop: int = 224) -
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path, optimize=True)
+    save_png(np.concatenate(rows, axis=0), path, optimize=True)
     print(f"wrote {path}")
 
 
