@@ -10,11 +10,14 @@ In the engine because the trainer must not import the node.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from .errors import UserError
 
-__all__ = ["ConfigError", "Problems", "join_path", "type_name", "load_yaml_text", "yaml_problem", "read_yaml_file"]
+__all__ = ["ConfigError", "Problems", "join_path", "type_name", "load_yaml_text", "yaml_problem", "read_yaml_file",
+           "load_config_file"]
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError):
@@ -118,3 +121,20 @@ def read_yaml_file(path: str | Path) -> tuple[Any, list[str]]:
         return load_yaml_text(text)
     except yaml.YAMLError as exc:
         raise ConfigError([yaml_problem(exc)], str(p)) from None
+
+
+def load_config_file(path: str | Path, parse: Callable[[Any, Path, str], T],
+                     prepare: Callable[[Any], Any] | None = None) -> T:
+    """Read ``path`` strictly, optionally ``prepare`` the document (flag overrides), then
+    ``parse(document, base_dir, source)``: duplicate keys and the schema's problems in one error."""
+    p = Path(path)
+    raw, duplicates = read_yaml_file(p)
+    if prepare is not None:
+        raw = prepare(raw)
+    try:
+        cfg = parse(raw, p.resolve().parent, str(p))
+    except ConfigError as exc:
+        raise ConfigError(duplicates + exc.problems, str(p)) from None
+    if duplicates:
+        raise ConfigError(duplicates, str(p))
+    return cfg

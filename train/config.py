@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.engine.yaml_config import ConfigError, read_yaml_file
+from dicom_node.engine.yaml_config import ConfigError, load_config_file
 
 __all__ = [
     "DataSettings", "ModelSettings", "TrainSettings", "OutputSettings", "TrainConfig",
@@ -107,16 +107,9 @@ _POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("trai
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a trainer YAML file (the node's strict loader: duplicate keys and YAML errors with
     their line), apply ``section.key -> value`` overrides, validate; every problem at once."""
-    p = Path(path)
-    raw, duplicates = read_yaml_file(p)
-    raw = apply_overrides(raw if raw is not None else {}, overrides or {})
-    try:
-        cfg = parse_train_config(raw, base_dir=p.resolve().parent, source=str(p))
-    except ConfigError as exc:
-        raise ConfigError(duplicates + exc.problems, str(p)) from None
-    if duplicates:
-        raise ConfigError(duplicates, str(p))
-    return cfg
+    return load_config_file(
+        path, lambda raw, base_dir, source: parse_train_config(raw, base_dir=base_dir, source=source),
+        prepare=lambda raw: apply_overrides(raw if raw is not None else {}, overrides or {}))
 
 
 def apply_overrides(raw: Any, overrides: dict[str, Any]) -> Any:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dicom_node.engine.yaml_config import ConfigError, read_yaml_file
+from dicom_node.engine.yaml_config import ConfigError, load_config_file
 
 from .environment import STYLE_MODEL_FORMAT, check_environment, style_model_file_problem
 from .fields import ae_title_problem
@@ -39,15 +39,7 @@ def load_config(path: str | Path | None) -> NodeConfig:
     """Read and validate a YAML config file (``None``: the embedded default)."""
     if path is None:
         return default_config()
-    p = Path(path)
-    raw, duplicates = read_yaml_file(p)
-    try:
-        cfg = parse_config(raw, base_dir=p.resolve().parent, source=str(p))
-    except ConfigError as exc:
-        raise ConfigError(duplicates + exc.problems, str(p)) from None
-    if duplicates:
-        raise ConfigError(duplicates, str(p))
-    return cfg
+    return load_config_file(path, lambda raw, base_dir, source: parse_config(raw, base_dir=base_dir, source=source))
 
 
 def parse_config(raw: Any, base_dir: Path = Path("."), source: str = "config") -> NodeConfig:
