@@ -299,9 +299,10 @@ def main() -> int:
         test = load_test_pairs(data)
         a_arr, b_arr = load_domain_arrays(data / "A"), load_domain_arrays(data / "B")
         from dicom_node.engine.style_stats import style_statistics
-        from dicom_node.train.validate import pick_images
+        from dicom_node.train.data import pick_images
+        from dicom_node.train.validate import STYLE_IMAGES
 
-        style_ref = (pick_images(a_arr), style_statistics(b_arr))
+        style_ref = (pick_images(a_arr, STYLE_IMAGES), style_statistics(b_arr))
         work = args.work / pair
         work.mkdir(exist_ok=True)
         res = results.setdefault(pair, {})

@@ -30,7 +30,7 @@ import torch
 
 from .tone_filter import DEFAULT_SIGMAS, band_split
 
-__all__ = ["StyleStats", "style_statistics", "style_distance"]
+__all__ = ["StyleStats", "style_statistics", "style_distance", "band_energies", "sample_pixels"]
 
 N_QUANTILES = 101
 N_SPECTRUM_BINS = 12
@@ -47,14 +47,23 @@ class StyleStats:
     spectrum: list[float]
     images: int
 
-    def to_dict(self) -> dict:
-        return {"quantiles": self.quantiles, "band_energy": self.band_energy, "spectrum": self.spectrum,
-                "images": self.images}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "StyleStats":
-        return cls(quantiles=list(d["quantiles"]), band_energy=list(d["band_energy"]),
-                   spectrum=list(d["spectrum"]), images=int(d.get("images", 0)))
+def band_energies(image: np.ndarray | torch.Tensor, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> np.ndarray:
+    """Mean squared coefficient of each octave band of one image (2-D array or (1, 1, H, W))."""
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image, np.float32))[None, None]
+    with torch.no_grad():
+        bands = band_split(t, sigmas)
+    return np.array([float((b.double() ** 2).mean()) for b in bands[:-1]])
+
+
+def sample_pixels(images: Iterable[np.ndarray], per_image: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``per_image`` random pixels of each image (all of a smaller one), pooled, float64."""
+    parts = []
+    for img in images:
+        flat = np.asarray(img).ravel()
+        k = min(per_image, flat.size)
+        parts.append(flat[rng.choice(flat.size, k, replace=False)] if k < flat.size else flat)
+    return np.concatenate(parts).astype(np.float64)
 
 
 def _spectrum(img: np.ndarray) -> np.ndarray:
@@ -67,39 +76,32 @@ def _spectrum(img: np.ndarray) -> np.ndarray:
     r = np.sqrt(fy * fy + fx * fx)
     edges = np.geomspace(1.0 / win, 0.5, N_SPECTRUM_BINS + 1)
     which = np.digitize(r, edges) - 1
+    inside = (which >= 0) & (which < N_SPECTRUM_BINS)
+    bins = which[inside]
     power = np.zeros(N_SPECTRUM_BINS)
     n = 0
     for y in range(0, h - win + 1, win):
         for x in range(0, w - win + 1, win):
             t = img[y:y + win, x:x + win].astype(np.float64)
             p = np.abs(np.fft.rfft2((t - t.mean()) * hann)) ** 2
-            power += np.bincount(which[(which >= 0) & (which < N_SPECTRUM_BINS)],
-                                 weights=p[(which >= 0) & (which < N_SPECTRUM_BINS)], minlength=N_SPECTRUM_BINS)
+            power += np.bincount(bins, weights=p[inside], minlength=N_SPECTRUM_BINS)
             n += 1
-    counts = np.bincount(which[(which >= 0) & (which < N_SPECTRUM_BINS)], minlength=N_SPECTRUM_BINS)
+    counts = np.bincount(bins, minlength=N_SPECTRUM_BINS)
     return power / max(n, 1) / np.maximum(counts, 1)
 
 
 def style_statistics(images: Iterable[np.ndarray], sigmas: Sequence[float] = DEFAULT_SIGMAS,
                      pixels_per_image: int = 100_000, seed: int = 0) -> StyleStats:
     """Pooled statistics of 2-D model-space images (any sizes)."""
-    rng = np.random.default_rng(seed)
-    samples, energy, spectrum, n = [], np.zeros(len(sigmas)), np.zeros(N_SPECTRUM_BINS), 0
-    for img in images:
-        img = np.asarray(img, dtype=np.float32)
-        flat = img.ravel()
-        k = min(pixels_per_image, flat.size)
-        samples.append(flat[rng.choice(flat.size, k, replace=False)] if k < flat.size else flat)
-        with torch.no_grad():
-            bands = band_split(torch.from_numpy(img)[None, None], sigmas)
-        energy += np.array([float((b.double() ** 2).mean()) for b in bands[:-1]])
-        spectrum += _spectrum(img)
-        n += 1
-    if n == 0:
+    imgs = [np.asarray(img, dtype=np.float32) for img in images]
+    if not imgs:
         raise ValueError("style statistics need at least one image")
-    q = np.quantile(np.concatenate(samples).astype(np.float64), np.linspace(0, 1, N_QUANTILES))
-    return StyleStats(quantiles=[float(v) for v in q], band_energy=[float(v) for v in energy / n],
-                      spectrum=[float(v) for v in spectrum / n], images=n)
+    n = len(imgs)
+    energy = sum(band_energies(img, sigmas) for img in imgs) / n
+    spectrum = sum(_spectrum(img) for img in imgs) / n
+    q = np.quantile(sample_pixels(imgs, pixels_per_image, np.random.default_rng(seed)), np.linspace(0, 1, N_QUANTILES))
+    return StyleStats(quantiles=[float(v) for v in q], band_energy=[float(v) for v in energy],
+                      spectrum=[float(v) for v in spectrum], images=n)
 
 
 def _log2_ratio_rms(x: Sequence[float], y: Sequence[float]) -> float:

@@ -16,14 +16,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
 from dicom_node.engine.atomic import atomic_write
 from dicom_node.engine.errors import UserError
 
-__all__ = ["DomainData", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
+__all__ = ["DomainData", "pick_images", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
 
 log = logging.getLogger("dicom_node.train")
 
@@ -50,6 +50,12 @@ class DomainData:
     def summary(self) -> dict[str, Any]:
         return {"folder": str(self.folder), "images": len(self), "skipped_unreadable": self.skipped_unreadable,
                 "skipped_too_small": self.skipped_small}
+
+
+def pick_images(arrays: Sequence[np.ndarray], limit: int) -> list[np.ndarray]:
+    """An evenly spread, deterministic subset of at most ``limit`` of a domain's images, float32."""
+    idx = np.unique(np.linspace(0, len(arrays) - 1, num=min(limit, len(arrays))).round().astype(int))
+    return [np.asarray(arrays[i], dtype=np.float32) for i in idx]
 
 
 def find_image_files(folder: Path) -> list[Path]:

@@ -327,12 +327,13 @@ class _Run:
         """Style distance of G(A) from B on a few training images (no pairs needed)."""
         from dicom_node.engine.style_stats import style_distance, style_statistics
 
-        from .validate import pick_images, style_check
+        from .data import pick_images
+        from .validate import STYLE_IMAGES, style_check
 
         if not hasattr(self, "_style_ref"):
             a, b = self.data
-            a_images = pick_images(a.arrays)
-            b_stats = style_statistics(pick_images(b.arrays))
+            a_images = pick_images(a.arrays, STYLE_IMAGES)
+            b_stats = style_statistics(pick_images(b.arrays, STYLE_IMAGES))
             self._style_ref = (a_images, b_stats, style_distance(style_statistics(a_images), b_stats)["total"])
         a_images, b_stats, identity = self._style_ref
         result = style_check(model.module("g_ab"), a_images, b_stats, identity, device=self.device)

@@ -22,7 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dicom_node.engine.tone_filter import DEFAULT_KNOTS, DEFAULT_SIGMAS, ToneFilter, band_split
+from dicom_node.engine.style_stats import band_energies, sample_pixels
+from dicom_node.engine.tone_filter import DEFAULT_KNOTS, DEFAULT_SIGMAS, ToneFilter
+
+from .data import pick_images
 
 __all__ = ["fit_tone_filter", "GAIN_LIMITS"]
 
@@ -35,20 +38,6 @@ MAX_IMAGES = 12  # per domain; band energies and quantiles are stable well befor
 PIXELS_PER_IMAGE = 200_000  # sampled for the quantiles
 
 
-def _pick(arrays: Sequence[np.ndarray], limit: int) -> list[np.ndarray]:
-    idx = np.unique(np.linspace(0, len(arrays) - 1, num=min(limit, len(arrays))).round().astype(int))
-    return [np.asarray(arrays[i], dtype=np.float32) for i in idx]
-
-
-def _sample(images: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    parts = []
-    for im in images:
-        flat = im.ravel()
-        n = min(PIXELS_PER_IMAGE, flat.size)
-        parts.append(flat[rng.choice(flat.size, n, replace=False)] if n < flat.size else flat)
-    return np.concatenate(parts).astype(np.float64)
-
-
 def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Monotone curve on ``grid`` taking the distribution of ``src`` to that of ``dst``."""
     q = np.linspace(0.0, 1.0, 1025)
@@ -58,31 +47,24 @@ def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.nd
     return np.interp(grid, xs, ys).astype(np.float32)
 
 
-def _energies(images: list[torch.Tensor], sigmas: Sequence[float]) -> np.ndarray:
-    e = np.zeros(len(sigmas))
-    for t in images:
-        bands = band_split(t, sigmas)
-        e += np.array([float((b.double() ** 2).mean()) for b in bands[:-1]])
-    return e / max(1, len(images))
-
-
 @torch.no_grad()
 def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
                     seed: int = 0) -> ToneFilter:
     """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``."""
     rng = np.random.default_rng(seed)
-    a, b = _pick(src, MAX_IMAGES), _pick(dst, MAX_IMAGES)
+    a, b = pick_images(src, MAX_IMAGES), pick_images(dst, MAX_IMAGES)
     tf = ToneFilter(sigmas=sigmas, knots=knots)
     grid = np.linspace(-1.0, 1.0, knots)
-    tf.tone_in.copy_(torch.from_numpy(_matching_curve(_sample(a, rng), _sample(b, rng), grid)))
+    tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, PIXELS_PER_IMAGE, rng),
+                                                         sample_pixels(b, PIXELS_PER_IMAGE, rng), grid)))
 
     def toned(images: list[np.ndarray]) -> list[torch.Tensor]:
         return [tf(torch.from_numpy(im)[None, None]) for im in images]
 
     # Energies of the toned source (gains still 1) against the target.
-    e_src, e_dst = _energies(toned(a), tf.sigmas), _energies([torch.from_numpy(im)[None, None] for im in b],
-                                                               tf.sigmas)
+    e_src = np.mean([band_energies(t, tf.sigmas) for t in toned(a)], axis=0)
+    e_dst = np.mean([band_energies(im, tf.sigmas) for im in b], axis=0)
     gains = np.sqrt(np.maximum(e_dst, 1e-12) / np.maximum(e_src, 1e-12))
     tf.gains.copy_(torch.from_numpy(np.clip(gains, *GAIN_LIMITS).astype(np.float32)))
     # The output curve: filtered source distribution onto the target's.  tone_out is still the
@@ -95,7 +77,8 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     lo, hi = lo - pad, hi + pad
     out_grid = np.linspace(lo, hi, knots)
     f_sample = filtered[rng.choice(filtered.size, min(filtered.size, PIXELS_PER_IMAGE * len(a)), replace=False)]
-    tf.tone_out.copy_(torch.from_numpy(_matching_curve(f_sample.astype(np.float64), _sample(b, rng), out_grid)))
+    tf.tone_out.copy_(torch.from_numpy(_matching_curve(f_sample.astype(np.float64),
+                                                          sample_pixels(b, PIXELS_PER_IMAGE, rng), out_grid)))
     tf.out_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
     log.info("tone filter fitted: band gains %s (sigmas %s px)",
              " ".join(f"{g:.2f}" for g in tf.gains.tolist()), " ".join(f"{s:g}" for s in tf.sigmas))

@@ -46,12 +46,6 @@ def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str
 STYLE_IMAGES = 4  # training images of each domain whose style statistics are compared
 
 
-def pick_images(arrays: list, limit: int = STYLE_IMAGES) -> list[np.ndarray]:
-    """An evenly spread, deterministic subset of a domain's images, as float32 arrays."""
-    idx = np.unique(np.linspace(0, len(arrays) - 1, num=min(limit, len(arrays))).round().astype(int))
-    return [np.asarray(arrays[i], dtype=np.float32) for i in idx]
-
-
 def style_check(g_ab: torch.nn.Module, a_images: list[np.ndarray], b_stats, identity: float | None = None,
                 device: torch.device | str | None = None) -> dict[str, float]:
     """Validation without pairs: style distance of G(A) from B, next to A's own (the baseline).
