@@ -31,11 +31,14 @@ __all__ = [
     "save_style_model",
     "new_style_model",
     "generator_from_architecture",
+    "weights_digest",
+    "read_model_metadata",
+    "find_inverse",
 ]
 
 FORMAT = MODEL_FORMAT
 FORMAT_VERSION = 1
-_JSON_KEYS = ("architecture", "normalization", "provenance", "output")
+_JSON_KEYS = ("architecture", "normalization", "provenance", "output", "inverse", "fidelity")
 
 
 @dataclass
@@ -57,6 +60,12 @@ class StyleModel:
     @property
     def normalization(self) -> dict[str, Any]:
         return dict(self.metadata.get("normalization") or DEFAULT_NORMALIZATION)
+
+    @property
+    def weights_sha256(self) -> str:
+        """The digest of the weights alone (:func:`weights_digest`): names this network whatever
+        the file's metadata says, so an inverse model can be found and a DeviceUID derived."""
+        return str(self.metadata.get("weights_sha256", ""))
 
     @property
     def identity(self) -> str:
@@ -93,6 +102,54 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors as stored (names, shapes and float32 bytes, in name order).
+
+    Why not the file's digest: two exported models name each other, so their metadata cannot
+    hold each other's file digest; the weights' digest changes exactly when the network does.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}:{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_model_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The raw metadata header of a safetensors file without reading its weights (cheap: used
+    to find a model's inverse among the files next to it). Empty for anything unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
+def find_inverse(model: "StyleModel", folders: list[Path] | None = None) -> Path | None:
+    """The file of ``model``'s inverse (named in its ``inverse`` metadata by weight digest),
+    searched in ``folders`` (default: the model's own folder); None when it names none or
+    none is there.  Matching is by the digest recorded in each candidate's header; loading
+    the candidate then verifies it against its weights."""
+    wanted = (model.metadata.get("inverse") or {}).get("weights_sha256") if isinstance(
+        model.metadata.get("inverse"), dict) else None
+    if not wanted:
+        return None
+    if folders is None:
+        folders = [model.path.parent] if model.path is not None else []
+    for folder in folders:
+        for candidate in sorted(Path(folder).glob("*.safetensors")):
+            if model.path is not None and candidate.resolve() == model.path.resolve():
+                continue
+            if read_model_metadata(candidate).get("weights_sha256") == wanted:
+                return candidate
+    return None
 
 
 def generator_from_architecture(arch: dict[str, Any]) -> ResnetGenerator:
@@ -145,9 +202,14 @@ def load_style_model(path: str | os.PathLike) -> StyleModel:
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UserError(f"{p}: weights do not match the architecture ({first})") from None
+    digest = weights_digest(tensors)
+    stored = meta.get("weights_sha256")
+    if stored and stored != digest:
+        raise UserError(f"{p}: weights do not match their recorded digest (corrupted file)")
     gen.eval()
     gen.requires_grad_(False)
     meta["sha256"] = _file_sha256(p)
+    meta["weights_sha256"] = digest
     return StyleModel(generator=gen, metadata=meta, path=p)
 
 
@@ -161,8 +223,14 @@ def save_style_model(
     normalization: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
     description: str = "",
+    inverse: dict[str, Any] | None = None,
+    fidelity: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a style model atomically (temp file + fsync + rename), with the umask's file mode."""
+    """Write a style model atomically (temp file + fsync + rename), with the umask's file mode.
+
+    ``inverse`` names the reverse model (``{"name", "weights_sha256"}``); ``fidelity`` holds the
+    guard's calibration (``thresholds``, ``domain``, ``calibration``, see ``engine.fidelity``).
+    """
     from safetensors.torch import save_file
 
     meta = {
@@ -178,6 +246,11 @@ def save_style_model(
         "provenance": json.dumps(provenance or {}),
     }
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in generator.state_dict().items()}
+    meta["weights_sha256"] = weights_digest(state)
+    if inverse:
+        meta["inverse"] = json.dumps(inverse)
+    if fidelity:
+        meta["fidelity"] = json.dumps(fidelity)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta), mode=umask_mode())

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from .atomic import atomic_write
-from .defaults import DEFAULT_OVERLAP, UID_RE
+from .defaults import CAUTION_LABEL, DEFAULT_OVERLAP, UID_RE
 
 from .preview import save_png, to_u8
 from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, output_window, read_dicom,
@@ -23,10 +23,11 @@ from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, 
 from .secondary_capture import make_secondary_capture
 
 if TYPE_CHECKING:
+    from .fidelity import FidelityReport
     from .model_file import StyleModel
 
-__all__ = ["translate_dataset", "translate_file", "Translation", "translate_radiograph", "model_output_window",
-           "ModelOutputError"]
+__all__ = ["translate_dataset", "translate_file", "save_translation", "Translation", "translate_radiograph",
+           "model_output_window", "ModelOutputError"]
 
 
 
@@ -42,6 +43,7 @@ class Translation:
     sc: Dataset
     model_input: np.ndarray
     model_output: np.ndarray
+    fidelity: "FidelityReport | None" = None
 
 
 def model_output_window(model: "StyleModel") -> tuple[float, float]:
@@ -52,8 +54,16 @@ def model_output_window(model: "StyleModel") -> tuple[float, float]:
 
 
 def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, *, tile: int | None = None,
-                         overlap: float = DEFAULT_OVERLAP, device: Any = None) -> Translation:
-    """Translate an already decoded image of ``source``; padded pixels come out black (0)."""
+                         overlap: float = DEFAULT_OVERLAP, device: Any = None, guard: bool = True,
+                         inverse: "StyleModel | None" = None, label: str | None = CAUTION_LABEL,
+                         show_flag: bool = True) -> Translation:
+    """Translate an already decoded image of ``source``; padded pixels come out black (0).
+
+    With ``guard`` (the default) the fidelity guard (``engine.fidelity``) checks the output
+    against the source, with ``inverse`` for the cycle score; ``show_flag`` marks a flagged
+    output visibly (its own series, a SeriesDescription prefix, the reasons in ImageComments).
+    ``label`` is the caution every output carries (None: none).
+    """
     from .tiling import translate
 
     x = normalize(img, model.normalization)
@@ -62,21 +72,28 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
         # A broken model (NaN weights, fp16 overflow) must fail loudly, never ship a black image.
         raise ModelOutputError(f"style model {model.name!r} produced "
                                f"{'a wrong shape' if y.shape != x.shape else 'non-finite values'}")
+    report = None
+    if guard:
+        from .fidelity import assess
+
+        report = assess(model, x, y, valid=img.valid, inverse=inverse, device=device)
     out = to_output_pixels(y)
     if img.valid is not None:
         out[~img.valid] = 0
-    sc = make_secondary_capture(source, out, model, window=model_output_window(model))
-    return Translation(sc=sc, model_input=x, model_output=y)
+    sc = make_secondary_capture(source, out, model, window=model_output_window(model), label=label,
+                                fidelity=report, show_flag=show_flag)
+    return Translation(sc=sc, model_input=x, model_output=y, fidelity=report)
 
 
 def translate_dataset(model: "StyleModel", ds: Dataset, *, tile: int | None = None, overlap: float = DEFAULT_OVERLAP,
-                      device: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+                      device: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS, **guard: Any) -> Dataset:
     """The Secondary Capture dataset (ready to save or send) for one source image.
 
-    Raises :class:`dicom_node.engine.errors.UnsupportedImage` for images the engine refuses.
+    ``guard`` takes :func:`translate_radiograph`'s fidelity keywords.  Raises
+    :class:`dicom_node.engine.errors.UnsupportedImage` for images the engine refuses.
     """
     img = decode_dataset(ds, max_pixels=max_pixels)
-    return translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device).sc
+    return translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device, **guard).sc
 
 
 def output_filename(sc: Dataset, suffix: str = ".dcm") -> str:
@@ -89,7 +106,7 @@ def output_filename(sc: Dataset, suffix: str = ".dcm") -> str:
 
 def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | os.PathLike, *,
                    tile: int | None = None, overlap: float = DEFAULT_OVERLAP, device: Any = None, preview: bool = False,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, **guard: Any) -> Path:
     """Translate one DICOM file into ``outdir/<SOP Instance UID>.dcm`` (written atomically).
 
     With ``preview``, also writes ``<SOP Instance UID>.png``: input | output side by side.
@@ -97,25 +114,46 @@ def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | o
     that are not DICOM, are corrupt, or are refused.
     """
     ds, img = read_dicom(path, max_pixels=max_pixels)
-    result = translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device)
+    result = translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device, **guard)
+    return save_translation(result, outdir, preview=preview)
+
+
+def save_translation(result: Translation, outdir: str | os.PathLike, *, preview: bool = False) -> Path:
+    """Write ``result``'s SC as ``outdir/<SOP Instance UID>.dcm`` (atomically), and its preview PNG."""
     out_dir = Path(outdir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / output_filename(result.sc)
     atomic_write(target, lambda tmp: result.sc.save_as(tmp, enforce_file_format=True), durable=False)
     if preview:
         png = target.with_suffix(".png")
-        atomic_write(png, lambda tmp: save_png(_preview_image(result.model_input, result.model_output), tmp),
-                     durable=False)
+        image = _preview_image(result.model_input, result.model_output, result.fidelity)
+        atomic_write(png, lambda tmp: save_png(image, tmp), durable=False)
     return target
 
 
-def _preview_image(x: np.ndarray, y: np.ndarray, max_height: int = 1024):
-    """An 8-bit PNG-able image: model input | model output, both shown over -1..1."""
-    from PIL import Image
+def _preview_image(x: np.ndarray, y: np.ndarray, report: "FidelityReport | None" = None, max_height: int = 1024):
+    """An 8-bit RGB PNG-able image: model input | model output, both shown over -1..1, under a
+    banner with the fidelity verdict (green ok, red flagged with its reasons and a ring
+    around the worst region of the output)."""
+    from PIL import Image, ImageDraw
 
-    h = x.shape[0]
-    gap = np.full((h, max(4, x.shape[1] // 100)), 255, dtype=np.uint8)
-    im = Image.fromarray(np.hstack([to_u8(x), gap, to_u8(y)]), mode="L")
+    h, w = x.shape
+    gap = np.full((h, max(4, w // 100)), 255, dtype=np.uint8)
+    im = Image.fromarray(np.hstack([to_u8(x), gap, to_u8(y)]), mode="L").convert("RGB")
     if h > max_height:
         im = im.resize((round(im.width * max_height / h), max_height), Image.Resampling.BILINEAR)
-    return im
+    if report is None:
+        return im
+    scale = im.height / h
+    red, green = (220, 30, 30), (30, 160, 60)
+    if report.flagged and report.worst_region is not None:
+        r, c = report.worst_region
+        cx, cy = (w + gap.shape[1] + c) * scale, r * scale
+        rad = max(12.0, 0.06 * im.height)
+        ImageDraw.Draw(im).ellipse((cx - rad, cy - rad, cx + rad, cy + rad), outline=red, width=3)
+    banner_h = 22
+    canvas = Image.new("RGB", (im.width, im.height + banner_h), red if report.flagged else green)
+    canvas.paste(im, (0, banner_h))
+    text = ("FIDELITY GUARD: " + report.summary())[:240]
+    ImageDraw.Draw(canvas).text((6, 5), text, fill=(255, 255, 255))
+    return canvas

@@ -17,14 +17,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from .defaults import MANUFACTURER
+from .defaults import CAUTION_LABEL, FLAGGED_PREFIX, MANUFACTURER
 from .dicom_decode import transfer_syntax
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .fidelity import FidelityReport
     from .model_file import StyleModel
 
-__all__ = ["derived_uid", "make_secondary_capture", "SERIES_NUMBER_OFFSET", "DERIVATION_CODE"]
+__all__ = ["derived_uid", "device_uid", "make_secondary_capture", "SERIES_NUMBER_OFFSET", "FLAGGED_SERIES_OFFSET",
+           "DERIVATION_CODE"]
 
 # A name-based (SHA-1, RFC 4122 version 5) UUID namespace for dicom-node output UIDs.
 _UID_NAMESPACE = uuid.UUID("6f1c2d4e-3b7a-5c8d-9e0f-a1b2c3d4e5f6")
@@ -32,6 +34,9 @@ _UID_NAMESPACE = uuid.UUID("6f1c2d4e-3b7a-5c8d-9e0f-a1b2c3d4e5f6")
 DERIVATION_CODE = ("STYLE", "99DCMNODE", "Image style translation")
 # Output series number = source series number + this (deterministic, clearly "derived").
 SERIES_NUMBER_OFFSET = 1000
+# Flagged outputs form a series of their own (series-level attributes stay consistent), numbered
+# source series number + this.
+FLAGGED_SERIES_OFFSET = 2000
 
 # Patient, Patient Study, General Study and Clinical Trial attributes copied verbatim, so the
 # output files under exactly the same patient and study as the source at the PACS.
@@ -100,12 +105,18 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
-def _series_number(source: Dataset) -> int:
+def device_uid(model: "StyleModel") -> str:
+    """The DeviceUID of a style model: derived from its weight digest, so it changes exactly
+    when the model is retrained (IHE AI Results: the algorithm is the device)."""
+    return derived_uid("dicom-node style model weights", model.weights_sha256 or model.identity)
+
+
+def _series_number(source: Dataset, offset: int = SERIES_NUMBER_OFFSET) -> int:
     try:
         base = int(source.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
         base = 0
-    return (base % 1_000_000) + SERIES_NUMBER_OFFSET
+    return (base % 1_000_000) + offset
 
 
 def _instance_number(source: Dataset) -> int:
@@ -174,11 +185,17 @@ def _style_label(model: "StyleModel") -> str:
 
 
 def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleModel", *,
-                           window: tuple[float, float]) -> Dataset:
+                           window: tuple[float, float], label: str | None = CAUTION_LABEL,
+                           fidelity: "FidelityReport | None" = None, show_flag: bool = True) -> Dataset:
     """The Secondary Capture dataset for ``pixels`` (uint16 MONOCHROME2) derived from ``source``.
 
     UIDs: SeriesInstanceUID = derived_uid(source series UID, model identity) and
     SOPInstanceUID = derived_uid(source SOP UID, model identity). Explicit VR Little Endian.
+
+    ``label`` (the caution, None or "" for none) opens ImageComments.  An output the fidelity
+    guard flagged, with ``show_flag``, goes to a series of its own (derived from the same UIDs
+    plus "flagged", number + :data:`FLAGGED_SERIES_OFFSET`) whose SeriesDescription starts with
+    :data:`FLAGGED_PREFIX`; ImageComments names the reasons and scores.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -186,7 +203,8 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     if pixels.dtype != np.uint16 or pixels.ndim != 2:
         raise ValueError("pixels must be a 2-D uint16 array")
     identity = model.identity
-    series_uid = derived_uid(str(source.SeriesInstanceUID), identity)
+    flagged = bool(show_flag and fidelity is not None and fidelity.flagged)
+    series_uid = derived_uid(str(source.SeriesInstanceUID), identity, *(["fidelity-flagged"] if flagged else []))
     sop_uid = derived_uid(str(source.SOPInstanceUID), identity)
     style = _style_label(model)
     equipment = hd.ContributingEquipment(
@@ -206,7 +224,7 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
         patient_orientation=("L", "F"),
         study_instance_uid=str(source.StudyInstanceUID),
         series_instance_uid=series_uid,
-        series_number=_series_number(source),
+        series_number=_series_number(source, FLAGGED_SERIES_OFFSET if flagged else SERIES_NUMBER_OFFSET),
         sop_instance_uid=sop_uid,
         instance_number=_instance_number(source),
         manufacturer=MANUFACTURER,
@@ -225,7 +243,8 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
 
     # Series: description naming the style, modality as the source (hanging protocols match it).
     source_desc = str(source.get("SeriesDescription", "") or "").strip()
-    sc.SeriesDescription = _text(f"{style} style: {source_desc}" if source_desc else f"{style} style")
+    sc.SeriesDescription = _text((FLAGGED_PREFIX if flagged else "")
+                                 + (f"{style} style: {source_desc}" if source_desc else f"{style} style"))
     if source.get("Modality"):
         sc.Modality = source.Modality
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
@@ -264,6 +283,14 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     purpose.CodeMeaning = codes.DCM.SourceImageForImageProcessingOperation.meaning
     ref.PurposeOfReferenceCodeSequence = Sequence([purpose])
     sc.SourceImageSequence = Sequence([ref])
+    item = sc.ContributingEquipmentSequence[-1]
+    item.DeviceUID = device_uid(model)
+    item.DeviceSerialNumber = _text(model.weights_sha256[:16] or "unknown")
+    comments = [label.strip()] if label and label.strip() else []
+    if flagged:
+        comments.append(f"Fidelity guard: {fidelity.summary()}")  # type: ignore[union-attr]
+    if comments:
+        sc.ImageComments = _text(" ".join(comments), 10240)
     previous = source.get("ContributingEquipmentSequence")
     if previous:
         sc.ContributingEquipmentSequence = Sequence(

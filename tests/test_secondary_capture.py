@@ -204,7 +204,8 @@ def test_long_model_name_with_backslash_still_valid(tmp_path):
     path = save_style_model(new_style_model(ngf=4, n_blocks=1, seed=3), tmp_path / "odd.safetensors",
                             name=name, version="7")
     sc = translate_dataset(load_style_model(path), _source())
-    assert sc.SeriesDescription.startswith("Dr Kim soft") and len(sc.SeriesDescription) <= 64
+    # untrained: the fidelity guard flags it, so the description carries the caution prefix first
+    assert sc.SeriesDescription.startswith("FIDELITY CAUTION Dr Kim soft") and len(sc.SeriesDescription) <= 64
     out = tmp_path / "sc.dcm"
     sc.save_as(out, enforce_file_format=True)
     assert dciodvfy_errors(out) == []

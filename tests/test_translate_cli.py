@@ -49,10 +49,10 @@ def test_folder_with_good_and_bad_files(tiny_model_path, tmp_path, capsys):
     assert any(line.startswith(f"{corrupt}: ") for line in problems)
     assert any(line.startswith(f"{inp / 'a' / 'report.dcm'}: ") and "not an image" in line for line in problems)
     assert "translated 3 of 5 files" in captured.out and "1 non-DICOM files skipped" in captured.out
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.glob("*.dcm"))
     model = __import__("dicom_node.engine", fromlist=["x"]).load_style_model(tiny_model_path)
     assert names == sorted(derived_uid(ds.SOPInstanceUID, model.identity) + ".dcm" for ds in good)
-    for path in out.iterdir():
+    for path in out.glob("*.dcm"):
         assert dciodvfy_errors(path) == []
     # No patient data on the console.
     assert PATIENT_NAME not in captured.out + captured.err and PATIENT_ID not in captured.out + captured.err
@@ -65,9 +65,9 @@ def test_same_input_twice_is_idempotent_and_preview_is_written(tiny_model_path, 
     out = tmp_path / "out"
     args = ["translate", "--model", str(tiny_model_path), "-o", str(out), "--preview", "--full-image", str(src)]
     assert main(args) == 0
-    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "fidelity.jsonl"}
     assert main(args) == 0
-    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    second = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "fidelity.jsonl"}
     assert sorted(first) == sorted(second) and len(first) == 2  # one .dcm + one .png, same names
     dcm = next(name for name in first if name.endswith(".dcm"))
     a = pydicom.dcmread(out / dcm)
@@ -75,9 +75,12 @@ def test_same_input_twice_is_idempotent_and_preview_is_written(tiny_model_path, 
     from PIL import Image
 
     with Image.open(out / dcm.replace(".dcm", ".png")) as im:
-        assert im.mode == "L" and im.height == 40 and im.width == 2 * 32 + 4  # input | gap | output
-        left = np.asarray(im)[:, :32]
+        # the fidelity banner (22 px) over input | gap | output
+        assert im.mode == "RGB" and im.height == 22 + 40 and im.width == 2 * 32 + 4
+        pixels = np.asarray(im)
+        left = pixels[22:, :32, 0]
     assert left.std() > 0
+    assert tuple(pixels[2, 2]) == (30, 160, 60)  # green: the guard found nothing
     assert a.SOPInstanceUID == dcm[:-4]
 
 
@@ -147,7 +150,7 @@ def test_monochrome1_and_its_monochrome2_twin_give_the_same_output_pixels(tiny_m
     write(make_dataset(4095 - v2, photometric="MONOCHROME1"), tmp_path / "in" / "m1.dcm")
     out = tmp_path / "out"
     assert main(["translate", "--model", str(tiny_model_path), "-o", str(out), str(tmp_path / "in")]) == 0
-    a, b = (pydicom.dcmread(p) for p in sorted(out.iterdir()))
+    a, b = (pydicom.dcmread(p) for p in sorted(out.glob("*.dcm")))
     assert a.SOPInstanceUID != b.SOPInstanceUID
     assert a.PhotometricInterpretation == b.PhotometricInterpretation == "MONOCHROME2"
     np.testing.assert_array_equal(a.pixel_array, b.pixel_array)
@@ -161,4 +164,4 @@ def test_output_folder_inside_the_input_folder_is_not_rescanned(tiny_model_path,
     assert main(args) == 0
     assert main(args) == 0
     assert "translated 1 of 1 files" in capsys.readouterr().out.splitlines()[-1]
-    assert len(list((study / "out").iterdir())) == 1
+    assert len(list((study / "out").glob("*.dcm"))) == 1

@@ -11,6 +11,7 @@ config in the provenance metadata.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from dicom_node.engine.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
            "save_checkpoint", "load_checkpoint", "export_models"]
+
+log = logging.getLogger("dicom_node.train")
 
 CHECKPOINT_FORMAT = "dicom-node-train-checkpoint"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -76,9 +79,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
+def _calibration_images(meta: dict[str, Any], run_dir: Path) -> dict[str, list] | None:
+    """Training images of both domains (from the run's cache) and validation images, if any;
+    None (with a warning) when the data is no longer where the run found it."""
+    from .data import load_domain, load_pairs
+
+    data = meta["config"].get("data") or {}
+    norm = meta.get("normalization") or {}
+    try:
+        out = {label: load_domain(Path(data[label.lower()]), label, run_dir / "cache", norm, write_cache=False).arrays
+               for label in ("A", "B")}
+        pairs = load_pairs(Path(data["val"]), norm) if data.get("val") else []
+    except (UserError, KeyError, OSError) as exc:
+        log.warning("fidelity guard not calibrated (the models use its default thresholds): %s", exc)
+        return None
+    out["val_A"] = [a for _, a, _ in pairs]
+    out["val_B"] = [b for _, _, b in pairs]
+    return out
+
+
 def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> list[Path]:
-    """Write the A->B and B->A style models from ``checkpoint`` (default: the newest one)."""
-    from dicom_node.engine.model_file import generator_from_architecture, save_style_model
+    """Write the A->B and B->A style models from ``checkpoint`` (default: the newest one).
+
+    Each names the other as its inverse (by weight digest) and carries the fidelity guard's
+    calibration (:mod:`.calibrate`), computed here from the run's data.
+    """
+    from dicom_node.engine.model_file import generator_from_architecture, save_style_model, weights_digest
+
+    from .calibrate import fidelity_metadata
 
     run_dir = Path(run_dir)
     if checkpoint is None:
@@ -102,17 +130,27 @@ def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path |
         "config": meta["config"],
         "checkpoint": Path(checkpoint).name,
     }
+    arch = meta.get("architecture") or {  # checkpoints written before it was recorded
+        "type": "resnet_generator", "ngf": model_cfg["ngf"], "n_blocks": model_cfg["n_blocks"],
+        "residual": model_cfg.get("residual", False)}
+    gens = {}
+    for key in ("g_ab", "g_ba"):
+        gens[key] = generator_from_architecture(arch)
+        gens[key].load_state_dict(payload["state"][key])
+        gens[key].eval()
+    names = {"g_ab": f"{name}_A2B", "g_ba": f"{name}_B2A"}
+    digests = {k: weights_digest(g.state_dict()) for k, g in gens.items()}
+    images = _calibration_images(meta, run_dir)
     written = []
-    for key, direction, suffix in (("g_ab", "A->B", "A2B"), ("g_ba", "B->A", "B2A")):
-        arch = meta.get("architecture") or {  # checkpoints written before it was recorded
-            "type": "resnet_generator", "ngf": model_cfg["ngf"], "n_blocks": model_cfg["n_blocks"],
-            "residual": model_cfg.get("residual", False)}
-        gen = generator_from_architecture(arch)
-        gen.load_state_dict(payload["state"][key])
+    for key, other, direction, src in (("g_ab", "g_ba", "A->B", "A"), ("g_ba", "g_ab", "B->A", "B")):
+        fidelity = None
+        if images is not None:
+            fidelity = fidelity_metadata(gens[key], gens[other], images[src], images[f"val_{src}"])
         path = save_style_model(
-            gen.eval(), out_dir / f"{name}_{suffix}.safetensors", name=f"{name}_{suffix}", direction=direction,
+            gens[key], out_dir / f"{names[key]}.safetensors", name=names[key], direction=direction,
             version=str(step), normalization=meta.get("normalization"), provenance=provenance,
             description=f"CycleGAN style model {direction} trained by dicom-node train ({step} steps)",
+            inverse={"name": names[other], "weights_sha256": digests[other]}, fidelity=fidelity,
         )
         written.append(path)
     return written

@@ -3,6 +3,11 @@
 The same engine call as the node (``engine.pipeline.translate_file``), so what a radiologist
 reviews offline is what the node would send. A bad input never stops the batch: it is
 reported as one line ``path: reason`` and the exit code becomes 1.
+
+Every output is checked by the fidelity guard (``engine.fidelity``) and reported, one JSON
+line per translated input, in ``OUTDIR/fidelity.jsonl``: ``source_sop_uid``,
+``output_sop_uid``, ``model``, ``verdict``, ``reasons``, ``scores``, ``thresholds`` (a
+contract: keys may be added, these stay).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from dicom_node.engine.defaults import DEFAULT_OVERLAP
+from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, DEFAULT_OVERLAP, FIDELITY_ACTIONS
 from dicom_node.engine.devices import is_auto_device, tile_problem
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview", action="store_true", help="also write a PNG (input | output) per image")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse images with more pixels than this (default 64 Mi)")
+    p.add_argument("--fidelity", choices=FIDELITY_ACTIONS, default=DEFAULT_FIDELITY_ACTION,
+                   help="what to do with an output the fidelity guard flags: record (write it as usual), "
+                        "flag (write it marked: own series, 'FIDELITY CAUTION' description, reasons in "
+                        "ImageComments), withhold (write it marked into OUTDIR/withheld/) "
+                        f"(default {DEFAULT_FIDELITY_ACTION}); every verdict goes to OUTDIR/fidelity.jsonl")
+    p.add_argument("--inverse", default="auto", metavar="M",
+                   help="the reverse style model, for the cycle check: a file, 'auto' (the model file's "
+                        "inverse by weight digest, if it lies next to it; default) or 'none'")
+    label = p.add_mutually_exclusive_group()
+    label.add_argument("--label", default=CAUTION_LABEL, metavar="TEXT",
+                       help="caution text at the start of every output's ImageComments (default: a "
+                            "'not cleared for primary diagnosis' caution)")
+    label.add_argument("--no-label", dest="label", action="store_const", const=None,
+                       help="no caution text (a site that has cleared the outputs for diagnosis)")
     p.set_defaults(func=run)
 
 
@@ -100,11 +119,50 @@ def _load_model(name: str):
     return load_style_model(path)
 
 
+def _load_inverse(model, choice: str):
+    """The inverse model for the cycle check: explicit, found next to the model, or none."""
+    from dicom_node.engine import load_style_model
+    from dicom_node.engine.model_file import find_inverse
+
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return load_style_model(choice)
+    path = find_inverse(model)
+    return load_style_model(path) if path is not None else None
+
+
+def fidelity_record(result, model, *, source_file: Path | None = None, output_file: Path | None = None,
+                    action: str = DEFAULT_FIDELITY_ACTION) -> dict:
+    """One line of ``fidelity.jsonl`` (the contract's keys first, then extras)."""
+    from dicom_node.engine.secondary_capture import device_uid
+
+    report = result.fidelity
+    return {
+        "source_sop_uid": str(result.sc.SourceImageSequence[0].ReferencedSOPInstanceUID),
+        "output_sop_uid": str(result.sc.SOPInstanceUID),
+        "model": model.name,
+        "verdict": report.verdict,
+        "reasons": report.reasons,
+        "scores": report.scores,
+        "thresholds": report.thresholds,
+        "calibrated": report.calibrated,
+        "action": action,
+        "model_version": model.version,
+        "model_weights_sha256": model.weights_sha256,
+        "device_uid": device_uid(model),
+        "source_file": None if source_file is None else str(source_file),
+        "output_file": None if output_file is None else str(output_file),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from tqdm import tqdm
 
-    from dicom_node.engine.pipeline import translate_file
-    from dicom_node.engine.pixels import DEFAULT_MAX_PIXELS
+    from dicom_node.engine.pipeline import save_translation, translate_radiograph
+    from dicom_node.engine.pixels import DEFAULT_MAX_PIXELS, read_dicom
     from dicom_node.errors import UserError
 
     if args.full_image and args.tile not in (None, 0):
@@ -129,17 +187,22 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise UserError("no DICOM files found in the inputs")
     model = _load_model(args.model)
+    inverse = _load_inverse(model, args.inverse)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
+        report = open(outdir / "fidelity.jsonl", "w", encoding="utf-8")
     except OSError as exc:
         raise UserError(f"{outdir}: cannot create output folder ({exc.strerror})") from None
 
-    done, refused, failed = 0, 0, 0
+    done, refused, failed, flagged = 0, 0, 0, 0
     bar = tqdm(files, unit="image", file=sys.stderr, disable=len(files) < 2, dynamic_ncols=True)
     for path in bar:
         try:
-            out = translate_file(model, path, outdir, tile=tile, overlap=args.overlap, device=device,
-                                 preview=args.preview, max_pixels=max_pixels)
+            ds, img = read_dicom(path, max_pixels=max_pixels)
+            result = translate_radiograph(model, ds, img, tile=tile, overlap=args.overlap, device=device,
+                                          inverse=inverse, label=args.label, show_flag=args.fidelity != "record")
+            held = args.fidelity == "withhold" and result.fidelity.flagged
+            out = save_translation(result, outdir / "withheld" if held else outdir, preview=args.preview)
         except UserError as exc:
             refused += 1
             msg = str(exc)
@@ -151,11 +214,23 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"{path}: internal error ({exc.__class__.__name__}: {exc})", file=sys.stderr)
             continue
         done += 1
+        if result.fidelity.flagged:
+            flagged += 1
+            tqdm.write(f"{path}: fidelity guard flagged the output{' (withheld)' if held else ''}: "
+                       f"{'; '.join(result.fidelity.reasons)}", file=sys.stderr)
+        report.write(json.dumps(fidelity_record(result, model, source_file=path, output_file=out,
+                                                action=args.fidelity)) + "\n")
+        report.flush()
         log.debug("%s -> %s", path, out)
     bar.close()
+    report.close()
     note = f", {skipped} non-DICOM files skipped" if skipped else ""
+    caution = ""
+    if flagged:
+        where = f" (in {outdir / 'withheld'})" if args.fidelity == "withhold" else ""
+        caution = f", {flagged} flagged by the fidelity guard{where}"
     print(f"translated {done} of {len(files)} files into {outdir}"
-          f"{f', {refused} refused' if refused else ''}{f', {failed} failed' if failed else ''}{note}")
+          f"{f', {refused} refused' if refused else ''}{f', {failed} failed' if failed else ''}{caution}{note}")
     if failed:
         return 2
     return 1 if refused else 0

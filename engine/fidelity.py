@@ -1,0 +1,282 @@
+"""The fidelity guard: does a restyled radiograph still show its source's anatomy?
+
+Why: a GAN translation can invent or erase structure (a "hallucination"), most often on
+inputs unlike its training data, and a broken model file may load and run.  A style changes
+tone, sharpness and noise, never the anatomy, so the guard compares every output with its
+own source, per image, and names what it finds:
+
+* ``structure`` and ``unexplained``: the output is predicted from the source by what a
+  style does to a whole image: a monotone tone fit (histogram matching, which cannot turn an
+  inverted image upright) and a least-squares gain per Laplacian-pyramid band (sharpening,
+  smoothing).  What the prediction misses is what the model did locally.  ``structure`` is
+  the worst 9x9 region of ``E(residual) / (E(source) + E(output) + c)`` (detail energies):
+  ~0 where the output follows the source, ~1 where one of them has structure the other
+  lacks (a painted nodule, an erased edge), so one region counts, not the mean.
+  ``unexplained`` is the residual's share of the output's detail over the whole image
+  (~0.05 for a style, ~1 for noise, far above 1 for an inverted image).  Regions the
+  source shows clipped to black or white are not judged: there is nothing to compare.
+* ``cycle``: the same disagreement between the source and the inverse model's translation
+  of the output, ``F(G(x))`` (only when the inverse model is known).  It runs on a reduced
+  image (longest side :data:`CYCLE_SIDE`) to keep its cost small; calibration absorbs the
+  scale change.
+* ``ood``: the input's style distance (``engine.style_stats``, the trainer's statistics) to
+  nearest image of the model's training domain, recorded in the model at export: inputs
+  unlike the training data (another body part, another detector) are where models fail.
+
+All four are "higher is worse" and compared with thresholds: the model's calibrated ones
+(``metadata.fidelity.thresholds``, written by the trainer from held-out images) or the
+conservative :data:`DEFAULT_THRESHOLDS`.  Scores are computed on an area-downsampled copy
+(longest side :data:`ANALYSIS_SIDE`): anatomy lives at that scale, and the cost stays a
+few per cent of a translation (``bench/fidelity.py`` measures it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .style_stats import StyleStats, style_distance, style_statistics
+
+if TYPE_CHECKING:
+    from .model_file import StyleModel
+
+__all__ = ["FidelityReport", "assess", "structure_scores", "ood_score", "cycle_score", "judge", "thresholds_of",
+           "calibrate_thresholds", "domain_statistics", "analysis_view", "disagreement", "DEFAULT_THRESHOLDS", "SCORES",
+           "ANALYSIS_SIDE", "CYCLE_SIDE", "OK", "FLAGGED"]
+
+OK, FLAGGED = "ok", "flagged"
+SCORES = ("structure", "unexplained", "cycle", "ood")  # the thresholded scores, each "higher is worse"
+ANALYSIS_SIDE = 512
+CYCLE_SIDE = 256
+LEVELS = 5  # pyramid bands for the style's gains: structures of 1-32 analysis pixels
+SMOOTH = 5  # box smoothing before energies: noise texture (which styles change) averages out
+WINDOW = 9  # the region size judged, analysis pixels (~ a nodule)
+STABILISER = 1.0  # c, in units of the output's mean detail energy: flat regions count as agreeing
+CLIPPED = 0.98  # |model-space value| from which the source counts as clipped (normalize clips at 1)
+# Uncalibrated models (older files, ``model init``): loose enough that a plausible style never
+# trips them, tight enough for the gross faults (inverted, random, blank, broken model).
+DEFAULT_THRESHOLDS: dict[str, float] = {"structure": 0.75, "unexplained": 0.5, "cycle": 0.9, "ood": 3.0}
+# Calibration: the highest held-out score plus this margin (absolute, or relative to the score).
+MARGIN_ABS: dict[str, float] = {"structure": 0.1, "unexplained": 0.1, "cycle": 0.1, "ood": 0.5}
+MARGIN_REL = 0.25
+
+
+@dataclass
+class FidelityReport:
+    """The guard's finding for one output: ``verdict`` ok/flagged, with the reasons."""
+
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+    scores: dict[str, float | None] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False
+    worst_region: tuple[int, int] | None = None  # (row, column) in source pixels, for previews
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict == FLAGGED
+
+    def summary(self) -> str:
+        """One line for ImageComments, previews and status: the verdict and its reasons."""
+        return self.verdict if not self.reasons else f"{self.verdict}: {'; '.join(self.reasons)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "reasons": list(self.reasons), "scores": dict(self.scores),
+                "thresholds": dict(self.thresholds), "calibrated": self.calibrated}
+
+
+def analysis_view(image: np.ndarray, valid: np.ndarray | None = None, side: int = ANALYSIS_SIDE) -> np.ndarray:
+    """``image`` area-downsampled by an integer factor to a longest side <= ``side``.
+
+    Padding (``valid`` False) is filled with the median of the valid pixels first, so the
+    same fill in source and output carries no structure.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if valid is not None and not valid.all():
+        img = img.copy()
+        img[~valid] = float(np.median(img[valid])) if valid.any() else 0.0
+    factor = max(1, -(-max(img.shape) // side))
+    if factor == 1:
+        return img
+    t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+    return F.avg_pool2d(t, factor, ceil_mode=True, count_include_pad=False)[0, 0].numpy()
+
+
+def _tone_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x`` mapped onto ``y``'s intensity distribution by a monotone (increasing) curve."""
+    q = np.linspace(0.0, 1.0, 257)
+    qx, qy = np.quantile(x[::2, ::2], q), np.quantile(y[::2, ::2], q)  # a quarter of the pixels is plenty
+    qx = qx + np.arange(qx.size) * 1e-7  # strictly increasing knots even on flat histograms
+    return np.interp(x, qx, qy).astype(np.float32)
+
+
+def _pyramid(t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Laplacian pyramid: band-pass levels (finest first) and the low-pass rest."""
+    bands, g = [], t
+    for _ in range(LEVELS):
+        if min(g.shape[-2:]) < 4:
+            break
+        low = F.avg_pool2d(g, 2, ceil_mode=True)
+        bands.append(g - F.interpolate(low, size=g.shape[-2:], mode="bilinear", align_corners=False))
+        g = low
+    return bands, g
+
+
+def _collapse(bands: list[torch.Tensor], low: torch.Tensor) -> torch.Tensor:
+    g = low
+    for b in reversed(bands):
+        g = F.interpolate(g, size=b.shape[-2:], mode="bilinear", align_corners=False) + b
+    return g
+
+
+def _box(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over a k x k window (separable, reflected at the border)."""
+    p = min(k // 2, t.shape[-1] - 1, t.shape[-2] - 1)
+    t = F.avg_pool2d(F.pad(t, (p, p, 0, 0), mode="reflect"), (1, 2 * p + 1), stride=1)
+    return F.avg_pool2d(F.pad(t, (0, 0, p, p), mode="reflect"), (2 * p + 1, 1), stride=1)
+
+
+def _judgeable(x: np.ndarray) -> torch.Tensor:
+    """1 where the source shows anatomy: not clipped to black or white (nothing to compare there)."""
+    clipped = torch.from_numpy((np.abs(x) >= CLIPPED).astype(np.float32))[None, None]
+    return (_box(clipped, WINDOW) == 0).float()  # no clipped pixel within a window
+
+
+def disagreement(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, float]:
+    """The local disagreement map of two analysis images, and the unexplained fraction.
+
+    The output is predicted from the source: a monotone tone fit, then a least-squares gain
+    per pyramid band (what a style does globally).  What the prediction misses, ``r``, is
+    what the model did locally.  Per window: ``E(r) / (E(x) + E(y) + c)`` (energies of the
+    smoothed band-pass parts): near 0 where the output follows the source, near 1 where one
+    of them has structure the other lacks.
+    """
+    xt = torch.from_numpy(_tone_fit(x, y))[None, None]
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None, None]
+    bx, low_x = _pyramid(xt)
+    by, low_y = _pyramid(yt)
+    gains = [max(0.0, float((a * b).sum() / (a * a).sum().clamp_min(1e-12))) for a, b in zip(bx, by)]
+    predicted_detail = _collapse([g * b for g, b in zip(gains, bx)], torch.zeros_like(low_x))
+    y_detail = _collapse(by, torch.zeros_like(low_y))
+    residual = _box(y_detail - predicted_detail, SMOOTH)  # incoherent noise averages out
+    sy, sp = _box(y_detail, SMOOTH), _box(predicted_detail, SMOOTH)
+    signal = float(sy.pow(2).mean().clamp_min(1e-12))
+    unexplained = float(residual.pow(2).mean()) / signal
+    local = _box(residual ** 2, WINDOW) / (_box(sy ** 2, WINDOW) + _box(sp ** 2, WINDOW) + STABILISER * signal)
+    return local * _judgeable(x), unexplained
+
+
+def structure_scores(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """``structure`` (worst region), ``unexplained`` (global) and ``structure_mean`` of two
+    same-shape analysis images."""
+    return _structure(x, y)[0]
+
+
+def _structure(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], tuple[int, int]]:
+    """The structure scores and the (row, column) of the worst region, in analysis pixels."""
+    if x.shape != y.shape:
+        raise ValueError("source and output must have the same shape")
+    if min(x.shape) < 2 * WINDOW:
+        raise ValueError(f"images smaller than {2 * WINDOW} pixels cannot be judged")
+    local, unexplained = disagreement(x, y)
+    worst = divmod(int(torch.argmax(local)), local.shape[-1])
+    return {"structure": float(local.max()), "unexplained": unexplained,
+            "structure_mean": float(local.mean())}, worst
+
+
+def domain_statistics(images: list[np.ndarray]) -> list[StyleStats]:
+    """The training domain as the guard measures inputs: each image's style statistics at
+    analysis scale (a domain is often several kinds of image, chests and knees, so an input is
+    compared with its nearest training image, not with one pooled average)."""
+    return [style_statistics([analysis_view(img)]) for img in images]
+
+
+def ood_score(x_small: np.ndarray, domain: list[StyleStats]) -> float:
+    """Style distance of one (analysis-scale) input to the nearest image of its model's domain."""
+    own = style_statistics([x_small])
+    return min(float(style_distance(own, ref)["total"]) for ref in domain)
+
+
+def cycle_score(inverse: "StyleModel", x: np.ndarray, y: np.ndarray, *, device: Any = None) -> float:
+    """Worst-region disagreement of ``x`` and ``F(y)``, both at :data:`CYCLE_SIDE`."""
+    from .tiling import translate
+
+    ys = analysis_view(y, side=CYCLE_SIDE)
+    back = translate(inverse, ys, tile=0, device=device)
+    return structure_scores(analysis_view(x, side=CYCLE_SIDE), back)["structure"]
+
+
+def _fidelity_meta(model: "StyleModel") -> dict[str, Any]:
+    meta = model.metadata.get("fidelity")
+    return meta if isinstance(meta, dict) else {}
+
+
+def thresholds_of(model: "StyleModel") -> tuple[dict[str, float], bool]:
+    """The model's thresholds (calibrated, or the defaults for what it lacks) and whether calibrated."""
+    stored = _fidelity_meta(model).get("thresholds") or {}
+    out = dict(DEFAULT_THRESHOLDS)
+    for k in SCORES:
+        if isinstance(stored.get(k), (int, float)):
+            out[k] = float(stored[k])
+    return out, bool(stored)
+
+
+def _domain_of(model: "StyleModel") -> list[StyleStats] | None:
+    items = _fidelity_meta(model).get("domain")
+    if not isinstance(items, list) or not items:
+        return None
+    try:
+        return [StyleStats(quantiles=list(d["quantiles"]), band_energy=list(d["band_energy"]),
+                           spectrum=list(d["spectrum"]), images=int(d.get("images", 1))) for d in items]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def judge(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -> tuple[str, list[str]]:
+    """ok, or flagged with one reason per score above its threshold (absent scores are skipped)."""
+    words = {"structure": "a region differs from the source", "unexplained": "output not explained by the source",
+             "cycle": "inverse model does not restore the source", "ood": "input unlike the training data"}
+    reasons = [f"{words[k]} ({k} {float(scores[k]):.2f} > {thresholds[k]:.2f})"  # type: ignore[arg-type]
+               for k in SCORES if scores.get(k) is not None and k in thresholds
+               and not float(scores[k]) <= thresholds[k]]  # type: ignore[arg-type]
+    return (FLAGGED if reasons else OK), reasons
+
+
+def assess(model: "StyleModel", x: np.ndarray, y: np.ndarray, *, valid: np.ndarray | None = None,
+           inverse: "StyleModel | None" = None, device: Any = None) -> FidelityReport:
+    """The guard's report for source ``x`` and output ``y`` (model space, full resolution)."""
+    thresholds, calibrated = thresholds_of(model)
+    xs, ys = analysis_view(x, valid), analysis_view(y, valid)
+    if min(xs.shape) < 2 * WINDOW:
+        return FidelityReport(verdict=FLAGGED, reasons=[f"image too small to check (< {2 * WINDOW} pixels)"],
+                              scores={k: None for k in SCORES}, thresholds=thresholds, calibrated=calibrated)
+    structure, (row, col) = _structure(xs, ys)
+    scale = x.shape[0] / xs.shape[0]
+    scores: dict[str, float | None] = dict(structure)
+    domain = _domain_of(model)
+    scores["ood"] = ood_score(xs, domain) if domain is not None else None
+    scores["cycle"] = cycle_score(inverse, x, y, device=device) if inverse is not None else None
+    if not all(np.isfinite(v) for v in scores.values() if v is not None):
+        scores = {k: (v if v is None or np.isfinite(v) else 99.0) for k, v in scores.items()}
+    verdict, reasons = judge(scores, thresholds)
+    return FidelityReport(verdict=verdict, reasons=reasons, scores={k: _round(v) for k, v in scores.items()},
+                          thresholds=thresholds, calibrated=calibrated,
+                          worst_region=(int((row + 0.5) * scale), int((col + 0.5) * scale)))
+
+
+def calibrate_thresholds(samples: Mapping[str, list[float]]) -> dict[str, float]:
+    """Thresholds from held-out scores: the highest seen plus a margin (see module doc)."""
+    out = {}
+    for k in SCORES:
+        values = [float(v) for v in samples.get(k) or [] if v is not None and np.isfinite(v)]
+        if values:
+            top = max(values)
+            out[k] = round(top + max(MARGIN_ABS[k], MARGIN_REL * top), 4)
+    return out
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)

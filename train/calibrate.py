@@ -1,0 +1,85 @@
+"""Calibration of the fidelity guard at export: thresholds from the model's own scores.
+
+Why: how far a good translation of a good input may stray from its source depends on the
+style (a strong dynamic-range compression moves more than a tone curve) and on the images,
+so fixed thresholds either miss faults or flag good images.  At export the trainer scores
+each direction on held-out images of its own input domain (the validation pairs when the run
+has them, else the training images themselves: the input-similarity score then leaves the
+image out of its own domain) and stores, in each model's ``fidelity`` metadata:
+
+* ``thresholds``: the highest held-out score plus a margin (``engine.fidelity``);
+* ``domain``: the style statistics of the training images, for the input-similarity score;
+* ``calibration``: how many images, from where, and the highest and median score seen.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dicom_node.engine import fidelity as fd
+from dicom_node.engine.model_file import StyleModel
+
+from .data import pick_images
+
+__all__ = ["fidelity_metadata", "DOMAIN_IMAGES", "CALIBRATION_IMAGES"]
+
+log = logging.getLogger("dicom_node.train")
+
+DOMAIN_IMAGES = 24
+CALIBRATION_IMAGES = 16
+
+
+def _stats_dict(stats) -> dict[str, Any]:
+    d = asdict(stats)
+    for k in ("quantiles", "band_energy", "spectrum"):
+        d[k] = [float(f"{v:.6g}") for v in d[k]]
+    return d
+
+
+def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None, domain_images: Sequence[np.ndarray],
+                      held_out: Sequence[np.ndarray] | None = None, *, device: Any = None) -> dict[str, Any]:
+    """The ``fidelity`` metadata of the model ``forward`` (its inverse ``reverse`` may be None).
+
+    ``domain_images``: the training images of ``forward``'s input domain (model space);
+    ``held_out``: images of that domain not trained on, or None to use the training images.
+    """
+    from dicom_node.engine.tiling import translate
+
+    domain_imgs = pick_images(list(domain_images), DOMAIN_IMAGES)
+    domain = fd.domain_statistics(domain_imgs)
+    from_training = not held_out
+    calib = domain_imgs[:CALIBRATION_IMAGES] if from_training else pick_images(list(held_out), CALIBRATION_IMAGES)
+    g = StyleModel(generator=forward.eval(), metadata={"name": "calibration"})
+    inv = StyleModel(generator=reverse.eval(), metadata={"name": "calibration-inverse"}) if reverse is not None else None
+    samples: dict[str, list[float]] = {k: [] for k in fd.SCORES}
+    with torch.no_grad():
+        for i, x in enumerate(calib):
+            y = translate(g, x, tile=0, device=device)
+            xs, ys = fd.analysis_view(x), fd.analysis_view(y)
+            s = fd.structure_scores(xs, ys)
+            samples["structure"].append(s["structure"])
+            samples["unexplained"].append(s["unexplained"])
+            # leave the image itself out of its domain when it is one of the training images
+            others = [d for j, d in enumerate(domain) if not (from_training and j == i)] or domain
+            samples["ood"].append(fd.ood_score(xs, others))
+            if inv is not None:
+                samples["cycle"].append(fd.cycle_score(inv, x, y, device=device))
+    thresholds = fd.calibrate_thresholds(samples)
+    seen = {k: v for k, v in samples.items() if v}
+    log.info("fidelity calibration on %d %s images: thresholds %s", len(calib),
+             "training" if from_training else "held-out", "  ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
+    return {
+        "version": 1,
+        "thresholds": thresholds,
+        "domain": [_stats_dict(d) for d in domain],
+        "calibration": {
+            "images": len(calib),
+            "source": "training images (input similarity leave-one-out)" if from_training else "validation images",
+            "max": {k: round(max(v), 4) for k, v in seen.items()},
+            "median": {k: round(float(np.median(v)), 4) for k, v in seen.items()},
+        },
+    }
