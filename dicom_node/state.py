@@ -18,8 +18,17 @@ Instance states (one row per (called AE, SOP Instance UID)):
                 forwarded (deliveries rows)                                (final)
     unsupported the engine cannot translate it (e.g. SR, colour): kept, original may be
                 forwarded                                                  (final)
+    withheld    translated, but the fidelity guard flagged the output and its route says
+                ``withhold``: the output waits in the spool for an operator
+                (``dicom-node release`` -> translated, ``dicom-node discard`` -> discarded)
+    discarded   an operator dropped the withheld output                   (final)
 
-Delivery states: pending -> delivered | failed (after ``max_attempts``).
+Delivery states: pending -> delivered | failed (after ``max_attempts``); held (a withheld
+output's delivery, until released: -> pending; or discarded: removed).
+
+Every output also gets a row in ``outputs``, the audit trail (source SOP UID, model and its
+weight digest, output SOP UID, fidelity verdict with reasons and scores, what happened to it,
+when).  Audit rows are kept when old instance rows are forgotten.
 
 Study timers live in the ``studies`` table (per route and Study Instance UID), so a
 restart does not lose or prematurely release a pending study.
@@ -33,10 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-__all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "INSTANCE_STATES", "DELIVERY_STATES"]
+from dicom_node.audit_trail import AuditTrail
 
-INSTANCE_STATES = ("received", "ready", "translated", "delivered", "failed", "unmatched", "unsupported")
-DELIVERY_STATES = ("pending", "delivered", "failed")
+__all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "OutputRecord", "INSTANCE_STATES",
+           "DELIVERY_STATES"]
+
+INSTANCE_STATES = ("received", "ready", "translated", "delivered", "failed", "unmatched", "unsupported", "withheld",
+                   "discarded")
+DELIVERY_STATES = ("pending", "delivered", "failed", "held")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -84,6 +97,29 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (instance_id, destination, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS outputs (
+    id              INTEGER PRIMARY KEY,
+    instance_id     INTEGER NOT NULL,        -- no foreign key: the audit outlives forgotten rows
+    called_ae       TEXT NOT NULL,
+    study_uid       TEXT NOT NULL,
+    source_sop_uid  TEXT NOT NULL,
+    output_sop_uid  TEXT NOT NULL,
+    model           TEXT NOT NULL,
+    model_version   TEXT NOT NULL,
+    model_digest    TEXT NOT NULL,           -- sha256 of the weights
+    device_uid      TEXT NOT NULL,
+    verdict         TEXT NOT NULL,           -- ok | flagged
+    reasons         TEXT NOT NULL,           -- JSON list
+    scores          TEXT NOT NULL,           -- JSON object
+    thresholds      TEXT NOT NULL,           -- JSON object
+    action          TEXT NOT NULL,           -- the route's fidelity action
+    disposition     TEXT NOT NULL,           -- forwarded | withheld | released | discarded
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    UNIQUE (called_ae, source_sop_uid, output_sop_uid)
+);
+CREATE INDEX IF NOT EXISTS outputs_study ON outputs (study_uid, created_at);
+CREATE INDEX IF NOT EXISTS outputs_time ON outputs (created_at);
 """
 
 
@@ -123,12 +159,34 @@ class NewDelivery:
     path: str
 
 
+@dataclass(frozen=True)
+class OutputRecord:
+    """What the audit trail keeps of one output (``outputs`` table)."""
+
+    source_sop_uid: str
+    output_sop_uid: str
+    model: str
+    model_version: str
+    model_digest: str
+    device_uid: str
+    verdict: str
+    reasons: list[str]
+    scores: dict
+    thresholds: dict
+    action: str
+
+
+AUDIT_COLS = ("id", "instance_id", "called_ae", "study_uid", "source_sop_uid", "output_sop_uid", "model",
+              "model_version", "model_digest", "device_uid", "verdict", "reasons", "scores", "thresholds", "action",
+              "disposition", "created_at", "updated_at")
+
 _INSTANCE_COLS = ("id, called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size, "
                   "state, received_at, error")
 
 
-class StateDB:
-    """Thread-safe access to the state database (one connection, one lock)."""
+class StateDB(AuditTrail):
+    """Thread-safe access to the state database (one connection, one lock); the audit trail
+    and the withheld outputs' release/discard are in :mod:`dicom_node.audit_trail`."""
 
     def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
@@ -253,12 +311,38 @@ class StateDB:
                            (limit,))
         return [InstanceRow(*r) for r in rows]
 
-    def mark_translated(self, instance_id: int, deliveries: Iterable[NewDelivery], now: float | None = None) -> None:
+    def mark_translated(self, instance_id: int, deliveries: Iterable[NewDelivery], now: float | None = None, *,
+                        output: OutputRecord | None = None, withhold: bool = False) -> None:
+        """The output is in the spool: queue its deliveries and write its audit row, at once.
+
+        ``withhold``: the output's deliveries are ``held`` and the instance ``withheld`` (the
+        originals in ``deliveries`` still go out).
+        """
         now = time.time() if now is None else now
+        deliveries = list(deliveries)
         with self._tx() as c:
-            c.execute("UPDATE instances SET state='translated', error=NULL, updated_at=? WHERE id=?",
-                      (now, instance_id))
-            self._add_deliveries(c, instance_id, deliveries, now)
+            c.execute("UPDATE instances SET state=?, error=NULL, updated_at=? WHERE id=?",
+                      ("withheld" if withhold else "translated", now, instance_id))
+            self._add_deliveries(c, instance_id, [d for d in deliveries if not (withhold and d.kind == "output")], now)
+            if withhold:
+                self._add_deliveries(c, instance_id, [d for d in deliveries if d.kind == "output"], now, state="held")
+            if output is not None:
+                import json
+
+                called_ae, study_uid = c.execute("SELECT called_ae, study_uid FROM instances WHERE id=?",
+                                                 (instance_id,)).fetchone()
+                c.execute(
+                    "INSERT INTO outputs (instance_id, called_ae, study_uid, source_sop_uid, output_sop_uid, model, "
+                    "model_version, model_digest, device_uid, verdict, reasons, scores, thresholds, action, "
+                    "disposition, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (called_ae, source_sop_uid, output_sop_uid) DO UPDATE SET "
+                    "instance_id=excluded.instance_id, verdict=excluded.verdict, reasons=excluded.reasons, "
+                    "scores=excluded.scores, thresholds=excluded.thresholds, action=excluded.action, "
+                    "disposition=excluded.disposition, updated_at=excluded.updated_at",
+                    (instance_id, called_ae, study_uid, output.source_sop_uid, output.output_sop_uid, output.model,
+                     output.model_version, output.model_digest, output.device_uid, output.verdict,
+                     json.dumps(output.reasons), json.dumps(output.scores), json.dumps(output.thresholds),
+                     output.action, "withheld" if withhold else "forwarded", now, now))
             self._finish_if_done(c, [instance_id], now)
 
     def mark_not_translated(self, instance_id: int, state: str, error: str,
@@ -273,11 +357,11 @@ class StateDB:
 
     @staticmethod
     def _add_deliveries(c: sqlite3.Connection, instance_id: int, deliveries: Iterable[NewDelivery],
-                        now: float) -> None:
+                        now: float, state: str = "pending") -> None:
         for d in deliveries:
             c.execute("INSERT OR IGNORE INTO deliveries (instance_id, destination, kind, sop_uid, path, state, "
-                      "next_attempt_at, updated_at) VALUES (?,?,?,?,?, 'pending', ?, ?)",
-                      (instance_id, d.destination, d.kind, d.sop_uid, d.path, now, now))
+                      "next_attempt_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                      (instance_id, d.destination, d.kind, d.sop_uid, d.path, state, now, now))
 
     # -- delivering --------------------------------------------------------------------
     @staticmethod
@@ -357,8 +441,9 @@ class StateDB:
         return [(int(i), str(p)) for i, p in self._query(
             "SELECT id, path FROM instances i INDEXED BY instances_unpurged WHERE purged=0 AND (state='delivered' OR "
             "(state IN ('unmatched','unsupported') AND EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id) "
-            "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id AND d.state!='delivered'))) "
-            "ORDER BY id LIMIT ?", (limit,))]
+            "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id AND d.state!='delivered')) OR "
+            "(state='discarded' AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id "
+            "AND d.state!='delivered'))) ORDER BY id LIMIT ?", (limit,))]
 
     def mark_purged(self, instance_ids: Iterable[int]) -> None:
         with self._tx() as c:
@@ -374,7 +459,7 @@ class StateDB:
         cutoff = now - seconds
         with self._tx() as c:
             ids = [r[0] for r in c.execute("SELECT id FROM instances INDEXED BY instances_state WHERE "
-                                           "state IN ('delivered','unmatched','unsupported') AND purged=1 "
+                                           "state IN ('delivered','unmatched','unsupported','discarded') AND purged=1 "
                                            "AND updated_at < ?", (cutoff,))]
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]

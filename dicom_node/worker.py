@@ -6,9 +6,11 @@ are three kinds of loops:
 
 * translator(s): release studies quiet for ``study_stable_seconds``, then translate one
   ``ready`` instance at a time (engine calls serialised by one lock: one GPU, and the
-  engine already uses every CPU core), write the Secondary Capture to the spool
-  atomically and queue one delivery per destination (plus the original when the route
-  says ``forward_original``), all in one transaction.
+  engine already uses every CPU core), check the output with the fidelity guard, write
+  the Secondary Capture to the spool atomically and queue one delivery per destination
+  (plus the original when the route says ``forward_original``) with the output's audit
+  row, all in one transaction.  A flagged output on a ``withhold`` route is not queued
+  but held for an operator (``dicom-node release`` / ``discard``).
 * deliverers, one per destination: send due deliveries (one association per batch of up
   to 50), record each outcome; failures are retried with ``retry.backoff_seconds`` until
   ``retry.max_attempts``, then ``failed`` (files stay in the spool; ``dicom-node retry``).
@@ -33,7 +35,7 @@ from dicom_node.engine.defaults import DEFAULT_OVERLAP, MANUFACTURER
 from dicom_node.engine.devices import is_auto_device
 from dicom_node.errors import UnsupportedImage, UserError
 from dicom_node.spool import Spool
-from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, StateDB, abbreviate
+from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, OutputRecord, StateDB, abbreviate
 
 __all__ = ["Broadcast", "Claims", "Housekeeper", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
 
@@ -45,12 +47,13 @@ ERROR_PAUSE = 5.0  # after an unexpected error (disk full, database busy) before
 
 
 class ModelCache:
-    """Loads each configured model once, on first use."""
+    """Loads each configured model once, on first use (and its inverse, for the fidelity guard)."""
 
     def __init__(self, config: NodeConfig, spool: Spool) -> None:
         self.config = config
         self.spool = spool
         self._models: dict[str, Any] = {}
+        self._inverses: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str) -> Any:
@@ -58,6 +61,35 @@ class ModelCache:
             if name not in self._models:
                 self._models[name] = self._load(name)
             return self._models[name]
+
+    def inverse(self, name: str) -> Any:
+        """The reverse model of ``name`` (config ``inverse``: a file, or ``auto``: the file next to
+        the model that its metadata names by weight digest), or None.  A broken inverse only
+        costs the cycle check (logged once), never the translation."""
+        model = self.get(name)
+        with self._lock:
+            if name not in self._inverses:
+                self._inverses[name] = self._load_inverse(name, model)
+            return self._inverses[name]
+
+    def _load_inverse(self, name: str, model: Any) -> Any:
+        from dicom_node.engine import load_style_model
+        from dicom_node.engine.model_file import find_inverse
+
+        settings = self.config.models.get(name)
+        choice = settings.inverse if settings is not None else "auto"
+        if choice == "none":
+            return None
+        try:
+            path = find_inverse(model) if choice == "auto" else Path(choice)
+            if path is None:
+                return None
+            inverse = load_style_model(path)
+        except Exception as exc:  # noqa: BLE001 - the cycle check is skipped, the guard still runs
+            log.warning("model %s: inverse model not usable, no cycle check: %s", name, exc)
+            return None
+        log.info("model %s: inverse %s loaded for the fidelity cycle check", name, inverse.name)
+        return inverse
 
     def _load(self, name: str) -> Any:
         from dicom_node.engine import load_style_model
@@ -156,6 +188,7 @@ class Translator(_Loop):
                 return
             try:
                 self.models.get(name)
+                self.models.inverse(name)
             except Exception as exc:  # noqa: BLE001 - reported now, and again per item that needs it
                 log.error("model %s cannot be loaded: %s", name, exc)
 
@@ -204,13 +237,17 @@ class Translator(_Loop):
             if is_own_output(ds):
                 # A PACS that routes our SC back would otherwise start an endless restyling loop.
                 raise UnsupportedImage("already a dicom-node output (never restyled twice)")
+            inverse = self.models.inverse(route.model)
             t0 = time.perf_counter()
             with ENGINE_LOCK:
-                from dicom_node.engine.pipeline import translate_dataset
+                from dicom_node.engine.pipeline import translate_radiograph
+                from dicom_node.engine.pixels import decode_dataset
 
-                sc = translate_dataset(model, ds, tile=settings.tile if settings else None,
-                                       overlap=settings.overlap if settings else DEFAULT_OVERLAP,
-                                       device=_device(settings.device if settings else "auto"))
+                result = translate_radiograph(
+                    model, ds, decode_dataset(ds), tile=settings.tile if settings else None,
+                    overlap=settings.overlap if settings else DEFAULT_OVERLAP,
+                    device=_device(settings.device if settings else "auto"), inverse=inverse, label=route.label,
+                    show_flag=route.fidelity_action != "record")
             seconds = time.perf_counter() - t0
         except UnsupportedImage as exc:
             self.db.mark_not_translated(row.id, "unsupported", str(exc), originals)
@@ -221,12 +258,30 @@ class Translator(_Loop):
             self.db.mark_not_translated(row.id, "failed", f"{exc.__class__.__name__}: {exc}")
             log.error("sop %s translation failed: %s", abbreviate(row.sop_uid), exc.__class__.__name__)
             return
+        sc, report = result.sc, result.fidelity
         out_uid = str(sc.SOPInstanceUID)
         out_path = self.spool.store_dataset(sc, self.spool.output_dir(row.id) / f"{out_uid}.dcm")
         deliveries = [NewDelivery(d, "output", out_uid, str(out_path)) for d in route.destinations] + originals
-        self.db.mark_translated(row.id, deliveries)
-        log.info("sop %s translated with %s in %.2fs -> sc %s", abbreviate(row.sop_uid), route.model, seconds,
-                 abbreviate(out_uid))
+        withhold = route.fidelity_action == "withhold" and report.flagged
+        self.db.mark_translated(row.id, deliveries, output=_output_record(row, out_uid, model, report, route),
+                                withhold=withhold)
+        log.info("sop %s translated with %s in %.2fs -> sc %s, fidelity %s", abbreviate(row.sop_uid), route.model,
+                 seconds, abbreviate(out_uid), report.verdict)
+        if report.flagged:
+            # reasons are scores and thresholds only: nothing about the patient
+            log.warning("sop %s: fidelity guard flagged the output of %s (%s): %s", abbreviate(row.sop_uid),
+                        route.model, "withheld for an operator" if withhold else
+                        ("forwarded, marked" if route.fidelity_action == "flag" else "forwarded, recorded"),
+                        "; ".join(report.reasons))
+
+
+def _output_record(row: InstanceRow, out_uid: str, model: Any, report: Any, route: Any) -> OutputRecord:
+    from dicom_node.engine.secondary_capture import device_uid
+
+    return OutputRecord(source_sop_uid=row.sop_uid, output_sop_uid=out_uid, model=model.name,
+                        model_version=model.version, model_digest=model.weights_sha256, device_uid=device_uid(model),
+                        verdict=report.verdict, reasons=report.reasons, scores=report.scores,
+                        thresholds=report.thresholds, action=route.fidelity_action)
 
 
 def is_own_output(ds: Any) -> bool:

@@ -66,7 +66,7 @@ def test_deliveries_retry_then_fail_then_requeue(tmp_path):
     assert db.record_delivery_results([(pacs, False, "refused")], 3, lambda a: 7.0, now=24.0) == (0, 0, 1)
     assert states(db)["1.1"] == "failed"
     inst, dels = db.counts()
-    assert inst["failed"] == 1 and dels == {"pending": 0, "delivered": 1, "failed": 1}
+    assert inst["failed"] == 1 and dels == {"pending": 0, "delivered": 1, "failed": 1, "held": 0}
     assert db.retry_failed(now=30.0) == (1, 0)
     assert states(db)["1.1"] == "translated"
     (pacs,) = db.due_deliveries(now=30.0)

@@ -102,6 +102,18 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     info = json.loads(capsys.readouterr().out)
     assert len(info["tone_filter"]["band_gains"]) == len(info["tone_filter"]["band_sigmas_px"]) > 0
     assert info["style_distance"]["input_vs_target"] > 0
+    # The fidelity guard is calibrated at export on the validation images, per direction, and
+    # each model names the other as its inverse by weight digest.
+    fid = info["fidelity"]
+    assert fid["calibrated"] is True and fid["domain_images"] == 3
+    assert fid["calibration"]["images"] == 2 and fid["calibration"]["source"] == "validation images"
+    assert set(fid["thresholds"]) == {"structure", "unexplained", "cycle", "ood"}
+    for k, top in fid["calibration"]["max"].items():
+        assert fid["thresholds"][k] > top  # the highest held-out score plus a margin
+    pair = [load_style_model(m) for m in models]
+    assert pair[0].metadata["inverse"] == {"name": "run_B2A", "weights_sha256": pair[1].weights_sha256}
+    assert pair[1].metadata["inverse"]["weights_sha256"] == pair[0].weights_sha256
+    assert fid["inverse"]["weights_sha256"] == pair[1].weights_sha256
 
     # Usable: load like the node does and translate a real image of the other domain.
     image = normalize(read_image_file(data / "val" / "A" / "v0.dcm"))

@@ -29,8 +29,8 @@ __all__ = ["fidelity_metadata", "DOMAIN_IMAGES", "CALIBRATION_IMAGES"]
 
 log = logging.getLogger("dicom_node.train")
 
-DOMAIN_IMAGES = 24
-CALIBRATION_IMAGES = 16
+DOMAIN_IMAGES = 64
+CALIBRATION_IMAGES = 32
 
 
 def _stats_dict(stats) -> dict[str, Any]:
@@ -57,17 +57,21 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
     inv = StyleModel(generator=reverse.eval(), metadata={"name": "calibration-inverse"}) if reverse is not None else None
     samples: dict[str, list[float]] = {k: [] for k in fd.SCORES}
     with torch.no_grad():
-        for i, x in enumerate(calib):
-            y = translate(g, x, tile=0, device=device)
-            xs, ys = fd.analysis_view(x), fd.analysis_view(y)
-            s = fd.structure_scores(xs, ys)
-            samples["structure"].append(s["structure"])
-            samples["unexplained"].append(s["unexplained"])
-            # leave the image itself out of its domain when it is one of the training images
-            others = [d for j, d in enumerate(domain) if not (from_training and j == i)] or domain
-            samples["ood"].append(fd.ood_score(xs, others))
+        for x in calib:
+            y = np.clip(translate(g, x, tile=0, device=device), -1.0, 1.0)
+            s = fd.structure_scores(fd.analysis_view(x), fd.analysis_view(y))
+            for k in fd.STRUCTURE_SCORES:
+                samples[k].append(s[k])
             if inv is not None:
                 samples["cycle"].append(fd.cycle_score(inv, x, y, device=device))
+            if not from_training:
+                samples["ood"].append(fd.ood_score(fd.analysis_view(x), domain))
+    # Input similarity of every training image to the others (leave one out): many more
+    # samples of the domain's spread than the held-out images alone give.
+    for i, stats in enumerate(domain):
+        others = [d for j, d in enumerate(domain) if j != i]
+        if others:
+            samples["ood"].append(min(fd.style_distance(stats, d)["total"] for d in others))
     thresholds = fd.calibrate_thresholds(samples)
     seen = {k: v for k, v in samples.items() if v}
     log.info("fidelity calibration on %d %s images: thresholds %s", len(calib),

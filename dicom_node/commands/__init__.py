@@ -11,6 +11,8 @@ COMMAND_MODULES = [
     "check_config",
     "status",
     "retry",
+    "withheld",
+    "audit",
     "translate",
     "train",
     "model",

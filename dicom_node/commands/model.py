@@ -24,6 +24,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.set_defaults(func=run_init)
 
 
+def _fidelity_summary(model) -> dict:
+    """The guard's thresholds (calibrated or the defaults), its calibration and the inverse; the
+    training domain's statistics are summarised by their count (they are long)."""
+    from dicom_node.engine.fidelity import thresholds_of
+    from dicom_node.engine.secondary_capture import device_uid
+
+    stored = model.metadata.get("fidelity") if isinstance(model.metadata.get("fidelity"), dict) else {}
+    thresholds, calibrated = thresholds_of(model)
+    return {"thresholds": thresholds,
+            "calibrated": calibrated,
+            "calibration": stored.get("calibration") if calibrated else "none: conservative default thresholds",
+            "domain_images": len(stored.get("domain") or []),
+            "inverse": model.metadata.get("inverse"),
+            "device_uid": device_uid(model)}
+
+
 def run_info(args: argparse.Namespace) -> int:
     from dicom_node.engine import load_style_model
 
@@ -39,6 +55,7 @@ def run_info(args: argparse.Namespace) -> int:
     if "style_distance" in validation:  # lower is closer to the target domain's look
         meta["style_distance"] = {"output_vs_target": round(validation["style_distance"], 4),
                                   "input_vs_target": round(validation.get("style_distance_identity", float("nan")), 4)}
+    meta["fidelity"] = _fidelity_summary(model)
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
+FLAGGED_LISTED = 50  # the newest flagged outputs that status --json lists
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="counts per state and the oldest waiting item")
@@ -36,6 +38,9 @@ def run_status(args: argparse.Namespace) -> int:
         inst, dels = db.counts()
         oldest = db.oldest_waiting()
         per_destination = db.destination_summary()
+        fidelity = db.fidelity_counts()
+        withheld = db.withheld()
+        flagged = db.audit(verdict="flagged", newest=FLAGGED_LISTED)
     finally:
         db.close()
     if getattr(args, "json", False):
@@ -47,6 +52,10 @@ def run_status(args: argparse.Namespace) -> int:
                              for n, p, f, a, e in per_destination},
             "oldest_waiting": None if oldest is None else
             {"what": oldest[0], "sop": oldest[1], "age_seconds": round(time.time() - oldest[2], 1)},
+            "fidelity": {"outputs": fidelity, "withheld": withheld,
+                         "flagged": [{k: r[k] for k in ("source_sop_uid", "output_sop_uid", "study_uid", "model",
+                                                         "reasons", "scores", "disposition", "created_at")}
+                                     for r in flagged]},
         }, indent=2))
         return 0
     print("instances:  " + "  ".join(f"{k} {v}" for k, v in inst.items()))
@@ -54,6 +63,12 @@ def run_status(args: argparse.Namespace) -> int:
     for name, pending, failed, attempts, error in per_destination:
         line = f"  to {name}: pending {pending}  failed {failed}  (attempts up to {attempts})"
         print(line + (f"  last error: {error}" if error else ""))
+    print("fidelity:   " + "  ".join(f"{k} {v}" for k, v in fidelity.items()))
+    for item in withheld:
+        print(f"  withheld {item['output_sop_uid']} (source {item['source_sop_uid']}, model {item['model']}, "
+              f"{time.time() - item['since']:.0f} s): {'; '.join(item['reasons'])}")
+    if withheld:
+        print("  -> dicom-node release UID... | discard UID... (or --all)")
     if oldest is None:
         print("oldest waiting: none")
     else:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from dicom_node.engine.defaults import DEFAULT_OVERLAP
+from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, DEFAULT_OVERLAP, FIDELITY_ACTIONS
 from dicom_node.engine.devices import device_problem, tile_problem
 from dicom_node.engine.yaml_config import ConfigError, Problems, join_path, type_name
 
@@ -86,7 +86,7 @@ def _models(raw: Any, pr: Problems, base_dir: Path) -> dict[str, ModelSettings]:
         pr.add("models", "at least one model is required")
     for name, spec in m.items():
         path = join_path("models", str(name))
-        s = mapping(spec, path, {"path", "device", "tile", "overlap"}, {"path"}, pr)
+        s = mapping(spec, path, {"path", "device", "tile", "overlap", "inverse"}, {"path"}, pr)
         if s is None:
             continue
         model_path = _model_path(s, path, pr, base_dir)
@@ -98,9 +98,15 @@ def _models(raw: Any, pr: Problems, base_dir: Path) -> dict[str, ModelSettings]:
             tile = integer(s, "tile", path, pr, None, 0)
             if tile is not None and tile_problem(tile):
                 pr.add(join_path(path, "tile"), tile_problem(tile))
+        inverse = string(s, "inverse", path, pr, "auto")
+        if inverse not in (None, "auto", "none"):
+            inverse = str(resolve(base_dir, inverse))
+            if not Path(inverse).is_file():
+                pr.add(join_path(path, "inverse"), f"model file not found: {inverse} (or 'auto' / 'none')")
         out[str(name)] = ModelSettings(
             name=str(name), path=model_path or "", device=device, tile=tile,
             overlap=number(s, "overlap", path, pr, DEFAULT_OVERLAP, 0.0, True, 1.0, False),
+            inverse=inverse or "auto",
         )
     return out
 
@@ -115,6 +121,35 @@ def _model_path(s: dict, path: str, pr: Problems, base_dir: Path) -> str | None:
     if bare.suffix == "" and len(bare.parts) == 1:
         return value
     return str(resolve(base_dir, value))
+
+
+def _fidelity_action(raw: Any, path: str, pr: Problems) -> str:
+    """``fidelity: {action: record | flag | withhold}`` (absent: the default action)."""
+    if raw is None:
+        return DEFAULT_FIDELITY_ACTION
+    s = mapping(raw, path, {"action"}, set(), pr)
+    if s is None:
+        return DEFAULT_FIDELITY_ACTION
+    action = string(s, "action", path, pr, DEFAULT_FIDELITY_ACTION)
+    if action not in FIDELITY_ACTIONS:
+        pr.add(join_path(path, "action"), f"must be one of {', '.join(FIDELITY_ACTIONS)}, not {action!r}")
+        return DEFAULT_FIDELITY_ACTION
+    return action
+
+
+def _label(s: dict, path: str, pr: Problems) -> str | None:
+    """``label``: the caution text (absent: the default; null, false or "": none)."""
+    if "label" not in s:
+        return CAUTION_LABEL
+    value = s["label"]
+    if value is None or value is False or value == "":
+        return None
+    if not isinstance(value, str):
+        pr.add(join_path(path, "label"), f"must be a text, or null for no label, not {type_name(value)}")
+        return CAUTION_LABEL
+    if len(value) > 1024:
+        pr.add(join_path(path, "label"), "must be at most 1024 characters")
+    return value
 
 
 def _destinations(raw: Any, pr: Problems, base_dir: Path) -> dict[str, DestinationSettings]:
@@ -165,7 +200,8 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
         pr.add("routes", "at least one route is required")
     for i, spec in enumerate(raw):
         path = join_path("routes", i)
-        s = mapping(spec, path, {"called_ae", "model", "destinations", "calling_ae", "match", "forward_original"},
+        s = mapping(spec, path, {"called_ae", "model", "destinations", "calling_ae", "match", "forward_original",
+                                 "fidelity", "label"},
                      {"called_ae", "model", "destinations"}, pr)
         if s is None:
             continue
@@ -193,6 +229,8 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
         route = RouteSettings(
             called_ae=called or "", model=model or "", destinations=dests, calling_ae=calling, match=match,
             forward_original=boolean(s, "forward_original", path, pr, False),
+            fidelity_action=_fidelity_action(s.get("fidelity"), join_path(path, "fidelity"), pr),
+            label=_label(s, path, pr),
         )
         for j, earlier in enumerate(out):
             if called and earlier.called_ae == called and _shadows(earlier, route):

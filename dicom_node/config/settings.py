@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.engine.defaults import DEFAULT_OVERLAP
+from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, DEFAULT_OVERLAP
 
 __all__ = ["TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings", "DestinationSettings",
            "DicomDestination", "FolderDestination", "DESTINATION_KINDS", "RouteSettings", "RetrySettings",
@@ -56,6 +56,7 @@ class ModelSettings:
     device: str = "auto"
     tile: int | None = None  # None: the engine chooses; 0: whole-image pass
     overlap: float = DEFAULT_OVERLAP
+    inverse: str = "auto"  # the reverse model for the fidelity cycle check: "auto", "none" or a file
 
 
 @dataclass
@@ -106,6 +107,8 @@ class RouteSettings:
     calling_ae: list[str] | None = None  # allow-list; None allows any
     match: dict[str, list[str]] = field(default_factory=dict)  # DICOM keyword -> accepted values
     forward_original: bool = False
+    fidelity_action: str = DEFAULT_FIDELITY_ACTION  # record | flag | withhold (YAML: fidelity: {action: ...})
+    label: str | None = CAUTION_LABEL  # caution text in every output's ImageComments; None: none
 
 
 @dataclass

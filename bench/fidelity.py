@@ -1,0 +1,177 @@
+"""How well the fidelity guard separates good outputs from faulty ones, and what it costs.
+
+For each demo style pair (``--pairs``): an A->B model and its inverse are fitted and
+calibrated exactly as ``dicom-node train`` exports them (bench/fidelity_faults.py), from
+disjoint phantoms: training images, calibration images, and held-out test images of the
+model's own domain.  Then:
+
+* false alarms: the share of held-out own-domain test images flagged (goal <= 1 %);
+* detection: the share of faulty outputs flagged, per injected fault (goal >= 95 %): model
+  faults (painted nodule, erased edge, corrupted weights, untrained generator, inverted
+  polarity), a knee-only model applied to chests, and inputs unlike the training data
+  (another vendor's images, metal, a small patient, another detector);
+* cost: the guard's time against the translation's on this CPU, for the bundled model at
+  1024 and 2048 px (goal <= 10 %), with and without the cycle check.
+
+Prints a table last and writes ``bench/results/fidelity.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import fidelity_faults as ff  # noqa: E402
+from bench.machine import machine_info  # noqa: E402
+
+
+def _assess(model, x, inverse):
+    from dicom_node.engine.fidelity import assess
+    from dicom_node.engine.tiling import translate
+
+    with torch.no_grad():
+        return assess(model, x, translate(model, x, tile=0), inverse=inverse)
+
+
+def _extreme(pick, reports) -> dict:
+    from dicom_node.engine.fidelity import SCORES
+
+    return {k: pick((r.scores[k] for r in reports if r.scores.get(k) is not None), default=None) for k in SCORES}
+
+
+def run_pair(pair: str, args: argparse.Namespace) -> dict:
+    n, size = args.images, args.size
+    t0 = time.perf_counter()
+    train_a = ff.demo_images(pair, "a", range(0, n), size)
+    train_b = ff.demo_images(pair, "b", range(1000, 1000 + n), size)
+    calib_a = ff.demo_images(pair, "a", range(2000, 2000 + args.calibration), size)
+    calib_b = ff.demo_images(pair, "b", range(2500, 2500 + args.calibration), size)
+    test_a = ff.demo_images(pair, "a", range(3000, 3000 + args.held_out), size)
+    other = ff.demo_images(pair, "b", range(4000, 4000 + args.faulty), size)
+    ab, ba = ff.paired_models([i.x for i in train_a], [i.x for i in train_b], [i.x for i in calib_a],
+                              [i.x for i in calib_b], pair)
+    rows: dict[str, dict] = {}
+
+    def rate(name: str, kind: str, what: str, reports: list) -> None:
+        flagged = [r for r in reports if ff.flagged(r)]
+        reasons: dict[str, int] = {}
+        for r in flagged:
+            for reason in r.reasons:
+                key = reason.split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+        rows[name] = {"kind": kind, "what": what, "images": len(reports), "flagged": len(flagged),
+                      "rate": len(flagged) / max(1, len(reports)), "reasons": reasons,
+                      "scores_max": _extreme(max, reports), "scores_min": _extreme(min, reports)}
+        print(f"  {pair:8s} {name:24s} {len(flagged):3d}/{len(reports):3d} flagged", file=sys.stderr)
+
+    rate("own domain (held out)", "false alarm", "held-out images of the model's own domain and style",
+         [_assess(ab, i.x, ba) for i in test_a])
+    faulty = test_a[:args.faulty]
+    for name, (what, make) in ff.MODEL_FAULTS.items():
+        reports = []
+        for k, img in enumerate(faulty):
+            reports.append(_assess(make(ab, k), img.x, ba))
+        rate(name, "model fault", what, reports)
+    for name, (what, change) in ff.INPUT_FAULTS.items():
+        rate(name, "input fault", what, [_assess(ab, change(img.x, k), ba) for k, img in enumerate(faulty)])
+    rate("other vendor's images", "input fault", "images of the target style sent to the A->B model",
+         [_assess(ab, img.x, ba) for img in other])
+    knees = [i for i in train_a if i.body_part == "KNEE"], [i for i in train_b if i.body_part == "KNEE"]
+    knee_calib = [i for i in calib_a if i.body_part == "KNEE"]
+    knee = ff.calibrate(ff.tone_model([i.x for i in knees[0]], [i.x for i in knees[1]], f"{pair}_knee"), None,
+                        [i.x for i in knees[0]], [i.x for i in knee_calib])
+    chests = [i for i in test_a if i.body_part == "CHEST"][:args.faulty]
+    rate("knee model on chests", "model fault", "a model trained on knees only, given chests",
+         [_assess(knee, img.x, None) for img in chests])
+    return {"thresholds": ab.metadata["fidelity"]["thresholds"],
+            "calibration": ab.metadata["fidelity"]["calibration"], "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def cost(args: argparse.Namespace) -> list[dict]:
+    """Median seconds of the guard and of the translation (bundled model, whole image, CPU)."""
+    from dicom_node.engine import load_style_model
+    from dicom_node.engine import fidelity as fd
+    from dicom_node.engine.tiling import translate
+
+    model = load_style_model("default")
+    out = []
+    for side in args.cost_sizes:
+        img = ff.demo_images("classic", "a", [0], side)[0].x
+        timings: dict[str, list[float]] = {"translation": [], "guard": [], "cycle": []}
+        for rep in range(args.repeats + 1):
+            t = time.perf_counter()
+            with torch.no_grad():
+                y = translate(model, img, tile=0)
+            t1 = time.perf_counter()
+            fd.assess(model, img, y)
+            t2 = time.perf_counter()
+            with torch.no_grad():
+                fd.cycle_score(model, img, y)
+            t3 = time.perf_counter()
+            if rep:  # the first run is the warm-up
+                timings["translation"].append(t1 - t)
+                timings["guard"].append(t2 - t1)
+                timings["cycle"].append(t3 - t2)
+        med = {k: float(np.median(v)) for k, v in timings.items()}
+        out.append({"size": side, "seconds": med, "raw": timings,
+                    "guard_share": med["guard"] / med["translation"],
+                    "guard_with_cycle_share": (med["guard"] + med["cycle"]) / med["translation"]})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", default="classic,edges,noise", help="demo style pairs (default classic,edges,noise)")
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    ap.add_argument("--images", type=int, default=48, help="training images per domain (default 48)")
+    ap.add_argument("--calibration", type=int, default=24, help="calibration images per domain (default 24)")
+    ap.add_argument("--held-out", type=int, default=150, help="held-out own-domain test images (default 150)")
+    ap.add_argument("--faulty", type=int, default=40, help="images per fault (default 40)")
+    ap.add_argument("--cost-sizes", type=lambda s: [int(v) for v in s.split(",") if v], default=[1024, 2048],
+                    help="image sides for the cost measurement (default 1024,2048; \"\" for none)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = [p for p in args.pairs.split(",") if p]
+    results = {"machine": machine_info(), "args": {k: v for k, v in vars(args).items() if k != "out"},
+               "pairs": {}, "cost": []}
+    for pair in pairs:
+        results["pairs"][pair] = run_pair(pair, args)
+    if args.cost_sizes:
+        results["cost"] = cost(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    _table(results, pairs)
+    return 0
+
+
+def _table(results: dict, pairs: list[str]) -> None:
+    names = list(next(iter(results["pairs"].values()))["rows"]) if results["pairs"] else []
+    print(f"\n{'':26s}" + "".join(f"{p:>16s}" for p in pairs))
+    for name in names:
+        kind = results["pairs"][pairs[0]]["rows"][name]["kind"]
+        cells = []
+        for p in pairs:
+            r = results["pairs"][p]["rows"][name]
+            cells.append(f"{100 * r['rate']:6.1f}% ({r['flagged']}/{r['images']})")
+        label = ("false alarms: " if kind == "false alarm" else "detected: ") + name
+        print(f"{label[:40]:40s}" + "".join(f"{c:>16s}" for c in cells))
+    for c in results["cost"]:
+        s = c["seconds"]
+        print(f"cost at {c['size']} px: translation {s['translation']:.2f} s, guard {s['guard']:.3f} s "
+              f"({100 * c['guard_share']:.1f} %), with cycle {100 * c['guard_with_cycle_share']:.1f} %")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""Models, images and injected faults for measuring the fidelity guard (bench/fidelity.py, tests).
+
+Everything is made in code from the demo phantoms (``dicom_node.demo``):
+
+* good models: the trainer's recipe at its first stage, a tone filter fitted from the two
+  domains (``train.tone_fit``) on a residual generator, calibrated exactly as ``dicom-node
+  train`` calibrates at export (``train.calibrate``), with its inverse;
+* model faults, each a model the engine runs like any other: a generator that paints a
+  nodule or erases an edge (the trained generator plus a painting step, so the guard sees
+  only source and output, as in the node), weights corrupted but loadable, an untrained
+  non-residual generator, an inverted output (the tone curve reversed), a knee model
+  applied to chests;
+* input faults: another vendor's images, metal implants, a small patient in a large field,
+  another detector's noise.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dicom_node.engine.fidelity import FLAGGED
+from dicom_node.engine.generator import ResnetGenerator
+from dicom_node.engine.model_file import StyleModel, weights_digest
+
+__all__ = ["demo_images", "tone_model", "calibrate", "paired_models", "Painter", "Eraser", "corrupted", "untrained",
+           "inverted", "with_metal", "small_patient", "other_detector", "MODEL_FAULTS", "INPUT_FAULTS", "flagged"]
+
+
+@dataclass
+class Image:
+    """One demo image: the DICOM dataset as a modality would send it, and its model space."""
+
+    dataset: Any
+    x: np.ndarray
+    body_part: str
+
+
+def demo_images(pair: str, role: str, indices: range | list[int], size: int, seed: int = 0) -> list[Image]:
+    """Images of phantoms ``indices`` in style ``role`` ("a" or "b") of demo style pair ``pair``."""
+    from dicom_node.demo.vendor_processing import get_style_pair
+    from dicom_node.demo.writer import case_dataset, render_case
+    from dicom_node.engine.pixels import decode_dataset, normalize
+
+    style = getattr(get_style_pair(pair), role)
+    out = []
+    for i in indices:
+        case = render_case(i, size, seed, {style.key: style}, tag=role, namespace=("fidelity", pair))
+        ds = case_dataset(case, style, seed)
+        out.append(Image(dataset=ds, x=normalize(decode_dataset(ds)), body_part=case.phantom.body_part))
+    return out
+
+
+def tone_model(src: list[np.ndarray], dst: list[np.ndarray], name: str, seed: int = 0) -> StyleModel:
+    """The trainer's first stage: a tone filter fitted from ``src`` to ``dst`` on a residual
+    generator that starts at the identity (ngf 8, 2 blocks)."""
+    from dicom_node.train.tone_fit import fit_tone_filter
+
+    gen = ResnetGenerator(ngf=8, n_blocks=2, residual=True, tone_filter=True)
+    with torch.no_grad():
+        [m for m in gen.modules() if isinstance(m, nn.Conv2d)][-1].weight.zero_()
+    gen.tone_filter.load_state_dict(fit_tone_filter(src, dst, seed=seed).state_dict())
+    gen.eval().requires_grad_(False)
+    return _model(gen, name)
+
+
+def _model(gen: nn.Module, name: str, metadata: dict | None = None) -> StyleModel:
+    meta = {"name": name, "version": "1", **(metadata or {})}
+    if isinstance(gen, ResnetGenerator):
+        meta["weights_sha256"] = weights_digest(gen.state_dict())
+    return StyleModel(generator=gen, metadata=meta)
+
+
+def calibrate(model: StyleModel, inverse: StyleModel | None, domain: list[np.ndarray],
+              held_out: list[np.ndarray]) -> StyleModel:
+    """``model`` with the fidelity metadata ``dicom-node train`` writes at export."""
+    from dicom_node.train.calibrate import fidelity_metadata
+
+    meta = fidelity_metadata(model.generator, inverse.generator if inverse is not None else None, domain, held_out)
+    model.metadata["fidelity"] = meta
+    if inverse is not None:
+        model.metadata["inverse"] = {"name": inverse.name, "weights_sha256": inverse.weights_sha256}
+    return model
+
+
+def paired_models(a: list[np.ndarray], b: list[np.ndarray], held_a: list[np.ndarray], held_b: list[np.ndarray],
+                  name: str) -> tuple[StyleModel, StyleModel]:
+    """A calibrated A->B model and its calibrated inverse."""
+    ab, ba = tone_model(a, b, f"{name}_A2B"), tone_model(b, a, f"{name}_B2A")
+    return calibrate(ab, ba, a, held_a), calibrate(ba, ab, b, held_b)
+
+
+# ----------------------------------------------------------------------------- model faults
+
+
+def _body_mask(x: torch.Tensor) -> torch.Tensor:
+    """Where anatomy is: neither near-black background nor clipped white."""
+    return (x > -0.6) & (x < 0.9)
+
+
+def _soft_tissue(x: torch.Tensor) -> torch.Tensor:
+    """Mid-grey: lung and soft tissue, where a nodule would be seen (not on white bone)."""
+    return (x > -0.5) & (x < 0.5)
+
+
+class Painter(nn.Module):
+    """A generator that paints a round nodule (Gaussian profile, ``radius`` and ``contrast``
+    as fractions of the image width and the model-space range) into the lung or soft tissue
+    of every image, at a position chosen by ``seed`` and the image."""
+
+    tone_filter = None
+
+    def __init__(self, inner: nn.Module, radius: float = 0.025, contrast: float = 0.3, seed: int = 0) -> None:
+        super().__init__()
+        self.inner, self.radius, self.contrast, self.seed = inner, radius, contrast, seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        h, w = x.shape[-2:]
+        r = max(2.0, self.radius * w)
+        cy, cx = _pick(_soft_tissue(x[0, 0]), self.seed, int(r))
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=y.dtype), torch.arange(w, dtype=y.dtype), indexing="ij")
+        blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        return y + 2.0 * self.contrast * blob
+
+
+class Eraser(nn.Module):
+    """A generator that erases the structure (blurs it away) in a disc of ``radius`` (fraction
+    of the width) around the source's strongest edge inside the body, e.g. a rib or bone edge."""
+
+    tone_filter = None
+
+    def __init__(self, inner: nn.Module, radius: float = 0.04) -> None:
+        super().__init__()
+        self.inner, self.radius = inner, radius
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dicom_node.engine.tone_filter import gaussian_blur
+
+        y = self.inner(x)
+        h, w = x.shape[-2:]
+        r = max(3.0, self.radius * w)
+        gy, gx = torch.gradient(gaussian_blur(x, 1.5)[0, 0])
+        edge = (gy ** 2 + gx ** 2) * _body_mask(x[0, 0])
+        m = int(r)
+        edge[:m], edge[-m:], edge[:, :m], edge[:, -m:] = 0, 0, 0, 0
+        cy, cx = divmod(int(torch.argmax(edge)), w)
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=y.dtype), torch.arange(w, dtype=y.dtype), indexing="ij")
+        disc = torch.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (r * r)) ** 2)
+        return y * (1 - disc) + gaussian_blur(y, r / 2) * disc
+
+
+def _pick(mask: torch.Tensor, seed: int, margin: int) -> tuple[int, int]:
+    """A position inside ``mask``, away from the border, chosen deterministically."""
+    inner = mask.clone()
+    inner[:margin], inner[-margin:], inner[:, :margin], inner[:, -margin:] = False, False, False, False
+    idx = torch.nonzero(inner)
+    if len(idx) == 0:
+        return mask.shape[0] // 2, mask.shape[1] // 2
+    k = int(np.random.default_rng([seed, int(mask.sum())]).integers(len(idx)))
+    return int(idx[k, 0]), int(idx[k, 1])
+
+
+def wrapped(model: StyleModel, module: nn.Module, name: str) -> StyleModel:
+    """``model``'s metadata (its calibration) with a faulty generator."""
+    return StyleModel(generator=module.eval(), metadata={**copy.deepcopy(model.metadata), "name": name})
+
+
+def corrupted(model: StyleModel, seed: int = 0, strength: float = 1.0) -> StyleModel:
+    """Every weight tensor of the network plus noise of ``strength`` times its own spread: the
+    file still loads (new, consistent digest) but the network is broken."""
+    gen = copy.deepcopy(model.generator)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in gen.named_parameters():
+            if name.startswith("tone_filter"):
+                continue
+            spread = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.02
+            p.add_(torch.randn(p.shape, generator=g) * spread * strength)
+    return _model(gen, f"{model.name}-corrupted", {"fidelity": model.metadata.get("fidelity")})
+
+
+def untrained(seed: int = 0) -> StyleModel:
+    """A freshly initialised, non-residual generator (what ``model init`` writes): noise out."""
+    from dicom_node.engine import new_style_model
+
+    return _model(new_style_model(ngf=8, n_blocks=2, residual=False, seed=seed), "untrained")
+
+
+def inverted(model: StyleModel) -> StyleModel:
+    """``model`` with its output tone curve reversed: an inverted (negative) image."""
+    gen = copy.deepcopy(model.generator)
+    with torch.no_grad():
+        gen.tone_filter.tone_out.copy_(-gen.tone_filter.tone_out)
+    return _model(gen, f"{model.name}-inverted", {"fidelity": model.metadata.get("fidelity")})
+
+
+# ----------------------------------------------------------------------------- input faults
+
+
+def with_metal(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Metal implants (saturated white: screws and a plate) inside the body."""
+    rng = np.random.default_rng(seed)
+    out = x.copy()
+    h, w = x.shape
+    body = np.argwhere((x > -0.6) & (x < 0.9))
+    for _ in range(3):
+        cy, cx = body[rng.integers(len(body))] if len(body) else (h // 2, w // 2)
+        ry, rx = rng.integers(h // 40 + 2, h // 12 + 3), rng.integers(w // 80 + 2, w // 40 + 3)
+        out[max(0, cy - ry):cy + ry, max(0, cx - rx):cx + rx] = 1.0
+    return out
+
+
+def small_patient(x: np.ndarray) -> np.ndarray:
+    """A small patient in a large field: the image at half scale, centred on direct exposure."""
+    import torch.nn.functional as F
+
+    h, w = x.shape
+    half = F.interpolate(torch.from_numpy(x)[None, None], scale_factor=0.5, mode="area")[0, 0].numpy()
+    out = np.full_like(x, float(np.quantile(x, 0.01)))
+    y0, x0 = (h - half.shape[0]) // 2, (w - half.shape[1]) // 2
+    out[y0:y0 + half.shape[0], x0:x0 + half.shape[1]] = half
+    return out
+
+
+def other_detector(x: np.ndarray, seed: int = 0, sigma: float = 0.08) -> np.ndarray:
+    """Another detector: much stronger quantum noise."""
+    rng = np.random.default_rng(seed)
+    return np.clip(x + rng.normal(0.0, sigma, x.shape).astype(np.float32), -1.0, 1.0)
+
+
+# name -> (what it is, how to make the faulty model from a good calibrated one)
+MODEL_FAULTS: dict[str, tuple[str, Callable[[StyleModel, int], StyleModel]]] = {
+    "paints a nodule": ("a nodule, radius 2.5 % of the width, contrast 15 % of the range, painted into the body",
+                        lambda m, s: wrapped(m, Painter(m.generator, seed=s), "painter")),
+    "paints a small nodule": ("radius 1.5 %, contrast 15 %",
+                              lambda m, s: wrapped(m, Painter(m.generator, radius=0.015, seed=s), "painter-small")),
+    "erases an edge": ("the structure around the strongest bone edge blurred away (radius 4 %)",
+                       lambda m, s: wrapped(m, Eraser(m.generator), "eraser")),
+    "corrupted weights": ("noise of one spread added to every network weight; the file still loads",
+                          lambda m, s: corrupted(m, seed=s)),
+    "untrained non-residual": ("a freshly initialised standard generator (model init)", lambda m, s: untrained(s)),
+    "inverted polarity": ("the output tone curve reversed", lambda m, s: inverted(m)),
+}
+# name -> (what it is, how to change a good input)
+INPUT_FAULTS: dict[str, tuple[str, Callable[[np.ndarray, int], np.ndarray]]] = {
+    "metal implants": ("three saturated implants inside the body", with_metal),
+    "small patient": ("the patient at half size in a large field", lambda x, s: small_patient(x)),
+    "other detector": ("strong quantum noise (sigma 4 % of the range)", lambda x, s: other_detector(x, s)),
+}
+
+
+def flagged(report) -> bool:
+    return report.verdict == FLAGGED

@@ -1,0 +1,107 @@
+"""The outputs' audit trail and the operator's hand on withheld outputs (part of ``StateDB``).
+
+Why a table of its own: a radiologist or a regulator may ask, months later, which model made
+an image and whether the fidelity guard had doubts about it.  ``outputs`` keeps, per output,
+the source SOP UID, the model with its weight digest and DeviceUID, the output SOP UID, the
+verdict with reasons and scores, and what happened to it (forwarded, withheld, released,
+discarded); its rows survive the housekeeper's forgetting of old instance rows.
+
+Withheld outputs wait in the spool until an operator releases them (their deliveries become
+pending: the node sends them within a second) or discards them (the outputs' deliveries are
+removed, the instance ends ``discarded`` and its files are purged).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable
+
+__all__ = ["AuditTrail"]
+
+
+class AuditTrail:
+    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query`` and ``_tx``)."""
+
+    def audit(self, *, study_uid: str | None = None, since: float | None = None, verdict: str | None = None,
+              newest: int | None = None) -> list[dict[str, Any]]:
+        """Audit rows, oldest first: of one study, from a time on, of one verdict, the newest N."""
+        from dicom_node.state import AUDIT_COLS
+
+        where, params = [], []
+        if study_uid:
+            where.append("study_uid=?")
+            params.append(study_uid)
+        if since is not None:
+            where.append("created_at>=?")
+            params.append(float(since))
+        if verdict is not None:
+            where.append("verdict=?")
+            params.append(verdict)
+        sql = f"SELECT {', '.join(AUDIT_COLS)} FROM outputs" + (" WHERE " + " AND ".join(where) if where else "")
+        if newest:
+            sql += f" ORDER BY created_at DESC, id DESC LIMIT {int(newest)}"
+        else:
+            sql += " ORDER BY created_at, id"
+        found = self._query(sql, params)  # type: ignore[attr-defined]
+        rows = []
+        for r in (reversed(found) if newest else found):
+            row = dict(zip(AUDIT_COLS, r))
+            for k in ("reasons", "scores", "thresholds"):
+                row[k] = json.loads(row[k])
+            rows.append(row)
+        return rows
+
+    def withheld(self) -> list[dict[str, Any]]:
+        """The outputs waiting for an operator (audit rows of withheld instances)."""
+        rows = self._query(  # type: ignore[attr-defined]
+            "SELECT o.output_sop_uid, o.source_sop_uid, o.study_uid, o.called_ae, o.model, o.reasons, o.created_at "
+            "FROM outputs o JOIN instances i ON i.id=o.instance_id WHERE i.state='withheld' "
+            "AND o.disposition='withheld' ORDER BY o.created_at")
+        return [{"output_sop_uid": o, "source_sop_uid": s, "study_uid": st, "called_ae": ae, "model": m,
+                 "reasons": json.loads(r), "since": t} for o, s, st, ae, m, r, t in rows]
+
+    def fidelity_counts(self) -> dict[str, int]:
+        """Outputs per verdict and per disposition (for ``status``)."""
+        out = {"ok": 0, "flagged": 0, "withheld": 0, "released": 0, "discarded": 0}
+        for verdict, n in self._query("SELECT verdict, COUNT(*) FROM outputs GROUP BY verdict"):  # type: ignore
+            out[str(verdict)] = int(n)
+        for disposition, n in self._query(  # type: ignore[attr-defined]
+                "SELECT disposition, COUNT(*) FROM outputs WHERE disposition!='forwarded' GROUP BY disposition"):
+            out[str(disposition)] = int(n)
+        return out
+
+    @staticmethod
+    def _withheld_ids(c, uids: Iterable[str], everything: bool) -> list[tuple[int, str]]:
+        """(instance id, output SOP UID) of withheld outputs named by source or output SOP UID,
+        or by Study Instance UID; every one with ``everything``."""
+        rows = c.execute("SELECT o.instance_id, o.output_sop_uid, o.source_sop_uid, o.study_uid FROM outputs o "
+                         "JOIN instances i ON i.id=o.instance_id WHERE i.state='withheld' "
+                         "AND o.disposition='withheld' ORDER BY o.id").fetchall()
+        wanted = set(uids)
+        return [(int(i), str(o)) for i, o, s, st in rows if everything or wanted & {o, s, st}]
+
+    def release(self, uids: Iterable[str] = (), *, everything: bool = False, now: float | None = None) -> list[str]:
+        """Send withheld outputs after all; returns the released output SOP UIDs."""
+        now = time.time() if now is None else now
+        with self._tx() as c:  # type: ignore[attr-defined]
+            chosen = self._withheld_ids(c, uids, everything)
+            for iid, out_uid in chosen:
+                c.execute("UPDATE deliveries SET state='pending', next_attempt_at=?, updated_at=? "
+                          "WHERE instance_id=? AND state='held'", (now, now, iid))
+                c.execute("UPDATE instances SET state='translated', updated_at=? WHERE id=?", (now, iid))
+                c.execute("UPDATE outputs SET disposition='released', updated_at=? WHERE instance_id=? "
+                          "AND output_sop_uid=?", (now, iid, out_uid))
+                self._finish_if_done(c, [iid], now)  # type: ignore[attr-defined]
+        return [u for _, u in chosen]
+
+    def discard(self, uids: Iterable[str] = (), *, everything: bool = False, now: float | None = None) -> list[str]:
+        """Drop withheld outputs (never sent); returns the discarded output SOP UIDs."""
+        now = time.time() if now is None else now
+        with self._tx() as c:  # type: ignore[attr-defined]
+            chosen = self._withheld_ids(c, uids, everything)
+            for iid, out_uid in chosen:
+                c.execute("DELETE FROM deliveries WHERE instance_id=? AND state='held'", (iid,))
+                c.execute("UPDATE instances SET state='discarded', updated_at=? WHERE id=?", (now, iid))
+                c.execute("UPDATE outputs SET disposition='discarded', updated_at=? WHERE instance_id=? "
+                          "AND output_sop_uid=?", (now, iid, out_uid))
+        return [u for _, u in chosen]
