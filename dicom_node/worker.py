@@ -342,6 +342,7 @@ class Deliverer(_Loop):
     """
 
     BATCH = 50
+    PURGE_IDLE_SECONDS = 2.0
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, wake: threading.Event,
                  stop: threading.Event, only: str | None) -> None:
@@ -361,6 +362,7 @@ class Deliverer(_Loop):
         after the state commit; a crash in between leaves files that the next start removes.
         Several deliverers may purge the same instance: both steps are idempotent.
         """
+        self._purged_at = time.monotonic()
         while True:
             rows = self.db.finished_unpurged()
             if not rows:
@@ -378,6 +380,10 @@ class Deliverer(_Loop):
     def step(self) -> bool:
         due = self.db.due_deliveries(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
         if not due:
+            if time.monotonic() - self._purged_at > self.PURGE_IDLE_SECONDS:
+                # instances finished without a delivery of ours (an operator discarded a
+                # withheld output): their files go too
+                self._purge()
             return False
         by_dest: dict[str, list[DeliveryRow]] = defaultdict(list)
         for d in due:

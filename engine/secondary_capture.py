@@ -283,7 +283,8 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     purpose.CodeMeaning = codes.DCM.SourceImageForImageProcessingOperation.meaning
     ref.PurposeOfReferenceCodeSequence = Sequence([purpose])
     sc.SourceImageSequence = Sequence([ref])
-    item = sc.ContributingEquipmentSequence[-1]
+    # highdicom adds an item of its own: ours is the one naming dicom-node and the model
+    item = next(i for i in sc.ContributingEquipmentSequence if i.get("Manufacturer") == MANUFACTURER)
     item.DeviceUID = device_uid(model)
     item.DeviceSerialNumber = _text(model.weights_sha256[:16] or "unknown")
     comments = [label.strip()] if label and label.strip() else []

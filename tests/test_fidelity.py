@@ -1,0 +1,209 @@
+"""The fidelity guard (engine.fidelity): good outputs pass, each injected fault class is flagged,
+calibration, the inverse by weight digest, the SC marks, and ``translate``'s fidelity.jsonl.
+
+Models and faults come from bench/fidelity_faults.py (the benchmark measures the rates on many
+more images); here a small calibrated pair on 256 px demo phantoms.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from bench import fidelity_faults as ff
+from dicom_node.cli import main
+from dicom_node.engine import fidelity as fd
+from dicom_node.engine import load_style_model, save_style_model
+from dicom_node.engine.defaults import CAUTION_LABEL, FLAGGED_PREFIX
+from dicom_node.engine.errors import UserError
+from dicom_node.engine.pipeline import translate_radiograph
+from dicom_node.engine.pixels import decode_dataset
+from dicom_node.engine.secondary_capture import derived_uid, device_uid
+from dicom_node.engine.tiling import translate
+from tests.peers import dciodvfy_errors
+
+SIZE = 256  # at 128 px a "small nodule" (radius 1.5 %) is 2 px: below what any guard can see
+
+
+@pytest.fixture(scope="module")
+def kit():
+    """A calibrated classic-style A->B model with its inverse, and held-out test images."""
+    train_a = ff.demo_images("classic", "a", range(0, 18), SIZE)
+    train_b = ff.demo_images("classic", "b", range(1000, 1018), SIZE)
+    calib_a = ff.demo_images("classic", "a", range(2000, 2012), SIZE)
+    calib_b = ff.demo_images("classic", "b", range(2500, 2512), SIZE)
+    ab, ba = ff.paired_models([i.x for i in train_a], [i.x for i in train_b], [i.x for i in calib_a],
+                              [i.x for i in calib_b], "classic")
+    chests = [i for i in ff.demo_images("classic", "a", range(3000, 3009), SIZE) if i.body_part == "CHEST"]
+    return {"ab": ab, "ba": ba, "test": chests[:4], "train_a": train_a, "train_b": train_b, "calib_a": calib_a,
+            "other": ff.demo_images("classic", "b", range(4000, 4003), SIZE)}
+
+
+def _report(model, x, inverse=None):
+    with torch.no_grad():
+        return fd.assess(model, x, translate(model, x, tile=0), inverse=inverse)
+
+
+def test_good_outputs_pass_with_every_score(kit):
+    for img in kit["test"]:
+        report = _report(kit["ab"], img.x, kit["ba"])
+        assert report.verdict == "ok", report.reasons
+        assert report.calibrated and set(report.thresholds) == set(fd.SCORES)
+        assert all(report.scores[k] is not None for k in fd.SCORES)
+        assert all(report.scores[k] <= report.thresholds[k] for k in fd.SCORES)
+
+
+@pytest.mark.parametrize("fault", list(ff.MODEL_FAULTS))
+def test_each_model_fault_is_flagged(kit, fault):
+    _, make = ff.MODEL_FAULTS[fault]
+    reports = [_report(make(kit["ab"], k), img.x, kit["ba"]) for k, img in enumerate(kit["test"])]
+    flagged = [r for r in reports if r.flagged]
+    # gross faults always; painted structure on most images; an erased edge at least once: this
+    # small kit's calibration is coarse (bench/fidelity.py measures the rates on many more images)
+    need = {"paints a nodule": len(reports) - 1, "paints a small nodule": len(reports) - 1,
+            "erases an edge": 1}.get(fault, len(reports))
+    assert len(flagged) >= need, [r.scores for r in reports]
+    expected = {"paints a nodule": "region differs", "paints a small nodule": "region differs",
+                "erases an edge": "differs from the source", "corrupted weights": "not explained",
+                "untrained non-residual": "not explained", "inverted polarity": "not explained"}[fault]
+    assert all(any(expected in reason for reason in r.reasons) for r in flagged)
+
+
+@pytest.mark.parametrize("fault", list(ff.INPUT_FAULTS) + ["other vendor", "knee model on chests"])
+def test_inputs_unlike_the_training_data_are_flagged(kit, fault):
+    model = kit["ab"]
+    if fault == "other vendor":
+        inputs = [i.x for i in kit["other"]]
+    elif fault == "knee model on chests":
+        knees_a = [i.x for i in kit["train_a"] if i.body_part == "KNEE"]
+        knees_b = [i.x for i in kit["train_b"] if i.body_part == "KNEE"]
+        held = [i.x for i in kit["calib_a"] if i.body_part == "KNEE"]
+        model = ff.calibrate(ff.tone_model(knees_a, knees_b, "knee"), None, knees_a, held)
+        inputs = [i.x for i in kit["test"]]
+    else:
+        inputs = [ff.INPUT_FAULTS[fault][1](i.x, k) for k, i in enumerate(kit["test"])]
+    reports = [_report(model, x) for x in inputs]
+    flagged = [r for r in reports if r.flagged]
+    need = len(reports) - 1 if fault == "metal implants" else len(reports)  # bench: the rate
+    assert len(flagged) >= need, [r.scores for r in reports]
+    assert any("input unlike the training data" in reason for r in flagged for reason in r.reasons)
+
+
+def test_uncalibrated_models_use_the_documented_defaults(tiny_model):
+    thresholds, calibrated = fd.thresholds_of(tiny_model)
+    assert thresholds == fd.DEFAULT_THRESHOLDS and calibrated is False
+    x = np.linspace(-1, 1, 96 * 80, dtype=np.float32).reshape(96, 80)
+    report = fd.assess(tiny_model, x, x)
+    assert report.verdict == "ok" and report.scores["ood"] is None and report.scores["cycle"] is None
+    inverted = fd.assess(tiny_model, x, -x)
+    assert inverted.flagged and any("not explained" in r for r in inverted.reasons)
+    tiny = fd.assess(tiny_model, x[:10, :10], x[:10, :10])
+    assert tiny.flagged and "too small" in tiny.reasons[0]
+
+
+def test_calibration_is_the_highest_score_plus_a_margin():
+    t = fd.calibrate_thresholds({"structure": [0.1, 0.2], "ood": [0.5, 2.0], "cycle": [], "unexplained": [None]})
+    assert t == {"structure": pytest.approx(0.3), "ood": pytest.approx(4.0)}  # +0.1 abs; x2 rel
+
+
+def test_weights_digest_names_the_network_and_a_damaged_file_is_refused(tmp_path, tiny_model_path):
+    model = load_style_model(tiny_model_path)
+    assert len(model.weights_sha256) == 64
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(tiny_model_path.read_bytes())
+    assert load_style_model(copy).weights_sha256 == model.weights_sha256
+    data = bytearray(copy.read_bytes())
+    data[-9] ^= 0x40  # one bit of one weight
+    copy.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="weights do not match their recorded digest"):
+        load_style_model(copy)
+
+
+def _source(img):
+    ds = img.dataset
+    return ds, decode_dataset(ds)
+
+
+def test_flagged_output_goes_to_its_own_marked_series_and_passes_dciodvfy(kit, tmp_path):
+    img = kit["test"][0]
+    ds, rad = _source(img)
+    bad = ff.MODEL_FAULTS["inverted polarity"][1](kit["ab"], 0)
+    good = translate_radiograph(kit["ab"], ds, rad, tile=0, inverse=kit["ba"])
+    flagged = translate_radiograph(bad, ds, rad, tile=0)
+    recorded = translate_radiograph(bad, ds, rad, tile=0, show_flag=False, label=None)
+    assert good.fidelity.verdict == "ok" and flagged.fidelity.flagged
+    assert str(good.sc.ImageComments) == CAUTION_LABEL
+    assert str(flagged.sc.SeriesDescription).startswith(FLAGGED_PREFIX)
+    assert str(flagged.sc.SeriesInstanceUID) == derived_uid(str(ds.SeriesInstanceUID), bad.identity,
+                                                             "fidelity-flagged")
+    assert int(flagged.sc.SeriesNumber) == int(good.sc.SeriesNumber) + 1000
+    assert "Fidelity guard: flagged: " in str(flagged.sc.ImageComments)
+    assert str(flagged.sc.ImageComments).startswith(CAUTION_LABEL)
+    assert not str(recorded.sc.SeriesDescription).startswith(FLAGGED_PREFIX) and "ImageComments" not in recorded.sc
+    # provenance: one ContributingEquipmentSequence item for the model, its DeviceUID from the weights
+    (item,) = [i for i in good.sc.ContributingEquipmentSequence if i.Manufacturer == "dicom-node"]
+    assert item.DeviceUID == device_uid(kit["ab"]) == derived_uid("dicom-node style model weights",
+                                                                  kit["ab"].weights_sha256)
+    (other,) = [i for i in flagged.sc.ContributingEquipmentSequence if i.Manufacturer == "dicom-node"]
+    assert item.DeviceUID != other.DeviceUID  # another network, another device
+    assert "pair" not in item.ManufacturerModelName and item.SoftwareVersions and item.DeviceSerialNumber
+    for name, result in (("good", good), ("flagged", flagged)):
+        path = tmp_path / f"{name}.dcm"
+        result.sc.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+
+
+def test_translate_writes_fidelity_jsonl_finds_the_inverse_and_withholds(kit, tmp_path, capsys):
+    models = tmp_path / "models"
+    inverse = {"name": "pair_B2A", "weights_sha256": kit["ba"].weights_sha256}
+    save_style_model(kit["ab"].generator, models / "pair_A2B.safetensors", name="pair_A2B", inverse=inverse,
+                     fidelity=kit["ab"].metadata["fidelity"])
+    save_style_model(kit["ba"].generator, models / "pair_B2A.safetensors", name="pair_B2A")
+    save_style_model(ff.inverted(kit["ab"]).generator, models / "bad.safetensors", name="bad",
+                     fidelity=kit["ab"].metadata["fidelity"])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k, img in enumerate(kit["test"][:2]):
+        img.dataset.save_as(inputs / f"{k}.dcm", enforce_file_format=True)
+
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(models / "pair_A2B.safetensors"), "-o", str(out), "--preview",
+                 str(inputs)]) == 0
+    lines = [json.loads(line) for line in (out / "fidelity.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        # the contract's keys (more may be added)
+        assert {"source_sop_uid", "output_sop_uid", "model", "verdict", "reasons", "scores",
+                "thresholds"} <= set(line)
+        assert line["model"] == "pair_A2B" and line["verdict"] == "ok" and line["reasons"] == []
+        assert line["scores"]["cycle"] is not None  # the inverse was found next to the model
+        assert (out / f"{line['output_sop_uid']}.dcm").is_file()
+        assert pydicom.dcmread(out / f"{line['output_sop_uid']}.dcm").SourceImageSequence[0]\
+            .ReferencedSOPInstanceUID == line["source_sop_uid"]
+
+    held = tmp_path / "held"
+    assert main(["translate", "--model", str(models / "bad.safetensors"), "-o", str(held), "--preview",
+                 "--fidelity", "withhold", str(inputs)]) == 0
+    captured = capsys.readouterr()
+    assert "2 flagged by the fidelity guard" in captured.out and "withheld" in captured.out
+    assert "fidelity guard flagged the output (withheld)" in captured.err
+    lines = [json.loads(line) for line in (held / "fidelity.jsonl").read_text().splitlines()]
+    assert [line["verdict"] for line in lines] == ["flagged", "flagged"] and all(line["reasons"] for line in lines)
+    assert list(held.glob("*.dcm")) == [] and len(list((held / "withheld").glob("*.dcm"))) == 2
+    from PIL import Image
+
+    png = next((held / "withheld").glob("*.png"))
+    with Image.open(png) as im:
+        assert tuple(np.asarray(im.convert("RGB"))[2, 2]) == (220, 30, 30)  # the red verdict banner
+
+
+def test_the_guard_costs_little_next_to_a_translation(tiny_model):
+    """Not a timing test (bench/fidelity.py measures): the guard works on a reduced copy, so its
+    input is never larger than ANALYSIS_SIDE whatever the image size."""
+    big = np.zeros((2048, 1536), np.float32)
+    assert max(fd.analysis_view(big).shape) <= fd.ANALYSIS_SIDE
+    assert fd.analysis_view(big).shape == (512, 384)
