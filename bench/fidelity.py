@@ -95,6 +95,36 @@ def run_pair(pair: str, args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def panel(path: Path, args: argparse.Namespace) -> None:
+    """docs picture: the preview banners of a good output and three faulty ones (classic pair)."""
+    from PIL import Image
+
+    from dicom_node.engine.fidelity import assess
+    from dicom_node.engine.pipeline import _preview_image
+    from dicom_node.engine.tiling import translate
+
+    size = 384
+    train_a = ff.demo_images("classic", "a", range(0, 24), size)
+    train_b = ff.demo_images("classic", "b", range(1000, 1024), size)
+    calib_a = ff.demo_images("classic", "a", range(2000, 2016), size)
+    calib_b = ff.demo_images("classic", "b", range(2500, 2516), size)
+    ab, ba = ff.paired_models([i.x for i in train_a], [i.x for i in train_b], [i.x for i in calib_a],
+                              [i.x for i in calib_b], "classic")
+    x = next(i for i in ff.demo_images("classic", "a", range(3000, 3004), size) if i.body_part == "CHEST").x
+    tiles = []
+    for model in (ab, ff.MODEL_FAULTS["paints a nodule"][1](ab, 1), ff.MODEL_FAULTS["erases an edge"][1](ab, 0),
+                  ff.MODEL_FAULTS["inverted polarity"][1](ab, 0)):
+        with torch.no_grad():
+            y = translate(model, x, tile=0)
+        tiles.append(_preview_image(x, np.clip(y, -1, 1), assess(model, x, y, inverse=ba)))
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    canvas = Image.new("RGB", (2 * w + 8, 2 * h + 8), (255, 255, 255))
+    for k, t in enumerate(tiles):
+        canvas.paste(t, ((k % 2) * (w + 8), (k // 2) * (h + 8)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+
+
 def cost(args: argparse.Namespace) -> list[dict]:
     """Median seconds of the guard and of the translation (bundled model, whole image, CPU)."""
     from dicom_node.engine import load_style_model
@@ -140,7 +170,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity.json"))
+    ap.add_argument("--panel", metavar="PNG", help="only write the docs picture (preview banners) to PNG")
     args = ap.parse_args()
+    if args.panel:
+        panel(Path(args.panel), args)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = [p for p in args.pairs.split(",") if p]
