@@ -49,14 +49,10 @@ def _extreme(pick, reports) -> dict:
 def run_pair(pair: str, args: argparse.Namespace) -> dict:
     n, size = args.images, args.size
     t0 = time.perf_counter()
-    train_a = ff.demo_images(pair, "a", range(0, n), size)
-    train_b = ff.demo_images(pair, "b", range(1000, 1000 + n), size)
-    calib_a = ff.demo_images(pair, "a", range(2000, 2000 + args.calibration), size)
-    calib_b = ff.demo_images(pair, "b", range(2500, 2500 + args.calibration), size)
-    test_a = ff.demo_images(pair, "a", range(3000, 3000 + args.held_out), size)
-    other = ff.demo_images(pair, "b", range(4000, 4000 + args.faulty), size)
-    ab, ba = ff.paired_models([i.x for i in train_a], [i.x for i in train_b], [i.x for i in calib_a],
-                              [i.x for i in calib_b], pair)
+    kit = ff.calibrated_pair(pair, size, n, args.calibration)
+    ab, ba, train_a, train_b, calib_a = kit.ab, kit.ba, kit.train_a, kit.train_b, kit.calibration_a
+    test_a = ff.demo_images(pair, "a", range(ff.TEST, ff.TEST + args.held_out), size)
+    other = ff.demo_images(pair, "b", range(ff.OTHER, ff.OTHER + args.faulty), size)
     rows: dict[str, dict] = {}
 
     def rate(name: str, kind: str, what: str, reports: list) -> None:
@@ -104,13 +100,9 @@ def panel(path: Path, args: argparse.Namespace) -> None:
     from dicom_node.engine.tiling import translate
 
     size = 384
-    train_a = ff.demo_images("classic", "a", range(0, 24), size)
-    train_b = ff.demo_images("classic", "b", range(1000, 1024), size)
-    calib_a = ff.demo_images("classic", "a", range(2000, 2016), size)
-    calib_b = ff.demo_images("classic", "b", range(2500, 2516), size)
-    ab, ba = ff.paired_models([i.x for i in train_a], [i.x for i in train_b], [i.x for i in calib_a],
-                              [i.x for i in calib_b], "classic")
-    x = next(i for i in ff.demo_images("classic", "a", range(3000, 3004), size) if i.body_part == "CHEST").x
+    kit = ff.calibrated_pair("classic", size, args.images, args.calibration)
+    ab, ba = kit.ab, kit.ba
+    x = next(i for i in ff.demo_images("classic", "a", range(ff.TEST, ff.TEST + 4), size) if i.body_part == "CHEST").x
     tiles = []
     for model in (ab, ff.MODEL_FAULTS["paints a nodule"][1](ab, 1), ff.MODEL_FAULTS["erases an edge"][1](ab, 0),
                   ff.MODEL_FAULTS["inverted polarity"][1](ab, 0)):

@@ -27,7 +27,7 @@ from dicom_node.engine.fidelity import FLAGGED
 from dicom_node.engine.generator import ResnetGenerator
 from dicom_node.engine.model_file import StyleModel, weights_digest
 
-__all__ = ["demo_images", "tone_model", "calibrate", "paired_models", "Painter", "Eraser", "corrupted", "untrained",
+__all__ = ["demo_images", "tone_model", "calibrate", "calibrated_pair", "Kit", "Painter", "Eraser", "corrupted", "untrained",
            "inverted", "with_metal", "small_patient", "other_detector", "MODEL_FAULTS", "INPUT_FAULTS", "flagged"]
 
 
@@ -87,19 +87,49 @@ def calibrate(model: StyleModel, inverse: StyleModel | None, domain: list[np.nda
     return model
 
 
-def paired_models(a: list[np.ndarray], b: list[np.ndarray], held_a: list[np.ndarray], held_b: list[np.ndarray],
-                  name: str) -> tuple[StyleModel, StyleModel]:
-    """A calibrated A->B model and its calibrated inverse."""
-    ab, ba = tone_model(a, b, f"{name}_A2B"), tone_model(b, a, f"{name}_B2A")
-    return calibrate(ab, ba, a, held_a), calibrate(ba, ab, b, held_b)
+# First phantom index of each image set: disjoint phantoms for training, calibration and tests.
+TRAIN_A, TRAIN_B, CALIBRATION_A, CALIBRATION_B, TEST, OTHER = 0, 1000, 2000, 2500, 3000, 4000
+
+
+@dataclass
+class Kit:
+    """A calibrated A->B model, its calibrated inverse, and the images they were made from."""
+
+    ab: StyleModel
+    ba: StyleModel
+    train_a: list[Image]
+    train_b: list[Image]
+    calibration_a: list[Image]
+
+
+def calibrated_pair(pair: str, size: int, images: int, calibration: int) -> Kit:
+    """Fit and calibrate both directions of demo style pair ``pair`` as ``dicom-node train``
+    exports them: ``images`` training and ``calibration`` held-out images per domain."""
+    train_a = demo_images(pair, "a", range(TRAIN_A, TRAIN_A + images), size)
+    train_b = demo_images(pair, "b", range(TRAIN_B, TRAIN_B + images), size)
+    calib_a = demo_images(pair, "a", range(CALIBRATION_A, CALIBRATION_A + calibration), size)
+    calib_b = demo_images(pair, "b", range(CALIBRATION_B, CALIBRATION_B + calibration), size)
+    a, b = [i.x for i in train_a], [i.x for i in train_b]
+    ab, ba = tone_model(a, b, f"{pair}_A2B"), tone_model(b, a, f"{pair}_B2A")
+    calibrate(ab, ba, a, [i.x for i in calib_a])
+    calibrate(ba, ab, b, [i.x for i in calib_b])
+    return Kit(ab=ab, ba=ba, train_a=train_a, train_b=train_b, calibration_a=calib_a)
 
 
 # ----------------------------------------------------------------------------- model faults
 
 
+BORDER = 0.1  # faults are placed at least this fraction of the image size away from its border
+
+
 def _body_mask(x: torch.Tensor) -> torch.Tensor:
     """Where anatomy is: neither near-black background nor clipped white."""
     return (x > -0.6) & (x < 0.9)
+
+
+def _anatomy(x: torch.Tensor) -> torch.Tensor:
+    """Inside the body, away from the skin line: ribs, bone and organ edges."""
+    return (x > -0.3) & (x < 0.9)
 
 
 def _soft_tissue(x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +152,7 @@ class Painter(nn.Module):
         y = self.inner(x)
         h, w = x.shape[-2:]
         r = max(2.0, self.radius * w)
-        cy, cx = _pick(_soft_tissue(x[0, 0]), self.seed, int(r))
+        cy, cx = _pick(_soft_tissue(x[0, 0]), self.seed, max(int(r), int(BORDER * min(h, w))))
         yy, xx = torch.meshgrid(torch.arange(h, dtype=y.dtype), torch.arange(w, dtype=y.dtype), indexing="ij")
         blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
         return y + 2.0 * self.contrast * blob
@@ -130,7 +160,8 @@ class Painter(nn.Module):
 
 class Eraser(nn.Module):
     """A generator that erases the structure (blurs it away) in a disc of ``radius`` (fraction
-    of the width) around the source's strongest edge inside the body, e.g. a rib or bone edge."""
+    of the width) around the source's strongest edge inside the body, e.g. a rib or bone edge
+    (not within :data:`BORDER` of the image border, where the field cuts anatomy off)."""
 
     tone_filter = None
 
@@ -145,8 +176,8 @@ class Eraser(nn.Module):
         h, w = x.shape[-2:]
         r = max(3.0, self.radius * w)
         gy, gx = torch.gradient(gaussian_blur(x, 1.5)[0, 0])
-        edge = (gy ** 2 + gx ** 2) * _body_mask(x[0, 0])
-        m = int(r)
+        edge = (gy ** 2 + gx ** 2) * _anatomy(x[0, 0])
+        m = max(int(r), int(BORDER * min(h, w)))  # an edge of the anatomy, not one cut by the field's border
         edge[:m], edge[-m:], edge[:, :m], edge[:, -m:] = 0, 0, 0, 0
         cy, cx = divmod(int(torch.argmax(edge)), w)
         yy, xx = torch.meshgrid(torch.arange(h, dtype=y.dtype), torch.arange(w, dtype=y.dtype), indexing="ij")
@@ -239,8 +270,10 @@ MODEL_FAULTS: dict[str, tuple[str, Callable[[StyleModel, int], StyleModel]]] = {
                         lambda m, s: wrapped(m, Painter(m.generator, seed=s), "painter")),
     "paints a small nodule": ("radius 1.5 %, contrast 15 %",
                               lambda m, s: wrapped(m, Painter(m.generator, radius=0.015, seed=s), "painter-small")),
-    "erases an edge": ("the structure around the strongest bone edge blurred away (radius 4 %)",
+    "erases an edge": ("the structure around the strongest edge inside the body blurred away (radius 4 %)",
                        lambda m, s: wrapped(m, Eraser(m.generator), "eraser")),
+    "erases a larger region": ("the same, radius 8 %",
+                               lambda m, s: wrapped(m, Eraser(m.generator, radius=0.08), "eraser-large")),
     "corrupted weights": ("noise of one spread added to every network weight; the file still loads",
                           lambda m, s: corrupted(m, seed=s)),
     "untrained non-residual": ("a freshly initialised standard generator (model init)", lambda m, s: untrained(s)),
