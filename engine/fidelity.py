@@ -5,26 +5,27 @@ inputs unlike its training data, and a broken model file may load and run.  A st
 tone, sharpness and noise, never the anatomy, so the guard compares every output with its
 own source, per image, and names what it finds:
 
-* ``structure`` and ``unexplained``: the output is predicted from the source by what a
-  style does to a whole image: a monotone tone fit (histogram matching, which cannot turn an
-  inverted image upright) and a least-squares gain per Laplacian-pyramid band (sharpening,
-  smoothing).  What the prediction misses is what the model did locally.  ``structure`` is
-  the worst 9x9 region of ``E(residual) / (E(source) + E(output) + c)`` (detail energies):
-  ~0 where the output follows the source, ~1 where one of them has structure the other
-  lacks (a painted nodule, an erased edge), so one region counts, not the mean.
-  ``unexplained`` is the residual's share of the output's detail over the whole image
-  (~0.05 for a style, ~1 for noise, far above 1 for an inverted image).  Regions the
-  source shows clipped to black or white are not judged: there is nothing to compare.
-* ``cycle``: the same disagreement between the source and the inverse model's translation
-  of the output, ``F(G(x))`` (only when the inverse model is known).  It runs on a reduced
-  image (longest side :data:`CYCLE_SIDE`) to keep its cost small; calibration absorbs the
-  scale change.
+* ``structure``, ``band_structure`` and ``unexplained``: the output is predicted from the
+  source by what a style does to a whole image: a monotone tone fit (histogram matching,
+  which cannot turn an inverted image upright) and a least-squares gain per Laplacian band
+  (sharpening, smoothing).  What the prediction misses is what the model did locally.
+  ``structure`` is the worst 9x9 region of ``E(residual) / (E(prediction) + E(output) + c)``
+  on all the detail, box-smoothed so noise texture averages out: ~0 where the output follows
+  the source, ~1 where one of them has structure the other lacks (a painted nodule, an
+  erased region), so one region counts, not the mean.  ``band_structure`` is the same per
+  band (an edge erased at one scale).  ``unexplained`` is the residual's share of the
+  output's detail over the whole image (~0.03 for a style, ~1 for noise or an inverted
+  image).  Regions the source shows clipped to black or white are not judged.
+* ``cycle``: the share of the source's detail that the inverse model's translation of the
+  output, ``F(G(x))``, does not restore (only when the inverse model is known).  It runs on
+  a reduced image (longest side :data:`CYCLE_SIDE`) to keep its cost small; calibration
+  absorbs the scale change.
 * ``ood``: the input's style distance (``engine.style_stats``, the trainer's statistics) to
-  nearest image of the model's training domain, recorded in the model at export: inputs
+  the nearest image of the model's training domain, recorded in the model at export: inputs
   unlike the training data (another body part, another detector) are where models fail.
 
-All four are "higher is worse" and compared with thresholds: the model's calibrated ones
-(``metadata.fidelity.thresholds``, written by the trainer from held-out images) or the
+All are "higher is worse" and compared with thresholds: the model's calibrated ones
+(``metadata.fidelity.thresholds``, written by the trainer at export) or the
 conservative :data:`DEFAULT_THRESHOLDS`.  Scores are computed on an area-downsampled copy
 (longest side :data:`ANALYSIS_SIDE`): anatomy lives at that scale, and the cost stays a
 few per cent of a translation (``bench/fidelity.py`` measures it).

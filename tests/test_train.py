@@ -106,7 +106,7 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     # each model names the other as its inverse by weight digest.
     fid = info["fidelity"]
     assert fid["calibrated"] is True and fid["domain_images"] == 3
-    assert fid["calibration"]["images"] == 2 and fid["calibration"]["source"] == "validation images"
+    assert fid["calibration"]["held_out_images"] == 2 and fid["calibration"]["training_images"] == 3
     assert set(fid["thresholds"]) == {"structure", "band_structure", "unexplained", "cycle", "ood"}
     for k, top in fid["calibration"]["max"].items():
         assert fid["thresholds"][k] > top  # the highest held-out score plus a margin

@@ -10,6 +10,9 @@ image out of its own domain) and stores, in each model's ``fidelity`` metadata:
 * ``thresholds``: the highest held-out score plus a margin (``engine.fidelity``);
 * ``domain``: the style statistics of the training images, for the input-similarity score;
 * ``calibration``: how many images, from where, and the highest and median score seen.
+
+The training images are scored too, for more samples of the normal variation: they can only
+raise a threshold.
 """
 from __future__ import annotations
 
@@ -52,19 +55,22 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
     domain_imgs = pick_images(list(domain_images), DOMAIN_IMAGES)
     domain = fd.domain_statistics(domain_imgs)
     from_training = not held_out
-    calib = domain_imgs[:CALIBRATION_IMAGES] if from_training else pick_images(list(held_out), CALIBRATION_IMAGES)
+    # Held-out images first; training images too, for more samples of the normal variation
+    # (they can only raise a threshold: a false alarm costs a radiologist's time every day).
+    held = [] if from_training else pick_images(list(held_out), CALIBRATION_IMAGES)
+    calib = held + pick_images(domain_imgs, CALIBRATION_IMAGES)
     g = StyleModel(generator=forward.eval(), metadata={"name": "calibration"})
     inv = StyleModel(generator=reverse.eval(), metadata={"name": "calibration-inverse"}) if reverse is not None else None
     samples: dict[str, list[float]] = {k: [] for k in fd.SCORES}
     with torch.no_grad():
-        for x in calib:
+        for n, x in enumerate(calib):
             y = np.clip(translate(g, x, tile=0, device=device), -1.0, 1.0)
             s = fd.structure_scores(fd.analysis_view(x), fd.analysis_view(y))
             for k in fd.STRUCTURE_SCORES:
                 samples[k].append(s[k])
             if inv is not None:
                 samples["cycle"].append(fd.cycle_score(inv, x, y, device=device))
-            if not from_training:
+            if n < len(held):
                 samples["ood"].append(fd.ood_score(fd.analysis_view(x), domain))
     # Input similarity of every training image to the others (leave one out): many more
     # samples of the domain's spread than the held-out images alone give.
@@ -74,15 +80,18 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
             samples["ood"].append(min(fd.style_distance(stats, d)["total"] for d in others))
     thresholds = fd.calibrate_thresholds(samples)
     seen = {k: v for k, v in samples.items() if v}
-    log.info("fidelity calibration on %d %s images: thresholds %s", len(calib),
-             "training" if from_training else "held-out", "  ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
+    log.info("fidelity calibration on %d held-out and %d training images: thresholds %s", len(held),
+             len(calib) - len(held), "  ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
     return {
         "version": 1,
         "thresholds": thresholds,
         "domain": [_stats_dict(d) for d in domain],
         "calibration": {
             "images": len(calib),
-            "source": "training images (input similarity leave-one-out)" if from_training else "validation images",
+            "held_out_images": len(held),
+            "training_images": len(calib) - len(held),
+            "source": "training images (input similarity leave-one-out)" if from_training else
+            "validation and training images (input similarity: validation, and training leave-one-out)",
             "max": {k: round(max(v), 4) for k, v in seen.items()},
             "median": {k: round(float(np.median(v)), 4) for k, v in seen.items()},
         },
