@@ -12,7 +12,7 @@ FLAGGED_LISTED = 50  # the newest flagged outputs that status --json lists
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="counts per state and the oldest waiting item")
+    p = sub.add_parser("status", help="counts per state, the oldest waiting item, flagged and withheld outputs")
     p.add_argument("--config", help="node config YAML (default: the embedded config)")
     p.add_argument("--json", action="store_true", help="machine-readable output (for monitoring)")
     p.set_defaults(func=run_status)
