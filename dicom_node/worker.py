@@ -73,20 +73,15 @@ class ModelCache:
             return self._inverses[name]
 
     def _load_inverse(self, name: str, model: Any) -> Any:
-        from dicom_node.engine import load_style_model
-        from dicom_node.engine.model_file import find_inverse
+        from dicom_node.engine.model_file import load_inverse
 
         settings = self.config.models.get(name)
-        choice = settings.inverse if settings is not None else "auto"
-        if choice == "none":
-            return None
         try:
-            path = find_inverse(model) if choice == "auto" else Path(choice)
-            if path is None:
-                return None
-            inverse = load_style_model(path)
+            inverse = load_inverse(model, settings.inverse if settings is not None else "auto")
         except Exception as exc:  # noqa: BLE001 - the cycle check is skipped, the guard still runs
             log.warning("model %s: inverse model not usable, no cycle check: %s", name, exc)
+            return None
+        if inverse is None:
             return None
         log.info("model %s: inverse %s loaded for the fidelity cycle check", name, inverse.name)
         return inverse

@@ -34,6 +34,7 @@ __all__ = [
     "weights_digest",
     "read_model_metadata",
     "find_inverse",
+    "load_inverse",
 ]
 
 FORMAT = MODEL_FORMAT
@@ -137,8 +138,8 @@ def find_inverse(model: "StyleModel", folders: list[Path] | None = None) -> Path
     searched in ``folders`` (default: the model's own folder); None when it names none or
     none is there.  Matching is by the digest recorded in each candidate's header; loading
     the candidate then verifies it against its weights."""
-    wanted = (model.metadata.get("inverse") or {}).get("weights_sha256") if isinstance(
-        model.metadata.get("inverse"), dict) else None
+    named = model.metadata.get("inverse")
+    wanted = named.get("weights_sha256") if isinstance(named, dict) else None
     if not wanted:
         return None
     if folders is None:
@@ -150,6 +151,16 @@ def find_inverse(model: "StyleModel", folders: list[Path] | None = None) -> Path
             if read_model_metadata(candidate).get("weights_sha256") == wanted:
                 return candidate
     return None
+
+
+def load_inverse(model: "StyleModel", choice: str = "auto") -> "StyleModel | None":
+    """The reverse model for the fidelity guard's cycle check: ``none``, ``auto`` (the file
+    :func:`find_inverse` finds, or None) or a model file.  Raises :class:`UserError` like
+    :func:`load_style_model` for a file that is not a usable model."""
+    if choice == "none":
+        return None
+    path = find_inverse(model) if choice == "auto" else Path(choice)
+    return load_style_model(path) if path is not None else None
 
 
 def generator_from_architecture(arch: dict[str, Any]) -> ResnetGenerator:

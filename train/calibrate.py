@@ -65,13 +65,14 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
     with torch.no_grad():
         for n, x in enumerate(calib):
             y = np.clip(translate(g, x, tile=0, device=device), -1.0, 1.0)
-            s = fd.structure_scores(fd.analysis_view(x), fd.analysis_view(y))
+            xs = fd.analysis_view(x)
+            s = fd.structure_scores(xs, fd.analysis_view(y))
             for k in fd.STRUCTURE_SCORES:
                 samples[k].append(s[k])
             if inv is not None:
                 samples["cycle"].append(fd.cycle_score(inv, x, y, device=device))
             if n < len(held):
-                samples["ood"].append(fd.ood_score(fd.analysis_view(x), domain))
+                samples["ood"].append(fd.ood_score(xs, domain))
     # Input similarity of every training image to the others (leave one out): many more
     # samples of the domain's spread than the held-out images alone give.
     for i, stats in enumerate(domain):

@@ -394,14 +394,14 @@ class _Run:
 
 
 def _digest(model: CycleGAN) -> str:
-    """sha256 over the parameters and buffers of the four networks (a cheap equality check)."""
+    """sha256 over the four networks' weight digests (a cheap equality check across DDP ranks)."""
     import hashlib
+
+    from dicom_node.engine.model_file import weights_digest
 
     h = hashlib.sha256()
     for name in sorted(model.nets):
-        for key, value in sorted(model.module(name).state_dict().items()):
-            h.update(key.encode())
-            h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(f"{name}:{weights_digest(model.module(name).state_dict())}\n".encode())
     return h.hexdigest()
 
 

@@ -119,19 +119,6 @@ def _load_model(name: str):
     return load_style_model(path)
 
 
-def _load_inverse(model, choice: str):
-    """The inverse model for the cycle check: explicit, found next to the model, or none."""
-    from dicom_node.engine import load_style_model
-    from dicom_node.engine.model_file import find_inverse
-
-    if choice == "none":
-        return None
-    if choice != "auto":
-        return load_style_model(choice)
-    path = find_inverse(model)
-    return load_style_model(path) if path is not None else None
-
-
 def fidelity_record(result, model, *, source_file: Path | None = None, output_file: Path | None = None,
                     action: str = DEFAULT_FIDELITY_ACTION) -> dict:
     """One line of ``fidelity.jsonl`` (the contract's keys first, then extras)."""
@@ -161,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from dicom_node.engine.model_file import load_inverse
     from dicom_node.engine.pipeline import save_translation, translate_radiograph
     from dicom_node.engine.pixels import DEFAULT_MAX_PIXELS, read_dicom
     from dicom_node.errors import UserError
@@ -187,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise UserError("no DICOM files found in the inputs")
     model = _load_model(args.model)
-    inverse = _load_inverse(model, args.inverse)
+    inverse = load_inverse(model, args.inverse)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
         report = open(outdir / "fidelity.jsonl", "w", encoding="utf-8")

@@ -77,13 +77,19 @@ def _storage(raw: Any, pr: Problems, base_dir: Path) -> StorageSettings:
     )
 
 
+def _named_sections(raw: Any, key: str, what: str, pr: Problems) -> dict[str, Any] | None:
+    """A top-level mapping of names to settings (``models``, ``destinations``): at least one."""
+    m = mapping(raw, key, set(raw) if isinstance(raw, dict) else set(), set(), pr)
+    if m is not None and not m:
+        pr.add(key, f"at least one {what} is required")
+    return m
+
+
 def _models(raw: Any, pr: Problems, base_dir: Path) -> dict[str, ModelSettings]:
     out: dict[str, ModelSettings] = {}
-    m = mapping(raw, "models", set(raw) if isinstance(raw, dict) else set(), set(), pr)
+    m = _named_sections(raw, "models", "model", pr)
     if m is None:
         return out
-    if not m:
-        pr.add("models", "at least one model is required")
     for name, spec in m.items():
         path = join_path("models", str(name))
         s = mapping(spec, path, {"path", "device", "tile", "overlap", "inverse"}, {"path"}, pr)
@@ -154,11 +160,9 @@ def _label(s: dict, path: str, pr: Problems) -> str | None:
 
 def _destinations(raw: Any, pr: Problems, base_dir: Path) -> dict[str, DestinationSettings]:
     out: dict[str, DestinationSettings] = {}
-    m = mapping(raw, "destinations", set(raw) if isinstance(raw, dict) else set(), set(), pr)
+    m = _named_sections(raw, "destinations", "destination", pr)
     if m is None:
         return out
-    if not m:
-        pr.add("destinations", "at least one destination is required")
     common = {"type"}
     dicom_keys = {"ae_title", "host", "port", "calling_ae", "tls", "timeout"}
     folder_keys = {"path"}
