@@ -80,7 +80,8 @@ class AuditTrail:
         wanted = set(uids)
         return [(int(i), str(o)) for i, o, s, st in rows if everything or wanted & {o, s, st}]
 
-    def release(self, uids: Iterable[str] = (), *, everything: bool = False, now: float | None = None) -> list[str]:
+    def release(self, uids: Iterable[str] = (), *, everything: bool = False, now: float | None = None,
+                user: str | None = None) -> list[str]:
         """Send withheld outputs after all; returns the released output SOP UIDs."""
         now = time.time() if now is None else now
         with self._tx() as c:  # type: ignore[attr-defined]
@@ -92,9 +93,11 @@ class AuditTrail:
                 c.execute("UPDATE outputs SET disposition='released', updated_at=? WHERE instance_id=? "
                           "AND output_sop_uid=?", (now, iid, out_uid))
                 self._finish_if_done(c, [iid], now)  # type: ignore[attr-defined]
+            self._record(c, user, "release", uids, everything, chosen)
         return [u for _, u in chosen]
 
-    def discard(self, uids: Iterable[str] = (), *, everything: bool = False, now: float | None = None) -> list[str]:
+    def discard(self, uids: Iterable[str] = (), *, everything: bool = False, now: float | None = None,
+                user: str | None = None) -> list[str]:
         """Drop withheld outputs (never sent); returns the discarded output SOP UIDs."""
         now = time.time() if now is None else now
         with self._tx() as c:  # type: ignore[attr-defined]
@@ -104,4 +107,12 @@ class AuditTrail:
                 c.execute("UPDATE instances SET state='discarded', updated_at=? WHERE id=?", (now, iid))
                 c.execute("UPDATE outputs SET disposition='discarded', updated_at=? WHERE instance_id=? "
                           "AND output_sop_uid=?", (now, iid, out_uid))
+            self._record(c, user, "discard", uids, everything, chosen)
         return [u for _, u in chosen]
+
+    def _record(self, c, user: str | None, action: str, uids: Iterable[str], everything: bool,
+                chosen: list[tuple[int, str]]) -> None:
+        """An operator's release or discard, in the operator log (``user`` None: not recorded)."""
+        if user is not None:
+            self._action(c, user, action, "all withheld" if everything else ",".join(uids),  # type: ignore
+                         f"{len(chosen)} output(s): " + ",".join(u for _, u in chosen))

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from dicom_node.config import NodeConfig
 from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict, fallback_route, match_keywords, select_route
 from dicom_node.spool import Spool
-from dicom_node.state import StateDB, abbreviate
+from dicom_node.state import STUDY_INFO_KEYWORDS, StateDB, abbreviate
 
 __all__ = ["StoreSCP", "STATUS_OUT_OF_RESOURCES", "STATUS_CANNOT_UNDERSTAND"]
 
@@ -45,14 +45,22 @@ _HEADER_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Series
 class StoreSCP:
     """Builds the pynetdicom AE from the config and serves it in the background."""
 
-    def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, on_received: Callable[[], None]) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, on_received: Callable[[], None],
+                 metrics: Any = None) -> None:
         self.config = config
         self.spool = spool
         self.db = db
         self.on_received = on_received
+        self.metrics = metrics  # dicom_node.metrics.NodeMetrics, or None
         self._server: Any = None
-        self._keywords = _HEADER_KEYWORDS | match_keywords(config.routes)
+        self._keywords = _HEADER_KEYWORDS | set(STUDY_INFO_KEYWORDS) | match_keywords(config.routes)
         self._write_lock = threading.Lock()  # serialises free-space check + write across associations
+        self._sessions: dict[int, _Session] = {}  # per association, for the association log
+        self._sessions_lock = threading.Lock()
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
@@ -78,7 +86,9 @@ class StoreSCP:
             from dicom_node.tls import server_context
 
             ssl_context = server_context(node.tls)
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)]
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended),
+                    (evt.EVT_CONN_CLOSE, self._on_closed)]
         try:
             self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                            ssl_context=ssl_context)
@@ -114,16 +124,56 @@ class StoreSCP:
         prim = event.assoc.requestor.primitive
         called, calling = str(prim.called_ae_title).strip(), str(prim.calling_ae_title).strip()
         verdict = association_verdict(self.config.routes, called, calling)
+        peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+        with self._sessions_lock:
+            self._sessions[id(event.assoc)] = _Session(calling, called, peer, time.time())
         if verdict == ACCEPT:
             return
+        self._session(event).outcome, self._session(event).reason = "rejected", verdict
         log.warning("association rejected: %s (called %s, calling %s)", verdict, called, calling)
         event.assoc.acse.send_reject(0x01, 0x01, 0x07 if verdict == REJECT_CALLED_AE else 0x03)
         # As pynetdicom's own rejection does: wait until the DUL has sent the A-ASSOCIATE-RJ,
         # otherwise the socket may close first and the peer sees an abort instead.
         event.assoc.kill()
 
+    # -- the association log ----------------------------------------------------------
+    def _session(self, event: Any) -> "_Session":
+        with self._sessions_lock:
+            return self._sessions.setdefault(id(event.assoc), _Session("", "", "", time.time()))
+
+    def _on_ended(self, event: Any) -> None:
+        session = self._session(event)
+        if session.outcome is None:
+            session.outcome = "released" if event.event.name == "EVT_RELEASED" else "aborted"
+
+    def _on_closed(self, event: Any) -> None:
+        """The connection is gone: one row in the association log (after the last answer)."""
+        with self._sessions_lock:
+            session = self._sessions.pop(id(event.assoc), None)
+        if session is None or not session.called:
+            return  # a connection that never asked for an association (a port probe)
+        try:
+            self.db.record_association(
+                calling_ae=session.calling, called_ae=session.called, peer=session.peer, stored=session.stored,
+                refused=session.refused, started_at=session.started, outcome=session.outcome or "aborted",
+                reason=session.reason or (None if session.outcome else "connection closed without release"))
+        except Exception as exc:  # noqa: BLE001 - the log must never disturb receiving
+            log.error("association log not written: %s: %s", exc.__class__.__name__, exc)
+
     # -- C-STORE -----------------------------------------------------------------------
     def _on_store(self, event: Any) -> int:
+        t0 = time.perf_counter()
+        status = self._on_store_status(event)
+        session = self._session(event)
+        if status == STATUS_SUCCESS:
+            session.stored += 1
+        else:
+            session.refused += 1
+        if self.metrics is not None:
+            self.metrics.cstore_seconds.observe(time.perf_counter() - t0)
+        return status
+
+    def _on_store_status(self, event: Any) -> int:
         prim = event.assoc.requestor.primitive
         called, calling = str(prim.called_ae_title).strip(), str(prim.calling_ae_title).strip()
         req = event.request
@@ -177,7 +227,8 @@ class StoreSCP:
         _, new = self.db.record_received(
             called_ae=called, calling_ae=calling, sop_uid=sop_uid, sop_class=attrs["SOPClassUID"],
             study_uid=attrs["StudyInstanceUID"], series_uid=attrs["SeriesInstanceUID"], route=choice.index,
-            matched=choice.matched, path=str(final), size=size, forward=forward)
+            matched=choice.matched, path=str(final), size=size, forward=forward,
+            study={col: _text(attrs.get(kw)) for kw, col in STUDY_INFO_KEYWORDS.items()})
         if choice.matched:
             log.info("received sop %s study %s %s from %s to %s (route %d, %d bytes)", abbreviate(sop_uid),
                      abbreviate(attrs["StudyInstanceUID"]), attrs.get("Modality") or "-", calling, called,
@@ -228,6 +279,25 @@ class StoreSCP:
             return {}, problem
         attrs["Modality"] = str(attrs.get("Modality") or "").strip()
         return attrs, None
+
+
+class _Session:
+    """One association, for the association log: who, from where, how many, how it ended."""
+
+    def __init__(self, calling: str, called: str, peer: str, started: float) -> None:
+        self.calling, self.called, self.peer, self.started = calling, called, peer, started
+        self.stored = self.refused = 0
+        self.outcome: str | None = None  # released | aborted | rejected
+        self.reason: str | None = None
+
+
+def _text(value: Any) -> str:
+    """A header value as plain text (a PersonName as its DICOM form, multi-values joined)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or value.__class__.__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
 
 
 def pixel_data_problem(ds: Any, raw: Any, file_size: int) -> str | None:

@@ -47,6 +47,7 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "in"
         self.outgoing = self.root / "out"
+        self.previews = self.root / "previews"  # the console's thumbnails, kept after delivery
 
     @property
     def db_path(self) -> Path:
@@ -81,7 +82,7 @@ class Spool:
 
     def open(self) -> "Spool":
         """Create the layout (0700) and drop partial writes left by a crash."""
-        for d in (self.root, self.tmp, self.incoming, self.outgoing):
+        for d in (self.root, self.tmp, self.incoming, self.outgoing, self.previews):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         for leftover in self.tmp.iterdir():
@@ -110,6 +111,24 @@ class Spool:
                     removed += 1
             except OSError:
                 pass  # vanished meanwhile (finished transfer): fine
+        return removed
+
+    def preview_path(self, instance_id: int) -> Path:
+        return self.previews / f"{int(instance_id)}.png"
+
+    def sweep_previews(self, max_age: float) -> int:
+        """Delete thumbnails older than ``max_age`` seconds (the housekeeper, with old rows)."""
+        import time
+
+        cutoff = time.time() - max_age
+        removed = 0
+        for f in self.previews.glob("*.png") if self.previews.is_dir() else ():
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    removed += 1
+            except OSError:
+                pass
         return removed
 
     def free_bytes(self) -> int:

@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from dicom_node.audit_trail import AuditTrail
+from dicom_node.console_queries import ConsoleQueries
+from dicom_node.counters import COUNTERS_SCHEMA, CounterStore, bump
+from dicom_node.operations_log import OPERATIONS_SCHEMA, OperationsLog
 
 __all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "OutputRecord", "INSTANCE_STATES",
            "DELIVERY_STATES"]
@@ -120,7 +123,25 @@ CREATE TABLE IF NOT EXISTS outputs (
 );
 CREATE INDEX IF NOT EXISTS outputs_study ON outputs (study_uid, created_at);
 CREATE INDEX IF NOT EXISTS outputs_time ON outputs (created_at);
-"""
+CREATE INDEX IF NOT EXISTS outputs_instance ON outputs (instance_id);
+CREATE INDEX IF NOT EXISTS deliveries_instance ON deliveries (instance_id);
+CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (state, updated_at);
+CREATE INDEX IF NOT EXISTS instances_received ON instances (received_at);
+-- What the console shows of a study; the only table with patient data (behind the console's
+-- login; never logged).  Forgotten with the study's instances.
+CREATE TABLE IF NOT EXISTS study_info (
+    study_uid    TEXT PRIMARY KEY,
+    patient_name TEXT NOT NULL,
+    patient_id   TEXT NOT NULL,
+    accession    TEXT NOT NULL,
+    study_date   TEXT NOT NULL,
+    description  TEXT NOT NULL,
+    modality     TEXT NOT NULL
+);
+""" + COUNTERS_SCHEMA + OPERATIONS_SCHEMA
+
+STUDY_INFO_KEYWORDS = {"PatientName": "patient_name", "PatientID": "patient_id", "AccessionNumber": "accession",
+                       "StudyDate": "study_date", "StudyDescription": "description", "Modality": "modality"}
 
 
 @dataclass(frozen=True)
@@ -184,9 +205,15 @@ _INSTANCE_COLS = ("id, called_ae, calling_ae, sop_uid, sop_class, study_uid, ser
                   "state, received_at, error")
 
 
-class StateDB(AuditTrail):
-    """Thread-safe access to the state database (one connection, one lock); the audit trail
-    and the withheld outputs' release/discard are in :mod:`dicom_node.audit_trail`."""
+class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
+    """Thread-safe access to the state database (one connection, one lock).
+
+    Parts in modules of their own: the audit trail and the withheld outputs' release/discard
+    (:mod:`dicom_node.audit_trail`), the metrics' counters (:mod:`dicom_node.counters`), the
+    association and operator logs (:mod:`dicom_node.operations_log`) and the console's reads
+    (:mod:`dicom_node.console_queries`).  Each process (the node, the console, a CLI command)
+    opens its own connection: SQLite in WAL mode lets readers run beside the writer.
+    """
 
     def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
@@ -197,6 +224,8 @@ class StateDB(AuditTrail):
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         with self._lock:
+            had_counters = bool(self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='counters'").fetchone())
             self._conn.executescript(_SCHEMA)
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(instances)")}
             if "purged" not in columns:  # a database from before spool clean-up existed
@@ -204,6 +233,9 @@ class StateDB(AuditTrail):
             # Only the few rows whose files are still in the spool: the purge query stays cheap
             # however many delivered instances the table remembers.
             self._conn.execute("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
+        if not had_counters:
+            with self._tx() as c:
+                self._seed_counters(c)
         try:
             self.path.chmod(0o600)
         except OSError:
@@ -250,14 +282,15 @@ class StateDB(AuditTrail):
     def record_received(
         self, *, called_ae: str, calling_ae: str, sop_uid: str, sop_class: str, study_uid: str,
         series_uid: str, route: int | None, matched: bool, path: str, size: int,
-        forward: Iterable[str] = (), now: float | None = None,
+        forward: Iterable[str] = (), now: float | None = None, study: dict[str, str] | None = None,
     ) -> tuple[int, bool]:
         """Record an acknowledged instance; returns (row id, is_new).
 
         A matched instance joins its study's quiet-period timer; an unmatched one is kept
         (state ``unmatched``) and its original queued for the ``forward`` destinations.
         A duplicate (same called AE + SOP Instance UID) changes nothing except that, while
-        its study is still receiving, it restarts the study's quiet period.
+        its study is still receiving, it restarts the study's quiet period.  ``study``: the
+        console's study description (keys of ``STUDY_INFO_KEYWORDS``' values), kept once.
         """
         now = time.time() if now is None else now
         with self._tx() as c:
@@ -275,6 +308,11 @@ class StateDB(AuditTrail):
                 (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size,
                  state, now, now))
             iid = int(cur.lastrowid)
+            bump(c, "received", called_ae=called_ae)
+            if study is not None:
+                info = {col: str(study.get(col) or "")[:200] for col in STUDY_INFO_KEYWORDS.values()}
+                c.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
+                          f"VALUES (?{',?' * len(info)})", (study_uid, *info.values()))
             if matched:
                 c.execute(
                     "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state) "
@@ -312,11 +350,13 @@ class StateDB(AuditTrail):
         return [InstanceRow(*r) for r in rows]
 
     def mark_translated(self, instance_id: int, deliveries: Iterable[NewDelivery], now: float | None = None, *,
-                        output: OutputRecord | None = None, withhold: bool = False) -> None:
+                        output: OutputRecord | None = None, withhold: bool = False,
+                        model: str | None = None) -> None:
         """The output is in the spool: queue its deliveries and write its audit row, at once.
 
         ``withhold``: the output's deliveries are ``held`` and the instance ``withheld`` (the
-        originals in ``deliveries`` still go out).
+        originals in ``deliveries`` still go out).  ``model``: the config's name of the model,
+        which the counters use (default: the model file's own name).
         """
         now = time.time() if now is None else now
         deliveries = list(deliveries)
@@ -343,6 +383,10 @@ class StateDB(AuditTrail):
                      output.model_version, output.model_digest, output.device_uid, output.verdict,
                      json.dumps(output.reasons), json.dumps(output.scores), json.dumps(output.thresholds),
                      output.action, "withheld" if withhold else "forwarded", now, now))
+            counted = model or (output.model if output is not None else "unknown")
+            bump(c, "translated", model=counted)
+            if output is not None and output.verdict == "flagged":
+                bump(c, "flagged", model=counted)
             self._finish_if_done(c, [instance_id], now)
 
     def mark_not_translated(self, instance_id: int, state: str, error: str,
@@ -400,12 +444,14 @@ class StateDB(AuditTrail):
         with self._tx() as c:
             for row, ok, error in results:
                 touched.add(row.instance_id)
+                attempts = row.attempts + 1
+                outcome = "delivered" if ok else ("failed" if attempts >= max_attempts else "retry")
+                bump(c, "deliveries", destination=row.destination, outcome=outcome)
                 if ok:
                     c.execute("UPDATE deliveries SET state='delivered', attempts=attempts+1, last_error=NULL, "
                               "updated_at=? WHERE id=?", (now, row.id))
                     counts[0] += 1
                     continue
-                attempts = row.attempts + 1
                 if attempts >= max_attempts:
                     c.execute("UPDATE deliveries SET state='failed', attempts=?, last_error=?, updated_at=? "
                               "WHERE id=?", (attempts, (error or "")[:500], now, row.id))
@@ -467,20 +513,35 @@ class StateDB(AuditTrail):
                 c.execute(f"DELETE FROM deliveries WHERE instance_id IN ({marks})", chunk)
                 c.execute(f"DELETE FROM instances WHERE id IN ({marks})", chunk)
             c.execute("DELETE FROM studies WHERE state='released' AND last_received_at < ?", (cutoff,))
+            if ids:
+                c.execute("DELETE FROM study_info WHERE NOT EXISTS "
+                          "(SELECT 1 FROM instances i WHERE i.study_uid=study_info.study_uid)")
+            self._forget_operations(c, cutoff)
         return len(ids)
 
     # -- operator commands -------------------------------------------------------------
-    def retry_failed(self, now: float | None = None) -> tuple[int, int]:
-        """Requeue failed deliveries and failed translations; returns (deliveries, instances)."""
+    def retry_failed(self, now: float | None = None, *, instance_ids: Iterable[int] | None = None,
+                     user: str | None = None) -> tuple[int, int]:
+        """Requeue failed deliveries and failed translations (of ``instance_ids`` only, when
+        given); returns (deliveries, instances).  ``user``: record it as an operator action."""
         now = time.time() if now is None else now
+        only, params = "", []
+        if instance_ids is not None:
+            ids = [int(i) for i in instance_ids]
+            only, params = f" AND instance_id IN ({','.join('?' * len(ids)) or 'NULL'})", ids
         with self._tx() as c:
             nd = c.execute("UPDATE deliveries SET state='pending', attempts=0, next_attempt_at=?, updated_at=? "
-                           "WHERE state='failed'", (now, now)).rowcount
+                           f"WHERE state='failed'{only}", (now, now, *params)).rowcount
+            mine = only.replace("instance_id", "id")
             # failed with deliveries: delivery gave up -> back to translated; else translation failed -> ready
             c.execute("UPDATE instances SET state='translated', updated_at=? WHERE state='failed' AND EXISTS "
-                      "(SELECT 1 FROM deliveries d WHERE d.instance_id=instances.id AND d.kind='output')", (now,))
-            ni = c.execute("UPDATE instances SET state='ready', error=NULL, updated_at=? WHERE state='failed'",
-                           (now,)).rowcount
+                      "(SELECT 1 FROM deliveries d WHERE d.instance_id=instances.id AND d.kind='output')"
+                      f"{mine}", (now, *params))
+            ni = c.execute(f"UPDATE instances SET state='ready', error=NULL, updated_at=? WHERE state='failed'{mine}",
+                           (now, *params)).rowcount
+            if user is not None:
+                self._action(c, user, "requeue", "all failed" if instance_ids is None else
+                             "instances " + ",".join(map(str, params)), f"{nd} deliveries, {ni} translations")
         return nd, ni
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:

@@ -55,12 +55,30 @@ class ModelCache:
         self._models: dict[str, Any] = {}
         self._inverses: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.errors: dict[str, str] = {}  # name -> why it could not be loaded (for the console)
+        self.loaded: dict[str, dict[str, Any]] = {}  # name -> what the console shows of it
 
     def get(self, name: str) -> Any:
         with self._lock:
             if name not in self._models:
-                self._models[name] = self._load(name)
+                t0 = time.perf_counter()
+                try:
+                    self._models[name] = self._load(name)
+                except Exception as exc:
+                    self.errors[name] = f"{exc.__class__.__name__}: {exc}"[:300]
+                    raise
+                model = self._models[name]
+                settings = self.config.models.get(name)
+                self.errors.pop(name, None)
+                self.loaded[name] = {"name": model.name, "version": model.version,
+                                     "weights_sha256": model.weights_sha256,
+                                     "device": _device_text(settings.device if settings else "auto"),
+                                     "loaded_at": time.time(), "load_seconds": time.perf_counter() - t0}
             return self._models[name]
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._models
 
     def inverse(self, name: str) -> Any:
         """The reverse model of ``name`` (config ``inverse``: a file, or ``auto``: the file next to
@@ -164,13 +182,16 @@ class _Loop(threading.Thread):
 class Translator(_Loop):
     """Releases stable studies and translates ready instances."""
 
+    PREVIEW_HEIGHT = 384  # pixels: the console's thumbnails (source | restyled)
+
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, models: ModelCache,
                  wake: threading.Event, stop: threading.Event, deliver_wake: "Broadcast", name: str,
-                 claims: "Claims") -> None:
+                 claims: "Claims", metrics: Any = None) -> None:
         super().__init__(name, wake, stop)
         self.config, self.spool, self.db, self.models = config, spool, db, models
         self.deliver_wake = deliver_wake
         self.claims = claims
+        self.metrics = metrics  # dicom_node.metrics.NodeMetrics, or None
 
     def run(self) -> None:
         self._preload()
@@ -256,10 +277,13 @@ class Translator(_Loop):
         sc, report = result.sc, result.fidelity
         out_uid = str(sc.SOPInstanceUID)
         out_path = self.spool.store_dataset(sc, self.spool.output_dir(row.id) / f"{out_uid}.dcm")
+        self._save_preview(row, result)
         deliveries = [NewDelivery(d, "output", out_uid, str(out_path)) for d in route.destinations] + originals
         withhold = route.fidelity_action == "withhold" and report.flagged
         self.db.mark_translated(row.id, deliveries, output=_output_record(row, out_uid, model, report, route),
-                                withhold=withhold)
+                                withhold=withhold, model=route.model)
+        if self.metrics is not None:
+            self.metrics.translation_seconds.labels(model=route.model).observe(seconds)
         log.info("sop %s translated with %s in %.2fs -> sc %s, fidelity %s", abbreviate(row.sop_uid), route.model,
                  seconds, abbreviate(out_uid), report.verdict)
         if report.flagged:
@@ -268,6 +292,17 @@ class Translator(_Loop):
                         route.model, "withheld for an operator" if withhold else
                         ("forwarded, marked" if route.fidelity_action == "flag" else "forwarded, recorded"),
                         "; ".join(report.reasons))
+
+
+    def _save_preview(self, row: InstanceRow, result: Any) -> None:
+        """The console's thumbnail (source | restyled, with the verdict); never fails the item."""
+        from dicom_node.engine.pipeline import save_preview
+
+        try:
+            self.spool.previews.mkdir(exist_ok=True)
+            save_preview(result, self.spool.preview_path(row.id), max_height=self.PREVIEW_HEIGHT)
+        except Exception as exc:  # noqa: BLE001 - a missing thumbnail must not stop the image
+            log.warning("sop %s: no preview (%s: %s)", abbreviate(row.sop_uid), exc.__class__.__name__, exc)
 
 
 def _output_record(row: InstanceRow, out_uid: str, model: Any, report: Any, route: Any) -> OutputRecord:
@@ -282,6 +317,17 @@ def _output_record(row: InstanceRow, out_uid: str, model: Any, report: Any, rout
 def is_own_output(ds: Any) -> bool:
     """True for a Secondary Capture written by dicom-node (its SC equipment names it)."""
     return str(ds.get("SecondaryCaptureDeviceManufacturer", "") or "").strip() == MANUFACTURER
+
+
+def _device_text(device: str | None) -> str:
+    """The device a model runs on, for the console (``auto`` resolved: ``auto: cuda:0``)."""
+    from dicom_node.engine.tiling import resolve_device
+
+    try:
+        resolved = str(resolve_device(_device(device)))
+    except Exception:  # noqa: BLE001 - the translation reports a bad device; this is display only
+        return str(device)
+    return f"auto: {resolved}" if is_auto_device(device) else resolved
 
 
 def _device(device: str | None) -> str | None:
@@ -306,6 +352,7 @@ class Housekeeper(_Loop):
             try:
                 removed = self.spool.sweep_tmp(self.max_age)
                 forgotten = self.db.forget_older_than(self.FORGET_AFTER)
+                self.spool.sweep_previews(self.FORGET_AFTER)
             except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the node
                 log.error("housekeeper: %s: %s", exc.__class__.__name__, exc)
                 continue

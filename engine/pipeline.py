@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from .fidelity import FidelityReport
     from .model_file import StyleModel
 
-__all__ = ["translate_dataset", "translate_file", "save_translation", "Translation", "translate_radiograph",
-           "model_output_window", "ModelOutputError"]
+__all__ = ["translate_dataset", "translate_file", "save_translation", "save_preview", "Translation",
+           "translate_radiograph", "model_output_window", "ModelOutputError"]
 
 
 
@@ -125,10 +125,16 @@ def save_translation(result: Translation, outdir: str | os.PathLike, *, preview:
     target = out_dir / output_filename(result.sc)
     atomic_write(target, lambda tmp: result.sc.save_as(tmp, enforce_file_format=True), durable=False)
     if preview:
-        png = target.with_suffix(".png")
-        image = _preview_image(result.model_input, result.model_output, result.fidelity)
-        atomic_write(png, lambda tmp: save_png(image, tmp), durable=False)
+        save_preview(result, target.with_suffix(".png"))
     return target
+
+
+def save_preview(result: Translation, path: str | os.PathLike, *, max_height: int = 1024) -> Path:
+    """Write ``result``'s preview (input | output under the fidelity banner) as a PNG, atomically;
+    the node's console keeps small ones (``max_height``) of every translation."""
+    image = _preview_image(result.model_input, result.model_output, result.fidelity, max_height=max_height)
+    atomic_write(Path(path), lambda tmp: save_png(image, tmp), durable=False)
+    return Path(path)
 
 
 def _preview_image(x: np.ndarray, y: np.ndarray, report: "FidelityReport | None" = None, max_height: int = 1024):

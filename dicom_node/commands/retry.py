@@ -15,11 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_retry(args: argparse.Namespace) -> int:
-    from .status import open_state
+    from .status import cli_user, open_state
 
     db = open_state(args.config)
     try:
-        nd, ni = db.retry_failed()
+        nd, ni = db.retry_failed(user=cli_user())
     finally:
         db.close()
     print(f"requeued {nd} failed deliveries and {ni} failed translations")

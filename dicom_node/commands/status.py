@@ -32,6 +32,18 @@ def open_state(config_path: str | None):
     return StateDB(spool.db_path)
 
 
+def cli_user() -> str:
+    """Who an operator command is recorded as in the operator log: ``cli:<os user>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no user name (containers): the uid
+        import os
+
+        return f"cli:uid{os.getuid()}"
+
+
 def run_status(args: argparse.Namespace) -> int:
     db = open_state(args.config)
     try:

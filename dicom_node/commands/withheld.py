@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .status import open_state
+    from .status import cli_user, open_state
 
     if not args.uids and not args.all:
         raise UserError(f"name the withheld outputs to {args.action} (UIDs from 'dicom-node status'), or --all")
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give UIDs or --all, not both")
     db = open_state(args.config)
     try:
-        done = (db.release if args.action == "release" else db.discard)(args.uids, everything=args.all)
+        done = (db.release if args.action == "release" else db.discard)(args.uids, everything=args.all,
+                                                                           user=cli_user())
     finally:
         db.close()
     if not done:

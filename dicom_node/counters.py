@@ -1,0 +1,68 @@
+"""Event counters kept in the state database (part of ``StateDB``), for Prometheus.
+
+Why in the database and not in process memory: a Prometheus counter must only grow, and the
+node restarts (updates, crashes); counting in the same transaction as the state change it
+counts makes each counter exactly what the database says happened, across restarts and
+kill -9, and it survives the housekeeper forgetting old instance rows.  Histograms (timings)
+stay in memory (:mod:`dicom_node.metrics`): a restart may reset those.
+
+Counters (``metric`` -> labels):
+
+    received     called_ae                 instances acknowledged (duplicates not counted)
+    translated   model                     outputs written (the config's model name)
+    flagged      model                     outputs the fidelity guard flagged
+    deliveries   destination, outcome      attempts: delivered | retry | failed (gave up)
+    associations outcome                   released | aborted | rejected
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+__all__ = ["COUNTERS_SCHEMA", "bump", "CounterStore"]
+
+COUNTERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,                    -- JSON object, keys sorted
+    value  INTEGER NOT NULL,
+    PRIMARY KEY (metric, labels)
+);
+"""
+
+
+def bump(c: sqlite3.Connection, metric: str, n: int = 1, **labels: str) -> None:
+    """Add ``n`` to a counter inside the caller's transaction."""
+    if n:
+        c.execute("INSERT INTO counters (metric, labels, value) VALUES (?,?,?) ON CONFLICT (metric, labels) "
+                  "DO UPDATE SET value=value+excluded.value", (metric, json.dumps(labels, sort_keys=True), int(n)))
+
+
+class CounterStore:
+    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query`` and ``_tx``)."""
+
+    def counter_values(self) -> dict[str, list[tuple[dict[str, str], int]]]:
+        """metric -> [(labels, value)], for the metrics endpoint."""
+        out: dict[str, list[tuple[dict[str, str], int]]] = {}
+        for metric, labels, value in self._query("SELECT metric, labels, value FROM counters "  # type: ignore
+                                                 "ORDER BY metric, labels"):
+            out.setdefault(str(metric), []).append((json.loads(labels), int(value)))
+        return out
+
+    @staticmethod
+    def _seed_counters(c: sqlite3.Connection) -> None:
+        """A database from before the counters: start them from what its rows still say."""
+        if c.execute("SELECT 1 FROM counters LIMIT 1").fetchone():
+            return
+        seeds: list[tuple[str, str, Any]] = [
+            ("received", "SELECT called_ae, COUNT(*) FROM instances GROUP BY called_ae", "called_ae"),
+            ("translated", "SELECT model, COUNT(*) FROM outputs GROUP BY model", "model"),
+            ("flagged", "SELECT model, COUNT(*) FROM outputs WHERE verdict='flagged' GROUP BY model", "model"),
+        ]
+        for metric, sql, key in seeds:
+            for value, n in c.execute(sql).fetchall():
+                bump(c, metric, int(n), **{key: str(value)})
+        for dest, state, n in c.execute("SELECT destination, state, COUNT(*) FROM deliveries "
+                                        "WHERE state IN ('delivered','failed') GROUP BY destination, state"):
+            bump(c, "deliveries", int(n), destination=str(dest), outcome=str(state))
