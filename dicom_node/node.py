@@ -12,9 +12,11 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from dicom_node.config import NodeConfig
+from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateDB
@@ -25,6 +27,7 @@ __all__ = ["Node"]
 log = logging.getLogger("dicom_node.node")
 
 DELIVERY_GRACE = 5.0  # seconds a delivery in progress may take to finish at stop
+CONSOLE_TOKEN_FILE = "console-token"  # in the spool: the console's login token of this start (0600)
 
 
 class Node:
@@ -40,6 +43,9 @@ class Node:
         self._translate_wake = threading.Event()
         self._deliver_wake: Broadcast = Broadcast([])
         self._threads: list[threading.Thread] = []
+        self.metrics = NodeMetrics()
+        self.web: Any = None  # dicom_node.web.WebServer while the console runs
+        self._web_db: StateDB | None = None
 
     @property
     def port(self) -> int:
@@ -63,14 +69,51 @@ class Node:
         self._deliver_wake = Broadcast([d.wake for d in deliverers])
         for i in range(max(1, int(self.config.workers))):
             self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
-                                            self._stop, self._deliver_wake, f"translator-{i}", claims))
+                                            self._stop, self._deliver_wake, f"translator-{i}", claims,
+                                            metrics=self.metrics))
         self._threads.extend(deliverers)
         self._threads.append(Housekeeper(self.config, self.spool, self.db, self._stop))
+        if self.config.web is not None:
+            self._start_web(models)  # before the workers: a console port in use stops the start cleanly
         for t in self._threads:
             t.start()
-        self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all)
+        self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all, metrics=self.metrics)
         self.address = self.scp.start()
         return self.address
+
+    def _start_web(self, models: ModelCache) -> None:
+        """The console, metrics and health checks, on their own database connection."""
+        from dicom_node.engine.atomic import atomic_write
+        from dicom_node.web import WebServer
+        from dicom_node.web.app import Console, build_app
+        from dicom_node.web.auth import Sessions, new_token
+
+        web = self.config.web
+        self._web_db = StateDB(self.spool.db_path)
+        self.metrics.watch(self._web_db, self.spool, self.config)
+        token = None if web.users else new_token()
+        console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
+                          listening=lambda: self.scp is not None and self.scp.listening, wake=self._wake_all,
+                          token=token, sessions=Sessions(web.session_minutes * 60.0))
+        try:
+            self.web = WebServer(web, build_app(console))
+            self.web.start()
+        except BaseException:
+            self._web_db.close()
+            self._web_db = None
+            self.db.close()
+            self.spool.unlock()
+            raise
+        url = self.web.url
+        if token is not None:
+            token_file = self.spool.root / CONSOLE_TOKEN_FILE
+            atomic_write(token_file, lambda tmp: Path(tmp).write_text(token + "\n"), durable=False, mode=0o600)
+            log.info("console on %s/ - log in with %s/login?token=%s (also in %s)", url, url, token, token_file)
+        else:
+            log.info("console on %s/ (users: %s)", url, ", ".join(sorted(web.users)))
+        if web.tls is None and web.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("console on %s without TLS: passwords and patient data cross the network in clear "
+                        "(set web.tls)", url)
 
     def _wake_all(self) -> None:
         """A new instance: the translator checks its timers, deliverers pick up forwarded originals."""
@@ -82,6 +125,12 @@ class Node:
         if self.scp is not None:
             self.scp.stop()
             self.scp = None
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
+        if self._web_db is not None:
+            self._web_db.close()
+            self._web_db = None
         self._stop.set()
         self._translate_wake.set()
         self._deliver_wake.set()

@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "retry",
     "withheld",
     "audit",
+    "hash_password",
     "translate",
     "train",
     "model",

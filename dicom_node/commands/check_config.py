@@ -57,6 +57,13 @@ def summary(cfg) -> list[str]:
         f"retry: up to {cfg.retry.max_attempts} attempts, backoff "
         + "/".join(f"{s:g}" for s in cfg.retry.backoff_seconds) + " s"
     )
+    web = cfg.web
+    if web is None:
+        lines.append("console: off (web: null)")
+    else:
+        who = f"users {', '.join(sorted(web.users))}" if web.users else "a login token printed at start"
+        lines.append(f"console: {'https' if web.tls else 'http'}://{web.host}:{web.port}/ ({who}); "
+                     "/metrics and /health/ready without login")
     return lines
 
 

@@ -24,6 +24,8 @@ def check_environment(cfg: NodeConfig, base_dir: Path = Path(".")) -> list[str]:
     pr = Problems()
     if cfg.node.tls is not None:
         _check_tls(cfg.node.tls, "node.tls", pr, server=True)
+    if cfg.web is not None and cfg.web.tls is not None and cfg.web.tls is not cfg.node.tls:
+        _check_tls(cfg.web.tls, "web.tls", pr, server=True)
     _check_writable(cfg.storage.spool_dir, "storage.spool_dir", pr)
     for name, model in cfg.models.items():
         _check_model(model, join_path(join_path("models", name), "path"), pr, Path(base_dir))

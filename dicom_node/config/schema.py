@@ -17,7 +17,8 @@ from dicom_node.engine.yaml_config import ConfigError, Problems, join_path, type
 from .fields import (MISSING, ae_title_field, ae_title_problem, boolean, check_number, folder_path, integer, mapping,
                      number, resolve, string, string_list)
 from .settings import (DESTINATION_KINDS, DestinationSettings, DicomDestination, FolderDestination, ModelSettings,
-                       NodeConfig, NodeSettings, RetrySettings, RouteSettings, StorageSettings, TLSSettings)
+                       NodeConfig, NodeSettings, RetrySettings, RouteSettings, StorageSettings, TLSSettings,
+                       WebSettings)
 
 __all__ = ["parse_schema"]
 
@@ -302,6 +303,41 @@ def _retry(raw: Any, pr: Problems) -> RetrySettings:
     return RetrySettings(max_attempts=integer(m, "max_attempts", "retry", pr, d.max_attempts, 1), backoff_seconds=backoff)
 
 
+def _web(raw: Any, node: NodeSettings, pr: Problems, base_dir: Path) -> WebSettings:
+    """``web:`` (absent: the defaults, on loopback; ``web: null`` is handled by the caller: off)."""
+    d = WebSettings()
+    m = mapping(raw, "web", {"host", "port", "users", "tls", "session_minutes", "refresh_seconds"}, set(), pr)
+    if m is None:
+        return d
+    users: dict[str, str] = {}
+    if m.get("users") is not None:
+        um = mapping(m["users"], "web.users", set(m["users"]) if isinstance(m["users"], dict) else set(), set(), pr)
+        for name, hashed in (um or {}).items():
+            if not isinstance(hashed, str) or not hashed.startswith("$argon2"):
+                pr.add(join_path("web.users", str(name)),
+                       "must be an Argon2 password hash ($argon2id$...; make one with `dicom-node hash-password`)")
+            else:
+                users[str(name)] = hashed
+    tls = None
+    if m.get("tls") == "node":
+        if node.tls is None:
+            pr.add("web.tls", "'node' reuses node.tls, but node.tls is not set")
+        else:
+            tls = TLSSettings(cert=node.tls.cert, key=node.tls.key)
+    elif m.get("tls") is not None:
+        tls = _tls(m["tls"], "web.tls", pr, base_dir, server=True)
+        if tls is not None and tls.require_client_cert:
+            pr.add("web.tls.require_client_cert", "not supported for the console (log in with a password)")
+    return WebSettings(
+        host=string(m, "host", "web", pr, d.host),
+        port=integer(m, "port", "web", pr, d.port, 0, 65535),
+        users=users,
+        tls=tls,
+        session_minutes=number(m, "session_minutes", "web", pr, d.session_minutes, 0, False),
+        refresh_seconds=number(m, "refresh_seconds", "web", pr, d.refresh_seconds, 0, False),
+    )
+
+
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"}
 
 
@@ -318,9 +354,14 @@ def _check_cross(cfg: NodeConfig, pr: Problems) -> None:
             out = Path(os.path.abspath(dest.path))
             if out == spool or spool in out.parents or out in spool.parents:
                 pr.add(join_path(path, "path"), f"overlaps storage.spool_dir {spool} (keep them apart)")
+    web = cfg.web
+    if web is not None and web.port == cfg.node.port and web.port and (
+            web.host == cfg.node.host or {web.host, cfg.node.host} & {"0.0.0.0", "::"}):
+        pr.add("web.port", f"the DICOM listener already uses port {web.port}")
 
 
-_TOP_KEYS = {"node", "storage", "study_stable_seconds", "models", "destinations", "routes", "retry", "workers"}
+_TOP_KEYS = {"node", "storage", "study_stable_seconds", "models", "destinations", "routes", "retry", "workers",
+             "web"}
 
 
 def parse_schema(raw: Any, base_dir: Path = Path("."), source: str = "config") -> tuple[NodeConfig, list[str]]:
@@ -353,6 +394,7 @@ def parse_schema(raw: Any, base_dir: Path = Path("."), source: str = "config") -
         routes=routes,
         retry=_retry(top["retry"], pr) if top.get("retry") is not None else RetrySettings(),
         workers=integer(top, "workers", "", pr, 1, 1),
+        web=None if "web" in top and top["web"] is None else _web(top.get("web") or {}, node, pr, base_dir),
         source=source,
     )
     for dest in cfg.destinations.values():

@@ -13,7 +13,7 @@ from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, D
 
 __all__ = ["TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings", "DestinationSettings",
            "DicomDestination", "FolderDestination", "DESTINATION_KINDS", "RouteSettings", "RetrySettings",
-           "NodeConfig", "default_config"]
+           "WebSettings", "NodeConfig", "default_config"]
 
 
 @dataclass
@@ -123,6 +123,23 @@ class RetrySettings:
 
 
 @dataclass
+class WebSettings:
+    """The operations console, Prometheus metrics and health checks (``dicom_node.web``).
+
+    ``users`` maps a login name to an Argon2id hash (``dicom-node hash-password``); with no
+    users the node makes a random token at start and prints the login link (as Jupyter does).
+    ``tls``: the console over HTTPS with this certificate and key (``web.tls: node`` reuses
+    the DICOM listener's).
+    """
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users: dict[str, str] = field(default_factory=dict)
+    tls: TLSSettings | None = None
+    session_minutes: float = 12 * 60.0  # a session ends after this long without a request
+    refresh_seconds: float = 5.0  # how often the console pages refresh themselves
+
+
+@dataclass
 class NodeConfig:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -132,13 +149,16 @@ class NodeConfig:
     routes: list[RouteSettings] = field(default_factory=list)
     retry: RetrySettings = field(default_factory=RetrySettings)
     workers: int = 1
+    web: WebSettings | None = None  # a config file without ``web:`` gets WebSettings() (schema)
     source: str = "<embedded default>"
 
 
 def default_config() -> NodeConfig:
-    """The embedded default: loopback, called AE DEFAULT_STYLE -> bundled model 'default' -> ./outbox."""
+    """The embedded default: loopback, called AE DEFAULT_STYLE -> bundled model 'default' -> ./outbox,
+    the console on 127.0.0.1:8080 with a login token printed at start."""
     return NodeConfig(
         models={"default": ModelSettings(name="default", path="default")},
         destinations={"outbox": FolderDestination(name="outbox", path=Path("./outbox"))},
         routes=[RouteSettings(called_ae="DEFAULT_STYLE", model="default", destinations=["outbox"])],
+        web=WebSettings(),
     )

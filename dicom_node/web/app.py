@@ -1,0 +1,406 @@
+"""The console's pages and endpoints (Starlette, Jinja2 templates, ``prometheus_client``).
+
+Why Starlette: a small, well-kept ASGI toolkit (the base of FastAPI) that needs no global
+state, so a node builds its own app; uvicorn serves it in one thread of the node.  Pages
+are rendered on the server with autoescaping Jinja2 templates (patient names are text, never
+markup); a few lines of JavaScript refresh the open page.  Page handlers are plain functions:
+Starlette runs them in its thread pool, so a slow query never blocks the event loop, and they
+read the state database on the console's own connection, so they never hold up a C-STORE.
+
+Without login: ``/health/live``, ``/health/ready``, ``/metrics`` (no patient data) and the
+login page.  Everything else needs a session; every POST needs the session's CSRF token.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote
+
+from dicom_node.web.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions, new_token, same, \
+    verify_password
+from dicom_node.web.health import readiness
+
+__all__ = ["Console", "build_app"]
+
+log = logging.getLogger("dicom_node.web")
+
+HERE = Path(__file__).resolve().parent
+STUDIES_LISTED = 100
+ASSOCIATIONS_LISTED = 50
+ACTIONS_LISTED = 200
+# Sent with every response: no framing, no foreign scripts or styles, no referrer leaking
+# UIDs in URLs to other sites, pages with patient data never cached.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+}
+
+
+@dataclass
+class Console:
+    """What the console needs of a running node."""
+
+    config: Any  # NodeConfig
+    spool: Any  # Spool
+    db: Any  # StateDB: the console's own connection
+    models: Any  # worker.ModelCache
+    metrics: Any  # metrics.NodeMetrics
+    listening: Callable[[], bool]
+    wake: Callable[[], None]  # the node's workers look for work now (after a requeue or release)
+    token: str | None = None  # the start-up login token (no users configured)
+    sessions: Sessions = field(default_factory=lambda: Sessions(12 * 3600.0))
+    limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def secure(self) -> bool:
+        return self.config.web is not None and self.config.web.tls is not None
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def _templates():
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=select_autoescape(["html"]))
+    env.filters.update(when=_when, ago=_ago, size=_size, short=_short, person=_person)
+    return env
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
+
+
+def _ago(t: float | None) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, time.time() - float(t))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.0f} {unit} ago"
+    return f"{s:.0f} s ago"
+
+
+def _size(n: float | None) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _person(name: str | None) -> str:
+    """A DICOM person name (``Family^Given^Middle``) as people read it: ``Family, Given Middle``."""
+    parts = [p for p in str(name or "").split("=")[0].split("^")]
+    if not any(parts):
+        return "(no name)"
+    family, rest = parts[0], " ".join(p for p in parts[1:] if p)
+    return f"{family}, {rest}" if family and rest else family or rest
+
+
+def _short(uid: str | None, keep: int = 12) -> str:
+    uid = str(uid or "")
+    return uid if len(uid) <= keep + 3 else "..." + uid[-keep:]
+
+
+def _chart(series: dict[str, list[int]], width: int = 600, height: int = 120) -> dict[str, Any]:
+    """Grouped bars (received, translated, delivered per time bin) as SVG rectangles."""
+    names = list(series)
+    bins = len(next(iter(series.values()))) if series else 0
+    top = max([1] + [v for values in series.values() for v in values])
+    group = width / max(1, bins)
+    bar = group * 0.8 / max(1, len(names))
+    bars = []
+    for b in range(bins):
+        for k, name in enumerate(names):
+            value = series[name][b]
+            h = (height - 14) * value / top
+            bars.append({"x": round(b * group + group * 0.1 + k * bar, 1), "y": round(height - h, 1),
+                         "w": round(bar * 0.9, 1), "h": round(h, 1), "cls": name,
+                         "title": f"{name}: {value} ({(bins - b) * 5} to {(bins - b - 1) * 5} min ago)"})
+    return {"width": width, "height": height, "bars": bars, "top": top, "names": names,
+            "totals": {n: sum(v) for n, v in series.items()}}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _route_label(config: Any, index: int | None) -> str:
+    if index is None or not (0 <= index < len(config.routes)):
+        return "no route"
+    r = config.routes[index]
+    return f"{r.called_ae} -> {r.model} -> {', '.join(r.destinations)}"
+
+
+def _destination_text(dest: Any) -> str:
+    if dest.type == "dicom":
+        return f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if getattr(dest, "tls", None) else "")
+    return str(getattr(dest, "path", ""))
+
+
+def _local_path(value: str | None, default: str = "/") -> str:
+    """Only a path on this site may be a redirect target (no open redirects)."""
+    value = str(value or "")
+    return value if value.startswith("/") and not value.startswith("//") and "\\" not in value else default
+
+
+def _client(request: Any) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def build_app(console: Console):
+    """The Starlette application of one node's console."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    env = _templates()
+    refresh = console.config.web.refresh_seconds if console.config.web else 5.0
+
+    def render(name: str, request: Any, session: Session | None, status: int = 200, **values: Any) -> Any:
+        html = env.get_template(name).render(session=session, refresh=refresh, request=request,
+                                             node=console.config.node, done=request.query_params.get("done"),
+                                             **values)
+        return HTMLResponse(html, status_code=status)
+
+    def session_of(request: Any) -> Session | None:
+        return console.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+    def page(fn: Callable) -> Callable:
+        """A page behind the login (HTML: to the login page; anything else: 401)."""
+        @functools.wraps(fn)
+        def wrapper(request: Any) -> Any:
+            session = session_of(request)
+            if session is None:
+                if "text/html" in request.headers.get("accept", "") and request.method == "GET":
+                    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+                return JSONResponse({"error": "login required"}, status_code=401)
+            return fn(request, session)
+        return wrapper
+
+    def action(fn: Callable) -> Callable:
+        """A state-changing POST: a session and its CSRF token, or 401/403 and nothing done."""
+        async def wrapper(request: Any) -> Any:
+            session = session_of(request)
+            if session is None:
+                return JSONResponse({"error": "login required"}, status_code=401)
+            form = await request.form()
+            if not same(form.get("csrf_token") or request.headers.get("x-csrf-token"), session.csrf):
+                log.warning("console: %s %s refused: missing or wrong CSRF token (user %s)", request.method,
+                            request.url.path, session.user)
+                return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
+            message = await run_in_threadpool(fn, session, form)
+            console.wake()
+            back = _local_path(form.get("back"))
+            sep = "&" if "?" in back else "?"
+            return RedirectResponse(f"{back}{sep}done={quote(message)}", status_code=303)
+        return wrapper
+
+    # -- health and metrics (no login) -------------------------------------------------
+    def live(request: Any) -> Any:
+        return JSONResponse({"status": "live", "uptime_seconds": round(time.time() - console.started_at, 1)})
+
+    def ready(request: Any) -> Any:
+        checks = readiness(console)
+        failing = [c.name for c in checks if not c.ok]
+        body = {"status": "not ready" if failing else "ready", "failing": failing,
+                "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}}
+        return JSONResponse(body, status_code=503 if failing else 200)
+
+    def metrics(request: Any) -> Any:
+        return Response(console.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- login -------------------------------------------------------------------------
+    def login_form(request: Any, status: int = 200, error: str | None = None, nxt: str = "/") -> Any:
+        binding = new_token()
+        response = render("login.html", request, None, status=status, error=error, csrf_token=binding,
+                          next=nxt, with_users=bool(console.config.web.users))
+        response.set_cookie(LOGIN_COOKIE, binding, httponly=True, samesite="strict", secure=console.secure,
+                            max_age=3600)
+        return response
+
+    def start_session(user: str, request: Any, nxt: str) -> Any:
+        sid, _ = console.sessions.create(user)
+        console.limiter.succeeded(_client(request))
+        console.db.record_action(user, "login", _client(request), "ok")
+        log.info("console: %s logged in from %s", user, _client(request))
+        response = RedirectResponse(_local_path(nxt), status_code=303)
+        response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", secure=console.secure)
+        response.delete_cookie(LOGIN_COOKIE)
+        return response
+
+    def login_get(request: Any) -> Any:
+        nxt = _local_path(request.query_params.get("next"))
+        token = request.query_params.get("token")
+        if token is not None and not console.config.web.users:
+            # the link printed at start (as Jupyter's): log in and drop the token from the address bar
+            if console.limiter.blocked(_client(request)):
+                return login_form(request, 429, "too many failed logins: wait a few minutes", nxt)
+            if same(token, console.token):
+                return start_session("token", request, nxt)
+            console.limiter.failed(_client(request))
+            return login_form(request, 401, "wrong or expired token (it changes at every start of the node)", nxt)
+        return login_form(request, nxt=nxt)
+
+    async def login_post(request: Any) -> Any:
+        form = await request.form()
+        nxt = _local_path(form.get("next"))
+        client = _client(request)
+        if not same(form.get("csrf_token"), request.cookies.get(LOGIN_COOKIE)):
+            return login_form(request, 403, "the login form expired: try again", nxt)
+        wait = console.limiter.blocked(client)
+        if wait:
+            log.warning("console: login from %s refused: too many failures", client)
+            return login_form(request, 429, f"too many failed logins: try again in {wait:.0f} s", nxt)
+        users = console.config.web.users
+        user = str(form.get("user") or "").strip()[:100] if users else "token"
+        secret = str(form.get("password") or "")
+        ok = (await run_in_threadpool(verify_password, users.get(user), secret)) if users else \
+            same(secret, console.token)
+        if ok:
+            return await run_in_threadpool(start_session, user, request, nxt)
+        console.limiter.failed(client)
+        await run_in_threadpool(console.db.record_action, user or "-", "login-failed", client, "refused")
+        log.warning("console: failed login for %r from %s", user, client)
+        return login_form(request, 401, "wrong user or password" if users else "wrong token", nxt)
+
+    async def logout(request: Any) -> Any:
+        session = session_of(request)
+        form = await request.form()
+        if session is not None and same(form.get("csrf_token"), session.csrf):
+            console.sessions.end(request.cookies.get(SESSION_COOKIE))
+            await run_in_threadpool(console.db.record_action, session.user, "logout", _client(request), "ok")
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    # -- pages -------------------------------------------------------------------------
+    @page
+    def overview(request: Any, session: Session) -> Any:
+        db, config = console.db, console.config
+        instances, deliveries = db.counts()
+        disk = shutil.disk_usage(console.spool.root)
+        activity = db.destination_activity()
+        models = [{"key": name, "settings": s, "info": console.models.loaded.get(name),
+                   "error": console.models.errors.get(name),
+                   "routes": [r.called_ae for r in config.routes if r.model == name]}
+                  for name, s in config.models.items()]
+        destinations = [{"name": name, "text": _destination_text(d), **activity.get(name, {
+            "pending": 0, "failed": 0, "held": 0, "last_success": None, "last_error": None, "last_error_at": None})}
+            for name, d in config.destinations.items()]
+        oldest = db.oldest_waiting()
+        return render("overview.html", request, session, instances=instances, deliveries=deliveries,
+                      chart=_chart(db.throughput()), disk=disk, watermark=config.storage.min_free_bytes,
+                      used_share=(disk.total - disk.free) / disk.total if disk.total else 0.0,
+                      models=models, destinations=destinations, checks=readiness(console),
+                      fidelity=db.fidelity_counts(), oldest=oldest, started_at=console.started_at)
+
+    @page
+    def studies(request: Any, session: Session) -> Any:
+        rows = console.db.studies(STUDIES_LISTED)
+        for r in rows:
+            r["route_label"] = _route_label(console.config, r["route"])
+        return render("studies.html", request, session, studies=rows)
+
+    @page
+    def study(request: Any, session: Session) -> Any:
+        found = console.db.study(request.path_params["uid"])
+        if found is None:
+            return render("message.html", request, session, status=404, title="Study not found",
+                          message="No study with this Study Instance UID is in the node's database.")
+        for inst in found["instances"]:
+            inst["route_label"] = _route_label(console.config, inst["route"])
+            inst["preview"] = console.spool.preview_path(inst["id"]).is_file()
+        return render("study.html", request, session, study=found)
+
+    @page
+    def failures(request: Any, session: Session) -> Any:
+        db = console.db
+        return render("failures.html", request, session, failed=db.failures(), withheld=db.withheld(),
+                      associations=db.associations(ASSOCIATIONS_LISTED))
+
+    @page
+    def actions_log(request: Any, session: Session) -> Any:
+        return render("actions.html", request, session, actions=console.db.actions(ACTIONS_LISTED))
+
+    @page
+    def preview(request: Any, session: Session) -> Any:
+        path = console.spool.preview_path(int(request.path_params["iid"]))
+        if not path.is_file():
+            return Response("no preview", status_code=404, media_type="text/plain")
+        return FileResponse(path, media_type="image/png", headers={"cache-control": "private, no-store"})
+
+    # -- operator actions --------------------------------------------------------------
+    @action
+    def requeue(session: Session, form: Any) -> str:
+        iid = form.get("instance_id")
+        ids = None if not iid else [int(iid)]
+        nd, ni = console.db.retry_failed(instance_ids=ids, user=session.user)
+        log.info("console: %s requeued %d deliveries and %d translations", session.user, nd, ni)
+        return f"requeued {nd} deliveries and {ni} translations"
+
+    def _withheld_action(verb: str) -> Callable:
+        def run(session: Session, form: Any) -> str:
+            uid = str(form.get("uid") or "").strip()
+            everything = form.get("all") == "1"
+            fn = console.db.release if verb == "release" else console.db.discard
+            done = fn([uid] if uid else [], everything=everything, user=session.user)
+            log.info("console: %s %s %d withheld output(s)", session.user,
+                     "released" if verb == "release" else "discarded", len(done))
+            return f"{'released' if verb == 'release' else 'dropped'} {len(done)} withheld output(s)"
+        return action(run)
+
+    routes = [
+        Route("/health/live", live), Route("/health/ready", ready), Route("/metrics", metrics),
+        Route("/login", login_get, methods=["GET"]), Route("/login", login_post, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/", overview), Route("/studies", studies), Route("/studies/{uid}", study),
+        Route("/failures", failures), Route("/actions", actions_log),
+        Route("/previews/{iid:int}.png", preview),
+        Route("/requeue", requeue, methods=["POST"]),
+        Route("/release", _withheld_action("release"), methods=["POST"]),
+        Route("/discard", _withheld_action("discard"), methods=["POST"]),
+        Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    return _SecurityHeaders(Starlette(routes=routes))
+
+
+class _SecurityHeaders:
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every response, ``no-store`` on pages."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                for k, v in SECURITY_HEADERS.items():
+                    headers.append((k.encode(), v.encode()))
+                if b"cache-control" not in present:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

@@ -1,0 +1,134 @@
+"""Who may use the console: password hashes or a start-up token, sessions, CSRF, login limits.
+
+Why these choices:
+
+* Passwords are stored only as Argon2id hashes (``argon2-cffi``: the Password Hashing
+  Competition winner, memory-hard, so a stolen config does not give passwords away cheaply).
+  ``dicom-node hash-password`` makes them.
+* Without configured users (the embedded default) a random token is made at every start and
+  printed with the login link, as Jupyter does: the console is never open without a secret.
+* Sessions live in the node's memory (a restart logs everyone out, which is fine for an
+  operations console); the cookie holds only a random id, ``HttpOnly`` and ``SameSite=Strict``,
+  ``Secure`` over TLS.
+* Every state-changing request carries the session's CSRF token (a hidden form field or the
+  ``X-CSRF-Token`` header); the login form itself is bound to a pre-login cookie.
+* Failed logins are limited per client address (``MAX_FAILURES`` per ``FAILURE_WINDOW``).
+"""
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token",
+           "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW"]
+
+SESSION_COOKIE = "dicom_node_session"
+LOGIN_COOKIE = "dicom_node_login"  # binds the login form's CSRF token to this browser
+MAX_FAILURES = 5  # failed logins per client address ...
+FAILURE_WINDOW = 300.0  # ... within this many seconds, then 429 until the window has passed
+
+
+def _hasher():
+    from argon2 import PasswordHasher
+
+    return PasswordHasher()  # argon2-cffi's defaults: RFC 9106 low-memory profile (Argon2id, 64 MiB)
+
+
+def hash_password(password: str) -> str:
+    """An Argon2id hash for ``web.users`` in the config."""
+    return _hasher().hash(password)
+
+
+_DUMMY_HASH: list[str] = []
+
+
+def verify_password(hashed: str | None, password: str) -> bool:
+    """True when ``password`` matches ``hashed``; an unknown user (None) costs the same time."""
+    from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+    if hashed is None:
+        if not _DUMMY_HASH:
+            _DUMMY_HASH.append(hash_password(secrets.token_urlsafe(16)))
+        hashed, password = _DUMMY_HASH[0], password + "\0never"
+    try:
+        return bool(_hasher().verify(hashed, password))
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def same(a: str | None, b: str | None) -> bool:
+    """Constant-time comparison of two secrets (False when either is missing)."""
+    return bool(a) and bool(b) and hmac.compare_digest(str(a).encode(), str(b).encode())
+
+
+@dataclass
+class Session:
+    user: str
+    csrf: str = field(default_factory=new_token)
+    last_seen: float = field(default_factory=time.time)
+
+
+class Sessions:
+    """Logged-in sessions by their random cookie id, ending after ``idle_seconds`` unused."""
+
+    def __init__(self, idle_seconds: float) -> None:
+        self.idle_seconds = idle_seconds
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def create(self, user: str) -> tuple[str, Session]:
+        sid, session = new_token(), Session(user)
+        with self._lock:
+            self._sessions[sid] = session
+        return sid, session
+
+    def get(self, sid: str | None) -> Session | None:
+        if not sid:
+            return None
+        now = time.time()
+        with self._lock:
+            for old in [k for k, s in self._sessions.items() if now - s.last_seen > self.idle_seconds]:
+                del self._sessions[old]
+            session = self._sessions.get(sid)
+            if session is not None:
+                session.last_seen = now
+            return session
+
+    def end(self, sid: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(sid or "", None)
+
+
+class LoginLimiter:
+    """Counts failed logins per client address; ``blocked`` says for how many seconds more."""
+
+    def __init__(self, max_failures: int = MAX_FAILURES, window: float = FAILURE_WINDOW) -> None:
+        self.max_failures, self.window = max_failures, window
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(client, []) if now - t < self.window]
+        self._failures[client] = times
+        return times
+
+    def blocked(self, client: str) -> float:
+        now = time.time()
+        with self._lock:
+            times = self._recent(client, now)
+            return max(0.0, times[0] + self.window - now) if len(times) >= self.max_failures else 0.0
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            self._recent(client, time.time()).append(time.time())
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)

@@ -1,0 +1,56 @@
+"""Readiness: can this node take a study now and do something with it?
+
+``GET /health/ready`` answers 200 only when every check holds, else 503 with each check's
+result, so a load balancer or an orchestrator sends modalities elsewhere and a monitor says
+what is wrong:
+
+* ``listener``: the DICOM listener accepts associations;
+* ``database``: the state database takes a write transaction (within ``DB_TIMEOUT``);
+* ``spool``: the spool's disk has at least ``storage.min_free_bytes`` free (below it the
+  listener refuses instances anyway);
+* ``models``: every routed model is loaded.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Check", "readiness", "DB_TIMEOUT"]
+
+DB_TIMEOUT = 2.0  # seconds a write lock may take before the database counts as unavailable
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def readiness(console: Any) -> list[Check]:
+    """Every readiness check of the node behind ``console`` (a :class:`dicom_node.web.app.Console`)."""
+    config, spool = console.config, console.spool
+    checks = [Check("listener", bool(console.listening()),
+                    f"{config.node.host}:{config.node.port}" if console.listening() else "not listening")]
+    try:
+        conn = sqlite3.connect(str(spool.db_path), timeout=DB_TIMEOUT, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+        checks.append(Check("database", True, "writable"))
+    except sqlite3.Error as exc:
+        checks.append(Check("database", False, f"not writable: {exc}"))
+    free, minimum = spool.free_bytes(), config.storage.min_free_bytes
+    checks.append(Check("spool", free >= minimum, f"{free} bytes free, storage.min_free_bytes {minimum}"))
+    routed = list(dict.fromkeys(r.model for r in config.routes))
+    missing = [name for name in routed if not console.models.is_loaded(name)]
+    if missing:
+        why = "; ".join(f"{n}: {console.models.errors[n]}" if n in console.models.errors else f"{n}: loading"
+                        for n in missing)
+        checks.append(Check("models", False, f"not loaded: {why}"))
+    else:
+        checks.append(Check("models", True, f"{len(routed)} loaded"))
+    return checks
