@@ -40,6 +40,7 @@ def node_config(tmp: Path, *, port: int, model_path: Path, destinations: dict[st
         "destinations": destinations,
         "routes": routes,
         "retry": {"max_attempts": 20, "backoff_seconds": [0.3]},
+        "web": None,  # no console unless a test asks (web={"port": 0})
     }
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

@@ -419,6 +419,7 @@ def tiny_node_config(model: Path, destinations: dict, *, called_ae: str = "DR_KI
         "routes": [{"called_ae": called_ae, "model": "tiny", "destinations": list(destinations),
                     "match": match if match is not None else {"Modality": ["CR", "DX"]}}],
         "retry": {"max_attempts": max_attempts, "backoff_seconds": backoff or [0.5, 1.0]},
+        "web": None,  # no console (tests that want one set web: {port: 0})
     }
 
 

@@ -1,0 +1,253 @@
+"""The console's HTTP side against a running node: metrics, health, login, CSRF, TLS.
+
+Real parts only: the node runs in this process with its console on a kernel-chosen
+loopback port, studies arrive over real associations, the PACS is a pynetdicom storage SCP,
+and the HTTP requests go over TCP (urllib).  The browser walk-through is test_console_browser.
+"""
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import logging
+import re
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, parse_config
+from dicom_node.node import CONSOLE_TOKEN_FILE, Node
+from dicom_node.web.auth import MAX_FAILURES, hash_password
+from tests.factory import PATIENT_ID, PATIENT_NAME
+from tests.nodeproc import Receiver, free_port, node_config, send, wait_for
+from tests.test_node import study
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # let the test see the 303 itself
+        return None
+
+
+class Browserless:
+    """Cookies, no redirects, no proxies: what the test needs of an HTTP client."""
+
+    def __init__(self, base: str, context: ssl.SSLContext | None = None) -> None:
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        handlers = [urllib.request.ProxyHandler({}), urllib.request.HTTPCookieProcessor(self.jar), NoRedirect()]
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self.opener = urllib.request.build_opener(*handlers)
+
+    def request(self, path: str, data: dict | None = None, accept: str = "text/html") -> tuple[int, dict, str]:
+        body = None if data is None else urllib.parse.urlencode(data).encode()
+        req = urllib.request.Request(self.base + path, data=body, headers={"Accept": accept})
+        try:
+            with self.opener.open(req, timeout=15) as r:
+                return r.status, dict(r.headers), r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read().decode(errors="replace")
+
+    def get(self, path: str, **kw) -> tuple[int, dict, str]:
+        return self.request(path, **kw)
+
+    def post(self, path: str, data: dict) -> tuple[int, dict, str]:
+        return self.request(path, data)
+
+    def csrf(self, path: str = "/") -> str:
+        status, _, html = self.get(path)
+        assert status == 200, (status, html[:300])
+        return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+    def login_with_token(self, token: str) -> None:
+        status, headers, _ = self.get(f"/login?token={token}")
+        assert status == 303, status
+        cookie = headers.get("set-cookie", "")
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _node(tmp_path: Path, model: Path, pacs_port: int, **extra) -> Node:
+    extra.setdefault("web", {"port": 0})
+    raw = node_config(tmp_path, port=free_port(), model_path=model,
+                      destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                             "port": pacs_port},
+                                    "outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                      routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["pacs", "outbox"]}],
+                      stable=0.2, **extra)
+    return Node(parse_config(raw, base_dir=tmp_path))
+
+
+def _token(node: Node) -> str:
+    return (node.spool.root / CONSOLE_TOKEN_FILE).read_text().strip()
+
+
+def test_metrics_equal_the_state_database_and_survive_a_restart(tmp_path, tiny_model_path):
+    """After a known run (one PACS down, then back; one rejected association) every counter is
+    what the state database says, the histograms counted every answer, and a restart keeps
+    the counters."""
+    pacs = Receiver("PACS", port=free_port())  # not started yet: deliveries to it fail
+    node = _node(tmp_path, tiny_model_path, pacs.port, retry={"max_attempts": 2, "backoff_seconds": [0.2]})
+    sources = study(3)
+    with node:
+        web = Browserless(node.web.url)
+        assert send(node.port, sources, called="DR_KIM_STYLE") == [0, 0, 0]
+        assert send(node.port, sources[:1], called="DR_KIM_STYLE") == [0]  # a duplicate: not counted
+        with pytest.raises(ConnectionError):
+            send(node.port, sources[:1], called="NOBODY")  # rejected
+        assert wait_for(lambda: node.db.counts()[1]["failed"] == 3, 60), node.db.counts()
+        _, _, text = web.get("/metrics", accept="text/plain")
+        m = metric_samples(text)
+        db = node.db
+        assert m[("dicom_node_instances_received_total", (("called_ae", "DR_KIM_STYLE"),))] == 3
+        assert m[("dicom_node_instances_translated_total", (("model", "tiny"),))] == len(db.audit()) == 3
+        assert m[("dicom_node_deliveries_total", (("destination", "outbox"), ("outcome", "delivered")))] == 3
+        failed_rows = db._query("SELECT attempts FROM deliveries WHERE destination='pacs' AND state='failed'")
+        assert m[("dicom_node_deliveries_total", (("destination", "pacs"), ("outcome", "failed")))] == len(failed_rows)
+        assert m[("dicom_node_deliveries_total", (("destination", "pacs"), ("outcome", "retry")))] == \
+            sum(a - 1 for (a,) in failed_rows)
+        instances, deliveries = db.counts()
+        for state, n in instances.items():
+            assert m[("dicom_node_queue_items", (("state", state),))] == n
+        assert m[("dicom_node_destination_backlog", (("destination", "pacs"),))] == 0
+        assert m[("dicom_node_cstore_response_seconds_count", ())] == 4
+        assert m[("dicom_node_translation_seconds_count", (("model", "tiny"),))] == 3
+        assert m[("dicom_node_spool_free_bytes", ())] > 0
+        assert wait_for(lambda: len(db.associations()) == 3, 10)
+        outcomes = sorted(a["outcome"] for a in db.associations())
+        assert outcomes == ["rejected", "released", "released"]
+        _, _, text = web.get("/metrics", accept="text/plain")
+        m = metric_samples(text)
+        assert m[("dicom_node_associations_total", (("outcome", "released"),))] == 2
+        assert m[("dicom_node_associations_total", (("outcome", "rejected"),))] == 1
+        assert m[("dicom_node_fidelity_flagged_total", (("model", "tiny"),))] == \
+            sum(r["verdict"] == "flagged" for r in db.audit())
+        assert PATIENT_NAME not in text and PATIENT_ID not in text
+        # the PACS comes back; the operator requeues from the console
+        pacs.start()
+        web.login_with_token(_token(node))
+        status, _, _ = web.post("/requeue", {"csrf_token": web.csrf("/failures"), "back": "/failures"})
+        assert status == 303
+        assert wait_for(lambda: len(pacs.uids()) == 3, 30), pacs.uids()
+        assert wait_for(lambda: db.counts()[0]["delivered"] == 3, 10)
+        m = metric_samples(web.get("/metrics", accept="text/plain")[2])
+        assert m[("dicom_node_deliveries_total", (("destination", "pacs"), ("outcome", "delivered")))] == 3
+        before = {k: v for k, v in m.items() if k[0].endswith("_total")}
+    pacs.stop()
+    restarted = _node(tmp_path, tiny_model_path, pacs.port)
+    with restarted:
+        m = metric_samples(Browserless(restarted.web.url).get("/metrics", accept="text/plain")[2])
+        assert {k: v for k, v in m.items() if k[0].endswith("_total") and k in before} == before
+        assert m[("dicom_node_cstore_response_seconds_count", ())] == 0  # timings start afresh
+
+
+def test_ready_turns_503_below_the_spool_watermark(tmp_path, tiny_model_path):
+    with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port) as node:
+        web = Browserless(node.web.url)
+        assert web.get("/health/live", accept="application/json")[0] == 200
+        assert wait_for(lambda: web.get("/health/ready", accept="application/json")[0] == 200, 30)
+        node.config.storage.min_free_bytes = node.spool.free_bytes() + 10**15  # a full disk, as far as we know
+        status, _, body = web.get("/health/ready", accept="application/json")
+        report = json.loads(body)
+        assert status == 503 and report["failing"] == ["spool"], report
+        assert report["checks"]["spool"]["ok"] is False and report["checks"]["listener"]["ok"] is True
+        assert send(node.port, study(1), called="DR_KIM_STYLE") == [0xA700]  # and the listener refuses
+        node.config.storage.min_free_bytes = 0
+        assert web.get("/health/ready", accept="application/json")[0] == 200
+
+
+def test_console_needs_a_login_and_a_csrf_token(tmp_path, tiny_model_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port) as node:
+        sources = study(1)
+        assert send(node.port, sources, called="DR_KIM_STYLE") == [0]
+        assert wait_for(lambda: len(pacs.uids()) == 1, 30)
+        web = Browserless(node.web.url)
+        study_page = f"/studies/{sources[0].StudyInstanceUID}"
+        for path in ("/", "/studies", study_page, "/failures", "/actions", "/previews/1.png"):
+            status, headers, body = web.get(path)
+            assert status == 303 and headers["location"].startswith("/login?next="), (path, status)
+            assert PATIENT_NAME not in body and PATIENT_ID not in body
+            status, _, body = web.get(path, accept="application/json")
+            assert status == 401 and PATIENT_NAME not in body
+        assert web.post("/requeue", {"csrf_token": "x"})[0] == 401
+        assert web.get("/login?token=wrong")[0] == 401
+        web.login_with_token(_token(node))
+        status, headers, html = web.get("/studies")
+        assert status == 200 and "SECRET, PATIENT" in html and PATIENT_ID in html  # PATIENT_NAME as people read it
+        assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["cache-control"] == "no-store"
+        status, _, html = web.get(study_page)
+        assert status == 200 and "/previews/" in html and "delivered" in html
+        preview = re.search(r'src="(/previews/\d+\.png)"', html).group(1)
+        status, headers, _ = web.get(preview, accept="image/png")
+        assert status == 200 and headers["content-type"] == "image/png"
+        # state-changing requests without the session's CSRF token change nothing
+        assert web.post("/requeue", {})[0] == 403
+        assert web.post("/discard", {"all": "1", "csrf_token": "forged"})[0] == 403
+        assert web.post("/requeue", {"csrf_token": web.csrf()})[0] == 303
+        actions = node.db.actions()
+        assert [a["action"] for a in actions][:2] == ["requeue", "login"] and actions[0]["user"] == "token"
+        status, _, html = web.get("/actions")
+        assert "requeue" in html and "token" in html
+    logs = caplog.text
+    assert PATIENT_NAME not in logs and PATIENT_ID not in logs
+
+
+def test_password_login_over_tls_is_rate_limited(tmp_path, tiny_model_path):
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    password = "correct horse battery"
+    extra = {"web": {"port": 0, "users": {"alice": hash_password(password)},
+                     "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)}}}
+    with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port, **extra) as node:
+        assert node.web.url.startswith("https://")
+        trust = ssl.create_default_context(cafile=str(pki.ca))
+        web = Browserless(node.web.url, trust)
+        with pytest.raises(urllib.error.URLError):  # a client that does not trust the certificate
+            Browserless(node.web.url, ssl.create_default_context()).get("/health/live")
+        assert web.get("/login?token=anything")[0] == 200  # no token login when users exist
+
+        def login(pw: str) -> tuple[int, dict, str]:
+            _, _, html = web.get("/login")
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+            return web.post("/login", {"csrf_token": csrf, "user": "alice", "password": pw, "next": "/failures"})
+
+        assert web.post("/login", {"user": "alice", "password": password})[0] == 403  # no login-form token
+        status, headers, _ = login(password)
+        assert status == 303 and headers["location"] == "/failures"
+        cookie = headers["set-cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert web.get("/failures")[0] == 200
+        for _ in range(MAX_FAILURES):
+            assert login("wrong password")[0] == 401
+        assert login(password)[0] == 429  # blocked for a while, even with the right password
+        assert [a["action"] for a in node.db.actions()].count("login-failed") == MAX_FAILURES
+
+
+def test_web_config_keys(tmp_path, tiny_model_path):
+    base = node_config(tmp_path, port=11112, model_path=tiny_model_path,
+                       destinations={"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                       routes=[{"called_ae": "A", "model": "tiny", "destinations": ["out"]}])
+    assert parse_config(base, base_dir=tmp_path).web is None  # web: null
+    del base["web"]
+    web = parse_config(base, base_dir=tmp_path).web
+    assert (web.host, web.port, web.users) == ("127.0.0.1", 8080, {})  # absent: the default console
+    base["web"] = {"port": 11112, "users": {"bob": "plaintext"}, "tls": "node", "colour": "blue"}
+    with pytest.raises(ConfigError) as err:
+        parse_config(base, base_dir=tmp_path)
+    text = str(err.value)
+    for needle in ("web.port: the DICOM listener already uses port 11112", "web.users.bob: must be an Argon2",
+                   "web.tls: 'node' reuses node.tls", "colour"):
+        assert needle in text, text
