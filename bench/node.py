@@ -185,6 +185,7 @@ class Node:
             "destinations": dest,
             "routes": [{"called_ae": CALLED_AE, "model": "bench", "destinations": list(dest)}],
             "retry": {"max_attempts": 3, "backoff_seconds": [1]},
+            "web": None,  # the console is measured in bench/console.py
         }
         cfg = self.dir / "config.yaml"
         cfg.write_text(json.dumps(config, indent=1))  # JSON is valid YAML
