@@ -251,3 +251,38 @@ def test_web_config_keys(tmp_path, tiny_model_path):
     for needle in ("web.port: the DICOM listener already uses port 11112", "web.users.bob: must be an Argon2",
                    "web.tls: 'node' reuses node.tls", "colour"):
         assert needle in text, text
+
+
+def test_console_releases_and_drops_withheld_outputs(tmp_path, tiny_model_path):
+    """The console's Release and Drop buttons on outputs the fidelity guard withheld."""
+    from dicom_node.engine import new_style_model, save_style_model
+
+    untrained = tmp_path / "untrained.safetensors"  # noise out: the guard flags every output
+    save_style_model(new_style_model(ngf=4, n_blocks=1, residual=False, seed=4), untrained, name="untrained")
+    with Receiver("PACS") as pacs:
+        raw = node_config(tmp_path, port=free_port(), model_path=untrained,
+                          destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                 "port": pacs.port}},
+                          routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["pacs"],
+                                   "fidelity": {"action": "withhold"}}], stable=0.2, web={"port": 0})
+        with Node(parse_config(raw, base_dir=tmp_path)) as node:
+            first, second = study(1), study(1)
+            assert send(node.port, first + second, called="DR_KIM_STYLE") == [0, 0]
+            assert wait_for(lambda: len(node.db.withheld()) == 2, 60), node.db.counts()
+            web = Browserless(node.web.url)
+            web.login_with_token(_token(node))
+            status, _, html = web.get("/failures")
+            outputs = {w["source_sop_uid"]: w["output_sop_uid"] for w in node.db.withheld()}
+            keep, drop = outputs[str(first[0].SOPInstanceUID)], outputs[str(second[0].SOPInstanceUID)]
+            assert keep in html and drop in html and "Release" in html
+            csrf = web.csrf("/failures")
+            status, headers, _ = web.post("/release", {"csrf_token": csrf, "uid": keep, "back": "/failures"})
+            assert status == 303 and "released%201" in headers["location"]
+            assert wait_for(lambda: pacs.uids() == [keep], 30), pacs.uids()
+            assert web.post("/discard", {"csrf_token": csrf, "uid": drop, "back": "/failures"})[0] == 303
+            assert wait_for(lambda: node.db.counts()[0]["discarded"] == 1, 10)
+            assert pacs.uids() == [keep]
+            done = {r["output_sop_uid"]: r["disposition"] for r in node.db.audit()}
+            assert done == {keep: "released", drop: "discarded"}
+            actions = [(a["action"], a["user"]) for a in node.db.actions()][:2]
+            assert actions == [("discard", "token"), ("release", "token")]
