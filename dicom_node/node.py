@@ -57,6 +57,9 @@ class Node:
         self.spool.lock()
         self.spool.open()
         self.db = StateDB(self.spool.db_path)
+        named = self.db.name_routes([r.name for r in self.config.routes])
+        if named:
+            log.info("state database: %d row(s) now name their route (they named its position before)", named)
         inst, dels = self.db.counts()
         unfinished = inst["received"] + inst["ready"] + inst["translated"]
         if unfinished or dels["pending"]:

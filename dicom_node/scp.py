@@ -226,13 +226,14 @@ class StoreSCP:
         forward = list(fallback.destinations) if fallback else []
         _, new = self.db.record_received(
             called_ae=called, calling_ae=calling, sop_uid=sop_uid, sop_class=attrs["SOPClassUID"],
-            study_uid=attrs["StudyInstanceUID"], series_uid=attrs["SeriesInstanceUID"], route=choice.index,
+            study_uid=attrs["StudyInstanceUID"], series_uid=attrs["SeriesInstanceUID"],
+            route=None if choice.index is None else self.config.routes[choice.index].name,
             matched=choice.matched, path=str(final), size=size, forward=forward,
             study={col: _text(attrs.get(kw)) for kw, col in STUDY_INFO_KEYWORDS.items()})
         if choice.matched:
-            log.info("received sop %s study %s %s from %s to %s (route %d, %d bytes)", abbreviate(sop_uid),
+            log.info("received sop %s study %s %s from %s to %s (route %s, %d bytes)", abbreviate(sop_uid),
                      abbreviate(attrs["StudyInstanceUID"]), attrs.get("Modality") or "-", calling, called,
-                     choice.index, size)
+                     self.config.routes[choice.index].name, size)
         else:
             log.info("received sop %s %s from %s to %s: no route matches, kept%s", abbreviate(sop_uid),
                      attrs.get("Modality") or "-", calling, called,

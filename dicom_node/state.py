@@ -21,7 +21,8 @@ Instance states (one row per (called AE, SOP Instance UID)):
     withheld    translated, but the fidelity guard flagged the output and its route says
                 ``withhold``: the output waits in the spool for an operator
                 (``dicom-node release`` -> translated, ``dicom-node discard`` -> discarded)
-    discarded   an operator dropped the withheld output                   (final)
+    discarded   an operator dropped the withheld output, or the study waited longer than
+                its route's ``max_wait_seconds`` with ``on_max_wait: discard``  (final)
 
 Delivery states: pending -> delivered | failed (after ``max_attempts``); held (a withheld
 output's delivery, until released: -> pending; or discarded: removed).
@@ -30,8 +31,11 @@ Every output also gets a row in ``outputs``, the audit trail (source SOP UID, mo
 weight digest, output SOP UID, fidelity verdict with reasons and scores, what happened to it,
 when).  Audit rows are kept when old instance rows are forgotten.
 
-Study timers live in the ``studies`` table (per route and Study Instance UID), so a
-restart does not lose or prematurely release a pending study.
+Study timers live in the ``studies`` table (per route name and Study Instance UID), so a
+restart does not lose or prematurely release a pending study.  Rows name their route by its
+``name`` (never by its position in the config), so editing or reordering routes never
+misroutes queued work; databases from before route names are migrated at start
+(:meth:`StateDB.name_routes`).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from dicom_node.audit_trail import AuditTrail
 from dicom_node.console_queries import ConsoleQueries
@@ -49,6 +53,9 @@ from dicom_node.operations_log import OPERATIONS_SCHEMA, OperationsLog
 
 __all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "OutputRecord", "INSTANCE_STATES",
            "DELIVERY_STATES"]
+
+# route name -> (study_stable_seconds, max_wait_seconds or None, on_max_wait)
+StudyTimers = Callable[[str], "tuple[float, float | None, str]"]
 
 INSTANCE_STATES = ("received", "ready", "translated", "delivered", "failed", "unmatched", "unsupported", "withheld",
                    "discarded")
@@ -63,7 +70,7 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_class   TEXT NOT NULL,
     study_uid   TEXT NOT NULL,
     series_uid  TEXT NOT NULL,
-    route       INTEGER,
+    route       TEXT,                    -- the route's name (databases before names: its position)
     path        TEXT NOT NULL,
     size        INTEGER NOT NULL,
     state       TEXT NOT NULL,
@@ -76,12 +83,13 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE INDEX IF NOT EXISTS instances_state ON instances (state, id);
 CREATE INDEX IF NOT EXISTS instances_study ON instances (called_ae, route, study_uid);
 CREATE TABLE IF NOT EXISTS studies (
-    id               INTEGER PRIMARY KEY,
-    called_ae        TEXT NOT NULL,
-    route            INTEGER NOT NULL,
-    study_uid        TEXT NOT NULL,
-    last_received_at REAL NOT NULL,
-    state            TEXT NOT NULL,          -- pending | released
+    id                INTEGER PRIMARY KEY,
+    called_ae         TEXT NOT NULL,
+    route             TEXT NOT NULL,         -- the route's name
+    study_uid         TEXT NOT NULL,
+    last_received_at  REAL NOT NULL,
+    state             TEXT NOT NULL,         -- pending | released
+    first_received_at REAL,                  -- of this round (max_wait_seconds counts from it)
     UNIQUE (called_ae, route, study_uid)
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies (state, last_received_at);
@@ -153,7 +161,7 @@ class InstanceRow:
     sop_class: str
     study_uid: str
     series_uid: str
-    route: int | None
+    route: str | None  # the route's name
     path: str
     size: int
     state: str
@@ -230,6 +238,8 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(instances)")}
             if "purged" not in columns:  # a database from before spool clean-up existed
                 self._conn.execute("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
+            if "first_received_at" not in {row[1] for row in self._conn.execute("PRAGMA table_info(studies)")}:
+                self._conn.execute("ALTER TABLE studies ADD COLUMN first_received_at REAL")  # before max_wait
             # Only the few rows whose files are still in the spool: the purge query stays cheap
             # however many delivered instances the table remembers.
             self._conn.execute("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
@@ -281,7 +291,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
 
     def record_received(
         self, *, called_ae: str, calling_ae: str, sop_uid: str, sop_class: str, study_uid: str,
-        series_uid: str, route: int | None, matched: bool, path: str, size: int,
+        series_uid: str, route: str | None, matched: bool, path: str, size: int,
         forward: Iterable[str] = (), now: float | None = None, study: dict[str, str] | None = None,
     ) -> tuple[int, bool]:
         """Record an acknowledged instance; returns (row id, is_new).
@@ -314,33 +324,68 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
                 c.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
                           f"VALUES (?{',?' * len(info)})", (study_uid, *info.values()))
             if matched:
+                # A study released before (translated) opens a new round: a follow-up, translated
+                # into the same output series after its own quiet period.
                 c.execute(
-                    "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state) "
-                    "VALUES (?,?,?,?, 'pending') ON CONFLICT (called_ae, route, study_uid) "
-                    "DO UPDATE SET last_received_at=excluded.last_received_at, state='pending'",
-                    (called_ae, route, study_uid, now))
+                    "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state, first_received_at) "
+                    "VALUES (?,?,?,?, 'pending', ?) ON CONFLICT (called_ae, route, study_uid) "
+                    "DO UPDATE SET last_received_at=excluded.last_received_at, first_received_at=CASE "
+                    "WHEN studies.state='pending' THEN COALESCE(studies.first_received_at, studies.last_received_at) "
+                    "ELSE excluded.first_received_at END, state='pending'",
+                    (called_ae, route, study_uid, now, now))
             else:
                 self._add_deliveries(c, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
             return iid, True
 
     # -- grouping ----------------------------------------------------------------------
-    def release_stable_studies(self, stable_seconds: float, now: float | None = None) -> int:
-        """Move the instances of every study quiet for ``stable_seconds`` to ``ready``."""
-        now = time.time() if now is None else now
-        released = 0
+    def name_routes(self, names: list[str]) -> int:
+        """A database from before route names: rows that name their route by position get the
+        name of the route at that position in the config the node starts with."""
         with self._tx() as c:
-            studies = c.execute("SELECT id, called_ae, route, study_uid FROM studies WHERE state='pending' "
-                                "AND last_received_at <= ?", (now - stable_seconds,)).fetchall()
-            for sid, called_ae, route, study_uid in studies:
-                c.execute("UPDATE instances SET state='ready', updated_at=? WHERE called_ae=? AND route=? "
-                          "AND study_uid=? AND state='received'", (now, called_ae, route, study_uid))
-                c.execute("UPDATE studies SET state='released' WHERE id=?", (sid,))
-                released += 1
-        return released
+            n = 0
+            for table in ("instances", "studies"):
+                for index, name in enumerate(names):
+                    n += c.execute(f"UPDATE {table} SET route=? WHERE typeof(route)='integer' AND route=?",
+                                   (name, index)).rowcount
+        return n
 
-    def next_study_deadline(self, stable_seconds: float) -> float | None:
-        rows = self._query("SELECT MIN(last_received_at) FROM studies WHERE state='pending'")
-        return None if rows[0][0] is None else float(rows[0][0]) + stable_seconds
+    def _pending_studies(self, c: sqlite3.Connection) -> list[tuple]:
+        return c.execute("SELECT id, called_ae, route, study_uid, last_received_at, "
+                         "COALESCE(first_received_at, last_received_at) FROM studies WHERE state='pending'").fetchall()
+
+    @staticmethod
+    def _due(timers: StudyTimers, route: str, last: float, first: float) -> tuple[float, str]:
+        """When a pending study is due, and what happens then (quiet | proceed | discard)."""
+        stable, max_wait, on_max_wait = timers(route)
+        quiet_at = last + stable
+        if max_wait is not None and first + max_wait < quiet_at:
+            return first + max_wait, on_max_wait
+        return quiet_at, "quiet"
+
+    def release_stable_studies(self, timers: StudyTimers, now: float | None = None) -> list[tuple[str, str, str]]:
+        """Release every study that is due: quiet for its route's ``study_stable_seconds``
+        (instances -> ``ready``), or waiting for ``max_wait_seconds`` since its first instance
+        (``proceed``: -> ``ready``; ``discard``: -> ``discarded``).  ``timers(route name)`` gives
+        (stable seconds, max wait seconds or None, on_max_wait).  Returns (route, study, why)."""
+        now = time.time() if now is None else now
+        done = []
+        with self._tx() as c:
+            for sid, called_ae, route, study_uid, last, first in self._pending_studies(c):
+                due, why = self._due(timers, route, last, first)
+                if due > now:
+                    continue
+                state, error = ("discarded", "study discarded: max_wait_seconds reached") if why == "discard" \
+                    else ("ready", None)
+                c.execute("UPDATE instances SET state=?, error=?, updated_at=? WHERE called_ae=? AND route=? "
+                          "AND study_uid=? AND state='received'", (state, error, now, called_ae, route, study_uid))
+                c.execute("UPDATE studies SET state='released' WHERE id=?", (sid,))
+                done.append((str(route), str(study_uid), why))
+        return done
+
+    def next_study_deadline(self, timers: StudyTimers) -> float | None:
+        with self._lock:
+            due = [self._due(timers, r[2], r[4], r[5])[0] for r in self._pending_studies(self._conn)]
+        return min(due) if due else None
 
     # -- translating -------------------------------------------------------------------
     def ready_instances(self, limit: int) -> list[InstanceRow]:

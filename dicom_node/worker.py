@@ -209,16 +209,23 @@ class Translator(_Loop):
                 log.error("model %s cannot be loaded: %s", name, exc)
 
     def idle_seconds(self) -> float:
-        deadline = self.db.next_study_deadline(self.config.study_stable_seconds)
+        deadline = self.db.next_study_deadline(self.config.study_timers)
         if deadline is None:
             return POLL_SECONDS
         return max(0.01, min(POLL_SECONDS, deadline - time.time() + 0.01))
 
     def step(self) -> bool:
-        released = self.db.release_stable_studies(self.config.study_stable_seconds)
-        if released:
-            log.info("%d stud%s quiet for %gs: ready for translation", released, "y" if released == 1 else "ies",
-                     self.config.study_stable_seconds)
+        for route, study_uid, why in self.db.release_stable_studies(self.config.study_timers):
+            if why == "quiet":
+                log.info("study %s on route %s quiet for %gs: ready for translation", abbreviate(study_uid), route,
+                         self.config.study_timers(route)[0])
+            elif why == "proceed":
+                log.warning("study %s on route %s still receiving after max_wait_seconds %gs: translating what "
+                            "has arrived (later instances follow into the same series)", abbreviate(study_uid),
+                            route, self.config.study_timers(route)[1])
+            else:
+                log.warning("study %s on route %s still receiving after max_wait_seconds %gs: discarded "
+                            "(on_max_wait: discard)", abbreviate(study_uid), route, self.config.study_timers(route)[1])
         row = self._claim()
         if row is None:
             return False
@@ -238,12 +245,11 @@ class Translator(_Loop):
     def _translate(self, row: InstanceRow) -> None:
         import pydicom
 
-        routes = self.config.routes
-        if row.route is None or row.route >= len(routes) or routes[row.route].called_ae.strip() != row.called_ae:
-            self.db.mark_not_translated(row.id, "failed", "its route is no longer configured")
+        route = self.config.route(row.route)
+        if route is None or route.called_ae.strip() != row.called_ae:
+            self.db.mark_not_translated(row.id, "failed", f"its route {row.route!r} is no longer configured")
             log.error("sop %s: route %s no longer configured", abbreviate(row.sop_uid), row.route)
             return
-        route = routes[row.route]
         originals = ([NewDelivery(d, "original", row.sop_uid, row.path) for d in route.destinations]
                      if route.forward_original else [])
         settings = self.config.models.get(route.model)

@@ -9,8 +9,13 @@ from dicom_node.state import NewDelivery, StateDB
 
 def receive(db: StateDB, sop: str, study: str = "1.2.3", *, now: float, matched: bool = True, forward=()):
     return db.record_received(called_ae="KIM", calling_ae="CR1", sop_uid=sop, sop_class="1.2.840.10008.5.1.4.1.1.1",
-                              study_uid=study, series_uid="1.2.3.4", route=0, matched=matched,
+                              study_uid=study, series_uid="1.2.3.4", route="kim", matched=matched,
                               path=f"/spool/{sop}.dcm", size=10, forward=forward, now=now)
+
+
+def fixed(stable: float, max_wait: float | None = None, on_max_wait: str = "proceed"):
+    """Study timers of one route: quiet period ``stable``, optional ``max_wait``."""
+    return lambda route: (stable, max_wait, on_max_wait)
 
 
 def states(db: StateDB) -> dict[str, str]:
@@ -30,23 +35,23 @@ def test_study_quiet_period_and_duplicates(tmp_path):
     assert receive(db, "1.1", now=100.0)[1] is True
     receive(db, "1.2", now=104.0)
     assert receive(db, "1.1", now=108.0)[1] is False  # duplicate: not new, restarts the quiet period
-    assert db.release_stable_studies(5.0, now=112.0) == 0  # 4 s after the duplicate
+    assert len(db.release_stable_studies(fixed(5.0), now=112.0)) == 0  # 4 s after the duplicate
     assert set(states(db).values()) == {"received"}
-    assert db.next_study_deadline(5.0) == 113.0
-    assert db.release_stable_studies(5.0, now=113.0) == 1
+    assert db.next_study_deadline(fixed(5.0)) == 113.0
+    assert len(db.release_stable_studies(fixed(5.0), now=113.0)) == 1
     assert set(states(db).values()) == {"ready"}
     # a late instance of a released study waits for its own quiet period; the others are untouched
     receive(db, "1.3", now=200.0)
     assert states(db) == {"1.1": "ready", "1.2": "ready", "1.3": "received"}
-    assert db.release_stable_studies(5.0, now=202.0) == 0
-    assert db.release_stable_studies(5.0, now=205.0) == 1
+    assert len(db.release_stable_studies(fixed(5.0), now=202.0)) == 0
+    assert len(db.release_stable_studies(fixed(5.0), now=205.0)) == 1
     assert states(db)["1.3"] == "ready"
 
 
 def test_deliveries_retry_then_fail_then_requeue(tmp_path):
     db = StateDB(tmp_path / "state.db")
     iid, _ = receive(db, "1.1", now=0.0)
-    db.release_stable_studies(1.0, now=5.0)
+    db.release_stable_studies(fixed(1.0), now=5.0)
     assert [r.sop_uid for r in db.ready_instances(limit=64)] == ["1.1"]  # what the translator asks
     db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm"),
                              NewDelivery("outbox", "output", "9.9", "/out/9.9.dcm")], now=10.0)
@@ -78,7 +83,7 @@ def test_deliveries_retry_then_fail_then_requeue(tmp_path):
 def test_failed_translation_is_requeued_as_ready(tmp_path):
     db = StateDB(tmp_path / "state.db")
     iid, _ = receive(db, "1.1", now=0.0)
-    db.release_stable_studies(1.0, now=5.0)
+    db.release_stable_studies(fixed(1.0), now=5.0)
     db.mark_not_translated(iid, "failed", "model missing")
     assert db.retry_failed() == (0, 1)
     assert states(db)["1.1"] == "ready"
@@ -90,7 +95,7 @@ def test_unmatched_instance_forwards_original(tmp_path):
     assert states(db)["1.1"] == "unmatched"
     (d,) = db.due_deliveries(now=0.0)
     assert (d.destination, d.kind, d.sop_uid) == ("pacs", "original", "1.1")
-    assert db.release_stable_studies(0.0, now=100.0) == 0  # unmatched instances join no study
+    assert len(db.release_stable_studies(fixed(0.0), now=100.0)) == 0  # unmatched instances join no study
 
 
 def test_state_survives_reopen_without_clean_close(tmp_path):
@@ -109,7 +114,7 @@ def test_finished_instances_are_listed_for_purge_once(tmp_path):
     iid, _ = receive(db, "1.1", now=0.0)
     kept, _ = receive(db, "1.2", now=0.0, matched=False)  # unmatched, not forwarded: kept on purpose
     fwd, _ = receive(db, "1.3", now=0.0, matched=False, forward=["pacs"])
-    db.release_stable_studies(1.0, now=5.0)
+    db.release_stable_studies(fixed(1.0), now=5.0)
     db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm")], now=6.0)
     assert db.finished_unpurged() == []  # nothing delivered yet
     for d in db.due_deliveries(now=6.0):
@@ -139,7 +144,7 @@ def test_old_finished_rows_are_forgotten(tmp_path):
     db = StateDB(tmp_path / "state.db")
     old_id, _ = receive(db, "1.1", study="7.1", now=0.0)
     new_id, _ = receive(db, "1.2", study="7.2", now=0.0)
-    db.release_stable_studies(1.0, now=5.0)
+    db.release_stable_studies(fixed(1.0), now=5.0)
     for iid, sop in ((old_id, "9.1"), (new_id, "9.2")):
         db.mark_translated(iid, [NewDelivery("pacs", "output", sop, f"/out/{sop}.dcm")], now=6.0)
     (d_old, d_new) = db.due_deliveries(now=6.0)
@@ -150,3 +155,51 @@ def test_old_finished_rows_are_forgotten(tmp_path):
     assert states(db) == {"1.2": "delivered"}
     assert db._query("SELECT COUNT(*) FROM deliveries")[0][0] == 1
     assert receive(db, "1.1", study="7.1", now=1200.0)[1] is True  # forgotten: new again
+
+
+def test_max_wait_proceeds_or_discards_a_study_that_never_pauses(tmp_path):
+    """A sender that never pauses for the quiet period: after max_wait_seconds (from the study's
+    first instance) what arrived is translated (proceed) or dropped (discard); later instances
+    open a new round with a fresh max_wait, translated as a follow-up."""
+    db = StateDB(tmp_path / "state.db")
+    for t in range(0, 12, 2):  # every 2 s, quiet period 5 s: never quiet
+        receive(db, f"1.{t}", now=100.0 + t)
+    assert db.next_study_deadline(fixed(5.0, 8.0)) == 108.0  # first instance + max_wait, before quiet
+    assert db.release_stable_studies(fixed(5.0, 8.0), now=107.9) == []
+    assert db.release_stable_studies(fixed(5.0, 8.0), now=108.0) == [("kim", "1.2.3", "proceed")]
+    assert set(states(db).values()) == {"ready"}
+    receive(db, "1.20", now=120.0)  # a follow-up: its own round, max_wait counted from now
+    assert db.next_study_deadline(fixed(5.0, 8.0)) == 125.0
+    assert db.release_stable_studies(fixed(5.0, 8.0), now=125.0) == [("kim", "1.2.3", "quiet")]
+    receive(db, "2.1", "2.9", now=200.0)
+    receive(db, "2.2", "2.9", now=204.0)
+    assert db.release_stable_studies(fixed(5.0, 8.0, "discard"), now=208.0) == [("kim", "2.9", "discard")]
+    assert states(db)["2.1"] == states(db)["2.2"] == "discarded"
+    db.close()
+
+
+def test_rows_naming_their_route_by_position_are_migrated(tmp_path):
+    """A database from before route names (INTEGER route positions) gets the names of the
+    routes at those positions; queued work then follows the name, wherever the route moves."""
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE instances (id INTEGER PRIMARY KEY, called_ae TEXT NOT NULL, calling_ae TEXT NOT NULL,
+            sop_uid TEXT NOT NULL, sop_class TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+            route INTEGER, path TEXT NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL,
+            updated_at REAL NOT NULL, error TEXT, UNIQUE (called_ae, sop_uid));
+        CREATE TABLE studies (id INTEGER PRIMARY KEY, called_ae TEXT NOT NULL, route INTEGER NOT NULL,
+            study_uid TEXT NOT NULL, last_received_at REAL NOT NULL, state TEXT NOT NULL,
+            UNIQUE (called_ae, route, study_uid));
+        INSERT INTO instances VALUES (1, 'KIM', 'CR1', '1.1', '1.2.840.10008.5.1.4.1.1.1', '1.2.3', '1.2.3.4', 1,
+            '/spool/1.1.dcm', 10, 'received', 100.0, 100.0, NULL);
+        INSERT INTO studies VALUES (1, 'KIM', 1, '1.2.3', 100.0, 'pending');
+    """)
+    old.commit()
+    old.close()
+    db = StateDB(path)
+    assert db.name_routes(["lee-soft", "kim-sharp"]) == 2
+    assert [r.route for r in db.instances()] == ["kim-sharp"]
+    assert db.release_stable_studies(fixed(5.0), now=106.0) == [("kim-sharp", "1.2.3", "quiet")]
+    assert db.name_routes(["kim-sharp"]) == 0  # once only
+    db.close()

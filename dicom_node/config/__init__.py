@@ -25,12 +25,12 @@ from .fields import ae_title_problem
 from .schema import parse_schema
 from .settings import (DESTINATION_KINDS, DestinationSettings, DicomDestination, FolderDestination, ModelSettings,
                        NodeConfig, NodeSettings, RetrySettings, RouteSettings, StorageSettings, TLSSettings,
-                       WebSettings, default_config)
+                       WebhookSettings, WebSettings, default_config)
 
 __all__ = [
     "ConfigError", "TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings",
     "DestinationSettings", "DicomDestination", "FolderDestination", "DESTINATION_KINDS", "RouteSettings",
-    "RetrySettings", "WebSettings", "NodeConfig", "load_config", "parse_config", "parse_schema", "check_environment",
+    "RetrySettings", "WebSettings", "WebhookSettings", "NodeConfig", "load_config", "parse_config", "parse_schema", "check_environment",
     "default_config", "ae_title_problem", "style_model_file_problem", "STYLE_MODEL_FORMAT",
 ]
 

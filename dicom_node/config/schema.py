@@ -16,9 +16,9 @@ from dicom_node.engine.yaml_config import ConfigError, Problems, join_path, type
 
 from .fields import (MISSING, ae_title_field, ae_title_problem, boolean, check_number, folder_path, integer, mapping,
                      number, resolve, string, string_list)
-from .settings import (DESTINATION_KINDS, DestinationSettings, DicomDestination, FolderDestination, ModelSettings,
-                       NodeConfig, NodeSettings, RetrySettings, RouteSettings, StorageSettings, TLSSettings,
-                       WebSettings)
+from .settings import (DESTINATION_KINDS, NOTIFICATION_EVENTS, ON_MAX_WAIT, DestinationSettings, DicomDestination,
+                       FolderDestination, ModelSettings, NodeConfig, NodeSettings, RetrySettings, RouteSettings,
+                       StorageSettings, TLSSettings, WebhookSettings, WebSettings, derive_route_name)
 
 __all__ = ["parse_schema"]
 
@@ -205,8 +205,9 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
         pr.add("routes", "at least one route is required")
     for i, spec in enumerate(raw):
         path = join_path("routes", i)
-        s = mapping(spec, path, {"called_ae", "model", "destinations", "calling_ae", "match", "forward_original",
-                                 "fidelity", "label"},
+        s = mapping(spec, path, {"name", "called_ae", "model", "destinations", "calling_ae", "match",
+                                 "forward_original", "fidelity", "label", "study_stable_seconds", "max_wait_seconds",
+                                 "on_max_wait"},
                      {"called_ae", "model", "destinations"}, pr)
         if s is None:
             continue
@@ -236,6 +237,10 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
             forward_original=boolean(s, "forward_original", path, pr, False),
             fidelity_action=_fidelity_action(s.get("fidelity"), join_path(path, "fidelity"), pr),
             label=_label(s, path, pr),
+            name=_route_name(s, path, pr, called or "", model or "", out),
+            study_stable_seconds=number(s, "study_stable_seconds", path, pr, None),
+            max_wait_seconds=number(s, "max_wait_seconds", path, pr, None, 0, False),
+            on_max_wait=_choice(s, "on_max_wait", path, pr, ON_MAX_WAIT, "proceed"),
         )
         for j, earlier in enumerate(out):
             if called and earlier.called_ae == called and _shadows(earlier, route):
@@ -243,6 +248,69 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
                        "every instance this route would (give it a narrower calling_ae/match or remove one)")
                 break
         out.append(route)
+    return out
+
+
+def _route_name(s: dict, path: str, pr: Problems, called: str, model: str, earlier: list[RouteSettings]) -> str:
+    """The route's stable name: given, or ``<called AE>-<model>`` (``-2``, ``-3``... when taken)."""
+    taken = {r.name for r in earlier}
+    if "name" in s:
+        name = string(s, "name", path, pr, "") or ""
+        if name.strip().lstrip("-").isdigit():
+            pr.add(join_path(path, "name"), f"must not be a number ({name!r}): give it a word")
+        elif name in taken:
+            pr.add(join_path(path, "name"), f"duplicate route name {name!r}")
+        return name
+    base = derive_route_name(called, model)
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def _choice(s: dict, key: str, path: str, pr: Problems, choices: tuple[str, ...], default: str) -> str:
+    value = s.get(key, default)
+    if value not in choices:
+        pr.add(join_path(path, key), f"must be {' or '.join(choices)}, not {value!r}")
+        return default
+    return value
+
+
+def _notifications(raw: Any, pr: Problems, base_dir: Path) -> list[WebhookSettings]:
+    """``notifications:``: a list of webhooks."""
+    out: list[WebhookSettings] = []
+    if not isinstance(raw, list):
+        pr.add("notifications", f"must be a list of webhooks, not {type_name(raw)}")
+        return out
+    for i, spec in enumerate(raw):
+        path = join_path("notifications", i)
+        m = mapping(spec, path, {"name", "url", "events", "secret", "include_phi", "tls", "timeout"}, {"url"}, pr)
+        if m is None:
+            continue
+        url = string(m, "url", path, pr, "") or ""
+        if url and not url.startswith(("http://", "https://")):
+            pr.add(join_path(path, "url"), f"must be an http:// or https:// URL, not {url!r}")
+        events = list(NOTIFICATION_EVENTS)
+        if "events" in m:
+            events = string_list(m["events"], join_path(path, "events"), pr) or []
+            for j, e in enumerate(events):
+                if e not in NOTIFICATION_EVENTS:
+                    pr.add(join_path(join_path(path, "events"), j),
+                           f"unknown event {e!r} (one of {', '.join(NOTIFICATION_EVENTS)})")
+        secret = string(m, "secret", path, pr, None)
+        tls: dict = {}
+        if m.get("tls") is not None:
+            tls = mapping(m["tls"], join_path(path, "tls"), {"ca", "verify", "cert", "key"}, set(), pr) or {}
+        tpath = join_path(path, "tls")
+        name = string(m, "name", path, pr, None) or f"webhook-{i}"
+        if name in {w.name for w in out}:
+            pr.add(join_path(path, "name"), f"duplicate webhook name {name!r}")
+        out.append(WebhookSettings(
+            name=name, url=url, events=events, secret=secret,
+            include_phi=boolean(m, "include_phi", path, pr, False),
+            ca=_file(tls, "ca", tpath, pr, base_dir), verify=boolean(tls, "verify", tpath, pr, True),
+            cert=_file(tls, "cert", tpath, pr, base_dir), key=_file(tls, "key", tpath, pr, base_dir),
+            timeout=number(m, "timeout", path, pr, 10.0, 0, False)))
     return out
 
 
@@ -361,7 +429,7 @@ def _check_cross(cfg: NodeConfig, pr: Problems) -> None:
 
 
 _TOP_KEYS = {"node", "storage", "study_stable_seconds", "models", "destinations", "routes", "retry", "workers",
-             "web"}
+             "web", "notifications"}
 
 
 def parse_schema(raw: Any, base_dir: Path = Path("."), source: str = "config") -> tuple[NodeConfig, list[str]]:
@@ -395,6 +463,8 @@ def parse_schema(raw: Any, base_dir: Path = Path("."), source: str = "config") -
         retry=_retry(top["retry"], pr) if top.get("retry") is not None else RetrySettings(),
         workers=integer(top, "workers", "", pr, 1, 1),
         web=None if "web" in top and top["web"] is None else _web(top.get("web") or {}, node, pr, base_dir),
+        notifications=(_notifications(top["notifications"], pr, base_dir) if top.get("notifications") is not None
+                       else []),
         source=source,
     )
     for dest in cfg.destinations.values():

@@ -12,8 +12,9 @@ from typing import Any
 from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, DEFAULT_OVERLAP
 
 __all__ = ["TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings", "DestinationSettings",
-           "DicomDestination", "FolderDestination", "DESTINATION_KINDS", "RouteSettings", "RetrySettings",
-           "WebSettings", "NodeConfig", "default_config"]
+           "DicomDestination", "FolderDestination", "DESTINATION_KINDS", "RouteSettings", "RetrySettings", "ON_MAX_WAIT",
+           "derive_route_name",
+           "WebSettings", "WebhookSettings", "NOTIFICATION_EVENTS", "NodeConfig", "default_config"]
 
 
 @dataclass
@@ -99,8 +100,15 @@ class FolderDestination(DestinationSettings):
 DESTINATION_KINDS: dict[str, type[DestinationSettings]] = {"dicom": DicomDestination, "folder": FolderDestination}
 
 
+ON_MAX_WAIT = ("proceed", "discard")
+
+
 @dataclass
 class RouteSettings:
+    """One route.  ``name`` is its identity in the state database (queued work refers to it,
+    so reordering or editing other routes never misroutes work in the spool); the schema
+    derives one from the called AE and the model when the config gives none."""
+
     called_ae: str
     model: str
     destinations: list[str]
@@ -109,6 +117,19 @@ class RouteSettings:
     forward_original: bool = False
     fidelity_action: str = DEFAULT_FIDELITY_ACTION  # record | flag | withhold (YAML: fidelity: {action: ...})
     label: str | None = CAUTION_LABEL  # caution text in every output's ImageComments; None: none
+    name: str = ""  # "" until the schema names it (derive_route_name)
+    study_stable_seconds: float | None = None  # None: the config's global study_stable_seconds
+    max_wait_seconds: float | None = None  # since the study's first instance; None: no limit
+    on_max_wait: str = "proceed"  # proceed: translate what has arrived; discard: drop it
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = derive_route_name(self.called_ae, self.model)
+
+
+def derive_route_name(called_ae: str, model: str) -> str:
+    """The default route name: ``<called AE>-<model>`` in lower case (``dr_kim_style-soft``)."""
+    return f"{called_ae.strip()}-{model.strip()}".lower().replace(" ", "_")
 
 
 @dataclass
@@ -120,6 +141,30 @@ class RetrySettings:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         steps = self.backoff_seconds or [0.0]
         return float(steps[min(attempt, len(steps)) - 1])
+
+
+NOTIFICATION_EVENTS = ("study.delivered", "delivery.failed", "output.flagged", "output.withheld")
+
+
+@dataclass
+class WebhookSettings:
+    """One webhook of ``notifications:``: HTTP POST of a JSON event (:mod:`dicom_node.notifications`).
+
+    ``secret``: sign each body with HMAC-SHA256 (header ``X-Dicom-Node-Signature: sha256=<hex>``);
+    ``include_phi``: add patient name, ID and accession number (off by default); ``tls``: ``ca``
+    to verify an https receiver (default: the system store), ``verify: false`` to skip (test
+    set-ups only), ``cert``/``key`` for a client certificate.
+    """
+    name: str
+    url: str
+    events: list[str] = field(default_factory=lambda: list(NOTIFICATION_EVENTS))
+    secret: str | None = None
+    include_phi: bool = False
+    ca: Path | None = None
+    verify: bool = True
+    cert: Path | None = None
+    key: Path | None = None
+    timeout: float = 10.0
 
 
 @dataclass
@@ -149,8 +194,27 @@ class NodeConfig:
     routes: list[RouteSettings] = field(default_factory=list)
     retry: RetrySettings = field(default_factory=RetrySettings)
     workers: int = 1
-    web: WebSettings | None = None  # a config file without ``web:`` gets WebSettings() (schema)
+    web: WebSettings | None = None
+    notifications: list["WebhookSettings"] = field(default_factory=list)  # a config file without ``web:`` gets WebSettings() (schema)
     source: str = "<embedded default>"
+
+    def route(self, name: str | None) -> RouteSettings | None:
+        """The route with this name (queued work names its route), or None."""
+        return next((r for r in self.routes if r.name == name), None)
+
+    def stable_seconds(self, route: RouteSettings | None) -> float:
+        """The quiet period of ``route``'s studies (the route's own, else the global one)."""
+        if route is not None and route.study_stable_seconds is not None:
+            return route.study_stable_seconds
+        return self.study_stable_seconds
+
+    def study_timers(self, name: str) -> tuple[float, float | None, str]:
+        """(quiet seconds, max wait seconds or None, on_max_wait) of the route named ``name``
+        (a route no longer configured: the global quiet period, no limit)."""
+        route = self.route(name)
+        if route is None:
+            return self.study_stable_seconds, None, "proceed"
+        return self.stable_seconds(route), route.max_wait_seconds, route.on_max_wait
 
 
 def default_config() -> NodeConfig:

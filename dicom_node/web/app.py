@@ -135,11 +135,11 @@ def _chart(series: dict[str, list[int]], width: int = 600, height: int = 120) ->
 # ----------------------------------------------------------------------------- helpers
 
 
-def _route_label(config: Any, index: int | None) -> str:
-    if index is None or not (0 <= index < len(config.routes)):
-        return "no route"
-    r = config.routes[index]
-    return f"{r.called_ae} -> {r.model} -> {', '.join(r.destinations)}"
+def _route_label(config: Any, name: str | None) -> str:
+    r = config.route(name)
+    if r is None:
+        return "no route" if name is None else f"{name} (no longer configured)"
+    return f"{r.name}: {r.called_ae} -> {r.model} -> {', '.join(r.destinations)}"
 
 
 def _destination_text(dest: Any) -> str:
