@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicom_node import reload
 from dicom_node.config import NodeConfig
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import StoreSCP
@@ -33,8 +34,9 @@ CONSOLE_TOKEN_FILE = "console-token"  # in the spool: the console's login token 
 class Node:
     """A running dicom-node (listener + workers) for one config."""
 
-    def __init__(self, config: NodeConfig, spool: Spool | None = None) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool | None = None, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # the file a reload re-reads (None: the embedded default)
         self.spool = spool or Spool(config.storage.spool_dir)
         self.db: StateDB | None = None
         self.scp: StoreSCP | None = None
@@ -46,6 +48,10 @@ class Node:
         self.metrics = NodeMetrics()
         self.web: Any = None  # dicom_node.web.WebServer while the console runs
         self._web_db: StateDB | None = None
+        self._console: Any = None
+        self._models: ModelCache | None = None
+        self._deliverers: dict[str | None, Deliverer] = {}
+        self._reload_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -65,10 +71,10 @@ class Node:
         if unfinished or dels["pending"]:
             log.info("resuming: %d received, %d ready, %d translated instance(s), %d pending deliveries",
                      inst["received"], inst["ready"], inst["translated"], dels["pending"])
-        models = ModelCache(self.config, self.spool)
+        models = self._models = ModelCache(self.config, self.spool)
         claims = Claims()
-        deliverers = [Deliverer(self.config, self.spool, self.db, threading.Event(), self._stop, only=name)
-                      for name in [*self.config.destinations, None]]
+        self._deliverers = {name: self._deliverer(name) for name in [*self.config.destinations, None]}
+        deliverers = list(self._deliverers.values())
         self._deliver_wake = Broadcast([d.wake for d in deliverers])
         for i in range(max(1, int(self.config.workers))):
             self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
@@ -82,7 +88,74 @@ class Node:
             t.start()
         self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all, metrics=self.metrics)
         self.address = self.scp.start()
+        reload.write_node_file(self.spool.root, self.config_path)
         return self.address
+
+    def _deliverer(self, name: str | None) -> Deliverer:
+        return Deliverer(self.config, self.spool, self.db, threading.Event(), self._stop, only=name)
+
+    # -- live reconfiguration -------------------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file, validate it completely, apply what can be applied now.
+
+        Returns ``{ok, problems, changes, restart_needed}``.  An invalid config, or a model that
+        does not load, changes nothing: the node keeps serving the old config and logs why.
+        """
+        from dicom_node.config import ConfigError, load_config
+        from dicom_node.errors import UserError
+
+        with self._reload_lock:
+            if self.config_path is None:
+                problem = "this node runs the embedded default config (started without --config): nothing to re-read"
+                log.warning("reload: %s", problem)
+                return {"ok": False, "problems": [problem], "changes": [], "restart_needed": []}
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload refused, still running the old config: %s", problem)
+                return {"ok": False, "problems": list(exc.problems), "changes": [], "restart_needed": []}
+            except UserError as exc:
+                log.error("reload refused, still running the old config: %s", exc)
+                return {"ok": False, "problems": [str(exc)], "changes": [], "restart_needed": []}
+            restart = reload.restart_needed(self.config, new)
+            applied = reload.applicable(self.config, new)
+            try:
+                loaded = self._models.refresh(applied) if self._models is not None else []
+            except Exception as exc:  # noqa: BLE001 - a model that does not load: keep the old config
+                problem = f"a model cannot be loaded: {exc.__class__.__name__}: {exc}"
+                log.error("reload refused, still running the old config: %s", problem)
+                return {"ok": False, "problems": [problem], "changes": [], "restart_needed": restart}
+            done = reload.changes(self.config, applied)
+            done += [f"model {n} loaded" for n in loaded if f"model {n} added" not in done]
+            self._apply(applied)
+            for key in restart:
+                log.warning("reload: %s changed: needs a restart (the old value stays until then)", key)
+            log.info("reloaded %s: %s", self.config_path, "; ".join(done) or "nothing changed")
+            return {"ok": True, "problems": [], "changes": done, "restart_needed": restart}
+
+    def _apply(self, config: NodeConfig) -> None:
+        """Hand ``config`` to every part; new destinations get a deliverer, removed ones' retire."""
+        self.config = config
+        for t in self._threads:
+            if isinstance(t, Deliverer):
+                continue
+            t.config = config
+        for name in [n for n in self._deliverers if n is not None and n not in config.destinations]:
+            self._deliverers.pop(name).retire()
+        for name in config.destinations:
+            if name not in self._deliverers:
+                d = self._deliverers[name] = self._deliverer(name)
+                self._threads.append(d)
+                self._deliver_wake.events.append(d.wake)
+                d.start()
+        for d in self._deliverers.values():
+            d.configure(config)
+        if self.scp is not None:
+            self.scp.configure(config)
+        if self._console is not None:
+            self._console.config = config
+        self._wake_all()
 
     def _start_web(self, models: ModelCache) -> None:
         """The console, metrics and health checks, on their own database connection."""
@@ -95,7 +168,7 @@ class Node:
         self._web_db = StateDB(self.spool.db_path)
         self.metrics.watch(self._web_db, self.spool, self.config)
         token = None if web.users else new_token()
-        console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
+        console = self._console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
                           listening=lambda: self.scp is not None and self.scp.listening, wake=self._wake_all,
                           token=token, sessions=Sessions(web.session_minutes * 60.0))
         try:
@@ -148,23 +221,34 @@ class Node:
             log.warning("stopping with %s still busy (their items resume at the next start)", ", ".join(alive))
         elif self.db is not None:
             self.db.close()
+        (self.spool.root / reload.NODE_FILE).unlink(missing_ok=True)
         self.spool.unlock()
         self._threads = []
         log.info("stopped")
 
     def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop cleanly."""
-        stop_requested = threading.Event()
+        """Run until SIGTERM or SIGINT, then stop cleanly; SIGHUP reloads the config."""
+        stop_requested, woken = threading.Event(), threading.Event()
+        reload_requested = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
-            log.info("signal %s: stopping after the current item", signal.Signals(signum).name)
-            stop_requested.set()
+            if signum == signal.SIGHUP:
+                reload_requested.set()
+            else:
+                log.info("signal %s: stopping after the current item", signal.Signals(signum).name)
+                stop_requested.set()
+            woken.set()
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             self.start()
-            while not stop_requested.wait(1.0):
-                pass
+            while not stop_requested.is_set():
+                woken.wait(1.0)
+                woken.clear()
+                if reload_requested.is_set() and not stop_requested.is_set():
+                    reload_requested.clear()
+                    rid = reload.take_request(self.spool.root)
+                    reload.write_result(self.spool.root, rid, self.reload())
         finally:
             self.stop()
             for s, h in previous.items():

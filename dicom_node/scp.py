@@ -58,6 +58,12 @@ class StoreSCP:
         self._sessions: dict[int, _Session] = {}  # per association, for the association log
         self._sessions_lock = threading.Lock()
 
+    def configure(self, config: NodeConfig) -> None:
+        """Take a reloaded config: routes, called AE titles, allow-lists and storage limits apply
+        to the next association and the next instance (listener settings need a restart)."""
+        self._keywords = _HEADER_KEYWORDS | set(STUDY_INFO_KEYWORDS) | match_keywords(config.routes)
+        self.config = config
+
     @property
     def listening(self) -> bool:
         return self._server is not None
@@ -190,8 +196,9 @@ class StoreSCP:
             return STATUS_OUT_OF_RESOURCES
 
     def _store(self, src: Path, called: str, calling: str, affected_sop: str, affected_class: str) -> int:
+        config = self.config  # one config for the whole instance, even if a reload swaps it meanwhile
         size = src.stat().st_size
-        limit = self.config.node.max_instance_bytes
+        limit = config.node.max_instance_bytes
         if limit and size > limit:
             log.warning("store refused: %d bytes > max_instance_bytes %d (sop %s)", size, limit,
                         abbreviate(affected_sop))
@@ -209,31 +216,31 @@ class StoreSCP:
                                     path=existing.path, size=existing.size)
             log.info("duplicate sop %s to %s acknowledged (state %s)", abbreviate(sop_uid), called, existing.state)
             return STATUS_SUCCESS
-        choice = select_route(self.config.routes, called, calling, attrs)
+        choice = select_route(config.routes, called, calling, attrs)
         final = self.spool.original_path(called, sop_uid)
         with self._write_lock:
             free = self.spool.free_bytes()
-            if free - size < self.config.storage.min_free_bytes:
+            if free - size < config.storage.min_free_bytes:
                 log.error("store refused: disk full (%d bytes free, min_free_bytes %d) sop %s", free,
-                          self.config.storage.min_free_bytes, abbreviate(sop_uid))
+                          config.storage.min_free_bytes, abbreviate(sop_uid))
                 return STATUS_OUT_OF_RESOURCES
             try:
                 self.spool.adopt_file(src, final)
             except OSError as exc:
                 log.error("store refused: cannot write spool (%s) sop %s", exc.strerror or exc, abbreviate(sop_uid))
                 return STATUS_OUT_OF_RESOURCES
-        fallback = fallback_route(self.config.routes, choice)
+        fallback = fallback_route(config.routes, choice)
         forward = list(fallback.destinations) if fallback else []
         _, new = self.db.record_received(
             called_ae=called, calling_ae=calling, sop_uid=sop_uid, sop_class=attrs["SOPClassUID"],
             study_uid=attrs["StudyInstanceUID"], series_uid=attrs["SeriesInstanceUID"],
-            route=None if choice.index is None else self.config.routes[choice.index].name,
+            route=None if choice.index is None else config.routes[choice.index].name,
             matched=choice.matched, path=str(final), size=size, forward=forward,
             study={col: _text(attrs.get(kw)) for kw, col in STUDY_INFO_KEYWORDS.items()})
         if choice.matched:
             log.info("received sop %s study %s %s from %s to %s (route %s, %d bytes)", abbreviate(sop_uid),
                      abbreviate(attrs["StudyInstanceUID"]), attrs.get("Modality") or "-", calling, called,
-                     self.config.routes[choice.index].name, size)
+                     config.routes[choice.index].name, size)
         else:
             log.info("received sop %s %s from %s to %s: no route matches, kept%s", abbreviate(sop_uid),
                      attrs.get("Modality") or "-", calling, called,

@@ -47,12 +47,18 @@ ERROR_PAUSE = 5.0  # after an unexpected error (disk full, database busy) before
 
 
 class ModelCache:
-    """Loads each configured model once, on first use (and its inverse, for the fidelity guard)."""
+    """Loads each configured model once, on first use (and its inverse, for the fidelity guard).
+
+    At a reload (:meth:`refresh`) a model whose settings or file changed is loaded beside the
+    one in use and swapped in only when every changed model loaded: new studies get the new
+    one, an item in flight keeps the model object it holds.
+    """
 
     def __init__(self, config: NodeConfig, spool: Spool) -> None:
         self.config = config
         self.spool = spool
         self._models: dict[str, Any] = {}
+        self._fingerprints: dict[str, tuple] = {}
         self._inverses: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.errors: dict[str, str] = {}  # name -> why it could not be loaded (for the console)
@@ -61,20 +67,58 @@ class ModelCache:
     def get(self, name: str) -> Any:
         with self._lock:
             if name not in self._models:
-                t0 = time.perf_counter()
                 try:
-                    self._models[name] = self._load(name)
+                    self._keep(name, *self._timed_load(self.config, name))
                 except Exception as exc:
                     self.errors[name] = f"{exc.__class__.__name__}: {exc}"[:300]
                     raise
-                model = self._models[name]
-                settings = self.config.models.get(name)
-                self.errors.pop(name, None)
-                self.loaded[name] = {"name": model.name, "version": model.version,
-                                     "weights_sha256": model.weights_sha256,
-                                     "device": _device_text(settings.device if settings else "auto"),
-                                     "loaded_at": time.time(), "load_seconds": time.perf_counter() - t0}
             return self._models[name]
+
+    def refresh(self, config: NodeConfig) -> list[str]:
+        """Take ``config``'s models: load the routed ones that are new or changed (settings, or
+        the file's size or time), then swap all at once; returns their names.  Raises (and
+        changes nothing) when one cannot be loaded."""
+        fresh = {}
+        for name in dict.fromkeys(r.model for r in config.routes):
+            with self._lock:
+                current = self._fingerprints.get(name) if name in self._models else None
+            if current is None or current != self._fingerprint(config, name):
+                fresh[name] = self._timed_load(config, name)
+        with self._lock:
+            self.config = config
+            for name, loaded in fresh.items():
+                self._inverses.pop(name, None)
+                self._keep(name, *loaded)
+            for name in [n for n in self._models if n not in config.models]:
+                for table in (self._models, self._fingerprints, self._inverses, self.loaded):
+                    table.pop(name, None)
+        return list(fresh)
+
+    def _fingerprint(self, config: NodeConfig, name: str) -> tuple:
+        from dicom_node.engine.model_file import resolve_model_path
+
+        settings = config.models[name]
+        path = resolve_model_path(settings.path)
+        try:
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        return settings.path, settings.device, settings.inverse, str(path), stamp
+
+    def _timed_load(self, config: NodeConfig, name: str) -> tuple[Any, tuple, dict[str, Any]]:
+        t0 = time.perf_counter()
+        fingerprint = self._fingerprint(config, name) if name in config.models else ()
+        model = self._load(name, config)
+        settings = config.models.get(name)
+        info = {"name": model.name, "version": model.version, "weights_sha256": model.weights_sha256,
+                "device": _device_text(settings.device if settings else "auto"),
+                "loaded_at": time.time(), "load_seconds": time.perf_counter() - t0}
+        return model, fingerprint, info
+
+    def _keep(self, name: str, model: Any, fingerprint: tuple, info: dict[str, Any]) -> None:
+        self._models[name], self._fingerprints[name], self.loaded[name] = model, fingerprint, info
+        self.errors.pop(name, None)
 
     def is_loaded(self, name: str) -> bool:
         with self._lock:
@@ -104,11 +148,11 @@ class ModelCache:
         log.info("model %s: inverse %s loaded for the fidelity cycle check", name, inverse.name)
         return inverse
 
-    def _load(self, name: str) -> Any:
+    def _load(self, name: str, config: NodeConfig) -> Any:
         from dicom_node.engine import load_style_model
         from dicom_node.engine.model_file import resolve_model_path
 
-        settings = self.config.models.get(name)
+        settings = config.models.get(name)
         if settings is None:
             raise UserError(f"model {name!r} is not configured")
         path = resolve_model_path(settings.path)
@@ -157,9 +201,14 @@ class _Loop(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.wake = wake
         self.stop_event = stop
+        self.retired = False  # a reload removed what this loop serves: finish the step, then end
+
+    def retire(self) -> None:
+        self.retired = True
+        self.wake.set()
 
     def run(self) -> None:
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and not self.retired:
             self.wake.clear()  # before looking for work: a wake-up during step() is not lost
             try:
                 did_work = self.step()
@@ -395,9 +444,14 @@ class Deliverer(_Loop):
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, wake: threading.Event,
                  stop: threading.Event, only: str | None) -> None:
         super().__init__(f"deliver-{only}" if only else "deliver-unconfigured", wake, stop)
-        self.config, self.spool, self.db = config, spool, db
+        self.spool, self.db = spool, db
         self.only = only
-        self.exclude = [] if only else list(config.destinations)
+        self.configure(config)
+
+    def configure(self, config: NodeConfig) -> None:
+        """Take a reloaded config (the catch-all deliverer: the new list of destinations)."""
+        self.config = config
+        self.exclude = [] if self.only else list(config.destinations)
 
     def run(self) -> None:
         self._purge()  # finished before a crash, files not yet removed

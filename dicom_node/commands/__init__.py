@@ -8,6 +8,7 @@ Each module defines ``register(subparsers)``, which adds its parser and sets
 # The order here is the order in ``dicom-node --help``.
 COMMAND_MODULES = [
     "serve",
+    "reload",
     "check_config",
     "status",
     "retry",

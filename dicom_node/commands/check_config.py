@@ -51,12 +51,18 @@ def summary(cfg) -> list[str]:
             extra.append(f"{key} in {'/'.join(values)}")
         if r.forward_original:
             extra.append("+ original")
+        extra.append(f"quiet {cfg.stable_seconds(r):g} s")
+        if r.max_wait_seconds is not None:
+            extra.append(f"max wait {r.max_wait_seconds:g} s then {r.on_max_wait}")
         suffix = f"  [{'; '.join(extra)}]" if extra else ""
-        lines.append(f"  {r.called_ae} -> model {r.model} ({model.path}) -> {dests}{suffix}")
+        lines.append(f"  {r.name}: {r.called_ae} -> model {r.model} ({model.path}) -> {dests}{suffix}")
     lines.append(
         f"retry: up to {cfg.retry.max_attempts} attempts, backoff "
         + "/".join(f"{s:g}" for s in cfg.retry.backoff_seconds) + " s"
     )
+    for w in cfg.notifications:
+        lines.append(f"webhook {w.name}: {w.url} on {', '.join(w.events)}"
+                     f"{', signed' if w.secret else ''}{', with patient data' if w.include_phi else ''}")
     web = cfg.web
     if web is None:
         lines.append("console: off (web: null)")

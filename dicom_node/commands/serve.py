@@ -28,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
     # pynetdicom streams incoming datasets to temp files: put them on the spool's disk so
     # accepting one is a rename, and a small /tmp cannot refuse a large study.
     tempfile.tempdir = str(spool.tmp)
-    Node(config, spool).serve_forever()
+    Node(config, spool, config_path=args.config).serve_forever()
     return 0
