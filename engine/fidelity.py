@@ -23,6 +23,15 @@ own source, per image, and names what it finds:
 * ``ood``: the input's style distance (``engine.style_stats``, the trainer's statistics) to
   the nearest image of the model's training domain, recorded in the model at export: inputs
   unlike the training data (another body part, another detector) are where models fail.
+* ``noise``: the input's noise level (a robust estimate from second differences) against the
+  nearest training image's, as ``|log2|`` of their ratio: another detector or dose that the
+  global style distance overlooks where the style has strong fine detail of its own.
+* ``saturated``: the share of the image (per cent) that is saturated white right next to
+  darker detail, a step into saturation steeper than the training domain's (the domain's
+  0.1 % quantile, recorded at export): metal implants, which the ``structure`` scores cannot
+  judge (clipped regions are skipped) and which change the global statistics little.
+  ``noise`` and ``saturated`` are only judged for models calibrated with them (older model
+  files skip them; there are no defaults).
 
 All are "higher is worse" and compared with thresholds: the model's calibrated ones
 (``metadata.fidelity.thresholds``, written by the trainer at export) or the
@@ -45,11 +54,12 @@ if TYPE_CHECKING:
     from .model_file import StyleModel
 
 __all__ = ["FidelityReport", "assess", "structure_scores", "ood_score", "cycle_score", "judge", "thresholds_of",
-           "calibrate_thresholds", "domain_statistics", "analysis_view", "disagreement", "DEFAULT_THRESHOLDS", "SCORES",
+           "calibrate_thresholds", "domain_statistics", "analysis_view", "disagreement", "noise_level", "noise_score",
+           "saturated_level", "saturated_score", "DEFAULT_THRESHOLDS", "SCORES",
            "ANALYSIS_SIDE", "CYCLE_SIDE", "OK", "FLAGGED"]
 
 OK, FLAGGED = "ok", "flagged"
-SCORES = ("structure", "band_structure", "unexplained", "cycle", "ood")  # thresholded, each "higher is worse"
+SCORES = ("structure", "band_structure", "unexplained", "cycle", "ood", "noise", "saturated")  # "higher is worse"
 STRUCTURE_SCORES = ("structure", "band_structure", "unexplained")  # from source and output alone
 ANALYSIS_SIDE = 512
 CYCLE_SIDE = 256
@@ -60,15 +70,23 @@ WINDOW = 9  # the region size judged, analysis pixels (~ a nodule)
 BAND_WINDOW = 9  # the same per band, in the band's own (coarser) pixels
 STABILISER = 1.0  # c, in units of the output's mean detail energy: flat regions count as agreeing
 CLIPPED = 0.98  # |model-space value| from which the source counts as clipped (normalize clips at 1)
+SATURATED_QUANTILE = 1e-3  # the domain's steepest steps into saturation: its 0.1 % quantile (see saturated_level)
+NOISE_FLOOR = 1e-4  # model-space sigma below which noise levels are not told apart (~ a 14-bit step)
+STEP_WINDOW = 5  # analysis pixels around a saturated pixel searched for the darkest (3x3-smoothed) detail
 # Uncalibrated models (older files, ``model init``): loose enough that a plausible style never
 # trips them, tight enough for the gross faults (inverted, random, blank, broken model).
+# ``noise`` and ``saturated`` have none: they need the domain's statistics, so only calibrated models judge them.
 DEFAULT_THRESHOLDS: dict[str, float] = {"structure": 0.75, "band_structure": 0.75, "unexplained": 0.5, "cycle": 0.5,
                                         "ood": 3.0}
 # Calibration: the highest held-out score plus a margin, the larger of an absolute one and one
 # relative to that score.  Whole-image scores (unexplained, cycle, ood) get a wide relative
 # margin: a few dozen calibration images do not show their tail (measured, bench/fidelity.py).
-MARGIN_ABS: dict[str, float] = {"structure": 0.1, "band_structure": 0.1, "unexplained": 0.1, "cycle": 0.1, "ood": 1.0}
-MARGIN_REL: dict[str, float] = {"structure": 0.35, "band_structure": 0.35, "unexplained": 1.0, "cycle": 1.0, "ood": 1.0}
+# ``noise``: at least half an octave beyond the spread of the domain; ``saturated``: at least
+# 0.05 % of the image.
+MARGIN_ABS: dict[str, float] = {"structure": 0.1, "band_structure": 0.1, "unexplained": 0.1, "cycle": 0.1, "ood": 1.0,
+                                "noise": 0.5, "saturated": 0.05}
+MARGIN_REL: dict[str, float] = {"structure": 0.35, "band_structure": 0.35, "unexplained": 1.0, "cycle": 1.0, "ood": 1.0,
+                                "noise": 1.0, "saturated": 1.0}
 
 
 @dataclass
@@ -221,6 +239,51 @@ def ood_score(x_small: np.ndarray, domain: list[StyleStats]) -> float:
     return min(float(style_distance(own, ref)["total"]) for ref in domain)
 
 
+def noise_level(x_small: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """The noise standard deviation of an analysis image, robustly: the median absolute second
+    difference along rows (edges are rare, so they barely move a median), over pixels that are
+    neither clipped nor padding, scaled to a Gaussian's sigma."""
+    x = np.asarray(x_small, dtype=np.float32)
+    d2 = x[:, 2:] - 2.0 * x[:, 1:-1] + x[:, :-2]  # variance 6 sigma^2 for white noise
+    use = (np.abs(x[:, 2:]) < CLIPPED) & (np.abs(x[:, 1:-1]) < CLIPPED) & (np.abs(x[:, :-2]) < CLIPPED)
+    if valid is not None:
+        use &= valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]
+    v = np.abs(d2[use])
+    return float(np.median(v) / 0.6745 / np.sqrt(6.0)) if v.size else 0.0
+
+
+def noise_score(level: float, domain_levels: list[float]) -> float:
+    """``|log2|`` of the ratio of an input's noise level to the nearest training image's (levels
+    below :data:`NOISE_FLOOR` count as the floor: noise-free synthetic or quantised-flat images)."""
+    return min(abs(float(np.log2(max(level, NOISE_FLOOR) / max(d, NOISE_FLOOR)))) for d in domain_levels)
+
+
+def _step_into_saturation(x_small: np.ndarray) -> np.ndarray:
+    """For each saturated-white pixel, the darkest 3x3-smoothed value within :data:`STEP_WINDOW`."""
+    t = torch.from_numpy(np.ascontiguousarray(x_small, dtype=np.float32))[None, None]
+    sat = t >= CLIPPED
+    if not bool(sat.any()):
+        return np.zeros(0, dtype=np.float32)
+    smooth = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    k = STEP_WINDOW
+    darkest = -F.max_pool2d(F.pad(-smooth, (k // 2,) * 4, mode="replicate"), k, stride=1)
+    return darkest[sat].numpy()
+
+
+def saturated_level(images_small: list[np.ndarray]) -> float:
+    """The training domain's steep steps into saturation: the :data:`SATURATED_QUANTILE` of
+    :func:`_step_into_saturation` over all its saturated pixels (``CLIPPED`` when it has none:
+    then any saturated region's edge counts)."""
+    values = [_step_into_saturation(x) for x in images_small]
+    pooled = np.concatenate(values) if values else np.zeros(0)
+    return float(np.quantile(pooled, SATURATED_QUANTILE)) if pooled.size else CLIPPED
+
+
+def saturated_score(x_small: np.ndarray, level: float) -> float:
+    """Per cent of the image that is saturated white next to detail darker than ``level``."""
+    return 100.0 * float((_step_into_saturation(x_small) < level).sum()) / max(1, x_small.size)
+
+
 def cycle_score(inverse: "StyleModel", x: np.ndarray, y: np.ndarray, *, device: Any = None) -> float:
     """The share of the source's detail that ``F(y)`` does not restore, at :data:`CYCLE_SIDE`
     (a whole-image measure: local changes are the ``structure`` score's job)."""
@@ -257,11 +320,25 @@ def _domain_of(model: "StyleModel") -> list[StyleStats] | None:
         return None
 
 
+def _input_domain(model: "StyleModel") -> tuple[list[float] | None, float | None]:
+    """The domain's noise levels and saturation step level, when the model was calibrated with them."""
+    meta = _fidelity_meta(model)
+    items = meta.get("domain")
+    levels = None
+    if isinstance(items, list) and items and all(isinstance(d, dict) and isinstance(d.get("noise"), (int, float))
+                                                   for d in items):
+        levels = [float(d["noise"]) for d in items]
+    sat = meta.get("saturated_level")
+    return levels, (float(sat) if isinstance(sat, (int, float)) else None)
+
+
 def judge(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -> tuple[str, list[str]]:
     """ok, or flagged with one reason per score above its threshold (absent scores are skipped)."""
     words = {"structure": "a region differs from the source", "band_structure": "an edge differs from the source",
              "unexplained": "output not explained by the source",
-             "cycle": "inverse model does not restore the source", "ood": "input unlike the training data"}
+             "cycle": "inverse model does not restore the source", "ood": "input unlike the training data",
+             "noise": "input noise unlike the training data",
+             "saturated": "saturated regions unlike the training data (metal?)"}
     reasons = [f"{words[k]} ({k} {float(scores[k]):.2f} > {thresholds[k]:.2f})"  # type: ignore[arg-type]
                for k in SCORES if scores.get(k) is not None and k in thresholds
                and not float(scores[k]) <= thresholds[k]]  # type: ignore[arg-type]
@@ -283,6 +360,10 @@ def assess(model: "StyleModel", x: np.ndarray, y: np.ndarray, *, valid: np.ndarr
     domain = _domain_of(model)
     scores["ood"] = ood_score(xs, domain) if domain is not None else None
     scores["cycle"] = cycle_score(inverse, x, y, device=device) if inverse is not None else None
+    noise_levels, sat_level = _input_domain(model)
+    vs = None if valid is None or valid.all() else analysis_view(valid.astype(np.float32)) >= 1.0
+    scores["noise"] = noise_score(noise_level(xs, vs), noise_levels) if noise_levels else None
+    scores["saturated"] = saturated_score(xs, sat_level) if sat_level is not None else None
     if not all(np.isfinite(v) for v in scores.values() if v is not None):
         scores = {k: (v if v is None or np.isfinite(v) else 99.0) for k, v in scores.items()}
     verdict, reasons = judge(scores, thresholds)

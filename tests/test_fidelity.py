@@ -89,7 +89,47 @@ def test_inputs_unlike_the_training_data_are_flagged(kit, fault):
     flagged = [r for r in reports if r.flagged]
     need = len(reports) - 1 if fault == "metal implants" else len(reports)  # bench: the rate
     assert len(flagged) >= need, [r.scores for r in reports]
-    assert any("input unlike the training data" in reason for r in flagged for reason in r.reasons)
+    expected = {"metal implants": "saturated regions unlike the training data",
+                "other detector": "input noise unlike the training data"}.get(fault, "input unlike the training data")
+    assert any(expected in reason for r in flagged for reason in r.reasons), [r.reasons for r in flagged]
+
+
+def test_noise_and_saturation_statistics():
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.linspace(-0.8, 0.8, 256, dtype=np.float32), (256, 1))
+    for sigma in (0.005, 0.02, 0.08):  # the estimate follows the noise, not the ramp's (or an edge's) detail
+        noisy = ramp + rng.normal(0, sigma, ramp.shape).astype(np.float32)
+        noisy[:, 128:] += 0.5 * (noisy[:, 128:] > -2)  # a strong edge barely moves the median
+        assert fd.noise_level(np.clip(noisy, -1.0, 1.0)) == pytest.approx(sigma, rel=0.15)  # clipped: not counted
+    assert fd.noise_score(0.02, [0.01, 0.04]) == pytest.approx(1.0)  # an octave from the nearest
+    # Saturation: a soft climb into white (as the domain shows it) sets the level; a block of
+    # saturated white dropped into grey tissue is a steeper step and counts, the soft one not.
+    soft = np.clip(np.tile(np.linspace(0.0, 1.5, 256, dtype=np.float32), (256, 1)), -1, 1)
+    level = fd.saturated_level([soft])
+    assert 0.8 < level < fd.CLIPPED
+    assert fd.saturated_score(soft, level) == 0.0
+    metal = soft.copy()
+    metal[100:120, 20:30] = 1.0  # 200 px in grey at ~0.1: its rim is the step that counts
+    rim = 100 * (200 - 16 * 6) / metal.size  # the block's pixels within 2 px of the grey around it
+    assert rim <= fd.saturated_score(metal, level) <= 100 * 200 / metal.size
+    assert fd.saturated_level([np.zeros((64, 64), np.float32)]) == fd.CLIPPED  # none in the domain: any edge counts
+
+
+def test_models_calibrated_before_the_input_checks_skip_them(kit):
+    """Older model files have no noise levels or saturation level: those scores are None and not judged."""
+    old = kit["ab"].metadata["fidelity"]
+    legacy = dict(old, domain=[{k: v for k, v in d.items() if k != "noise"} for d in old["domain"]],
+                  thresholds={k: v for k, v in old["thresholds"].items() if k not in ("noise", "saturated")})
+    legacy.pop("saturated_level")
+    model = ff.wrapped(kit["ab"], kit["ab"].generator, "legacy")
+    model.metadata["fidelity"] = legacy
+    x = ff.with_metal(kit["test"][0].x, 0)
+    report = _report(model, x)
+    assert report.scores["noise"] is None and report.scores["saturated"] is None
+    assert "noise" not in report.thresholds and "saturated" not in report.thresholds
+    assert report.scores["ood"] is not None  # the style statistics still work
+    new = _report(kit["ab"], x)
+    assert new.scores["saturated"] > new.thresholds["saturated"]
 
 
 def test_uncalibrated_models_use_the_documented_defaults(tiny_model):
@@ -98,6 +138,7 @@ def test_uncalibrated_models_use_the_documented_defaults(tiny_model):
     x = np.linspace(-1, 1, 96 * 80, dtype=np.float32).reshape(96, 80)
     report = fd.assess(tiny_model, x, x)
     assert report.verdict == "ok" and report.scores["ood"] is None and report.scores["cycle"] is None
+    assert report.scores["noise"] is None and report.scores["saturated"] is None  # need a calibrated domain
     inverted = fd.assess(tiny_model, x, -x)
     assert inverted.flagged and any("not explained" in r for r in inverted.reasons)
     tiny = fd.assess(tiny_model, x[:10, :10], x[:10, :10])

@@ -8,7 +8,9 @@ has them, else the training images themselves: the input-similarity score then l
 image out of its own domain) and stores, in each model's ``fidelity`` metadata:
 
 * ``thresholds``: the highest held-out score plus a margin (``engine.fidelity``);
-* ``domain``: the style statistics of the training images, for the input-similarity score;
+* ``domain``: the style statistics and the noise level of each training image, for the
+  input-similarity and ``noise`` scores;
+* ``saturated_level``: the domain's steepest steps into saturated white, for ``saturated``;
 * ``calibration``: how many images, from where, and the highest and median score seen.
 
 The training images are scored too, for more samples of the normal variation: they can only
@@ -54,6 +56,9 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
 
     domain_imgs = pick_images(list(domain_images), DOMAIN_IMAGES)
     domain = fd.domain_statistics(domain_imgs)
+    domain_small = [fd.analysis_view(img) for img in domain_imgs]
+    noise_levels = [fd.noise_level(xs) for xs in domain_small]
+    sat_level = fd.saturated_level(domain_small)
     from_training = not held_out
     # Held-out images first; training images too, for more samples of the normal variation
     # (they can only raise a threshold: a false alarm costs a radiologist's time every day).
@@ -71,22 +76,26 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
                 samples[k].append(s[k])
             if inv is not None:
                 samples["cycle"].append(fd.cycle_score(inv, x, y, device=device))
+            samples["saturated"].append(fd.saturated_score(xs, sat_level))
             if n < len(held):
                 samples["ood"].append(fd.ood_score(xs, domain))
+                samples["noise"].append(fd.noise_score(fd.noise_level(xs), noise_levels))
     # Input similarity of every training image to the others (leave one out): many more
     # samples of the domain's spread than the held-out images alone give.
     for i, stats in enumerate(domain):
         others = [d for j, d in enumerate(domain) if j != i]
         if others:
             samples["ood"].append(min(fd.style_distance(stats, d)["total"] for d in others))
+            samples["noise"].append(fd.noise_score(noise_levels[i], noise_levels[:i] + noise_levels[i + 1:]))
     thresholds = fd.calibrate_thresholds(samples)
     seen = {k: v for k, v in samples.items() if v}
     log.info("fidelity calibration on %d held-out and %d training images: thresholds %s", len(held),
              len(calib) - len(held), "  ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
     return {
-        "version": 1,
+        "version": 2,
         "thresholds": thresholds,
-        "domain": [_stats_dict(d) for d in domain],
+        "domain": [{**_stats_dict(d), "noise": float(f"{v:.6g}")} for d, v in zip(domain, noise_levels)],
+        "saturated_level": round(sat_level, 6),
         "calibration": {
             "images": len(calib),
             "held_out_images": len(held),
