@@ -60,9 +60,13 @@ def tone_model(src: list[np.ndarray], dst: list[np.ndarray], name: str, seed: in
     generator that starts at the identity (ngf 8, 2 blocks)."""
     from dicom_node.train.tone_fit import fit_tone_filter
 
-    gen = ResnetGenerator(ngf=8, n_blocks=2, residual=True, tone_filter=True)
-    with torch.no_grad():
-        [m for m in gen.modules() if isinstance(m, nn.Conv2d)][-1].weight.zero_()
+    with torch.random.fork_rng():  # the same network in every run (the bench's rates are reproducible)
+        torch.manual_seed(seed)
+        gen = ResnetGenerator(ngf=8, n_blocks=2, residual=True, tone_filter=True)
+    with torch.no_grad():  # the identity, as the trainer's init: the last convolution's bias too (else
+        last = [m for m in gen.modules() if isinstance(m, nn.Conv2d)][-1]  # a random offset per run)
+        last.weight.zero_()
+        last.bias.zero_()
     gen.tone_filter.load_state_dict(fit_tone_filter(src, dst, seed=seed).state_dict())
     gen.eval().requires_grad_(False)
     return _model(gen, name)
