@@ -13,6 +13,7 @@ Counters (``metric`` -> labels):
     flagged      model                     outputs the fidelity guard flagged
     deliveries   destination, outcome      attempts: delivered | retry | failed (gave up)
     associations outcome                   released | aborted | rejected
+    notifications webhook, outcome         sends: sent | retry | failed (gave up)
 """
 from __future__ import annotations
 

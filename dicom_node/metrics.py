@@ -31,6 +31,8 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                    ("destination", "outcome")),
     "associations": ("associations", "DICOM associations by how they ended (released, aborted, rejected)",
                      ("outcome",)),
+    "notifications": ("notifications", "Webhook sends per webhook and outcome (sent, retry, failed)",
+                      ("webhook", "outcome")),
 }
 
 

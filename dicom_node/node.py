@@ -18,6 +18,7 @@ from typing import Any
 from dicom_node import reload
 from dicom_node.config import NodeConfig
 from dicom_node.metrics import NodeMetrics
+from dicom_node.notifications import Notifier
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateDB
@@ -63,6 +64,7 @@ class Node:
         self.spool.lock()
         self.spool.open()
         self.db = StateDB(self.spool.db_path)
+        self._tell_webhooks(self.db)
         named = self.db.name_routes([r.name for r in self.config.routes])
         if named:
             log.info("state database: %d row(s) now name their route (they named its position before)", named)
@@ -82,6 +84,7 @@ class Node:
                                             metrics=self.metrics))
         self._threads.extend(deliverers)
         self._threads.append(Housekeeper(self.config, self.spool, self.db, self._stop))
+        self._threads.append(Notifier(self.config, self.db, self._stop))
         if self.config.web is not None:
             self._start_web(models)  # before the workers: a console port in use stops the start cleanly
         for t in self._threads:
@@ -90,6 +93,11 @@ class Node:
         self.address = self.scp.start()
         reload.write_node_file(self.spool.root, self.config_path)
         return self.address
+
+    def _tell_webhooks(self, db: StateDB | None) -> None:
+        """Which webhooks want which events: the state database queues them with each change."""
+        if db is not None:
+            db.webhooks, db.node_ae = list(self.config.notifications), self.config.node.ae_title
 
     def _deliverer(self, name: str | None) -> Deliverer:
         return Deliverer(self.config, self.spool, self.db, threading.Event(), self._stop, only=name)
@@ -155,6 +163,8 @@ class Node:
             self.scp.configure(config)
         if self._console is not None:
             self._console.config = config
+        for db in (self.db, self._web_db):
+            self._tell_webhooks(db)
         self._wake_all()
 
     def _start_web(self, models: ModelCache) -> None:
@@ -166,6 +176,7 @@ class Node:
 
         web = self.config.web
         self._web_db = StateDB(self.spool.db_path)
+        self._tell_webhooks(self._web_db)
         self.metrics.watch(self._web_db, self.spool, self.config)
         token = None if web.users else new_token()
         console = self._console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
@@ -213,7 +224,8 @@ class Node:
         start = time.monotonic()
         for t in self._threads:
             # A translator finishes its item; a deliverer stuck on a silent peer is abandoned
-            # after DELIVERY_GRACE (its batch stays pending and is resent after the restart).
+            # after DELIVERY_GRACE (its batch stays pending and is resent after the restart),
+            # as is a notification to a silent receiver.
             limit = timeout if isinstance(t, Translator) else min(timeout, DELIVERY_GRACE)
             t.join(max(0.0, start + limit - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]

@@ -49,6 +49,7 @@ from typing import Callable, Iterable, Iterator
 from dicom_node.audit_trail import AuditTrail
 from dicom_node.console_queries import ConsoleQueries
 from dicom_node.counters import COUNTERS_SCHEMA, CounterStore, bump
+from dicom_node.notifications import NOTIFICATIONS_SCHEMA, NotificationOutbox
 from dicom_node.operations_log import OPERATIONS_SCHEMA, OperationsLog
 
 __all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "OutputRecord", "INSTANCE_STATES",
@@ -146,7 +147,7 @@ CREATE TABLE IF NOT EXISTS study_info (
     description  TEXT NOT NULL,
     modality     TEXT NOT NULL
 );
-""" + COUNTERS_SCHEMA + OPERATIONS_SCHEMA
+""" + COUNTERS_SCHEMA + OPERATIONS_SCHEMA + NOTIFICATIONS_SCHEMA
 
 STUDY_INFO_KEYWORDS = {"PatientName": "patient_name", "PatientID": "patient_id", "AccessionNumber": "accession",
                        "StudyDate": "study_date", "StudyDescription": "description", "Modality": "modality"}
@@ -213,13 +214,13 @@ _INSTANCE_COLS = ("id, called_ae, calling_ae, sop_uid, sop_class, study_uid, ser
                   "state, received_at, error")
 
 
-class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
+class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, NotificationOutbox):
     """Thread-safe access to the state database (one connection, one lock).
 
     Parts in modules of their own: the audit trail and the withheld outputs' release/discard
     (:mod:`dicom_node.audit_trail`), the metrics' counters (:mod:`dicom_node.counters`), the
     association and operator logs (:mod:`dicom_node.operations_log`) and the console's reads
-    (:mod:`dicom_node.console_queries`).  Each process (the node, the console, a CLI command)
+    (:mod:`dicom_node.console_queries`), the webhook outbox (:mod:`dicom_node.notifications`).  Each process (the node, the console, a CLI command)
     opens its own connection: SQLite in WAL mode lets readers run beside the writer.
     """
 
@@ -432,6 +433,13 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
             bump(c, "translated", model=counted)
             if output is not None and output.verdict == "flagged":
                 bump(c, "flagged", model=counted)
+                called_ae, route, study_uid = c.execute("SELECT called_ae, route, study_uid FROM instances WHERE id=?",
+                                                        (instance_id,)).fetchone()
+                self._notify(c, "output.withheld" if withhold else "output.flagged", {
+                    "called_ae": called_ae, "route": route, "study_uid": study_uid, "model": output.model,
+                    "model_version": output.model_version, "source_sop_uid": output.source_sop_uid,
+                    "output_sop_uid": output.output_sop_uid, "reasons": output.reasons, "action": output.action},
+                    study_uid, now)
             self._finish_if_done(c, [instance_id], now)
 
     def mark_not_translated(self, instance_id: int, state: str, error: str,
@@ -501,6 +509,12 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
                     c.execute("UPDATE deliveries SET state='failed', attempts=?, last_error=?, updated_at=? "
                               "WHERE id=?", (attempts, (error or "")[:500], now, row.id))
                     counts[2] += 1
+                    called_ae, route, study_uid = c.execute(
+                        "SELECT called_ae, route, study_uid FROM instances WHERE id=?", (row.instance_id,)).fetchone()
+                    self._notify(c, "delivery.failed", {
+                        "called_ae": called_ae, "route": route, "study_uid": study_uid, "destination": row.destination,
+                        "kind": row.kind, "sop_uid": row.sop_uid, "attempts": attempts, "error": (error or "")[:300]},
+                        study_uid, now)
                 else:
                     c.execute("UPDATE deliveries SET attempts=?, last_error=?, next_attempt_at=?, updated_at=? "
                               "WHERE id=?", (attempts, (error or "")[:500], now + float(delay_for(attempts)),
@@ -509,17 +523,31 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
             self._finish_if_done(c, touched, now)
         return counts[0], counts[1], counts[2]
 
-    @staticmethod
-    def _finish_if_done(c: sqlite3.Connection, instance_ids: Iterable[int], now: float) -> None:
-        """A translated instance becomes delivered (all ok) or failed (any gave up, none pending)."""
+    def _finish_if_done(self, c: sqlite3.Connection, instance_ids: Iterable[int], now: float) -> None:
+        """A translated instance becomes delivered (all ok) or failed (any gave up, none pending);
+        a study whose every instance is now delivered is announced (``study.delivered``)."""
+        finished: set[tuple[str, str, str]] = set()
         for iid in instance_ids:
             st = dict(c.execute("SELECT state, COUNT(*) FROM deliveries WHERE instance_id=? GROUP BY state",
                                 (iid,)).fetchall())
             if st.get("pending"):
                 continue
             new = "failed" if st.get("failed") else "delivered"
-            c.execute("UPDATE instances SET state=?, updated_at=? WHERE id=? AND state='translated'",
-                      (new, now, iid))
+            if c.execute("UPDATE instances SET state=?, updated_at=? WHERE id=? AND state='translated'",
+                         (new, now, iid)).rowcount and new == "delivered":
+                finished.add(c.execute("SELECT called_ae, route, study_uid FROM instances WHERE id=?",
+                                       (iid,)).fetchone())
+        for called_ae, route, study_uid in finished:
+            states = dict(c.execute("SELECT state, COUNT(*) FROM instances WHERE called_ae=? AND route=? AND "
+                                    "study_uid=? GROUP BY state", (called_ae, route, study_uid)).fetchall())
+            if any(states.get(s) for s in ("received", "ready", "translated", "withheld", "failed")):
+                continue  # more of this study to come, or something needs an operator
+            destinations = [d for (d,) in c.execute(
+                "SELECT DISTINCT d.destination FROM deliveries d JOIN instances i ON i.id=d.instance_id WHERE "
+                "i.called_ae=? AND i.route=? AND i.study_uid=? AND d.kind='output'", (called_ae, route, study_uid))]
+            self._notify(c, "study.delivered", {"called_ae": called_ae, "route": route, "study_uid": study_uid,
+                                                "instances": int(states.get("delivered", 0)),
+                                                "destinations": sorted(destinations)}, study_uid, now)
 
     # -- spool clean-up ----------------------------------------------------------------
     def finished_unpurged(self, limit: int = 500) -> list[tuple[int, str]]:
@@ -562,6 +590,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries):
                 c.execute("DELETE FROM study_info WHERE NOT EXISTS "
                           "(SELECT 1 FROM instances i WHERE i.study_uid=study_info.study_uid)")
             self._forget_operations(c, cutoff)
+            c.execute("DELETE FROM notifications WHERE state='sent' AND updated_at < ?", (cutoff,))
         return len(ids)
 
     # -- operator commands -------------------------------------------------------------

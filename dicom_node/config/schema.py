@@ -18,7 +18,8 @@ from .fields import (MISSING, ae_title_field, ae_title_problem, boolean, check_n
                      number, resolve, string, string_list)
 from .settings import (DESTINATION_KINDS, NOTIFICATION_EVENTS, ON_MAX_WAIT, DestinationSettings, DicomDestination,
                        FolderDestination, ModelSettings, NodeConfig, NodeSettings, RetrySettings, RouteSettings,
-                       StorageSettings, TLSSettings, WebhookSettings, WebSettings, derive_route_name)
+                       StorageSettings, TLSSettings, WebhookSettings, WebSettings, derive_route_name,
+                       webhook_retry)
 
 __all__ = ["parse_schema"]
 
@@ -284,7 +285,8 @@ def _notifications(raw: Any, pr: Problems, base_dir: Path) -> list[WebhookSettin
         return out
     for i, spec in enumerate(raw):
         path = join_path("notifications", i)
-        m = mapping(spec, path, {"name", "url", "events", "secret", "include_phi", "tls", "timeout"}, {"url"}, pr)
+        m = mapping(spec, path, {"name", "url", "events", "secret", "include_phi", "tls", "timeout", "retry"},
+                    {"url"}, pr)
         if m is None:
             continue
         url = string(m, "url", path, pr, "") or ""
@@ -310,7 +312,9 @@ def _notifications(raw: Any, pr: Problems, base_dir: Path) -> list[WebhookSettin
             include_phi=boolean(m, "include_phi", path, pr, False),
             ca=_file(tls, "ca", tpath, pr, base_dir), verify=boolean(tls, "verify", tpath, pr, True),
             cert=_file(tls, "cert", tpath, pr, base_dir), key=_file(tls, "key", tpath, pr, base_dir),
-            timeout=number(m, "timeout", path, pr, 10.0, 0, False)))
+            timeout=number(m, "timeout", path, pr, 10.0, 0, False),
+            retry=_retry(m["retry"], pr, join_path(path, "retry"), webhook_retry()) if m.get("retry") is not None
+            else webhook_retry()))
     return out
 
 
@@ -354,9 +358,10 @@ def _match(raw: Any, path: str, pr: Problems) -> dict[str, list[str]]:
     return out
 
 
-def _retry(raw: Any, pr: Problems) -> RetrySettings:
-    d = RetrySettings()
-    m = mapping(raw, "retry", {"max_attempts", "backoff_seconds"}, set(), pr)
+def _retry(raw: Any, pr: Problems, path: str = "retry", d: RetrySettings | None = None) -> RetrySettings:
+    """A ``retry`` mapping (the node's, or a webhook's at ``path``); missing keys from ``d``."""
+    d = d or RetrySettings()
+    m = mapping(raw, path, {"max_attempts", "backoff_seconds"}, set(), pr)
     if m is None:
         return d
     backoff = d.backoff_seconds
@@ -365,10 +370,10 @@ def _retry(raw: Any, pr: Problems) -> RetrySettings:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list) or not value:
-            pr.add("retry.backoff_seconds", f"must be a non-empty list of seconds, not {type_name(value)}")
+            pr.add(f"{path}.backoff_seconds", f"must be a non-empty list of seconds, not {type_name(value)}")
         else:
-            backoff = [check_number(v, f"retry.backoff_seconds[{i}]", pr, 0.0) for i, v in enumerate(value)]
-    return RetrySettings(max_attempts=integer(m, "max_attempts", "retry", pr, d.max_attempts, 1), backoff_seconds=backoff)
+            backoff = [check_number(v, f"{path}.backoff_seconds[{i}]", pr, 0.0) for i, v in enumerate(value)]
+    return RetrySettings(max_attempts=integer(m, "max_attempts", path, pr, d.max_attempts, 1), backoff_seconds=backoff)
 
 
 def _web(raw: Any, node: NodeSettings, pr: Problems, base_dir: Path) -> WebSettings:

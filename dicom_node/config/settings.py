@@ -13,7 +13,7 @@ from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, D
 
 __all__ = ["TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings", "DestinationSettings",
            "DicomDestination", "FolderDestination", "DESTINATION_KINDS", "RouteSettings", "RetrySettings", "ON_MAX_WAIT",
-           "derive_route_name",
+           "derive_route_name", "webhook_retry",
            "WebSettings", "WebhookSettings", "NOTIFICATION_EVENTS", "NodeConfig", "default_config"]
 
 
@@ -165,6 +165,13 @@ class WebhookSettings:
     cert: Path | None = None
     key: Path | None = None
     timeout: float = 10.0
+    retry: "RetrySettings" = field(default_factory=lambda: webhook_retry())
+
+
+def webhook_retry() -> "RetrySettings":
+    """A webhook's default retries: up to 20 sends over about 8 hours (a receiver down overnight
+    loses nothing; the node's own ``retry`` is for DICOM deliveries)."""
+    return RetrySettings(max_attempts=20, backoff_seconds=[5.0, 30.0, 120.0, 600.0, 1800.0])
 
 
 @dataclass

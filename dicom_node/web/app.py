@@ -334,7 +334,9 @@ def build_app(console: Console):
     def failures(request: Any, session: Session) -> Any:
         db = console.db
         return render("failures.html", request, session, failed=db.failures(), withheld=db.withheld(),
-                      associations=db.associations(ASSOCIATIONS_LISTED))
+                      associations=db.associations(ASSOCIATIONS_LISTED),
+                      notifications=db.notifications(state="failed", limit=ASSOCIATIONS_LISTED),
+                      waiting=db.notifications(state="pending", limit=ASSOCIATIONS_LISTED))
 
     @page
     def actions_log(request: Any, session: Session) -> Any:

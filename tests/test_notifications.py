@@ -1,0 +1,120 @@
+"""Webhook notifications against real local HTTP receivers, one of them down at first.
+
+The node is a real ``dicom-node serve`` process, studies arrive over real associations, and
+the node is killed with -9 while notifications wait for a receiver that is down: after the
+restart every one arrives, signed, once, without patient data unless the webhook asks for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from dicom_node.notifications import SIGNATURE_HEADER
+from tests.factory import PATIENT_ID, PATIENT_NAME
+from tests.nodeproc import NodeProcess, Receiver, free_port, node_config, send, wait_for, write_config
+from tests.test_node import study
+
+SECRET = "webhook-shared-secret"
+
+
+class HookReceiver:
+    """A real HTTP server on 127.0.0.1 recording every POST (headers and JSON body)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.posts: list[tuple[dict, bytes]] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> "HookReceiver":
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def events(self) -> list[dict]:
+        return [json.loads(body) for _, body in self.posts]
+
+
+@pytest.fixture
+def untrained_path(tmp_path) -> Path:
+    from dicom_node.engine import new_style_model, save_style_model
+
+    path = tmp_path / "untrained.safetensors"  # noise out: the fidelity guard flags it
+    save_style_model(new_style_model(ngf=4, n_blocks=1, residual=False, seed=4), path, name="untrained")
+    return path
+
+
+def test_webhooks_survive_a_receiver_down_and_a_kill_9(tmp_path, tiny_model_path, untrained_path):
+    ops_port, ris = free_port(), HookReceiver(free_port()).start()
+    ops = HookReceiver(ops_port)  # down at first
+    with Receiver("PACS") as pacs:
+        port = free_port()
+        dests = {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
+                 "gone": {"type": "dicom", "ae_title": "GONE", "host": "127.0.0.1", "port": free_port()}}
+        cfg = node_config(tmp_path, port=port, model_path=tiny_model_path, destinations=dests, stable=0.3,
+                          routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["pacs"]},
+                                  {"called_ae": "DR_BAD", "model": "bad", "destinations": ["pacs"],
+                                   "fidelity": {"action": "withhold"}},
+                                  {"called_ae": "DR_LOST", "model": "tiny", "destinations": ["gone"]}],
+                          retry={"max_attempts": 2, "backoff_seconds": [0.2]})
+        cfg["models"]["bad"] = {"path": str(untrained_path), "device": "cpu"}
+        cfg["notifications"] = [
+            {"name": "ops", "url": f"http://127.0.0.1:{ops_port}/hook", "secret": SECRET,
+             "retry": {"max_attempts": 200, "backoff_seconds": [0.3]}},
+            {"name": "ris", "url": f"http://127.0.0.1:{ris.port}/ris", "events": ["study.delivered"],
+             "include_phi": True}]
+        cfg_path = write_config(tmp_path / "node.yaml", cfg)
+        node = NodeProcess(cfg_path, port, tmp_path / "node.log").start()
+        try:
+            kim = study(2)
+            assert send(port, kim, called="DR_KIM") == [0, 0]
+            assert send(port, study(1), called="DR_BAD") == [0]
+            assert send(port, study(1), called="DR_LOST") == [0]
+            assert wait_for(lambda: len(ris.posts) == 1, 60), node.log()[-2000:]
+            delivered = ris.events()[0]
+            assert delivered["event"] == "study.delivered" and delivered["study_uid"] == str(kim[0].StudyInstanceUID)
+            assert delivered["instances"] == 2 and delivered["destinations"] == ["pacs"]
+            assert delivered["patient_name"] == PATIENT_NAME and delivered["patient_id"] == PATIENT_ID  # include_phi
+            assert wait_for(lambda: node.log().count("webhook ops:") >= 6, 60)  # ops is down: retrying
+            node.kill9()  # with three events still waiting for ops
+            ops.start()
+            node.start()
+            assert wait_for(lambda: len(ops.posts) == 3, 60), node.log()[-2000:]
+        finally:
+            node.kill9()
+            ops.stop()
+            ris.stop()
+    events = {e["event"]: e for e in ops.events()}
+    assert set(events) == {"study.delivered", "output.withheld", "delivery.failed"}
+    assert events["delivery.failed"]["destination"] == "gone" and events["delivery.failed"]["attempts"] == 2
+    assert events["output.withheld"]["reasons"] and events["output.withheld"]["route"] == "dr_bad-bad"
+    ids = [headers["x-dicom-node-delivery"] for headers, _ in ops.posts]
+    assert len(set(ids)) == 3  # each once
+    for headers, body in ops.posts:
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert headers[SIGNATURE_HEADER.lower()] == expected
+        assert PATIENT_NAME.encode() not in body and PATIENT_ID.encode() not in body  # no include_phi
+    log = (tmp_path / "node.log").read_text()
+    assert PATIENT_NAME not in log and PATIENT_ID not in log
