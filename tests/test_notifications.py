@@ -118,3 +118,37 @@ def test_webhooks_survive_a_receiver_down_and_a_kill_9(tmp_path, tiny_model_path
         assert PATIENT_NAME.encode() not in body and PATIENT_ID.encode() not in body  # no include_phi
     log = (tmp_path / "node.log").read_text()
     assert PATIENT_NAME not in log and PATIENT_ID not in log
+
+
+def test_https_webhook_is_verified_against_its_ca(tmp_path, tiny_model_path):
+    """A receiver over https: trusted through tls.ca it gets the event; one whose certificate
+    the node cannot verify gets nothing, and the failure says why."""
+    import ssl
+
+    from dicom_node.config import parse_config
+    from dicom_node.node import Node
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    hook = HookReceiver(free_port()).start()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    hook._server.socket = server_ctx.wrap_socket(hook._server.socket, server_side=True)
+    url = f"https://127.0.0.1:{hook.port}/hook"
+    try:
+        cfg = node_config(tmp_path, port=free_port(), model_path=tiny_model_path, stable=0.2,
+                          destinations={"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                          routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["out"]}])
+        cfg["notifications"] = [
+            {"name": "trusted", "url": url, "events": ["study.delivered"], "tls": {"ca": str(pki.ca)}},
+            {"name": "untrusted", "url": url, "events": ["study.delivered"], "tls": {"ca": str(pki.rogue_ca)},
+             "retry": {"max_attempts": 1}}]
+        with Node(parse_config(cfg, base_dir=tmp_path)) as node:
+            assert send(node.port, study(1), called="DR_KIM") == [0]
+            assert wait_for(lambda: len(hook.posts) == 1 and node.db.notifications(state="failed"), 60)
+            failed = node.db.notifications(state="failed")
+            assert [n["webhook"] for n in failed] == ["untrusted"] and "CERTIFICATE_VERIFY_FAILED" in \
+                failed[0]["last_error"]
+            assert [n["webhook"] for n in node.db.notifications(state="sent")] == ["trusted"]
+    finally:
+        hook.stop()

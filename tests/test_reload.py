@@ -187,3 +187,26 @@ def test_max_wait_translates_a_study_that_never_pauses_and_follow_ups_join_its_s
         refs = [str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in pacs.received]
         assert sorted(refs) == sorted(str(ds.SOPInstanceUID) for ds in sources)  # each once: no duplicates
         assert len({str(ds.SeriesInstanceUID) for ds in pacs.received}) == 1  # follow-ups join the series
+
+
+def test_max_wait_discard_drops_a_study_that_never_pauses(tmp_path, tiny_model_path):
+    import sqlite3
+
+    with Receiver("PACS") as pacs:
+        port = free_port()
+        dests = {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}}
+        cfg = node_config(tmp_path, port=port, model_path=tiny_model_path, destinations=dests, stable=0.5,
+                          routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["pacs"],
+                                   "study_stable_seconds": 3, "max_wait_seconds": 1, "on_max_wait": "discard"}])
+        cfg_path = write_config(tmp_path / "node.yaml", cfg)
+        sources = study(6)
+        with NodeProcess(cfg_path, port, tmp_path / "node.log") as node:
+            statuses: list = []
+            _slow_send(port, sources, "DR_KIM", 0.5, statuses)
+            assert statuses == [0] * 6 + ["released"]  # acknowledged (kept), then dropped by the rule
+            db = sqlite3.connect(tmp_path / "spool" / "state.db")
+            assert wait_for(lambda: [s for (s,) in db.execute("SELECT state FROM instances")] == ["discarded"] * 6,
+                            30)
+            db.close()
+            assert "discarded (on_max_wait: discard)" in node.log()
+        assert pacs.received == []
