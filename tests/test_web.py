@@ -277,7 +277,9 @@ def test_console_releases_and_drops_withheld_outputs(tmp_path, tiny_model_path):
             assert keep in html and drop in html and "Release" in html
             csrf = web.csrf("/failures")
             status, headers, _ = web.post("/release", {"csrf_token": csrf, "uid": keep, "back": "/failures"})
-            assert status == 303 and "released%201" in headers["location"]
+            assert status == 303 and headers["location"] == "/failures"
+            assert "released 1 withheld output" in web.get("/failures")[2]  # once, on the next page
+            assert "released 1 withheld output" not in web.get("/failures")[2]
             assert wait_for(lambda: pacs.uids() == [keep], 30), pacs.uids()
             assert web.post("/discard", {"csrf_token": csrf, "uid": drop, "back": "/failures"})[0] == 303
             assert wait_for(lambda: node.db.counts()[0]["discarded"] == 1, 10)

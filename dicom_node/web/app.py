@@ -174,9 +174,11 @@ def build_app(console: Console):
     refresh = console.config.web.refresh_seconds if console.config.web else 5.0
 
     def render(name: str, request: Any, session: Session | None, status: int = 200, **values: Any) -> Any:
+        done = None
+        if session is not None:
+            done, session.flash = session.flash, None
         html = env.get_template(name).render(session=session, refresh=refresh, request=request,
-                                             node=console.config.node, done=request.query_params.get("done"),
-                                             **values)
+                                             node=console.config.node, done=done, **values)
         return HTMLResponse(html, status_code=status)
 
     def session_of(request: Any) -> Session | None:
@@ -206,11 +208,9 @@ def build_app(console: Console):
                 log.warning("console: %s %s refused: missing or wrong CSRF token (user %s)", request.method,
                             request.url.path, session.user)
                 return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
-            message = await run_in_threadpool(fn, session, form)
+            session.flash = await run_in_threadpool(fn, session, form)  # shown once, on the next page
             console.wake()
-            back = _local_path(form.get("back"))
-            sep = "&" if "?" in back else "?"
-            return RedirectResponse(f"{back}{sep}done={quote(message)}", status_code=303)
+            return RedirectResponse(_local_path(form.get("back")), status_code=303)
         return wrapper
 
     # -- health and metrics (no login) -------------------------------------------------

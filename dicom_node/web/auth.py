@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token",
+__all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token", "same",
            "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW"]
 
 SESSION_COOKIE = "dicom_node_session"
@@ -73,6 +73,7 @@ class Session:
     user: str
     csrf: str = field(default_factory=new_token)
     last_seen: float = field(default_factory=time.time)
+    flash: str | None = None  # what the last action did, shown once on the next page
 
 
 class Sessions:
@@ -114,7 +115,11 @@ class LoginLimiter:
         self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
+    MAX_CLIENTS = 10_000  # addresses remembered at most (a scan from many addresses cannot fill memory)
+
     def _recent(self, client: str, now: float) -> list[float]:
+        if len(self._failures) > self.MAX_CLIENTS:
+            self._failures = {c: t for c, t in self._failures.items() if t and now - t[-1] < self.window}
         times = [t for t in self._failures.get(client, []) if now - t < self.window]
         self._failures[client] = times
         return times

@@ -8,9 +8,7 @@
   async function refresh() {
     if (document.hidden) return;
     try {
-      const url = new URL(location.href);
-      url.searchParams.delete("done");
-      const r = await fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } });
+      const r = await fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } });
       if (r.redirected && new URL(r.url).pathname === "/login") { location.assign(r.url); return; }
       if (!r.ok) return;
       const fresh = new DOMParser().parseFromString(await r.text(), "text/html").querySelector("main");
