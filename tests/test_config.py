@@ -375,6 +375,8 @@ def _unit_settings(text: str) -> dict[str, list[str]]:
 def test_systemd_unit_is_hardened_and_runs_the_node():
     s = _unit_settings(UNIT.read_text())
     assert s["ExecStart"] == ["/opt/dicom-node/.venv/bin/dicom-node serve --config /etc/dicom-node/config.yaml"]
+    # systemctl reload: validate and apply without a restart (an invalid config fails the reload)
+    assert s["ExecReload"] == ["/opt/dicom-node/.venv/bin/dicom-node reload --config /etc/dicom-node/config.yaml"]
     assert s["User"] == ["dicom-node"] and s["Restart"] == ["on-failure"]
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": "",
