@@ -151,10 +151,16 @@ def _pyramid(t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 
 def _box(t: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean over a k x k window (separable, reflected at the border)."""
+    """Mean over a k x k window (separable, reflected at the border), by running sums in float64
+    (equal to average pooling to float32 rounding; stride-1 pooling is slower on a CPU)."""
     p = min(k // 2, t.shape[-1] - 1, t.shape[-2] - 1)
-    t = F.avg_pool2d(F.pad(t, (p, p, 0, 0), mode="reflect"), (1, 2 * p + 1), stride=1)
-    return F.avg_pool2d(F.pad(t, (0, 0, p, p), mode="reflect"), (2 * p + 1, 1), stride=1)
+    n = 2 * p + 1
+    for dim, pad in ((-1, (p, p, 0, 0)), (-2, (0, 0, p, p))):
+        u = F.pad(t, pad, mode="reflect").double().cumsum(dim)
+        u = torch.cat([torch.zeros_like(u.narrow(dim, 0, 1)), u], dim)
+        length = u.shape[dim] - n
+        t = ((u.narrow(dim, n, length) - u.narrow(dim, 0, length)) / n).float()
+    return t
 
 
 def _judgeable(x: np.ndarray) -> torch.Tensor:
@@ -259,15 +265,24 @@ def noise_score(level: float, domain_levels: list[float]) -> float:
 
 
 def _step_into_saturation(x_small: np.ndarray) -> np.ndarray:
-    """For each saturated-white pixel, the darkest 3x3-smoothed value within :data:`STEP_WINDOW`."""
-    t = torch.from_numpy(np.ascontiguousarray(x_small, dtype=np.float32))[None, None]
-    sat = t >= CLIPPED
-    if not bool(sat.any()):
+    """For each saturated-white pixel, the darkest 3x3-smoothed value within :data:`STEP_WINDOW`
+    (numpy shifts: stride-1 pooling is several times slower on a CPU)."""
+    x = np.asarray(x_small, dtype=np.float32)
+    sat = x >= CLIPPED
+    if not sat.any():
         return np.zeros(0, dtype=np.float32)
-    smooth = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    k = STEP_WINDOW
-    darkest = -F.max_pool2d(F.pad(-smooth, (k // 2,) * 4, mode="replicate"), k, stride=1)
-    return darkest[sat].numpy()
+    h, w = x.shape
+    p = np.pad(x, 1, mode="edge")
+    smooth = sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    r = STEP_WINDOW // 2
+    p = np.pad(smooth, r, mode="edge")
+    rows = p[:, :w].copy()
+    for j in range(1, 2 * r + 1):
+        np.minimum(rows, p[:, j:j + w], out=rows)
+    darkest = rows[:h].copy()
+    for i in range(1, 2 * r + 1):
+        np.minimum(darkest, rows[i:i + h], out=darkest)
+    return darkest[sat]
 
 
 def saturated_level(images_small: list[np.ndarray]) -> float:
