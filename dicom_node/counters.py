@@ -18,7 +18,6 @@ Counters (``metric`` -> labels):
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 __all__ = ["COUNTERS_SCHEMA", "bump", "CounterStore"]
@@ -33,11 +32,11 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-def bump(c: sqlite3.Connection, metric: str, n: int = 1, **labels: str) -> None:
+def bump(c: Any, metric: str, n: int = 1, **labels: str) -> None:
     """Add ``n`` to a counter inside the caller's transaction."""
     if n:
         c.execute("INSERT INTO counters (metric, labels, value) VALUES (?,?,?) ON CONFLICT (metric, labels) "
-                  "DO UPDATE SET value=value+excluded.value", (metric, json.dumps(labels, sort_keys=True), int(n)))
+                  "DO UPDATE SET value=counters.value+excluded.value", (metric, json.dumps(labels, sort_keys=True), int(n)))
 
 
 class CounterStore:
@@ -52,7 +51,7 @@ class CounterStore:
         return out
 
     @staticmethod
-    def _seed_counters(c: sqlite3.Connection) -> None:
+    def _seed_counters(c: Any) -> None:
         """A database from before the counters: start them from what its rows still say."""
         if c.execute("SELECT 1 FROM counters LIMIT 1").fetchone():
             return

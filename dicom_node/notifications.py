@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 import ssl
 import threading
 import time
@@ -69,7 +68,7 @@ class NotificationOutbox:
     webhooks: list[Any] = []
     node_ae: str = ""
 
-    def _notify(self, c: sqlite3.Connection, event: str, payload: dict[str, Any], study_uid: str | None = None,
+    def _notify(self, c: Any, event: str, payload: dict[str, Any], study_uid: str | None = None,
                 now: float | None = None) -> None:
         """Queue ``event`` for every webhook that wants it, inside the caller's transaction."""
         wanted = [w for w in self.webhooks if event in w.events]

@@ -12,7 +12,6 @@ trimmed with the housekeeper's forgetting; operator actions are kept (an audit t
 """
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
@@ -37,7 +36,7 @@ CREATE INDEX IF NOT EXISTS associations_time ON associations (ended_at);
 CREATE TABLE IF NOT EXISTS operator_actions (
     id      INTEGER PRIMARY KEY,
     at      REAL NOT NULL,
-    user    TEXT NOT NULL,                   -- console login name, or cli:<os user>
+    who     TEXT NOT NULL,                   -- console login name, or cli:<os user> ("user" is reserved SQL)
     action  TEXT NOT NULL,                   -- requeue | release | discard | login | logout | login-failed
     target  TEXT NOT NULL,                   -- what it applied to (UIDs, "all failed", ...)
     result  TEXT NOT NULL                    -- what it did ("3 deliveries requeued")
@@ -47,7 +46,8 @@ CREATE INDEX IF NOT EXISTS operator_actions_time ON operator_actions (at);
 
 ASSOCIATION_COLS = ("id", "calling_ae", "called_ae", "peer", "stored", "refused", "started_at", "ended_at", "outcome",
                     "reason")
-ACTION_COLS = ("id", "at", "user", "action", "target", "result")
+ACTION_COLS = ("id", "at", "who", "action", "target", "result")
+ACTION_KEYS = ("id", "at", "user", "action", "target", "result")  # what actions() returns
 
 
 class OperationsLog:
@@ -75,16 +75,16 @@ class OperationsLog:
             self._action(c, user, action, target, result)
 
     @staticmethod
-    def _action(c: sqlite3.Connection, user: str, action: str, target: str, result: str) -> None:
-        c.execute("INSERT INTO operator_actions (at, user, action, target, result) VALUES (?,?,?,?,?)",
+    def _action(c: Any, user: str, action: str, target: str, result: str) -> None:
+        c.execute("INSERT INTO operator_actions (at, who, action, target, result) VALUES (?,?,?,?,?)",
                   (time.time(), user[:100], action, target[:500], result[:500]))
 
     def actions(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest operator actions, newest first."""
         rows = self._query(f"SELECT {', '.join(ACTION_COLS)} FROM operator_actions "  # type: ignore
                            "ORDER BY at DESC, id DESC LIMIT ?", (int(limit),))
-        return [dict(zip(ACTION_COLS, r)) for r in rows]
+        return [dict(zip(ACTION_KEYS, r)) for r in rows]
 
     @staticmethod
-    def _forget_operations(c: sqlite3.Connection, cutoff: float) -> None:
+    def _forget_operations(c: Any, cutoff: float) -> None:
         c.execute("DELETE FROM associations WHERE ended_at < ?", (cutoff,))

@@ -39,7 +39,6 @@ misroutes queued work; databases from before route names are migrated at start
 """
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from typing import Callable, Iterable, Iterator
 from dicom_node.audit_trail import AuditTrail
 from dicom_node.console_queries import ConsoleQueries
 from dicom_node.counters import COUNTERS_SCHEMA, CounterStore, bump
+from dicom_node.database import Database
 from dicom_node.notifications import NOTIFICATIONS_SCHEMA, NotificationOutbox
 from dicom_node.operations_log import OPERATIONS_SCHEMA, OperationsLog
 
@@ -224,33 +224,31 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
     opens its own connection: SQLite in WAL mode lets readers run beside the writer.
     """
 
-    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+        """``path``: the SQLite file, or a ``postgresql://`` URL (:mod:`dicom_node.database`)."""
+        from dicom_node.database import is_postgres_url, open_database
+
+        self.path = path if is_postgres_url(path) else Path(path)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                     check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        self._conn = open_database(self.path, timeout=timeout)
         with self._lock:
-            had_counters = bool(self._conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='counters'").fetchone())
-            self._conn.executescript(_SCHEMA)
-            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(instances)")}
-            if "purged" not in columns:  # a database from before spool clean-up existed
+            had_counters = self._conn.has_table("counters")
+            self._conn.script(_SCHEMA)
+            if "purged" not in self._conn.columns("instances"):  # a database from before spool clean-up
                 self._conn.execute("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
-            if "first_received_at" not in {row[1] for row in self._conn.execute("PRAGMA table_info(studies)")}:
-                self._conn.execute("ALTER TABLE studies ADD COLUMN first_received_at REAL")  # before max_wait
+            if "first_received_at" not in self._conn.columns("studies"):  # from before max_wait
+                self._conn.execute("ALTER TABLE studies ADD COLUMN first_received_at REAL")
             # Only the few rows whose files are still in the spool: the purge query stays cheap
             # however many delivered instances the table remembers.
             self._conn.execute("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
         if not had_counters:
             with self._tx() as c:
                 self._seed_counters(c)
-        try:
-            self.path.chmod(0o600)
-        except OSError:
-            pass
+        if isinstance(self.path, Path):
+            try:
+                self.path.chmod(0o600)
+            except OSError:
+                pass
 
     def close(self) -> None:
         with self._lock:
@@ -261,10 +259,10 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
         def __init__(self, db: "StateDB") -> None:
             self.db = db
 
-        def __enter__(self) -> sqlite3.Connection:
+        def __enter__(self) -> "Database":
             self.db._lock.acquire()
             try:
-                self.db._conn.execute("BEGIN IMMEDIATE")
+                self.db._conn.begin()
             except BaseException:
                 self.db._lock.release()
                 raise
@@ -272,12 +270,12 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
 
         def __exit__(self, exc_type, exc, tb) -> None:
             try:
-                self.db._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                (self.db._conn.commit if exc_type is None else self.db._conn.rollback)()
             finally:
                 self.db._lock.release()
 
     def _tx(self) -> "StateDB._Tx":
-        """A write transaction: BEGIN IMMEDIATE ... COMMIT (ROLLBACK on exception)."""
+        """A write transaction: BEGIN (SQLite: IMMEDIATE) ... COMMIT (ROLLBACK on exception)."""
         return StateDB._Tx(self)
 
     def _query(self, sql: str, params: Iterable = ()) -> list[tuple]:
@@ -313,12 +311,11 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                               "AND study_uid=? AND state='pending'", (now, called_ae, row[2], study_uid))
                 return int(row[0]), False
             state = "received" if matched else "unmatched"
-            cur = c.execute(
+            iid = c.insert_id(
                 "INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
                 "route, path, size, state, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size,
                  state, now, now))
-            iid = int(cur.lastrowid)
             bump(c, "received", called_ae=called_ae)
             if study is not None:
                 info = {col: str(study.get(col) or "")[:200] for col in STUDY_INFO_KEYWORDS.values()}
@@ -342,6 +339,8 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
     def name_routes(self, names: list[str]) -> int:
         """A database from before route names: rows that name their route by position get the
         name of the route at that position in the config the node starts with."""
+        if self._conn.dialect != "sqlite":
+            return 0  # PostgreSQL databases were made with route names
         with self._tx() as c:
             n = 0
             for table in ("instances", "studies"):
@@ -350,7 +349,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                                    (name, index)).rowcount
         return n
 
-    def _pending_studies(self, c: sqlite3.Connection) -> list[tuple]:
+    def _pending_studies(self, c: Database) -> list[tuple]:
         return c.execute("SELECT id, called_ae, route, study_uid, last_received_at, "
                          "COALESCE(first_received_at, last_received_at) FROM studies WHERE state='pending'").fetchall()
 
@@ -453,7 +452,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             self._add_deliveries(c, instance_id, deliveries, now)
 
     @staticmethod
-    def _add_deliveries(c: sqlite3.Connection, instance_id: int, deliveries: Iterable[NewDelivery],
+    def _add_deliveries(c: Database, instance_id: int, deliveries: Iterable[NewDelivery],
                         now: float, state: str = "pending") -> None:
         for d in deliveries:
             c.execute("INSERT OR IGNORE INTO deliveries (instance_id, destination, kind, sop_uid, path, state, "
@@ -523,7 +522,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             self._finish_if_done(c, touched, now)
         return counts[0], counts[1], counts[2]
 
-    def _finish_if_done(self, c: sqlite3.Connection, instance_ids: Iterable[int], now: float) -> None:
+    def _finish_if_done(self, c: Database, instance_ids: Iterable[int], now: float) -> None:
         """A translated instance becomes delivered (all ok) or failed (any gave up, none pending);
         a study whose every instance is now delivered is announced (``study.delivered``)."""
         finished: set[tuple[str, str, str]] = set()

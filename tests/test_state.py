@@ -4,7 +4,18 @@ from __future__ import annotations
 import os
 import sqlite3
 
+import pytest
+
 from dicom_node.state import NewDelivery, StateDB
+from tests.postgres import postgres_server  # noqa: F401 - fixture
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """The state database on each backend: a SQLite file, or a fresh database on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return tmp_path / "state.db"
+    return request.getfixturevalue("postgres_server").new_database()
 
 
 def receive(db: StateDB, sop: str, study: str = "1.2.3", *, now: float, matched: bool = True, forward=()):
@@ -30,8 +41,8 @@ def test_pragmas_and_permissions(tmp_path):
     db.close()
 
 
-def test_study_quiet_period_and_duplicates(tmp_path):
-    db = StateDB(tmp_path / "state.db")
+def test_study_quiet_period_and_duplicates(database):
+    db = StateDB(database)
     assert receive(db, "1.1", now=100.0)[1] is True
     receive(db, "1.2", now=104.0)
     assert receive(db, "1.1", now=108.0)[1] is False  # duplicate: not new, restarts the quiet period
@@ -48,8 +59,8 @@ def test_study_quiet_period_and_duplicates(tmp_path):
     assert states(db)["1.3"] == "ready"
 
 
-def test_deliveries_retry_then_fail_then_requeue(tmp_path):
-    db = StateDB(tmp_path / "state.db")
+def test_deliveries_retry_then_fail_then_requeue(database):
+    db = StateDB(database)
     iid, _ = receive(db, "1.1", now=0.0)
     db.release_stable_studies(fixed(1.0), now=5.0)
     assert [r.sop_uid for r in db.ready_instances(limit=64)] == ["1.1"]  # what the translator asks
@@ -80,8 +91,8 @@ def test_deliveries_retry_then_fail_then_requeue(tmp_path):
     assert states(db)["1.1"] == "delivered"
 
 
-def test_failed_translation_is_requeued_as_ready(tmp_path):
-    db = StateDB(tmp_path / "state.db")
+def test_failed_translation_is_requeued_as_ready(database):
+    db = StateDB(database)
     iid, _ = receive(db, "1.1", now=0.0)
     db.release_stable_studies(fixed(1.0), now=5.0)
     db.mark_not_translated(iid, "failed", "model missing")
@@ -89,8 +100,8 @@ def test_failed_translation_is_requeued_as_ready(tmp_path):
     assert states(db)["1.1"] == "ready"
 
 
-def test_unmatched_instance_forwards_original(tmp_path):
-    db = StateDB(tmp_path / "state.db")
+def test_unmatched_instance_forwards_original(database):
+    db = StateDB(database)
     receive(db, "1.1", now=0.0, matched=False, forward=["pacs"])
     assert states(db)["1.1"] == "unmatched"
     (d,) = db.due_deliveries(now=0.0)
@@ -109,8 +120,8 @@ def test_state_survives_reopen_without_clean_close(tmp_path):
     assert states(db2) == {"1.1": "received"}
 
 
-def test_finished_instances_are_listed_for_purge_once(tmp_path):
-    db = StateDB(tmp_path / "state.db")
+def test_finished_instances_are_listed_for_purge_once(database):
+    db = StateDB(database)
     iid, _ = receive(db, "1.1", now=0.0)
     kept, _ = receive(db, "1.2", now=0.0, matched=False)  # unmatched, not forwarded: kept on purpose
     fwd, _ = receive(db, "1.3", now=0.0, matched=False, forward=["pacs"])
@@ -140,8 +151,8 @@ def test_spool_sweep_removes_only_stale_partial_files(tmp_path):
     assert not stale.exists() and fresh.exists()
 
 
-def test_old_finished_rows_are_forgotten(tmp_path):
-    db = StateDB(tmp_path / "state.db")
+def test_old_finished_rows_are_forgotten(database):
+    db = StateDB(database)
     old_id, _ = receive(db, "1.1", study="7.1", now=0.0)
     new_id, _ = receive(db, "1.2", study="7.2", now=0.0)
     db.release_stable_studies(fixed(1.0), now=5.0)
@@ -157,11 +168,11 @@ def test_old_finished_rows_are_forgotten(tmp_path):
     assert receive(db, "1.1", study="7.1", now=1200.0)[1] is True  # forgotten: new again
 
 
-def test_max_wait_proceeds_or_discards_a_study_that_never_pauses(tmp_path):
+def test_max_wait_proceeds_or_discards_a_study_that_never_pauses(database):
     """A sender that never pauses for the quiet period: after max_wait_seconds (from the study's
     first instance) what arrived is translated (proceed) or dropped (discard); later instances
     open a new round with a fresh max_wait, translated as a follow-up."""
-    db = StateDB(tmp_path / "state.db")
+    db = StateDB(database)
     for t in range(0, 12, 2):  # every 2 s, quiet period 5 s: never quiet
         receive(db, f"1.{t}", now=100.0 + t)
     assert db.next_study_deadline(fixed(5.0, 8.0)) == 108.0  # first instance + max_wait, before quiet

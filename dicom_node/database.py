@@ -1,0 +1,166 @@
+"""The state database's connection: SQLite in the spool (the embedded default) or PostgreSQL.
+
+Why one small interface: the state machine (:mod:`dicom_node.state` and its parts) is written
+once, in the SQL both engines share; this module opens the connection and, for PostgreSQL,
+rewrites the few SQLite spellings the state machine uses (``?`` placeholders, ``INSERT OR
+IGNORE``, ``GROUP_CONCAT``, ``SUM(a='b')``, ``INDEXED BY``, the DDL types).  Callers see
+``execute`` (a cursor with ``fetchone``/``fetchall``/``rowcount``), ``executemany``,
+``script``, ``begin``/``commit``/``rollback``, ``insert_id``, ``columns`` and ``has_table``.
+
+PostgreSQL is selected by ``storage.database: postgresql://user@host/db`` (psycopg 3).
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["Database", "SqliteDatabase", "PostgresDatabase", "open_database", "to_postgres", "is_postgres_url"]
+
+
+def is_postgres_url(target: Any) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_database(target: str | Path, *, timeout: float = 30.0) -> "Database":
+    """A connection to ``target``: a PostgreSQL URL, or the path of a SQLite file."""
+    if is_postgres_url(target):
+        return PostgresDatabase(str(target), timeout=timeout)
+    return SqliteDatabase(Path(target), timeout=timeout)
+
+
+class Database:
+    """What the state machine needs of a connection (one per process, guarded by its lock)."""
+
+    dialect = ""
+
+    def execute(self, sql: str, params: Iterable = ()) -> Any:
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: Iterable[Iterable]) -> None:
+        for row in rows:
+            self.execute(sql, row)
+
+    def script(self, ddl: str) -> None:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.execute("ROLLBACK")
+
+    def insert_id(self, sql: str, params: Iterable = ()) -> int:
+        """Run an INSERT and return the new row's ``id``."""
+        raise NotImplementedError
+
+    def columns(self, table: str) -> set[str]:
+        raise NotImplementedError
+
+    def has_table(self, table: str) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SqliteDatabase(Database):
+    """SQLite in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+    def execute(self, sql: str, params: Iterable = ()) -> Any:
+        return self._conn.execute(sql, tuple(params))
+
+    def executemany(self, sql: str, rows: Iterable[Iterable]) -> None:
+        self._conn.executemany(sql, [tuple(r) for r in rows])
+
+    def script(self, ddl: str) -> None:
+        self._conn.executescript(ddl)
+
+    def begin(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
+
+    def insert_id(self, sql: str, params: Iterable = ()) -> int:
+        return int(self._conn.execute(sql, tuple(params)).lastrowid)
+
+    def columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+
+    def has_table(self, table: str) -> bool:
+        return bool(self._conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                                       (table,)).fetchone())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+_REWRITES = [
+    (re.compile(r"\bINDEXED BY \w+\s*", re.I), ""),
+    (re.compile(r"\bGROUP_CONCAT\(([\w.]+)\)", re.I), r"STRING_AGG(\1, ',')"),
+    (re.compile(r"\bSUM\(([\w.]+)='(\w+)'\)", re.I), r"SUM(CASE WHEN \1='\2' THEN 1 ELSE 0 END)"),
+]
+_DDL_REWRITES = [
+    (re.compile(r"\bINTEGER PRIMARY KEY\b", re.I), "BIGSERIAL PRIMARY KEY"),
+    (re.compile(r"\bINTEGER\b", re.I), "BIGINT"),
+    (re.compile(r"\bREAL\b", re.I), "DOUBLE PRECISION"),
+]
+
+
+def to_postgres(sql: str, ddl: bool = False) -> str:
+    """The PostgreSQL spelling of one of the state machine's SQLite statements."""
+    for pattern, repl in _DDL_REWRITES if ddl else ():
+        sql = pattern.sub(repl, sql)
+    for pattern, repl in _REWRITES:
+        sql = pattern.sub(repl, sql)
+    if re.match(r"\s*INSERT OR IGNORE INTO", sql, re.I):
+        sql = re.sub(r"INSERT OR IGNORE INTO", "INSERT INTO", sql, count=1, flags=re.I) + " ON CONFLICT DO NOTHING"
+    return sql.replace("?", "%s")
+
+
+class PostgresDatabase(Database):
+    """PostgreSQL through psycopg 3, autocommit with explicit transactions (as the SQLite side)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        import psycopg
+
+        self.url = url
+        self._conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)))
+        self._conn.execute(f"SET lock_timeout = '{int(timeout * 1000)}ms'")
+
+    def execute(self, sql: str, params: Iterable = ()) -> Any:
+        return self._conn.execute(to_postgres(sql), tuple(params))
+
+    def script(self, ddl: str) -> None:
+        self._conn.execute(to_postgres(ddl, ddl=True))
+
+    def begin(self) -> None:
+        self._conn.execute("BEGIN")
+
+    def insert_id(self, sql: str, params: Iterable = ()) -> int:
+        return int(self._conn.execute(to_postgres(sql) + " RETURNING id", tuple(params)).fetchone()[0])
+
+    def columns(self, table: str) -> set[str]:
+        rows = self._conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name=%s",
+                                  (table,)).fetchall()
+        return {r[0] for r in rows}
+
+    def has_table(self, table: str) -> bool:
+        return bool(self._conn.execute("SELECT 1 FROM information_schema.tables WHERE table_name=%s",
+                                       (table,)).fetchone())
+
+    def close(self) -> None:
+        self._conn.close()
