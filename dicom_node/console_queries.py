@@ -22,8 +22,8 @@ class ConsoleQueries:
         """The most recently received studies (per called AE), newest first."""
         rows = self._query(  # type: ignore[attr-defined]
             "SELECT i.study_uid, i.called_ae, MIN(i.route), COUNT(*), MIN(i.received_at), MAX(i.updated_at), "
-            "GROUP_CONCAT(i.state), s.patient_name, s.patient_id, s.accession, s.study_date, s.description, "
-            "s.modality FROM instances i LEFT JOIN study_info s ON s.study_uid=i.study_uid "
+            "GROUP_CONCAT(i.state), MIN(s.patient_name), MIN(s.patient_id), MIN(s.accession), MIN(s.study_date), "
+            "MIN(s.description), MIN(s.modality) FROM instances i LEFT JOIN study_info s ON s.study_uid=i.study_uid "
             "GROUP BY i.study_uid, i.called_ae ORDER BY MAX(i.received_at) DESC LIMIT ?", (int(limit),))
         out = []
         for (uid, ae, route, n, first, last, states, name, pid, acc, date, desc, modality) in rows:

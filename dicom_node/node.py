@@ -63,7 +63,7 @@ class Node:
         """Open the spool, resume unfinished work, start the workers and the listener."""
         self.spool.lock()
         self.spool.open()
-        self.db = StateDB(self.spool.db_path)
+        self.db = StateDB(self.spool.database(self.config.storage.database))
         self._tell_webhooks(self.db)
         named = self.db.name_routes([r.name for r in self.config.routes])
         if named:
@@ -175,7 +175,7 @@ class Node:
         from dicom_node.web.auth import Sessions, new_token
 
         web = self.config.web
-        self._web_db = StateDB(self.spool.db_path)
+        self._web_db = StateDB(self.spool.database(self.config.storage.database))
         self._tell_webhooks(self._web_db)
         self.metrics.watch(self._web_db, self.spool, self.config)
         token = None if web.users else new_token()

@@ -53,6 +53,10 @@ class Spool:
     def db_path(self) -> Path:
         return self.root / "state.db"
 
+    def database(self, url: str | None) -> "Path | str":
+        """Where the state database is: ``url`` (storage.database) or this spool's SQLite file."""
+        return url or self.db_path
+
     def lock(self) -> None:
         """Take the spool for this process; a second node on the same spool is refused.
 

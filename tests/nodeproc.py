@@ -28,13 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DATABASE_URL: str | None = None  # set by tests.postgres.both_backends: storage.database of node_config
+
+
 def node_config(tmp: Path, *, port: int, model_path: Path, destinations: dict[str, Any],
                 routes: list[dict[str, Any]], stable: float = 0.5, **extra: Any) -> dict[str, Any]:
     """A node config dict for tests: tiny model 'tiny', fast retries, spool under ``tmp``."""
     cfg: dict[str, Any] = {
         "node": {"ae_title": "TESTNODE", "host": "127.0.0.1", "port": port, "max_associations": 8,
                  "network_timeout": 10, "dimse_timeout": 10, "acse_timeout": 10},
-        "storage": {"spool_dir": str(tmp / "spool"), "min_free_bytes": 0},
+        "storage": {"spool_dir": str(tmp / "spool"), "min_free_bytes": 0,
+                    **({"database": DATABASE_URL} if DATABASE_URL else {})},
         "study_stable_seconds": stable,
         "models": {"tiny": {"path": str(model_path), "device": "cpu"}},
         "destinations": destinations,

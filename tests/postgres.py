@@ -86,3 +86,13 @@ def postgres_server():
         if hasattr(server, "pg_ctl"):
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_backends(request, monkeypatch):
+    """Run a node test on each state database: nodeproc.node_config adds storage.database."""
+    from tests import nodeproc
+
+    if request.param == "postgresql":
+        monkeypatch.setattr(nodeproc, "DATABASE_URL", request.getfixturevalue("postgres_server").new_database())
+    return request.param

@@ -22,6 +22,10 @@ SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
+from tests.postgres import both_backends, postgres_server  # noqa: E402,F401 - fixtures
+
+pytestmark = pytest.mark.usefixtures("both_backends")  # every test on SQLite and on PostgreSQL
+
 def make_node(tmp_path: Path, model: Path, *, destinations, routes, stable: float = 0.3, **extra) -> Node:
     """A Node from a config dict run through the real config parser, on a kernel-chosen port."""
     raw = node_config(tmp_path, port=11112, model_path=model, destinations=destinations, routes=routes,

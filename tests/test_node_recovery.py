@@ -19,6 +19,10 @@ from tests.factory import CR_STORAGE as CR_STORAGE_UID, PATIENT_ID, PATIENT_NAME
 from tests.nodeproc import NodeProcess, Receiver, free_port, node_config, send, wait_for, write_config
 
 
+from tests.postgres import both_backends, postgres_server  # noqa: E402,F401 - fixtures
+
+pytestmark = pytest.mark.usefixtures("both_backends")  # every test on SQLite and on PostgreSQL
+
 @pytest.fixture(scope="module")
 def slow_model_path(tmp_path_factory):
     """Bigger than the tiny model so a translation takes long enough to be interrupted."""
@@ -51,7 +55,9 @@ def start_node(tmp_path: Path, model: Path, pacs_port: int, *, stable: float) ->
 
 
 def db_counts(tmp_path: Path) -> tuple[dict, dict]:
-    db = StateDB(tmp_path / "spool" / "state.db")
+    from tests import nodeproc
+
+    db = StateDB(nodeproc.DATABASE_URL or tmp_path / "spool" / "state.db")  # the node's state database
     try:
         return db.counts()
     finally:

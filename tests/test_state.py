@@ -214,3 +214,26 @@ def test_rows_naming_their_route_by_position_are_migrated(tmp_path):
     assert db.release_stable_studies(fixed(5.0), now=106.0) == [("kim-sharp", "1.2.3", "quiet")]
     assert db.name_routes(["kim-sharp"]) == 0  # once only
     db.close()
+
+
+def test_storage_database_is_checked_before_serving(tmp_path, postgres_server):
+    """storage.database: a URL that is not PostgreSQL, or a server that does not answer, is a
+    config problem; a reachable one is the node's state database."""
+    from dicom_node.config import ConfigError, parse_config
+    from tests.nodeproc import free_port, node_config
+
+    model = tmp_path / "m.safetensors"
+    from dicom_node.engine import new_style_model, save_style_model
+
+    save_style_model(new_style_model(ngf=4, n_blocks=1, residual=True, seed=0), model, name="m")
+    raw = node_config(tmp_path, port=11112, model_path=model,
+                      destinations={"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                      routes=[{"called_ae": "A", "model": "tiny", "destinations": ["out"]}])
+    for url, problem in (("mysql://x@y/z", "storage.database: must be a postgresql://"),
+                         (f"postgresql://postgres@127.0.0.1:{free_port()}/none", "storage.database: cannot connect")):
+        raw["storage"]["database"] = url
+        with pytest.raises(ConfigError) as err:
+            parse_config(raw, base_dir=tmp_path)
+        assert problem in str(err.value), str(err.value)
+    raw["storage"]["database"] = url = postgres_server.new_database()
+    assert parse_config(raw, base_dir=tmp_path).storage.database == url

@@ -27,6 +27,8 @@ def open_state(config_path: str | None):
 
     config = load_config(config_path)
     spool = Spool(config.storage.spool_dir)
+    if config.storage.database is not None:
+        return StateDB(config.storage.database)
     if not spool.db_path.is_file():
         raise UserError(f"no state database at {spool.db_path} (has the node run with this spool?)")
     return StateDB(spool.db_path)

@@ -27,6 +27,8 @@ def check_environment(cfg: NodeConfig, base_dir: Path = Path(".")) -> list[str]:
     if cfg.web is not None and cfg.web.tls is not None and cfg.web.tls is not cfg.node.tls:
         _check_tls(cfg.web.tls, "web.tls", pr, server=True)
     _check_writable(cfg.storage.spool_dir, "storage.spool_dir", pr)
+    if cfg.storage.database is not None:
+        _check_database(cfg.storage.database, pr)
     for name, model in cfg.models.items():
         _check_model(model, join_path(join_path("models", name), "path"), pr, Path(base_dir))
     for name, dest in cfg.destinations.items():
@@ -60,6 +62,20 @@ def _can_write(folder: Path) -> bool:
             return True
     except OSError:
         return False
+
+
+def _check_database(url: str, pr: Problems) -> None:
+    """The PostgreSQL server answers and psycopg is installed (the password never printed)."""
+    try:
+        import psycopg
+    except ImportError:
+        pr.add("storage.database", "needs psycopg: pip install 'dicom-node[postgresql]'")
+        return
+    try:
+        psycopg.connect(url, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        pr.add("storage.database", f"cannot connect: {first}")
 
 
 def _check_tls(tls: TLSSettings, path: str, pr: Problems, server: bool) -> None:

@@ -70,12 +70,17 @@ def _node(raw: Any, pr: Problems, base_dir: Path) -> NodeSettings:
 
 def _storage(raw: Any, pr: Problems, base_dir: Path) -> StorageSettings:
     d = StorageSettings()
-    m = mapping(raw, "storage", {"spool_dir", "min_free_bytes"}, set(), pr)
+    m = mapping(raw, "storage", {"spool_dir", "min_free_bytes", "database"}, set(), pr)
     if m is None:
         return d
+    database = string(m, "database", "storage", pr, None)
+    if database is not None and not database.startswith(("postgresql://", "postgres://")):
+        pr.add("storage.database", "must be a postgresql://user@host/db URL (omit it for SQLite in the spool)")
+        database = None
     return StorageSettings(
         spool_dir=folder_path(m, "spool_dir", "storage", pr, base_dir, d.spool_dir) or d.spool_dir,
         min_free_bytes=integer(m, "min_free_bytes", "storage", pr, d.min_free_bytes, 0),
+        database=database,
     )
 
 

@@ -48,6 +48,7 @@ class NodeSettings:
 class StorageSettings:
     spool_dir: Path = Path("./spool")
     min_free_bytes: int = 256 * 1024**2  # refuse new instances below this much free disk
+    database: str | None = None  # postgresql://user@host/db; None: SQLite in the spool (state.db)
 
 
 @dataclass

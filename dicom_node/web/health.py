@@ -12,7 +12,6 @@ what is wrong:
 """
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +32,19 @@ def readiness(console: Any) -> list[Check]:
     config, spool = console.config, console.spool
     checks = [Check("listener", bool(console.listening()),
                     f"{config.node.host}:{config.node.port}" if console.listening() else "not listening")]
+    from dicom_node.database import open_database
+
     try:
-        conn = sqlite3.connect(str(spool.db_path), timeout=DB_TIMEOUT, isolation_level=None)
+        conn = open_database(spool.database(config.storage.database), timeout=DB_TIMEOUT)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
+            conn.begin()
+            conn.rollback()
         finally:
             conn.close()
         checks.append(Check("database", True, "writable"))
-    except sqlite3.Error as exc:
-        checks.append(Check("database", False, f"not writable: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - sqlite3.Error, psycopg.Error: either way not ready
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        checks.append(Check("database", False, f"not writable: {first}"))
     free, minimum = spool.free_bytes(), config.storage.min_free_bytes
     checks.append(Check("spool", free >= minimum, f"{free} bytes free, storage.min_free_bytes {minimum}"))
     routed = list(dict.fromkeys(r.model for r in config.routes))
