@@ -22,7 +22,10 @@ from dicom_node.node import CONSOLE_TOKEN_FILE, Node
 from dicom_node.web.auth import MAX_FAILURES, hash_password
 from tests.factory import PATIENT_ID, PATIENT_NAME
 from tests.nodeproc import Receiver, free_port, node_config, send, wait_for
+from tests.postgres import both_backends, postgres_server  # noqa: F401 - fixtures
 from tests.test_node import study
+
+pytestmark = pytest.mark.usefixtures("both_backends")  # the console on either state database
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
