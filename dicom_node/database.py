@@ -135,31 +135,60 @@ class PostgresDatabase(Database):
     dialect = "postgresql"
 
     def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        self.url, self.timeout = url, timeout
+        self._conn: Any = None
+        self._in_tx = False
+        self._connect()
+
+    def _connect(self) -> None:
         import psycopg
 
-        self.url = url
-        self._conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)))
-        self._conn.execute(f"SET lock_timeout = '{int(timeout * 1000)}ms'")
+        self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout)))
+        self._conn.execute(f"SET lock_timeout = '{int(self.timeout * 1000)}ms'")
+
+    def _live(self) -> Any:
+        """The connection; a new one when the server went away and came back (a restart or a
+        network cut): the statement that noticed failed, the next ones work again.  Never
+        inside a transaction: a transaction that lost its connection is lost as a whole."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._in_tx:
+                raise ConnectionError("the connection to PostgreSQL was lost inside a transaction")
+            self._connect()
+        return self._conn
 
     def execute(self, sql: str, params: Iterable = ()) -> Any:
-        return self._conn.execute(to_postgres(sql), tuple(params))
+        return self._live().execute(to_postgres(sql), tuple(params))
 
     def script(self, ddl: str) -> None:
-        self._conn.execute(to_postgres(ddl, ddl=True))
+        self._live().execute(to_postgres(ddl, ddl=True))
 
     def begin(self) -> None:
-        self._conn.execute("BEGIN")
+        self._live().execute("BEGIN")
+        self._in_tx = True
+
+    def commit(self) -> None:
+        try:
+            self._live().execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    def rollback(self) -> None:
+        try:
+            if self._conn is not None and not (self._conn.closed or self._conn.broken):
+                self._conn.execute("ROLLBACK")  # a broken connection has nothing left to roll back
+        finally:
+            self._in_tx = False
 
     def insert_id(self, sql: str, params: Iterable = ()) -> int:
-        return int(self._conn.execute(to_postgres(sql) + " RETURNING id", tuple(params)).fetchone()[0])
+        return int(self._live().execute(to_postgres(sql) + " RETURNING id", tuple(params)).fetchone()[0])
 
     def columns(self, table: str) -> set[str]:
-        rows = self._conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name=%s",
+        rows = self._live().execute("SELECT column_name FROM information_schema.columns WHERE table_name=%s",
                                   (table,)).fetchall()
         return {r[0] for r in rows}
 
     def has_table(self, table: str) -> bool:
-        return bool(self._conn.execute("SELECT 1 FROM information_schema.tables WHERE table_name=%s",
+        return bool(self._live().execute("SELECT 1 FROM information_schema.tables WHERE table_name=%s",
                                        (table,)).fetchone())
 
     def close(self) -> None:

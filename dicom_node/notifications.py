@@ -142,7 +142,10 @@ class Notifier(threading.Thread):
                 log.error("notifier: %s: %s", exc.__class__.__name__, exc)
                 due = []
             if not due:
-                nxt = self.db.next_notification_time()
+                try:
+                    nxt = self.db.next_notification_time()
+                except Exception:  # noqa: BLE001 - the database is away: look again later, never die
+                    nxt = time.time() + 5.0
                 wait = self.POLL_SECONDS if nxt is None else max(0.01, min(self.POLL_SECONDS, nxt - time.time()))
                 self.wake.wait(wait)
 

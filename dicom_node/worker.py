@@ -219,7 +219,11 @@ class _Loop(threading.Thread):
                 self.stop_event.wait(ERROR_PAUSE)
                 continue
             if not did_work:
-                self.wake.wait(self.idle_seconds())
+                try:
+                    idle = self.idle_seconds()
+                except Exception:  # noqa: BLE001 - the database is away: look again soon, never die
+                    idle = ERROR_PAUSE
+                self.wake.wait(idle)
 
     def step(self) -> bool:
         raise NotImplementedError

@@ -63,6 +63,14 @@ class PostgresServer:
     def stop(self) -> None:
         _as_postgres([self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"])
 
+    def start_again(self) -> None:
+        """Start the stopped server on the same folder and port."""
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
+        done = _as_postgres([self.pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"),
+                             "-w", "start"])
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {done.stderr[-1000:]}")
+
     def new_database(self) -> str:
         """A fresh, empty database; returns its URL."""
         import psycopg

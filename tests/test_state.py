@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,42 @@ def test_storage_database_is_checked_before_serving(tmp_path, postgres_server):
         assert problem in str(err.value), str(err.value)
     raw["storage"]["database"] = url = postgres_server.new_database()
     assert parse_config(raw, base_dir=tmp_path).storage.database == url
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no worker may die
+def test_postgresql_stopped_during_a_study_fails_stores_then_the_node_recovers(tmp_path, tiny_model_path):
+    """While the state database is down every C-STORE gets a failure status (never Success);
+    when it is back the node carries on by itself, and everything acknowledged arrives."""
+    import tempfile
+
+    from dicom_node.config import parse_config
+    from dicom_node.node import Node
+    from tests.nodeproc import Receiver, free_port, node_config, send, wait_for
+    from tests.postgres import PostgresServer
+    from tests.test_node import study
+
+    root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+    server = PostgresServer(root).start()  # a server of its own: this test stops it
+    try:
+        with Receiver("PACS") as pacs:
+            raw = node_config(tmp_path, port=free_port(), model_path=tiny_model_path, stable=0.3,
+                              destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                     "port": pacs.port}},
+                              routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["pacs"]}])
+            raw["storage"]["database"] = server.new_database()
+            with Node(parse_config(raw, base_dir=tmp_path)) as node:
+                before, during, after = study(2), study(2), study(2)
+                assert send(node.port, before, called="DR_KIM") == [0, 0]
+                server.stop()
+                assert send(node.port, during, called="DR_KIM") == [0xA700, 0xA700]  # nothing acknowledged
+                server.start_again()
+                assert wait_for(lambda: send(node.port, after[:1], called="DR_KIM") == [0], 30)
+                assert send(node.port, after[1:], called="DR_KIM") == [0]
+                acknowledged = {str(ds.SOPInstanceUID) for ds in before + after}
+                assert wait_for(lambda: {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+                                         for ds in pacs.received} == acknowledged, 60), len(pacs.received)
+    finally:
+        server.stop()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
