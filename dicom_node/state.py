@@ -414,8 +414,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             if output is not None:
                 import json
 
-                called_ae, study_uid = c.execute("SELECT called_ae, study_uid FROM instances WHERE id=?",
-                                                 (instance_id,)).fetchone()
+                called_ae, route, study_uid = self._place(c, instance_id)
                 c.execute(
                     "INSERT INTO outputs (instance_id, called_ae, study_uid, source_sop_uid, output_sop_uid, model, "
                     "model_version, model_digest, device_uid, verdict, reasons, scores, thresholds, action, "
@@ -432,8 +431,6 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             bump(c, "translated", model=counted)
             if output is not None and output.verdict == "flagged":
                 bump(c, "flagged", model=counted)
-                called_ae, route, study_uid = c.execute("SELECT called_ae, route, study_uid FROM instances WHERE id=?",
-                                                        (instance_id,)).fetchone()
                 self._notify(c, "output.withheld" if withhold else "output.flagged", {
                     "called_ae": called_ae, "route": route, "study_uid": study_uid, "model": output.model,
                     "model_version": output.model_version, "source_sop_uid": output.source_sop_uid,
@@ -450,6 +447,12 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             c.execute("UPDATE instances SET state=?, error=?, updated_at=? WHERE id=?",
                       (state, error[:500], now, instance_id))
             self._add_deliveries(c, instance_id, deliveries, now)
+
+    @staticmethod
+    def _place(c: Database, instance_id: int) -> tuple[str, str | None, str]:
+        """(called AE, route name, Study Instance UID) of an instance: what events report."""
+        return tuple(c.execute("SELECT called_ae, route, study_uid FROM instances WHERE id=?",
+                               (instance_id,)).fetchone())
 
     @staticmethod
     def _add_deliveries(c: Database, instance_id: int, deliveries: Iterable[NewDelivery],
@@ -508,8 +511,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                     c.execute("UPDATE deliveries SET state='failed', attempts=?, last_error=?, updated_at=? "
                               "WHERE id=?", (attempts, (error or "")[:500], now, row.id))
                     counts[2] += 1
-                    called_ae, route, study_uid = c.execute(
-                        "SELECT called_ae, route, study_uid FROM instances WHERE id=?", (row.instance_id,)).fetchone()
+                    called_ae, route, study_uid = self._place(c, row.instance_id)
                     self._notify(c, "delivery.failed", {
                         "called_ae": called_ae, "route": route, "study_uid": study_uid, "destination": row.destination,
                         "kind": row.kind, "sop_uid": row.sop_uid, "attempts": attempts, "error": (error or "")[:300]},
@@ -534,8 +536,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             new = "failed" if st.get("failed") else "delivered"
             if c.execute("UPDATE instances SET state=?, updated_at=? WHERE id=? AND state='translated'",
                          (new, now, iid)).rowcount and new == "delivered":
-                finished.add(c.execute("SELECT called_ae, route, study_uid FROM instances WHERE id=?",
-                                       (iid,)).fetchone())
+                finished.add(self._place(c, iid))
         for called_ae, route, study_uid in finished:
             states = dict(c.execute("SELECT state, COUNT(*) FROM instances WHERE called_ae=? AND route=? AND "
                                     "study_uid=? GROUP BY state", (called_ae, route, study_uid)).fetchall())
