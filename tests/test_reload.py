@@ -165,14 +165,20 @@ def test_queued_work_follows_its_route_name_when_routes_are_reordered(tmp_path):
             node.kill9()
 
 
+def _max_wait_config(tmp_path: Path, model: Path, pacs: Receiver, *, stable: float, max_wait: float,
+                     action: str) -> tuple[Path, int]:
+    """A node whose DR_KIM route waits 3 s of quiet, at most ``max_wait`` s, then ``action``s."""
+    port = free_port()
+    dests = {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}}
+    cfg = node_config(tmp_path, port=port, model_path=model, destinations=dests, stable=stable,
+                      routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["pacs"],
+                               "study_stable_seconds": 3, "max_wait_seconds": max_wait, "on_max_wait": action}])
+    return write_config(tmp_path / "node.yaml", cfg), port
+
+
 def test_max_wait_translates_a_study_that_never_pauses_and_follow_ups_join_its_series(tmp_path, tiny_model_path):
     with Receiver("PACS") as pacs:
-        port = free_port()
-        dests = {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}}
-        cfg = node_config(tmp_path, port=port, model_path=tiny_model_path, destinations=dests, stable=10.0,
-                          routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["pacs"],
-                                   "study_stable_seconds": 3, "max_wait_seconds": 2, "on_max_wait": "proceed"}])
-        cfg_path = write_config(tmp_path / "node.yaml", cfg)
+        cfg_path, port = _max_wait_config(tmp_path, tiny_model_path, pacs, stable=10.0, max_wait=2, action="proceed")
         sources = study(14)
         with NodeProcess(cfg_path, port, tmp_path / "node.log") as node:
             statuses: list = []
@@ -193,12 +199,7 @@ def test_max_wait_discard_drops_a_study_that_never_pauses(tmp_path, tiny_model_p
     import sqlite3
 
     with Receiver("PACS") as pacs:
-        port = free_port()
-        dests = {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}}
-        cfg = node_config(tmp_path, port=port, model_path=tiny_model_path, destinations=dests, stable=0.5,
-                          routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["pacs"],
-                                   "study_stable_seconds": 3, "max_wait_seconds": 1, "on_max_wait": "discard"}])
-        cfg_path = write_config(tmp_path / "node.yaml", cfg)
+        cfg_path, port = _max_wait_config(tmp_path, tiny_model_path, pacs, stable=0.5, max_wait=1, action="discard")
         sources = study(6)
         with NodeProcess(cfg_path, port, tmp_path / "node.log") as node:
             statuses: list = []
