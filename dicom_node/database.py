@@ -11,16 +11,39 @@ PostgreSQL is selected by ``storage.database: postgresql://user@host/db`` (psyco
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-__all__ = ["Database", "SqliteDatabase", "PostgresDatabase", "open_database", "to_postgres", "is_postgres_url"]
+__all__ = ["Database", "SqliteDatabase", "PostgresDatabase", "open_database", "to_postgres", "is_postgres_url",
+           "is_unavailable", "first_line"]
 
 
 def is_postgres_url(target: Any) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is away or busy right now (a server restart, a network cut, a lock held
+    too long): an operational condition, answered with a failure status and one log line, not
+    a bug with a traceback."""
+    if isinstance(exc, ConnectionError):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(word in str(exc) for word in ("locked", "busy", "disk I/O"))
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.OperationalError)
+
+
+def first_line(exc: BaseException) -> str:
+    """``Name: first line of the message`` (psycopg's messages run over several lines)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{exc.__class__.__name__}: {text}"[:300]
 
 
 def open_database(target: str | Path, *, timeout: float = 30.0) -> "Database":
@@ -66,6 +89,11 @@ class Database:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def schema_lock(self) -> Iterator[None]:
+        """Held while a process creates or migrates the schema (several nodes start at once)."""
+        yield
 
 
 class SqliteDatabase(Database):
@@ -190,6 +218,18 @@ class PostgresDatabase(Database):
     def has_table(self, table: str) -> bool:
         return bool(self._live().execute("SELECT 1 FROM information_schema.tables WHERE table_name=%s",
                                        (table,)).fetchone())
+
+    SCHEMA_LOCK = 0x64636D6E  # an advisory lock key of our own ("dcmn")
+
+    @contextlib.contextmanager
+    def schema_lock(self) -> Iterator[None]:
+        # CREATE TABLE IF NOT EXISTS and ADD COLUMN race when two nodes start together
+        self._live().execute("SELECT pg_advisory_lock(%s)", (self.SCHEMA_LOCK,))
+        try:
+            yield
+        finally:
+            if not (self._conn.closed or self._conn.broken):
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.SCHEMA_LOCK,))
 
     def close(self) -> None:
         self._conn.close()

@@ -3,8 +3,13 @@
 Start order matters for recovery: the spool and database are opened (and partial writes
 dropped) before the listener accepts anything, and the workers start from whatever the
 database says is unfinished, so a restart after kill -9 resumes every acknowledged item.
-Stop order is the reverse: stop accepting, let each worker finish its current item, close
-the database.
+Stop order is the reverse: stop accepting, let each worker finish its current item, give
+back its leases, close the database.
+
+Roles (``serve --role``): ``all`` receives, translates and delivers; ``receive`` only answers
+C-STOREs (several such nodes behind one DNS name or virtual IP); ``worker`` has no listener and
+translates and delivers what any node received (GPU machines).  Nodes of any role share one
+PostgreSQL database and one spool (:mod:`dicom_node.cluster`).
 """
 from __future__ import annotations
 
@@ -16,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node import reload
+from dicom_node.cluster import ROLES, Heartbeat, new_node_id, node_name
 from dicom_node.config import NodeConfig
 from dicom_node.metrics import NodeMetrics
 from dicom_node.notifications import Notifier
 from dicom_node.scp import StoreSCP
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, node_spool
 from dicom_node.state import StateDB
-from dicom_node.worker import Broadcast, Claims, Deliverer, Housekeeper, ModelCache, Translator
+from dicom_node.worker import Broadcast, Deliverer, Housekeeper, ModelCache, Translator
 
 __all__ = ["Node"]
 
@@ -35,10 +41,15 @@ CONSOLE_TOKEN_FILE = "console-token"  # in the spool: the console's login token 
 class Node:
     """A running dicom-node (listener + workers) for one config."""
 
-    def __init__(self, config: NodeConfig, spool: Spool | None = None, config_path: str | None = None) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool | None = None, config_path: str | None = None,
+                 role: str = "all") -> None:
+        assert role in ROLES, role
         self.config = config
+        self.role = role
+        self.name = node_name(config)
+        self.node_id = new_node_id(self.name)
         self.config_path = config_path  # the file a reload re-reads (None: the embedded default)
-        self.spool = spool or Spool(config.storage.spool_dir)
+        self.spool = spool or node_spool(config)
         self.db: StateDB | None = None
         self.scp: StoreSCP | None = None
         self.address: tuple[str, int] | None = None
@@ -59,11 +70,17 @@ class Node:
         assert self.address is not None, "node not started"
         return self.address[1]
 
-    def start(self) -> tuple[str, int]:
-        """Open the spool, resume unfinished work, start the workers and the listener."""
+    def start(self) -> tuple[str, int] | None:
+        """Open the spool, resume unfinished work, start the workers and the listener (none for
+        a ``worker``: returns None)."""
         self.spool.lock()
         self.spool.open()
         self.db = StateDB(self.spool.database(self.config.storage.database))
+        self.db.lease_seconds = self.config.storage.lease_seconds
+        freed = self.db.register_node(node_id=self.node_id, name=self.name, role=self.role,
+                                      exclusive=self.spool.node is None)
+        if freed:
+            log.info("took back %d item(s) that an earlier start of this node had claimed", freed)
         self._tell_webhooks(self.db)
         named = self.db.name_routes([r.name for r in self.config.routes])
         if named:
@@ -74,24 +91,29 @@ class Node:
             log.info("resuming: %d received, %d ready, %d translated instance(s), %d pending deliveries",
                      inst["received"], inst["ready"], inst["translated"], dels["pending"])
         models = self._models = ModelCache(self.config, self.spool)
-        claims = Claims()
-        self._deliverers = {name: self._deliverer(name) for name in [*self.config.destinations, None]}
-        deliverers = list(self._deliverers.values())
-        self._deliver_wake = Broadcast([d.wake for d in deliverers])
-        for i in range(max(1, int(self.config.workers))):
-            self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
-                                            self._stop, self._deliver_wake, f"translator-{i}", claims,
-                                            metrics=self.metrics))
-        self._threads.extend(deliverers)
+        if self.role != "receive":  # translators, deliverers and the notifier work the queue
+            self._deliverers = {name: self._deliverer(name) for name in [*self.config.destinations, None]}
+            deliverers = list(self._deliverers.values())
+            self._deliver_wake = Broadcast([d.wake for d in deliverers])
+            for i in range(max(1, int(self.config.workers))):
+                self._threads.append(Translator(self.config, self.spool, self.db, models, self._translate_wake,
+                                                self._stop, self._deliver_wake, f"translator-{i}",
+                                                metrics=self.metrics))
+            self._threads.extend(deliverers)
+            self._threads.append(Notifier(self.config, self.db, self._stop))
         self._threads.append(Housekeeper(self.config, self.spool, self.db, self._stop))
-        self._threads.append(Notifier(self.config, self.db, self._stop))
+        self._threads.append(Heartbeat(self.db, self._stop, lambda: list(models.loaded)))
         if self.config.web is not None:
             self._start_web(models)  # before the workers: a console port in use stops the start cleanly
         for t in self._threads:
             t.start()
-        self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all, metrics=self.metrics)
-        self.address = self.scp.start()
-        reload.write_node_file(self.spool.root, self.config_path)
+        if self.role != "worker":
+            self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all, metrics=self.metrics)
+            self.address = self.scp.start()
+        else:
+            log.info("worker %s ready: translating and delivering from the shared queue (no DICOM listener)",
+                     self.name)
+        reload.write_node_file(self.spool.node_dir, self.config_path)
         return self.address
 
     def _tell_webhooks(self, db: StateDB | None) -> None:
@@ -176,12 +198,14 @@ class Node:
 
         web = self.config.web
         self._web_db = StateDB(self.spool.database(self.config.storage.database))
+        self._web_db.lease_seconds = self.config.storage.lease_seconds
         self._tell_webhooks(self._web_db)
         self.metrics.watch(self._web_db, self.spool, self.config)
         token = None if web.users else new_token()
         console = self._console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
                           listening=lambda: self.scp is not None and self.scp.listening, wake=self._wake_all,
-                          token=token, sessions=Sessions(web.session_minutes * 60.0))
+                          token=token, sessions=Sessions(web.session_minutes * 60.0), role=self.role,
+                          node_id=self.node_id)
         try:
             self.web = WebServer(web, build_app(console))
             self.web.start()
@@ -193,7 +217,7 @@ class Node:
             raise
         url = self.web.url
         if token is not None:
-            token_file = self.spool.root / CONSOLE_TOKEN_FILE
+            token_file = self.spool.node_dir / CONSOLE_TOKEN_FILE
             atomic_write(token_file, lambda tmp: Path(tmp).write_text(token + "\n"), durable=False, mode=0o600)
             log.info("console on %s/ - log in with %s/login?token=%s (also in %s)", url, url, token, token_file)
         else:
@@ -230,10 +254,16 @@ class Node:
             t.join(max(0.0, start + limit - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
-            log.warning("stopping with %s still busy (their items resume at the next start)", ", ".join(alive))
+            log.warning("stopping with %s still busy (their items resume at the next start, or on another node "
+                        "when the lease ends)", ", ".join(alive))
         elif self.db is not None:
+            try:
+                self.db.node_stopped()  # the other nodes take over its claims at once
+            except Exception as exc:  # noqa: BLE001 - the database is away: the leases simply expire
+                log.warning("could not give back this node's claims (%s): they pass to the others after %gs",
+                            exc.__class__.__name__, self.config.storage.lease_seconds)
             self.db.close()
-        (self.spool.root / reload.NODE_FILE).unlink(missing_ok=True)
+        (self.spool.node_dir / reload.NODE_FILE).unlink(missing_ok=True)
         self.spool.unlock()
         self._threads = []
         log.info("stopped")
@@ -259,8 +289,8 @@ class Node:
                 woken.clear()
                 if reload_requested.is_set() and not stop_requested.is_set():
                     reload_requested.clear()
-                    rid = reload.take_request(self.spool.root)
-                    reload.write_result(self.spool.root, rid, self.reload())
+                    rid = reload.take_request(self.spool.node_dir)
+                    reload.write_result(self.spool.node_dir, rid, self.reload())
         finally:
             self.stop()
             for s, h in previous.items():

@@ -29,6 +29,7 @@ import urllib.request
 from typing import Any
 
 from dicom_node.counters import bump
+from dicom_node.database import first_line
 
 __all__ = ["NOTIFICATIONS_SCHEMA", "NotificationOutbox", "Notifier", "sign", "SIGNATURE_HEADER"]
 
@@ -96,18 +97,36 @@ class NotificationOutbox:
             "SELECT id, webhook, event, body, attempts FROM notifications WHERE state='pending' AND next_attempt_at<=? "
             "ORDER BY id LIMIT ?", (now, int(limit)))]
 
+    def claim_notifications(self, limit: int = BATCH, now: float | None = None) -> list[tuple[int, str, str, str, int]]:
+        """Lease due notifications no node holds (as :meth:`due_notifications`): one sender each."""
+        now = time.time() if now is None else now
+        with self._tx() as c:  # type: ignore[attr-defined]
+            ids = self._claim(c, "notifications", "state='pending' AND next_attempt_at<=?", (now,), "id",  # type: ignore
+                              limit, now)
+            if not ids:
+                return []
+            return [tuple(r) for r in c.execute(
+                "SELECT id, webhook, event, body, attempts FROM notifications "
+                f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()]
+
     def next_notification_time(self) -> float | None:
         rows = self._query("SELECT MIN(next_attempt_at) FROM notifications WHERE state='pending'")  # type: ignore
         return None if rows[0][0] is None else float(rows[0][0])
 
     def record_notification(self, nid: int, webhook: str, ok: bool, error: str | None, attempts: int,
                             max_attempts: int, delay: float, now: float | None = None) -> str:
-        """Apply one send's outcome; returns the new state (sent, pending, failed)."""
+        """Apply one send's outcome; returns the new state (sent, pending, failed), or ``taken``
+        when the notification's lease passed to another node (that node's outcome counts)."""
         now = time.time() if now is None else now
         state = "sent" if ok else ("failed" if attempts >= max_attempts else "pending")
+        fence, mine = self._fence()  # type: ignore[attr-defined]
+        self._let_go("notifications", [nid])  # type: ignore[attr-defined]
         with self._tx() as c:  # type: ignore[attr-defined]
-            c.execute("UPDATE notifications SET state=?, attempts=?, last_error=?, next_attempt_at=?, updated_at=? "
-                      "WHERE id=?", (state, attempts, None if ok else (error or "")[:300], now + delay, now, nid))
+            if not c.execute("UPDATE notifications SET state=?, attempts=?, last_error=?, next_attempt_at=?, "
+                             f"updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id=?{fence}",
+                             (state, attempts, None if ok else (error or "")[:300], now + delay, now, nid,
+                              *mine)).rowcount:
+                return "taken"
             bump(c, "notifications", webhook=webhook, outcome={"sent": "sent", "pending": "retry"}.get(state, state))
         return state
 
@@ -123,6 +142,7 @@ class Notifier(threading.Thread):
     """Sends due notifications, one at a time, and records each outcome."""
 
     POLL_SECONDS = 0.5
+    ERROR_PAUSE = 5.0  # after a failure of the state database
 
     def __init__(self, config: Any, db: Any, stop: threading.Event) -> None:
         super().__init__(name="notifier", daemon=True)
@@ -130,17 +150,24 @@ class Notifier(threading.Thread):
         self.wake = threading.Event()
 
     def run(self) -> None:
+        failing = False
         while not self.stop_event.is_set():
             self.wake.clear()
             try:
-                due = self.db.due_notifications()
-                for row in due:
+                due = self.db.claim_notifications()
+                for i, row in enumerate(due):
                     if self.stop_event.is_set():
+                        self.db.release_claims("notifications", [r[0] for r in due[i:]])
                         return
                     self._send(*row)
             except Exception as exc:  # noqa: BLE001 - never stop the node for a notification
-                log.error("notifier: %s: %s", exc.__class__.__name__, exc)
-                due = []
+                # the database is away, most likely: say so once per outage, look again in a while
+                if not failing:
+                    log.error("notifier: %s (retrying every %gs)", first_line(exc), self.ERROR_PAUSE)
+                failing = True
+                self.stop_event.wait(self.ERROR_PAUSE)
+                continue
+            failing = False
             if not due:
                 try:
                     nxt = self.db.next_notification_time()

@@ -191,8 +191,13 @@ class StoreSCP:
         try:
             return self._store(src, called, calling, str(req.AffectedSOPInstanceUID or ""),
                                str(req.AffectedSOPClassUID or ""))
-        except Exception:  # noqa: BLE001 - never success when we could not persist
-            log.exception("store failed unexpectedly (called %s, calling %s)", called, calling)
+        except Exception as exc:  # noqa: BLE001 - never success when we could not persist
+            from dicom_node.database import first_line, is_unavailable
+
+            if is_unavailable(exc):
+                log.error("store refused (0xA700): the state database is unavailable (%s)", first_line(exc))
+            else:
+                log.exception("store failed unexpectedly (called %s, calling %s)", called, calling)
             return STATUS_OUT_OF_RESOURCES
 
     def _store(self, src: Path, called: str, calling: str, affected_sop: str, affected_class: str) -> int:

@@ -12,6 +12,13 @@ Layout::
     <spool>/tmp/                partial writes; emptied at start
     <spool>/in/<AE>/<sop>.dcm   received originals, by called AE and SOP Instance UID
     <spool>/out/<id>/<sop>.dcm  translated outputs of instance row <id>
+    <spool>/previews/<id>.png   the console's thumbnails
+
+Several nodes on one PostgreSQL database share one spool (a network filesystem mounted at
+the same path on every machine); each keeps its own lock, temp folder and files there::
+
+    <spool>/nodes/<name>/lock   held by the running node of that name (a second is refused)
+    <spool>/nodes/<name>/tmp/   its partial writes; emptied when it starts
 
 Files of an instance are removed once it is finished (every delivery succeeded); failed,
 pending and deliberately kept (unmatched, not forwarded) instances keep theirs.
@@ -28,7 +35,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.engine.atomic import fsync_dir
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "node_spool"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -39,12 +46,28 @@ def safe_name(text: str) -> str:
     return cleaned or "_"
 
 
-class Spool:
-    """Atomic, durable files under one root directory."""
+def node_spool(config: "object") -> "Spool":
+    """The spool of a node config: with a PostgreSQL database, shared, with this node's own
+    lock and temp folder (named ``node.name``, default the host name)."""
+    from dicom_node.cluster import node_name
 
-    def __init__(self, root: Path) -> None:
+    storage = config.storage  # type: ignore[attr-defined]
+    return Spool(storage.spool_dir, node=node_name(config) if storage.database else None)
+
+
+class Spool:
+    """Atomic, durable files under one root directory.
+
+    ``node``: this node's name when several nodes share the spool (None: the only node; its
+    lock, temp folder and files are the spool's own).
+    """
+
+    def __init__(self, root: Path, node: str | None = None) -> None:
         self.root = Path(root).resolve()
-        self.tmp = self.root / "tmp"
+        self.node = node
+        # what only this node writes: the console token, node.json, reload requests
+        self.node_dir = self.root if node is None else self.root / "nodes" / safe_name(node)
+        self.tmp = self.node_dir / "tmp"
         self.incoming = self.root / "in"
         self.outgoing = self.root / "out"
         self.previews = self.root / "previews"  # the console's thumbnails, kept after delivery
@@ -60,33 +83,49 @@ class Spool:
     def lock(self) -> None:
         """Take the spool for this process; a second node on the same spool is refused.
 
-        Two nodes sharing one spool would both work the same rows (double sends).  flock is
-        released by the kernel when the process dies, so kill -9 leaves no stale lock.
+        The only node (SQLite) holds the spool's lock exclusively: two nodes on one SQLite
+        spool would both work the same rows.  Nodes sharing a spool (PostgreSQL) hold it
+        shared, and their own name's lock exclusively: two processes with one name would
+        share a temp folder.  flock is released by the kernel when the process dies, so
+        kill -9 leaves no stale lock.
         """
         import fcntl
 
         from dicom_node.errors import UserError
 
-        if getattr(self, "_lock_fd", None) is not None:
+        if getattr(self, "_lock_fds", None):
             return  # already ours
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise UserError(f"spool {self.root} is in use by another dicom-node process") from None
-        self._lock_fd = fd
+        wanted = [(self.root / "lock", fcntl.LOCK_EX if self.node is None else fcntl.LOCK_SH)]
+        if self.node is not None:
+            self.node_dir.mkdir(parents=True, exist_ok=True)
+            wanted.append((self.node_dir / "lock", fcntl.LOCK_EX))
+        fds: list[int] = []
+        for path, mode in wanted:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except OSError:
+                for f in fds:
+                    os.close(f)
+                if self.node is None:
+                    raise UserError(f"spool {self.root} is in use by another dicom-node process") from None
+                if path == self.root / "lock":
+                    raise UserError(f"spool {self.root} is in use by a dicom-node on a SQLite state database "
+                                    "(only nodes on one PostgreSQL database share a spool)") from None
+                raise UserError(f"spool {self.root} is in use by another dicom-node named {self.node!r} "
+                                "(give each node its own node.name)") from None
+        self._lock_fds = fds
 
     def unlock(self) -> None:
-        fd = getattr(self, "_lock_fd", None)
-        if fd is not None:
+        for fd in getattr(self, "_lock_fds", None) or []:
             os.close(fd)  # closing releases the flock
-            self._lock_fd = None
+        self._lock_fds: list[int] = []
 
     def open(self) -> "Spool":
         """Create the layout (0700) and drop partial writes left by a crash."""
-        for d in (self.root, self.tmp, self.incoming, self.outgoing, self.previews):
+        for d in dict.fromkeys((self.root, self.node_dir, self.tmp, self.incoming, self.outgoing, self.previews)):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         for leftover in self.tmp.iterdir():

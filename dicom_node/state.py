@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from dicom_node.audit_trail import AuditTrail
+from dicom_node.cluster import NODES_SCHEMA, LeaseLost, Membership
 from dicom_node.console_queries import ConsoleQueries
 from dicom_node.counters import COUNTERS_SCHEMA, CounterStore, bump
 from dicom_node.database import Database
@@ -147,7 +148,7 @@ CREATE TABLE IF NOT EXISTS study_info (
     description  TEXT NOT NULL,
     modality     TEXT NOT NULL
 );
-""" + COUNTERS_SCHEMA + OPERATIONS_SCHEMA + NOTIFICATIONS_SCHEMA
+""" + COUNTERS_SCHEMA + OPERATIONS_SCHEMA + NOTIFICATIONS_SCHEMA + NODES_SCHEMA
 
 STUDY_INFO_KEYWORDS = {"PatientName": "patient_name", "PatientID": "patient_id", "AccessionNumber": "accession",
                        "StudyDate": "study_date", "StudyDescription": "description", "Modality": "modality"}
@@ -214,14 +215,15 @@ _INSTANCE_COLS = ("id, called_ae, calling_ae, sop_uid, sop_class, study_uid, ser
                   "state, received_at, error")
 
 
-class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, NotificationOutbox):
+class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, NotificationOutbox, Membership):
     """Thread-safe access to the state database (one connection, one lock).
 
     Parts in modules of their own: the audit trail and the withheld outputs' release/discard
     (:mod:`dicom_node.audit_trail`), the metrics' counters (:mod:`dicom_node.counters`), the
     association and operator logs (:mod:`dicom_node.operations_log`) and the console's reads
-    (:mod:`dicom_node.console_queries`), the webhook outbox (:mod:`dicom_node.notifications`).  Each process (the node, the console, a CLI command)
-    opens its own connection: SQLite in WAL mode lets readers run beside the writer.
+    (:mod:`dicom_node.console_queries`), the webhook outbox (:mod:`dicom_node.notifications`), the
+    nodes and their leases (:mod:`dicom_node.cluster`).  Each process (the node, the console, a
+    CLI command) opens its own connection: SQLite in WAL mode lets readers run beside the writer.
     """
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
@@ -230,8 +232,9 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
 
         self.path = path if is_postgres_url(path) else Path(path)
         self._lock = threading.RLock()
+        self._init_membership()
         self._conn = open_database(self.path, timeout=timeout)
-        with self._lock:
+        with self._lock, self._conn.schema_lock():
             had_counters = self._conn.has_table("counters")
             self._conn.script(_SCHEMA)
             if "purged" not in self._conn.columns("instances"):  # a database from before spool clean-up
@@ -241,6 +244,10 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             # Only the few rows whose files are still in the spool: the purge query stays cheap
             # however many delivered instances the table remembers.
             self._conn.execute("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
+            self._add_lease_columns()
+            for table in ("instances", "deliveries", "notifications"):  # the heartbeat's renewal stays cheap
+                self._conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_leased ON {table} (lease_owner) "
+                                   "WHERE lease_owner IS NOT NULL")
         if not had_counters:
             with self._tx() as c:
                 self._seed_counters(c)
@@ -349,9 +356,12 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                                    (name, index)).rowcount
         return n
 
-    def _pending_studies(self, c: Database) -> list[tuple]:
-        return c.execute("SELECT id, called_ae, route, study_uid, last_received_at, "
-                         "COALESCE(first_received_at, last_received_at) FROM studies WHERE state='pending'").fetchall()
+    def _pending_studies(self, c: Database, lock: bool = False) -> list[tuple]:
+        """``lock``: PostgreSQL row locks for a release (two workers never release one study twice;
+        a study another worker is releasing right now is skipped)."""
+        sql = ("SELECT id, called_ae, route, study_uid, last_received_at, "
+               "COALESCE(first_received_at, last_received_at) FROM studies WHERE state='pending'")
+        return c.execute(sql + (" FOR UPDATE SKIP LOCKED" if lock and c.dialect == "postgresql" else "")).fetchall()
 
     @staticmethod
     def _due(timers: StudyTimers, route: str, last: float, first: float) -> tuple[float, str]:
@@ -370,7 +380,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
         now = time.time() if now is None else now
         done = []
         with self._tx() as c:
-            for sid, called_ae, route, study_uid, last, first in self._pending_studies(c):
+            for sid, called_ae, route, study_uid, last, first in self._pending_studies(c, lock=True):
                 due, why = self._due(timers, route, last, first)
                 if due > now:
                     continue
@@ -389,10 +399,37 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
 
     # -- translating -------------------------------------------------------------------
     def ready_instances(self, limit: int) -> list[InstanceRow]:
-        """The oldest ``ready`` instances (translators skip the ones another is working on)."""
+        """The oldest ``ready`` instances (claimed or not)."""
         rows = self._query(f"SELECT {_INSTANCE_COLS} FROM instances WHERE state='ready' ORDER BY id LIMIT ?",
                            (limit,))
         return [InstanceRow(*r) for r in rows]
+
+    def claim_ready(self, prefer: Iterable[str] | None = None, now: float | None = None) -> InstanceRow | None:
+        """Lease the oldest ``ready`` instance no node holds; None when there is none.
+
+        ``prefer``: route names to take first (a worker's routes whose model it has loaded);
+        None: any route, oldest first.
+        """
+        now = time.time() if now is None else now
+        prefer = None if prefer is None else list(prefer)
+        with self._tx() as c:
+            ids: list[int] = []
+            if prefer:
+                ids = self._claim(c, "instances", f"state='ready' AND route IN ({','.join('?' * len(prefer))})",
+                                  prefer, "id", 1, now)
+            if not ids:
+                ids = self._claim(c, "instances", "state='ready'", (), "id", 1, now)
+            if not ids:
+                return None
+            return InstanceRow(*c.execute(f"SELECT {_INSTANCE_COLS} FROM instances WHERE id=?", (ids[0],)).fetchone())
+
+    def _finish_claim(self, c: Database, instance_id: int, state: str, error: str | None, now: float) -> None:
+        """Move a claimed instance on and give back its lease; LeaseLost when it is no longer ours."""
+        fence, params = self._fence()
+        self._let_go("instances", [instance_id])
+        if not c.execute(f"UPDATE instances SET state=?, error=?, updated_at=?, lease_owner=NULL, lease_until=NULL "
+                         f"WHERE id=?{fence}", (state, error, now, instance_id, *params)).rowcount:
+            raise LeaseLost(f"instance {instance_id} is no longer this node's")
 
     def mark_translated(self, instance_id: int, deliveries: Iterable[NewDelivery], now: float | None = None, *,
                         output: OutputRecord | None = None, withhold: bool = False,
@@ -401,13 +438,13 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
 
         ``withhold``: the output's deliveries are ``held`` and the instance ``withheld`` (the
         originals in ``deliveries`` still go out).  ``model``: the config's name of the model,
-        which the counters use (default: the model file's own name).
+        which the counters use (default: the model file's own name).  Raises :class:`LeaseLost`
+        (and changes nothing) when this node's claim on the instance passed to another node.
         """
         now = time.time() if now is None else now
         deliveries = list(deliveries)
         with self._tx() as c:
-            c.execute("UPDATE instances SET state=?, error=NULL, updated_at=? WHERE id=?",
-                      ("withheld" if withhold else "translated", now, instance_id))
+            self._finish_claim(c, instance_id, "withheld" if withhold else "translated", None, now)
             self._add_deliveries(c, instance_id, [d for d in deliveries if not (withhold and d.kind == "output")], now)
             if withhold:
                 self._add_deliveries(c, instance_id, [d for d in deliveries if d.kind == "output"], now, state="held")
@@ -440,12 +477,14 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
 
     def mark_not_translated(self, instance_id: int, state: str, error: str,
                             deliveries: Iterable[NewDelivery] = (), now: float | None = None) -> None:
-        """``unsupported`` (kept; original maybe forwarded) or ``failed`` (``retry`` requeues)."""
+        """``unsupported`` (kept; original maybe forwarded) or ``failed`` (``retry`` requeues).
+
+        Like :meth:`mark_translated`, raises :class:`LeaseLost` (and changes nothing) when this
+        node's claim on the instance passed to another node."""
         assert state in ("unsupported", "failed")
         now = time.time() if now is None else now
         with self._tx() as c:
-            c.execute("UPDATE instances SET state=?, error=?, updated_at=? WHERE id=?",
-                      (state, error[:500], now, instance_id))
+            self._finish_claim(c, instance_id, state, error[:500], now)
             self._add_deliveries(c, instance_id, deliveries, now)
 
     @staticmethod
@@ -482,6 +521,20 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                            [now, *params, limit])
         return [DeliveryRow(*r) for r in rows]
 
+    def claim_deliveries(self, now: float | None = None, limit: int = 100, *, only: str | None = None,
+                         exclude: Iterable[str] = ()) -> list[DeliveryRow]:
+        """Lease due deliveries no node holds (as :meth:`due_deliveries`, oldest first)."""
+        now = time.time() if now is None else now
+        where, params = self._destination_filter(only, exclude)
+        with self._tx() as c:
+            ids = self._claim(c, "deliveries", f"state='pending' AND next_attempt_at <= ?{where}", [now, *params],
+                              "id", limit, now)
+            if not ids:
+                return []
+            rows = c.execute("SELECT id, instance_id, destination, kind, sop_uid, path, attempts FROM deliveries "
+                             f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()
+        return [DeliveryRow(*r) for r in rows]
+
     def next_delivery_time(self, *, only: str | None = None, exclude: Iterable[str] = ()) -> float | None:
         where, params = self._destination_filter(only, exclude)
         rows = self._query(f"SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending'{where}", params)
@@ -492,34 +545,42 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
         """Apply delivery outcomes; returns (delivered, retrying, failed) counts.
 
         ``delay_for(attempt)`` gives the back-off after failed attempt number ``attempt``.
+        A delivery whose lease passed to another node is left to that node (not counted).
         """
         now = time.time() if now is None else now
         counts = [0, 0, 0]
         touched: set[int] = set()
+        fence, mine = self._fence()
+        results = list(results)
+        self._let_go("deliveries", [row.id for row, _, _ in results])
         with self._tx() as c:
             for row, ok, error in results:
-                touched.add(row.instance_id)
                 attempts = row.attempts + 1
                 outcome = "delivered" if ok else ("failed" if attempts >= max_attempts else "retry")
+                error = (error or "")[:500]
+                sets, values = {
+                    "delivered": ("state='delivered', attempts=?, last_error=NULL", (attempts,)),
+                    "failed": ("state='failed', attempts=?, last_error=?", (attempts, error)),
+                    "retry": ("attempts=?, last_error=?, next_attempt_at=?",
+                              (attempts, error, now + float(delay_for(attempts)))),
+                }[outcome]
+                changed = c.execute(f"UPDATE deliveries SET {sets}, updated_at=?, lease_owner=NULL, lease_until=NULL "
+                                    f"WHERE id=?{fence}", (*values, now, row.id, *mine)).rowcount
+                if not changed:
+                    continue  # another node took it over: its outcome counts
+                touched.add(row.instance_id)
                 bump(c, "deliveries", destination=row.destination, outcome=outcome)
                 if ok:
-                    c.execute("UPDATE deliveries SET state='delivered', attempts=attempts+1, last_error=NULL, "
-                              "updated_at=? WHERE id=?", (now, row.id))
                     counts[0] += 1
                     continue
                 if attempts >= max_attempts:
-                    c.execute("UPDATE deliveries SET state='failed', attempts=?, last_error=?, updated_at=? "
-                              "WHERE id=?", (attempts, (error or "")[:500], now, row.id))
                     counts[2] += 1
                     called_ae, route, study_uid = self._place(c, row.instance_id)
                     self._notify(c, "delivery.failed", {
                         "called_ae": called_ae, "route": route, "study_uid": study_uid, "destination": row.destination,
-                        "kind": row.kind, "sop_uid": row.sop_uid, "attempts": attempts, "error": (error or "")[:300]},
+                        "kind": row.kind, "sop_uid": row.sop_uid, "attempts": attempts, "error": error[:300]},
                         study_uid, now)
                 else:
-                    c.execute("UPDATE deliveries SET attempts=?, last_error=?, next_attempt_at=?, updated_at=? "
-                              "WHERE id=?", (attempts, (error or "")[:500], now + float(delay_for(attempts)),
-                                             now, row.id))
                     counts[1] += 1
             self._finish_if_done(c, touched, now)
         return counts[0], counts[1], counts[2]
@@ -590,6 +651,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                 c.execute("DELETE FROM study_info WHERE NOT EXISTS "
                           "(SELECT 1 FROM instances i WHERE i.study_uid=study_info.study_uid)")
             self._forget_operations(c, cutoff)
+            self.forget_nodes(c, cutoff)
             c.execute("DELETE FROM notifications WHERE state='sent' AND updated_at < ?", (cutoff,))
         return len(ids)
 

@@ -17,8 +17,9 @@ are three kinds of loops:
   Finished instances' spool files are removed (the rows stay).
 * housekeeper: sweeps partial files of aborted transfers from the spool's tmp/.
 
-Every step reads its work from SQLite and commits its result there, so after a crash the
-loops simply continue.  Re-translating after a crash writes the same output UIDs (the
+Every step claims its work in the state database (a lease, :mod:`dicom_node.cluster`) and
+commits its result there, so after a crash the loops simply continue, here or on another
+node once the lease runs out.  Re-translating after a crash writes the same output UIDs (the
 engine derives them deterministically), so a resend is idempotent at the destination.
 """
 from __future__ import annotations
@@ -30,14 +31,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from dicom_node.cluster import LeaseLost
 from dicom_node.config import NodeConfig
+from dicom_node.database import first_line
 from dicom_node.engine.defaults import DEFAULT_OVERLAP, MANUFACTURER
 from dicom_node.engine.devices import is_auto_device
 from dicom_node.errors import UnsupportedImage, UserError
 from dicom_node.spool import Spool
 from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, OutputRecord, StateDB, abbreviate
 
-__all__ = ["Broadcast", "Claims", "Housekeeper", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
+__all__ = ["Broadcast", "Housekeeper", "ModelCache", "Translator", "Deliverer", "ENGINE_LOCK"]
 
 log = logging.getLogger("dicom_node.worker")
 
@@ -175,25 +178,6 @@ class ModelCache:
         return path
 
 
-class Claims:
-    """Which ready instances a translator of this node is working on (several translators)."""
-
-    def __init__(self) -> None:
-        self._ids: set[int] = set()
-        self._lock = threading.Lock()
-
-    def take(self, instance_id: int) -> bool:
-        with self._lock:
-            if instance_id in self._ids:
-                return False
-            self._ids.add(instance_id)
-            return True
-
-    def release(self, instance_id: int) -> None:
-        with self._lock:
-            self._ids.discard(instance_id)
-
-
 class _Loop(threading.Thread):
     """A daemon thread that runs ``step()`` until stopped; ``step`` returns True when it did work."""
 
@@ -215,7 +199,7 @@ class _Loop(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - keep serving; the row stays where it was
                 # e.g. the spool's disk is full or the database is locked: the item stays in its
                 # state and is tried again after a pause (no busy loop, no log flood).
-                log.error("%s: %s: %s (retrying in %gs)", self.name, exc.__class__.__name__, exc, ERROR_PAUSE)
+                log.error("%s: %s (retrying in %gs)", self.name, first_line(exc), ERROR_PAUSE)
                 self.stop_event.wait(ERROR_PAUSE)
                 continue
             if not did_work:
@@ -239,11 +223,10 @@ class Translator(_Loop):
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, models: ModelCache,
                  wake: threading.Event, stop: threading.Event, deliver_wake: "Broadcast", name: str,
-                 claims: "Claims", metrics: Any = None) -> None:
+                 metrics: Any = None) -> None:
         super().__init__(name, wake, stop)
         self.config, self.spool, self.db, self.models = config, spool, db, models
         self.deliver_wake = deliver_wake
-        self.claims = claims
         self.metrics = metrics  # dicom_node.metrics.NodeMetrics, or None
 
     def run(self) -> None:
@@ -279,21 +262,24 @@ class Translator(_Loop):
             else:
                 log.warning("study %s on route %s still receiving after max_wait_seconds %gs: discarded "
                             "(on_max_wait: discard)", abbreviate(study_uid), route, self.config.study_timers(route)[1])
-        row = self._claim()
+        row = self.db.claim_ready(prefer=self._loaded_routes())
         if row is None:
             return False
         try:
             self._translate(row)
+        except LeaseLost:
+            log.warning("sop %s: another node took this item over while it was translated here (this node was "
+                        "slow or cut off from the database): its result counts", abbreviate(row.sop_uid))
         finally:
-            self.claims.release(row.id)
+            self.db.release_claims("instances", [row.id])  # unfinished (an error): free for any node
         self.deliver_wake.set()
         return True
 
-    def _claim(self) -> InstanceRow | None:
-        for row in self.db.ready_instances(limit=64):
-            if self.claims.take(row.id):
-                return row
-        return None
+    def _loaded_routes(self) -> list[str] | None:
+        """Routes whose model this process has loaded, taken first (None: all of them)."""
+        routes = self.config.routes
+        loaded = [r.name for r in routes if self.models.is_loaded(r.model)]
+        return None if len(loaded) == len(routes) else loaded
 
     def _translate(self, row: InstanceRow) -> None:
         import pydicom
@@ -484,7 +470,7 @@ class Deliverer(_Loop):
         return max(0.01, min(POLL_SECONDS, nxt - time.time()))
 
     def step(self) -> bool:
-        due = self.db.due_deliveries(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
+        due = self.db.claim_deliveries(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
         if not due:
             if time.monotonic() - self._purged_at > self.PURGE_IDLE_SECONDS:
                 # instances finished without a delivery of ours (an operator discarded a
@@ -494,11 +480,14 @@ class Deliverer(_Loop):
         by_dest: dict[str, list[DeliveryRow]] = defaultdict(list)
         for d in due:
             by_dest[d.destination].append(d)
-        for name, rows in by_dest.items():
-            for i in range(0, len(rows), self.BATCH):
-                if self.stop_event.is_set():
-                    return True
-                self._send(name, rows[i:i + self.BATCH])
+        try:
+            for name, rows in by_dest.items():
+                for i in range(0, len(rows), self.BATCH):
+                    if self.stop_event.is_set():
+                        return True
+                    self._send(name, rows[i:i + self.BATCH])
+        finally:
+            self.db.release_claims("deliveries", [d.id for d in due])  # those not sent: free for any node
         return True
 
     def _send(self, name: str, rows: list[DeliveryRow]) -> None:

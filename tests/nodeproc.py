@@ -60,24 +60,36 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 class NodeProcess:
-    """``python -m dicom_node serve --config FILE`` in a subprocess, log to a file."""
+    """``python -m dicom_node serve --config FILE [--role R]`` in a subprocess, log to a file."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    def __init__(self, config_path: Path, port: int, log_path: Path, role: str = "all") -> None:
         self.config_path, self.port, self.log_path = Path(config_path), port, Path(log_path)
+        self.role = role
         self.proc: subprocess.Popen | None = None
+        self._offset = 0
 
-    def start(self, timeout: float = 60.0) -> "NodeProcess":
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+    def launch(self) -> "NodeProcess":
+        """Start the process without waiting (several nodes start side by side: :meth:`wait_ready`)."""
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path),
+                                      "--role", self.role], stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+        return self
+
+    def start(self, timeout: float = 60.0) -> "NodeProcess":
+        return self.launch().wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> "NodeProcess":
+        """Until the node listens (a worker: says it is ready)."""
+        assert self.proc is not None
+        offset, ready = self._offset, "ready: translating" if self.role == "worker" else "listening on"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()[offset:]}")
-            if "listening on" in self.log()[offset:]:
+            if ready in self.log()[offset:]:
                 return self
             time.sleep(0.05)
         self.kill9()

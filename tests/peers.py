@@ -365,7 +365,7 @@ class NodeProcess(nodeproc.NodeProcess):
     :meth:`kill` / :meth:`start`, like a service restart.
     """
 
-    def __init__(self, workdir: Path, config: dict, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, config: dict, port: int | None = None, role: str = "all") -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
@@ -373,11 +373,11 @@ class NodeProcess(nodeproc.NodeProcess):
         self.config.setdefault("node", {})
         self.config["node"].update({"host": LOOPBACK, "port": port})
         self.config.setdefault("storage", {"spool_dir": str(self.workdir / "spool"), "min_free_bytes": 0})
-        super().__init__(self.workdir / "node.yaml", port, self.workdir / "node.log")
+        super().__init__(self.workdir / "node.yaml", port, self.workdir / "node.log", role=role)
 
-    def start(self, timeout: float = 60.0) -> "NodeProcess":
+    def launch(self) -> "NodeProcess":
         nodeproc.write_config(self.config_path, self.config)
-        super().start(timeout)
+        super().launch()
         return self
 
     def kill(self) -> None:

@@ -93,7 +93,7 @@ def _node(tmp_path: Path, model: Path, pacs_port: int, **extra) -> Node:
 
 
 def _token(node: Node) -> str:
-    return (node.spool.root / CONSOLE_TOKEN_FILE).read_text().strip()
+    return (node.spool.node_dir / CONSOLE_TOKEN_FILE).read_text().strip()
 
 
 def test_metrics_equal_the_state_database_and_survive_a_restart(tmp_path, tiny_model_path):

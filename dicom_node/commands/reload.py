@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _spool_dir(config_path: str) -> Path:
-    """The spool the config names, even when the config has other problems."""
+def _node_dir(config_path: str) -> Path:
+    """The folder of this node in the spool the config names, even when the config has other problems."""
     from dicom_node.config.schema import parse_schema
     from dicom_node.engine.yaml_config import read_yaml_file
 
@@ -34,13 +34,15 @@ def _spool_dir(config_path: str) -> Path:
         cfg, _ = parse_schema(raw, base_dir=path.parent, source=str(path))
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
-    return Path(cfg.storage.spool_dir).resolve()
+    from dicom_node.spool import node_spool
+
+    return node_spool(cfg).node_dir
 
 
 def run(args: argparse.Namespace) -> int:
     from dicom_node import reload
 
-    spool = _spool_dir(args.config)
+    spool = _node_dir(args.config)
     node = reload.read_node_file(spool)
     if node is None:
         raise UserError(f"no dicom-node is running on spool {spool} (start it, or check --config)")

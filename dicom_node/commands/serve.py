@@ -7,6 +7,10 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the DICOM node (receive, translate, forward)")
     p.add_argument("--config", help="node config YAML (default: the embedded loopback config)")
+    p.add_argument("--role", choices=("all", "receive", "worker"), default="all",
+                   help="all: receive, translate and deliver (default); receive: only the DICOM listener; worker: no "
+                        "listener, translate and deliver from the shared queue (several nodes need "
+                        "storage.database: postgresql://...)")
     p.set_defaults(func=run)
 
 
@@ -15,18 +19,23 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from dicom_node.config import load_config
+    from dicom_node.errors import UserError
     from dicom_node.node import Node
-    from dicom_node.spool import Spool
+    from dicom_node.spool import node_spool
 
     if not getattr(args, "verbose", False):
         # One line per node event; pynetdicom's per-PDU chatter only with -v.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     config = load_config(args.config)
-    spool = Spool(config.storage.spool_dir)
+    role = getattr(args, "role", "all")
+    if role != "all" and config.storage.database is None:
+        raise UserError(f"--role {role} needs a shared state database (storage.database: postgresql://...): "
+                        "with SQLite in the spool one node does everything (--role all)")
+    spool = node_spool(config)
     spool.lock()  # before touching tmp/: another node may be using this spool
     spool.open()
     # pynetdicom streams incoming datasets to temp files: put them on the spool's disk so
     # accepting one is a rename, and a small /tmp cannot refuse a large study.
     tempfile.tempdir = str(spool.tmp)
-    Node(config, spool, config_path=args.config).serve_forever()
+    Node(config, spool, config_path=args.config, role=role).serve_forever()
     return 0

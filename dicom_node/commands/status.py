@@ -12,7 +12,8 @@ FLAGGED_LISTED = 50  # the newest flagged outputs that status --json lists
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="counts per state, the oldest waiting item, flagged and withheld outputs")
+    p = sub.add_parser("status", help="counts per state, the oldest waiting item, flagged and withheld outputs, "
+                                      "the nodes and what each holds")
     p.add_argument("--config", help="node config YAML (default: the embedded config)")
     p.add_argument("--json", action="store_true", help="machine-readable output (for monitoring)")
     p.set_defaults(func=run_status)
@@ -22,11 +23,11 @@ def open_state(config_path: str | None):
     """The state database of the spool that ``config_path`` (None: the embedded config) names."""
     from dicom_node.config import load_config
     from dicom_node.errors import UserError
-    from dicom_node.spool import Spool
+    from dicom_node.spool import node_spool
     from dicom_node.state import StateDB
 
     config = load_config(config_path)
-    spool = Spool(config.storage.spool_dir)
+    spool = node_spool(config)
     if config.storage.database is not None:
         return StateDB(config.storage.database)
     if not spool.db_path.is_file():
@@ -55,6 +56,7 @@ def run_status(args: argparse.Namespace) -> int:
         fidelity = db.fidelity_counts()
         withheld = db.withheld()
         flagged = db.audit(verdict="flagged", newest=FLAGGED_LISTED)
+        nodes = db.nodes()
     finally:
         db.close()
     if getattr(args, "json", False):
@@ -70,6 +72,7 @@ def run_status(args: argparse.Namespace) -> int:
                          "flagged": [{k: r[k] for k in ("source_sop_uid", "output_sop_uid", "study_uid", "model",
                                                          "reasons", "scores", "disposition", "created_at")}
                                      for r in flagged]},
+            "nodes": [{**n, "heartbeat_age_seconds": round(time.time() - n["heartbeat_at"], 1)} for n in nodes],
         }, indent=2))
         return 0
     print("instances:  " + "  ".join(f"{k} {v}" for k, v in inst.items()))
@@ -83,6 +86,12 @@ def run_status(args: argparse.Namespace) -> int:
               f"{time.time() - item['since']:.0f} s): {'; '.join(item['reasons'])}")
     if withheld:
         print("  -> dicom-node release UID... | discard UID... (or --all)")
+    print("nodes:" + ("" if nodes else "      none seen within a day"))
+    for n in nodes:
+        holds = ", ".join(f"{v} {k}" for k, v in n["holds"].items() if v) or "nothing"
+        print(f"  {n['name']} ({n['role']}, {n['host']} pid {n['pid']}): {n['state']}, heartbeat "
+              f"{time.time() - n['heartbeat_at']:.0f} s ago, holds {holds}"
+              + (f"; models {', '.join(n['models'])}" if n["models"] else ""))
     if oldest is None:
         print("oldest waiting: none")
     else:

@@ -7,6 +7,7 @@ Whether files and folders are usable on this machine is :mod:`.environment`'s jo
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -52,10 +53,15 @@ def _tls(raw: Any, path: str, pr: Problems, base_dir: Path, server: bool) -> TLS
 def _node(raw: Any, pr: Problems, base_dir: Path) -> NodeSettings:
     d = NodeSettings()
     m = mapping(raw, "node", {"ae_title", "host", "port", "max_associations", "network_timeout", "dimse_timeout",
-                               "acse_timeout", "max_instance_bytes", "tls"}, set(), pr)
+                               "acse_timeout", "max_instance_bytes", "tls", "name"}, set(), pr)
     if m is None:
         return d
+    name = string(m, "name", "node", pr, d.name)
+    if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", str(name)):
+        pr.add("node.name", f"{name!r}: letters, digits, '.', '_' and '-' (at most 64; it names files in the spool)")
+        name = d.name
     return NodeSettings(
+        name=name or "",
         ae_title=ae_title_field(m, "ae_title", "node", pr, d.ae_title),
         host=string(m, "host", "node", pr, d.host),
         port=integer(m, "port", "node", pr, d.port, 1, 65535),
@@ -70,7 +76,7 @@ def _node(raw: Any, pr: Problems, base_dir: Path) -> NodeSettings:
 
 def _storage(raw: Any, pr: Problems, base_dir: Path) -> StorageSettings:
     d = StorageSettings()
-    m = mapping(raw, "storage", {"spool_dir", "min_free_bytes", "database"}, set(), pr)
+    m = mapping(raw, "storage", {"spool_dir", "min_free_bytes", "database", "lease_seconds"}, set(), pr)
     if m is None:
         return d
     database = string(m, "database", "storage", pr, None)
@@ -81,6 +87,7 @@ def _storage(raw: Any, pr: Problems, base_dir: Path) -> StorageSettings:
         spool_dir=folder_path(m, "spool_dir", "storage", pr, base_dir, d.spool_dir) or d.spool_dir,
         min_free_bytes=integer(m, "min_free_bytes", "storage", pr, d.min_free_bytes, 0),
         database=database,
+        lease_seconds=number(m, "lease_seconds", "storage", pr, d.lease_seconds, 1.0, True),
     )
 
 

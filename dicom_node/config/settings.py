@@ -42,6 +42,9 @@ class NodeSettings:
     acse_timeout: float = 30.0
     max_instance_bytes: int = 2 * 1024**3
     tls: TLSSettings | None = None
+    # This node among several on one PostgreSQL database and shared spool (its spool lock,
+    # temp folder and row in ``status``); default: the host name.
+    name: str = ""
 
 
 @dataclass
@@ -49,6 +52,9 @@ class StorageSettings:
     spool_dir: Path = Path("./spool")
     min_free_bytes: int = 256 * 1024**2  # refuse new instances below this much free disk
     database: str | None = None  # postgresql://user@host/db; None: SQLite in the spool (state.db)
+    # A claimed item (a translation, a delivery batch, a notification) is its node's for this
+    # long after the node's last heartbeat; then another node takes it over.
+    lease_seconds: float = 30.0
 
 
 @dataclass

@@ -59,6 +59,8 @@ class Console:
     sessions: Sessions = field(default_factory=lambda: Sessions(12 * 3600.0))
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
     started_at: float = field(default_factory=time.time)
+    role: str = "all"  # serve --role: what readiness checks (a worker has no listener, a receiver no models)
+    node_id: str | None = None  # this node's row in the nodes table
 
     @property
     def secure(self) -> bool:
@@ -310,7 +312,8 @@ def build_app(console: Console):
                       chart=_chart(db.throughput()), disk=disk, watermark=config.storage.min_free_bytes,
                       used_share=(disk.total - disk.free) / disk.total if disk.total else 0.0,
                       models=models, destinations=destinations, checks=readiness(console),
-                      fidelity=db.fidelity_counts(), oldest=oldest, started_at=console.started_at)
+                      fidelity=db.fidelity_counts(), oldest=oldest, started_at=console.started_at,
+                      nodes=db.nodes(), this_node=console.node_id)
 
     @page
     def studies(request: Any, session: Session) -> Any:

@@ -4,11 +4,11 @@
 result, so a load balancer or an orchestrator sends modalities elsewhere and a monitor says
 what is wrong:
 
-* ``listener``: the DICOM listener accepts associations;
+* ``listener``: the DICOM listener accepts associations (not for ``--role worker``);
 * ``database``: the state database takes a write transaction (within ``DB_TIMEOUT``);
 * ``spool``: the spool's disk has at least ``storage.min_free_bytes`` free (below it the
   listener refuses instances anyway);
-* ``models``: every routed model is loaded.
+* ``models``: every routed model is loaded (not for ``--role receive``).
 """
 from __future__ import annotations
 
@@ -30,8 +30,11 @@ class Check:
 def readiness(console: Any) -> list[Check]:
     """Every readiness check of the node behind ``console`` (a :class:`dicom_node.web.app.Console`)."""
     config, spool = console.config, console.spool
-    checks = [Check("listener", bool(console.listening()),
-                    f"{config.node.host}:{config.node.port}" if console.listening() else "not listening")]
+    role = getattr(console, "role", "all")
+    checks = []
+    if role != "worker":
+        checks.append(Check("listener", bool(console.listening()),
+                            f"{config.node.host}:{config.node.port}" if console.listening() else "not listening"))
     from dicom_node.database import open_database
 
     try:
@@ -47,6 +50,8 @@ def readiness(console: Any) -> list[Check]:
         checks.append(Check("database", False, f"not writable: {first}"))
     free, minimum = spool.free_bytes(), config.storage.min_free_bytes
     checks.append(Check("spool", free >= minimum, f"{free} bytes free, storage.min_free_bytes {minimum}"))
+    if role == "receive":
+        return checks  # a receiving node loads no models
     routed = list(dict.fromkeys(r.model for r in config.routes))
     missing = [name for name in routed if not console.models.is_loaded(name)]
     if missing:

@@ -1,0 +1,154 @@
+"""Leases and nodes on one state database (dicom_node.cluster), on SQLite and a real PostgreSQL.
+
+Each "node" here is its own StateDB connection registered under its own id, as separate
+processes are in production (tests/test_scale_out.py runs them as processes).
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dicom_node.cluster import LeaseLost
+from dicom_node.state import NewDelivery, StateDB
+from tests.postgres import postgres_server  # noqa: F401 - fixture
+from tests.test_state import database, fixed, receive  # noqa: F401 - fixture
+
+LEASE = 30.0
+T = 1000.0  # the tests' clock
+
+
+def node(target, name: str, *, exclusive: bool = False, now: float = T) -> StateDB:
+    db = StateDB(target)
+    db.lease_seconds = LEASE
+    db.register_node(node_id=f"{name}.1", name=name, role="worker", exclusive=exclusive, now=now)
+    return db
+
+
+def ready(db: StateDB, n: int, route: str = "kim") -> list[int]:
+    """``n`` ready instances (one study on ``route``); their ids."""
+    ids = [db.record_received(called_ae="KIM", calling_ae="CR1", sop_uid=f"1.{route}.{i}",
+                              sop_class="1.2.840.10008.5.1.4.1.1.1", study_uid=f"2.{route}", series_uid="3",
+                              route=route, matched=True, path=f"/spool/{route}{i}.dcm", size=1, now=T - 100)[0]
+           for i in range(n)]
+    db.release_stable_studies(fixed(1.0), now=T - 50)
+    return ids
+
+
+def test_two_nodes_claim_different_instances_and_a_dead_nodes_lease_passes_on(database):
+    a, b = node(database, "a"), node(database, "b")
+    ids = ready(a, 3)
+    first = a.claim_ready(now=T)
+    second = b.claim_ready(now=T)
+    assert {first.id, second.id} < set(ids) and first.id != second.id
+    third = a.claim_ready(now=T)
+    assert third.id not in (first.id, second.id)
+    assert b.claim_ready(now=T) is None  # everything is held
+    # a stops renewing (it died): its items are free after the lease, not before
+    assert b.claim_ready(now=T + LEASE - 1) is None
+    taken = b.claim_ready(now=T + LEASE + 1)
+    assert taken.id in (first.id, third.id)
+    # a comes back (it was cut off): its result is refused, the row is b's
+    with pytest.raises(LeaseLost):
+        a.mark_translated(taken.id, [NewDelivery("pacs", "output", "9.1", "/out/9.1.dcm")], now=T + LEASE + 2)
+    assert {r.id: r.state for r in a.instances()}[taken.id] == "ready"
+    assert a.counts()[1]["pending"] == 0  # nothing of a's result was kept
+    b.mark_translated(taken.id, [NewDelivery("pacs", "output", "9.1", "/out/9.1.dcm")], now=T + LEASE + 2)
+    assert {r.id: r.state for r in a.instances()}[taken.id] == "translated"
+    a.close(), b.close()
+
+
+def test_heartbeat_renews_only_what_is_in_hand_and_a_clean_stop_gives_everything_back(database):
+    a, b = node(database, "a"), node(database, "b")
+    ready(a, 2)
+    one = a.claim_ready(now=T)
+    two = a.claim_ready(now=T)
+    a.release_claims("instances", [two.id])  # a gave it up (an error): free at once
+    assert b.claim_ready(now=T).id == two.id
+    assert a.heartbeat(["tiny"], now=T + 20) == 1
+    assert b.claim_ready(now=T + LEASE + 1).id == two.id  # b did not beat: its own claim ran out
+    assert b.claim_ready(now=T + LEASE + 1) is None  # a's was renewed at T+20: held until T+50
+    listed = {n["name"]: n for n in b.nodes(now=T + 21)}
+    assert listed["a"]["state"] == "up" and listed["a"]["holds"]["instances"] == 1
+    assert listed["a"]["models"] == ["tiny"] and listed["b"]["holds"]["instances"] == 1
+    assert {n["name"]: n["state"] for n in b.nodes(now=T + 20 + LEASE + 1)}["a"] == "late"
+    a.node_stopped(now=T + 22)
+    assert b.claim_ready(now=T + 23).id == one.id
+    assert {n["name"]: n["state"] for n in b.nodes(now=T + 24)}["a"] == "stopped"
+    a.close(), b.close()
+
+
+def test_a_restarted_node_takes_back_its_own_claims_at_once(database):
+    a = node(database, "a")
+    ready(a, 1)
+    assert a.claim_ready(now=T) is not None
+    a.close()  # kill -9: the lease stays in the row
+    again = StateDB(database)
+    again.lease_seconds = LEASE
+    # same name (its spool lock proves the old process is gone): no need to wait for the lease
+    assert again.register_node(node_id="a.2", name="a", role="all", exclusive=False, now=T + 1) == 1
+    assert again.claim_ready(now=T + 1) is not None
+    other = node(database, "solo", exclusive=True, now=T + 2)  # the only node (SQLite): frees every lease
+    assert other.claim_ready(now=T + 2) is not None
+    again.close(), other.close()
+
+
+def test_a_worker_takes_the_routes_of_its_loaded_models_first(database):
+    a = node(database, "a")
+    old = ready(a, 2, route="soft")
+    new = ready(a, 2, route="sharp")
+    assert a.claim_ready(prefer=["sharp"], now=T).id == new[0]
+    assert a.claim_ready(now=T).id == old[0]  # no preference: oldest first
+    assert a.claim_ready(prefer=["sharp"], now=T).id == new[1]
+    assert a.claim_ready(prefer=["sharp"], now=T).id == old[1]  # none of those left: any route
+    a.close()
+
+
+def test_deliveries_and_notifications_are_claimed_once_and_results_are_fenced(database):
+    a, b = node(database, "a"), node(database, "b")
+    iid = ready(a, 1)[0]
+    a.claim_ready(now=T)
+    a.mark_translated(iid, [NewDelivery(d, "output", "9.1", "/out/9.1.dcm") for d in ("pacs", "viewer")], now=T)
+    mine = a.claim_deliveries(now=T + 1)
+    assert len(mine) == 2 and b.claim_deliveries(now=T + 1) == []
+    stolen = b.claim_deliveries(now=T + 2 + LEASE)  # a went silent
+    assert len(stolen) == 2
+    assert a.record_delivery_results([(r, True, None) for r in mine], 5, lambda n: 1.0, now=T + 3 + LEASE) == (0, 0, 0)
+    assert b.record_delivery_results([(r, True, None) for r in stolen], 5, lambda n: 1.0, now=T + 3 + LEASE) == (2, 0, 0)
+    assert {r.id: r.state for r in a.instances()}[iid] == "delivered"
+    assert b.counter_values()["deliveries"] == [({"destination": "pacs", "outcome": "delivered"}, 1),
+                                                ({"destination": "viewer", "outcome": "delivered"}, 1)]
+    with a._tx() as c:
+        c.execute("INSERT INTO notifications (webhook, event, body, state, next_attempt_at, created_at, updated_at) "
+                  "VALUES ('hook', 'study.delivered', '{}', 'pending', ?, ?, ?)", (T, T, T))
+    claimed = a.claim_notifications(now=T + 1)
+    assert len(claimed) == 1 and b.claim_notifications(now=T + 1) == []
+    later = b.claim_notifications(now=T + 2 + LEASE)
+    assert a.record_notification(claimed[0][0], "hook", True, None, 1, 5, 1.0, now=T + 3 + LEASE) == "taken"
+    assert b.record_notification(later[0][0], "hook", True, None, 1, 5, 1.0, now=T + 3 + LEASE) == "sent"
+    a.close(), b.close()
+
+
+def test_concurrent_claims_never_hand_one_instance_to_two_nodes(database):
+    """Two connections claiming as fast as they can (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
+    setup = node(database, "setup")
+    ids = ready(setup, 120)
+    setup.close()
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    both = threading.Barrier(2)
+
+    def drain(name: str) -> None:
+        db = node(database, name)
+        both.wait(30)
+        while (row := db.claim_ready()) is not None:
+            got[name].append(row.id)
+        db.close()
+
+    threads = [threading.Thread(target=drain, args=(n,)) for n in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(got["a"] + got["b"]) == sorted(ids)  # each exactly once
+    if isinstance(database, str):  # PostgreSQL: row locks, both get work (SQLite's one writer may starve one)
+        assert got["a"] and got["b"], "both nodes got work"
