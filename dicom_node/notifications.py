@@ -109,8 +109,11 @@ class NotificationOutbox:
                 "SELECT id, webhook, event, body, attempts FROM notifications "
                 f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()]
 
-    def next_notification_time(self) -> float | None:
-        rows = self._query("SELECT MIN(next_attempt_at) FROM notifications WHERE state='pending'")  # type: ignore
+    def next_notification_time(self, now: float | None = None) -> float | None:
+        """When the next notification no node holds is due."""
+        now = time.time() if now is None else now
+        rows = self._query("SELECT MIN(next_attempt_at) FROM notifications WHERE state='pending' AND "  # type: ignore
+                           "(lease_until IS NULL OR lease_until < ?)", (now,))
         return None if rows[0][0] is None else float(rows[0][0])
 
     def record_notification(self, nid: int, webhook: str, ok: bool, error: str | None, attempts: int,

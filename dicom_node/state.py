@@ -110,6 +110,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (instance_id, destination, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_claim ON deliveries (state, destination, next_attempt_at, id);
 CREATE TABLE IF NOT EXISTS outputs (
     id              INTEGER PRIMARY KEY,
     instance_id     INTEGER NOT NULL,        -- no foreign key: the audit outlives forgotten rows
@@ -523,21 +524,26 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
 
     def claim_deliveries(self, now: float | None = None, limit: int = 100, *, only: str | None = None,
                          exclude: Iterable[str] = ()) -> list[DeliveryRow]:
-        """Lease due deliveries no node holds (as :meth:`due_deliveries`, oldest first)."""
+        """Lease due deliveries no node holds, the longest due first."""
         now = time.time() if now is None else now
         where, params = self._destination_filter(only, exclude)
         with self._tx() as c:
             ids = self._claim(c, "deliveries", f"state='pending' AND next_attempt_at <= ?{where}", [now, *params],
-                              "id", limit, now)
+                              "next_attempt_at, id", limit, now)  # longest due first: index deliveries_claim
             if not ids:
                 return []
             rows = c.execute("SELECT id, instance_id, destination, kind, sop_uid, path, attempts FROM deliveries "
                              f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()
         return [DeliveryRow(*r) for r in rows]
 
-    def next_delivery_time(self, *, only: str | None = None, exclude: Iterable[str] = ()) -> float | None:
+    def next_delivery_time(self, *, only: str | None = None, exclude: Iterable[str] = (),
+                           now: float | None = None) -> float | None:
+        """When the next delivery no node holds is due (a held one is its holder's business:
+        waiting for it would make an idle deliverer poll without pause)."""
+        now = time.time() if now is None else now
         where, params = self._destination_filter(only, exclude)
-        rows = self._query(f"SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending'{where}", params)
+        rows = self._query("SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending' AND "
+                           f"(lease_until IS NULL OR lease_until < ?){where}", [now, *params])
         return None if rows[0][0] is None else float(rows[0][0])
 
     def record_delivery_results(self, results: Iterable[tuple[DeliveryRow, bool, str | None]],

@@ -152,3 +152,44 @@ def test_concurrent_claims_never_hand_one_instance_to_two_nodes(database):
     assert sorted(got["a"] + got["b"]) == sorted(ids)  # each exactly once
     if isinstance(database, str):  # PostgreSQL: row locks, both get work (SQLite's one writer may starve one)
         assert got["a"] and got["b"], "both nodes got work"
+
+
+def test_roles_need_a_shared_database_and_node_names_are_checked(tmp_path, tiny_model_path):
+    import subprocess
+    import sys
+
+    from dicom_node.config import ConfigError, parse_config
+    from tests.nodeproc import free_port, node_config, write_config
+
+    raw = node_config(tmp_path, port=free_port(), model_path=tiny_model_path, destinations={
+        "out": {"type": "folder", "path": str(tmp_path / "out")}}, routes=[{"called_ae": "KIM", "model": "tiny",
+                                                                          "destinations": ["out"]}])
+    raw["storage"].pop("database", None)
+    path = write_config(tmp_path / "node.yaml", raw)
+    done = subprocess.run([sys.executable, "-m", "dicom_node", "serve", "--config", str(path), "--role", "worker"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "needs a shared state database" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    raw["node"]["name"] = "gpu 1/../x"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, base_dir=tmp_path)
+    assert "node.name" in str(err.value)
+    raw["node"]["name"], raw["storage"]["lease_seconds"] = "gpu-1", 0.5
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, base_dir=tmp_path)
+    assert "storage.lease_seconds" in str(err.value)
+
+
+def test_two_nodes_of_one_name_or_a_sqlite_node_cannot_share_a_spool(tmp_path):
+    from dicom_node.errors import UserError
+    from dicom_node.spool import Spool
+
+    a = Spool(tmp_path / "spool", node="gpu-1")
+    a.lock()
+    Spool(tmp_path / "spool", node="gpu-2").lock()  # another name: fine
+    with pytest.raises(UserError, match="named 'gpu-1'"):
+        Spool(tmp_path / "spool", node="gpu-1").lock()
+    with pytest.raises(UserError, match="SQLite|in use"):
+        Spool(tmp_path / "spool").lock()
+    a.unlock()
+    assert a.tmp == tmp_path.resolve() / "spool" / "nodes" / "gpu-1" / "tmp"
