@@ -190,6 +190,9 @@ def test_console_needs_a_login_and_a_csrf_token(tmp_path, tiny_model_path, caplo
         status, headers, html = web.get("/studies")
         assert status == 200 and "SECRET, PATIENT" in html and PATIENT_ID in html  # PATIENT_NAME as people read it
         assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["cache-control"] == "no-store"
+        status, _, html = web.get("/")
+        nodes = html[html.index('<table id="nodes">'):]
+        assert f"{node.name} (this one)" in nodes and "<td>all</td>" in nodes and "<td>up</td>" in nodes
         status, _, html = web.get(study_page)
         assert status == 200 and "/previews/" in html and "delivered" in html
         preview = re.search(r'src="(/previews/\d+\.png)"', html).group(1)
