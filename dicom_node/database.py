@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = ["Database", "SqliteDatabase", "PostgresDatabase", "open_database", "to_postgres", "is_postgres_url",
-           "is_unavailable", "first_line"]
+           "is_unavailable", "is_conflict", "first_line"]
 
 
 def is_postgres_url(target: Any) -> bool:
@@ -38,6 +38,17 @@ def is_unavailable(exc: BaseException) -> bool:
     except ImportError:
         return False
     return isinstance(exc, psycopg.OperationalError)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A unique key that another connection committed first (a race, not a bug: try again)."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return "UNIQUE" in str(exc)
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.errors.UniqueViolation)
 
 
 def first_line(exc: BaseException) -> str:

@@ -49,7 +49,7 @@ from dicom_node.audit_trail import AuditTrail
 from dicom_node.cluster import NODES_SCHEMA, LeaseLost, Membership
 from dicom_node.console_queries import ConsoleQueries
 from dicom_node.counters import COUNTERS_SCHEMA, CounterStore, bump
-from dicom_node.database import Database
+from dicom_node.database import Database, is_conflict
 from dicom_node.notifications import NOTIFICATIONS_SCHEMA, NotificationOutbox
 from dicom_node.operations_log import OPERATIONS_SCHEMA, OperationsLog
 
@@ -310,38 +310,49 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
         console's study description (keys of ``STUDY_INFO_KEYWORDS``' values), kept once.
         """
         now = time.time() if now is None else now
-        with self._tx() as c:
-            row = c.execute("SELECT id, state, route FROM instances WHERE called_ae=? AND sop_uid=?",
-                            (called_ae, sop_uid)).fetchone()
-            if row is not None:
-                if row[1] == "received" and row[2] is not None:
-                    c.execute("UPDATE studies SET last_received_at=? WHERE called_ae=? AND route=? "
-                              "AND study_uid=? AND state='pending'", (now, called_ae, row[2], study_uid))
-                return int(row[0]), False
-            state = "received" if matched else "unmatched"
-            iid = c.insert_id(
-                "INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
-                "route, path, size, state, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size,
-                 state, now, now))
-            bump(c, "received", called_ae=called_ae)
-            if study is not None:
-                info = {col: str(study.get(col) or "")[:200] for col in STUDY_INFO_KEYWORDS.values()}
-                c.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
-                          f"VALUES (?{',?' * len(info)})", (study_uid, *info.values()))
-            if matched:
-                # A study released before (translated) opens a new round: a follow-up, translated
-                # into the same output series after its own quiet period.
-                c.execute(
-                    "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state, first_received_at) "
-                    "VALUES (?,?,?,?, 'pending', ?) ON CONFLICT (called_ae, route, study_uid) "
-                    "DO UPDATE SET last_received_at=excluded.last_received_at, first_received_at=CASE "
-                    "WHEN studies.state='pending' THEN COALESCE(studies.first_received_at, studies.last_received_at) "
-                    "ELSE excluded.first_received_at END, state='pending'",
-                    (called_ae, route, study_uid, now, now))
-            else:
-                self._add_deliveries(c, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
-            return iid, True
+
+        def once() -> tuple[int, bool]:
+            with self._tx() as c:
+                row = c.execute("SELECT id, state, route FROM instances WHERE called_ae=? AND sop_uid=?",
+                                (called_ae, sop_uid)).fetchone()
+                if row is not None:
+                    if row[1] == "received" and row[2] is not None:
+                        c.execute("UPDATE studies SET last_received_at=? WHERE called_ae=? AND route=? "
+                                  "AND study_uid=? AND state='pending'", (now, called_ae, row[2], study_uid))
+                    return int(row[0]), False
+                state = "received" if matched else "unmatched"
+                iid = c.insert_id(
+                    "INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
+                    "route, path, size, state, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size,
+                     state, now, now))
+                bump(c, "received", called_ae=called_ae)
+                if study is not None:
+                    info = {col: str(study.get(col) or "")[:200] for col in STUDY_INFO_KEYWORDS.values()}
+                    c.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
+                              f"VALUES (?{',?' * len(info)})", (study_uid, *info.values()))
+                if matched:
+                    # A study released before (translated) opens a new round: a follow-up, translated
+                    # into the same output series after its own quiet period.
+                    c.execute(
+                        "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state, first_received_at) "
+                        "VALUES (?,?,?,?, 'pending', ?) ON CONFLICT (called_ae, route, study_uid) "
+                        "DO UPDATE SET last_received_at=excluded.last_received_at, first_received_at=CASE "
+                        "WHEN studies.state='pending' THEN COALESCE(studies.first_received_at, studies.last_received_at) "
+                        "ELSE excluded.first_received_at END, state='pending'",
+                        (called_ae, route, study_uid, now, now))
+                else:
+                    self._add_deliveries(c, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
+                return iid, True
+
+        try:
+            return once()
+        except Exception as exc:
+            if not is_conflict(exc):
+                raise
+            # another receiver stored the same instance at this very moment (two nodes of one
+            # site): it is a duplicate now
+            return once()
 
     # -- grouping ----------------------------------------------------------------------
     def name_routes(self, names: list[str]) -> int:

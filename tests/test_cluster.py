@@ -193,3 +193,19 @@ def test_two_nodes_of_one_name_or_a_sqlite_node_cannot_share_a_spool(tmp_path):
         Spool(tmp_path / "spool").lock()
     a.unlock()
     assert a.tmp == tmp_path.resolve() / "spool" / "nodes" / "gpu-1" / "tmp"
+
+
+def test_two_receivers_storing_one_instance_at_the_same_moment_make_it_a_duplicate(database):
+    """The second receiver's insert meets the first one's unique key: not an error, a duplicate."""
+    a, b = node(database, "a"), node(database, "b")
+    result: list = []
+    with a._tx() as c:  # a's C-STORE is half-way: its row is written, not yet committed
+        a_id = c.insert_id("INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
+                           "route, path, size, state, received_at, updated_at) VALUES "
+                           "('KIM','CR1','1.9','1.2','2.9','3','kim','/spool/x.dcm',1,'received',?,?)", (T, T))
+        t = threading.Thread(target=lambda: result.append(receive(b, "1.9", "2.9", now=T)))
+        t.start()
+        t.join(0.5)  # b waits for a's transaction (the row lock, or SQLite's write lock)
+    t.join(30)
+    assert result == [(a_id, False)]
+    a.close(), b.close()
