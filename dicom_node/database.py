@@ -157,6 +157,15 @@ _DDL_REWRITES = [
 ]
 
 
+_CREATES = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.I)
+
+
+def ddl_statements(ddl: str) -> list[str]:
+    """The statements of a schema script (``--`` comments dropped; no string in it holds ``;``)."""
+    text = re.sub(r"--[^\n]*", "", ddl)
+    return [s.strip() for s in text.split(";") if s.strip()]
+
+
 def to_postgres(sql: str, ddl: bool = False) -> str:
     """The PostgreSQL spelling of one of the state machine's SQLite statements."""
     for pattern, repl in _DDL_REWRITES if ddl else ():
@@ -199,7 +208,15 @@ class PostgresDatabase(Database):
         return self._live().execute(to_postgres(sql), tuple(params))
 
     def script(self, ddl: str) -> None:
-        self._live().execute(to_postgres(ddl, ddl=True))
+        """Each statement on its own, none whose table or index exists: a script sent at once is
+        one transaction on PostgreSQL, and CREATE INDEX locks its table even when the index is
+        there, so a second process opening the schema (a node starting, ``dicom-node status``)
+        piled up locks and deadlocked with a running node's writes."""
+        for statement in ddl_statements(ddl):
+            created = _CREATES.match(statement)
+            if created and self._live().execute("SELECT to_regclass(%s)", (created.group(1),)).fetchone()[0]:
+                continue
+            self._live().execute(to_postgres(statement, ddl=True))
 
     def begin(self) -> None:
         self._live().execute("BEGIN")

@@ -239,16 +239,16 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             had_counters = self._conn.has_table("counters")
             self._conn.script(_SCHEMA)
             if "purged" not in self._conn.columns("instances"):  # a database from before spool clean-up
-                self._conn.execute("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
+                self._conn.script("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
             if "first_received_at" not in self._conn.columns("studies"):  # from before max_wait
-                self._conn.execute("ALTER TABLE studies ADD COLUMN first_received_at REAL")
+                self._conn.script("ALTER TABLE studies ADD COLUMN first_received_at REAL")
             # Only the few rows whose files are still in the spool: the purge query stays cheap
             # however many delivered instances the table remembers.
-            self._conn.execute("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
+            self._conn.script("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
             self._add_lease_columns()
             for table in ("instances", "deliveries", "notifications"):  # the heartbeat's renewal stays cheap
-                self._conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_leased ON {table} (lease_owner) "
-                                   "WHERE lease_owner IS NOT NULL")
+                self._conn.script(f"CREATE INDEX IF NOT EXISTS {table}_leased ON {table} (lease_owner) "
+                                  "WHERE lease_owner IS NOT NULL")
         if not had_counters:
             with self._tx() as c:
                 self._seed_counters(c)

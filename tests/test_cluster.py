@@ -209,3 +209,21 @@ def test_two_receivers_storing_one_instance_at_the_same_moment_make_it_a_duplica
     t.join(30)
     assert result == [(a_id, False)]
     a.close(), b.close()
+
+
+def test_opening_the_schema_beside_a_busy_node_neither_waits_nor_deadlocks(database):
+    """A node starting, or ``dicom-node status``, while another node is inside a write: on
+    PostgreSQL the schema script took share locks on every table (CREATE INDEX IF NOT EXISTS
+    locks its table even when the index exists) and deadlocked with the writer (CI, stop 19)."""
+    a = node(database, "a")
+    ready(a, 1)
+    with a._tx() as c:  # a is half-way through a write on several tables
+        c.execute("UPDATE instances SET updated_at=?", (T,))
+        c.execute("UPDATE studies SET last_received_at=?", (T,))
+        opened: list = []
+        t = threading.Thread(target=lambda: opened.append(StateDB(database, timeout=2.0)))
+        t.start()
+        t.join(10)
+        assert opened, "opening the schema waited for a running node's transaction"
+        c.execute("UPDATE deliveries SET updated_at=?", (T,))  # a goes on writing: no cycle
+    opened[0].close(), a.close()
