@@ -1,9 +1,16 @@
 """How well the fidelity guard separates good outputs from faulty ones, and what it costs.
 
-For each demo style pair (``--pairs``): an A->B model and its inverse are fitted and
-calibrated exactly as ``dicom-node train`` exports them (bench/fidelity_faults.py), from
-disjoint phantoms: training images, calibration images, and held-out test images of the
-model's own domain.  Then:
+For each demo style pair (``--pairs``), two kinds of good model, each with its inverse:
+
+* "PAIR": the trainer's first stage alone (the tone filter fitted from the two domains, the
+  network still the identity), calibrated exactly as ``dicom-node train`` calibrates at
+  export (bench/fidelity_faults.py), from disjoint phantoms: training images, calibration
+  images, and held-out test images of the model's own domain;
+* "PAIR trained": both directions trained by ``dicom-node train`` itself (``--trained-steps``,
+  tone filter plus residual network), exported and calibrated by it: the network adds
+  structure of its own, as in production.
+
+Then:
 
 * false alarms: the share of held-out own-domain test images flagged (goal <= 1 %);
 * detection: the share of faulty outputs flagged, per injected fault (goal >= 95 %): model
@@ -36,10 +43,11 @@ from bench.machine import machine_info  # noqa: E402
 
 def _assess(model, x, inverse):
     from dicom_node.engine.fidelity import assess
-    from dicom_node.engine.tiling import translate
+    from dicom_node.engine.tiling import translate_with_base
 
     with torch.no_grad():
-        return assess(model, x, translate(model, x, tile=0), inverse=inverse)
+        y, base = translate_with_base(model, x, tile=0)
+        return assess(model, x, y, inverse=inverse, base=base)
 
 
 def _extreme(pick, reports) -> dict:
@@ -48,14 +56,16 @@ def _extreme(pick, reports) -> dict:
     return {k: pick((r.scores[k] for r in reports if r.scores.get(k) is not None), default=None) for k in SCORES}
 
 
-def run_pair(pair: str, args: argparse.Namespace) -> dict:
+def run_pair(pair: str, args: argparse.Namespace, trained: bool = False) -> dict:
     n, size = args.images, args.size
     t0 = time.perf_counter()
-    kit = ff.calibrated_pair(pair, size, n, args.calibration)
+    kit = (ff.trained_pair(pair, size, n, args.calibration, args.trained_steps, args.work) if trained
+           else ff.calibrated_pair(pair, size, n, args.calibration))
     ab, ba, train_a, train_b, calib_a = kit.ab, kit.ba, kit.train_a, kit.train_b, kit.calibration_a
     test_a = ff.demo_images(pair, "a", range(ff.TEST, ff.TEST + args.held_out), size)
     other = ff.demo_images(pair, "b", range(ff.OTHER, ff.OTHER + args.faulty), size)
     rows: dict[str, dict] = {}
+    label = f"{pair} trained" if trained else pair
 
     def rate(name: str, kind: str, what: str, reports: list) -> None:
         flagged = [r for r in reports if ff.flagged(r)]
@@ -67,7 +77,7 @@ def run_pair(pair: str, args: argparse.Namespace) -> dict:
         rows[name] = {"kind": kind, "what": what, "images": len(reports), "flagged": len(flagged),
                       "rate": len(flagged) / max(1, len(reports)), "reasons": reasons,
                       "scores_max": _extreme(max, reports), "scores_min": _extreme(min, reports)}
-        print(f"  {pair:8s} {name:24s} {len(flagged):3d}/{len(reports):3d} flagged", file=sys.stderr)
+        print(f"  {label:16s} {name:24s} {len(flagged):3d}/{len(reports):3d} flagged", file=sys.stderr)
 
     rate("own domain (held out)", "false alarm", "held-out images of the model's own domain and style",
          [_assess(ab, i.x, ba) for i in test_a])
@@ -99,7 +109,7 @@ def panel(path: Path, args: argparse.Namespace) -> None:
 
     from dicom_node.engine.fidelity import assess
     from dicom_node.engine.pipeline import _preview_image
-    from dicom_node.engine.tiling import translate
+    from dicom_node.engine.tiling import translate_with_base
 
     size = 384
     kit = ff.calibrated_pair("classic", size, args.images, args.calibration)
@@ -109,8 +119,8 @@ def panel(path: Path, args: argparse.Namespace) -> None:
     for model in (ab, ff.MODEL_FAULTS["paints a nodule"][1](ab, 1), ff.MODEL_FAULTS["erases an edge"][1](ab, 0),
                   ff.MODEL_FAULTS["inverted polarity"][1](ab, 0)):
         with torch.no_grad():
-            y = translate(model, x, tile=0)
-        tiles.append(_preview_image(x, np.clip(y, -1, 1), assess(model, x, y, inverse=ba)))
+            y, base = translate_with_base(model, x, tile=0)
+        tiles.append(_preview_image(x, np.clip(y, -1, 1), assess(model, x, y, inverse=ba, base=base)))
     w, h = max(t.width for t in tiles), max(t.height for t in tiles)
     canvas = Image.new("RGB", (2 * w + 8, 2 * h + 8), (255, 255, 255))
     for k, t in enumerate(tiles):
@@ -121,12 +131,13 @@ def panel(path: Path, args: argparse.Namespace) -> None:
 
 def cost(args: argparse.Namespace) -> list[dict]:
     """Median seconds of the guard and of the translation (bundled model, whole image, CPU): the
-    guard as a calibrated model runs it (with ood, noise and saturated), and as the uncalibrated
-    bundled model runs it (structure scores only)."""
+    guard as a calibrated model runs it (with network, ood, noise and saturated), and as the
+    uncalibrated bundled model runs it (structure scores only).  The translation keeps its
+    global stage for the network score, as the node's does (``translate_with_base``)."""
     from dicom_node.engine import load_style_model
     from dicom_node.engine import fidelity as fd
     from dicom_node.engine.model_file import StyleModel
-    from dicom_node.engine.tiling import translate
+    from dicom_node.engine.tiling import translate_with_base
 
     model = load_style_model("default")
     out = []
@@ -137,14 +148,15 @@ def cost(args: argparse.Namespace) -> list[dict]:
         small = [fd.analysis_view(i.x) for i in ff.demo_images("classic", "a", range(1, 9), side)]
         domain = [{**asdict(s), "noise": fd.noise_level(x)} for s, x in zip(fd.domain_statistics(small), small)]
         calibrated = StyleModel(generator=model.generator, metadata={
-            **model.metadata, "fidelity": {"domain": domain, "saturated_level": fd.saturated_level(small)}})
+            **model.metadata, "fidelity": {"domain": domain, "saturated_level": fd.saturated_level(small),
+                                           "network_scale": [0.01] * (fd.LEVELS + 1)}})
         timings: dict[str, list[float]] = {"translation": [], "guard": [], "guard_structure_only": [], "cycle": []}
         for rep in range(args.repeats + 1):
             t = time.perf_counter()
             with torch.no_grad():
-                y = translate(model, img, tile=0)
+                y, base = translate_with_base(model, img, tile=0)
             t1 = time.perf_counter()
-            fd.assess(calibrated, img, y)
+            fd.assess(calibrated, img, y, base=base)
             t2 = time.perf_counter()
             with torch.no_grad():
                 fd.cycle_score(model, img, y)
@@ -174,6 +186,10 @@ def main() -> int:
     ap.add_argument("--faulty", type=int, default=40, help="images per fault (default 40)")
     ap.add_argument("--cost-sizes", type=lambda s: [int(v) for v in s.split(",") if v], default=[1024, 2048],
                     help="image sides for the cost measurement (default 1024,2048; \"\" for none)")
+    ap.add_argument("--trained-steps", type=int, default=800,
+                    help="also measure models trained by dicom-node train for this many steps (default 800; 0: not)")
+    ap.add_argument("--work", default="/tmp/dicom-node-bench-fidelity",
+                    help="where the trained models and their data are kept between runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity.json"))
@@ -189,17 +205,19 @@ def main() -> int:
                "pairs": {}, "cost": []}
     for pair in pairs:
         results["pairs"][pair] = run_pair(pair, args)
+        if args.trained_steps:
+            results["pairs"][f"{pair} trained"] = run_pair(pair, args, trained=True)
     if args.cost_sizes:
         results["cost"] = cost(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    _table(results, pairs)
+    _table(results, list(results["pairs"]))
     return 0
 
 
 def _table(results: dict, pairs: list[str]) -> None:
     names = list(next(iter(results["pairs"].values()))["rows"]) if results["pairs"] else []
-    print(f"\n{'':26s}" + "".join(f"{p:>16s}" for p in pairs))
+    print(f"\n{'':40s}" + "".join(f"{p:>16s}" for p in pairs))
     for name in names:
         kind = results["pairs"][pairs[0]]["rows"][name]["kind"]
         cells = []

@@ -6,8 +6,9 @@ Everything is made in code from the demo phantoms (``dicom_node.demo``):
   domains (``train.tone_fit``) on a residual generator, calibrated exactly as ``dicom-node
   train`` calibrates at export (``train.calibrate``), with its inverse;
 * model faults, each a model the engine runs like any other: a generator that paints a
-  nodule or erases an edge (the trained generator plus a painting step, so the guard sees
-  only source and output, as in the node), weights corrupted but loadable, an untrained
+  nodule or erases an edge (the trained generator plus a painting step: its global stage is
+  the good model's, the fault is in what its network adds, as in a generator fine-tuned to
+  paint), weights corrupted but loadable, an untrained
   non-residual generator, an inverted output (the tone curve reversed), a knee model
   applied to chests;
 * input faults: another vendor's images, metal implants, a small patient in a large field,
@@ -27,7 +28,7 @@ from dicom_node.engine.fidelity import FLAGGED
 from dicom_node.engine.generator import ResnetGenerator
 from dicom_node.engine.model_file import StyleModel, weights_digest
 
-__all__ = ["demo_images", "tone_model", "calibrate", "calibrated_pair", "Kit", "Painter", "Eraser", "corrupted", "untrained",
+__all__ = ["demo_images", "tone_model", "calibrate", "calibrated_pair", "trained_pair", "Kit", "Painter", "Eraser", "corrupted", "untrained",
            "inverted", "with_metal", "small_patient", "other_detector", "MODEL_FAULTS", "INPUT_FAULTS", "flagged"]
 
 
@@ -120,6 +121,39 @@ def calibrated_pair(pair: str, size: int, images: int, calibration: int) -> Kit:
     return Kit(ab=ab, ba=ba, train_a=train_a, train_b=train_b, calibration_a=calib_a)
 
 
+def trained_pair(pair: str, size: int, images: int, calibration: int, steps: int, work) -> Kit:
+    """Both directions of demo style pair ``pair`` trained by ``dicom-node train`` (its default
+    recipe: tone filter, then the residual network for ``steps`` steps, ngf 8, 2 blocks, 128 px
+    patches) on ``images`` unpaired demo images per domain, exported and calibrated by it;
+    reused from ``work`` when already there.  The image lists are :func:`calibrated_pair`'s."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from dicom_node.demo.writer import write_demo_data
+    from dicom_node.engine.model_file import load_style_model
+
+    work = Path(work)
+    data, run = work / f"data-{pair}-{size}-{images}", work / f"run-{pair}-{size}-{images}-{steps}"
+    models = [run / "models" / f"{run.name}_{d}.safetensors" for d in ("A2B", "B2A")]
+    if not all(m.exists() for m in models):
+        if not (data / "manifest.json").exists():
+            write_demo_data(data, count=images, test_count=4, size=size, seed=0, unpaired=True, style_pair=pair)
+        cfg = {"data": {"a": str(data / "A"), "b": str(data / "B")}, "model": {"ngf": 8, "n_blocks": 2, "ndf": 16},
+               "train": {"patch_size": 128, "batch_size": 1, "steps": steps, "seed": 0, "device": "cpu"},
+               "output": {"dir": str(run), "sample_every": steps, "checkpoint_every": steps,
+                          "log_every": max(1, steps // 4)}}
+        (work / f"{run.name}.yaml").write_text(yaml.safe_dump(cfg))
+        with open(work / f"{run.name}.log", "w") as log:
+            subprocess.run([sys.executable, "-m", "dicom_node", "train", "--config", str(work / f"{run.name}.yaml"),
+                            "--no-progress"], check=True, stdout=log, stderr=subprocess.STDOUT)
+    kit = calibrated_pair(pair, size, images, calibration)
+    kit.ab, kit.ba = (load_style_model(m) for m in models)
+    return kit
+
+
 # ----------------------------------------------------------------------------- model faults
 
 
@@ -146,11 +180,10 @@ class Painter(nn.Module):
     as fractions of the image width and the model-space range) into the lung or soft tissue
     of every image, at a position chosen by ``seed`` and the image."""
 
-    tone_filter = None
-
     def __init__(self, inner: nn.Module, radius: float = 0.025, contrast: float = 0.3, seed: int = 0) -> None:
         super().__init__()
         self.inner, self.radius, self.contrast, self.seed = inner, radius, contrast, seed
+        self.tone_filter = getattr(inner, "tone_filter", None)  # the same global stage (run by inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
@@ -167,11 +200,10 @@ class Eraser(nn.Module):
     of the width) around the source's strongest edge inside the body, e.g. a rib or bone edge
     (not within :data:`BORDER` of the image border, where the field cuts anatomy off)."""
 
-    tone_filter = None
-
     def __init__(self, inner: nn.Module, radius: float = 0.04) -> None:
         super().__init__()
         self.inner, self.radius = inner, radius
+        self.tone_filter = getattr(inner, "tone_filter", None)  # the same global stage (run by inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from dicom_node.engine.tone_filter import gaussian_blur

@@ -20,6 +20,14 @@ own source, per image, and names what it finds:
   output, ``F(G(x))``, does not restore (only when the inverse model is known).  It runs on
   a reduced image (longest side :data:`CYCLE_SIDE`) to keep its cost small; calibration
   absorbs the scale change.
+* ``network``: what the model's network added beyond its global stage (``engine.tone_filter``:
+  tone curves and band gains, which act on the whole image alike and cannot draw a nodule),
+  or beyond the source for a model without one.  A GAN invents or erases structure only
+  there.  Per pyramid band, the worst 9x9 region's RMS of that addition, and the worst region
+  of its box-smoothed local mean (a blob); each divided by the highest value seen on the
+  model's held-out calibration images (``metadata.fidelity.network_scale``, written at
+  export), the score is the largest of these ratios: ~1 for what the network normally does,
+  several for a painted nodule or an erased edge.  Only for models calibrated with it.
 * ``ood``: the input's style distance (``engine.style_stats``, the trainer's statistics) to
   the nearest image of the model's training domain, recorded in the model at export: inputs
   unlike the training data (another body part, another detector) are where models fail.
@@ -30,8 +38,8 @@ own source, per image, and names what it finds:
   darker detail, a step into saturation steeper than the training domain's (the domain's
   0.1 % quantile, recorded at export): metal implants, which the ``structure`` scores cannot
   judge (clipped regions are skipped) and which change the global statistics little.
-  ``noise`` and ``saturated`` are only judged for models calibrated with them (older model
-  files skip them; there are no defaults).
+  ``noise``, ``saturated`` and ``network`` are only judged for models calibrated with them
+  (older model files skip them; there are no defaults).
 
 All are "higher is worse" and compared with thresholds: the model's calibrated ones
 (``metadata.fidelity.thresholds``, written by the trainer at export) or the
@@ -55,11 +63,11 @@ if TYPE_CHECKING:
 
 __all__ = ["FidelityReport", "assess", "structure_scores", "ood_score", "cycle_score", "judge", "thresholds_of",
            "calibrate_thresholds", "domain_statistics", "analysis_view", "disagreement", "noise_level", "noise_score",
-           "saturated_level", "saturated_score", "DEFAULT_THRESHOLDS", "SCORES",
+           "saturated_level", "saturated_score", "network_levels", "network_score", "network_addition", "base_of", "DEFAULT_THRESHOLDS", "SCORES",
            "ANALYSIS_SIDE", "CYCLE_SIDE", "OK", "FLAGGED"]
 
 OK, FLAGGED = "ok", "flagged"
-SCORES = ("structure", "band_structure", "unexplained", "cycle", "ood", "noise", "saturated")  # "higher is worse"
+SCORES = ("structure", "band_structure", "unexplained", "network", "cycle", "ood", "noise", "saturated")  # higher: worse
 STRUCTURE_SCORES = ("structure", "band_structure", "unexplained")  # from source and output alone
 ANALYSIS_SIDE = 512
 CYCLE_SIDE = 256
@@ -72,6 +80,8 @@ STABILISER = 1.0  # c, in units of the output's mean detail energy: flat regions
 CLIPPED = 0.98  # |model-space value| from which the source counts as clipped (normalize clips at 1)
 SATURATED_QUANTILE = 1e-3  # the domain's steepest steps into saturation: its 0.1 % quantile (see saturated_level)
 NOISE_FLOOR = 1e-4  # model-space sigma below which noise levels are not told apart (~ a 14-bit step)
+NETWORK_FLOOR = 1e-3  # model-space RMS under which a network's addition counts as none (~0.05 % of the range)
+BLOB_WINDOWS = (5, 33)  # analysis pixels: a blob is a local mean of the addition over 5 against its 33 surround
 STEP_WINDOW = 5  # analysis pixels around a saturated pixel searched for the darkest (3x3-smoothed) detail
 # Uncalibrated models (older files, ``model init``): loose enough that a plausible style never
 # trips them, tight enough for the gross faults (inverted, random, blank, broken model).
@@ -83,10 +93,11 @@ DEFAULT_THRESHOLDS: dict[str, float] = {"structure": 0.75, "band_structure": 0.7
 # margin: a few dozen calibration images do not show their tail (measured, bench/fidelity.py).
 # ``noise``: at least half an octave beyond the spread of the domain; ``saturated``: at least
 # 0.05 % of the image.
-MARGIN_ABS: dict[str, float] = {"structure": 0.1, "band_structure": 0.1, "unexplained": 0.1, "cycle": 0.1, "ood": 1.0,
-                                "noise": 0.5, "saturated": 0.05}
-MARGIN_REL: dict[str, float] = {"structure": 0.35, "band_structure": 0.35, "unexplained": 1.0, "cycle": 1.0, "ood": 1.0,
-                                "noise": 1.0, "saturated": 1.0}
+# ``network`` is a ratio to its own calibration (1.0 at most there): half as much again.
+MARGIN_ABS: dict[str, float] = {"structure": 0.1, "band_structure": 0.1, "unexplained": 0.1, "network": 0.5,
+                                "cycle": 0.1, "ood": 1.0, "noise": 0.5, "saturated": 0.05}
+MARGIN_REL: dict[str, float] = {"structure": 0.35, "band_structure": 0.35, "unexplained": 1.0, "network": 0.0,
+                                "cycle": 1.0, "ood": 1.0, "noise": 1.0, "saturated": 1.0}
 
 
 @dataclass
@@ -299,6 +310,35 @@ def saturated_score(x_small: np.ndarray, level: float) -> float:
     return 100.0 * float((_step_into_saturation(x_small) < level).sum()) / max(1, x_small.size)
 
 
+def network_levels(addition_small: np.ndarray, x_small: np.ndarray) -> list[float]:
+    """What a network added (output minus its global stage's output, analysis scale): per
+    pyramid band the worst region's RMS, then the worst blob (local mean against its surround),
+    where the source is judgeable (``_judgeable``).  Compared with a calibration by
+    :func:`network_score`."""
+    n = torch.from_numpy(np.ascontiguousarray(addition_small, dtype=np.float32))[None, None]
+    judge = _judgeable(x_small)
+    bands, _ = _pyramid(n)
+    out = []
+    for band in bands:
+        rms = _box(band * band, BAND_WINDOW).clamp_min(0).sqrt()
+        out.append(float((F.interpolate(rms, size=n.shape[-2:], mode="bilinear", align_corners=False) * judge).max()))
+    near, far = BLOB_WINDOWS
+    out.append(float(((_box(n, near) - _box(n, far)).abs() * judge).max()))
+    return out
+
+
+def network_score(levels: list[float], scale: list[float]) -> float:
+    """The largest ratio of :func:`network_levels` to the model's calibrated ones (floored at
+    :data:`NETWORK_FLOOR`, so a network that normally adds nothing is judged against little)."""
+    return max(v / max(s, NETWORK_FLOOR) for v, s in zip(levels, scale))
+
+
+def network_addition(y: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """What the network added: the output minus its global stage's output, both as shown
+    (clipped to the model range, as ``to_output_pixels`` clips)."""
+    return np.clip(y, -1.0, 1.0) - np.clip(base, -1.0, 1.0)
+
+
 def cycle_score(inverse: "StyleModel", x: np.ndarray, y: np.ndarray, *, device: Any = None) -> float:
     """The share of the source's detail that ``F(y)`` does not restore, at :data:`CYCLE_SIDE`
     (a whole-image measure: local changes are the ``structure`` score's job)."""
@@ -335,6 +375,25 @@ def _domain_of(model: "StyleModel") -> list[StyleStats] | None:
         return None
 
 
+def _network_scale(model: "StyleModel") -> list[float] | None:
+    scale = _fidelity_meta(model).get("network_scale")
+    if isinstance(scale, list) and scale and all(isinstance(v, (int, float)) for v in scale):
+        return [float(v) for v in scale]
+    return None
+
+
+def base_of(model: "StyleModel", x: np.ndarray, *, device: Any = None) -> np.ndarray:
+    """What the model's global stage makes of ``x`` (``x`` itself when it has none), computed
+    anew: callers that translate get it for free from ``tiling.translate_with_base``."""
+    stage = getattr(model.generator, "tone_filter", None)
+    if stage is None:
+        return np.asarray(x, dtype=np.float32)
+    p = next(stage.parameters(), None)
+    with torch.inference_mode():
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+        return stage(t.to(p.device if p is not None else "cpu"))[0, 0].to("cpu", torch.float32).numpy()
+
+
 def _input_domain(model: "StyleModel") -> tuple[list[float] | None, float | None]:
     """The domain's noise levels and saturation step level, when the model was calibrated with them."""
     meta = _fidelity_meta(model)
@@ -351,6 +410,7 @@ def judge(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -
     """ok, or flagged with one reason per score above its threshold (absent scores are skipped)."""
     words = {"structure": "a region differs from the source", "band_structure": "an edge differs from the source",
              "unexplained": "output not explained by the source",
+             "network": "the network changed a region more than it ever did in calibration",
              "cycle": "inverse model does not restore the source", "ood": "input unlike the training data",
              "noise": "input noise unlike the training data",
              "saturated": "saturated regions unlike the training data (metal?)"}
@@ -361,8 +421,12 @@ def judge(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -
 
 
 def assess(model: "StyleModel", x: np.ndarray, y: np.ndarray, *, valid: np.ndarray | None = None,
-           inverse: "StyleModel | None" = None, device: Any = None) -> FidelityReport:
-    """The guard's report for source ``x`` and output ``y`` (model space, full resolution)."""
+           inverse: "StyleModel | None" = None, device: Any = None, base: np.ndarray | None = None) -> FidelityReport:
+    """The guard's report for source ``x`` and output ``y`` (model space, full resolution).
+
+    ``base``: the model's global stage's output for ``x`` (``tiling.translate_with_base``);
+    computed here when a model calibrated for the ``network`` score comes without it.
+    """
     thresholds, calibrated = thresholds_of(model)
     y = np.clip(y, -1.0, 1.0)  # what the output shows (to_output_pixels clips)
     xs, ys = analysis_view(x, valid), analysis_view(y, valid)
@@ -379,6 +443,14 @@ def assess(model: "StyleModel", x: np.ndarray, y: np.ndarray, *, valid: np.ndarr
     vs = None if valid is None or valid.all() else analysis_view(valid.astype(np.float32)) >= 1.0
     scores["noise"] = noise_score(noise_level(xs, vs), noise_levels) if noise_levels else None
     scores["saturated"] = saturated_score(xs, sat_level) if sat_level is not None else None
+    network = _network_scale(model)
+    if network is not None:
+        if base is None:
+            base = base_of(model, x, device=device)
+        scores["network"] = network_score(network_levels(analysis_view(network_addition(y, base), valid), xs),
+                                          network)
+    else:
+        scores["network"] = None
     if not all(np.isfinite(v) for v in scores.values() if v is not None):
         scores = {k: (v if v is None or np.isfinite(v) else 99.0) for k, v in scores.items()}
     verdict, reasons = judge(scores, thresholds)

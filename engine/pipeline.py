@@ -64,10 +64,10 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
     output visibly (its own series, a SeriesDescription prefix, the reasons in ImageComments).
     ``label`` is the caution every output carries (None: none).
     """
-    from .tiling import translate
+    from .tiling import translate_with_base
 
     x = normalize(img, model.normalization)
-    y = translate(model, x, tile=tile, overlap=overlap, device=device)
+    y, base = translate_with_base(model, x, tile=tile, overlap=overlap, device=device)
     if y.shape != x.shape or not np.isfinite(y).all():
         # A broken model (NaN weights, fp16 overflow) must fail loudly, never ship a black image.
         raise ModelOutputError(f"style model {model.name!r} produced "
@@ -76,7 +76,7 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
     if guard:
         from .fidelity import assess
 
-        report = assess(model, x, y, valid=img.valid, inverse=inverse, device=device)
+        report = assess(model, x, y, valid=img.valid, inverse=inverse, device=device, base=base)
     out = to_output_pixels(y)
     if img.valid is not None:
         out[~img.valid] = 0

@@ -23,7 +23,8 @@ overlapping predictions agree to rounding error and the blend is numerically a n
 kept because it is cheap (the last layer is the cheapest: ~0.3 % of the FLOPs at ngf 64) and
 feathers any rounding-level difference between tiles on reduced-precision devices.
 
-Public API: :func:`translate` (stable, see the README) and :func:`translate_naive` (the
+Public API: :func:`translate` (stable, see the README), :func:`translate_with_base` (the output
+and the model's global stage, for the fidelity guard) and :func:`translate_naive` (the
 classic per-tile sliding window, kept as the baseline that benchmarks and tests compare to),
 :func:`seam_lines`, :func:`planned_tile`, :func:`resolve_device` and the SEAMLESS_* bounds.
 The work is done in :mod:`.tile_plan` (the memory planner), :mod:`.tile_executor` (the
@@ -47,7 +48,7 @@ from .tile_executor import Executor
 from .tile_geometry import MIN_SIDE, grid, overlapping_starts, ramp_weights, round_up
 from .tile_plan import MEMORY_FRACTION, Plan, choose_plan
 
-__all__ = ["translate", "translate_naive", "planned_tile", "resolve_device", "choose_plan", "Plan", "seam_lines",
+__all__ = ["translate", "translate_with_base", "translate_naive", "planned_tile", "resolve_device", "choose_plan", "Plan", "seam_lines",
            "MEMORY_FRACTION", "SEAMLESS_MEAN_BOUND", "SEAMLESS_MAX_BOUND"]
 
 # "Seamless" as measured: mean and max |tiled - whole-image pass| as fractions of the output
@@ -83,6 +84,25 @@ def translate(
     "bf16" asks for bf16 on either device.
     ``memory_cap`` (bytes) defaults to MEMORY_FRACTION of the free device memory.
     """
+    return _translate(model, image, tile=tile, overlap=overlap, device=device, precision=precision,
+                      memory_cap=memory_cap)[0]
+
+
+def translate_with_base(model: StyleModel, image: np.ndarray, **options) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`translate`'s output and its *base*: what the model's global stage (its tone
+    filter, ``engine.tone_filter``) made of the image, or the image itself when it has none.
+
+    Why: the fidelity guard judges what the network added beyond the base (``engine.fidelity``,
+    the ``network`` score).  The stage runs once per translation anyway; keeping its output
+    costs nothing, recomputing it costs ~15 % of a 2048 x 2048 translation on a CPU.
+    """
+    y, base = _translate(model, image, keep_base=True, **options)
+    return y, (np.asarray(image, dtype=np.float32).copy() if base is None else base)
+
+
+def _translate(model: StyleModel, image: np.ndarray, *, tile: int | None = None, overlap: float = DEFAULT_OVERLAP,
+               device: str | torch.device | None = None, precision: str = "auto", memory_cap: int | None = None,
+               keep_base: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     image = _check_image(image)
     _check_args(tile, overlap)
     dev = resolve_device(device)
@@ -91,12 +111,20 @@ def translate(
     x = _pad_input(torch.from_numpy(image)[None, None])
     plan = choose_plan(model.generator, x.shape[-2], x.shape[-1], dev, cdtype, tile=tile, memory_cap=memory_cap)
     gen = _generator_on(model.generator, dev)
-    with torch.inference_mode():
-        if plan.tile == 0:
-            y = _whole_pass(gen, x, dev, cdtype)
-        else:
-            y = Executor(gen, dev, cdtype, plan, overlap).run(x)
-    return y[0, 0, :h, :w].to("cpu", torch.float32).numpy().copy()
+    stage = getattr(gen, "tone_filter", None) if keep_base else None
+    kept: list[torch.Tensor] = []
+    hook = stage.register_forward_hook(lambda _m, _i, out: kept.append(out)) if stage is not None else None
+    try:
+        with torch.inference_mode():
+            if plan.tile == 0:
+                y = _whole_pass(gen, x, dev, cdtype)
+            else:
+                y = Executor(gen, dev, cdtype, plan, overlap).run(x)
+    finally:
+        if hook is not None:
+            hook.remove()
+    base = kept[-1][0, 0, :h, :w].to("cpu", torch.float32).numpy().copy() if kept else None
+    return y[0, 0, :h, :w].to("cpu", torch.float32).numpy().copy(), base
 
 
 def translate_naive(

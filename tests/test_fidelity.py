@@ -6,6 +6,7 @@ more images); here a small calibrated pair on 256 px demo phantoms.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dicom_node.engine.errors import UserError
 from dicom_node.engine.pipeline import translate_radiograph
 from dicom_node.engine.pixels import decode_dataset
 from dicom_node.engine.secondary_capture import derived_uid, device_uid
-from dicom_node.engine.tiling import translate
+from dicom_node.engine.tiling import translate, translate_with_base
 from tests.peers import dciodvfy_errors
 
 SIZE = 256  # at 128 px a "small nodule" (radius 1.5 %) is 2 px: below what any guard can see
@@ -57,17 +58,12 @@ def test_each_model_fault_is_flagged(kit, fault):
     _, make = ff.MODEL_FAULTS[fault]
     reports = [_report(make(kit["ab"], k), img.x, kit["ba"]) for k, img in enumerate(kit["test"])]
     flagged = [r for r in reports if r.flagged]
-    # gross faults and an erased region of radius 8 % always; painted nodules on most images; a
-    # small erased edge (radius 4 %) is below what the guard reliably sees (bench/fidelity.py
-    # measures every rate on many more images), so here it must only score above a good output
-    if fault == "erases an edge":
-        good = [_report(kit["ab"], img.x, kit["ba"]) for img in kit["test"]]
-        assert sum(r.scores["band_structure"] for r in reports) > sum(g.scores["band_structure"] for g in good)
-        return
-    need = {"paints a nodule": len(reports) - 1, "paints a small nodule": len(reports) - 1}.get(fault, len(reports))
-    assert len(flagged) >= need, [r.scores for r in reports]
-    expected = {"paints a nodule": "region differs", "paints a small nodule": "region differs",
-                "erases a larger region": "differs from the source", "corrupted weights": "not explained",
+    # every fault on every image (bench/fidelity.py measures the rates on many more images);
+    # painted and erased structure is what the network added beyond the model's global stage
+    assert len(flagged) == len(reports), [r.scores for r in reports]
+    network = "the network changed a region"
+    expected = {"paints a nodule": network, "paints a small nodule": network, "erases an edge": network,
+                "erases a larger region": network, "corrupted weights": "not explained",
                 "untrained non-residual": "not explained", "inverted polarity": "not explained"}[fault]
     assert all(any(expected in reason for reason in r.reasons) for r in flagged)
 
@@ -92,6 +88,46 @@ def test_inputs_unlike_the_training_data_are_flagged(kit, fault):
     expected = {"metal implants": "saturated regions unlike the training data",
                 "other detector": "input noise unlike the training data"}.get(fault, "input unlike the training data")
     assert any(expected in reason for r in flagged for reason in r.reasons), [r.reasons for r in flagged]
+
+
+def test_the_network_score_learns_what_a_network_normally_adds_and_flags_painting(kit):
+    """A good model whose network adds texture of its own (random last-layer weights: about ten
+    times the fine texture a trained one adds, bench/fidelity.py): calibrated, its held-out outputs pass; a nodule painted, or an edge erased, by
+    that network is flagged on every image.  Without calibration nothing is judged."""
+    gen = copy.deepcopy(kit["ab"].generator)
+    last = [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.copy_(torch.randn(last.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.005)
+    textured = ff.calibrate(ff.wrapped(kit["ab"], gen, "textured"), kit["ba"], [i.x for i in kit["train_a"]],
+                            [i.x for i in kit["calib_a"]])
+    scale = textured.metadata["fidelity"]["network_scale"]
+    assert len(scale) == fd.LEVELS + 1 and max(scale) > 10 * fd.NETWORK_FLOOR  # it does add something
+    assert textured.metadata["fidelity"]["thresholds"]["network"] == pytest.approx(1.5)
+    for k, img in enumerate(kit["test"]):
+        good = _report(textured, img.x, kit["ba"])
+        assert good.verdict == "ok", good.reasons
+        assert 0.3 < good.scores["network"] <= 1.5
+        for fault in (ff.Painter(gen, radius=0.015, seed=k), ff.Eraser(gen)):
+            bad = _report(ff.wrapped(textured, fault, "faulty"), img.x, kit["ba"])
+            assert any("the network changed a region" in r for r in bad.reasons), (type(fault), bad.scores)
+    legacy = ff.wrapped(textured, ff.Painter(gen, seed=0), "legacy")
+    del legacy.metadata["fidelity"]["network_scale"]
+    assert _report(legacy, kit["test"][0].x).scores["network"] is None
+
+
+def test_translate_keeps_the_global_stage_for_the_guard(kit, tiny_model):
+    """``translate_with_base``: the same output as ``translate``, and the tone filter's output
+    (whole pass and tiled executor alike), or the input for a model without one."""
+    x = kit["test"][0].x
+    for tile in (0, 96):
+        y, base = translate_with_base(kit["ab"], x, tile=tile)
+        assert np.array_equal(y, translate(kit["ab"], x, tile=tile))
+        with torch.no_grad():
+            expected = kit["ab"].generator.tone_filter(torch.from_numpy(x)[None, None])[0, 0].numpy()
+        assert np.abs(base - expected).max() < 1e-4
+        assert np.abs(fd.base_of(kit["ab"], x) - expected).max() < 1e-6
+    y, base = translate_with_base(tiny_model, x[:64, :80], tile=0)
+    assert np.array_equal(base, x[:64, :80]) and y.shape == base.shape
 
 
 def test_noise_and_saturation_statistics():
@@ -121,11 +157,12 @@ def test_models_calibrated_before_the_input_checks_skip_them(kit):
     legacy = dict(old, domain=[{k: v for k, v in d.items() if k != "noise"} for d in old["domain"]],
                   thresholds={k: v for k, v in old["thresholds"].items() if k not in ("noise", "saturated")})
     legacy.pop("saturated_level")
+    legacy.pop("network_scale")
     model = ff.wrapped(kit["ab"], kit["ab"].generator, "legacy")
     model.metadata["fidelity"] = legacy
     x = ff.with_metal(kit["test"][0].x, 0)
     report = _report(model, x)
-    assert report.scores["noise"] is None and report.scores["saturated"] is None
+    assert report.scores["noise"] is None and report.scores["saturated"] is None and report.scores["network"] is None
     assert "noise" not in report.thresholds and "saturated" not in report.thresholds
     assert report.scores["ood"] is not None  # the style statistics still work
     new = _report(kit["ab"], x)

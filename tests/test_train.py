@@ -107,8 +107,9 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     fid = info["fidelity"]
     assert fid["calibrated"] is True and fid["domain_images"] == 3
     assert fid["calibration"]["held_out_images"] == 2 and fid["calibration"]["training_images"] == 3
-    assert set(fid["thresholds"]) == {"structure", "band_structure", "unexplained", "cycle", "ood", "noise",
-                                      "saturated"}
+    assert set(fid["thresholds"]) == {"structure", "band_structure", "unexplained", "network", "cycle", "ood",
+                                      "noise", "saturated"}
+    assert fid["thresholds"]["network"] == 1.5  # a ratio to the most the network added in calibration
     for k, top in fid["calibration"]["max"].items():
         assert fid["thresholds"][k] > top  # the highest held-out score plus a margin
     pair = [load_style_model(m) for m in models]

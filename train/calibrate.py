@@ -11,6 +11,8 @@ image out of its own domain) and stores, in each model's ``fidelity`` metadata:
 * ``domain``: the style statistics and the noise level of each training image, for the
   input-similarity and ``noise`` scores;
 * ``saturated_level``: the domain's steepest steps into saturated white, for ``saturated``;
+* ``network_scale``: the most the network added beyond its global stage, per component of the
+  ``network`` score (``engine.fidelity.network_levels``) over the calibration images;
 * ``calibration``: how many images, from where, and the highest and median score seen.
 
 The training images are scored too, for more samples of the normal variation: they can only
@@ -52,7 +54,7 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
     ``domain_images``: the training images of ``forward``'s input domain (model space);
     ``held_out``: images of that domain not trained on, or None to use the training images.
     """
-    from dicom_node.engine.tiling import translate
+    from dicom_node.engine.tiling import translate_with_base
 
     domain_imgs = pick_images(list(domain_images), DOMAIN_IMAGES)
     domain = fd.domain_statistics(domain_imgs)
@@ -67,10 +69,13 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
     g = StyleModel(generator=forward.eval(), metadata={"name": "calibration"})
     inv = StyleModel(generator=reverse.eval(), metadata={"name": "calibration-inverse"}) if reverse is not None else None
     samples: dict[str, list[float]] = {k: [] for k in fd.SCORES}
+    network: list[list[float]] = []
     with torch.no_grad():
         for n, x in enumerate(calib):
-            y = np.clip(translate(g, x, tile=0, device=device), -1.0, 1.0)
+            y, base = translate_with_base(g, x, tile=0, device=device)
+            y = np.clip(y, -1.0, 1.0)
             xs = fd.analysis_view(x)
+            network.append(fd.network_levels(fd.analysis_view(fd.network_addition(y, base)), xs))
             s = fd.structure_scores(xs, fd.analysis_view(y))
             for k in fd.STRUCTURE_SCORES:
                 samples[k].append(s[k])
@@ -87,15 +92,20 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
         if others:
             samples["ood"].append(min(fd.style_distance(stats, d)["total"] for d in others))
             samples["noise"].append(fd.noise_score(noise_levels[i], noise_levels[:i] + noise_levels[i + 1:]))
+    # What the network adds: its highest value per component over the calibration images is
+    # the scale; the score is the largest ratio to it (1.0 at most on these images).
+    network_scale = [max(v) for v in zip(*network)] if network else []
+    samples["network"] = [fd.network_score(levels, network_scale) for levels in network]
     thresholds = fd.calibrate_thresholds(samples)
     seen = {k: v for k, v in samples.items() if v}
     log.info("fidelity calibration on %d held-out and %d training images: thresholds %s", len(held),
              len(calib) - len(held), "  ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
     return {
-        "version": 2,
+        "version": 3,
         "thresholds": thresholds,
         "domain": [{**_stats_dict(d), "noise": float(f"{v:.6g}")} for d, v in zip(domain, noise_levels)],
         "saturated_level": round(sat_level, 6),
+        "network_scale": [float(f"{v:.6g}") for v in network_scale],
         "calibration": {
             "images": len(calib),
             "held_out_images": len(held),
