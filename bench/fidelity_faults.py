@@ -87,6 +87,7 @@ def calibrate(model: StyleModel, inverse: StyleModel | None, domain: list[np.nda
 
     meta = fidelity_metadata(model.generator, inverse.generator if inverse is not None else None, domain, held_out)
     model.metadata["fidelity"] = meta
+    model.metadata["weights_sha256"] = meta["weights_sha256"]  # as export writes both
     if inverse is not None:
         model.metadata["inverse"] = {"name": inverse.name, "weights_sha256": inverse.weights_sha256}
     return model

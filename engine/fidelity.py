@@ -41,6 +41,10 @@ own source, per image, and names what it finds:
   ``noise``, ``saturated`` and ``network`` are only judged for models calibrated with them
   (older model files skip them; there are no defaults).
 
+A calibration names the weights it measured (``metadata.fidelity.weights_sha256``): when the
+model's weights are others (fine-tuned, converted, or damaged and saved again with a new file
+digest), every output is flagged, since no threshold was ever measured for them.
+
 All are "higher is worse" and compared with thresholds: the model's calibrated ones
 (``metadata.fidelity.thresholds``, written by the trainer at export) or the
 conservative :data:`DEFAULT_THRESHOLDS`.  Scores are computed on an area-downsampled copy
@@ -67,6 +71,7 @@ __all__ = ["FidelityReport", "assess", "structure_scores", "ood_score", "cycle_s
            "ANALYSIS_SIDE", "CYCLE_SIDE", "OK", "FLAGGED"]
 
 OK, FLAGGED = "ok", "flagged"
+STALE_CALIBRATION = "the model's weights changed since its calibration (re-export it: dicom-node train export)"
 SCORES = ("structure", "band_structure", "unexplained", "network", "cycle", "ood", "noise", "saturated")  # higher: worse
 STRUCTURE_SCORES = ("structure", "band_structure", "unexplained")  # from source and output alone
 ANALYSIS_SIDE = 512
@@ -454,6 +459,10 @@ def assess(model: "StyleModel", x: np.ndarray, y: np.ndarray, *, valid: np.ndarr
     if not all(np.isfinite(v) for v in scores.values() if v is not None):
         scores = {k: (v if v is None or np.isfinite(v) else 99.0) for k, v in scores.items()}
     verdict, reasons = judge(scores, thresholds)
+    calibrated_for = _fidelity_meta(model).get("weights_sha256")
+    if calibrated and calibrated_for and model.weights_sha256 and calibrated_for != model.weights_sha256:
+        # The thresholds say what *these* weights normally do: others were never measured.
+        verdict, reasons = FLAGGED, reasons + [STALE_CALIBRATION]
     return FidelityReport(verdict=verdict, reasons=reasons, scores={k: _round(v) for k, v in scores.items()},
                           thresholds=thresholds, calibrated=calibrated,
                           worst_region=(int((row + 0.5) * scale), int((col + 0.5) * scale)))

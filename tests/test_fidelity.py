@@ -115,6 +115,20 @@ def test_the_network_score_learns_what_a_network_normally_adds_and_flags_paintin
     assert _report(legacy, kit["test"][0].x).scores["network"] is None
 
 
+def test_a_calibration_is_only_valid_for_the_weights_it_measured(kit):
+    """Weights changed after calibration (here: slightly, so every image score still passes)
+    flag every output; a calibration that does not name its weights (older files) is trusted."""
+    x = kit["test"][0].x
+    changed = ff.corrupted(kit["ab"], strength=0.01)  # a new, consistent file digest
+    report = _report(changed, x)
+    assert report.flagged and report.reasons[-1] == fd.STALE_CALIBRATION
+    assert all(report.scores[k] <= report.thresholds[k] for k in ("structure", "unexplained", "ood"))
+    legacy = ff.wrapped(changed, changed.generator, "legacy")
+    del legacy.metadata["fidelity"]["weights_sha256"]
+    assert fd.STALE_CALIBRATION not in _report(legacy, x).reasons
+    assert fd.STALE_CALIBRATION not in _report(kit["ab"], x).reasons
+
+
 def test_translate_keeps_the_global_stage_for_the_guard(kit, tiny_model):
     """``translate_with_base``: the same output as ``translate``, and the tone filter's output
     (whole pass and tiled executor alike), or the input for a model without one."""

@@ -13,6 +13,8 @@ image out of its own domain) and stores, in each model's ``fidelity`` metadata:
 * ``saturated_level``: the domain's steepest steps into saturated white, for ``saturated``;
 * ``network_scale``: the most the network added beyond its global stage, per component of the
   ``network`` score (``engine.fidelity.network_levels``) over the calibration images;
+* ``weights_sha256``: the digest of the network calibrated: weights changed since (a fine-tune,
+  a conversion, corruption written back with a new file digest) make every output flagged;
 * ``calibration``: how many images, from where, and the highest and median score seen.
 
 The training images are scored too, for more samples of the normal variation: they can only
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from dicom_node.engine import fidelity as fd
-from dicom_node.engine.model_file import StyleModel
+from dicom_node.engine.model_file import StyleModel, weights_digest
 
 from .data import pick_images
 
@@ -102,6 +104,7 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
              len(calib) - len(held), "  ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
     return {
         "version": 3,
+        "weights_sha256": weights_digest(forward.state_dict()),  # what was calibrated (engine.fidelity.assess)
         "thresholds": thresholds,
         "domain": [{**_stats_dict(d), "noise": float(f"{v:.6g}")} for d, v in zip(domain, noise_levels)],
         "saturated_level": round(sat_level, 6),
