@@ -125,33 +125,21 @@ def calibrated_pair(pair: str, size: int, images: int, calibration: int) -> Kit:
 def trained_pair(pair: str, size: int, images: int, calibration: int, steps: int, work) -> Kit:
     """Both directions of demo style pair ``pair`` trained by ``dicom-node train`` (its default
     recipe: tone filter, then the residual network for ``steps`` steps, ngf 8, 2 blocks, 128 px
-    patches) on ``images`` unpaired demo images per domain, exported and calibrated by it;
-    reused from ``work`` when already there.  The image lists are :func:`calibrated_pair`'s."""
-    import subprocess
-    import sys
+    patches) on ``images`` unpaired demo images per domain, exported and calibrated by it, as
+    bench/quality.py trains its runs; reused from ``work`` when already there.  The image
+    lists are :func:`calibrated_pair`'s."""
     from pathlib import Path
+    from types import SimpleNamespace
 
-    import yaml
-
-    from dicom_node.demo.writer import write_demo_data
+    from bench.quality import make_data, run_trainer
     from dicom_node.engine.model_file import load_style_model
 
-    work = Path(work)
-    data, run = work / f"data-{pair}-{size}-{images}", work / f"run-{pair}-{size}-{images}-{steps}"
-    models = [run / "models" / f"{run.name}_{d}.safetensors" for d in ("A2B", "B2A")]
-    if not all(m.exists() for m in models):
-        if not (data / "manifest.json").exists():
-            write_demo_data(data, count=images, test_count=4, size=size, seed=0, unpaired=True, style_pair=pair)
-        cfg = {"data": {"a": str(data / "A"), "b": str(data / "B")}, "model": {"ngf": 8, "n_blocks": 2, "ndf": 16},
-               "train": {"patch_size": 128, "batch_size": 1, "steps": steps, "seed": 0, "device": "cpu"},
-               "output": {"dir": str(run), "sample_every": steps, "checkpoint_every": steps,
-                          "log_every": max(1, steps // 4)}}
-        (work / f"{run.name}.yaml").write_text(yaml.safe_dump(cfg))
-        with open(work / f"{run.name}.log", "w") as log:
-            subprocess.run([sys.executable, "-m", "dicom_node", "train", "--config", str(work / f"{run.name}.yaml"),
-                            "--no-progress"], check=True, stdout=log, stderr=subprocess.STDOUT)
+    budget = SimpleNamespace(count=images, test_count=4, size=size, data_seed=0, patch=128, batch=1, steps=steps,
+                             device="cpu", threads=0, ngf=8, blocks=2, ndf=16, retrain=False, no_train=False)
+    work = Path(work) / f"{pair}-{size}-{images}-{steps}"
+    a2b = run_trainer("default", make_data(pair, work, budget), work, budget, seed=0)
     kit = calibrated_pair(pair, size, images, calibration)
-    kit.ab, kit.ba = (load_style_model(m) for m in models)
+    kit.ab, kit.ba = load_style_model(a2b), load_style_model(a2b.with_name(a2b.name.replace("_A2B", "_B2A")))
     return kit
 
 

@@ -25,7 +25,7 @@ own source, per image, and names what it finds:
   or beyond the source for a model without one.  A GAN invents or erases structure only
   there.  Per pyramid band, the worst 9x9 region's RMS of that addition, and the worst region
   of its box-smoothed local mean (a blob); each divided by the highest value seen on the
-  model's held-out calibration images (``metadata.fidelity.network_scale``, written at
+  model's calibration images (``metadata.fidelity.network_scale``, written at
   export), the score is the largest of these ratios: ~1 for what the network normally does,
   several for a painted nodule or an erased edge.  Only for models calibrated with it.
 * ``ood``: the input's style distance (``engine.style_stats``, the trainer's statistics) to
