@@ -149,7 +149,7 @@ def cost(args: argparse.Namespace) -> list[dict]:
         domain = [{**asdict(s), "noise": fd.noise_level(x)} for s, x in zip(fd.domain_statistics(small), small)]
         calibrated = StyleModel(generator=model.generator, metadata={
             **model.metadata, "fidelity": {"domain": domain, "saturated_level": fd.saturated_level(small),
-                                           "network_scale": [0.01] * (fd.LEVELS + 1)}})
+                                           "network_scale": [0.01] * (2 * fd.LEVELS + 1)}})
         timings: dict[str, list[float]] = {"translation": [], "guard": [], "guard_structure_only": [], "cycle": []}
         for rep in range(args.repeats + 1):
             t = time.perf_counter()

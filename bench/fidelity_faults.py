@@ -126,18 +126,23 @@ def trained_pair(pair: str, size: int, images: int, calibration: int, steps: int
     """Both directions of demo style pair ``pair`` trained by ``dicom-node train`` (its default
     recipe: tone filter, then the residual network for ``steps`` steps, ngf 8, 2 blocks, 128 px
     patches) on ``images`` unpaired demo images per domain, exported and calibrated by it, as
-    bench/quality.py trains its runs; reused from ``work`` when already there.  The image
+    bench/quality.py trains its runs; reused from ``work`` when already there (and re-exported
+    when its calibration is older than today's).  The image
     lists are :func:`calibrated_pair`'s."""
     from pathlib import Path
     from types import SimpleNamespace
 
     from bench.quality import make_data, run_trainer
     from dicom_node.engine.model_file import load_style_model
+    from dicom_node.train.calibrate import FIDELITY_VERSION
+    from dicom_node.train.export import export_models
 
     budget = SimpleNamespace(count=images, test_count=4, size=size, data_seed=0, patch=128, batch=1, steps=steps,
                              device="cpu", threads=0, ngf=8, blocks=2, ndf=16, retrain=False, no_train=False)
     work = Path(work) / f"{pair}-{size}-{images}-{steps}"
     a2b = run_trainer("default", make_data(pair, work, budget), work, budget, seed=0)
+    if load_style_model(a2b).metadata.get("fidelity", {}).get("version") != FIDELITY_VERSION:
+        export_models(a2b.parents[1])  # trained before this calibration: the guard measured is today's
     kit = calibrated_pair(pair, size, images, calibration)
     kit.ab, kit.ba = load_style_model(a2b), load_style_model(a2b.with_name(a2b.name.replace("_A2B", "_B2A")))
     return kit

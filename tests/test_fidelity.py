@@ -101,7 +101,7 @@ def test_the_network_score_learns_what_a_network_normally_adds_and_flags_paintin
     textured = ff.calibrate(ff.wrapped(kit["ab"], gen, "textured"), kit["ba"], [i.x for i in kit["train_a"]],
                             [i.x for i in kit["calib_a"]])
     scale = textured.metadata["fidelity"]["network_scale"]
-    assert len(scale) == fd.LEVELS + 1 and max(scale) > 10 * fd.NETWORK_FLOOR  # it does add something
+    assert len(scale) == 2 * fd.LEVELS + 1 and max(scale[:fd.LEVELS + 1]) > 10 * fd.NETWORK_FLOOR  # it adds
     assert textured.metadata["fidelity"]["thresholds"]["network"] == pytest.approx(1.5)
     for k, img in enumerate(kit["test"]):
         good = _report(textured, img.x, kit["ba"])
@@ -113,6 +113,66 @@ def test_the_network_score_learns_what_a_network_normally_adds_and_flags_paintin
     legacy = ff.wrapped(textured, ff.Painter(gen, seed=0), "legacy")
     del legacy.metadata["fidelity"]["network_scale"]
     assert _report(legacy, kit["test"][0].x).scores["network"] is None
+
+
+def test_the_structure_prediction_follows_an_output_curve_that_clips_sharpening(kit):
+    """A style that sharpens hard (band gains 4) and whose output curve flattens the darkest
+    fifth of the range: its undershoots along edges clip to black.  The structure prediction
+    has an output curve of its own (after the band gains, as engine.tone_filter), so the
+    clipped undershoots are explained (~0.25-0.3; ~0.45-0.6 without it)."""
+    model = ff.wrapped(kit["ab"], copy.deepcopy(kit["ab"].generator), "clipping")
+    stage = model.generator.tone_filter
+    with torch.no_grad():
+        stage.gains[:4] = 4.0
+        stage.tone_out.copy_(torch.linspace(-1, 1, stage.knots).clamp_min(-0.6))
+    for img in kit["test"][:2]:
+        with torch.no_grad():
+            y = np.clip(translate(model, img.x, tile=0), -1, 1)
+        assert (y <= -0.6 + 1e-6).mean() > 0.05  # clipped black, much of it undershoot
+        scores = fd.structure_scores(fd.analysis_view(img.x), fd.analysis_view(y))
+        assert scores["structure"] < 0.35 and scores["band_structure"] < 0.35, scores
+
+
+class Sharpener(torch.nn.Module):
+    """A good model's network that sharpens strongly (adds ``strength`` times the fine detail of
+    the global stage's output, as a trained edge-enhancing style does)."""
+
+    def __init__(self, inner: torch.nn.Module, strength: float = 2.0) -> None:
+        super().__init__()
+        self.inner, self.strength = inner, strength
+        self.tone_filter = inner.tone_filter  # the network's addition is judged beyond it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dicom_node.engine.tone_filter import gaussian_blur
+
+        y = self.inner(x)
+        return y + self.strength * (y - gaussian_blur(y, 1.5))
+
+
+def test_an_edge_erased_by_a_sharpening_network_is_flagged_by_its_sign(kit):
+    """A network whose normal edge enhancement is stronger than an erased edge's change: by
+    size alone (RMS per band, blob) the erasure is within calibration; by sign (the share of
+    the global stage's structure taken away) it is several times beyond it, and flagged.  A
+    calibration from before that component (LEVELS + 1 values) judges only what it has."""
+    gen = Sharpener(kit["ab"].generator)
+    sharp = ff.calibrate(ff.wrapped(kit["ab"], gen, "sharp"), kit["ba"], [i.x for i in kit["train_a"]],
+                         [i.x for i in kit["calib_a"]])
+    scale = sharp.metadata["fidelity"]["network_scale"]
+    size = fd.LEVELS + 1  # the RMS and blob components come first
+    for k, img in enumerate(kit["test"]):
+        assert _report(sharp, img.x, kit["ba"]).verdict == "ok"
+        eraser = ff.wrapped(sharp, ff.Eraser(gen), "eraser")
+        with torch.no_grad():
+            y, base = translate_with_base(eraser, img.x, tile=0)
+        levels = fd.network_levels(fd.analysis_view(fd.network_addition(y, base)),
+                                   fd.analysis_view(np.clip(base, -1, 1)), fd.analysis_view(img.x))
+        assert fd.network_score(levels[:size], scale[:size]) < 1.5  # its size is a normal one
+        assert fd.network_score(levels, scale) > 3.0
+        report = fd.assess(eraser, img.x, y, base=base)
+        assert any("the network changed a region" in r for r in report.reasons), report.scores
+        legacy = ff.wrapped(sharp, ff.Eraser(gen), "legacy")
+        legacy.metadata["fidelity"]["network_scale"] = scale[:size]
+        assert fd.assess(legacy, img.x, y, base=base).scores["network"] < 1.5
 
 
 def test_a_calibration_is_only_valid_for_the_weights_it_measured(kit):

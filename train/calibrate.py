@@ -34,11 +34,12 @@ from dicom_node.engine.model_file import StyleModel, weights_digest
 
 from .data import pick_images
 
-__all__ = ["fidelity_metadata", "DOMAIN_IMAGES", "CALIBRATION_IMAGES"]
+__all__ = ["fidelity_metadata", "DOMAIN_IMAGES", "CALIBRATION_IMAGES", "FIDELITY_VERSION"]
 
 log = logging.getLogger("dicom_node.train")
 
 DOMAIN_IMAGES = 64
+FIDELITY_VERSION = 4  # metadata.fidelity layout; 4: network_scale with the erased-structure components
 CALIBRATION_IMAGES = 32
 
 
@@ -77,7 +78,8 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
             y, base = translate_with_base(g, x, tile=0, device=device)
             y = np.clip(y, -1.0, 1.0)
             xs = fd.analysis_view(x)
-            network.append(fd.network_levels(fd.analysis_view(fd.network_addition(y, base)), xs))
+            network.append(fd.network_levels(fd.analysis_view(fd.network_addition(y, base)),
+                                             fd.analysis_view(np.clip(base, -1.0, 1.0)), xs))
             s = fd.structure_scores(xs, fd.analysis_view(y))
             for k in fd.STRUCTURE_SCORES:
                 samples[k].append(s[k])
@@ -103,7 +105,7 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
     log.info("fidelity calibration on %d held-out and %d training images: thresholds %s", len(held),
              len(calib) - len(held), "  ".join(f"{k} {v:.3f}" for k, v in thresholds.items()))
     return {
-        "version": 3,
+        "version": FIDELITY_VERSION,
         "weights_sha256": weights_digest(forward.state_dict()),  # what was calibrated (engine.fidelity.assess)
         "thresholds": thresholds,
         "domain": [{**_stats_dict(d), "noise": float(f"{v:.6g}")} for d, v in zip(domain, noise_levels)],
