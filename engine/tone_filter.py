@@ -36,31 +36,61 @@ DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.4, 2.8, 5.6, 11.2, 22.4, 44.8)
 DEFAULT_KNOTS = 257
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of ``(N, 1, H, W)`` by FFT, borders reflected (as the vendor filters do).
+def _fast_length(n: int) -> int:
+    """The smallest length >= ``n`` with no prime factor above 7: FFTs of other lengths (a
+    radiograph plus its reflected border is often 2 x a large prime) run several times slower."""
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
 
-    The reflection is ``min(ceil(3.5 sigma), side - 1)`` wide; beyond it the FFT wraps, which
-    only matters for sigmas comparable to the image (then the blur is nearly the mean anyway).
+
+def _blurs(x: torch.Tensor, sigmas: Sequence[float]) -> list[torch.Tensor]:
+    """Gaussian blurs of ``(N, 1, H, W)`` for each of ``sigmas``, by FFT, borders reflected (as
+    the vendor filters do), sharing one forward transform.
+
+    The reflection is ``min(ceil(3.5 max(sigmas)), side - 1)`` wide, widened (while the side
+    allows) to a fast FFT length; beyond it the FFT wraps, which only matters for sigmas
+    comparable to the image (then the blur is nearly the mean anyway).
     """
-    if sigma <= 0:
-        return x
     h, w = x.shape[-2:]
-    ph = int(min(math.ceil(3.5 * sigma), h - 1))
-    pw = int(min(math.ceil(3.5 * sigma), w - 1))
-    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode="reflect") if (ph or pw) else x
+    widest = max((s for s in sigmas if s > 0), default=0.0)
+    pads = []
+    for side in (h, w):
+        pad = int(min(math.ceil(3.5 * widest), side - 1))
+        extra = _fast_length(side + 2 * pad) - side - 2 * pad
+        pads.append((pad, pad + extra) if pad + extra <= side - 1 else (pad, pad))
+    (top, bottom), (left, right) = pads
+    xp = torch.nn.functional.pad(x.float(), (left, right, top, bottom), mode="reflect") if top + left else x.float()
     hh, ww = xp.shape[-2:]
+    spectrum = torch.fft.rfft2(xp)
     fy = torch.fft.fftfreq(hh, device=x.device, dtype=torch.float64)[:, None]
     fx = torch.fft.rfftfreq(ww, device=x.device, dtype=torch.float64)[None, :]
-    kernel = torch.exp(-2.0 * (math.pi * sigma) ** 2 * (fy * fy + fx * fx)).to(torch.float32)
-    out = torch.fft.irfft2(torch.fft.rfft2(xp.float()) * kernel, s=(hh, ww))
-    return out[..., ph:ph + h, pw:pw + w].to(x.dtype)
+    out = []
+    for sigma in sigmas:
+        if sigma <= 0:
+            out.append(x)
+            continue
+        a = -2.0 * (math.pi * sigma) ** 2  # the Gaussian is separable: two 1-D exps, not one per frequency
+        kernel = (torch.exp(a * fy * fy) * torch.exp(a * fx * fx)).to(torch.float32)
+        blurred = torch.fft.irfft2(spectrum * kernel, s=(hh, ww))
+        out.append(blurred[..., top:top + h, left:left + w].to(x.dtype))
+    return out
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``(N, 1, H, W)`` by FFT, borders reflected (see :func:`_blurs`)."""
+    return _blurs(x, [sigma])[0]
 
 
 def band_split(x: torch.Tensor, sigmas: Sequence[float]) -> list[torch.Tensor]:
     """``len(sigmas)`` band-pass images (fine to coarse) plus the low-pass rest; they sum to ``x``."""
     bands, prev = [], x
-    for s in sigmas:
-        low = gaussian_blur(x, s)
+    for low in _blurs(x, sigmas):
         bands.append(prev - low)
         prev = low
     bands.append(prev)
