@@ -56,51 +56,87 @@ def _extreme(pick, reports) -> dict:
     return {k: pick((r.scores[k] for r in reports if r.scores.get(k) is not None), default=None) for k in SCORES}
 
 
+def _rate(rows: dict, label: str, name: str, kind: str, what: str, reports: list) -> None:
+    """One row: how many of ``reports`` were flagged, why, and the extreme scores."""
+    flagged = [r for r in reports if ff.flagged(r)]
+    reasons: dict[str, int] = {}
+    for r in flagged:
+        for reason in r.reasons:
+            key = reason.split(" (")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    rows[name] = {"kind": kind, "what": what, "images": len(reports), "flagged": len(flagged),
+                  "rate": len(flagged) / max(1, len(reports)), "reasons": reasons,
+                  "scores_max": _extreme(max, reports), "scores_min": _extreme(min, reports)}
+    print(f"  {label:16s} {name:24s} {len(flagged):3d}/{len(reports):3d} flagged", file=sys.stderr)
+
+
+def _common_rows(label: str, kit: ff.Kit, test_a: list, faulty: int) -> dict:
+    """False alarms on ``test_a`` and every model and input fault on its first ``faulty`` images."""
+    ab, ba, rows = kit.ab, kit.ba, {}
+    _rate(rows, label, "own domain (held out)", "false alarm", "held-out images of the model's own domain and style",
+          [_assess(ab, i.x, ba) for i in test_a])
+    for name, (what, make) in ff.MODEL_FAULTS.items():
+        _rate(rows, label, name, "model fault", what, [_assess(make(ab, k), img.x, ba)
+                                                       for k, img in enumerate(test_a[:faulty])])
+    for name, (what, change) in ff.INPUT_FAULTS.items():
+        _rate(rows, label, name, "input fault", what, [_assess(ab, change(img.x, k), ba)
+                                                       for k, img in enumerate(test_a[:faulty])])
+    return rows
+
+
+def _summary(kit: ff.Kit, rows: dict, t0: float) -> dict:
+    return {"thresholds": kit.ab.metadata["fidelity"]["thresholds"],
+            "calibration": kit.ab.metadata["fidelity"]["calibration"], "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def run_pair(pair: str, args: argparse.Namespace, trained: bool = False) -> dict:
     n, size = args.images, args.size
     t0 = time.perf_counter()
     kit = (ff.trained_pair(pair, size, n, args.calibration, args.trained_steps, args.work) if trained
            else ff.calibrated_pair(pair, size, n, args.calibration))
-    ab, ba, train_a, train_b, calib_a = kit.ab, kit.ba, kit.train_a, kit.train_b, kit.calibration_a
-    test_a = ff.demo_images(pair, "a", range(ff.TEST, ff.TEST + args.held_out), size)
-    other = ff.demo_images(pair, "b", range(ff.OTHER, ff.OTHER + args.faulty), size)
-    rows: dict[str, dict] = {}
     label = f"{pair} trained" if trained else pair
-
-    def rate(name: str, kind: str, what: str, reports: list) -> None:
-        flagged = [r for r in reports if ff.flagged(r)]
-        reasons: dict[str, int] = {}
-        for r in flagged:
-            for reason in r.reasons:
-                key = reason.split(" (")[0]
-                reasons[key] = reasons.get(key, 0) + 1
-        rows[name] = {"kind": kind, "what": what, "images": len(reports), "flagged": len(flagged),
-                      "rate": len(flagged) / max(1, len(reports)), "reasons": reasons,
-                      "scores_max": _extreme(max, reports), "scores_min": _extreme(min, reports)}
-        print(f"  {label:16s} {name:24s} {len(flagged):3d}/{len(reports):3d} flagged", file=sys.stderr)
-
-    rate("own domain (held out)", "false alarm", "held-out images of the model's own domain and style",
-         [_assess(ab, i.x, ba) for i in test_a])
-    faulty = test_a[:args.faulty]
-    for name, (what, make) in ff.MODEL_FAULTS.items():
-        reports = []
-        for k, img in enumerate(faulty):
-            reports.append(_assess(make(ab, k), img.x, ba))
-        rate(name, "model fault", what, reports)
-    for name, (what, change) in ff.INPUT_FAULTS.items():
-        rate(name, "input fault", what, [_assess(ab, change(img.x, k), ba) for k, img in enumerate(faulty)])
-    rate("other vendor's images", "input fault", "images of the target style sent to the A->B model",
-         [_assess(ab, img.x, ba) for img in other])
-    knees = [i for i in train_a if i.body_part == "KNEE"], [i for i in train_b if i.body_part == "KNEE"]
-    knee_calib = [i for i in calib_a if i.body_part == "KNEE"]
+    test_a = ff.demo_images(pair, "a", range(ff.TEST, ff.TEST + args.held_out), size)
+    rows = _common_rows(label, kit, test_a, args.faulty)
+    other = ff.demo_images(pair, "b", range(ff.OTHER, ff.OTHER + args.faulty), size)
+    _rate(rows, label, "other vendor's images", "input fault", "images of the target style sent to the A->B model",
+          [_assess(kit.ab, img.x, kit.ba) for img in other])
+    knees = [i for i in kit.train_a if i.body_part == "KNEE"], [i for i in kit.train_b if i.body_part == "KNEE"]
+    knee_calib = [i for i in kit.calibration_a if i.body_part == "KNEE"]
     knee = ff.calibrate(ff.tone_model([i.x for i in knees[0]], [i.x for i in knees[1]], f"{pair}_knee"), None,
                         [i.x for i in knees[0]], [i.x for i in knee_calib])
     chests = [i for i in test_a if i.body_part == "CHEST"][:args.faulty]
-    rate("knee model on chests", "model fault", "a model trained on knees only, given chests",
-         [_assess(knee, img.x, None) for img in chests])
-    return {"thresholds": ab.metadata["fidelity"]["thresholds"],
-            "calibration": ab.metadata["fidelity"]["calibration"], "rows": rows,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    _rate(rows, label, "knee model on chests", "model fault", "a model trained on knees only, given chests",
+          [_assess(knee, img.x, None) for img in chests])
+    return _summary(kit, rows, t0)
+
+
+def run_real(args: argparse.Namespace, trained: bool = False) -> dict | None:
+    """The same measures on real radiographs (bench/fidelity_faults.real_pair): a model between a
+    real CR chest and the chest re-processed by the B style of ``--real-style``, test crops
+    from the other half of the chest; "other vendor's images" are that half re-processed, and
+    a real CR leg from another vendor's detector stands in for the knee model (another body
+    part and detector).  None without the pydicom-data package."""
+    from dicom_node.demo.vendor_processing import get_style_pair
+
+    t0 = time.perf_counter()
+    steps = args.trained_steps if trained else 0
+    kit = ff.real_pair(args.real_style, args.real_size, args.real_images, args.real_calibration, args.real_held_out,
+                       steps, args.work)
+    if kit is None:
+        return None
+    label = "real trained" if trained else "real"
+    rows = _common_rows(label, kit, kit.test_a, args.faulty)
+    chest, leg = ff.real_radiograph(ff.REAL_CHEST), ff.real_radiograph(ff.REAL_LEG)
+    style = get_style_pair(args.real_style).b
+    other = ff.real_crops(chest, "right", args.faulty, ff.REAL_TEST + 1, args.real_size, style)
+    _rate(rows, label, "other vendor's images", "input fault", "the test half re-processed in the target style",
+          [_assess(kit.ab, img.x, kit.ba) for img in other])
+    legs = [c for half in ("left", "right")
+            for c in ff.real_crops(leg, half, args.faulty // 2, ff.REAL_TEST + 2, args.real_size, body_part="LEG")]
+    _rate(rows, label, "another body part, detector", "input fault", "a real CR leg (Fuji, 10 bit) to the chest model",
+          [_assess(kit.ab, img.x, kit.ba) for img in legs])
+    return _summary(kit, rows, t0)
 
 
 def panel(path: Path, args: argparse.Namespace) -> None:
@@ -148,7 +184,7 @@ def cost(args: argparse.Namespace) -> list[dict]:
         small = [fd.analysis_view(i.x) for i in ff.demo_images("classic", "a", range(1, 9), side)]
         domain = [{**asdict(s), "noise": fd.noise_level(x)} for s, x in zip(fd.domain_statistics(small), small)]
         calibrated = StyleModel(generator=model.generator, metadata={
-            **model.metadata, "fidelity": {"domain": domain, "saturated_level": fd.saturated_level(small),
+            **model.metadata, "fidelity": {"domain": domain, "saturated_surround": fd.saturated_level(small),
                                            "network_scale": [0.01] * (2 * fd.LEVELS + 1)}})
         timings: dict[str, list[float]] = {"translation": [], "guard": [], "guard_structure_only": [], "cycle": []}
         for rep in range(args.repeats + 1):
@@ -190,6 +226,14 @@ def main() -> int:
                     help="also measure models trained by dicom-node train for this many steps (default 800; 0: not)")
     ap.add_argument("--work", default="/tmp/dicom-node-bench-fidelity",
                     help="where the trained models and their data are kept between runs")
+    ap.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure on real radiographs from the pydicom-data package when it is installed "
+                         "(default on; pip install pydicom-data)")
+    ap.add_argument("--real-style", default="classic", help="demo pair whose B style re-processes the real chest")
+    ap.add_argument("--real-size", type=int, default=640, help="side of the real crops in pixels (default 640)")
+    ap.add_argument("--real-images", type=int, default=24, help="real training crops per domain (default 24)")
+    ap.add_argument("--real-calibration", type=int, default=16, help="real calibration crops (default 16)")
+    ap.add_argument("--real-held-out", type=int, default=60, help="real held-out test crops (default 60)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity.json"))
@@ -207,6 +251,13 @@ def main() -> int:
         results["pairs"][pair] = run_pair(pair, args)
         if args.trained_steps:
             results["pairs"][f"{pair} trained"] = run_pair(pair, args, trained=True)
+    if args.real:
+        for trained in (False, True) if args.trained_steps else (False,):
+            real = run_real(args, trained)
+            if real is None:
+                print("real radiographs skipped: pip install pydicom-data", file=sys.stderr)
+                break
+            results["pairs"]["real trained" if trained else "real"] = real
     if args.cost_sizes:
         results["cost"] = cost(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -216,14 +267,15 @@ def main() -> int:
 
 
 def _table(results: dict, pairs: list[str]) -> None:
-    names = list(next(iter(results["pairs"].values()))["rows"]) if results["pairs"] else []
+    names: dict[str, str] = {}  # every row name in first-seen order, with its kind
+    for p in pairs:
+        names.update({n: r["kind"] for n, r in results["pairs"][p]["rows"].items() if n not in names})
     print(f"\n{'':40s}" + "".join(f"{p:>16s}" for p in pairs))
-    for name in names:
-        kind = results["pairs"][pairs[0]]["rows"][name]["kind"]
+    for name, kind in names.items():
         cells = []
         for p in pairs:
-            r = results["pairs"][p]["rows"][name]
-            cells.append(f"{100 * r['rate']:6.1f}% ({r['flagged']}/{r['images']})")
+            r = results["pairs"][p]["rows"].get(name)
+            cells.append(f"{100 * r['rate']:6.1f}% ({r['flagged']}/{r['images']})" if r else "-")
         label = ("false alarms: " if kind == "false alarm" else "detected: ") + name
         print(f"{label[:40]:40s}" + "".join(f"{c:>16s}" for c in cells))
     for c in results["cost"]:

@@ -223,6 +223,10 @@ def test_noise_and_saturation_statistics():
     rim = 100 * (200 - 16 * 6) / metal.size  # the block's pixels within 2 px of the grey around it
     assert rim <= fd.saturated_score(metal, level) <= 100 * 200 / metal.size
     assert fd.saturated_level([np.zeros((64, 64), np.float32)]) == fd.CLIPPED  # none in the domain: any edge counts
+    # Metal over bright tissue: grey 0.7 on every side of the plateau counts in full.
+    bright = np.full((256, 256), 0.7, np.float32)
+    bright[100:120, 100:110] = 1.0
+    assert fd.saturated_score(bright, level) == pytest.approx(rim)  # the block's pixels within 2 px of grey
 
 
 def test_models_calibrated_before_the_input_checks_skip_them(kit):
@@ -230,7 +234,7 @@ def test_models_calibrated_before_the_input_checks_skip_them(kit):
     old = kit["ab"].metadata["fidelity"]
     legacy = dict(old, domain=[{k: v for k, v in d.items() if k != "noise"} for d in old["domain"]],
                   thresholds={k: v for k, v in old["thresholds"].items() if k not in ("noise", "saturated")})
-    legacy.pop("saturated_level")
+    legacy.pop("saturated_surround")
     legacy.pop("network_scale")
     model = ff.wrapped(kit["ab"], kit["ab"].generator, "legacy")
     model.metadata["fidelity"] = legacy

@@ -10,7 +10,7 @@ image out of its own domain) and stores, in each model's ``fidelity`` metadata:
 * ``thresholds``: the highest held-out score plus a margin (``engine.fidelity``);
 * ``domain``: the style statistics and the noise level of each training image, for the
   input-similarity and ``noise`` scores;
-* ``saturated_level``: the domain's steepest steps into saturated white, for ``saturated``;
+* ``saturated_surround``: the domain's darkest surrounds of saturated white, for ``saturated``;
 * ``network_scale``: the most the network added beyond its global stage, per component of the
   ``network`` score (``engine.fidelity.network_levels``) over the calibration images;
 * ``weights_sha256``: the digest of the network calibrated: weights changed since (a fine-tune,
@@ -39,7 +39,8 @@ __all__ = ["fidelity_metadata", "DOMAIN_IMAGES", "CALIBRATION_IMAGES", "FIDELITY
 log = logging.getLogger("dicom_node.train")
 
 DOMAIN_IMAGES = 64
-FIDELITY_VERSION = 4  # metadata.fidelity layout; 4: network_scale with the erased-structure components
+# metadata.fidelity layout; 4: network_scale with the erased-structure components; 5: saturated_surround
+FIDELITY_VERSION = 5
 CALIBRATION_IMAGES = 32
 
 
@@ -109,7 +110,7 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
         "weights_sha256": weights_digest(forward.state_dict()),  # what was calibrated (engine.fidelity.assess)
         "thresholds": thresholds,
         "domain": [{**_stats_dict(d), "noise": float(f"{v:.6g}")} for d, v in zip(domain, noise_levels)],
-        "saturated_level": round(sat_level, 6),
+        "saturated_surround": round(sat_level, 6),
         "network_scale": [float(f"{v:.6g}") for v in network_scale],
         "calibration": {
             "images": len(calib),
