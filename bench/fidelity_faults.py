@@ -13,11 +13,17 @@ Everything is made in code from the demo phantoms (``dicom_node.demo``):
   applied to chests;
 * input faults: another vendor's images, metal implants, a small patient in a large field,
   another detector's noise.
+
+Real radiographs, where the ``pydicom-data`` package is installed (pydicom's public test
+images; nothing is downloaded at run time and no image is kept in this repository): a Philips
+CR chest (RG1, 15 bit) and a Fuji CR leg (RG3, 10 bit).  Domain A is crops of the chest as
+they are, domain B crops of it re-processed by a demo vendor style; training and calibration
+crops come from one half of the chest, test crops from the other half (:func:`real_pair`).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -29,7 +35,8 @@ from dicom_node.engine.generator import ResnetGenerator
 from dicom_node.engine.model_file import StyleModel, weights_digest
 
 __all__ = ["demo_images", "tone_model", "calibrate", "calibrated_pair", "trained_pair", "Kit", "Painter", "Eraser", "corrupted", "untrained",
-           "inverted", "with_metal", "small_patient", "other_detector", "MODEL_FAULTS", "INPUT_FAULTS", "flagged"]
+           "inverted", "with_metal", "small_patient", "other_detector", "MODEL_FAULTS", "INPUT_FAULTS", "flagged",
+           "real_radiograph", "real_crops", "real_pair", "REAL_CHEST", "REAL_LEG"]
 
 
 @dataclass
@@ -106,6 +113,7 @@ class Kit:
     train_a: list[Image]
     train_b: list[Image]
     calibration_a: list[Image]
+    test_a: list[Image] = field(default_factory=list)  # held out (real pairs: the chest's other half)
 
 
 def calibrated_pair(pair: str, size: int, images: int, calibration: int) -> Kit:
@@ -123,29 +131,131 @@ def calibrated_pair(pair: str, size: int, images: int, calibration: int) -> Kit:
 
 
 def trained_pair(pair: str, size: int, images: int, calibration: int, steps: int, work) -> Kit:
-    """Both directions of demo style pair ``pair`` trained by ``dicom-node train`` (its default
-    recipe: tone filter, then the residual network for ``steps`` steps, ngf 8, 2 blocks, 128 px
-    patches) on ``images`` unpaired demo images per domain, exported and calibrated by it, as
-    bench/quality.py trains its runs; reused from ``work`` when already there (and re-exported
-    when its calibration is older than today's).  The image
-    lists are :func:`calibrated_pair`'s."""
+    """Both directions of demo style pair ``pair`` trained by ``dicom-node train`` (:func:`_train`)
+    on ``images`` unpaired demo images per domain (bench/quality.py's data).  The image lists
+    are :func:`calibrated_pair`'s."""
     from pathlib import Path
     from types import SimpleNamespace
 
-    from bench.quality import make_data, run_trainer
+    from bench.quality import make_data
+
+    work = Path(work) / f"{pair}-{size}-{images}-{steps}"
+    data = make_data(pair, work, SimpleNamespace(count=images, test_count=4, size=size, data_seed=0))
+    kit = calibrated_pair(pair, size, images, calibration)
+    kit.ab, kit.ba = _train(data, work, steps)
+    return kit
+
+
+def _train(data, work, steps: int) -> tuple[StyleModel, StyleModel]:
+    """Both directions trained on ``data``/A and ``data``/B by ``dicom-node train`` with its
+    default recipe (tone filter, then the residual network for ``steps`` steps, ngf 8, 2
+    blocks, 128 px patches), exported and calibrated by it, as bench/quality.py trains its
+    runs; reused from ``work`` when already there (and re-exported when its calibration is
+    older than today's)."""
+    from types import SimpleNamespace
+
+    from bench.quality import run_trainer
     from dicom_node.engine.model_file import load_style_model
     from dicom_node.train.calibrate import FIDELITY_VERSION
     from dicom_node.train.export import export_models
 
-    budget = SimpleNamespace(count=images, test_count=4, size=size, data_seed=0, patch=128, batch=1, steps=steps,
-                             device="cpu", threads=0, ngf=8, blocks=2, ndf=16, retrain=False, no_train=False)
-    work = Path(work) / f"{pair}-{size}-{images}-{steps}"
-    a2b = run_trainer("default", make_data(pair, work, budget), work, budget, seed=0)
+    budget = SimpleNamespace(patch=128, batch=1, steps=steps, device="cpu", threads=0, ngf=8, blocks=2, ndf=16,
+                             retrain=False, no_train=False)
+    a2b = run_trainer("default", data, work, budget, seed=0)
     if load_style_model(a2b).metadata.get("fidelity", {}).get("version") != FIDELITY_VERSION:
         export_models(a2b.parents[1])  # trained before this calibration: the guard measured is today's
-    kit = calibrated_pair(pair, size, images, calibration)
-    kit.ab, kit.ba = load_style_model(a2b), load_style_model(a2b.with_name(a2b.name.replace("_A2B", "_B2A")))
-    return kit
+    return load_style_model(a2b), load_style_model(a2b.with_name(a2b.name.replace("_A2B", "_B2A")))
+
+
+# ----------------------------------------------------------------------------- real radiographs
+
+REAL_CHEST, REAL_LEG = "RG1_UNCR.dcm", "RG3_UNCR.dcm"  # pydicom-data: Philips CR chest, Fuji CR leg
+# First crop seed of each real image set (crops of one radiograph at positions drawn from it)
+REAL_TRAIN_A, REAL_TRAIN_B, REAL_CALIBRATION_A, REAL_CALIBRATION_B, REAL_TEST = 1, 2, 3, 4, 5
+
+
+def real_radiograph(name: str):
+    """A real CR from the ``pydicom-data`` package as the node decodes it, or None when that
+    package is not installed (``pip install pydicom-data``; never downloaded at run time)."""
+    from dicom_node.engine.pixels import read_dicom
+
+    try:
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file(name, download=False)
+    except Exception:  # noqa: BLE001 - no data source: the real images are skipped
+        return None
+    return read_dicom(path)[1] if path else None
+
+
+def real_crops(image, half: str, count: int, seed: int, side: int, style: Any = None,
+               body_part: str = "CHEST") -> list[Image]:
+    """``count`` crops of ``side`` px from the ``half`` ("left" or "right") of a real radiograph,
+    at positions drawn with ``seed``, every other one mirrored, each normalised as an image of
+    its own (as a differently collimated exposure would be); with ``style`` (a demo
+    ``VendorStyle``), re-processed by it first: another vendor's look of the same anatomy."""
+    from dicom_node.demo.vendor_processing import process
+    from dicom_node.engine.radiograph import Radiograph, normalize
+
+    rng = np.random.default_rng(seed)
+    h, w = image.pixels.shape
+    side = min(side, h, w // 2)
+    lo, hi = (0, w // 2 - side) if half == "left" else (w - w // 2, w - side)
+    out = []
+    for k in range(count):
+        y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(lo, hi + 1))
+        crop = image.pixels[y0:y0 + side, x0:x0 + side]
+        crop = np.ascontiguousarray(crop[:, ::-1] if k % 2 else crop, dtype=np.float32)
+        if style is not None:
+            crop = process(crop, style).astype(np.float32)
+        out.append(Image(dataset=None, x=normalize(Radiograph(pixels=crop)), body_part=body_part))
+    return out
+
+
+def real_pair(style_pair: str, side: int, images: int, calibration: int, test: int, steps: int = 0,
+              work: Any = None) -> Kit | None:
+    """Both directions between the real chest as it is (A) and re-processed by the B style of
+    demo pair ``style_pair`` (B): fitted as :func:`calibrated_pair` fits them, or, with
+    ``steps``, trained, exported and calibrated by ``dicom-node train`` as :func:`trained_pair`
+    trains them (crops written as 16-bit PNG files under ``work``).  Training and calibration
+    crops come from the chest's left half, test crops from its right half.  None without
+    pydicom-data."""
+    from dicom_node.demo.vendor_processing import get_style_pair
+
+    chest = real_radiograph(REAL_CHEST)
+    if chest is None:
+        return None
+    style = get_style_pair(style_pair).b
+    train_a = real_crops(chest, "left", images, REAL_TRAIN_A, side)
+    train_b = real_crops(chest, "left", images, REAL_TRAIN_B, side, style)
+    calib_a = real_crops(chest, "left", calibration, REAL_CALIBRATION_A, side)
+    test_a = real_crops(chest, "right", test, REAL_TEST, side)
+    if steps:
+        return _trained_real(style_pair, side, steps, work, train_a, train_b, calib_a, test_a)
+    calib_b = real_crops(chest, "left", calibration, REAL_CALIBRATION_B, side, style)
+    a, b = [i.x for i in train_a], [i.x for i in train_b]
+    ab, ba = tone_model(a, b, "real_A2B"), tone_model(b, a, "real_B2A")
+    calibrate(ab, ba, a, [i.x for i in calib_a])
+    calibrate(ba, ab, b, [i.x for i in calib_b])
+    return Kit(ab=ab, ba=ba, train_a=train_a, train_b=train_b, calibration_a=calib_a, test_a=test_a)
+
+
+def _trained_real(style_pair: str, side: int, steps: int, work: Any, train_a: list[Image], train_b: list[Image],
+                  calib_a: list[Image], test_a: list[Image]) -> Kit:
+    """:func:`real_pair` trained by :func:`_train` on its crops, written as 16-bit PNG files."""
+    from pathlib import Path
+
+    from PIL import Image as PILImage
+
+    work = Path(work) / f"real-{style_pair}-{side}-{len(train_a)}-{steps}"
+    for role, imgs in (("A", train_a), ("B", train_b)):
+        folder = work / "data" / role
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, img in enumerate(imgs):
+            if not (folder / f"{k:03d}.png").exists():
+                PILImage.fromarray(np.round((img.x + 1.0) * 32767.5).astype(np.uint16)).save(folder / f"{k:03d}.png")
+    ab, ba = _train(work / "data", work, steps)
+    return Kit(ab=ab, ba=ba, train_a=train_a, train_b=train_b, calibration_a=calib_a, test_a=test_a)
 
 
 # ----------------------------------------------------------------------------- model faults
