@@ -23,6 +23,7 @@ crops come from one half of the chest, test crops from the other half (:func:`re
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -174,9 +175,11 @@ REAL_CHEST, REAL_LEG = "RG1_UNCR.dcm", "RG3_UNCR.dcm"  # pydicom-data: Philips C
 REAL_TRAIN_A, REAL_TRAIN_B, REAL_CALIBRATION_A, REAL_CALIBRATION_B, REAL_TEST = 1, 2, 3, 4, 5
 
 
+@functools.lru_cache(maxsize=4)
 def real_radiograph(name: str):
-    """A real CR from the ``pydicom-data`` package as the node decodes it, or None when that
-    package is not installed (``pip install pydicom-data``; never downloaded at run time)."""
+    """A real CR from the ``pydicom-data`` package as the node decodes it (once per process), or
+    None when that package is not installed (``pip install pydicom-data``; never downloaded at
+    run time).  Callers must not change its pixels."""
     from dicom_node.engine.pixels import read_dicom
 
     try:
