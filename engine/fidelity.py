@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from .style_stats import StyleStats, style_distance, style_statistics
+from .tone_filter import uniform_curve
 
 if TYPE_CHECKING:
     from .model_file import StyleModel
@@ -170,10 +171,9 @@ def _tone_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     qx, qy = _quantiles(x[::2, ::2], q), _quantiles(y[::2, ::2], q)  # a quarter of the pixels is plenty
     qx = qx + np.arange(qx.size) * 1e-7  # strictly increasing knots even on flat histograms
     lo, hi = float(qx[0]), float(qx[-1])
-    table = np.interp(np.linspace(lo, hi, TONE_TABLE), qx, qy).astype(np.float32)
-    u = np.clip((np.asarray(x, dtype=np.float32) - lo) * np.float32((TONE_TABLE - 1) / (hi - lo)), 0, TONE_TABLE - 1)
-    i = np.minimum(u.astype(np.int32), TONE_TABLE - 2)
-    return table[i] + (u - i) * (table[i + 1] - table[i])
+    table = torch.from_numpy(np.interp(np.linspace(lo, hi, TONE_TABLE), qx, qy).astype(np.float32))
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return uniform_curve(t, torch.tensor(lo), torch.tensor(hi), table).numpy()
 
 
 def _pyramid(t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "gaussian_blur", "band_split"]
+__all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "gaussian_blur", "band_split", "uniform_curve"]
 
 # Band edges in detector pixels: octaves from the finest texture to the scale of the lungs.
 DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.4, 2.8, 5.6, 11.2, 22.4, 44.8)
@@ -97,7 +97,7 @@ def band_split(x: torch.Tensor, sigmas: Sequence[float]) -> list[torch.Tensor]:
     return bands
 
 
-def _interp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def uniform_curve(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear curve through ``values`` at equally spaced knots on [lo, hi]; flat outside."""
     k = values.shape[0]
     u = ((x - lo) / (hi - lo)).clamp(0.0, 1.0) * (k - 1)
@@ -132,14 +132,14 @@ class ToneFilter(nn.Module):
         # float32 whatever the caller's precision: a bf16 curve would be quantised to ~1/256.
         dtype, x = x.dtype, x.float()
         one = torch.ones((), dtype=x.dtype, device=x.device)
-        t = _interp(x, -one, one, self.tone_in.float())
+        t = uniform_curve(x, -one, one, self.tone_in.float())
         if bool((self.gains != 1).any()):
             bands = band_split(t, self.sigmas)
             t = bands[-1]
             for g, b in zip(self.gains.float(), bands[:-1]):
                 t = t + g * b
         lo, hi = self.out_range.float()
-        return _interp(t, lo, hi, self.tone_out.float()).to(dtype)
+        return uniform_curve(t, lo, hi, self.tone_out.float()).to(dtype)
 
     def architecture(self) -> dict:
         return {"sigmas": list(self.sigmas), "knots": self.knots}
