@@ -236,11 +236,14 @@ def save_style_model(
     description: str = "",
     inverse: dict[str, Any] | None = None,
     fidelity: dict[str, Any] | None = None,
+    output: dict[str, Any] | None = None,
 ) -> Path:
     """Write a style model atomically (temp file + fsync + rename), with the umask's file mode.
 
     ``inverse`` names the reverse model (``{"name", "weights_sha256"}``); ``fidelity`` holds the
-    guard's calibration (``thresholds``, ``domain``, ``calibration``, see ``engine.fidelity``).
+    guard's calibration (``thresholds``, ``domain``, ``calibration``, see ``engine.fidelity``);
+    ``output`` how model space becomes output pixels (``normalization``: domain B's window,
+    ``window``: the display window; see ``engine.radiograph``).
     """
     from safetensors.torch import save_file
 
@@ -262,6 +265,8 @@ def save_style_model(
         meta["inverse"] = json.dumps(inverse)
     if fidelity:
         meta["fidelity"] = json.dumps(fidelity)
+    if output:
+        meta["output"] = json.dumps(output)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta), mode=umask_mode())
