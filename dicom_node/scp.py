@@ -94,7 +94,7 @@ class StoreSCP:
             ssl_context = server_context(node.tls)
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended),
-                    (evt.EVT_CONN_CLOSE, self._on_closed)]
+                    (evt.EVT_CONN_OPEN, self._on_opened), (evt.EVT_CONN_CLOSE, self._on_closed)]
         try:
             self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                            ssl_context=ssl_context)
@@ -126,7 +126,18 @@ class StoreSCP:
             assoc.abort()
 
     # -- association negotiation -------------------------------------------------------
+    def _on_opened(self, event: Any) -> None:
+        """A new connection gets ``node.request_timeout`` seconds to ask for an association.
+
+        Why: pynetdicom counts a connection against ``max_associations`` from the moment it is
+        accepted and waits ``acse_timeout`` (30 s) for its A-ASSOCIATE-RQ, so a few silent
+        sockets locked every real sender out.  The longer ACSE timeout is restored once the
+        request arrived (:meth:`_on_requested`).  Runs before the association's thread starts.
+        """
+        event.assoc.acse_timeout = self.config.node.request_timeout
+
     def _on_requested(self, event: Any) -> None:
+        event.assoc.acse_timeout = self.config.node.acse_timeout
         prim = event.assoc.requestor.primitive
         called, calling = str(prim.called_ae_title).strip(), str(prim.calling_ae_title).strip()
         verdict = association_verdict(self.config.routes, called, calling)
@@ -157,7 +168,13 @@ class StoreSCP:
         with self._sessions_lock:
             session = self._sessions.pop(id(event.assoc), None)
         if session is None or not session.called:
-            return  # a connection that never asked for an association (a port probe)
+            # A connection closed before it asked for an association (a port probe, a silent
+            # peer giving up): pynetdicom's acceptor would keep waiting for the request until
+            # request_timeout, holding a max_associations slot.  An empty item on its queue
+            # ends that wait now (it reads as "no request": the thread tidies up and ends).
+            if getattr(event.assoc.requestor, "primitive", None) is None:
+                event.assoc.dul.to_user_queue.put(None)
+            return
         try:
             self.db.record_association(
                 calling_ae=session.calling, called_ae=session.called, peer=session.peer, stored=session.stored,

@@ -40,6 +40,9 @@ class NodeSettings:
     network_timeout: float = 60.0
     dimse_timeout: float = 60.0
     acse_timeout: float = 30.0
+    # Seconds a new connection has to send its association request: a connection that never
+    # speaks holds one of max_associations slots until then (pynetdicom waits acse_timeout).
+    request_timeout: float = 5.0
     max_instance_bytes: int = 2 * 1024**3
     tls: TLSSettings | None = None
     # This node among several on one PostgreSQL database and shared spool (its spool lock,

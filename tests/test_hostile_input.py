@@ -1,0 +1,77 @@
+"""Hostile or careless DICOM peers (issue 24): the node stays available and refuses with a status.
+
+Each test runs a real :class:`dicom_node.node.Node` on a kernel-chosen port on 127.0.0.1 and
+talks to it over real TCP connections and pynetdicom associations, with bounded waits.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import parse_config
+from dicom_node.node import Node
+from tests.factory import make_dataset
+from tests.nodeproc import node_config, send
+
+CALLED = "DR_KIM_STYLE"
+
+
+def make_node(tmp_path: Path, model: Path, **extra) -> Node:
+    """A node with one route to a folder, from a config dict run through the real parser."""
+    raw = node_config(tmp_path, port=11112, model_path=model,
+                      destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                      routes=[{"called_ae": CALLED, "model": "tiny", "destinations": ["outbox"]}],
+                      stable=0.3, **extra)
+    config = parse_config(raw, base_dir=tmp_path)
+    config.node.port = 0
+    return Node(config)
+
+
+def store_until_accepted(port: int, ds, within: float) -> tuple[int | None, float]:
+    """C-STORE ``ds``, retrying while the association is refused; (status, seconds it took)."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return send(port, [ds], called=CALLED)[0], time.monotonic() - t0
+        except ConnectionError:
+            if time.monotonic() - t0 > within:
+                return None, time.monotonic() - t0
+            time.sleep(0.2)
+
+
+# -- item 4: silent TCP connections -----------------------------------------------------------
+
+def test_silent_connections_are_dropped_after_request_timeout(tmp_path, tiny_model_path):
+    """max_associations sockets that never speak: a real sender gets in after request_timeout."""
+    node = make_node(tmp_path, tiny_model_path, node={"max_associations": 4, "request_timeout": 1.5,
+                                                      "acse_timeout": 30})
+    with node:
+        silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(4)]
+        try:
+            time.sleep(0.3)
+            status, took = store_until_accepted(node.port, make_dataset(rows=32, cols=32), within=8)
+            assert status == 0, f"no real sender got in within {took:.1f} s"
+            assert took < 6
+        finally:
+            for s in silent:
+                s.close()
+
+
+def test_closed_silent_connections_free_their_slot_at_once(tmp_path, tiny_model_path):
+    """Connections closed before asking for an association do not wait out any timeout."""
+    node = make_node(tmp_path, tiny_model_path, node={"max_associations": 4, "request_timeout": 30,
+                                                      "acse_timeout": 30})
+    with node:
+        silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(4)]
+        time.sleep(0.3)
+        for s in silent[:3]:
+            s.close()
+        try:
+            time.sleep(0.5)
+            status, took = store_until_accepted(node.port, make_dataset(rows=32, cols=32), within=5)
+            assert status == 0 and took < 2, f"status {status} after {took:.1f} s"
+        finally:
+            silent[3].close()
