@@ -26,13 +26,37 @@ from typing import Any
 
 from dicom_node.config import NodeConfig
 
-__all__ = ["NODE_FILE", "REQUEST_FILE", "RESULT_FILE", "restart_needed", "applicable", "changes",
+__all__ = ["NODE_FILE", "REQUEST_FILE", "RESULT_FILE", "read_config", "restart_needed", "applicable", "changes",
            "write_node_file", "read_node_file", "request_reload", "take_request", "write_result"]
 
 NODE_FILE = "node.json"  # {pid, config, started_at} of the node using this spool
 REQUEST_FILE = "reload-request"  # the id of the reload `dicom-node reload` asked for
 RESULT_FILE = "reload-result.json"  # {id, ok, problems, changes, restart_needed, at}
 LIVE_NODE_KEYS = ("max_instance_bytes",)
+
+
+def read_config(path: str | Path) -> tuple[NodeConfig | None, list[str]]:
+    """Read and validate the config a reload asks for: ``(config, [])`` or ``(None, problems)``.
+
+    Never raises: whatever goes wrong while reading or validating (a config error, an unreadable
+    file, or an exception nobody foresaw, such as a document that exhausts the stack) is a
+    problem of this reload, one line each, and the node keeps serving its old config.
+    """
+    from dicom_node.config import ConfigError, load_config
+    from dicom_node.errors import UserError
+
+    try:
+        return load_config(path), []
+    except ConfigError as exc:
+        return None, list(exc.problems)
+    except UserError as exc:
+        return None, [_one_line(str(exc))]
+    except Exception as exc:  # noqa: BLE001 - a reload must never stop the node
+        return None, [f"{path}: cannot be read as a config ({exc.__class__.__name__}: {_one_line(str(exc))})"]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "no details"
 
 
 def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:

@@ -1,7 +1,9 @@
 """The strict YAML loader and the config error shared by the node config and the trainer config.
 
 One set of rules for both files: duplicate keys are problems (PyYAML silently keeps the
-last), YAML syntax errors carry line and column, and every problem is reported at once as a
+last), YAML syntax errors carry line and column, nesting deeper than :data:`MAX_NESTING` is
+refused (PyYAML composes recursively: 20,000 nested brackets raise ``RecursionError``, which
+stopped a node on reload), and every problem is reported at once as a
 :class:`ConfigError` (a UserError: one line, exit 1).  Checking keys and values is each
 schema's job; :class:`Problems` is the list they collect into (``path: message``).
 
@@ -14,10 +16,12 @@ from typing import Any, Callable, TypeVar
 
 from .errors import UserError
 
-__all__ = ["ConfigError", "Problems", "join_path", "type_name", "load_yaml_text", "yaml_problem", "read_yaml_file",
+__all__ = ["MAX_NESTING", "ConfigError", "Problems", "join_path", "type_name", "load_yaml_text", "yaml_problem", "read_yaml_file",
            "load_config_file"]
 
 T = TypeVar("T")
+
+MAX_NESTING = 50  # levels of mappings/lists: configs use fewer than 10, Python's stack allows ~300
 
 
 class ConfigError(UserError):
@@ -67,12 +71,25 @@ def type_name(value: Any) -> str:
 def load_yaml_text(text: str) -> tuple[Any, list[str]]:
     """``yaml.safe_load`` that also reports duplicate keys: (document, duplicate-key problems).
 
-    Raises ``yaml.YAMLError`` for a document that is not YAML (see :func:`yaml_problem`).
+    Raises ``yaml.YAMLError`` for a document that is not YAML or is nested more than
+    :data:`MAX_NESTING` levels deep (see :func:`yaml_problem`).
     """
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
         duplicates: list[str]
+        nesting = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            """Count the depth while composing (the recursion that a deep document overflows)."""
+            self.nesting += 1
+            try:
+                if self.nesting > MAX_NESTING:
+                    raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                                      self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.nesting -= 1
 
     def construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()

@@ -211,3 +211,37 @@ def test_max_wait_discard_drops_a_study_that_never_pauses(tmp_path, tiny_model_p
             db.close()
             assert "discarded (on_max_wait: discard)" in node.log()
         assert pacs.received == []
+
+
+def test_a_config_nested_20000_deep_is_refused_in_one_line_and_the_node_serves_on(tmp_path, tiny_model_path):
+    """SIGHUP, `dicom-node reload` and check-config on a document that overflows PyYAML's
+    recursive composer: one line each, exit 1, and the node keeps its old config."""
+    import json
+
+    with Receiver("PACS") as pacs:
+        port = free_port()
+        dests = {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}}
+        cfg = node_config(tmp_path, port=port, model_path=tiny_model_path, destinations=dests, stable=0.3,
+                          routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["pacs"]}])
+        cfg_path = write_config(tmp_path / "node.yaml", cfg)
+        with NodeProcess(cfg_path, port, tmp_path / "node.log") as node:
+            cfg_path.write_text("routes: " + "[" * 20_000 + "]" * 20_000 + "\n")
+            os.kill(node.proc.pid, signal.SIGHUP)
+            assert wait_for(lambda: "reload refused" in node.log(), 30), node.log()[-2000:]
+            refused = [line for line in node.log().splitlines() if "reload refused" in line]
+            assert len(refused) == 1 and "nested more than 50 levels deep" in refused[0], refused
+            assert "Traceback" not in node.log()
+            result = json.loads((tmp_path / "spool" / "reload-result.json").read_text())
+            assert result["ok"] is False and len(result["problems"]) == 1
+
+            done = _reload(cfg_path)
+            assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert "nested more than 50 levels deep" in done.stderr
+            checked = subprocess.run([sys.executable, "-m", "dicom_node", "check-config", str(cfg_path)],
+                                     capture_output=True, text=True, timeout=60)
+            assert checked.returncode == 1 and "Traceback" not in checked.stderr + checked.stdout
+            assert checked.stdout.strip().splitlines() == ["<yaml> line 1 column 58: nested more than 50 levels deep"]
+
+            assert node.proc.poll() is None
+            assert send(port, study(1), called="DR_KIM") == [0]  # the old config still serves
+            assert wait_for(lambda: len(pacs.received) == 1, 30)

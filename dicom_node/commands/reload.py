@@ -29,11 +29,13 @@ def _node_dir(config_path: str) -> Path:
     from dicom_node.engine.yaml_config import read_yaml_file
 
     path = Path(config_path)
-    raw, _ = read_yaml_file(path)  # unreadable or not YAML: a one-line error, the node is not asked
+    raw, _ = read_yaml_file(path)  # unreadable, not YAML or nested too deep: one line, the node is not asked
     try:
         cfg, _ = parse_schema(raw, base_dir=path.parent, source=str(path))
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever breaks the validation, the running node is untouched
+        raise UserError(f"{path}: cannot be read as a config ({exc.__class__.__name__})") from None
     from dicom_node.spool import node_spool
 
     return node_spool(cfg).node_dir
