@@ -36,7 +36,8 @@ log = logging.getLogger("dicom_node.cluster")
 ROLES = ("all", "receive", "worker")  # serve --role: receive = listener only, worker = no listener
 LEASED_TABLES = ("instances", "deliveries", "notifications")
 LEASE_COLUMNS = (("lease_owner", "TEXT"), ("lease_until", "REAL"))
-NODES_KEPT_SECONDS = 86400.0  # status lists nodes seen within a day
+NODES_KEPT_SECONDS = 86400.0  # status lists nodes seen within a day (a node that died: worth seeing)
+STOPPED_NODES_KEPT_SECONDS = 3600.0  # ... and a clean stop for an hour (a restart is no news after that)
 
 NODES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -145,22 +146,32 @@ class Membership:
                                          (now + self.lease_seconds, self.owner, *chunk)).rowcount
         return renewed
 
-    def node_stopped(self, now: float | None = None) -> None:
-        """A clean stop: give back every lease at once (the others need not wait for it to end)."""
+    def node_stopped(self, now: float | None = None, forget: bool = False) -> None:
+        """A clean stop: give back every lease at once (the others need not wait for it to end).
+
+        ``forget``: a start that failed half-way (it never served): its row goes, so no ghost
+        "stopped" node is listed.
+        """
         now = time.time() if now is None else now
         with self._tx() as c:  # type: ignore[attr-defined]
             for table in LEASED_TABLES:
                 c.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (self.owner,))
-            c.execute("UPDATE nodes SET stopped_at=?, heartbeat_at=? WHERE id=?", (now, now, self.owner))
+            if forget:
+                c.execute("DELETE FROM nodes WHERE id=?", (self.owner,))
+            else:
+                c.execute("UPDATE nodes SET stopped_at=?, heartbeat_at=? WHERE id=?", (now, now, self.owner))
         with self._held_lock:
             for ids in self._held.values():
                 ids.clear()
 
     def nodes(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Every node seen within a day: its row, ``state`` (up | late | stopped) and what it holds."""
+        """Every node seen within a day, less those stopped cleanly over an hour ago: its row,
+        ``state`` (up | late | stopped) and what it holds."""
         now = time.time() if now is None else now
         rows = self._query("SELECT id, name, role, host, pid, started_at, heartbeat_at, stopped_at, models FROM nodes "  # type: ignore
-                           "WHERE heartbeat_at >= ? ORDER BY name, started_at DESC", (now - NODES_KEPT_SECONDS,))
+                           "WHERE heartbeat_at >= ? AND (stopped_at IS NULL OR stopped_at >= ?) "
+                           "ORDER BY name, started_at DESC",
+                           (now - NODES_KEPT_SECONDS, now - STOPPED_NODES_KEPT_SECONDS))
         held: dict[str, dict[str, int]] = {}
         for table in LEASED_TABLES:
             for owner, n in self._query(f"SELECT lease_owner, COUNT(*) FROM {table} WHERE lease_owner IS NOT NULL "  # type: ignore
