@@ -25,6 +25,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict, fallback_route, match_keywords, select_route
 from dicom_node.spool import Spool
 from dicom_node.state import STUDY_INFO_KEYWORDS, StateDB, abbreviate
+from dicom_node.untrusted import escaped, install_guards, invalid_ae_title
 
 __all__ = ["StoreSCP", "STATUS_OUT_OF_RESOURCES", "STATUS_CANNOT_UNDERSTAND"]
 
@@ -76,6 +77,7 @@ class StoreSCP:
 
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False  # pynetdicom would log patient identifiers otherwise
+        install_guards()  # peer-chosen AE title bytes: rejected by us, logged escaped on one line
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
         ae.require_called_aet = False  # many called AE titles on one port; checked in _on_requested
@@ -140,15 +142,23 @@ class StoreSCP:
         event.assoc.acse_timeout = self.config.node.acse_timeout
         prim = event.assoc.requestor.primitive
         called, calling = str(prim.called_ae_title).strip(), str(prim.calling_ae_title).strip()
-        verdict = association_verdict(self.config.routes, called, calling)
         peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+        bad_called, bad_calling = invalid_ae_title(called), invalid_ae_title(calling)
+        if bad_called or bad_calling:
+            # Never stored or logged raw: the association log gets the escaped titles too.
+            verdict = f"invalid {'called' if bad_called else 'calling'} AE title ({bad_called or bad_calling})"
+            called, calling = escaped(called), escaped(calling)
+            reason = 0x07 if bad_called else 0x03
+        else:
+            verdict = association_verdict(self.config.routes, called, calling)
+            reason = 0x07 if verdict == REJECT_CALLED_AE else 0x03
         with self._sessions_lock:
             self._sessions[id(event.assoc)] = _Session(calling, called, peer, time.time())
         if verdict == ACCEPT:
             return
         self._session(event).outcome, self._session(event).reason = "rejected", verdict
-        log.warning("association rejected: %s (called %s, calling %s)", verdict, called, calling)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x07 if verdict == REJECT_CALLED_AE else 0x03)
+        log.warning("association rejected: %s (called %s, calling %s, from %s)", verdict, called, calling, peer)
+        event.assoc.acse.send_reject(0x01, 0x01, reason)
         # As pynetdicom's own rejection does: wait until the DUL has sent the A-ASSOCIATE-RJ,
         # otherwise the socket may close first and the peer sees an abort instead.
         event.assoc.kill()

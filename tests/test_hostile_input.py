@@ -75,3 +75,61 @@ def test_closed_silent_connections_free_their_slot_at_once(tmp_path, tiny_model_
             assert status == 0 and took < 2, f"status {status} after {took:.1f} s"
         finally:
             silent[3].close()
+
+
+# -- item 6: AE titles with control characters --------------------------------------------------
+
+def raw_association_request(calling: bytes, called: bytes) -> bytes:
+    """An A-ASSOCIATE-RQ PDU (Verification) whose AE title fields carry these exact bytes
+    (pynetdicom refuses to encode such titles, so valid placeholders are replaced)."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import Verification
+
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title, prim.called_ae_title = "Q" * 16, "Z" * 16
+    cx = build_context(Verification)
+    cx.context_id = 1
+    prim.presentation_context_definition_list = [cx]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    prim.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    return pdu.encode().replace(b"Q" * 16, calling.ljust(16)).replace(b"Z" * 16, called.ljust(16))
+
+
+def answer_pdu_type(port: int, pdu: bytes) -> int:
+    """Send ``pdu`` on a new connection; the type of the PDU that answers it (0: none)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(pdu)
+        try:
+            first = s.recv(1)
+        except OSError:
+            return 0
+        return first[0] if first else 0
+
+
+@pytest.mark.parametrize("calling, called, which", [
+    (b"EVIL\nFAKE LINE", CALLED.encode(), "calling"),
+    (b"MODALITY", b"DR_KIM\x1b[31m", "called"),
+    (b"\x1b]0;pwned\x07", CALLED.encode(), "calling"),
+])
+def test_ae_titles_with_control_bytes_are_rejected_on_one_escaped_line(tmp_path, tiny_model_path, caplog,
+                                                                       calling, called, which):
+    import logging
+
+    node = make_node(tmp_path, tiny_model_path)
+    with node, caplog.at_level(logging.INFO):
+        assert answer_pdu_type(node.port, raw_association_request(calling, called)) == 0x03  # A-ASSOCIATE-RJ
+        assert send(node.port, [make_dataset(rows=32, cols=32)], called=CALLED) == [0]  # still serving
+    rejected = [r.getMessage() for r in caplog.records if "association rejected" in r.getMessage()]
+    assert len(rejected) == 1 and f"invalid {which} AE title" in rejected[0], rejected
+    bad = (calling if which == "calling" else called).decode("ascii")
+    assert bad.encode("unicode_escape").decode("ascii") in rejected[0]
+    for record in caplog.records:
+        text = record.getMessage()
+        assert "\n" not in text and "\x1b" not in text and "\x07" not in text, text
+        assert record.exc_info is None, text
