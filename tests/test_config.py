@@ -429,3 +429,28 @@ def test_tls_files_are_loaded_by_check_config(base):
     assert any(p.startswith("node.tls: cannot load certificate") for p in problems), problems
     assert any(p.startswith("destinations.pacs.tls: cannot load CA") for p in problems), problems
     assert len(problems) == 2
+
+
+def test_webhook_url_with_credentials_is_refused_without_echoing_it(base, capsys):
+    """check-config: one line naming the YAML path, pointing at secret/headers, and never the
+    password itself (the terminal, CI logs); headers are checked and their values not echoed."""
+    raw = valid_raw()
+    raw["notifications"] = [
+        {"url": "https://hook.example/ok", "headers": {"Authorization": "Bearer tok-OK"}},
+        {"url": "http://ops:hunter2-pw@hook.example/in"},
+        {"url": "ftp://hook.example/x?token=hunter3-pw"},
+        {"url": "https://hook.example/y", "headers": {"X-Token": "hunter4-pw\r\nX-Evil: 1", "bad name": "v"}},
+    ]
+    assert main(["check-config", str(_write(base, raw))]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "notifications[1].url: credentials in the URL are not allowed (they would end up in logs): "
+        "use the webhook's secret or headers (e.g. Authorization)",
+        "notifications[2].url: must be an http:// or https:// URL with a host",
+        "notifications[3].headers.X-Token: must be text on one line",
+        "notifications[3].headers.bad name: not a valid HTTP header name",
+    ], out
+    assert "hunter" not in out
+    del raw["notifications"][1:]
+    hook = parse_config(raw, base_dir=base).notifications[0]
+    assert hook.headers == {"Authorization": "Bearer tok-OK"} and "tok-OK" not in repr(hook)

@@ -294,3 +294,173 @@ def test_console_releases_and_drops_withheld_outputs(tmp_path, tiny_model_path):
             assert done == {keep: "released", drop: "discarded"}
             actions = [(a["action"], a["user"]) for a in node.db.actions()][:2]
             assert actions == [("discard", "token"), ("release", "token")]
+
+
+# ----------------------------------------------------------------------------- hardening (issue 24)
+
+WRONG = "wrong password"
+
+
+class RawLogin:
+    """Password logins over real HTTP (http.client, one connection each: threads may share it),
+    with an ``X-Forwarded-For`` of the caller's choice."""
+
+    def __init__(self, url: str) -> None:
+        self.host, self.port = url.split("//")[1].rsplit(":", 1)
+        status, headers, html = Browserless(url).get("/login")
+        assert status == 200
+        self.csrf = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+        self.cookie = re.search(r"dicom_node_login=([^;]+)", headers["set-cookie"]).group(1)
+
+    def connect(self):
+        import http.client
+
+        return http.client.HTTPConnection(self.host, int(self.port), timeout=60)
+
+    def post(self, password: str, forwarded: str | None = None, conn=None) -> int:
+        conn = conn or self.connect()
+        body = urllib.parse.urlencode({"csrf_token": self.csrf, "user": "alice", "password": password})
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"dicom_node_login={self.cookie}"}
+        if forwarded:
+            headers["X-Forwarded-For"] = forwarded
+        try:
+            conn.request("POST", "/login", body, headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    def at_once(self, n: int, password: str, forwarded=lambda i: None) -> list[int]:
+        """``n`` logins sent at the same moment from ``n`` threads (connections opened first)."""
+        import threading
+
+        conns = [self.connect() for _ in range(n)]
+        for c in conns:
+            c.connect()
+        start, out = threading.Barrier(n), [0] * n
+
+        def one(i: int) -> None:
+            start.wait()
+            out[i] = self.post(password, forwarded(i), conns[i])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return out
+
+
+def _password_node(tmp_path, tiny_model_path, pacs_port, **web):
+    return _node(tmp_path, tiny_model_path, pacs_port,
+                 web={"port": 0, "users": {"alice": hash_password("right password")}, **web})
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies(tmp_path, tiny_model_path, caplog):
+    """Default (no trusted proxy): a new X-Forwarded-For per guess changes nothing, the limit
+    holds and the operator log names the real peer.  With the proxy listed, the forwarded
+    address is the client (the nearest hop that is not a proxy)."""
+    caplog.set_level(logging.INFO, logger="dicom_node.web")
+    with Receiver("PACS") as pacs:
+        with _password_node(tmp_path / "a", tiny_model_path, pacs.port) as node:
+            login = RawLogin(node.web.url)
+            statuses = [login.post(WRONG, f"203.0.113.{i}") for i in range(12)]
+            assert statuses == [401] * MAX_FAILURES + [429] * (12 - MAX_FAILURES), statuses
+            targets = {a["target"] for a in node.db.actions() if a["action"] == "login-failed"}
+            assert targets == {"127.0.0.1"}, targets
+        assert "203.0.113." not in caplog.text and "from 127.0.0.1" in caplog.text
+        caplog.clear()
+        with _password_node(tmp_path / "b", tiny_model_path, pacs.port, trusted_proxies=["127.0.0.0/8"]) as node:
+            login = RawLogin(node.web.url)
+            statuses = [login.post(WRONG, f"198.51.100.1, 203.0.113.{i}") for i in range(12)]
+            assert statuses == [401] * 12, statuses  # twelve clients, one guess each
+            targets = {a["target"] for a in node.db.actions() if a["action"] == "login-failed"}
+            assert targets == {f"203.0.113.{i}" for i in range(12)}, targets  # never the client-written hop
+            assert "from 203.0.113.11" in caplog.text
+            assert login.post(WRONG, "garbage") == 401 and login.post(WRONG) == 401  # counted as the proxy's
+            assert [a["target"] for a in node.db.actions()][:2] == ["127.0.0.1", "127.0.0.1"]
+
+
+def test_trusted_proxies_config(tmp_path, tiny_model_path):
+    from dicom_node.web.auth import client_address, proxy_networks
+
+    base = node_config(tmp_path, port=11112, model_path=tiny_model_path,
+                       destinations={"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                       routes=[{"called_ae": "A", "model": "tiny", "destinations": ["out"]}])
+    base["web"] = {"port": 0}
+    assert parse_config(base, base_dir=tmp_path).web.trusted_proxies == []
+    base["web"]["trusted_proxies"] = ["10.1.2.3/8", "::1", "not-an-address"]
+    with pytest.raises(ConfigError) as err:
+        parse_config(base, base_dir=tmp_path)
+    assert "web.trusted_proxies[2]: not an IP address or network" in str(err.value)
+    base["web"]["trusted_proxies"] = ["10.1.2.3/8", "::1"]
+    trusted = parse_config(base, base_dir=tmp_path).web.trusted_proxies
+    assert trusted == ["10.0.0.0/8", "::1/128"]
+    nets = proxy_networks(trusted)
+    assert client_address("10.0.0.5", "1.1.1.1, 2.2.2.2, 10.9.9.9", nets) == "2.2.2.2"
+    assert client_address("192.0.2.1", "1.1.1.1", nets) == "192.0.2.1"  # not a proxy: its header is ignored
+    assert client_address("10.0.0.5", "1.1.1.1, junk", nets) == "10.0.0.5"
+    assert client_address("10.0.0.5", None, ()) == "10.0.0.5"
+
+
+def test_concurrent_wrong_logins_stop_at_the_limit(tmp_path, tiny_model_path):
+    """30 wrong logins sent at the same moment: at most the limit are checked (401), the rest
+    are refused by the limiter (429) - the check and the record are one step."""
+    with Receiver("PACS") as pacs, _password_node(tmp_path, tiny_model_path, pacs.port) as node:
+        statuses = RawLogin(node.web.url).at_once(30, WRONG)
+        assert 1 <= statuses.count(401) <= MAX_FAILURES and statuses.count(429) == 30 - statuses.count(401), statuses
+        assert [a["action"] for a in node.db.actions()].count("login-failed") == statuses.count(401)
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_login_flood_hashes_a_few_at_a_time(tmp_path, tiny_model_path):
+    """40 logins at once from 40 addresses (through a trusted proxy, so the limiter lets each
+    try): the node's memory grows by at most a few Argon2 hashes (64 MiB each), not 40 of them,
+    and every login gets an answer (401, or 503 when it waited too long for its turn)."""
+    import threading
+
+    from dicom_node.web.auth import HASHES_AT_ONCE
+
+    with Receiver("PACS") as pacs, _password_node(tmp_path, tiny_model_path, pacs.port,
+                                                  trusted_proxies=["127.0.0.1"]) as node:
+        login = RawLogin(node.web.url)
+        assert login.post(WRONG, "192.0.2.250") == 401  # the dummy hash and the threads exist now
+        before, peak, done = _rss(), [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss())
+                done.wait(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            statuses = login.at_once(40, WRONG, lambda i: f"192.0.2.{i}")
+        finally:
+            done.set()
+            sampler.join()
+        grown = (peak[0] - before) / 2**20
+        assert set(statuses) <= {401, 503} and statuses.count(401) >= 1, statuses
+        assert grown < 64 * (HASHES_AT_ONCE + 2), f"memory grew by {grown:.0f} MiB during the flood"
+
+
+def test_console_answers_400_for_ids_that_are_not_ids(tmp_path, tiny_model_path):
+    with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port) as node:
+        web = Browserless(node.web.url)
+        web.login_with_token(_token(node))
+        csrf = web.csrf("/failures")
+        for bad in ("abc", "1" * 40, "-1", "1e3", "9223372036854775808", "١٢"):
+            status, _, body = web.post("/requeue", {"csrf_token": csrf, "instance_id": bad})
+            assert status == 400 and "instance_id" in body, (bad, status, body[:200])
+        assert web.post("/requeue", {"csrf_token": csrf, "instance_id": "12"})[0] == 303  # none such: nothing to do
+        for path in ("/previews/" + "9" * 5000 + ".png", "/previews/abc.png", "/previews/" + "1" * 40 + ".png"):
+            assert web.get(path, accept="image/png")[0] == 400, path
+        assert web.get("/previews/12.png", accept="image/png")[0] == 404
+        assert web.get("/failures")[0] == 200  # and the console goes on

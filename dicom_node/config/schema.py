@@ -298,13 +298,11 @@ def _notifications(raw: Any, pr: Problems, base_dir: Path) -> list[WebhookSettin
         return out
     for i, spec in enumerate(raw):
         path = join_path("notifications", i)
-        m = mapping(spec, path, {"name", "url", "events", "secret", "include_phi", "tls", "timeout", "retry"},
-                    {"url"}, pr)
+        m = mapping(spec, path, {"name", "url", "events", "secret", "headers", "include_phi", "tls", "timeout",
+                                 "retry"}, {"url"}, pr)
         if m is None:
             continue
-        url = string(m, "url", path, pr, "") or ""
-        if url and not url.startswith(("http://", "https://")):
-            pr.add(join_path(path, "url"), f"must be an http:// or https:// URL, not {url!r}")
+        url = _webhook_url(string(m, "url", path, pr, "") or "", join_path(path, "url"), pr)
         events = list(NOTIFICATION_EVENTS)
         if "events" in m:
             events = string_list(m["events"], join_path(path, "events"), pr) or []
@@ -313,6 +311,7 @@ def _notifications(raw: Any, pr: Problems, base_dir: Path) -> list[WebhookSettin
                     pr.add(join_path(join_path(path, "events"), j),
                            f"unknown event {e!r} (one of {', '.join(NOTIFICATION_EVENTS)})")
         secret = string(m, "secret", path, pr, None)
+        headers = _headers(m.get("headers"), join_path(path, "headers"), pr)
         tls: dict = {}
         if m.get("tls") is not None:
             tls = mapping(m["tls"], join_path(path, "tls"), {"ca", "verify", "cert", "key"}, set(), pr) or {}
@@ -321,13 +320,49 @@ def _notifications(raw: Any, pr: Problems, base_dir: Path) -> list[WebhookSettin
         if name in {w.name for w in out}:
             pr.add(join_path(path, "name"), f"duplicate webhook name {name!r}")
         out.append(WebhookSettings(
-            name=name, url=url, events=events, secret=secret,
+            name=name, url=url, events=events, secret=secret, headers=headers,
             include_phi=boolean(m, "include_phi", path, pr, False),
             ca=_file(tls, "ca", tpath, pr, base_dir), verify=boolean(tls, "verify", tpath, pr, True),
             cert=_file(tls, "cert", tpath, pr, base_dir), key=_file(tls, "key", tpath, pr, base_dir),
             timeout=number(m, "timeout", path, pr, 10.0, 0, False),
             retry=_retry(m["retry"], pr, join_path(path, "retry"), webhook_retry()) if m.get("retry") is not None
             else webhook_retry()))
+    return out
+
+
+def _webhook_url(url: str, path: str, pr: Problems) -> str:
+    """An http(s) URL without credentials (they would be logged, stored and shown with it)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        parts = None
+    if url and (parts is None or parts.scheme not in ("http", "https") or not parts.hostname):
+        pr.add(path, "must be an http:// or https:// URL with a host")  # never echoed: it may hold a token
+    elif parts is not None and (parts.username is not None or parts.password is not None):
+        pr.add(path, "credentials in the URL are not allowed (they would end up in logs): "
+                     "use the webhook's secret or headers (e.g. Authorization)")
+    return url
+
+
+def _headers(raw: Any, path: str, pr: Problems) -> dict[str, str]:
+    """A webhook's extra HTTP headers: names and values on one line each."""
+    out: dict[str, str] = {}
+    if raw is None:
+        return out
+    if not isinstance(raw, dict):
+        pr.add(path, f"must be a mapping of header name to value, not {type_name(raw)}")
+        return out
+    for name, value in raw.items():
+        p = join_path(path, str(name))
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            pr.add(p, "not a valid HTTP header name")
+        elif not isinstance(value, str) or any(ch in value for ch in "\r\n\0"):
+            pr.add(p, "must be text on one line")  # the value is a secret: not echoed
+        else:
+            out[name] = value
     return out
 
 
@@ -392,7 +427,8 @@ def _retry(raw: Any, pr: Problems, path: str = "retry", d: RetrySettings | None 
 def _web(raw: Any, node: NodeSettings, pr: Problems, base_dir: Path) -> WebSettings:
     """``web:`` (absent: the defaults, on loopback; ``web: null`` is handled by the caller: off)."""
     d = WebSettings()
-    m = mapping(raw, "web", {"host", "port", "users", "tls", "session_minutes", "refresh_seconds"}, set(), pr)
+    m = mapping(raw, "web", {"host", "port", "users", "tls", "session_minutes", "refresh_seconds", "trusted_proxies"},
+                set(), pr)
     if m is None:
         return d
     users: dict[str, str] = {}
@@ -421,7 +457,21 @@ def _web(raw: Any, node: NodeSettings, pr: Problems, base_dir: Path) -> WebSetti
         tls=tls,
         session_minutes=number(m, "session_minutes", "web", pr, d.session_minutes, 0, False),
         refresh_seconds=number(m, "refresh_seconds", "web", pr, d.refresh_seconds, 0, False),
+        trusted_proxies=_networks(m.get("trusted_proxies"), "web.trusted_proxies", pr),
     )
+
+
+def _networks(raw: Any, path: str, pr: Problems) -> list[str]:
+    """Addresses or CIDRs (``10.0.0.0/8``), as ``ipaddress`` writes them."""
+    import ipaddress
+
+    out: list[str] = []
+    for i, value in enumerate(string_list(raw, path, pr) or [] if raw is not None else []):
+        try:
+            out.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            pr.add(join_path(path, i), f"not an IP address or network: {value!r}")
+    return out
 
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"}

@@ -163,12 +163,15 @@ class WebhookSettings:
     ``secret``: sign each body with HMAC-SHA256 (header ``X-Dicom-Node-Signature: sha256=<hex>``);
     ``include_phi``: add patient name, ID and accession number (off by default); ``tls``: ``ca``
     to verify an https receiver (default: the system store), ``verify: false`` to skip (test
-    set-ups only), ``cert``/``key`` for a client certificate.
+    set-ups only), ``cert``/``key`` for a client certificate.  ``headers``: sent with every
+    POST (``Authorization: Bearer ...``: credentials go here or in ``secret``, never in the URL);
+    like ``secret``, their values are never logged, stored or shown.
     """
     name: str
     url: str
     events: list[str] = field(default_factory=lambda: list(NOTIFICATION_EVENTS))
-    secret: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
     include_phi: bool = False
     ca: Path | None = None
     verify: bool = True
@@ -199,6 +202,9 @@ class WebSettings:
     tls: TLSSettings | None = None
     session_minutes: float = 12 * 60.0  # a session ends after this long without a request
     refresh_seconds: float = 5.0  # how often the console pages refresh themselves
+    # proxies (addresses or CIDRs) whose X-Forwarded-For is believed for the login limit and the
+    # operator log; default none: the TCP peer is the client
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass

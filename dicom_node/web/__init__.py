@@ -61,8 +61,11 @@ class WebServer:
         # uvicorn's own loggers only for problems; no access log (paths name studies)
         logging.getLogger("uvicorn").setLevel(logging.WARNING)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        # proxy_headers off: uvicorn would believe X-Forwarded-For from 127.0.0.1 (its default),
+        # which lets anyone on the host pick an address per login; the app believes it only from
+        # web.trusted_proxies (dicom_node.web.auth.client_address)
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, server_header=False)
+                                timeout_graceful_shutdown=2, server_header=False, proxy_headers=False)
         config.load()
         if self.settings.tls is not None:
             from dicom_node.tls import server_context

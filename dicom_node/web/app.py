@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
-from dicom_node.web.auth import LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, Session, Sessions, new_token, same, \
-    verify_password
+from dicom_node.web.auth import HASH_QUEUE, HASH_WAIT, HASHES_AT_ONCE, LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, \
+    Session, Sessions, client_address, new_token, proxy_networks, same, verify_password
 from dicom_node.web.health import readiness
 
-__all__ = ["Console", "build_app"]
+__all__ = ["Console", "build_app", "BadRequest"]
 
 log = logging.getLogger("dicom_node.web")
 
@@ -156,8 +156,17 @@ def _local_path(value: str | None, default: str = "/") -> str:
     return value if value.startswith("/") and not value.startswith("//") and "\\" not in value else default
 
 
-def _client(request: Any) -> str:
-    return request.client.host if request.client else "unknown"
+class BadRequest(ValueError):
+    """A form or path value the console cannot use: 400 with this message, nothing done."""
+
+
+def _form_id(value: Any, what: str) -> int:
+    """A database id from a form or a path: digits only, within SQLite's and PostgreSQL's
+    64-bit integers (anything else would reach the database and fail there as a 500)."""
+    text = str(value).strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) >= 2**63:
+        raise BadRequest(f"{what} must be a whole number below 2^63, not {text[:40]!r}")
+    return int(text)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -172,8 +181,34 @@ def build_app(console: Console):
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
+    import anyio
+
     env = _templates()
     refresh = console.config.web.refresh_seconds if console.config.web else 5.0
+    proxies = proxy_networks(console.config.web.trusted_proxies if console.config.web else ())
+    hashing: list[Any] = []  # the Argon2 turn-taker, made on the web thread's event loop at first use
+
+    def _client(request: Any) -> str:
+        peer = request.client.host if request.client else "unknown"
+        return client_address(peer, request.headers.get("x-forwarded-for"), proxies)
+
+    async def checked(hashed: str | None, secret: str) -> bool | None:
+        """Argon2 verification, ``HASHES_AT_ONCE`` at a time; None: no turn within ``HASH_WAIT``."""
+        if not hashing:
+            hashing.append(anyio.CapacityLimiter(HASHES_AT_ONCE))
+        slots = hashing[0]
+        if slots.statistics().tasks_waiting >= HASH_QUEUE:
+            return None
+        turn = False
+        with anyio.move_on_after(HASH_WAIT):
+            await slots.acquire()
+            turn = True
+        if not turn:
+            return None
+        try:
+            return await anyio.to_thread.run_sync(verify_password, hashed, secret)
+        finally:
+            slots.release()
 
     def render(name: str, request: Any, session: Session | None, status: int = 200, **values: Any) -> Any:
         done = None
@@ -210,7 +245,10 @@ def build_app(console: Console):
                 log.warning("console: %s %s refused: missing or wrong CSRF token (user %s)", request.method,
                             request.url.path, session.user)
                 return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
-            session.flash = await run_in_threadpool(fn, session, form)  # shown once, on the next page
+            try:
+                session.flash = await run_in_threadpool(fn, session, form)  # shown once, on the next page
+            except BadRequest as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
             console.wake()
             return RedirectResponse(_local_path(form.get("back")), status_code=303)
         return wrapper
@@ -253,11 +291,10 @@ def build_app(console: Console):
         token = request.query_params.get("token")
         if token is not None and not console.config.web.users:
             # the link printed at start (as Jupyter's): log in and drop the token from the address bar
-            if console.limiter.blocked(_client(request)):
+            if console.limiter.attempt(_client(request)):
                 return login_form(request, 429, "too many failed logins: wait a few minutes", nxt)
             if same(token, console.token):
                 return start_session("token", request, nxt)
-            console.limiter.failed(_client(request))
             return login_form(request, 401, "wrong or expired token (it changes at every start of the node)", nxt)
         return login_form(request, nxt=nxt)
 
@@ -267,18 +304,22 @@ def build_app(console: Console):
         client = _client(request)
         if not same(form.get("csrf_token"), request.cookies.get(LOGIN_COOKIE)):
             return login_form(request, 403, "the login form expired: try again", nxt)
-        wait = console.limiter.blocked(client)
+        wait = console.limiter.attempt(client)  # counts as failed from here until it succeeds
         if wait:
             log.warning("console: login from %s refused: too many failures", client)
             return login_form(request, 429, f"too many failed logins: try again in {wait:.0f} s", nxt)
         users = console.config.web.users
         user = str(form.get("user") or "").strip()[:100] if users else "token"
         secret = str(form.get("password") or "")
-        ok = (await run_in_threadpool(verify_password, users.get(user), secret)) if users else \
-            same(secret, console.token)
+        ok = (await checked(users.get(user), secret)) if users else same(secret, console.token)
+        if ok is None:
+            console.limiter.undo(client)  # never checked: not a failure
+            log.warning("console: login from %s refused: too many logins at once", client)
+            response = login_form(request, 503, "too many logins at once: try again in a few seconds", nxt)
+            response.headers["retry-after"] = "5"
+            return response
         if ok:
             return await run_in_threadpool(start_session, user, request, nxt)
-        console.limiter.failed(client)
         await run_in_threadpool(console.db.record_action, user or "-", "login-failed", client, "refused")
         log.warning("console: failed login for %r from %s", user, client)
         return login_form(request, 401, "wrong user or password" if users else "wrong token", nxt)
@@ -347,7 +388,10 @@ def build_app(console: Console):
 
     @page
     def preview(request: Any, session: Session) -> Any:
-        path = console.spool.preview_path(int(request.path_params["iid"]))
+        try:
+            path = console.spool.preview_path(_form_id(request.path_params["iid"], "the instance id"))
+        except BadRequest as exc:
+            return Response(str(exc), status_code=400, media_type="text/plain")
         if not path.is_file():
             return Response("no preview", status_code=404, media_type="text/plain")
         return FileResponse(path, media_type="image/png", headers={"cache-control": "private, no-store"})
@@ -356,7 +400,7 @@ def build_app(console: Console):
     @action
     def requeue(session: Session, form: Any) -> str:
         iid = form.get("instance_id")
-        ids = None if not iid else [int(iid)]
+        ids = None if not iid else [_form_id(iid, "instance_id")]
         nd, ni = console.db.retry_failed(instance_ids=ids, user=session.user)
         log.info("console: %s requeued %d deliveries and %d translations", session.user, nd, ni)
         return f"requeued {nd} deliveries and {ni} translations"
@@ -378,7 +422,7 @@ def build_app(console: Console):
         Route("/logout", logout, methods=["POST"]),
         Route("/", overview), Route("/studies", studies), Route("/studies/{uid}", study),
         Route("/failures", failures), Route("/actions", actions_log),
-        Route("/previews/{iid:int}.png", preview),
+        Route("/previews/{iid}.png", preview),
         Route("/requeue", requeue, methods=["POST"]),
         Route("/release", _withheld_action("release"), methods=["POST"]),
         Route("/discard", _withheld_action("discard"), methods=["POST"]),

@@ -12,23 +12,35 @@ Why these choices:
   ``Secure`` over TLS.
 * Every state-changing request carries the session's CSRF token (a hidden form field or the
   ``X-CSRF-Token`` header); the login form itself is bound to a pre-login cookie.
-* Failed logins are limited per client address (``MAX_FAILURES`` per ``FAILURE_WINDOW``).
+* Failed logins are limited per client address (``MAX_FAILURES`` per ``FAILURE_WINDOW``).  The
+  check and the record are one step (:meth:`LoginLimiter.attempt` counts a login as failed until
+  it succeeds), so concurrent wrong logins cannot all pass the check before any is recorded.
+* The client address is the TCP peer's; ``X-Forwarded-For`` is believed only from a peer in
+  ``web.trusted_proxies`` (default: none), else anyone could pick a fresh address per guess.
+* Argon2 costs 64 MiB and both cores for a while per check: at most ``HASHES_AT_ONCE`` run at
+  a time, a login waits at most ``HASH_WAIT`` seconds for its turn (else 503), so a login flood
+  costs neither gigabytes nor the DICOM listener's answer times.
 """
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
 __all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token", "same",
-           "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW"]
+           "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW", "HASHES_AT_ONCE", "HASH_WAIT",
+           "HASH_QUEUE", "client_address", "proxy_networks"]
 
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"  # binds the login form's CSRF token to this browser
 MAX_FAILURES = 5  # failed logins per client address ...
 FAILURE_WINDOW = 300.0  # ... within this many seconds, then 429 until the window has passed
+HASHES_AT_ONCE = 1  # Argon2 verifications running at once (64 MiB and up to 4 threads each)
+HASH_WAIT = 5.0  # seconds a login waits for its turn to be checked, then 503
+HASH_QUEUE = 20  # logins waiting at most; beyond that 503 at once
 
 
 def _hasher():
@@ -127,13 +139,57 @@ class LoginLimiter:
     def blocked(self, client: str) -> float:
         now = time.time()
         with self._lock:
-            times = self._recent(client, now)
-            return max(0.0, times[0] + self.window - now) if len(times) >= self.max_failures else 0.0
+            return self._wait(self._recent(client, now), now)
 
-    def failed(self, client: str) -> None:
+    def _wait(self, times: list[float], now: float) -> float:
+        return max(0.0, times[0] + self.window - now) if len(times) >= self.max_failures else 0.0
+
+    def attempt(self, client: str) -> float:
+        """Check and record in one step: 0 when ``client`` may try (the try counts as failed
+        until :meth:`succeeded` or :meth:`undo`), else the seconds it must wait."""
+        now = time.time()
         with self._lock:
-            self._recent(client, time.time()).append(time.time())
+            times = self._recent(client, now)
+            wait = self._wait(times, now)
+            if not wait:
+                times.append(now)
+            return wait
+
+    def undo(self, client: str) -> None:
+        """Take back the newest try of ``client`` (it was never checked: the node was busy)."""
+        with self._lock:
+            times = self._failures.get(client)
+            if times:
+                times.pop()
 
     def succeeded(self, client: str) -> None:
         with self._lock:
             self._failures.pop(client, None)
+
+
+def proxy_networks(trusted: list[str] | tuple[str, ...]) -> tuple:
+    """``web.trusted_proxies`` (addresses or CIDRs, checked by the config) as networks."""
+    return tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
+
+
+def _address(text: str):
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple) -> str:
+    """Who is asking: the TCP peer, or, when the peer is a trusted proxy, the nearest address
+    in ``X-Forwarded-For`` that is not itself a trusted proxy (the entries further left are
+    whatever the client wrote, so they are never believed)."""
+    address = _address(peer)
+    if not trusted or not forwarded_for or address is None or not any(address in n for n in trusted):
+        return peer
+    for hop in reversed(forwarded_for.split(",")):
+        hop_address = _address(hop)
+        if hop_address is None:
+            return peer  # not an address: the proxy did not write it; count the proxy itself
+        if not any(hop_address in n for n in trusted):
+            return str(hop_address)
+    return peer
