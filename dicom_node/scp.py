@@ -355,14 +355,18 @@ def pixel_data_problem(ds: Any, raw: Any, file_size: int) -> str | None:
     from pydicom.dataelem import RawDataElement
 
     if raw is None:
-        return None  # no pixels (e.g. a structured report): nothing to check
+        # No pixels is fine for a structured report, but an image's Rows/Columns/BitsAllocated
+        # without Pixel Data means an element before it swallowed it: a wrong VR with a 4-byte
+        # length (US recoded as OB/UN/UT/...) reads the rest of the data set as its value.
+        present = [kw for kw in ("Rows", "Columns", "BitsAllocated") if kw in ds]
+        return f"{', '.join(present)} without Pixel Data (an element with a wrong VR or length)" if present else None
     dims: dict[str, int] = {}
     for kw, default in (("Rows", None), ("Columns", None), ("BitsAllocated", None), ("SamplesPerPixel", 1),
                         ("NumberOfFrames", 1)):
         try:
             value = ds.get(kw, default)
             number = int(value) if isinstance(value, (int, str)) and str(value).strip() else None
-        except (ValueError, TypeError):
+        except Exception:  # noqa: BLE001 - a value pydicom cannot convert (wrong VR or length)
             number = None
         if number is None or number <= 0 or (isinstance(value, str) and kw != "NumberOfFrames"):
             return f"invalid {kw}"
