@@ -1,17 +1,19 @@
 """The ``dicom-node`` command line: one entry point, one module per subcommand.
 
 Exit codes (README): 0 success, 1 user error (one line, no traceback),
-2 internal error.
+2 internal error.  A reader that stops early (``dicom-node audit | head``) ends the command
+quietly with 0: the reader had what it wanted.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from dicom_node import __version__
-from dicom_node.commands import COMMAND_MODULES
+from dicom_node.commands import COMMAND_MODULES, merge_positional
 from dicom_node.errors import UserError
 
 
@@ -29,6 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a closed pipe is caught below
+    except BrokenPipeError:
+        # The reader closed the pipe: say nothing more, and let the interpreter's last flush
+        # of stdout go nowhere instead of printing "Exception ignored ... BrokenPipeError".
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -39,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        merge_positional(args)
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"dicom-node {args.command}: error: {exc}", file=sys.stderr)
@@ -46,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # not a bug: see main()
     except Exception:  # noqa: BLE001 - last resort: a bug, report it fully
         import traceback
 

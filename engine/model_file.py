@@ -20,6 +20,7 @@ from .defaults import DEFAULT_NORMALIZATION, MODEL_FORMAT
 from .errors import UserError
 
 from .generator import ResnetGenerator
+from .model_paths import bundled_model_path, resolve_model_path  # torch-free (check-config, status); re-exported
 
 __all__ = [
     "FORMAT",
@@ -72,27 +73,6 @@ class StyleModel:
     def identity(self) -> str:
         """A stable string naming this model, used to derive output UIDs."""
         return f"{self.name}:{self.version}:{self.metadata.get('sha256', '')}"
-
-
-def bundled_model_path(name: str = "default") -> Path:
-    """Where the model shipped with the package under ``name`` lives (it may not exist)."""
-    return _package_models_dir() / f"{name}.safetensors"
-
-
-def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
-    """``default`` (or another bundled name) resolves to the model shipped with the package."""
-    p = Path(path_or_name)
-    if not p.exists() and p.suffix == "" and len(p.parts) == 1:
-        candidate = bundled_model_path(str(p))
-        if candidate.exists():
-            return candidate
-    return p
-
-
-def _package_models_dir() -> Path:
-    import dicom_node
-
-    return Path(dicom_node.__file__).resolve().parent / "models"
 
 
 def _file_sha256(path: Path) -> str:

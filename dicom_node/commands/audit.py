@@ -12,6 +12,8 @@ import time
 
 from dicom_node.errors import UserError
 
+from . import add_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="the audit trail: source -> model -> output -> fidelity verdict",
@@ -21,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only outputs from this time on: an ISO date/time (2026-12-01, 2026-12-01T08:00, "
                         "UTC unless it names a zone) or an age such as 30m, 12h, 7d")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--config", help="node config YAML (default: the embedded config)")
+    add_config(p)
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,4 @@
-"""``dicom-node check-config FILE``: validate a node config before deploying it.
+"""``dicom-node check-config [--config] FILE``: validate a node config before deploying it.
 
 Prints every problem on its own line with its YAML path (so an operator fixes them all in
 one go) and exits 1, or prints what the node would do — called AE -> model ->
@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import add_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-config", help="validate a node config and print every problem")
-    p.add_argument("file", help="node config (YAML)")
+    p = sub.add_parser("check-config", help="validate a node config and print every problem",
+                       description="Validate a node config before deploying it: every problem on its own line "
+                                   "with its YAML path (exit 1), or what the node would do: called AE -> model -> "
+                                   "destinations, the console, retries (exit 0). Reads model file headers only.")
+    add_config(p, "node config YAML", positional=True, required=True)
     p.set_defaults(func=run)
 
 
@@ -20,11 +25,11 @@ def run(args: argparse.Namespace) -> int:
     from dicom_node.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.file)
+        cfg = load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
-        print(f"{args.file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
     for line in summary(cfg):
         print(line)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_output
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from dicom_node.demo.vendor_processing import DEFAULT_STYLE_PAIR, STYLE_PAIRS
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=f"style pairs (--style-pair):\n{pairs}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("outdir", help="output folder (created)")
+    add_output(p, "output folder (created)", dest="outdir", required=True, positional=True, aliases=())
     p.add_argument("--count", type=int, default=24,
                    help="training pairs, or with --unpaired images per style (default 24)")
     p.add_argument("--test-count", type=int, default=6, help="held-out true pairs in test/ (default 6)")

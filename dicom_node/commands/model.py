@@ -4,23 +4,35 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import add_output
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("model", help="inspect or create style model files")
+    p = sub.add_parser("model", help="inspect or create style model files",
+                       description="Style model files: 'model info' prints one's metadata, 'model init' writes an "
+                                   "untrained one (for tests, benchmarks and hardware checks).")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
-    info = msub.add_parser("info", help="print a style model's metadata")
+    info = msub.add_parser("info", help="print a style model's metadata",
+                           description="Print a style model's metadata: name, version, direction, architecture, "
+                                       "parameters, training provenance, the fidelity guard's thresholds and "
+                                       "calibration, the inverse model. Loads the file (never runs code from it).")
     info.add_argument("model", help="model file, or a bundled model name such as 'default'")
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
     info.set_defaults(func=run_info)
 
-    init = msub.add_parser("init", help="write an untrained style model (standard N(0, 0.02) init)")
-    init.add_argument("out", help="output .safetensors file")
+    init = msub.add_parser("init", help="write an untrained style model (standard N(0, 0.02) init)",
+                           description="Write an untrained generator (weights drawn from N(0, 0.02), or the "
+                                       "identity with --residual) as a style model file: for tests, benchmarks "
+                                       "and hardware checks, never for patients (its outputs are noise).")
+    add_output(init, "output .safetensors file", dest="out", metavar="FILE", required=True, positional=True,
+               aliases=())
     init.add_argument("--ngf", type=int, default=64, help="generator filters in the first layer (default 64)")
     init.add_argument("--blocks", type=int, default=9, help="residual blocks (default 9)")
     init.add_argument("--residual", action="store_true", help="residual generator starting at the identity")
     init.add_argument("--name", default="untrained", help="model name recorded in the metadata")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0,
+                      help="random seed of the initial weights: same seed and sizes, same file (default 0)")
     init.set_defaults(func=run_init)
 
 

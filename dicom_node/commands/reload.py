@@ -12,6 +12,8 @@ from pathlib import Path
 
 from dicom_node.errors import UserError
 
+from . import add_config
+
 ANSWER_TIMEOUT = 120.0  # seconds: loading a changed model on a slow disk may take a while
 
 
@@ -19,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reload", help="make the running node re-read its config (systemctl reload)",
                        description="Validates the config, asks the node on its spool to re-read it (SIGHUP) and "
                                    "prints what changed and what needs a restart.")
-    p.add_argument("--config", required=True, help="the node's config YAML (the file it was started with)")
+    add_config(p, "the node's config YAML (the file it was started with)", positional=True, required=True)
     p.set_defaults(func=run)
 
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    r = sub.add_parser("retry", help="requeue failed translations and deliveries")
-    r.add_argument("--config", help="node config YAML (default: the embedded config)")
+    r = sub.add_parser("retry", help="requeue failed translations and deliveries",
+                       description="Requeue every failed translation and every delivery given up (recorded in the "
+                                   "operator log); the running node picks them up within a second.")
+    add_config(r)
     r.set_defaults(func=run_retry)
 
 

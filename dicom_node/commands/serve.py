@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the DICOM node (receive, translate, forward)")
-    p.add_argument("--config", help="node config YAML (default: the embedded loopback config)")
+    p = sub.add_parser("serve", help="run the DICOM node (receive, translate, forward)",
+                       description="Run the node until SIGTERM or SIGINT (SIGHUP or 'dicom-node reload' re-reads "
+                                   "the config). Without --config: the embedded default (DICOM on "
+                                   "127.0.0.1:11112, console on 127.0.0.1:8080, the bundled model, a folder "
+                                   "destination). Both ports are checked first: one in use is a one-line error.")
+    add_config(p, "node config YAML (default: the embedded loopback config)")
     p.add_argument("--role", choices=("all", "receive", "worker"), default="all",
                    help="all: receive, translate and deliver (default); receive: only the DICOM listener; worker: no "
                         "listener, translate and deliver from the shared queue (several nodes need "
@@ -21,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from dicom_node.config import load_config
     from dicom_node.errors import UserError
     from dicom_node.node import Node
+    from dicom_node.ports import check_ports
     from dicom_node.spool import node_spool
 
     if not getattr(args, "verbose", False):
@@ -31,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if role != "all" and config.storage.database is None:
         raise UserError(f"--role {role} needs a shared state database (storage.database: postgresql://...): "
                         "with SQLite in the spool one node does everything (--role all)")
+    check_ports(config, role)  # before the spool is locked or anything is loaded or printed
     spool = node_spool(config)
     spool.lock()  # before touching tmp/: another node may be using this spool
     spool.open()

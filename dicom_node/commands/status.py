@@ -8,13 +8,19 @@ from __future__ import annotations
 import argparse
 import time
 
+from . import add_config
+
 FLAGGED_LISTED = 50  # the newest flagged outputs that status --json lists
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="counts per state, the oldest waiting item, flagged and withheld outputs, "
-                                      "the nodes and what each holds")
-    p.add_argument("--config", help="node config YAML (default: the embedded config)")
+                                      "the nodes and what each holds",
+                       description="What the node holds: instances and deliveries per state, backlog per "
+                                   "destination, fidelity verdicts, withheld outputs, the nodes on the state "
+                                   "database (up, late, or stopped within the hour) and the oldest waiting item. "
+                                   "Reads the state database of the config's spool; the node may be running.")
+    add_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output (for monitoring)")
     p.set_defaults(func=run_status)
 

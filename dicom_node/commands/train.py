@@ -11,6 +11,8 @@ from typing import Any
 
 from dicom_node.errors import UserError
 
+from . import add_output
+
 # flag -> dotted config key
 _OVERRIDES = {
     "steps": "train.steps", "decay_from": "train.decay_from", "patch_size": "train.patch_size",
@@ -35,17 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "off"], help="override train.amp")
     p.add_argument("--ngf", type=int, help="override model.ngf")
     p.add_argument("--blocks", type=int, help="override model.n_blocks")
-    p.add_argument("--out", help="override output.dir (the run directory)")
+    add_output(p, "override output.dir (the run directory)", dest="out", metavar="RUN_DIR")
     p.add_argument("--name", help="override output.name (model name in the exported files)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key (value parsed as YAML); repeatable")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.set_defaults(func=run_train)
     tsub = p.add_subparsers(dest="train_command", metavar="[export]")
-    exp = tsub.add_parser("export", help="write the two style models from a run's newest checkpoint")
+    exp = tsub.add_parser("export", help="write the two style models from a run's newest checkpoint",
+                          description="Write the two style models (A->B, B->A) from a run's newest checkpoint "
+                                      "(or --checkpoint), e.g. to take a model out of a run that is still going.")
     exp.add_argument("run_dir", help="the run directory (output.dir)")
     exp.add_argument("--checkpoint", help="a specific checkpoint file instead of the newest")
-    exp.add_argument("-o", "--out", dest="export_out", help="output folder (default RUN_DIR/models)")
+    add_output(exp, "output folder (default RUN_DIR/models)", dest="export_out")
     exp.set_defaults(func=run_export)
 
 

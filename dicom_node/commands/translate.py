@@ -20,6 +20,8 @@ from pathlib import Path
 from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, DEFAULT_OVERLAP, FIDELITY_ACTIONS
 from dicom_node.engine.devices import is_auto_device, tile_problem
 
+from . import add_output
+
 log = logging.getLogger(__name__)
 
 # DICOMDIR files are DICOM but index a media folder; they are never images to translate.
@@ -32,14 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "named by their SOP Instance UID. Folders are searched recursively.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (searched recursively)")
     p.add_argument("--model", required=True, help="style model file, or 'default' for the bundled model")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
+    add_output(p, "output folder (created if needed)", required=True)
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="tile size in pixels for tiled inference (default: the engine chooses)")
     p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
                    help=f"tile overlap fraction (default {DEFAULT_OVERLAP:g})")
     p.add_argument("--full-image", action="store_true", help="one whole-image pass, no tiling (same as --tile 0)")
     p.add_argument("--device", default=None, metavar="D", help="torch device: cpu, cuda, cuda:1, auto (default)")
-    p.add_argument("--preview", action="store_true", help="also write a PNG (input | output) per image")
+    p.add_argument("--preview", action="store_true",
+                   help="also write a PNG per image (input | output, with the fidelity verdict) into OUTDIR")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse images with more pixels than this (default 64 Mi)")
     p.add_argument("--fidelity", choices=FIDELITY_ACTIONS, default=DEFAULT_FIDELITY_ACTION,

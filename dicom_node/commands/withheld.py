@@ -13,6 +13,8 @@ import argparse
 
 from dicom_node.errors import UserError
 
+from . import add_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     for name, verb in (("release", "send withheld outputs after all"),
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("uids", nargs="*", metavar="UID",
                        help="output SOP UID, source SOP UID or Study Instance UID of withheld outputs")
         p.add_argument("--all", action="store_true", help="every withheld output")
-        p.add_argument("--config", help="node config YAML (default: the embedded config)")
+        add_config(p)
         p.set_defaults(func=run, action=name)
 
 

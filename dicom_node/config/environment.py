@@ -110,7 +110,7 @@ def _check_model(model: ModelSettings, path: str, pr: Problems, base_dir: Path) 
         model.path = str(p)
         return
     if is_bare:
-        from dicom_node.engine.model_file import resolve_model_path
+        from dicom_node.engine.model_paths import resolve_model_path
 
         if not resolve_model_path(model.path).is_file():
             pr.add(path, f"bundled model {model.path!r} not found (and no file {p})")
