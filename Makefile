@@ -76,10 +76,10 @@ default-model: install
 	    direction=m.metadata['direction'], normalization=m.normalization, provenance=m.metadata['provenance'], \
 	    description='bundled default: demo style A (Alpha soft) -> style B (Beta crisp); make default-model')" \
 	  $(DEFAULT_MODEL_DIR)/run/models/default_A2B.safetensors $(DEFAULT_MODEL_OUT)
+	@$(PY) -c "import sys; from dicom_node.engine.model_file import pin_weights_digest; \
+	  print('weights sha256', pin_weights_digest(sys.argv[1]), sys.argv[1], '(pinned in digests.json beside it)')" \
+	  $(DEFAULT_MODEL_OUT)
 	$(VENV)/bin/dicom-node evaluate --model $(DEFAULT_MODEL_OUT) $(DEFAULT_MODEL_DIR)/data \
 	  --out $(DEFAULT_MODEL_DIR)/evaluation --preview $(DEFAULT_MODEL_PREVIEW)
 	$(VENV)/bin/dicom-node evaluate --model $(DEFAULT_MODEL_OUT) $(DEFAULT_MODEL_DIR)/unseen \
 	  --out $(DEFAULT_MODEL_DIR)/evaluation-unseen
-	@$(PY) -c "import hashlib, sys; from safetensors.numpy import load_file; t = load_file(sys.argv[1]); \
-	  h = hashlib.sha256(); [h.update(k.encode() + t[k].tobytes()) for k in sorted(t)]; \
-	  print('weights sha256', h.hexdigest(), sys.argv[1])" $(DEFAULT_MODEL_OUT)

@@ -33,6 +33,8 @@ __all__ = [
     "new_style_model",
     "generator_from_architecture",
     "weights_digest",
+    "pinned_digest",
+    "pin_weights_digest",
     "read_model_metadata",
     "find_inverse",
     "load_inverse",
@@ -40,6 +42,7 @@ __all__ = [
 
 FORMAT = MODEL_FORMAT
 FORMAT_VERSION = 1
+DIGESTS_FILE = "digests.json"  # beside model files: {file name: {"weights_sha256": hex}} (see pinned_digest)
 _JSON_KEYS = ("architecture", "normalization", "provenance", "output", "inverse", "fidelity")
 
 
@@ -156,6 +159,83 @@ def generator_from_architecture(arch: dict[str, Any]) -> ResnetGenerator:
                            residual=bool(arch.get("residual", False)), tone_filter=tone)
 
 
+def pinned_digest(path: Path) -> str | None:
+    """The weight digest that the model's folder pins for it: None when the folder pins nothing
+    (no :data:`DIGESTS_FILE`), "" when it pins other files but not this one.
+
+    Why a file beside the models: a model's own ``weights_sha256`` is written by whoever wrote
+    the model, so altered weights with a recomputed header pass it.  The package's ``models/``
+    folder ships its digests (``make default-model`` writes them), so the bundled model is
+    checked against what was released; any folder of models can be pinned the same way.
+    """
+    try:
+        text = (path.parent / DIGESTS_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path.parent / DIGESTS_FILE}: unreadable ({exc.__class__.__name__})") from None
+    try:
+        pins = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{path.parent / DIGESTS_FILE}: not valid JSON") from None
+    value = pins.get(path.name) if isinstance(pins, dict) else None
+    return str(value.get("weights_sha256", "")) if isinstance(value, dict) else ""
+
+
+def pin_weights_digest(path: str | os.PathLike) -> str:
+    """Record ``path``'s weight digest in its folder's :data:`DIGESTS_FILE` (kept sorted; other
+    entries stay); returns the digest.  Loading verifies it from then on."""
+    p = Path(path)
+    pins_path = p.parent / DIGESTS_FILE
+    pins = json.loads(pins_path.read_text(encoding="utf-8")) if pins_path.exists() else {}
+    from safetensors.torch import load_file
+
+    digest = weights_digest(load_file(str(p)))  # the file just made is the reference: not checked against the old pin
+    pins[p.name] = {"weights_sha256": digest}
+    atomic_write(pins_path, lambda tmp: Path(tmp).write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n"),
+                 mode=umask_mode())
+    return digest
+
+
+def _shape_problem(arch: dict[str, Any], stored: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the file's tensors cannot be the weights of ``arch`` (None: names and shapes match).
+
+    Why before building: the architecture is the file's claim.  A 1.4 MB file claiming ngf 256
+    and 16 blocks made the loader allocate 1.45 GB before the mismatch showed.  The generator
+    is built on PyTorch's ``meta`` device (shapes, no storage) and compared with the shapes in
+    the safetensors header, which lists them without reading any data.
+    """
+    try:
+        ngf, blocks = arch["ngf"], arch["n_blocks"]
+        if not (isinstance(ngf, int) and isinstance(blocks, int) and ngf >= 1 and blocks >= 0):
+            return f"ngf {ngf!r} and n_blocks {blocks!r} must be whole numbers"
+        if blocks > len(stored):  # every block stores tensors: more blocks than tensors cannot match
+            return f"{blocks} blocks claimed, {len(stored)} tensors stored"
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in generator_from_architecture(arch).state_dict().items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        return f"architecture {exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    for key in sorted(expected.keys() | stored.keys()):
+        if expected.get(key) != stored.get(key):
+            return (f"tensor {key}: stored {list(stored[key]) if key in stored else 'none'}, "
+                    f"architecture needs {list(expected[key]) if key in expected else 'none'}")
+    return None
+
+
+def _not_safetensors(path: Path, exc: Exception) -> str:
+    """The reason a file is not safetensors, naming PyTorch/pickle files (which are never loaded:
+    unpickling can run code) so that the operator knows what to do with one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return ("a PyTorch checkpoint or pickle, which is never loaded as a model because unpickling can run "
+                "code; export style models with dicom-node train export")
+    return f"{exc.__class__.__name__}: {exc}"
+
+
 def load_style_model(path: str | os.PathLike) -> StyleModel:
     """Load a style model file; never executes code from it.
 
@@ -168,11 +248,11 @@ def load_style_model(path: str | os.PathLike) -> StyleModel:
     if not p.is_file():
         raise UserError(f"model file not found: {p}")
     try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
+        with safe_open(str(p), framework="pt", device="cpu") as f:  # the header only, no weights yet
             raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{p}: not a style model file ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"{p}: not a style model file ({_not_safetensors(p, exc)})") from None
     if raw_meta.get("format") != FORMAT:
         raise UserError(f"{p}: not a dicom-node style model (metadata 'format' is {raw_meta.get('format')!r})")
     meta: dict[str, Any] = {}
@@ -185,8 +265,17 @@ def load_style_model(path: str | os.PathLike) -> StyleModel:
         else:
             meta[k] = v
     arch = meta.get("architecture") or {}
-    if arch.get("type") != "resnet_generator":
-        raise UserError(f"{p}: unsupported architecture {arch.get('type')!r}")
+    if not isinstance(arch, dict) or arch.get("type") != "resnet_generator":
+        raise UserError(f"{p}: unsupported architecture "
+                        f"{arch.get('type') if isinstance(arch, dict) else type(arch).__name__!r}")
+    problem = _shape_problem(arch, shapes)  # before anything the size of the claimed network exists
+    if problem:
+        raise UserError(f"{p}: weights do not match the architecture ({problem})")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{p}: not a style model file ({exc.__class__.__name__}: {exc})") from None
     try:
         gen = generator_from_architecture(arch)
         gen.load_state_dict(tensors, strict=True)
@@ -197,6 +286,10 @@ def load_style_model(path: str | os.PathLike) -> StyleModel:
     stored = meta.get("weights_sha256")
     if stored and stored != digest:
         raise UserError(f"{p}: weights do not match their recorded digest (corrupted file)")
+    pinned = pinned_digest(p)
+    if pinned is not None and pinned != digest:
+        raise UserError(f"{p}: weights differ from the digest pinned in {p.parent / DIGESTS_FILE} "
+                        f"({'not listed' if not pinned else 'altered or corrupted'}); refusing the model")
     gen.eval()
     gen.requires_grad_(False)
     meta["sha256"] = _file_sha256(p)

@@ -68,8 +68,13 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], sampler_sta
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); ``meta`` is decoded from JSON."""
+    import pickle
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: nothing of it was run
+        raise UserError(f"{path}: not a dicom-node training checkpoint (it holds Python objects other than "
+                        "tensors, which are never unpickled: that could run code)") from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UserError(f"{path}: not a readable checkpoint ({first})") from None
