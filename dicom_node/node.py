@@ -25,6 +25,7 @@ from dicom_node.cluster import ROLES, Heartbeat, new_node_id, node_name
 from dicom_node.config import NodeConfig
 from dicom_node.metrics import NodeMetrics
 from dicom_node.notifications import Notifier
+from dicom_node.ports import check_ports
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool, node_spool
 from dicom_node.state import StateDB
@@ -64,6 +65,7 @@ class Node:
         self._models: ModelCache | None = None
         self._deliverers: dict[str | None, Deliverer] = {}
         self._reload_lock = threading.Lock()
+        self._started = False  # True once start() finished: a start that failed leaves no node row
 
     @property
     def port(self) -> int:
@@ -73,6 +75,7 @@ class Node:
     def start(self) -> tuple[str, int] | None:
         """Open the spool, resume unfinished work, start the workers and the listener (none for
         a ``worker``: returns None)."""
+        check_ports(self.config, self.role)  # before anything is locked, started or printed
         self.spool.lock()
         self.spool.open()
         self.db = StateDB(self.spool.database(self.config.storage.database))
@@ -114,6 +117,7 @@ class Node:
             log.info("worker %s ready: translating and delivering from the shared queue (no DICOM listener)",
                      self.name)
         reload.write_node_file(self.spool.node_dir, self.config_path)
+        self._started = True
         return self.address
 
     def _tell_webhooks(self, db: StateDB | None) -> None:
@@ -205,9 +209,7 @@ class Node:
         except BaseException:
             self._web_db.close()
             self._web_db = None
-            self.db.close()
-            self.spool.unlock()
-            raise
+            raise  # stop() closes the rest
         url = self.web.url
         if token is not None:
             token_file = self.spool.node_dir / CONSOLE_TOKEN_FILE
@@ -244,14 +246,15 @@ class Node:
             # after DELIVERY_GRACE (its batch stays pending and is resent after the restart),
             # as is a notification to a silent receiver.
             limit = timeout if isinstance(t, Translator) else min(timeout, DELIVERY_GRACE)
-            t.join(max(0.0, start + limit - time.monotonic()))
+            if t.ident is not None:  # a start that failed half-way never started some
+                t.join(max(0.0, start + limit - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
             log.warning("stopping with %s still busy (their items resume at the next start, or on another node "
                         "when the lease ends)", ", ".join(alive))
         elif self.db is not None:
             try:
-                self.db.node_stopped()  # the other nodes take over its claims at once
+                self.db.node_stopped(forget=not self._started)  # the others take over its claims at once
             except Exception as exc:  # noqa: BLE001 - the database is away: the leases simply expire
                 log.warning("could not give back this node's claims (%s): they pass to the others after %gs",
                             exc.__class__.__name__, self.config.storage.lease_seconds)
