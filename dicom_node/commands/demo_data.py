@@ -9,14 +9,16 @@ from . import add_output
 def register(sub: argparse._SubParsersAction) -> None:
     from dicom_node.demo.vendor_processing import DEFAULT_STYLE_PAIR, STYLE_PAIRS
 
-    pairs = "\n".join(f"  {name:<8} {pair.description}" for name, pair in STYLE_PAIRS.items())
+    pairs = "\n".join(f"  {name:<10} {pair.description}" for name, pair in STYLE_PAIRS.items())
     p = sub.add_parser(
         "demo-data",
         help="write synthetic radiographs in two styles, paired or --unpaired (A/, B/, test/A, test/B)",
         description="Procedural chest and knee phantoms, each exposure processed by two synthetic vendor "
         "styles (default pair 'classic': A MONOCHROME1 'Alpha soft', B MONOCHROME2 'Beta crisp'), written "
         "as DICOM CR files. Paired (default): same file name in A/ and B/ = same exposure. --unpaired: A/ "
-        "and B/ hold disjoint phantoms (aNNNN_*, bNNNN_*); true pairs only in test/. See docs/demo-data.md.",
+        "and B/ hold disjoint phantoms (aNNNN_*, bNNNN_*); true pairs only in test/. The nonlinear pairs "
+        "(multiscale, clahe, denoise, unsharp, combined) process absolute values as vendors do; --source real "
+        "cuts them from crops of varying field of view of real CR radiographs. See docs/demo-data.md.",
         epilog=f"style pairs (--style-pair):\n{pairs}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -32,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style-pair", default=DEFAULT_STYLE_PAIR, metavar="NAME",
                    help=f"the two vendor styles: {', '.join(STYLE_PAIRS)} (default {DEFAULT_STYLE_PAIR}; "
                    "listed below)")
+    p.add_argument("--source", default="phantom", choices=("phantom", "real"),
+                   help="phantom: procedural chests and knees (default); real: crops of varying size, position "
+                   "and collimation of pydicom-data's real CR chest and leg (A, B and test from disjoint "
+                   "regions; --size is the largest crop side; needs the pydicom-data package)")
     p.set_defaults(func=run)
 
 
@@ -44,12 +50,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     manifest = write_demo_data(args.outdir, count=args.count, test_count=args.test_count, size=args.size,
                                seed=args.seed, progress=sys.stderr.isatty(), unpaired=args.unpaired,
-                               style_pair=args.style_pair)
+                               style_pair=args.style_pair, source=args.source)
     if args.unpaired:
         what = (f"{manifest['count']} unpaired training images per style and {manifest['test_count']} "
                 "held-out pairs")
     else:
         what = f"{manifest['count']} training and {manifest['test_count']} held-out pairs"
-    print(f"wrote {what} ({args.size}x{args.size}, {'unpaired' if args.unpaired else 'paired'}, style pair "
+    shape = f"{args.size}x{args.size}" if args.source == "phantom" else f"real crops up to {args.size} px"
+    print(f"wrote {what} ({shape}, {'unpaired' if args.unpaired else 'paired'}, style pair "
           f"{args.style_pair}) to {args.outdir} in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -20,7 +20,9 @@ The classic pair (``STYLES``, the bundled model's styles): style A, "Alpha soft"
 reduction, mild large-scale detail, gentle shoulder curve, MONOCHROME1.  Style B, "Beta
 crisp": strong DRC, strong fine and medium edge enhancement, no noise reduction, S-curve,
 MONOCHROME2.  :data:`STYLE_PAIRS` adds pairs of graded difficulty (tone only; tone and
-edges; tone, edges and noise texture; photometric; bit depth).  All filter sizes are in
+edges; tone, edges and noise texture; photometric; bit depth) and the nonlinear pairs of
+:mod:`.nonlinear_styles` (``multiscale``, ``clahe``, ``denoise``, ``unsharp``, ``combined``:
+absolute-value processing, no per-image window).  All filter sizes are in
 detector pixels (the processing runs on the pixel grid), so the same style maps apply at
 every image size.  Every style is a deterministic function of the raw image: a perfect
 model could reproduce B from A up to what A's noise reduction, clipping and quantisation
@@ -34,15 +36,14 @@ from typing import NamedTuple
 import numpy as np
 
 from dicom_node.errors import UserError
+from dicom_node.demo.nonlinear_styles import NONLINEAR_PAIRS, NonlinearStyle
 from dicom_node.demo.phantoms import gaussian_blur
+from dicom_node.demo.tone import BITS, PHOTOMETRICS, TONE_CURVES, tone_curve
 
-__all__ = ["VendorStyle", "StylePair", "STYLE_A", "STYLE_B", "STYLES", "STYLE_PAIRS", "DEFAULT_STYLE_PAIR",
+__all__ = ["VendorStyle", "NonlinearStyle", "StylePair", "STYLE_A", "STYLE_B", "STYLES", "STYLE_PAIRS", "DEFAULT_STYLE_PAIR",
            "TONE_CURVES", "get_style_pair", "process", "to_stored"]
 
-BITS = 12  # the default bit depth (VendorStyle.bits)
 MAX_VALUE = (1 << BITS) - 1  # the default bit depth's largest value (VendorStyle.max_value)
-TONE_CURVES = ("gamma", "sigmoid", "log")
-PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,12 @@ class VendorStyle:
 class StylePair(NamedTuple):
     """Two styles (folders A/ and B/) and a one-line description of how they differ."""
 
-    a: VendorStyle
-    b: VendorStyle
+    a: VendorStyle | NonlinearStyle
+    b: VendorStyle | NonlinearStyle
     description: str
 
     @property
-    def styles(self) -> dict[str, VendorStyle]:
+    def styles(self) -> dict[str, VendorStyle | NonlinearStyle]:
         """Folder key -> style, A first."""
         return {self.a.key: self.a, self.b.key: self.b}
 
@@ -204,6 +205,8 @@ STYLE_PAIRS: dict[str, StylePair] = {
         "10-bit vs 15-bit stored (both MONO2) with a moderate difference: gamma 0.9 vs light DRC, "
         "sigma 2/7 edges, log"),
 }
+# The nonlinear pairs (absolute values, no per-image window): dicom_node/demo/nonlinear_styles.py.
+STYLE_PAIRS |= {name: StylePair(*pair) for name, pair in NONLINEAR_PAIRS.items()}
 
 
 def get_style_pair(name: str) -> StylePair:
@@ -229,17 +232,7 @@ def process(raw: np.ndarray, style: VendorStyle) -> np.ndarray:
     for sigma, gain in style.edges:
         detail += gain * (u - gaussian_blur(u, sigma))
     u = np.clip(u + detail, 0.0, 1.0)
-    if style.tone == "sigmoid":
-        k = style.tone_param
-        f = 1.0 / (1.0 + np.exp(-k * (u - 0.5)))
-        f0, f1 = 1.0 / (1.0 + np.exp(k * 0.5)), 1.0 / (1.0 + np.exp(-k * 0.5))
-        v = (f - f0) / (f1 - f0)
-    elif style.tone == "log":
-        k = style.tone_param
-        v = np.log1p(k * u) / np.log1p(k)
-    else:
-        v = u ** style.tone_param
-    return np.clip(v, 0.0, 1.0)
+    return np.clip(tone_curve(u, style.tone, style.tone_param), 0.0, 1.0)
 
 
 def to_stored(display: np.ndarray, style: VendorStyle) -> np.ndarray:

@@ -16,6 +16,10 @@ Unpaired (``unpaired=True``): ``A/aNNNN_PART.dcm`` are phantoms 0..count-1 in st
 ``B/bNNNN_PART.dcm`` phantoms count..2*count-1 in style B only (disjoint exposures, patients,
 studies and UIDs); ``test/`` holds true pairs of phantoms 2*count.. as in paired mode.
 
+``source="real"``: the cases are crops of varying field of view of real CR radiographs
+(:mod:`.real_crops`) instead of phantoms, A, B and test from disjoint regions of them; the
+manifest adds ``"source": "real"`` and where each crop came from (``crops``).
+
 ``style_pair`` picks the two styles from :data:`.vendor_processing.STYLE_PAIRS`.  Everything
 (pixels, UIDs, dates) is a pure function of (seed, index, size, style pair, mode), so the
 same command writes byte-identical files; the default (paired, classic) writes exactly what
@@ -37,15 +41,18 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.errors import UserError
 from dicom_node.demo.phantoms import Phantom, make_phantom, render
+from dicom_node.demo.nonlinear_styles import NonlinearStyle, phantom_scale, process_nonlinear
 from dicom_node.demo.vendor_processing import (DEFAULT_STYLE_PAIR, STYLES, VendorStyle, get_style_pair, process,
                                                to_stored)
 
-__all__ = ["CR_IMAGE_STORAGE", "DemoCase", "render_case", "case_dataset", "write_demo_data"]
+__all__ = ["CR_IMAGE_STORAGE", "SOURCES", "DemoCase", "render_case", "render_real_case", "case_dataset",
+           "write_demo_data"]
 
 log = logging.getLogger(__name__)
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 MIN_SIZE, MAX_SIZE = 64, 4096
+SOURCES = ("phantom", "real")  # --source: procedural phantoms, or crops of real radiographs (real_crops.py)
 
 
 @dataclass
@@ -72,8 +79,30 @@ def render_case(index: int, size: int, seed: int, styles: dict[str, VendorStyle]
     styles = STYLES if styles is None else styles
     ph = make_phantom(index, size, seed)
     raw = render(ph, np.random.default_rng([seed, index, 1]))
-    stored = {key: to_stored(process(raw, style), style) for key, style in styles.items()}
+    stored = {key: to_stored(process_nonlinear(phantom_scale(raw, ph.body_part), style)
+                             if isinstance(style, NonlinearStyle) else process(raw, style), style)
+              for key, style in styles.items()}
     name = f"{tag}{index:04d}_{ph.body_part.lower()}.dcm"
+    return DemoCase(index=index, name=name, phantom=ph, stored=stored, tag=tag, namespace=namespace)
+
+
+def render_real_case(index: int, size: int, seed: int, styles: dict[str, VendorStyle | NonlinearStyle], split: str,
+                     *, tag: str = "", namespace: tuple[str, ...] = ()) -> DemoCase:
+    """Crop ``index`` of the real radiographs (even: the chest, odd: the leg) from ``split``'s
+    region ("a", "b" or "test"; see :mod:`.real_crops`), processed with each style.  A nonlinear
+    style sees the crop through the source's fixed window; a linear one windows it itself."""
+    from dicom_node.demo.real_crops import load_real_sources, real_crop
+
+    sources = load_real_sources()
+    source = sources[index % len(sources)]
+    crop, info = real_crop(source, split, size, np.random.default_rng([seed, index, 2]))
+    stored = {key: to_stored(process_nonlinear(crop / source.full_scale, style)
+                             if isinstance(style, NonlinearStyle) else process(crop, style), style)
+              for key, style in styles.items()}
+    empty = np.zeros((0, 0))
+    ph = Phantom(soft=empty, bone=empty, pixel_spacing_mm=source.pixel_spacing_mm, body_part=source.body_part,
+                 laterality=source.laterality, view=source.view, info={"kind": "real", **info})
+    name = f"{tag}{index:04d}_{source.body_part.lower()}.dcm"
     return DemoCase(index=index, name=name, phantom=ph, stored=stored, tag=tag, namespace=namespace)
 
 
@@ -128,7 +157,10 @@ def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
     ds.AcquisitionDate = date
     ds.AcquisitionTime = "092959"
     ds.KVP = 120 if ph.body_part == "CHEST" else 65
-    ds.DerivationDescription = f"synthetic phantom, {style.name} processing"
+    if ph.info.get("kind") == "real":
+        ds.DerivationDescription = f"crop of a real CR ({ph.info['source']}, pydicom-data), {style.name} processing"
+    else:
+        ds.DerivationDescription = f"synthetic phantom, {style.name} processing"
     # Pixels: style.bits-bit unsigned (12 unless the style says otherwise) in 16-bit words.
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = style.photometric
@@ -151,18 +183,29 @@ def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
 
 def write_demo_data(outdir: str | Path, *, count: int = 24, test_count: int = 6, size: int = 1024,
                     seed: int = 0, progress: bool = False, unpaired: bool = False,
-                    style_pair: str = DEFAULT_STYLE_PAIR) -> dict:
+                    style_pair: str = DEFAULT_STYLE_PAIR, source: str = "phantom") -> dict:
     """Write ``count`` training pairs (or, ``unpaired``, ``count`` images per style from disjoint
-    phantoms) and ``test_count`` held-out pairs in the two styles of ``style_pair``; returns the manifest."""
+    phantoms) and ``test_count`` held-out pairs in the two styles of ``style_pair``; returns the manifest.
+
+    ``source="real"``: crops of varying field of view of real CR radiographs instead of phantoms
+    (:mod:`.real_crops`; A, B and test from disjoint regions); needs pydicom-data."""
     if count < 0 or test_count < 0 or count + test_count == 0:
         raise UserError("--count and --test-count must be >= 0, and not both 0")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise UserError(f"--size must be between {MIN_SIZE} and {MAX_SIZE}")
+    if source not in SOURCES:
+        raise UserError(f"unknown --source {source!r} (choose from {', '.join(SOURCES)})")
     pair = get_style_pair(style_pair)
     styles = pair.styles
-    legacy = style_pair == DEFAULT_STYLE_PAIR and not unpaired  # today's data set, byte for byte
+    real = source == "real"
+    if real:
+        from dicom_node.demo.real_crops import load_real_sources
+
+        load_real_sources()  # a missing pydicom-data is refused before anything is written
+    legacy = style_pair == DEFAULT_STYLE_PAIR and not unpaired and not real  # today's data set, byte for byte
     # Distinct UIDs for every other data set of the same seed (the same index there is other pixels).
-    namespace = () if legacy else (f"pair={style_pair}",) + (("unpaired",) if unpaired else ())
+    namespace = () if legacy else ((f"pair={style_pair}",) + (("unpaired",) if unpaired else ())
+                                   + (("source=real",) if real else ()))
     out = Path(outdir)
     folders = {("train", k): out / k for k in styles} | {("test", k): out / "test" / k for k in styles}
     for f in folders.values():
@@ -182,8 +225,15 @@ def write_demo_data(outdir: str | Path, *, count: int = 24, test_count: int = 6,
 
         iterator = tqdm(jobs, desc="demo-data", unit="case" if unpaired else "pair")
     files: dict[str, list[str]] = {"A": [], "B": [], "test": []} if unpaired else {"train": [], "test": []}
+    crops: dict[str, dict] = {}
     for split, index, keys, tag in iterator:
-        case = render_case(index, size, seed, {k: styles[k] for k in keys}, tag=tag, namespace=namespace)
+        chosen = {k: styles[k] for k in keys}
+        if real:  # region: A's crops (and paired training) left, B's right, test/ the bottom band
+            region = "test" if split == "test" else ("b" if tag == "b" else "a")
+            case = render_real_case(index, size, seed, chosen, region, tag=tag, namespace=namespace)
+            crops[f"{split}/{case.name}"] = {k: v for k, v in case.phantom.info.items() if k != "kind"}
+        else:
+            case = render_case(index, size, seed, chosen, tag=tag, namespace=namespace)
         for key in keys:
             case_dataset(case, styles[key], seed).save_as(folders[(split, key)] / case.name, enforce_file_format=True)
         files[keys[0] if tag else split].append(case.name)
@@ -197,6 +247,8 @@ def write_demo_data(outdir: str | Path, *, count: int = 24, test_count: int = 6,
     }
     if not legacy:  # absent = paired, classic (manifests written before these keys existed)
         manifest |= {"unpaired": unpaired, "style_pair": style_pair, "style_pair_description": pair.description}
+    if real:  # absent = phantoms
+        manifest |= {"source": "real", "crops": crops}
     manifest |= {
         "layout": {"train": ["A", "B"], "test": ["test/A", "test/B"]},
         "styles": {k: s.describe() for k, s in styles.items()},
