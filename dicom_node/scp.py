@@ -235,6 +235,43 @@ class StoreSCP:
             log.warning("store refused: %d bytes > max_instance_bytes %d (sop %s)", size, limit,
                         abbreviate(affected_sop))
             return STATUS_OUT_OF_RESOURCES
+        try:
+            inflated = self._inflate_if_deflated(src, config)
+        except OSError as exc:
+            log.warning("store refused: %s (sop %s, from %s to %s)", exc.strerror or exc, abbreviate(affected_sop),
+                        calling, called)
+            return STATUS_OUT_OF_RESOURCES
+        except ValueError as exc:
+            log.warning("store refused: %s (sop %s, from %s to %s)", exc, abbreviate(affected_sop), calling, called)
+            return STATUS_CANNOT_UNDERSTAND
+        if inflated is None:
+            return self._store_file(config, src, called, calling, affected_sop, affected_class)
+        try:
+            return self._store_file(config, inflated, called, calling, affected_sop, affected_class)
+        finally:
+            inflated.unlink(missing_ok=True)  # gone already when it was adopted into the spool
+
+    def _inflate_if_deflated(self, src: Path, config: NodeConfig) -> Path | None:
+        """The inflated copy of a Deflated Explicit VR Little Endian data set (a temp file the
+        caller removes), None for any other transfer syntax.  It is what is checked and kept:
+        its offsets and size are those of the data set, not of the compressed bytes, and the
+        worker never inflates anything in memory."""
+        from pydicom.uid import DeflatedExplicitVRLittleEndian
+        from pynetdicom.dsutils import split_dataset
+
+        try:
+            meta, offset = split_dataset(src)
+        except Exception:  # noqa: BLE001 - judged by the full parse in _read_header
+            return None
+        if str(meta.get("TransferSyntaxUID", "")).strip() != DeflatedExplicitVRLittleEndian:
+            return None
+        return self.spool.inflate(src, offset, meta, max_bytes=config.node.max_instance_bytes or (1 << 62),
+                                  min_free=config.storage.min_free_bytes)
+
+    def _store_file(self, config: NodeConfig, src: Path, called: str, calling: str, affected_sop: str,
+                    affected_class: str) -> int:
+        """Check, keep and record one received data set (uncompressed or inflated) at ``src``."""
+        size = src.stat().st_size
         attrs, problem = self._read_header(src, affected_sop, affected_class)
         if problem:
             log.warning("store refused: %s (sop %s, from %s to %s)", problem, abbreviate(affected_sop), calling, called)

@@ -38,6 +38,7 @@ from dicom_node.engine.atomic import fsync_dir
 __all__ = ["Spool", "node_spool"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+INFLATE_STEP = 1 << 20  # bytes of inflated output held in memory at once (and free-disk check interval)
 
 
 def safe_name(text: str) -> str:
@@ -252,6 +253,57 @@ class Spool:
         os.chmod(src, 0o600)
         self._commit(src, final)
         return size
+
+    def inflate(self, src: Path, offset: int, file_meta: Dataset, *, max_bytes: int, min_free: int) -> Path:
+        """A temp file holding ``src``'s Deflated Explicit VR Little Endian data set (from ``offset``)
+        inflated, as Explicit VR Little Endian; raises OSError when it would pass a limit.
+
+        Why streamed: pydicom inflates a deflated file whole in memory (and keeps a copy), so a
+        1 MB deflate bomb that inflates to 1 GiB cost the node 2 GB per association.  Here at most
+        ``INFLATE_STEP`` bytes of output exist in memory at once; ``max_bytes``
+        (node.max_instance_bytes) caps the inflated size and the free disk is checked every
+        ``INFLATE_STEP`` against ``min_free`` (storage.min_free_bytes).  The caller owns the file.
+        """
+        import zlib
+
+        from pydicom.filewriter import write_file_meta_info
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        meta = Dataset()
+        for elem in file_meta:
+            meta.add(elem)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        fd, tmp = self._temp()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # DICOM deflate is raw RFC 1951 (as pydicom reads it)
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                out.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(out, meta)  # type: ignore[arg-type]
+                inp.seek(offset)
+                while not inflater.eof:
+                    pending = inp.read(INFLATE_STEP // 16)
+                    if not pending:
+                        break  # a stream cut short: what arrived is parsed (and judged) as it is
+                    while pending:
+                        data = inflater.decompress(pending, INFLATE_STEP)
+                        pending = inflater.unconsumed_tail
+                        written += len(data)
+                        if written > max_bytes:
+                            raise OSError(27, f"inflated data set larger than max_instance_bytes {max_bytes}")
+                        if data and written // INFLATE_STEP != (written - len(data)) // INFLATE_STEP:
+                            out.flush()
+                            if self.free_bytes() - INFLATE_STEP < min_free:
+                                raise OSError(28, f"inflating would pass storage.min_free_bytes {min_free}")
+                        out.write(data)
+                out.write(inflater.flush())
+        except zlib.error as exc:  # not a deflate stream: the sender's problem (0xC000)
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"corrupt deflate stream ({exc})") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
 
     def store_dataset(self, ds: Dataset, final: Path) -> Path:
         """Write a dataset durably (DICOM file format) to ``final``."""

@@ -133,3 +133,113 @@ def test_ae_titles_with_control_bytes_are_rejected_on_one_escaped_line(tmp_path,
         text = record.getMessage()
         assert "\n" not in text and "\x1b" not in text and "\x07" not in text, text
         assert record.exc_info is None, text
+
+
+# -- items 1 and 2: Deflated Explicit VR Little Endian ---------------------------------------------
+
+def test_small_deflated_image_is_accepted_and_translated(tmp_path, tiny_model_path):
+    """A correctly written deflated image (offsets in the inflated stream are past the compressed size)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.factory import encode_as
+    from tests.nodeproc import folder_uids, wait_for
+
+    node = make_node(tmp_path, tiny_model_path)
+    with node:
+        ds = encode_as(make_dataset(rows=96, cols=80), DeflatedExplicitVRLittleEndian)
+        assert send(node.port, [ds], called=CALLED, native_only=True) == [0]
+        assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 30)
+        assert {r.state for r in node.db.instances()} == {"delivered"}
+
+
+def deflate_bomb(path: Path, inflated_pixel_bytes: int) -> Path:
+    """A Deflated Explicit VR Little Endian CR file whose Pixel Data inflates to
+    ``inflated_pixel_bytes`` zeros (consistent Rows x Columns x 16 bit): a few hundred KB on the wire."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    pixels = inflated_pixel_bytes // 2
+    cols = 8192
+    ds = make_dataset(rows=8, cols=8)
+    del ds.PixelData
+    ds.Rows, ds.Columns = pixels // cols, cols
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, ds)  # explicit VR little endian (no file meta)
+    body = header.getvalue() + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", ds.Rows * cols * 2)
+    meta = ds.file_meta
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    with open(path, "wb") as out:
+        out.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(out, meta)
+        out.write(packer.compress(body))
+        for _ in range(ds.Rows * cols * 2 >> 20):
+            out.write(packer.compress(zeros))
+        out.write(packer.flush())
+    return path
+
+
+def send_file_as_is(port: int, path: Path, syntax: str) -> int:
+    """C-STORE a file's bytes as they are on disk (chunked sending); returns the status (-1: none)."""
+    from pynetdicom import AE, _config
+
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", syntax)
+        assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
+        assert assoc.is_established
+        try:
+            rsp = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return int(rsp.Status) if rsp and "Status" in rsp else -1
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_deflate_bomb_is_refused_with_bounded_memory(tmp_path, tiny_model_path):
+    """256 MiB of zeros deflated to ~0.3 MB: refused at max_instance_bytes of *inflated* data,
+    the node's peak memory grows by less than 64 MiB (pydicom inflated it whole: +512 MiB)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.peers import NodeProcess, echoscu, tiny_node_config
+
+    config = tiny_node_config(tiny_model_path, {"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}})
+    config["node"]["max_instance_bytes"] = 16 * 1024 * 1024
+    bomb = deflate_bomb(tmp_path / "bomb.dcm", 256 * 1024 * 1024)
+    assert bomb.stat().st_size < 1024 * 1024
+    node = NodeProcess(tmp_path / "node", config)
+    node.start()
+    try:
+        small = tmp_path / "small.dcm"
+        from tests.factory import encode_as, write
+
+        write(encode_as(make_dataset(rows=64, cols=64), DeflatedExplicitVRLittleEndian), small)
+        assert send_file_as_is(node.port, small, DeflatedExplicitVRLittleEndian) == 0  # warm: parser loaded
+        before = peak_rss(node.proc.pid)
+        status = send_file_as_is(node.port, bomb, DeflatedExplicitVRLittleEndian)
+        growth = peak_rss(node.proc.pid) - before
+        assert status == 0xA700, f"status 0x{status:04X}"
+        assert growth < 64 * 1024 * 1024, f"peak memory grew by {growth / 2**20:.0f} MiB"
+        assert "inflated data set larger than max_instance_bytes" in node.log_text()
+        assert node.alive
+        assert list((tmp_path / "node" / "spool" / "tmp").iterdir()) == []  # no inflated leftovers
+    finally:
+        node.stop()
