@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_node.config import NodeConfig
+from dicom_node.received import read_header
 from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict, fallback_route, match_keywords, select_route
 from dicom_node.spool import Spool
 from dicom_node.state import STUDY_INFO_KEYWORDS, StateDB, abbreviate
@@ -272,7 +273,7 @@ class StoreSCP:
                     affected_class: str) -> int:
         """Check, keep and record one received data set (uncompressed or inflated) at ``src``."""
         size = src.stat().st_size
-        attrs, problem = self._read_header(src, affected_sop, affected_class)
+        attrs, problem = read_header(src, self._keywords, affected_sop, affected_class)
         if problem:
             log.warning("store refused: %s (sop %s, from %s to %s)", problem, abbreviate(affected_sop), calling, called)
             return STATUS_CANNOT_UNDERSTAND
@@ -317,47 +318,6 @@ class StoreSCP:
         self.on_received()
         return STATUS_SUCCESS
 
-    def _read_header(self, src: Path, affected_sop: str, affected_class: str) -> tuple[dict[str, Any], str | None]:
-        """The attributes routing needs, or why the dataset is not acceptable.
-
-        One parse of the whole file with large values deferred (only their position is
-        recorded), so a 100 MB radiograph is checked without being loaded: structure,
-        UIDs, and the plausibility of its Pixel Data (:func:`pixel_data_problem`).
-        """
-        import warnings
-
-        import pydicom
-        from pydicom.uid import UID
-
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                ds = pydicom.dcmread(src, defer_size=1024)
-                attrs: dict[str, Any] = {kw: ds.get(kw) for kw in self._keywords}
-                raw_pixels = ds.get_item(0x7FE00010, keep_deferred=True)
-        except Exception as exc:  # noqa: BLE001 - anything unparsable is the sender's problem
-            return {}, f"unparsable dataset ({exc.__class__.__name__})"
-        for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            value = attrs.get(kw)
-            text = str(value or "").strip()
-            if not text:
-                return {}, f"missing {kw}"
-            if not isinstance(value, str) or not UID(text).is_valid:
-                return {}, f"invalid {kw}"
-            attrs[kw] = text
-        if affected_sop and attrs["SOPInstanceUID"] != affected_sop.strip():
-            return {}, "SOPInstanceUID differs from the C-STORE request"
-        if affected_class and attrs["SOPClassUID"] != affected_class.strip():
-            return {}, "SOPClassUID differs from the C-STORE request"
-        if any("End of file reached before delimiter" in str(w.message) for w in caught):
-            return {}, "encapsulated pixel data cut short"
-        problem = pixel_data_problem(ds, raw_pixels, src.stat().st_size)
-        if problem:
-            return {}, problem
-        attrs["Modality"] = str(attrs.get("Modality") or "").strip()
-        return attrs, None
-
-
 class _Session:
     """One association, for the association log: who, from where, how many, how it ended."""
 
@@ -375,45 +335,3 @@ def _text(value: Any) -> str:
     if isinstance(value, (list, tuple)) or value.__class__.__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
     return str(value).strip()
-
-
-def pixel_data_problem(ds: Any, raw: Any, file_size: int) -> str | None:
-    """Why the Pixel Data of a received dataset cannot be right, or None when it is plausible.
-
-    Why here: a dataset cut short, one whose declared length points past what arrived, or
-    one whose Rows/Columns have a wrong VR must get a failure status *now*, not be
-    acknowledged and fail later in the worker after the modality deleted its copy.  The
-    declared length is compared with the file size and with what Rows x Columns x ... need;
-    compressed pixel data is only checked structurally (its items were read to the
-    delimiter), decoding it is the engine's job.  (Contributed by the interop suite.)
-    """
-    import math
-
-    from pydicom.dataelem import RawDataElement
-
-    if raw is None:
-        # No pixels is fine for a structured report, but an image's Rows/Columns/BitsAllocated
-        # without Pixel Data means an element before it swallowed it: a wrong VR with a 4-byte
-        # length (US recoded as OB/UN/UT/...) reads the rest of the data set as its value.
-        present = [kw for kw in ("Rows", "Columns", "BitsAllocated") if kw in ds]
-        return f"{', '.join(present)} without Pixel Data (an element with a wrong VR or length)" if present else None
-    dims: dict[str, int] = {}
-    for kw, default in (("Rows", None), ("Columns", None), ("BitsAllocated", None), ("SamplesPerPixel", 1),
-                        ("NumberOfFrames", 1)):
-        try:
-            value = ds.get(kw, default)
-            number = int(value) if isinstance(value, (int, str)) and str(value).strip() else None
-        except Exception:  # noqa: BLE001 - a value pydicom cannot convert (wrong VR or length)
-            number = None
-        if number is None or number <= 0 or (isinstance(value, str) and kw != "NumberOfFrames"):
-            return f"invalid {kw}"
-        dims[kw] = number
-    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
-        return None  # encapsulated (compressed) pixel data: its items were read to the delimiter
-    if raw.value_tell + raw.length > file_size:
-        return "pixel data shorter than its declared length"
-    needed = math.ceil(dims["Rows"] * dims["Columns"] * dims["SamplesPerPixel"] * dims["NumberOfFrames"]
-                       * dims["BitsAllocated"] / 8)
-    if raw.length < needed:
-        return f"pixel data has {raw.length} bytes, the image needs {needed}"
-    return None

@@ -149,7 +149,7 @@ def test_small_deflated_image_is_accepted_and_translated(tmp_path, tiny_model_pa
         ds = encode_as(make_dataset(rows=96, cols=80), DeflatedExplicitVRLittleEndian)
         assert send(node.port, [ds], called=CALLED, native_only=True) == [0]
         assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 30)
-        assert {r.state for r in node.db.instances()} == {"delivered"}
+        assert wait_for(lambda: {r.state for r in node.db.instances()} == {"delivered"}, 10)
 
 
 def deflate_bomb(path: Path, inflated_pixel_bytes: int) -> Path:
