@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    - run the node on the embedded default config
+#   make run    - run the node on the embedded default config (PORT=11113 WEB_PORT=8081: other ports)
 #   make test   - run the test suite
 # Everything is installed into .venv.  On a machine without an NVIDIA GPU the CPU build of
 # torch is installed first, so the project's torch range does not pull a multi-GB CUDA build.
@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# make run PORT=11113 WEB_PORT=8081: other ports for the DICOM listener and the console
 run: install
-	$(VENV)/bin/dicom-node serve
+	$(VENV)/bin/dicom-node serve $(if $(PORT),--port $(PORT)) $(if $(WEB_PORT),--web-port $(WEB_PORT))
 
 test: install
 	$(PY) -m pytest -q

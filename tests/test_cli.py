@@ -263,3 +263,47 @@ def test_commands_that_need_no_model_do_not_import_torch(tmp_path, tiny_model_pa
     result = subprocess.run([sys.executable, "-c", script, json.dumps(["model", "info", str(tiny_model_path)])],
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert json.loads(result.stderr.strip().splitlines()[-1]) == [0, True]
+
+
+# -- 2. make run on other ports ------------------------------------------------------------
+def test_make_run_passes_other_ports_to_serve():
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-C", str(root), "run", "PORT=11113", "WEB_PORT=8081"], capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert "dicom-node serve --port 11113 --web-port 8081" in dry.stdout
+
+
+def test_serve_on_other_ports_runs_the_embedded_config_there(tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    port, web_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--port", str(port), "--web-port",
+                             str(web_port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, live = time.monotonic() + TIMEOUT, None
+        while live is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    pass
+                with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health/live", timeout=5) as r:
+                    live = r.status
+            except OSError:
+                time.sleep(0.2)
+        assert live == 200, proc.stderr.read() if proc.poll() is not None else "not listening"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"127.0.0.1:{port}" in err and f"127.0.0.1:{web_port}" in err
+
+
+def test_other_ports_are_for_the_embedded_config_only(tmp_path, tiny_model_path):
+    config = _config(tmp_path, tiny_model_path)
+    result = _dicom_node("serve", "--config", str(config), "--port", "11113")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "set node.port and web.port in the file" in result.stderr
+    result = _dicom_node("serve", "--port", "8080", "--web-port", "8080")
+    assert result.returncode == 1 and "cannot share port 8080" in result.stderr

@@ -13,6 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "127.0.0.1:11112, console on 127.0.0.1:8080, the bundled model, a folder "
                                    "destination). Both ports are checked first: one in use is a one-line error.")
     add_config(p, "node config YAML (default: the embedded loopback config)")
+    p.add_argument("--port", type=int, metavar="N",
+                   help="the embedded config's DICOM port (default 11112; with --config: set node.port in FILE)")
+    p.add_argument("--web-port", type=int, metavar="N",
+                   help="the embedded config's console port (default 8080; with --config: set web.port in FILE)")
     p.add_argument("--role", choices=("all", "receive", "worker"), default="all",
                    help="all: receive, translate and deliver (default); receive: only the DICOM listener; worker: no "
                         "listener, translate and deliver from the shared queue (several nodes need "
@@ -34,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         # One line per node event; pynetdicom's per-PDU chatter only with -v.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     config = load_config(args.config)
+    _embedded_ports(config, args)
     role = getattr(args, "role", "all")
     if role != "all" and config.storage.database is None:
         raise UserError(f"--role {role} needs a shared state database (storage.database: postgresql://...): "
@@ -47,3 +52,24 @@ def run(args: argparse.Namespace) -> int:
     tempfile.tempdir = str(spool.tmp)
     Node(config, spool, config_path=args.config, role=role).serve_forever()
     return 0
+
+
+def _embedded_ports(config, args: argparse.Namespace) -> None:
+    """``--port``/``--web-port`` (``make run PORT=... WEB_PORT=...``): other ports for the embedded
+    config.  Not for a config file: a reload re-reads the file, whose ports would then differ."""
+    from dicom_node.errors import UserError
+
+    given = {flag: value for flag, value in (("--port", getattr(args, "port", None)),
+                                             ("--web-port", getattr(args, "web_port", None))) if value is not None}
+    if not given:
+        return
+    if args.config is not None:
+        raise UserError(f"{' and '.join(given)} only change the embedded config's ports: with --config, "
+                        "set node.port and web.port in the file")
+    for flag, value in given.items():
+        if not 1 <= value <= 65535:
+            raise UserError(f"{flag} {value}: not a port (1-65535)")
+    config.node.port = given.get("--port", config.node.port)
+    config.web.port = given.get("--web-port", config.web.port)
+    if config.node.port == config.web.port:
+        raise UserError(f"the DICOM listener and the console cannot share port {config.node.port}")
