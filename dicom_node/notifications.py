@@ -6,6 +6,14 @@ none; a thread of its own sends them, so a slow or dead receiver never holds up 
 translating or delivering.  Failed sends are retried with the webhook's ``retry`` (default:
 20 sends over about 8 hours), then kept as ``failed``.
 
+Why one sender thread per webhook, and a deadline per request: a receiver that answers one
+byte every few seconds, or never, must delay only its own events.  Each POST has one total
+deadline (the webhook's ``timeout``: connecting, sending and the answer's head together, not
+per read), and whatever goes wrong - a refused connection, TLS, an answer that is not HTTP -
+is a failed attempt of that notification, retried after its backoff, with its lease released.
+Errors name the receiver by scheme, host and port only: a URL's path or query may hold a token,
+and the ``secret`` and ``headers`` values are never logged, stored or shown.
+
 Each event is an HTTP POST of JSON::
 
     {"event": "study.delivered", "id": 17, "time": "2026-12-02T05:55:44Z", "node": "DICOMNODE",
@@ -19,19 +27,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
 
 from dicom_node.counters import bump
 from dicom_node.database import first_line
 
-__all__ = ["NOTIFICATIONS_SCHEMA", "NotificationOutbox", "Notifier", "sign", "SIGNATURE_HEADER"]
+__all__ = ["NOTIFICATIONS_SCHEMA", "NotificationOutbox", "Notifier", "WebhookSender", "post", "receiver", "sign",
+           "SIGNATURE_HEADER"]
 
 log = logging.getLogger("dicom_node.notifications")
 
@@ -97,23 +107,36 @@ class NotificationOutbox:
             "SELECT id, webhook, event, body, attempts FROM notifications WHERE state='pending' AND next_attempt_at<=? "
             "ORDER BY id LIMIT ?", (now, int(limit)))]
 
-    def claim_notifications(self, limit: int = BATCH, now: float | None = None) -> list[tuple[int, str, str, str, int]]:
-        """Lease due notifications no node holds (as :meth:`due_notifications`): one sender each."""
+    @staticmethod
+    def _of_webhooks(webhook: str | None, others_than: list[str] | None) -> tuple[str, tuple]:
+        """SQL (and parameters) for: of ``webhook`` only / of none of ``others_than``."""
+        if webhook is not None:
+            return " AND webhook=?", (webhook,)
+        if others_than:
+            return f" AND webhook NOT IN ({','.join('?' * len(others_than))})", tuple(others_than)
+        return "", ()
+
+    def claim_notifications(self, limit: int = BATCH, now: float | None = None, *, webhook: str | None = None,
+                            others_than: list[str] | None = None) -> list[tuple[int, str, str, str, int]]:
+        """Lease due notifications no node holds (as :meth:`due_notifications`): one sender each;
+        of one ``webhook`` only, or of webhooks not among ``others_than`` (no longer configured)."""
         now = time.time() if now is None else now
+        which, params = self._of_webhooks(webhook, others_than)
         with self._tx() as c:  # type: ignore[attr-defined]
-            ids = self._claim(c, "notifications", "state='pending' AND next_attempt_at<=?", (now,), "id",  # type: ignore
-                              limit, now)
+            ids = self._claim(c, "notifications", "state='pending' AND next_attempt_at<=?" + which,  # type: ignore
+                              (now, *params), "id", limit, now)
             if not ids:
                 return []
             return [tuple(r) for r in c.execute(
                 "SELECT id, webhook, event, body, attempts FROM notifications "
                 f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()]
 
-    def next_notification_time(self, now: float | None = None) -> float | None:
-        """When the next notification no node holds is due."""
+    def next_notification_time(self, now: float | None = None, *, webhook: str | None = None) -> float | None:
+        """When the next notification (of ``webhook``) no node holds is due."""
         now = time.time() if now is None else now
+        which, params = self._of_webhooks(webhook, None)
         rows = self._query("SELECT MIN(next_attempt_at) FROM notifications WHERE state='pending' AND "  # type: ignore
-                           "(lease_until IS NULL OR lease_until < ?)", (now,))
+                           f"(lease_until IS NULL OR lease_until < ?){which}", (now, *params))
         return None if rows[0][0] is None else float(rows[0][0])
 
     def record_notification(self, nid: int, webhook: str, ok: bool, error: str | None, attempts: int,
@@ -142,45 +165,96 @@ class NotificationOutbox:
 
 
 class Notifier(threading.Thread):
-    """Sends due notifications, one at a time, and records each outcome."""
+    """Keeps one :class:`WebhookSender` per configured webhook (a reload adds and retires them)
+    and gives up the notifications of webhooks no longer configured."""
 
-    POLL_SECONDS = 0.5
-    ERROR_PAUSE = 5.0  # after a failure of the state database
+    SUPERVISE_SECONDS = 1.0
+    JOIN_SECONDS = 2.0  # per sender at stop: one mid-POST is abandoned (daemon), its lease runs out
 
     def __init__(self, config: Any, db: Any, stop: threading.Event) -> None:
         super().__init__(name="notifier", daemon=True)
         self.config, self.db, self.stop_event = config, db, stop
-        self.wake = threading.Event()
+        self.senders: dict[str, WebhookSender] = {}
+        self._failing = False
+
+    def hook(self, name: str) -> Any:
+        """The webhook's settings as configured now (None: removed by a reload)."""
+        return next((w for w in self.config.notifications if w.name == name), None)
+
+    def run(self) -> None:
+        while True:
+            names = [w.name for w in self.config.notifications]
+            for name in names:
+                if name not in self.senders or not self.senders[name].is_alive():
+                    self.senders[name] = WebhookSender(self, name)
+                    self.senders[name].start()
+            for name in [n for n in self.senders if n not in names]:
+                self.senders.pop(name).retired.set()
+            self._drop_unconfigured(names)
+            if self.stop_event.wait(self.SUPERVISE_SECONDS):
+                break
+        for sender in self.senders.values():
+            sender.join(self.JOIN_SECONDS)
+
+    def _drop_unconfigured(self, names: list[str]) -> None:
+        try:
+            for nid, webhook, *_ in self.db.claim_notifications(others_than=names):
+                self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
+            self._failing = False
+        except Exception as exc:  # noqa: BLE001 - the database is away: the senders say so; look again later
+            if not self._failing:
+                log.warning("notifier: %s", first_line(exc))
+            self._failing = True
+
+
+class WebhookSender(threading.Thread):
+    """Sends one webhook's due notifications, one at a time, and records each outcome."""
+
+    POLL_SECONDS = 0.5
+    ERROR_PAUSE = 5.0  # after a failure of the state database
+
+    def __init__(self, notifier: Notifier, webhook: str) -> None:
+        super().__init__(name=f"webhook-{webhook}", daemon=True)
+        self.notifier, self.webhook, self.db = notifier, webhook, notifier.db
+        self.retired = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.notifier.stop_event.is_set() or self.retired.is_set()
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.done and time.monotonic() < deadline:
+            self.notifier.stop_event.wait(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def run(self) -> None:
         failing = False
-        while not self.stop_event.is_set():
-            self.wake.clear()
+        while not self.done:
+            due: list[tuple] = []
             try:
-                due = self.db.claim_notifications()
-                for i, row in enumerate(due):
-                    if self.stop_event.is_set():
-                        self.db.release_claims("notifications", [r[0] for r in due[i:]])
-                        return
-                    self._send(*row)
+                due = self.db.claim_notifications(webhook=self.webhook)
+                while due and not self.done:
+                    self._send(*due[0])
+                    due.pop(0)
             except Exception as exc:  # noqa: BLE001 - never stop the node for a notification
                 # the database is away, most likely: say so once per outage, look again in a while
                 if not failing:
-                    log.error("notifier: %s (retrying every %gs)", first_line(exc), self.ERROR_PAUSE)
+                    log.error("webhook %s: %s (retrying every %gs)", self.webhook, first_line(exc), self.ERROR_PAUSE)
                 failing = True
-                self.stop_event.wait(self.ERROR_PAUSE)
+                self._pause(self.ERROR_PAUSE)
                 continue
+            finally:
+                if due:  # stopped, retired or failed mid-batch: the rest goes back at once
+                    self.db.release_claims("notifications", [r[0] for r in due])
             failing = False
-            if not due:
-                try:
-                    nxt = self.db.next_notification_time()
-                except Exception:  # noqa: BLE001 - the database is away: look again later, never die
-                    nxt = time.time() + 5.0
-                wait = self.POLL_SECONDS if nxt is None else max(0.01, min(self.POLL_SECONDS, nxt - time.time()))
-                self.wake.wait(wait)
+            try:
+                nxt = self.db.next_notification_time(webhook=self.webhook)
+            except Exception:  # noqa: BLE001 - the database is away: look again later, never die
+                nxt = time.time() + 5.0
+            self._pause(self.POLL_SECONDS if nxt is None else max(0.01, min(self.POLL_SECONDS, nxt - time.time())))
 
     def _send(self, nid: int, webhook: str, event: str, body: str, attempts: int) -> None:
-        hook = next((w for w in self.config.notifications if w.name == webhook), None)
+        hook = self.notifier.hook(webhook)
         if hook is None:
             self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
             return
@@ -195,28 +269,63 @@ class Notifier(threading.Thread):
                         ": given up" if state == "failed" else ", will retry")
 
 
+def receiver(url: str) -> str:
+    """How errors name a webhook's receiver: ``scheme://host:port`` (a path or query may hold a token)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return "the receiver"
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """The deadline passed: shut the socket, so a read that is waiting returns at once."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: also under TLS
+        except OSError:
+            pass
+
+
 def post(hook: Any, event: str, nid: int, body: bytes) -> str | None:
-    """POST ``body`` to ``hook.url``; None when the receiver answered 2xx, else why not."""
-    headers = {"Content-Type": "application/json", "User-Agent": "dicom-node", "X-Dicom-Node-Event": event,
-               "X-Dicom-Node-Delivery": str(nid)}
+    """POST ``body`` to ``hook.url`` within ``hook.timeout`` seconds in all; None when the
+    receiver answered 2xx, else why not (never raises: any failure is a failed attempt)."""
+    headers = {**hook.headers, "Content-Type": "application/json", "User-Agent": "dicom-node",
+               "X-Dicom-Node-Event": event, "X-Dicom-Node-Delivery": str(nid)}
     if hook.secret:
         headers[SIGNATURE_HEADER] = sign(hook.secret, body)
-    handlers: list[Any] = [urllib.request.ProxyHandler({})]
-    if hook.url.startswith("https://"):
-        ctx = ssl.create_default_context(cafile=str(hook.ca) if hook.ca else None)
-        if not hook.verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if hook.cert is not None:
-            ctx.load_cert_chain(str(hook.cert), str(hook.key) if hook.key else None)
-        handlers.append(urllib.request.HTTPSHandler(context=ctx))
-    opener = urllib.request.build_opener(*handlers)
+    where = receiver(hook.url)
+    started = time.monotonic()
+    conn: http.client.HTTPConnection | None = None
+    deadline: threading.Timer | None = None
     try:
-        with opener.open(urllib.request.Request(hook.url, data=body, headers=headers, method="POST"),
-                         timeout=hook.timeout) as r:
-            return None if 200 <= r.status < 300 else f"HTTP {r.status}"
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return f"cannot reach {hook.url.split('?')[0]}: {reason}"[:300]
+        parts = urlsplit(hook.url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if parts.scheme == "https":
+            ctx = ssl.create_default_context(cafile=str(hook.ca) if hook.ca else None)
+            if not hook.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            if hook.cert is not None:
+                ctx.load_cert_chain(str(hook.cert), str(hook.key) if hook.key else None)
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=hook.timeout, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=hook.timeout)
+        deadline = threading.Timer(hook.timeout, _cut, (conn,))
+        deadline.daemon = True
+        deadline.start()
+        conn.request("POST", target, body, headers)
+        status = conn.getresponse().status  # the body is not needed
+        return None if 200 <= status < 300 else f"HTTP {status}"
+    except Exception as exc:  # noqa: BLE001 - refused, TLS, not HTTP, cut at the deadline: all failed attempts
+        if time.monotonic() - started >= hook.timeout:
+            return f"{where}: no complete answer within {hook.timeout:g} s"
+        return f"{where}: {first_line(exc)}"[:300]
+    finally:
+        if deadline is not None:
+            deadline.cancel()
+        if conn is not None:
+            conn.close()

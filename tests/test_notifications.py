@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,19 +26,21 @@ SECRET = "webhook-shared-secret"
 
 
 class HookReceiver:
-    """A real HTTP server on 127.0.0.1 recording every POST (headers and JSON body)."""
+    """A real HTTP server on 127.0.0.1 recording every POST (headers and JSON body) and when."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.posts: list[tuple[dict, bytes]] = []
+        self.times: list[float] = []
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> "HookReceiver":
-        posts = self.posts
+        posts, times = self.posts, self.times
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                times.append(time.time())
                 posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 self.send_response(204)
                 self.end_headers()
@@ -152,3 +156,156 @@ def test_https_webhook_is_verified_against_its_ca(tmp_path, tiny_model_path):
             assert [n["webhook"] for n in node.db.notifications(state="sent")] == ["trusted"]
     finally:
         hook.stop()
+
+
+# ----------------------------------------------------------------------------- hostile receivers (issue 24)
+
+
+class BadReceiver:
+    """A real TCP server on 127.0.0.1 that reads a request and then answers ``answer``: all at
+    once, or one byte every ``trickle`` seconds (it never finishes an answer of 10 kB)."""
+
+    def __init__(self, answer: bytes, trickle: float | None = None) -> None:
+        self.answer, self.trickle = answer, trickle
+        self.connections: list[float] = []
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._sock.settimeout(0.2)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            self.connections.append(time.time())
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                if self.trickle is None:
+                    conn.sendall(self.answer)
+                    return
+                for byte in self.answer:
+                    if self._stop.wait(self.trickle):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+
+def _hook_node(tmp_path, tiny_model_path, hooks: list[dict], **extra):
+    from dicom_node.config import parse_config
+    from dicom_node.node import Node
+
+    cfg = node_config(tmp_path, port=free_port(), model_path=tiny_model_path, stable=0.2,
+                      destinations={"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                      routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["out"]}], **extra)
+    cfg["notifications"] = hooks
+    return Node(parse_config(cfg, base_dir=tmp_path))
+
+
+def _row(node, webhook: str) -> dict | None:
+    rows = [n for n in node.db.notifications() if n["webhook"] == webhook]
+    return rows[0] if rows else None
+
+
+def test_a_trickling_receiver_delays_only_itself(tmp_path, tiny_model_path):
+    """A receiver answering one byte a second is cut at the webhook's timeout (a deadline for
+    the whole request, not per read), and the other webhook gets each event at once."""
+    slow = BadReceiver(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 10_000, trickle=1.0)
+    good = HookReceiver(free_port()).start()
+    retry = {"max_attempts": 100, "backoff_seconds": [0.2]}
+    hooks = [{"name": "slow", "url": f"http://127.0.0.1:{slow.port}/hook", "timeout": 4, "retry": retry},
+             {"name": "good", "url": f"http://127.0.0.1:{good.port}/hook", "timeout": 4}]
+    try:
+        with _hook_node(tmp_path, tiny_model_path, hooks) as node:
+            for n in (1, 2):  # the second study while the slow receiver is being retried
+                assert send(node.port, study(1), called="DR_KIM") == [0]
+                assert wait_for(lambda: len(good.times) == n, 30)
+                created = max(r["created_at"] for r in node.db.notifications() if r["webhook"] == "good")
+                assert good.times[-1] - created < 2.5, good.times[-1] - created  # not behind the slow one
+            assert wait_for(lambda: (_row(node, "slow") or {}).get("attempts", 0) >= 2, 30), _row(node, "slow")
+            first = node.db._query("SELECT created_at FROM notifications WHERE webhook='slow' ORDER BY id")[0][0]
+            assert slow.connections[1] - first < 2 * 4 + 2, slow.connections  # two attempts, each cut at 4 s
+            assert "no complete answer within 4 s" in _row(node, "slow")["last_error"]
+    finally:
+        slow.stop()
+        good.stop()
+
+
+def test_a_receiver_that_is_not_http_is_a_failed_attempt(tmp_path, tiny_model_path):
+    """An answer that is not HTTP (BadStatusLine) is a failed attempt with backoff: its lease is
+    released, it is tried again, and the other webhook goes on - also after a restart."""
+    garbage = BadReceiver(b"SSH-2.0-OpenSSH_9.6 not http at all\r\n\r\n")
+    good = HookReceiver(free_port()).start()
+    hooks = [{"name": "garbage", "url": f"http://127.0.0.1:{garbage.port}/hook",
+              "retry": {"max_attempts": 100, "backoff_seconds": [0.3]}},
+             {"name": "good", "url": f"http://127.0.0.1:{good.port}/hook"}]
+    try:
+        for start in (1, 2):
+            with _hook_node(tmp_path, tiny_model_path, hooks) as node:
+                assert send(node.port, study(1), called="DR_KIM") == [0]
+                assert wait_for(lambda: len(good.posts) == start, 30), node.db.notifications()
+                before = len(garbage.connections)
+                assert wait_for(lambda: len(garbage.connections) >= before + 2, 30)  # retried: lease released
+                row = _row(node, "garbage")
+                assert row["state"] == "pending" and "BadStatusLine" in row["last_error"], row
+                database = node.spool.database(node.config.storage.database)
+        import sqlite3
+
+        with sqlite3.connect(database) as db:
+            held = db.execute("SELECT COUNT(*) FROM notifications WHERE lease_owner IS NOT NULL").fetchone()[0]
+        assert held == 0  # a stop gives back whatever was claimed
+    finally:
+        garbage.stop()
+        good.stop()
+
+
+def test_webhook_secrets_never_reach_logs_database_or_console(tmp_path, tiny_model_path, caplog):
+    """The signing secret, header values and a token in a receiver's path appear in no log
+    line, in no byte of the state database and on no console page, while receivers fail."""
+    import logging
+    import urllib.request
+
+    from dicom_node.node import CONSOLE_TOKEN_FILE
+
+    caplog.set_level(logging.DEBUG)
+    secrets = ["sign-pw-4f1c", "bearer-pw-8d2e", "path-token-77aa"]
+    got = HookReceiver(free_port()).start()
+    garbage = BadReceiver(b"nonsense\r\n\r\n")
+    retry = {"max_attempts": 2, "backoff_seconds": [0.1]}
+    hooks = [{"name": "refused", "url": f"http://127.0.0.1:{free_port()}/hooks/{secrets[2]}", "secret": secrets[0],
+              "headers": {"Authorization": f"Bearer {secrets[1]}"}, "retry": retry},
+             {"name": "garbage", "url": f"http://127.0.0.1:{garbage.port}/x?token={secrets[2]}",
+              "secret": secrets[0], "retry": retry},
+             {"name": "got", "url": f"http://127.0.0.1:{got.port}/in", "secret": secrets[0],
+              "headers": {"Authorization": f"Bearer {secrets[1]}"}}]
+    try:
+        with _hook_node(tmp_path, tiny_model_path, hooks, web={"port": 0}) as node:
+            assert send(node.port, study(1), called="DR_KIM") == [0]
+            assert wait_for(lambda: len(node.db.notifications(state="failed")) == 2 and got.posts, 60), \
+                node.db.notifications()
+            assert got.posts[0][0]["authorization"] == f"Bearer {secrets[1]}"  # the header does its job
+            token = (node.spool.node_dir / CONSOLE_TOKEN_FILE).read_text().strip()
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                 urllib.request.HTTPCookieProcessor())
+            opener.open(f"{node.web.url}/login?token={token}", timeout=15).read()
+            pages = "".join(opener.open(node.web.url + p, timeout=15).read().decode()
+                            for p in ("/", "/failures", "/studies", "/actions"))
+            assert "ConnectionRefusedError" in pages and "BadStatusLine" in pages  # the errors are shown
+            database = node.spool.database(node.config.storage.database)
+        stored = b"".join(Path(f).read_bytes() for f in (str(database), f"{database}-wal") if Path(f).exists())
+    finally:
+        got.stop()
+        garbage.stop()
+    for secret in secrets:
+        assert secret not in caplog.text and secret not in pages and secret.encode() not in stored, secret
