@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_header", "pixel_data_problem"]
+__all__ = ["read_header", "pixel_data_problem", "watch_arriving", "RefusedWhileReceiving"]
 
 
 def read_header(src: Path, keywords: set[str], affected_sop: str, affected_class: str) -> tuple[dict[str, Any], str | None]:
@@ -94,3 +94,63 @@ def pixel_data_problem(ds: Any, raw: Any, file_size: int) -> str | None:
     if raw.length < needed:
         return f"pixel data has {raw.length} bytes, the image needs {needed}"
     return None
+
+
+# -- while it arrives --------------------------------------------------------------------------
+CHECK_EVERY = 4 * 1024 * 1024  # bytes received between two looks at the free disk
+
+
+class RefusedWhileReceiving:
+    """Stands in for pynetdicom's temp file once an arriving data set is refused: the rest is
+    read from the network and dropped, so the sender still gets a C-STORE status (0xA700) on a
+    usable association instead of an abort, and the disk is not filled."""
+
+    def __init__(self, real: Any, reason: str) -> None:
+        self.name, self.reason, self.file = real.name, reason, self
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+
+def watch_arriving(message: Any, *, max_bytes: int, free_bytes: Any, min_free: int) -> str | None:
+    """Look at the data set pynetdicom is streaming to disk for ``message`` (its DIMSE message in
+    progress); when it passes ``max_bytes`` or the free disk would drop below ``min_free`` before
+    the next look, empty its file, drop the rest, and return why.
+
+    Why: pynetdicom writes every received byte to its temp file and the handler sees the file
+    only when it is complete: a 60 MB instance into 12 MB of free spool filled the disk, and the
+    state database, the other associations and acknowledged work failed with it.  Called for
+    each PDU received (EVT_PDU_RECV, in the association's DUL thread, which is also the writer).
+    """
+    f = getattr(message, "_data_set_file", None)
+    if f is None or isinstance(f, RefusedWhileReceiving):
+        return None
+    size = f.tell()
+    reason = None
+    if max_bytes and size > max_bytes:
+        reason = f"larger than max_instance_bytes {max_bytes}"
+    else:
+        last = getattr(message, "_dicom_node_checked", None)
+        if last is None or size - last >= CHECK_EVERY:
+            message._dicom_node_checked = size
+            free = free_bytes()
+            if free - CHECK_EVERY < min_free:
+                reason = f"disk full while receiving ({free} bytes free, min_free_bytes {min_free})"
+    if reason is None:
+        return None
+    try:
+        f.truncate(0)
+        f.close()
+    except OSError:
+        pass
+    message._data_set_file = RefusedWhileReceiving(f, reason)
+    return reason

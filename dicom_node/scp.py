@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_node.config import NodeConfig
-from dicom_node.received import read_header
+from dicom_node.received import RefusedWhileReceiving, read_header, watch_arriving
 from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict, fallback_route, match_keywords, select_route
 from dicom_node.spool import Spool
 from dicom_node.state import STUDY_INFO_KEYWORDS, StateDB, abbreviate
@@ -97,7 +97,8 @@ class StoreSCP:
             ssl_context = server_context(node.tls)
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended),
-                    (evt.EVT_CONN_OPEN, self._on_opened), (evt.EVT_CONN_CLOSE, self._on_closed)]
+                    (evt.EVT_CONN_OPEN, self._on_opened), (evt.EVT_CONN_CLOSE, self._on_closed),
+                    (evt.EVT_PDU_RECV, self._on_pdu)]
         try:
             self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                            ssl_context=ssl_context)
@@ -195,6 +196,19 @@ class StoreSCP:
             log.error("association log not written: %s: %s", exc.__class__.__name__, exc)
 
     # -- C-STORE -----------------------------------------------------------------------
+    def _on_pdu(self, event: Any) -> None:
+        """While a data set arrives: node.max_instance_bytes and storage.min_free_bytes (see
+        :func:`dicom_node.received.watch_arriving`); the handler then answers 0xA700."""
+        dimse = getattr(event.assoc, "dimse", None)
+        message = getattr(dimse, "message", None)
+        if message is None:
+            return
+        config = self.config
+        why = watch_arriving(message, max_bytes=config.node.max_instance_bytes, free_bytes=self.spool.free_bytes,
+                             min_free=config.storage.min_free_bytes)
+        if why:
+            log.warning("receiving stopped: %s; the rest of this instance is dropped", why)
+
     def _on_store(self, event: Any) -> int:
         t0 = time.perf_counter()
         status = self._on_store_status(event)
@@ -211,6 +225,11 @@ class StoreSCP:
         prim = event.assoc.requestor.primitive
         called, calling = str(prim.called_ae_title).strip(), str(prim.calling_ae_title).strip()
         req = event.request
+        refused = getattr(req, "_dataset_file", None)
+        if isinstance(refused, RefusedWhileReceiving):
+            log.warning("store refused (0xA700): %s (sop %s, from %s to %s)", refused.reason,
+                        abbreviate(str(req.AffectedSOPInstanceUID or "")), calling, called)
+            return STATUS_OUT_OF_RESOURCES
         try:
             src = Path(event.dataset_path)
         except AttributeError:

@@ -243,3 +243,82 @@ def test_deflate_bomb_is_refused_with_bounded_memory(tmp_path, tiny_model_path):
         assert list((tmp_path / "node" / "spool" / "tmp").iterdir()) == []  # no inflated leftovers
     finally:
         node.stop()
+
+
+# -- item 5: a full spool --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real small filesystem (tmpfs) to fill: free space is what the kernel says, nothing faked.
+    Needs root (mount); skipped otherwise."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_to(disk: Path, free: int) -> None:
+    """Write a filler file so that ``free`` bytes stay free on ``disk``."""
+    import os
+    import shutil
+
+    excess = shutil.disk_usage(disk).free - free
+    with open(disk / "filler", "ab") as f:
+        while excess > 0:
+            n = min(excess, 1 << 20)
+            f.write(bytes(n))
+            excess -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_big_instance_into_a_nearly_full_spool_is_refused_before_the_disk_fills(tmp_path, tiny_model_path,
+                                                                                 small_disk):
+    """60 MB into 12 MB of free spool: 0xA700 on a usable association, the disk never below
+    min_free_bytes minus one check's worth, and the next small instance is stored."""
+    import shutil
+    import threading
+
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from tests.factory import write
+    from tests.peers import NodeProcess, tiny_node_config
+
+    config = tiny_node_config(tiny_model_path, {"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}})
+    config["storage"] = {"spool_dir": str(small_disk / "spool"), "min_free_bytes": 2 * 1024 * 1024}
+    big = write(make_dataset(np.full((5472, 5472), 1000, dtype=np.uint16)), tmp_path / "big.dcm")
+    assert Path(big).stat().st_size > 59_000_000
+    node = NodeProcess(tmp_path / "node", config)
+    node.start()
+    lowest, done = [shutil.disk_usage(small_disk).free], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            lowest[0] = min(lowest[0], shutil.disk_usage(small_disk).free)
+            time.sleep(0.002)
+
+    try:
+        fill_to(small_disk, 12 * 1024 * 1024)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            status = send_file_as_is(node.port, Path(big), ExplicitVRLittleEndian)
+        finally:
+            done.set()
+            watcher.join()
+        assert status == 0xA700, f"status 0x{status:04X}"
+        assert lowest[0] > 1024 * 1024, f"free disk went down to {lowest[0]} bytes"
+        assert "disk full while receiving" in node.log_text()
+        assert send(node.port, [make_dataset(rows=32, cols=32)], called=CALLED) == [0]  # space came back
+        assert "disk is full" not in node.log_text() and node.alive
+    finally:
+        node.stop()
