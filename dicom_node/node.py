@@ -3,8 +3,9 @@
 Start order matters for recovery: the spool and database are opened (and partial writes
 dropped) before the listener accepts anything, and the workers start from whatever the
 database says is unfinished, so a restart after kill -9 resumes every acknowledged item.
-Stop order is the reverse: stop accepting, let each worker finish its current item, give
-back its leases, close the database.
+Stop order is the reverse: stop accepting, abandon a translation in progress (its item stays
+ready: :mod:`dicom_node.interrupt`), let a delivery finish, give back the leases, close the
+database.
 
 Roles (``serve --role``): ``all`` receives, translates and delivers; ``receive`` only answers
 C-STOREs (several such nodes behind one DNS name or virtual IP); ``worker`` has no listener and
@@ -242,7 +243,8 @@ class Node:
         self._deliver_wake.set()
         start = time.monotonic()
         for t in self._threads:
-            # A translator finishes its item; a deliverer stuck on a silent peer is abandoned
+            # A translator abandons its translation within one tensor operation (the item stays
+            # ready for the next start); a deliverer stuck on a silent peer is abandoned
             # after DELIVERY_GRACE (its batch stays pending and is resent after the restart),
             # as is a notification to a silent receiver.
             limit = timeout if isinstance(t, Translator) else min(timeout, DELIVERY_GRACE)
@@ -273,7 +275,8 @@ class Node:
             if signum == signal.SIGHUP:
                 reload_requested.set()
             else:
-                log.info("signal %s: stopping after the current item", signal.Signals(signum).name)
+                log.info("signal %s: stopping (a translation in progress resumes at the next start)",
+                         signal.Signals(signum).name)
                 stop_requested.set()
             woken.set()
 

@@ -37,6 +37,7 @@ from dicom_node.database import first_line
 from dicom_node.engine.defaults import DEFAULT_OVERLAP, MANUFACTURER
 from dicom_node.engine.devices import is_auto_device
 from dicom_node.errors import UnsupportedImage, UserError
+from dicom_node.interrupt import TranslationStopped, stop_between_operations
 from dicom_node.spool import Spool
 from dicom_node.state import DeliveryRow, InstanceRow, NewDelivery, OutputRecord, StateDB, abbreviate
 
@@ -300,7 +301,7 @@ class Translator(_Loop):
                 raise UnsupportedImage("already a dicom-node output (never restyled twice)")
             inverse = self.models.inverse(route.model)
             t0 = time.perf_counter()
-            with ENGINE_LOCK:
+            with ENGINE_LOCK, stop_between_operations(self.stop_event):  # SIGTERM: abandoned, stays ready
                 from dicom_node.engine.pipeline import translate_radiograph
                 from dicom_node.engine.pixels import decode_dataset
 
@@ -310,6 +311,10 @@ class Translator(_Loop):
                     device=_device(settings.device if settings else "auto"), inverse=inverse, label=route.label,
                     show_flag=route.fidelity_action != "record")
             seconds = time.perf_counter() - t0
+        except TranslationStopped:
+            log.info("sop %s: translation interrupted by the stop; the next start translates it",
+                     abbreviate(row.sop_uid))
+            return  # step() gives the claim back: the item stays ready
         except UnsupportedImage as exc:
             self.db.mark_not_translated(row.id, "unsupported", str(exc), originals)
             log.info("sop %s not translated (%s)%s", abbreviate(row.sop_uid), exc,
