@@ -271,15 +271,30 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             self.db._lock.acquire()
             try:
                 self.db._conn.begin()
+                with self.db._held_lock:
+                    self.held_before = {t: set(ids) for t, ids in self.db._held.items()}
             except BaseException:
                 self.db._lock.release()
                 raise
             return self.db._conn
 
         def __exit__(self, exc_type, exc, tb) -> None:
+            committed = False
             try:
-                (self.db._conn.commit if exc_type is None else self.db._conn.rollback)()
+                if exc_type is None:
+                    self.db._conn.commit()
+                    committed = True
+                else:
+                    self.db._conn.rollback()
             finally:
+                if not committed:
+                    # Claims of a transaction that did not commit (a full disk fails the COMMIT
+                    # itself) are not this node's: never keep them in hand, or the heartbeat
+                    # would go on renewing them.
+                    with self.db._held_lock:
+                        added = {t: ids - self.held_before.get(t, set()) for t, ids in self.db._held.items()}
+                    for table, ids in added.items():
+                        self.db._let_go(table, ids)
                 self.db._lock.release()
 
     def _tx(self) -> "StateDB._Tx":

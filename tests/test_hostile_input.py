@@ -322,3 +322,22 @@ def test_big_instance_into_a_nearly_full_spool_is_refused_before_the_disk_fills(
         assert "disk is full" not in node.log_text() and node.alive
     finally:
         node.stop()
+
+
+def test_a_claim_whose_commit_fails_on_a_full_disk_is_not_kept_in_hand(small_disk):
+    """The disk fills between the claim's UPDATE and its COMMIT: the instance is not this node's,
+    so the heartbeat must not hold it (it stayed 'in hand' and leased for minutes, until a restart)."""
+    from tests.test_cluster import T, node, ready
+
+    db = node(small_disk / "state.db", "a", exclusive=True)
+    try:
+        ids = ready(db, 2)
+        fill_to(small_disk, 0)
+        with pytest.raises(Exception, match="full"):
+            db.claim_ready(now=T)
+        assert db._held["instances"] == set()  # the items the heartbeat renews
+        (small_disk / "filler").unlink()
+        assert db.claim_ready(now=T + 1).id == ids[0]  # claimable at once, not after a lease
+        assert db._held["instances"] == {ids[0]}
+    finally:
+        db.close()
