@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
-from dicom_node.web.auth import HASH_QUEUE, HASH_WAIT, HASHES_AT_ONCE, LOGIN_COOKIE, SESSION_COOKIE, LoginLimiter, \
-    Session, Sessions, client_address, new_token, proxy_networks, same, verify_password
+from dicom_node.web.auth import BUSY_PAUSE, HASH_QUEUE, HASH_WAIT, HASHES_AT_ONCE, LOGIN_COOKIE, SESSION_COOKIE, \
+    LoginLimiter, Session, Sessions, client_address, hash_executor, new_token, proxy_networks, same, verify_password
 from dicom_node.web.health import readiness
 
 __all__ = ["Console", "build_app", "BadRequest"]
@@ -181,12 +181,14 @@ def build_app(console: Console):
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
+    import asyncio
+
     import anyio
 
     env = _templates()
     refresh = console.config.web.refresh_seconds if console.config.web else 5.0
     proxies = proxy_networks(console.config.web.trusted_proxies if console.config.web else ())
-    hashing: list[Any] = []  # the Argon2 turn-taker, made on the web thread's event loop at first use
+    hashing: list[Any] = []  # the Argon2 turn-taker and threads, made on the web thread's event loop at first use
 
     def _client(request: Any) -> str:
         peer = request.client.host if request.client else "unknown"
@@ -195,9 +197,10 @@ def build_app(console: Console):
     async def checked(hashed: str | None, secret: str) -> bool | None:
         """Argon2 verification, ``HASHES_AT_ONCE`` at a time; None: no turn within ``HASH_WAIT``."""
         if not hashing:
-            hashing.append(anyio.CapacityLimiter(HASHES_AT_ONCE))
-        slots = hashing[0]
+            hashing.extend([anyio.CapacityLimiter(HASHES_AT_ONCE), hash_executor()])
+        slots, threads = hashing
         if slots.statistics().tasks_waiting >= HASH_QUEUE:
+            await anyio.sleep(BUSY_PAUSE)
             return None
         turn = False
         with anyio.move_on_after(HASH_WAIT):
@@ -206,7 +209,7 @@ def build_app(console: Console):
         if not turn:
             return None
         try:
-            return await anyio.to_thread.run_sync(verify_password, hashed, secret)
+            return await asyncio.wrap_future(threads.submit(verify_password, hashed, secret))
         finally:
             slots.release()
 

@@ -18,21 +18,25 @@ Why these choices:
 * The client address is the TCP peer's; ``X-Forwarded-For`` is believed only from a peer in
   ``web.trusted_proxies`` (default: none), else anyone could pick a fresh address per guess.
 * Argon2 costs 64 MiB and both cores for a while per check: at most ``HASHES_AT_ONCE`` run at
-  a time, a login waits at most ``HASH_WAIT`` seconds for its turn (else 503), so a login flood
-  costs neither gigabytes nor the DICOM listener's answer times.
+  a time, on a thread of lowest CPU priority (:func:`hash_executor`), a login waits at most
+  ``HASH_WAIT`` seconds for its turn, and beyond ``HASH_QUEUE`` waiting ones it gets 503 after
+  ``BUSY_PAUSE`` (a client waiting for its answer cannot make the node answer faster), so a
+  login flood costs neither gigabytes nor the DICOM listener's answer times.
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 
 __all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token", "same",
            "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW", "HASHES_AT_ONCE", "HASH_WAIT",
-           "HASH_QUEUE", "client_address", "proxy_networks"]
+           "HASH_QUEUE", "BUSY_PAUSE", "hash_executor", "client_address", "proxy_networks"]
 
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"  # binds the login form's CSRF token to this browser
@@ -40,7 +44,8 @@ MAX_FAILURES = 5  # failed logins per client address ...
 FAILURE_WINDOW = 300.0  # ... within this many seconds, then 429 until the window has passed
 HASHES_AT_ONCE = 1  # Argon2 verifications running at once (64 MiB and up to 4 threads each)
 HASH_WAIT = 5.0  # seconds a login waits for its turn to be checked, then 503
-HASH_QUEUE = 20  # logins waiting at most; beyond that 503 at once
+HASH_QUEUE = 20  # logins waiting at most; beyond that 503 ...
+BUSY_PAUSE = 1.0  # ... after this many seconds
 
 
 def _hasher():
@@ -69,6 +74,20 @@ def verify_password(hashed: str | None, password: str) -> bool:
         return bool(_hasher().verify(hashed, password))
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
+
+
+def _lowest_priority() -> None:
+    """Nice 19 for the calling thread: on Linux niceness is per thread, and libargon2's lane
+    threads inherit it, so Argon2 gets the CPU only when C-STOREs and translations leave it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux: one check at a time must do
+        pass
+
+
+def hash_executor() -> ThreadPoolExecutor:
+    """The threads that run :func:`verify_password` for the console (``HASHES_AT_ONCE``)."""
+    return ThreadPoolExecutor(max_workers=HASHES_AT_ONCE, thread_name_prefix="argon2", initializer=_lowest_priority)
 
 
 def new_token() -> str:
