@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_header", "pixel_data_problem", "watch_arriving", "RefusedWhileReceiving"]
+__all__ = ["read_header", "pixel_data_problem", "budget_problem", "IMAGE_SIZE_KEYWORDS", "watch_arriving",
+           "RefusedWhileReceiving"]
+
+IMAGE_SIZE_KEYWORDS = ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")
 
 
 def read_header(src: Path, keywords: set[str], affected_sop: str, affected_class: str) -> tuple[dict[str, Any], str | None]:
@@ -94,6 +97,26 @@ def pixel_data_problem(ds: Any, raw: Any, file_size: int) -> str | None:
     if raw.length < needed:
         return f"pixel data has {raw.length} bytes, the image needs {needed}"
     return None
+
+
+def budget_problem(attrs: dict[str, Any], max_bytes: int | None) -> str | None:
+    """Why an image to be translated needs more memory than node.max_decode_bytes (None: the
+    engine's default budget), from its declared size alone; None when it fits or has no pixels.
+
+    Checked at C-STORE: the 0xA700 tells the sender now, instead of a worker spending minutes
+    and gigabytes on it while the studies behind it wait (the worker checks again).
+    """
+    from dicom_node.engine.dicom_decode import DEFAULT_MAX_DECODE_BYTES
+    from dicom_node.engine.dicom_decode import budget_problem as engine_budget_problem
+
+    try:
+        rows, cols = int(attrs.get("Rows") or 0), int(attrs.get("Columns") or 0)
+        frames, samples = int(attrs.get("NumberOfFrames") or 1), int(attrs.get("SamplesPerPixel") or 1)
+    except (TypeError, ValueError):
+        return None  # no image, or one pixel_data_problem judged already
+    if rows <= 0 or cols <= 0:
+        return None
+    return engine_budget_problem(rows, cols, max_bytes or DEFAULT_MAX_DECODE_BYTES, frames, samples)
 
 
 # -- while it arrives --------------------------------------------------------------------------

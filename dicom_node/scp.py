@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_node.config import NodeConfig
-from dicom_node.received import RefusedWhileReceiving, read_header, watch_arriving
+from dicom_node.received import (IMAGE_SIZE_KEYWORDS, RefusedWhileReceiving, budget_problem, read_header,
+                                 watch_arriving)
 from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict, fallback_route, match_keywords, select_route
 from dicom_node.spool import Spool
 from dicom_node.state import STUDY_INFO_KEYWORDS, StateDB, abbreviate
@@ -41,7 +42,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 # 4.5 s); 256 KiB streams it to disk in 1.4 s with no RSS growth (16 KiB default: 2.3 s).
 MAX_PDU_BYTES = 256 * 1024
 
-_HEADER_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"}
+_HEADER_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                    *IMAGE_SIZE_KEYWORDS}
 
 
 class StoreSCP:
@@ -306,6 +308,11 @@ class StoreSCP:
             log.info("duplicate sop %s to %s acknowledged (state %s)", abbreviate(sop_uid), called, existing.state)
             return STATUS_SUCCESS
         choice = select_route(config.routes, called, calling, attrs)
+        too_big = budget_problem(attrs, config.node.max_decode_bytes) if choice.matched else None
+        if too_big:  # to be translated, but it would starve every other image: say so now
+            log.warning("store refused (0xA700): %s (sop %s, from %s to %s)", too_big, abbreviate(sop_uid), calling,
+                        called)
+            return STATUS_OUT_OF_RESOURCES
         final = self.spool.original_path(called, sop_uid)
         with self._write_lock:
             free = self.spool.free_bytes()

@@ -276,6 +276,12 @@ class Translator(_Loop):
         self.deliver_wake.set()
         return True
 
+    def _decode_budget(self) -> int:
+        """node.max_decode_bytes (checked at C-STORE too; again here: the config may have changed)."""
+        from dicom_node.engine.dicom_decode import DEFAULT_MAX_DECODE_BYTES
+
+        return self.config.node.max_decode_bytes or DEFAULT_MAX_DECODE_BYTES
+
     def _loaded_routes(self) -> list[str] | None:
         """Routes whose model this process has loaded, taken first (None: all of them)."""
         routes = self.config.routes
@@ -306,7 +312,8 @@ class Translator(_Loop):
                 from dicom_node.engine.pixels import decode_dataset
 
                 result = translate_radiograph(
-                    model, ds, decode_dataset(ds), tile=settings.tile if settings else None,
+                    model, ds, decode_dataset(ds, max_bytes=self._decode_budget()),
+                    tile=settings.tile if settings else None,
                     overlap=settings.overlap if settings else DEFAULT_OVERLAP,
                     device=_device(settings.device if settings else "auto"), inverse=inverse, label=route.label,
                     show_flag=route.fidelity_action != "record")

@@ -341,3 +341,56 @@ def test_a_claim_whose_commit_fails_on_a_full_disk_is_not_kept_in_hand(small_dis
         assert db._held["instances"] == {ids[0]}
     finally:
         db.close()
+
+
+# -- item 3: a decode memory budget per image --------------------------------------------------
+
+def rle_flat_image(rows: int, cols: int, value: int = 1000):
+    """A 16-bit RLE Lossless CR of one grey value: 2 segments of 128-byte replicate runs, so
+    8000x8000 is about 1 MB on the wire (and 64 Mpixel, within the engine's pixel limit)."""
+    import struct
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    count = rows * cols
+    assert count % 128 == 0
+    segments = [bytes([0x81, (value >> 8) & 0xFF]) * (count // 128), bytes([0x81, value & 0xFF]) * (count // 128)]
+    header = struct.pack("<16I", 2, 64, 64 + len(segments[0]), *([0] * 13))
+    ds = make_dataset(rows=8, cols=8)
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelData = encapsulate([header + segments[0] + segments[1]])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    return ds
+
+
+def test_an_image_too_large_to_process_is_refused_at_c_store(tmp_path, tiny_model_path):
+    """An RLE image of ~1 MB declaring 8000x8000 needs ~7.6 GiB to process (the default budget is
+    4 GiB): 0xA700 at once, and the study sent after it is translated without waiting behind it;
+    node.max_decode_bytes lowers the budget."""
+    from tests.nodeproc import folder_uids, wait_for
+
+    node = make_node(tmp_path, tiny_model_path)
+    with node:
+        t0 = time.monotonic()
+        assert send(node.port, [rle_flat_image(8000, 8000)], called=CALLED, native_only=True) == [0xA700]
+        assert time.monotonic() - t0 < 10
+        assert send(node.port, [make_dataset(rows=64, cols=64)], called=CALLED) == [0]
+        assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 30)
+    small = make_node(tmp_path / "small", tiny_model_path, node={"max_decode_bytes": 1024 * 1024})
+    with small:  # 128 bytes per pixel: 96x96 needs 1.1 MiB, 64x64 0.5 MiB
+        assert send(small.port, [make_dataset(rows=96, cols=96), make_dataset(rows=64, cols=64)],
+                    called=CALLED) == [0xA700, 0]
+
+
+def test_the_worker_checks_the_budget_again_before_decoding():
+    """A budget lowered after the C-STORE (a reload): refused before any pixel is decoded."""
+    from dicom_node.engine.dicom_decode import decode_dataset
+    from dicom_node.engine.errors import UnsupportedImage
+
+    ds = make_dataset(rows=96, cols=96)
+    with pytest.raises(UnsupportedImage, match="too large to process"):
+        decode_dataset(ds, max_bytes=1024 * 1024)
+    assert decode_dataset(ds, max_bytes=2 * 1024 * 1024).pixels.shape == (96, 96)

@@ -53,7 +53,8 @@ def _tls(raw: Any, path: str, pr: Problems, base_dir: Path, server: bool) -> TLS
 def _node(raw: Any, pr: Problems, base_dir: Path) -> NodeSettings:
     d = NodeSettings()
     m = mapping(raw, "node", {"ae_title", "host", "port", "max_associations", "network_timeout", "dimse_timeout",
-                               "acse_timeout", "request_timeout", "max_instance_bytes", "tls", "name"}, set(), pr)
+                               "acse_timeout", "request_timeout", "max_instance_bytes", "max_decode_bytes", "tls",
+                               "name"}, set(), pr)
     if m is None:
         return d
     name = string(m, "name", "node", pr, d.name)
@@ -70,6 +71,7 @@ def _node(raw: Any, pr: Problems, base_dir: Path) -> NodeSettings:
         dimse_timeout=number(m, "dimse_timeout", "node", pr, d.dimse_timeout, 0, False),
         acse_timeout=number(m, "acse_timeout", "node", pr, d.acse_timeout, 0, False),
         request_timeout=number(m, "request_timeout", "node", pr, d.request_timeout, 0, False),
+        max_decode_bytes=integer(m, "max_decode_bytes", "node", pr, d.max_decode_bytes, 1),
         max_instance_bytes=integer(m, "max_instance_bytes", "node", pr, d.max_instance_bytes, 1),
         tls=_tls(m["tls"], "node.tls", pr, base_dir, server=True) if m.get("tls") is not None else None,
     )
