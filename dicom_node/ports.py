@@ -51,12 +51,14 @@ def check_ports(config: Any, role: str = "all") -> None:
     if role != "worker":
         why = port_problem(node.host, node.port)
         if why:
-            problems.append(f"cannot listen on {node.host}:{node.port}: {why} (set node.port)")
+            problems.append(f"cannot listen on {node.host}:{node.port}: {why} "
+                            "(set node.port; the embedded config: serve --port N, make run PORT=N)")
     web = config.web
     if web is not None:
         why = port_problem(web.host, web.port)
         if why:
             problems.append(f"cannot serve the console on {web.host}:{web.port}: {why} "
-                            "(set web.port, or web: null to turn the console off)")
+                            "(set web.port, or web: null to turn the console off; the embedded config: "
+                            "serve --web-port N, make run WEB_PORT=N)")
     if problems:
         raise UserError("; ".join(problems))
