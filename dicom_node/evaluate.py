@@ -6,10 +6,11 @@ inference must not leave tile-shaped steps (the *seam ratio*).
 
 Where the comparison happens: in **model space**.  Input and target are both read with
 ``engine.pixels.read_dicom`` (MONOCHROME1 mirrored to MONOCHROME2) and mapped to [-1, 1]
-with ``engine.pixels.normalize`` using the *model's* normalisation (by default the
-0.5..99.5 percentile window of each image).  The model was trained to produce the target
-style normalised exactly that way, so output and target are directly comparable, and the
-numbers do not depend on how either vendor scales its stored values.
+with ``engine.pixels.normalize`` using the *model's* windows: the input with its input window,
+the target with its output window (a fixed-window model's domain B window; per-image models
+use each image's 0.5..99.5 percentiles for both).  The model was trained to produce the target
+style normalised exactly that way, so output and target are directly comparable.  The identity
+baseline is the input's own values seen through the target's window (``engine.pixels.rewindow``).
 
 Definitions (data range 2, the width of model space):
 
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from dicom_node.engine.defaults import DEFAULT_OVERLAP
+from dicom_node.engine.pixels import rewindow, target_normalization
 from dicom_node.engine.preview import save_png, to_u8
 from dicom_node.engine.quality import (DATA_RANGE, SeamCheck, compare_seams, psnr, seam_energy, seam_summary,
                                        ssim)
@@ -172,13 +174,15 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     out = Path(out_dir)
     (out / "panels").mkdir(parents=True, exist_ok=True)
     norm = model.normalization
+    norm_target = target_normalization(model.metadata.get("output"), norm)
     rows: list[dict[str, Any]] = []
     checks: list[SeamCheck] = []
     tiles_used: set[int] = set()
     seam_tiles: set[int] = set()
     t_total = 0.0
     for name, src, dst in pairs:
-        x, t = _read_pair(name, src, dst, norm)
+        x, t = _read_pair(name, src, dst, norm, norm_target)
+        ident = rewindow(x, norm, norm_target)  # the input's own values, in the target's window
         eff = _effective_tile(model, x.shape, tile, device)
         tiles_used.add(eff)
         t0 = time.perf_counter()
@@ -186,7 +190,7 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
         dt = time.perf_counter() - t0
         t_total += dt
         row = {"name": name, "shape": list(x.shape), "psnr": psnr(y, t), "ssim": ssim(y, t),
-               "identity_psnr": psnr(x, t), "identity_ssim": ssim(x, t), "tile": eff, "seconds": round(dt, 3)}
+               "identity_psnr": psnr(ident, t), "identity_ssim": ssim(ident, t), "tile": eff, "seconds": round(dt, 3)}
         if seam_check:
             check, s_tile = _seam_pass(model, x, y, eff, seam_tile, overlap, device)
             checks.append(check)
@@ -212,13 +216,13 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     return summary
 
 
-def _read_pair(name: str, src: Path, dst: Path, normalization: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Input and target of one pair in model space (the model's normalisation); same size."""
+def _read_pair(name: str, src: Path, dst: Path, normalization: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Input and target of one pair in model space (the model's input and target windows); same size."""
     from dicom_node.engine.pixels import normalize, read_dicom
 
     _, img_in = read_dicom(src)
     _, img_tg = read_dicom(dst)
-    x, t = normalize(img_in, normalization), normalize(img_tg, normalization)
+    x, t = normalize(img_in, normalization), normalize(img_tg, target)
     if x.shape != t.shape:
         raise UserError(f"{name}: input {x.shape} and target {t.shape} differ in size")
     return x, t

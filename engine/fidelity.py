@@ -42,6 +42,10 @@ own source, per image, and names what it finds:
   0.1 % quantile, recorded at export): metal implants, a plateau with a step all round even
   over bright bone, which the ``structure`` scores cannot judge (clipped regions are
   skipped) and which change the global statistics little.
+* ``window``: the share of the input (per cent of its valid pixels) outside the model's fixed
+  input window, clipped on the way in (``engine.radiograph``): an input whose values are not
+  the ones the model was trained on (another detector, bit depth, exposure or processing) is
+  translated from a flattened copy.  Only for fixed-window models.
   ``noise``, ``saturated`` and ``network`` are only judged for models calibrated with them
   (older model files skip them, and ``saturated`` for calibrations before fidelity version 5,
   which measured the darkest single neighbour; there are no defaults).
@@ -73,12 +77,13 @@ if TYPE_CHECKING:
 
 __all__ = ["FidelityReport", "assess", "structure_scores", "ood_score", "cycle_score", "judge", "thresholds_of",
            "calibrate_thresholds", "domain_statistics", "analysis_view", "disagreement", "noise_level", "noise_score",
-           "saturated_level", "saturated_score", "network_levels", "network_score", "network_addition", "base_of",
+           "saturated_level", "saturated_score", "window_share", "fixed_window", "network_levels", "network_score", "network_addition", "base_of",
            "DEFAULT_THRESHOLDS", "SCORES", "ANALYSIS_SIDE", "CYCLE_SIDE", "OK", "FLAGGED"]
 
 OK, FLAGGED = "ok", "flagged"
 STALE_CALIBRATION = "the model's weights changed since its calibration (re-export it: dicom-node train export)"
-SCORES = ("structure", "band_structure", "unexplained", "network", "cycle", "ood", "noise", "saturated")  # higher: worse
+SCORES = ("structure", "band_structure", "unexplained", "network", "cycle", "ood", "noise", "saturated",
+          "window")  # higher: worse
 STRUCTURE_SCORES = ("structure", "band_structure", "unexplained")  # from source and output alone
 ANALYSIS_SIDE = 512
 CYCLE_SIDE = 128
@@ -100,17 +105,17 @@ SURROUND_WINDOW = 5  # analysis pixels around a saturated pixel whose unsaturate
 # trips them, tight enough for the gross faults (inverted, random, blank, broken model).
 # ``noise`` and ``saturated`` have none: they need the domain's statistics, so only calibrated models judge them.
 DEFAULT_THRESHOLDS: dict[str, float] = {"structure": 0.75, "band_structure": 0.75, "unexplained": 0.5, "cycle": 0.5,
-                                        "ood": 3.0}
+                                        "ood": 3.0, "window": 20.0}
 # Calibration: the highest held-out score plus a margin, the larger of an absolute one and one
 # relative to that score.  Whole-image scores (unexplained, cycle, ood) get a wide relative
 # margin: a few dozen calibration images do not show their tail (measured, bench/fidelity.py).
 # ``noise``: at least half an octave beyond the spread of the domain; ``saturated``: at least
-# 0.05 % of the image.
+# 0.05 % of the image; ``window``: twice the highest share seen, at least 5 % of the image more.
 # ``network`` is a ratio to its own calibration (1.0 at most there): half as much again.
 MARGIN_ABS: dict[str, float] = {"structure": 0.1, "band_structure": 0.1, "unexplained": 0.1, "network": 0.5,
-                                "cycle": 0.1, "ood": 1.0, "noise": 0.5, "saturated": 0.05}
+                                "cycle": 0.1, "ood": 1.0, "noise": 0.5, "saturated": 0.05, "window": 5.0}
 MARGIN_REL: dict[str, float] = {"structure": 0.35, "band_structure": 0.35, "unexplained": 1.0, "network": 0.0,
-                                "cycle": 1.0, "ood": 1.0, "noise": 1.0, "saturated": 1.0}
+                                "cycle": 1.0, "ood": 1.0, "noise": 1.0, "saturated": 1.0, "window": 1.0}
 
 
 @dataclass
@@ -397,6 +402,17 @@ def network_score(levels: list[float], scale: list[float]) -> float:
     return max(v / max(s, floor) for v, s, floor in zip(levels, scale, _network_floors()))
 
 
+def window_share(x: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Per cent of the valid pixels that the input window clipped (model space: at -1 or +1)."""
+    values = x if valid is None else x[valid]
+    return 100.0 * float(np.count_nonzero(np.abs(values) >= 1.0)) / max(1, values.size)
+
+
+def fixed_window(model: "StyleModel") -> bool:
+    """Whether ``model`` reads absolute values through one fixed window (``engine.radiograph``)."""
+    return model.normalization.get("method") == "fixed"
+
+
 def network_addition(y: np.ndarray, base: np.ndarray) -> np.ndarray:
     """What the network added: the output minus its global stage's output, both as shown
     (clipped to the model range, as ``to_output_pixels`` clips)."""
@@ -485,7 +501,8 @@ def judge(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -
              "network": "the network changed a region more than it ever did in calibration",
              "cycle": "inverse model does not restore the source", "ood": "input unlike the training data",
              "noise": "input noise unlike the training data",
-             "saturated": "saturated regions unlike the training data (metal?)"}
+             "saturated": "saturated regions unlike the training data (metal?)",
+             "window": "input values outside the model's intensity window"}
     reasons = [f"{words[k]} ({k} {float(scores[k]):.2f} > {thresholds[k]:.2f})"  # type: ignore[arg-type]
                for k in SCORES if scores.get(k) is not None and k in thresholds
                and not float(scores[k]) <= thresholds[k]]  # type: ignore[arg-type]
@@ -515,6 +532,7 @@ def assess(model: "StyleModel", x: np.ndarray, y: np.ndarray, *, valid: np.ndarr
     vs = None if valid is None or valid.all() else analysis_view(valid.astype(np.float32)) >= 1.0
     scores["noise"] = noise_score(noise_level(xs, vs), noise_levels) if noise_levels else None
     scores["saturated"] = saturated_score(xs, sat_level) if sat_level is not None else None
+    scores["window"] = window_share(x, valid) if fixed_window(model) else None
     network = _network_scale(model)
     if network is not None:
         if base is None:

@@ -18,8 +18,8 @@ from .atomic import atomic_write
 from .defaults import CAUTION_LABEL, DEFAULT_OVERLAP, UID_RE
 
 from .preview import save_png, to_u8
-from .pixels import (DEFAULT_MAX_PIXELS, Radiograph, decode_dataset, normalize, output_window, read_dicom,
-                     to_output_pixels)
+from .pixels import (DEFAULT_MAX_PIXELS, OutputScale, Radiograph, decode_dataset, normalize, output_scale,
+                     output_window, read_dicom, to_output_pixels)
 from .secondary_capture import make_secondary_capture
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .model_file import StyleModel
 
 __all__ = ["translate_dataset", "translate_file", "save_translation", "save_preview", "Translation",
-           "translate_radiograph", "model_output_window", "ModelOutputError"]
+           "translate_radiograph", "model_output_window", "model_output_scale", "ModelOutputError"]
 
 
 
@@ -46,11 +46,18 @@ class Translation:
     fidelity: "FidelityReport | None" = None
 
 
+def model_output_scale(model: "StyleModel") -> OutputScale:
+    """How this model's outputs are stored: in its target domain's values (metadata
+    ``output.normalization``), or on the full 16-bit range for models without one."""
+    return output_scale(model.metadata.get("output"))
+
+
 def model_output_window(model: "StyleModel") -> tuple[float, float]:
-    """The SC window for this model: metadata ``output.window`` (model space) or the full range."""
+    """The SC window for this model, in output values: metadata ``output.window`` (model space)
+    or the whole target window."""
     output: Any = model.metadata.get("output") or {}
     window = output.get("window") if isinstance(output, dict) else None
-    return output_window(tuple(window) if window else None)
+    return output_window(tuple(window) if window else None, model_output_scale(model))
 
 
 def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, *, tile: int | None = None,
@@ -77,11 +84,12 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
         from .fidelity import assess
 
         report = assess(model, x, y, valid=img.valid, inverse=inverse, device=device, base=base)
-    out = to_output_pixels(y)
+    scale = model_output_scale(model)
+    out = to_output_pixels(y, scale)
     if img.valid is not None:
         out[~img.valid] = 0
-    sc = make_secondary_capture(source, out, model, window=model_output_window(model), label=label,
-                                fidelity=report, show_flag=show_flag)
+    sc = make_secondary_capture(source, out, model, window=model_output_window(model), rescale=scale.rescale,
+                                label=label, fidelity=report, show_flag=show_flag)
     return Translation(sc=sc, model_input=x, model_output=y, fidelity=report)
 
 

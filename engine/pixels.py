@@ -21,10 +21,12 @@ Steps (and why):
    because percentile normalisation is invariant to a shift; the mirror is simply exact.)
    Presentation LUT Shape is not applied: in the DX/CR IODs ``INVERSE`` only restates
    MONOCHROME1, applying it again would invert twice.
-5. ``normalize``: a robust percentile window of the valid pixels -> [-1, 1] (model space).
+5. ``normalize``: the model's window of those values -> [-1, 1] (model space): a fixed window
+   per domain (``dicom-node train``'s default) or each image's robust percentiles (older
+   models, mixed archives); ``engine.radiograph`` states the rule and why.
 
 The VOI LUT/window of the source is deliberately ignored: it is a display choice that varies
-between sites, while the percentile window depends only on the image content.
+between sites, not part of the values a style maps.
 
 Modules: :mod:`.radiograph` (the image type, model space and output pixels),
 :mod:`.dicom_decode` (steps 0-4 for a DICOM data set), this module (recognising and reading
@@ -43,7 +45,9 @@ from .defaults import DEFAULT_NORMALIZATION
 from .dicom_decode import decode_dataset
 from .errors import UnsupportedImage, UserError
 from .errors import first_line as _first_line
-from .radiograph import DEFAULT_MAX_PIXELS, OUTPUT_MAX, Radiograph, normalize, output_window, to_output_pixels
+from .radiograph import (DEFAULT_MAX_PIXELS, FULL_RANGE, OUTPUT_MAX, OutputScale, Radiograph, normalize,
+                         output_scale, output_window, rewindow, target_normalization, to_output_pixels,
+                         window_values)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -57,6 +61,12 @@ __all__ = [
     "to_output_pixels",
     "output_window",
     "OUTPUT_MAX",
+    "OutputScale",
+    "FULL_RANGE",
+    "output_scale",
+    "window_values",
+    "target_normalization",
+    "rewindow",
 ]
 
 

@@ -180,12 +180,20 @@ def _laterality(source: Dataset) -> str:
     return ""
 
 
+def _ds(value: float) -> str:
+    """A Decimal String (at most 16 characters) for ``value``."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value))
+
+
 def _style_label(model: "StyleModel") -> str:
     return str(model.metadata.get("style") or model.name)
 
 
 def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleModel", *,
-                           window: tuple[float, float], label: str | None = CAUTION_LABEL,
+                           window: tuple[float, float], rescale: tuple[float, float] | None = None,
+                           label: str | None = CAUTION_LABEL,
                            fidelity: "FidelityReport | None" = None, show_flag: bool = True) -> Dataset:
     """The Secondary Capture dataset for ``pixels`` (uint16 MONOCHROME2) derived from ``source``.
 
@@ -196,6 +204,10 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     guard flagged, with ``show_flag``, goes to a series of its own (derived from the same UIDs
     plus "flagged", number + :data:`FLAGGED_SERIES_OFFSET`) whose SeriesDescription starts with
     :data:`FLAGGED_PREFIX`; ImageComments names the reasons and scores.
+
+    ``window`` (center, width) is in output values; ``rescale`` (intercept, slope) is written as
+    the Modality LUT when the stored pixels are not the output values themselves
+    (``engine.radiograph.OutputScale``).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -306,6 +318,11 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
 
     _set_pixel_spacing(sc, source)
 
+    if rescale is not None:
+        intercept, slope = rescale
+        sc.RescaleIntercept = _ds(intercept)
+        sc.RescaleSlope = _ds(slope)
+        sc.RescaleType = "US"  # unspecified: the target domain's own units
     center, width = window
     sc.WindowCenter = f"{center:.1f}"
     sc.WindowWidth = f"{width:.1f}"

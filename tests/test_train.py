@@ -50,7 +50,8 @@ def data(tmp_path_factory) -> Path:
     for i in range(2):
         pix = phantom(SIZE, SIZE, 12, seed=30 + i)
         write(make_dataset(pix, seed=30 + i), root / "val" / "A" / f"v{i}.dcm")
-        write(make_dataset(style_b(pix) >> 4, seed=30 + i), root / "val" / "B" / f"v{i}.dcm")
+        # B's values as DICOM (training B is PNG): a domain's images share one value scale
+        write(make_dataset(style_b(pix), bits_stored=16, seed=30 + i), root / "val" / "B" / f"v{i}.dcm")
     return root
 
 
@@ -108,7 +109,7 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     assert fid["calibrated"] is True and fid["domain_images"] == 3
     assert fid["calibration"]["held_out_images"] == 2 and fid["calibration"]["training_images"] == 3
     assert set(fid["thresholds"]) == {"structure", "band_structure", "unexplained", "network", "cycle", "ood",
-                                      "noise", "saturated"}
+                                      "noise", "saturated", "window"}
     assert fid["thresholds"]["network"] == 1.5  # a ratio to the most the network added in calibration
     for k, top in fid["calibration"]["max"].items():
         assert fid["thresholds"][k] > top  # the highest held-out score plus a margin

@@ -87,6 +87,7 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
             if inv is not None:
                 samples["cycle"].append(fd.cycle_score(inv, x, y, device=device))
             samples["saturated"].append(fd.saturated_score(xs, sat_level))
+            samples["window"].append(fd.window_share(x))
             if n < len(held):
                 samples["ood"].append(fd.ood_score(xs, domain))
                 samples["noise"].append(fd.noise_score(fd.noise_level(xs), noise_levels))

@@ -25,6 +25,10 @@ class DataSettings:
     b: Path
     val: Path | None = None
     min_images: int = 1  # fewer usable images than this in a domain is an error
+    # domain: one fixed intensity window per domain, measured over all its images (a style maps
+    # absolute values: engine/radiograph.py); image: each image stretched between its own
+    # percentiles (archives of mixed origin, and every model trained before this choice existed)
+    normalization: str = "domain"
 
 
 @dataclass
@@ -96,7 +100,8 @@ class TrainConfig:
 
 
 _SECTIONS = {"data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
-_CHOICES = {("train", "amp"): ("auto", "bf16", "off"), ("train", "paired"): ("auto", "on", "off"),
+_CHOICES = {("data", "normalization"): ("domain", "image"), ("train", "amp"): ("auto", "bf16", "off"),
+            ("train", "paired"): ("auto", "on", "off"),
             ("train", "channels_last"): ("auto", "on", "off")}
 _PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}
 _POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("train", "batch_size"),

@@ -266,10 +266,12 @@ def paired_indices(a: DomainData, b: DomainData) -> list[tuple[int, int]]:
     return pairs
 
 
-def load_pairs(folder: Path, normalization: dict, limit: int = 16) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def load_pairs(folder: Path, normalization: dict, normalization_b: dict | None = None,
+               limit: int = 16) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Validation pairs: ``folder/A/NAME`` and ``folder/B/NAME`` (any suffix) of the same image.
 
-    Returns up to ``limit`` (name, A image, B image) in model space, float32, full resolution.
+    Returns up to ``limit`` (name, A image, B image) in model space, float32, full resolution:
+    A with ``normalization``, B with ``normalization_b`` (default: the same).
     Unreadable or mismatched pairs are skipped with a warning.
     """
     folder = Path(folder)
@@ -285,7 +287,7 @@ def load_pairs(folder: Path, normalization: dict, limit: int = 16) -> list[tuple
             continue
         try:
             ia, _ = _decode(fa, normalization)
-            ib, _ = _decode(fb, normalization)
+            ib, _ = _decode(fb, normalization if normalization_b is None else normalization_b)
         except Exception as exc:  # noqa: BLE001 - skip and go on, as for training data
             log.warning("validation: skipping %s (%s)", name, str(exc).splitlines()[0] if str(exc) else exc)
             continue

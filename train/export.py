@@ -22,7 +22,7 @@ from dicom_node.engine.atomic import atomic_write
 from dicom_node.engine.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
-           "save_checkpoint", "load_checkpoint", "export_models"]
+           "save_checkpoint", "load_checkpoint", "export_models", "checkpoint_normalizations"]
 
 log = logging.getLogger("dicom_node.train")
 
@@ -84,17 +84,35 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
+def checkpoint_normalizations(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each domain's normalisation recorded in a checkpoint's ``meta``: ``normalizations``, or
+    for runs from before per-domain windows the one ``normalization`` both domains used."""
+    from dicom_node.engine.defaults import DEFAULT_NORMALIZATION
+
+    norms = meta.get("normalizations")
+    if isinstance(norms, dict) and "A" in norms and "B" in norms:
+        return {"A": dict(norms["A"]), "B": dict(norms["B"])}
+    one = dict(meta.get("normalization") or DEFAULT_NORMALIZATION)
+    return {"A": one, "B": dict(one)}
+
+
+def _output_metadata(target_norm: dict[str, Any]) -> dict[str, Any] | None:
+    """A model's ``output`` metadata: its target domain's fixed window (outputs are written in
+    that domain's values, ``engine.radiograph``); None for per-image normalisation."""
+    return {"normalization": target_norm} if target_norm.get("method") == "fixed" else None
+
+
 def _calibration_images(meta: dict[str, Any], run_dir: Path) -> dict[str, list] | None:
     """Training images of both domains (from the run's cache) and validation images, if any;
     None (with a warning) when the data is no longer where the run found it."""
     from .data import load_domain, load_pairs
 
     data = meta["config"].get("data") or {}
-    norm = meta.get("normalization") or {}
+    norms = checkpoint_normalizations(meta)
     try:
-        out = {label: load_domain(Path(data[label.lower()]), label, run_dir / "cache", norm, write_cache=False).arrays
-               for label in ("A", "B")}
-        pairs = load_pairs(Path(data["val"]), norm) if data.get("val") else []
+        out = {label: load_domain(Path(data[label.lower()]), label, run_dir / "cache", norms[label],
+                                  write_cache=False).arrays for label in ("A", "B")}
+        pairs = load_pairs(Path(data["val"]), norms["A"], norms["B"]) if data.get("val") else []
     except (UserError, KeyError, OSError) as exc:
         log.warning("fidelity guard not calibrated (the models use its default thresholds): %s", exc)
         return None
@@ -146,14 +164,15 @@ def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path |
     names = {"g_ab": f"{name}_A2B", "g_ba": f"{name}_B2A"}
     digests = {k: weights_digest(g.state_dict()) for k, g in gens.items()}
     images = _calibration_images(meta, run_dir)
+    norms = checkpoint_normalizations(meta)
     written = []
-    for key, other, direction, src in (("g_ab", "g_ba", "A->B", "A"), ("g_ba", "g_ab", "B->A", "B")):
+    for key, other, direction, src, dst in (("g_ab", "g_ba", "A->B", "A", "B"), ("g_ba", "g_ab", "B->A", "B", "A")):
         fidelity = None
         if images is not None:
             fidelity = fidelity_metadata(gens[key], gens[other], images[src], images[f"val_{src}"])
         path = save_style_model(
             gens[key], out_dir / f"{names[key]}.safetensors", name=names[key], direction=direction,
-            version=str(step), normalization=meta.get("normalization"), provenance=provenance,
+            version=str(step), normalization=norms[src], output=_output_metadata(norms[dst]), provenance=provenance,
             description=f"CycleGAN style model {direction} trained by dicom-node train ({step} steps)",
             inverse={"name": names[other], "weights_sha256": digests[other]}, fidelity=fidelity,
         )

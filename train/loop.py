@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .cyclegan import LOSS_NAMES, CycleGAN
 from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indices
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
-from .export import export_models, latest_checkpoint, load_checkpoint, save_checkpoint
+from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
@@ -87,13 +87,22 @@ def _broadcast_error(info: DistInfo, error: str | None) -> None:
         raise UserError(error)
 
 
+def _broadcast_object(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class _Run:
     def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, resume: bool, progress: bool):
         self.cfg, self.info, self.device, self.resume, self.progress = cfg, info, device, resume, progress
         self.run_dir = Path(cfg.output.dir)
-        from dicom_node.engine.model_file import DEFAULT_NORMALIZATION
-
-        self.normalization = dict(DEFAULT_NORMALIZATION)
+        # Each domain's normalisation (train/intensity.py): decided by rank 0 in _setup_main
+        # (measured, or the checkpoint's on resume: model space must not move under a run).
+        self.norms: dict[str, dict[str, Any]] = {}
         self.validation: dict[str, float] = {}
         self.last_losses: dict[str, float] = {}
         self.val_pairs: list = []
@@ -104,9 +113,20 @@ class _Run:
         c = self.cfg
         cache = self.run_dir / "cache"
         kw = dict(patch_size=c.train.patch_size, write_cache=write, min_images=c.data.min_images)
-        a = load_domain(c.data.a, "A", cache, self.normalization, **kw)
-        b = load_domain(c.data.b, "B", cache, self.normalization, **kw)
+        a = load_domain(c.data.a, "A", cache, self.norms["A"], **kw)
+        b = load_domain(c.data.b, "B", cache, self.norms["B"], **kw)
         return a, b
+
+    def _decide_normalizations(self) -> dict[str, dict[str, Any]]:
+        """The checkpoint's windows when resuming one, else ``data.normalization``'s, measured."""
+        from .intensity import run_normalizations
+
+        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        if ckpt is not None:
+            return checkpoint_normalizations(load_checkpoint(ckpt)["meta"])
+        c = self.cfg
+        a, b = run_normalizations(c.data.normalization, c.data.a, c.data.b, self.run_dir / "cache")
+        return {"A": a, "B": b}
 
     def _setup_main(self) -> None:
         """Rank 0: check the run directory, write the config copy, build the data cache."""
@@ -118,9 +138,10 @@ class _Run:
                             f"or choose another output.dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.norms = self._decide_normalizations()
         self.data = self._load_data(write=True)
         if self.cfg.data.val is not None:
-            self.val_pairs = load_pairs(self.cfg.data.val, self.normalization)
+            self.val_pairs = load_pairs(self.cfg.data.val, self.norms["A"], self.norms["B"])
             log.info("validation: %d pairs from %s", len(self.val_pairs), self.cfg.data.val)
 
     def run(self) -> TrainResult:
@@ -132,6 +153,8 @@ class _Run:
             except UserError as exc:
                 error = str(exc)
         _broadcast_error(info, error)
+        if info.enabled:
+            self.norms = _broadcast_object(info, self.norms)
         if not info.is_main:
             self.data = self._load_data(write=False)
         a, b = self.data
@@ -242,7 +265,8 @@ class _Run:
             "name": c.model_name,
             "trainer": _trainer_version(),
             "config": c.to_dict(),
-            "normalization": self.normalization,
+            "normalization": self.norms["A"],  # G_ab's input (as before per-domain windows)
+            "normalizations": self.norms,
             "architecture": model.module("g_ab").architecture(),
             "data": {"A": a.summary(), "B": b.summary(), "pairs": n_pairs,
                      "world_size": self.info.world_size},
@@ -343,7 +367,7 @@ class _Run:
     def _validate(self, model: CycleGAN, val_pairs: list) -> dict[str, float]:
         from .validate import validate
 
-        return validate(model.module("g_ab"), model.module("g_ba"), val_pairs, device=self.device)
+        return validate(model.module("g_ab"), model.module("g_ba"), val_pairs, device=self.device, norms=self.norms)
 
     # ------------------------------------------------------------------ outputs
 

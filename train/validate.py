@@ -19,8 +19,14 @@ __all__ = ["validate"]
 
 
 def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str, np.ndarray, np.ndarray]],
-             device: torch.device | str | None = None) -> dict[str, float]:
-    """Mean PSNR/SSIM of A->B against B and B->A against A, plus the identity baselines."""
+             device: torch.device | str | None = None, norms: dict | None = None) -> dict[str, float]:
+    """Mean PSNR/SSIM of A->B against B and B->A against A, plus the identity baselines.
+
+    ``norms``: each domain's window (``{"A": ..., "B": ...}``); the identity baseline is A's
+    values seen through B's window (``engine.pixels.rewindow``).
+    """
+    from dicom_node.engine.pixels import rewindow
+
     from dicom_node.engine import translate
     from dicom_node.engine.model_file import StyleModel
 
@@ -33,10 +39,11 @@ def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str
     for _name, img_a, img_b in pairs:
         out_ab = translate(models["a2b"], img_a, device=device)
         out_ba = translate(models["b2a"], img_b, device=device)
+        ident = rewindow(img_a, norms["A"], norms["B"]) if norms else img_a
         values = {
             "val_psnr_a2b": psnr(out_ab, img_b), "val_ssim_a2b": ssim(out_ab, img_b),
             "val_psnr_b2a": psnr(out_ba, img_a), "val_ssim_b2a": ssim(out_ba, img_a),
-            "val_psnr_identity": psnr(img_a, img_b), "val_ssim_identity": ssim(img_a, img_b),
+            "val_psnr_identity": psnr(ident, img_b), "val_ssim_identity": ssim(ident, img_b),
         }
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
