@@ -309,3 +309,33 @@ def test_webhook_secrets_never_reach_logs_database_or_console(tmp_path, tiny_mod
         garbage.stop()
     for secret in secrets:
         assert secret not in caplog.text and secret not in pages and secret.encode() not in stored, secret
+
+
+def test_a_webhook_removed_by_a_reload_stops_and_its_events_are_given_up(tmp_path, tiny_model_path):
+    """Per-webhook senders follow a reload: a removed webhook's waiting events are kept as failed
+    ("no longer configured") when they come due, an added one gets its events."""
+    import yaml
+
+    from dicom_node.config import load_config
+    from dicom_node.node import Node
+
+    added = HookReceiver(free_port()).start()
+    cfg = node_config(tmp_path, port=free_port(), model_path=tiny_model_path, stable=0.2,
+                      destinations={"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                      routes=[{"called_ae": "DR_KIM", "model": "tiny", "destinations": ["out"]}])
+    cfg["notifications"] = [{"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x",
+                             "retry": {"max_attempts": 100, "backoff_seconds": [2]}}]
+    path = write_config(tmp_path / "node.yaml", cfg)
+    try:
+        with Node(load_config(path), config_path=str(path)) as node:
+            assert send(node.port, study(1), called="DR_KIM") == [0]
+            assert wait_for(lambda: (_row(node, "gone") or {}).get("attempts") == 1, 30)
+            cfg["notifications"] = [{"name": "added", "url": f"http://127.0.0.1:{added.port}/in"}]
+            path.write_text(yaml.safe_dump(cfg))
+            assert node.reload()["changes"] == ["webhook added added", "webhook gone removed"]
+            assert wait_for(lambda: _row(node, "gone")["state"] == "failed", 10), _row(node, "gone")
+            assert _row(node, "gone")["last_error"] == "webhook no longer configured"
+            assert send(node.port, study(1), called="DR_KIM") == [0]
+            assert wait_for(lambda: len(added.posts) == 1, 30)
+    finally:
+        added.stop()
