@@ -307,3 +307,14 @@ def test_other_ports_are_for_the_embedded_config_only(tmp_path, tiny_model_path)
     assert "set node.port and web.port in the file" in result.stderr
     result = _dicom_node("serve", "--port", "8080", "--web-port", "8080")
     assert result.returncode == 1 and "cannot share port 8080" in result.stderr
+
+
+def test_help_imports_no_demo_generators_and_demo_data_help_still_lists_the_style_pairs():
+    """Every command builds the whole parser: demo-data's style pair list (numpy, the demo
+    generators) is imported only for its own help."""
+    probe = ("import sys\nfrom dicom_node.cli import build_parser\nbuild_parser()\n"
+             "print(sorted(m for m in ('numpy', 'torch', 'dicom_node.demo.vendor_processing') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.stdout.strip() == "[]", result.stderr
+    helptext = _dicom_node("demo-data", "--help").stdout
+    assert "style pairs (--style-pair):" in helptext and "classic" in helptext and "(default classic" in helptext

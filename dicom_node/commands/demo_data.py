@@ -7,9 +7,6 @@ from . import add_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dicom_node.demo.vendor_processing import DEFAULT_STYLE_PAIR, STYLE_PAIRS
-
-    pairs = "\n".join(f"  {name:<10} {pair.description}" for name, pair in STYLE_PAIRS.items())
     p = sub.add_parser(
         "demo-data",
         help="write synthetic radiographs in two styles, paired or --unpaired (A/, B/, test/A, test/B)",
@@ -19,7 +16,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and B/ hold disjoint phantoms (aNNNN_*, bNNNN_*); true pairs only in test/. The nonlinear pairs "
         "(multiscale, clahe, denoise, unsharp, combined) process absolute values as vendors do; --source real "
         "cuts them from crops of varying field of view of real CR radiographs. See docs/demo-data.md.",
-        epilog=f"style pairs (--style-pair):\n{pairs}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_output(p, "output folder (created)", dest="outdir", required=True, positional=True, aliases=())
@@ -31,22 +27,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unpaired", action="store_true",
                    help="A/ and B/ from disjoint exposures (A: phantoms 0..count-1, B: count..2*count-1); "
                    "test/ keeps true pairs (phantoms 2*count..) for scoring")
-    p.add_argument("--style-pair", default=DEFAULT_STYLE_PAIR, metavar="NAME",
-                   help=f"the two vendor styles: {', '.join(STYLE_PAIRS)} (default {DEFAULT_STYLE_PAIR}; "
-                   "listed below)")
+    style_pair = p.add_argument("--style-pair", metavar="NAME", help="the two vendor styles (listed in --help)")
     p.add_argument("--source", default="phantom", choices=("phantom", "real"),
                    help="phantom: procedural chests and knees (default); real: crops of varying size, position "
                    "and collimation of pydicom-data's real CR chest and leg (A, B and test from disjoint "
                    "regions; --size is the largest crop side; needs the pydicom-data package)")
     p.set_defaults(func=run)
 
+    def format_help() -> str:
+        """The style pairs come from the demo generators, imported only for this help: every
+        ``dicom-node`` command builds this parser, and none but demo-data needs them (numpy)."""
+        from dicom_node.demo.vendor_processing import DEFAULT_STYLE_PAIR, STYLE_PAIRS
+
+        style_pair.help = (f"the two vendor styles: {', '.join(STYLE_PAIRS)} (default {DEFAULT_STYLE_PAIR}; "
+                           "listed below)")
+        pairs = "\n".join(f"  {name:<10} {pair.description}" for name, pair in STYLE_PAIRS.items())
+        p.epilog = f"style pairs (--style-pair):\n{pairs}"
+        return argparse.ArgumentParser.format_help(p)
+
+    p.format_help = format_help
+
 
 def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
+    from dicom_node.demo.vendor_processing import DEFAULT_STYLE_PAIR
     from dicom_node.demo.writer import write_demo_data
 
+    args.style_pair = args.style_pair or DEFAULT_STYLE_PAIR
     t0 = time.perf_counter()
     manifest = write_demo_data(args.outdir, count=args.count, test_count=args.test_count, size=args.size,
                                seed=args.seed, progress=sys.stderr.isatty(), unpaired=args.unpaired,
