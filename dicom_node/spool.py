@@ -30,8 +30,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
+if TYPE_CHECKING:  # pydicom at run time only where a dataset is made: status and retry start without it
+    from pydicom.dataset import Dataset
 
 from dicom_node.engine.atomic import fsync_dir
 
@@ -266,6 +268,7 @@ class Spool:
         """
         import zlib
 
+        from pydicom.dataset import Dataset
         from pydicom.filewriter import write_file_meta_info
         from pydicom.uid import ExplicitVRLittleEndian
 

@@ -318,3 +318,18 @@ def test_help_imports_no_demo_generators_and_demo_data_help_still_lists_the_styl
     assert result.stdout.strip() == "[]", result.stderr
     helptext = _dicom_node("demo-data", "--help").stdout
     assert "style pairs (--style-pair):" in helptext and "classic" in helptext and "(default classic" in helptext
+
+
+def test_status_reads_the_database_without_pydicom_or_numpy(tmp_path, tiny_model_path):
+    """status, retry, audit: SQL and text only (the spool's pydicom is for the node)."""
+    from dicom_node.state import StateDB
+
+    config = _config(tmp_path, tiny_model_path)
+    db_path = _state_db(config)
+    db_path.parent.mkdir(parents=True)
+    StateDB(db_path).close()
+    probe = ("import sys\nfrom dicom_node.cli import main\nrc = main(sys.argv[1:])\n"
+             "print(rc, sorted(m for m in ('numpy', 'pydicom', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, "status", "--config", str(config)], capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr
