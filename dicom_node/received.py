@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["read_header", "pixel_data_problem", "budget_problem", "IMAGE_SIZE_KEYWORDS", "watch_arriving",
-           "RefusedWhileReceiving"]
+           "RefusedWhileReceiving", "content_digest"]
 
 IMAGE_SIZE_KEYWORDS = ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")
 
@@ -97,6 +97,16 @@ def pixel_data_problem(ds: Any, raw: Any, file_size: int) -> str | None:
     if raw.length < needed:
         return f"pixel data has {raw.length} bytes, the image needs {needed}"
     return None
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a received file: a resend with the same SOP Instance UID and another digest is
+    a correction (processed again), with the same digest a duplicate.  (The same data set in
+    another transfer syntax also counts as a correction: processing it again changes nothing.)"""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def budget_problem(attrs: dict[str, Any], max_bytes: int | None) -> str | None:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_node.config import NodeConfig
-from dicom_node.received import (IMAGE_SIZE_KEYWORDS, RefusedWhileReceiving, budget_problem, read_header,
-                                 watch_arriving)
+from dicom_node.received import (IMAGE_SIZE_KEYWORDS, RefusedWhileReceiving, budget_problem, content_digest,
+                                 read_header, watch_arriving)
 from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict, fallback_route, match_keywords, select_route
 from dicom_node.spool import Spool
 from dicom_node.state import STUDY_INFO_KEYWORDS, StateDB, abbreviate
@@ -290,30 +290,14 @@ class StoreSCP:
         return self.spool.inflate(src, offset, meta, max_bytes=config.node.max_instance_bytes or (1 << 62),
                                   min_free=config.storage.min_free_bytes)
 
-    def _store_file(self, config: NodeConfig, src: Path, called: str, calling: str, affected_sop: str,
-                    affected_class: str) -> int:
-        """Check, keep and record one received data set (uncompressed or inflated) at ``src``."""
-        size = src.stat().st_size
-        attrs, problem = read_header(src, self._keywords, affected_sop, affected_class)
-        if problem:
-            log.warning("store refused: %s (sop %s, from %s to %s)", problem, abbreviate(affected_sop), calling, called)
-            return STATUS_CANNOT_UNDERSTAND
+    def _keep(self, config: NodeConfig, src: Path, size: int, final: Path, attrs: dict[str, Any],
+              to_translate: bool) -> int | None:
+        """Move a checked data set into the spool at ``final``; None, or the failure status."""
         sop_uid = attrs["SOPInstanceUID"]
-        existing = self.db.find_instance(called, sop_uid)
-        if existing is not None:
-            self.db.record_received(called_ae=called, calling_ae=calling, sop_uid=sop_uid,
-                                    sop_class=attrs["SOPClassUID"], study_uid=attrs["StudyInstanceUID"],
-                                    series_uid=attrs["SeriesInstanceUID"], route=existing.route, matched=True,
-                                    path=existing.path, size=existing.size)
-            log.info("duplicate sop %s to %s acknowledged (state %s)", abbreviate(sop_uid), called, existing.state)
-            return STATUS_SUCCESS
-        choice = select_route(config.routes, called, calling, attrs)
-        too_big = budget_problem(attrs, config.node.max_decode_bytes) if choice.matched else None
+        too_big = budget_problem(attrs, config.node.max_decode_bytes) if to_translate else None
         if too_big:  # to be translated, but it would starve every other image: say so now
-            log.warning("store refused (0xA700): %s (sop %s, from %s to %s)", too_big, abbreviate(sop_uid), calling,
-                        called)
+            log.warning("store refused (0xA700): %s (sop %s)", too_big, abbreviate(sop_uid))
             return STATUS_OUT_OF_RESOURCES
-        final = self.spool.original_path(called, sop_uid)
         with self._write_lock:
             free = self.spool.free_bytes()
             if free - size < config.storage.min_free_bytes:
@@ -325,13 +309,63 @@ class StoreSCP:
             except OSError as exc:
                 log.error("store refused: cannot write spool (%s) sop %s", exc.strerror or exc, abbreviate(sop_uid))
                 return STATUS_OUT_OF_RESOURCES
+        return None
+
+    def _store_revision(self, config: NodeConfig, src: Path, size: int, digest: str, existing: Any,
+                        attrs: dict[str, Any], called: str, calling: str) -> int:
+        """A known SOP Instance UID with other content (a corrected resend): processed again.
+
+        Why not a duplicate: a modality that corrects demographics resends the same instance;
+        acknowledging and ignoring it left the PACS with the wrong name on the restyled image.
+        The new output keeps its UIDs (derived from the source UIDs), so the PACS replaces it.
+        """
+        choice = select_route(config.routes, called, calling, attrs)
+        final = self.spool.original_path(called, existing.sop_uid)
+        translated = existing.route is not None and existing.state != "unmatched"
+        refused = self._keep(config, src, size, final, attrs, translated)
+        if refused is not None:
+            return refused
+        fallback = fallback_route(config.routes, choice)
+        revision = self.db.record_revision(existing.id, calling_ae=calling, path=str(final), size=size,
+                                           content_sha256=digest,
+                                           forward=list(fallback.destinations) if fallback else [])
+        log.info("sop %s to %s resent with other content: processed again (revision %d; it was %s)",
+                 abbreviate(existing.sop_uid), called, revision, existing.state)
+        self.on_received()
+        return STATUS_SUCCESS
+
+    def _store_file(self, config: NodeConfig, src: Path, called: str, calling: str, affected_sop: str,
+                    affected_class: str) -> int:
+        """Check, keep and record one received data set (uncompressed or inflated) at ``src``."""
+        size = src.stat().st_size
+        attrs, problem = read_header(src, self._keywords, affected_sop, affected_class)
+        if problem:
+            log.warning("store refused: %s (sop %s, from %s to %s)", problem, abbreviate(affected_sop), calling, called)
+            return STATUS_CANNOT_UNDERSTAND
+        sop_uid = attrs["SOPInstanceUID"]
+        digest = content_digest(src)
+        existing = self.db.find_instance(called, sop_uid)
+        if existing is not None and self.db.content_digest(existing.id) not in (None, digest):
+            return self._store_revision(config, src, size, digest, existing, attrs, called, calling)
+        if existing is not None:
+            self.db.record_received(called_ae=called, calling_ae=calling, sop_uid=sop_uid,
+                                    sop_class=attrs["SOPClassUID"], study_uid=attrs["StudyInstanceUID"],
+                                    series_uid=attrs["SeriesInstanceUID"], route=existing.route, matched=True,
+                                    path=existing.path, size=existing.size)
+            log.info("duplicate sop %s to %s acknowledged (state %s)", abbreviate(sop_uid), called, existing.state)
+            return STATUS_SUCCESS
+        choice = select_route(config.routes, called, calling, attrs)
+        final = self.spool.original_path(called, sop_uid)
+        refused = self._keep(config, src, size, final, attrs, choice.matched)
+        if refused is not None:
+            return refused
         fallback = fallback_route(config.routes, choice)
         forward = list(fallback.destinations) if fallback else []
         _, new = self.db.record_received(
             called_ae=called, calling_ae=calling, sop_uid=sop_uid, sop_class=attrs["SOPClassUID"],
             study_uid=attrs["StudyInstanceUID"], series_uid=attrs["SeriesInstanceUID"],
             route=None if choice.index is None else config.routes[choice.index].name,
-            matched=choice.matched, path=str(final), size=size, forward=forward,
+            matched=choice.matched, path=str(final), size=size, forward=forward, content_sha256=digest,
             study={col: _text(attrs.get(kw)) for kw, col in STUDY_INFO_KEYWORDS.items()})
         if choice.matched:
             log.info("received sop %s study %s %s from %s to %s (route %s, %d bytes)", abbreviate(sop_uid),

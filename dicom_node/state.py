@@ -210,7 +210,13 @@ class OutputRecord:
 
 AUDIT_COLS = ("id", "instance_id", "called_ae", "study_uid", "source_sop_uid", "output_sop_uid", "model",
               "model_version", "model_digest", "device_uid", "verdict", "reasons", "scores", "thresholds", "action",
-              "disposition", "created_at", "updated_at")
+              "disposition", "created_at", "updated_at", "source_revision")
+
+# A resend of an instance with other content (same SOP Instance UID: corrected demographics) is
+# processed again: the instance keeps the digest of what it holds and counts its revisions, and
+# its audit row says from which revision the output was made.
+_REVISION_COLUMNS = (("instances", "content_sha256", "TEXT"), ("instances", "revision", "INTEGER NOT NULL DEFAULT 0"),
+                     ("outputs", "source_revision", "INTEGER NOT NULL DEFAULT 0"))
 
 _INSTANCE_COLS = ("id, called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size, "
                   "state, received_at, error")
@@ -242,6 +248,9 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                 self._conn.script("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
             if "first_received_at" not in self._conn.columns("studies"):  # from before max_wait
                 self._conn.script("ALTER TABLE studies ADD COLUMN first_received_at REAL")
+            for table, column, ddl in _REVISION_COLUMNS:  # from before corrected resends were processed
+                if column not in self._conn.columns(table):
+                    self._conn.script(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
             # Only the few rows whose files are still in the spool: the purge query stays cheap
             # however many delivered instances the table remembers.
             self._conn.script("CREATE INDEX IF NOT EXISTS instances_unpurged ON instances (id) WHERE purged=0")
@@ -315,6 +324,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
         self, *, called_ae: str, calling_ae: str, sop_uid: str, sop_class: str, study_uid: str,
         series_uid: str, route: str | None, matched: bool, path: str, size: int,
         forward: Iterable[str] = (), now: float | None = None, study: dict[str, str] | None = None,
+        content_sha256: str | None = None,
     ) -> tuple[int, bool]:
         """Record an acknowledged instance; returns (row id, is_new).
 
@@ -338,24 +348,17 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                 state = "received" if matched else "unmatched"
                 iid = c.insert_id(
                     "INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
-                    "route, path, size, state, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "route, path, size, state, received_at, updated_at, content_sha256) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size,
-                     state, now, now))
+                     state, now, now, content_sha256))
                 bump(c, "received", called_ae=called_ae)
                 if study is not None:
                     info = {col: str(study.get(col) or "")[:200] for col in STUDY_INFO_KEYWORDS.values()}
                     c.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
                               f"VALUES (?{',?' * len(info)})", (study_uid, *info.values()))
                 if matched:
-                    # A study released before (translated) opens a new round: a follow-up, translated
-                    # into the same output series after its own quiet period.
-                    c.execute(
-                        "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state, first_received_at) "
-                        "VALUES (?,?,?,?, 'pending', ?) ON CONFLICT (called_ae, route, study_uid) "
-                        "DO UPDATE SET last_received_at=excluded.last_received_at, first_received_at=CASE "
-                        "WHEN studies.state='pending' THEN COALESCE(studies.first_received_at, studies.last_received_at) "
-                        "ELSE excluded.first_received_at END, state='pending'",
-                        (called_ae, route, study_uid, now, now))
+                    self._join_study(c, called_ae, route, study_uid, now)
                 else:
                     self._add_deliveries(c, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
                 return iid, True
@@ -368,6 +371,56 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
             # another receiver stored the same instance at this very moment (two nodes of one
             # site): it is a duplicate now
             return once()
+
+    @staticmethod
+    def _join_study(c: Database, called_ae: str, route: str | None, study_uid: str, now: float) -> None:
+        """An instance to translate joins its study's quiet period.  A study released before
+        (translated) opens a new round: a follow-up, translated into the same output series
+        after its own quiet period."""
+        c.execute(
+            "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state, first_received_at) "
+            "VALUES (?,?,?,?, 'pending', ?) ON CONFLICT (called_ae, route, study_uid) "
+            "DO UPDATE SET last_received_at=excluded.last_received_at, first_received_at=CASE "
+            "WHEN studies.state='pending' THEN COALESCE(studies.first_received_at, studies.last_received_at) "
+            "ELSE excluded.first_received_at END, state='pending'",
+            (called_ae, route, study_uid, now, now))
+
+    def content_digest(self, instance_id: int) -> str | None:
+        """The SHA-256 of the data set an instance holds (None: received before digests were kept)."""
+        rows = self._query("SELECT content_sha256 FROM instances WHERE id=?", (int(instance_id),))
+        return rows[0][0] if rows else None
+
+    def record_revision(self, instance_id: int, *, calling_ae: str, path: str, size: int, content_sha256: str,
+                        forward: Iterable[str] = (), now: float | None = None) -> int:
+        """A resend of a known instance whose content differs (corrected demographics, same SOP
+        Instance UID): it is processed again from the start; returns its revision number.
+
+        The row goes back to ``received`` (its study gets a new quiet period) with the new file,
+        whatever it was doing: a translation of the old content in progress loses its lease
+        (its result is dropped, :class:`LeaseLost`), and its deliveries are replaced.  The new output has the same UIDs (they are
+        derived from the source UIDs and the model), so the PACS replaces the old one; its audit
+        row records the revision.  An unmatched instance forwards the new original again.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            called_ae, route, study_uid, sop_uid, state = c.execute(
+                "SELECT called_ae, route, study_uid, sop_uid, state FROM instances WHERE id=?",
+                (instance_id,)).fetchone()
+            matched = route is not None and state != "unmatched"
+            c.execute("UPDATE instances SET calling_ae=?, path=?, size=?, content_sha256=?, revision=revision+1, "
+                      "state=?, error=NULL, purged=0, updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id=?",
+                      (calling_ae, path, size, content_sha256, "received" if matched else "unmatched", now,
+                       instance_id))
+            self._let_go("instances", [instance_id])
+            # The old content's deliveries (sent, pending, or in flight: a deliverer's result for a
+            # row that is gone is dropped) make way for the new output's, which reuse their keys.
+            c.execute("DELETE FROM deliveries WHERE instance_id=?", (instance_id,))
+            bump(c, "received", called_ae=called_ae)
+            if matched:
+                self._join_study(c, called_ae, route, study_uid, now)
+            else:
+                self._add_deliveries(c, instance_id, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
+            return int(c.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0])
 
     # -- grouping ----------------------------------------------------------------------
     def name_routes(self, names: list[str]) -> int:
@@ -479,18 +532,21 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                 import json
 
                 called_ae, route, study_uid = self._place(c, instance_id)
+                revision = c.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0]
                 c.execute(
                     "INSERT INTO outputs (instance_id, called_ae, study_uid, source_sop_uid, output_sop_uid, model, "
                     "model_version, model_digest, device_uid, verdict, reasons, scores, thresholds, action, "
-                    "disposition, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "disposition, created_at, updated_at, source_revision) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT (called_ae, source_sop_uid, output_sop_uid) DO UPDATE SET "
                     "instance_id=excluded.instance_id, verdict=excluded.verdict, reasons=excluded.reasons, "
                     "scores=excluded.scores, thresholds=excluded.thresholds, action=excluded.action, "
-                    "disposition=excluded.disposition, updated_at=excluded.updated_at",
+                    "disposition=excluded.disposition, updated_at=excluded.updated_at, "
+                    "source_revision=excluded.source_revision",
                     (instance_id, called_ae, study_uid, output.source_sop_uid, output.output_sop_uid, output.model,
                      output.model_version, output.model_digest, output.device_uid, output.verdict,
                      json.dumps(output.reasons), json.dumps(output.scores), json.dumps(output.thresholds),
-                     output.action, "withheld" if withhold else "forwarded", now, now))
+                     output.action, "withheld" if withhold else "forwarded", now, now, int(revision or 0)))
             counted = model or (output.model if output is not None else "unknown")
             bump(c, "translated", model=counted)
             if output is not None and output.verdict == "flagged":

@@ -480,3 +480,33 @@ def test_own_output_sent_back_is_not_restyled_again(tmp_path, tiny_model_path):
         assert send(node.port, [sc], called="KIM") == [0]
         assert wait_for(lambda: instance_states(node).get(str(sc.SOPInstanceUID)) == "unsupported", 20)
         assert folder_uids(outbox) == [str(sc.SOPInstanceUID)]  # nothing new
+
+
+def test_a_corrected_resend_is_processed_again_under_the_same_output_uids(tmp_path, tiny_model_path):
+    """Same SOP Instance UID, corrected demographics: the PACS receives the corrected SC with the
+    same UIDs, the audit trail says it was made from revision 1; an identical resend changes nothing."""
+    import copy
+
+    with Receiver("PACS") as pacs:
+        node = make_node(tmp_path, tiny_model_path,
+                         destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                "port": pacs.port}},
+                         routes=[{"called_ae": "KIM", "model": "tiny", "destinations": ["pacs"]}])
+        with node:
+            (first,) = study(1)
+            assert send(node.port, [first], called="KIM") == [0]
+            assert wait_for(lambda: len(pacs.received) == 1, 20)
+            corrected = copy.deepcopy(first)
+            corrected.PatientName = "CORRECTED^NAME"
+            assert send(node.port, [corrected], called="KIM") == [0]
+            assert wait_for(lambda: len(pacs.received) == 2, 20)
+            old, new = pacs.received
+            assert str(old.PatientName) == PATIENT_NAME and str(new.PatientName) == "CORRECTED^NAME"
+            for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+                assert new.get(kw) == old.get(kw)
+            assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 10)
+            (audit,) = node.db.audit()
+            assert audit["source_revision"] == 1 and audit["output_sop_uid"] == str(new.SOPInstanceUID)
+            assert send(node.port, [copy.deepcopy(corrected)], called="KIM") == [0]  # the same again
+            time.sleep(1.5)
+            assert len(pacs.received) == 2 and len(node.db.audit()) == 1
