@@ -163,7 +163,7 @@ def deflate_bomb(path: Path, inflated_pixel_bytes: int) -> Path:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     pixels = inflated_pixel_bytes // 2
-    cols = 8192
+    cols = 16384
     ds = make_dataset(rows=8, cols=8)
     del ds.PixelData
     ds.Rows, ds.Columns = pixels // cols, cols
