@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on a usage error; here 2 means a bug (README)
+        return 1 if exc.code == 2 else int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

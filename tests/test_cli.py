@@ -333,3 +333,9 @@ def test_status_reads_the_database_without_pydicom_or_numpy(tmp_path, tiny_model
     result = subprocess.run([sys.executable, "-c", probe, "status", "--config", str(config)], capture_output=True,
                             text=True, timeout=TIMEOUT)
     assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr
+
+
+def test_a_usage_error_is_exit_1_not_the_internal_error_code():
+    result = _dicom_node("status", "--no-such-option")
+    assert result.returncode == 1 and "unrecognized arguments: --no-such-option" in result.stderr
+    assert _dicom_node("--help").returncode == 0
