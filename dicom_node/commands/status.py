@@ -92,7 +92,7 @@ def run_status(args: argparse.Namespace) -> int:
               f"{time.time() - item['since']:.0f} s): {'; '.join(item['reasons'])}")
     if withheld:
         print("  -> dicom-node release UID... | discard UID... (or --all)")
-    print("nodes:" + ("" if nodes else "      none seen within a day"))
+    print("nodes:" + ("" if nodes else "      none running, stopped within the hour or silent within a day"))
     for n in nodes:
         holds = ", ".join(f"{v} {k}" for k, v in n["holds"].items() if v) or "nothing"
         print(f"  {n['name']} ({n['role']}, {n['host']} pid {n['pid']}): {n['state']}, heartbeat "
