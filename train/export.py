@@ -22,7 +22,8 @@ from dicom_node.engine.atomic import atomic_write
 from dicom_node.engine.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
-           "save_checkpoint", "load_checkpoint", "export_models", "checkpoint_normalizations"]
+           "save_checkpoint", "load_checkpoint", "export_models", "checkpoint_normalizations",
+           "best_checkpoint_path"]
 
 log = logging.getLogger("dicom_node.train")
 
@@ -46,6 +47,12 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def best_checkpoint_path(run_dir: Path) -> Path:
+    """Where a run keeps the checkpoint whose network gained most over its first stage
+    (``train/selection.py``); absent for runs without a first stage or from before."""
+    return Path(run_dir) / "checkpoints" / "best.pt"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -121,17 +128,40 @@ def _calibration_images(meta: dict[str, Any], run_dir: Path) -> dict[str, list] 
     return out
 
 
-def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> list[Path]:
-    """Write the A->B and B->A style models from ``checkpoint`` (default: the newest one).
+def _network_or_first_stage(gen: torch.nn.Module, meta: dict[str, Any], key: str) -> tuple[torch.nn.Module, dict]:
+    """``gen``, or its first stage alone when its network did not beat it (module doc), with
+    what was exported and why (provenance ``exported``)."""
+    from .selection import has_first_stage, zero_network
 
-    Each names the other as its inverse (by weight digest) and carries the fidelity guard's
-    calibration (:mod:`.calibrate`), computed here from the run's data.
+    direction = "a2b" if key == "g_ab" else "b2a"
+    gain = (meta.get("validation") or {}).get(f"gain_{direction}")
+    if gain is None or not has_first_stage(gen):
+        return gen, {"stage": "network", "gain_db": None}
+    if gain > 0.0:
+        return gen, {"stage": "network", "gain_db": round(float(gain), 3)}
+    first = "tone filter" if getattr(gen, "tone_filter", None) is not None else "identity"
+    log.warning("%s: the network does not beat its first stage (%+.2f dB): exporting the %s alone",
+                direction.upper().replace("2", "->"), gain, first)
+    return zero_network(gen), {"stage": f"{first} alone", "gain_db": round(float(gain), 3),
+                               "reason": "the network did not beat its first stage at the chosen checkpoint"}
+
+
+def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> list[Path]:
+    """Write the A->B and B->A style models from ``checkpoint`` (default: the run's best one,
+    ``checkpoints/best.pt``, else the newest).
+
+    A direction whose network did not beat its first stage at that checkpoint (its recorded
+    ``gain_*`` is not above 0 dB, ``train/selection.py``) is exported as the first stage alone,
+    and its provenance says so.  Each model names the other as its inverse (by weight digest)
+    and carries the fidelity guard's calibration (:mod:`.calibrate`), computed here.
     """
     from dicom_node.engine.model_file import generator_from_architecture, save_style_model, weights_digest
 
     from .calibrate import fidelity_metadata
 
     run_dir = Path(run_dir)
+    if checkpoint is None and best_checkpoint_path(run_dir).exists():
+        checkpoint = best_checkpoint_path(run_dir)
     if checkpoint is None:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
@@ -156,11 +186,12 @@ def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path |
     arch = meta.get("architecture") or {  # checkpoints written before it was recorded
         "type": "resnet_generator", "ngf": model_cfg["ngf"], "n_blocks": model_cfg["n_blocks"],
         "residual": model_cfg.get("residual", False)}
-    gens = {}
+    gens, stages = {}, {}
     for key in ("g_ab", "g_ba"):
         gens[key] = generator_from_architecture(arch)
         gens[key].load_state_dict(payload["state"][key])
         gens[key].eval()
+        gens[key], stages[key] = _network_or_first_stage(gens[key], meta, key)
     names = {"g_ab": f"{name}_A2B", "g_ba": f"{name}_B2A"}
     digests = {k: weights_digest(g.state_dict()) for k, g in gens.items()}
     images = _calibration_images(meta, run_dir)
@@ -172,7 +203,8 @@ def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path |
             fidelity = fidelity_metadata(gens[key], gens[other], images[src], images[f"val_{src}"])
         path = save_style_model(
             gens[key], out_dir / f"{names[key]}.safetensors", name=names[key], direction=direction,
-            version=str(step), normalization=norms[src], output=_output_metadata(norms[dst]), provenance=provenance,
+            version=str(step), normalization=norms[src], output=_output_metadata(norms[dst]),
+            provenance={**provenance, "exported": stages[key]},
             description=f"CycleGAN style model {direction} trained by dicom-node train ({step} steps)",
             inverse={"name": names[other], "weights_sha256": digests[other]}, fidelity=fidelity,
         )

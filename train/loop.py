@@ -32,13 +32,15 @@ from .cyclegan import LOSS_NAMES, CycleGAN
 from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indices
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
+from .selection import CheckpointSelector
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
 log = logging.getLogger("dicom_node.train")
 
 VAL_KEYS = ("val_psnr_a2b", "val_ssim_a2b", "val_psnr_b2a", "val_ssim_b2a", "val_psnr_identity", "val_ssim_identity",
-            "style_distance", "style_distance_identity", "style_intensity", "style_contrast", "style_noise")
+            "style_distance", "style_distance_identity", "style_intensity", "style_contrast", "style_noise",
+            "gain_a2b", "gain_b2a")
 CSV_COLUMNS = ("step", "elapsed_s", "lr", *LOSS_NAMES, "patches_per_s", *VAL_KEYS)
 
 
@@ -104,6 +106,7 @@ class _Run:
         # (measured, or the checkpoint's on resume: model space must not move under a run).
         self.norms: dict[str, dict[str, Any]] = {}
         self.validation: dict[str, float] = {}
+        self.selector = CheckpointSelector(cfg.train.select_by, self.run_dir, device)
         self.last_losses: dict[str, float] = {}
         self.val_pairs: list = []
 
@@ -335,6 +338,8 @@ class _Run:
             if step % c.output.checkpoint_every == 0 or last:
                 if info.is_main:
                     self.validation = self._style_check(model)
+                    self.validation.update(self.selector.gains(model.module("g_ab"), model.module("g_ba"),
+                                                               self.data, val_pairs))
                     if val_pairs:
                         self.validation.update(self._validate(model, val_pairs))
                         log.info("validation at step %d: %s", step, "  ".join(
@@ -342,7 +347,8 @@ class _Run:
                     self._write_metrics({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
                                          **self.validation})
                     meta = {**self.meta_base, "losses": self.last_losses, "validation": self.validation}
-                    save_checkpoint(self.run_dir, step, model.state_dict(), sampler.state(), meta)
+                    path = save_checkpoint(self.run_dir, step, model.state_dict(), sampler.state(), meta)
+                    self.selector.keep_best(path, step, self.validation.get("gain_a2b"))
                 barrier(info)
         if bar is not None:
             bar.close()

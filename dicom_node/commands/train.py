@@ -44,9 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.set_defaults(func=run_train)
     tsub = p.add_subparsers(dest="train_command", metavar="[export]")
-    exp = tsub.add_parser("export", help="write the two style models from a run's newest checkpoint",
-                          description="Write the two style models (A->B, B->A) from a run's newest checkpoint "
-                                      "(or --checkpoint), e.g. to take a model out of a run that is still going.")
+    exp = tsub.add_parser("export", help="write the two style models from a run's best (else newest) checkpoint",
+                          description="Write the two style models (A->B, B->A) from a run's best checkpoint "
+                                      "(checkpoints/best.pt: its network gained most over the first stage), else "
+                                      "its newest, or --checkpoint; e.g. to take a model out of a run that is "
+                                      "still going. A direction whose network does not beat its first stage is "
+                                      "written as the first stage alone.")
     exp.add_argument("run_dir", help="the run directory (output.dir)")
     exp.add_argument("--checkpoint", help="a specific checkpoint file instead of the newest")
     add_output(exp, "output folder (default RUN_DIR/models)", dest="export_out")

@@ -1,0 +1,99 @@
+"""Never ship a model worse than its own first stage (train/selection.py, train/export.py).
+
+The first stage (tone filter) of a residual generator is what it is with its network's last
+convolution zeroed; a network that damages images loses to it on true pairs and on the
+pseudo-pairs made without any; the trainer keeps the best checkpoint and exports a direction
+whose network does not beat its first stage as that stage alone.
+"""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.engine import load_style_model, translate
+from dicom_node.engine.generator import ResnetGenerator
+from dicom_node.train.export import _network_or_first_stage, load_checkpoint
+from dicom_node.train.selection import first_stage, network_gain, pseudo_pairs, zero_network
+
+from factory import phantom
+from test_intensity import _train, _train_data
+
+
+def _toned(seed: int = 0) -> ResnetGenerator:
+    """A residual generator with a non-trivial tone filter (a gamma-like curve, sharpening)."""
+    gen = ResnetGenerator(ngf=4, n_blocks=1, residual=True, tone_filter=True)
+    with torch.no_grad():
+        gen.tone_filter.tone_in.copy_(torch.linspace(-1, 1, gen.tone_filter.knots) ** 3 * 0.5
+                                      + torch.linspace(-1, 1, gen.tone_filter.knots) * 0.5)
+        gen.tone_filter.gains[:2] = 1.5
+        for m in gen.model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+    return gen.eval()
+
+
+def _images(n=3, size=96):
+    return [phantom(size, size, 12, seed=40 + i).astype(np.float32) / 2047.5 - 1 for i in range(n)]
+
+
+def test_a_zeroed_network_is_exactly_its_first_stage():
+    gen = _toned()
+    x = _images(1)[0]
+    from dicom_node.engine.model_file import StyleModel
+
+    out = translate(StyleModel(generator=zero_network(gen)), x, tile=0)
+    np.testing.assert_array_equal(out, first_stage(gen)(x))
+    assert np.abs(first_stage(gen)(x) - x).mean() > 0.01  # the stage does something
+    assert network_gain(zero_network(gen), [("x", x, first_stage(gen)(x))]) == 0.0
+
+
+def test_a_damaging_network_loses_to_its_first_stage_on_true_and_on_pseudo_pairs():
+    """The true style is the first stage; a network adding noisy structure on top scores below it,
+    with the true pairs and without them (pseudo-pairs from the target images)."""
+    good = zero_network(_toned())
+    bad = _toned(seed=3)
+    with torch.no_grad():  # a network that adds a lot: its output convolution made strong
+        [m for m in bad.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.mul_(20)
+    reverse = _toned(seed=5)  # B->A's first stage, for the pseudo-pairs
+    xs = _images()
+    true_pairs = [(f"t{i}", x, first_stage(good)(x)) for i, x in enumerate(xs)]
+    targets = [y for _, _, y in true_pairs]
+    for pairs in (true_pairs, pseudo_pairs(reverse, targets)):
+        assert network_gain(bad, pairs) < -1.0
+        assert network_gain(good, pairs) == 0.0
+
+
+@pytest.mark.parametrize("gain, network_kept", [(0.4, True), (0.0, False), (-1.2, False), (None, True)])
+def test_export_keeps_the_network_only_when_it_beat_its_first_stage(gain, network_kept):
+    gen = _toned()
+    meta = {"validation": {} if gain is None else {"gain_a2b": gain}}
+    out, note = _network_or_first_stage(gen, meta, "g_ab")
+    last = [m for m in out.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert bool(last.weight.abs().sum() > 0) is network_kept
+    assert note["stage"] == ("network" if network_kept else "tone filter alone")
+
+
+def test_a_run_exports_its_best_checkpoint_and_says_what_it_exported(tmp_path):
+    data = _train_data(tmp_path / "data")
+    assert _train(tmp_path, data, 2) == 0
+    assert _train(tmp_path, data, 6) == 0  # resumed: checkpoints at 4 and 6 compete with step 2's
+    run = tmp_path / "run"
+    with open(run / "metrics.csv", newline="") as f:
+        gains = {int(r["step"]): float(r["gain_a2b"]) for r in csv.DictReader(f) if r.get("gain_a2b")}
+    assert sorted(gains) == [2, 4, 6]
+    best_step = max(gains, key=gains.get)
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["step"] == best_step
+    for direction, key in (("A2B", "gain_a2b"), ("B2A", "gain_b2a")):
+        model = load_style_model(run / "models" / f"run_{direction}.safetensors")
+        exported = model.metadata["provenance"]["exported"]
+        gain = best["meta"]["validation"][key]
+        assert model.version == str(best_step) and exported["gain_db"] == round(gain, 3)
+        last = [m for m in model.generator.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        if gain > 0:
+            assert exported["stage"] == "network" and last.weight.abs().sum() > 0
+        else:
+            assert exported["stage"] == "tone filter alone" and last.weight.abs().sum() == 0

@@ -1,0 +1,157 @@
+"""Which checkpoint to export, and whether its network earns its place over the first stage.
+
+Why: a CycleGAN's network can end *worse* than the global stage in front of it (the tone
+filter: tone curves and band gains fitted from the domains' distributions), and the style
+distance cannot see it (it rated a model 3 dB worse than its input as far closer to B).  So at
+every checkpoint the trainer scores each direction's whole generator against its first stage
+alone on the same images, in dB of PSNR:
+
+* with validation pairs (``data.val``): the true pairs, ``PSNR(G(a), b) - PSNR(T(a), b)``;
+* without (the usual unpaired case): *pseudo-pairs* made from the target domain's own images
+  by the reverse direction's first stage, ``a~ = T_ba(b)``: a content-preserving global map,
+  so ``b`` is the right answer for ``a~`` up to what a global stage cannot express, which is
+  exactly what the network is for.  ``PSNR(G(a~), b) - PSNR(T_ab(a~), b)``.
+
+The gain of the A->B direction picks the best checkpoint (kept as ``checkpoints/best.pt``);
+a direction whose network does not beat its first stage there is exported as the first stage
+alone (the network's last convolution zeroed: the residual generator is then exactly its tone
+filter), and the log and the model's provenance say so.  ``bench/quality.py`` measures how the
+criteria rank checkpoints against true-pair PSNR.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from dicom_node.engine.errors import UserError
+from dicom_node.engine.quality import psnr
+
+log = logging.getLogger("dicom_node.train")
+
+__all__ = ["first_stage", "has_first_stage", "network_gain", "pseudo_pairs", "zero_network", "CheckpointSelector",
+           "PSEUDO_IMAGES", "GAIN_KEYS"]
+
+EXACT_DB = 100.0  # PSNR of images equal to float32 rounding
+PSEUDO_IMAGES = 4  # target-domain images per direction made into pseudo-pairs
+GAIN_KEYS = ("gain_a2b", "gain_b2a")  # dB over the first stage, per direction (metrics.csv, checkpoint meta)
+
+
+def _last_conv(gen: torch.nn.Module) -> torch.nn.Conv2d:
+    return [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+
+
+def has_first_stage(gen: torch.nn.Module) -> bool:
+    """A residual generator: without its network's output it is its tone filter (or the identity)."""
+    return bool(getattr(gen, "residual", False))
+
+
+def first_stage(gen: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """``gen``'s first stage alone as a function of one model-space image: its tone filter
+    (clamped as the generator clamps), or the identity for a residual generator without one."""
+    tone = getattr(gen, "tone_filter", None)
+
+    def run(img: np.ndarray) -> np.ndarray:
+        if tone is None:
+            return np.asarray(img, dtype=np.float32)
+        p = next(tone.buffers())
+        with torch.no_grad():
+            t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None].to(p.device)
+            return tone(t).clamp(-1.0, 1.0)[0, 0].to("cpu", torch.float32).numpy()
+    return run
+
+
+def zero_network(gen: torch.nn.Module) -> torch.nn.Module:
+    """A copy of residual ``gen`` whose network adds nothing: ``clamp(T(x) + tanh(0))`` = its first stage."""
+    if not has_first_stage(gen):
+        raise ValueError("only a residual generator has a first stage to fall back to")
+    out = copy.deepcopy(gen)
+    last = _last_conv(out)
+    with torch.no_grad():
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+    return out
+
+
+def pseudo_pairs(reverse: torch.nn.Module, targets: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, input, target) pairs from target-domain images: the input is the reverse
+    generator's first stage applied to the target (module doc)."""
+    back = first_stage(reverse)
+    return [(f"pseudo{i}", back(t), np.asarray(t, dtype=np.float32)) for i, t in enumerate(targets)]
+
+
+def _psnr(x: np.ndarray, y: np.ndarray) -> float:
+    """PSNR capped at :data:`EXACT_DB` (an exact match is infinite, and inf - inf is no gain)."""
+    return min(psnr(x, y), EXACT_DB)
+
+
+def network_gain(gen: torch.nn.Module, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]],
+                 device: Any = None) -> float:
+    """Mean ``PSNR(G(x), y) - PSNR(first stage(x), y)`` over ``pairs`` (dB; whole images through
+    the engine, as the node runs them)."""
+    from dicom_node.engine import translate
+    from dicom_node.engine.model_file import StyleModel
+
+    g = copy.deepcopy(gen).eval()
+    g.requires_grad_(False)
+    model = StyleModel(generator=g, metadata={"name": "selection"})
+    stage = first_stage(g)
+    gains = [_psnr(translate(model, x, device=device), y) - _psnr(stage(x), y) for _, x, y in pairs]
+    return float(np.mean(gains))
+
+
+class CheckpointSelector:
+    """A run's gains over the first stage at each checkpoint, and its best checkpoint so far."""
+
+    def __init__(self, select_by: str, run_dir: Path, device: Any = None) -> None:
+        self.select_by, self.run_dir, self.device = select_by, Path(run_dir), device
+        self._pairs: tuple[list, list] | None = None
+        self.criterion = ""
+        self._best: float | None = None
+
+    def gains(self, g_ab: torch.nn.Module, g_ba: torch.nn.Module, data: tuple, val_pairs: list) -> dict[str, float]:
+        """``{"gain_a2b", "gain_b2a"}`` in dB (empty for generators without a first stage)."""
+        if not has_first_stage(g_ab):
+            return {}
+        if self._pairs is None:  # the first stages are fitted once and never trained: made once
+            from .data import pick_images
+
+            by_pairs = self.select_by == "pairs" or (self.select_by == "auto" and bool(val_pairs))
+            if by_pairs and not val_pairs:
+                raise UserError("train.select_by is pairs but data.val holds no validation pairs")
+            a, b = data
+            self._pairs = ((list(val_pairs), [(n, y, x) for n, x, y in val_pairs]) if by_pairs else
+                           (pseudo_pairs(g_ba, pick_images(b.arrays, PSEUDO_IMAGES)),
+                            pseudo_pairs(g_ab, pick_images(a.arrays, PSEUDO_IMAGES))))
+            self.criterion = "validation pairs" if by_pairs else "pseudo-pairs"
+        pairs_ab, pairs_ba = self._pairs
+        out = {"gain_a2b": network_gain(g_ab, pairs_ab, self.device),
+               "gain_b2a": network_gain(g_ba, pairs_ba, self.device)}
+        log.info("network over its first stage (%s): A->B %+.2f dB, B->A %+.2f dB", self.criterion,
+                 out["gain_a2b"], out["gain_b2a"])
+        return out
+
+    def keep_best(self, checkpoint: Path, step: int, gain: float | None) -> None:
+        """Copy ``checkpoint`` to ``checkpoints/best.pt`` when its A->B gain is the best so far
+        (a resumed run competes with the best it kept before)."""
+        import shutil
+
+        from dicom_node.engine.atomic import atomic_write
+
+        from .export import best_checkpoint_path, load_checkpoint
+
+        if gain is None:
+            return
+        best = best_checkpoint_path(self.run_dir)
+        if self._best is None:
+            self._best = (float(load_checkpoint(best)["meta"].get("validation", {}).get("gain_a2b", -np.inf))
+                          if best.exists() else -np.inf)
+        if gain > self._best:
+            atomic_write(best, lambda tmp: shutil.copyfile(checkpoint, tmp), durable=False)
+            self._best = gain
+            log.info("step %d is the best checkpoint so far (A->B %+.2f dB over the first stage)", step, gain)
