@@ -108,6 +108,8 @@ class StoreSCP:
             from dicom_node.errors import UserError
 
             raise UserError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
+        if ssl_context is not None:
+            _handshake_in_association_thread(self._server, ssl_context)
         host, port = self._server.server_address[:2]
         log.info("listening on %s:%d (%s, %d routes, called AEs %s)", host, port,
                  "TLS" if ssl_context else "plain", len(self.config.routes),
@@ -377,6 +379,23 @@ class StoreSCP:
                      f", forwarding original to {','.join(forward)}" if forward else " (not forwarded)")
         self.on_received()
         return STATUS_SUCCESS
+
+def _handshake_in_association_thread(server: Any, ssl_context: Any) -> None:
+    """TLS handshakes happen in each association's own thread, not in the accept loop.
+
+    Why: pynetdicom wraps each accepted socket with the handshake done at once, in the one
+    thread that accepts every connection, and without a timeout: a single TCP connection that
+    never speaks stopped the TLS listener for everyone (measured: a real sender waited out its
+    own 15 s timeout).  Wrapped without the handshake, OpenSSL performs it on the first read,
+    in the association's thread, under node.request_timeout like any silent connection.
+    """
+
+    def get_request() -> tuple[Any, Any]:
+        sock, address = server.socket.accept()
+        return ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    server.get_request = get_request
+
 
 class _Session:
     """One association, for the association log: who, from where, how many, how it ended."""

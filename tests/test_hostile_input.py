@@ -394,3 +394,42 @@ def test_the_worker_checks_the_budget_again_before_decoding():
     with pytest.raises(UnsupportedImage, match="too large to process"):
         decode_dataset(ds, max_bytes=1024 * 1024)
     assert decode_dataset(ds, max_bytes=2 * 1024 * 1024).pixels.shape == (96, 96)
+
+
+def tls_echo(port: int, ctx) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE("TLS_SCU")
+    ae.add_requested_context(Verification)
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = ae.connection_timeout = 8
+    assoc = ae.associate("127.0.0.1", port, ae_title=CALLED, tls_args=(ctx, "127.0.0.1"))
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def test_a_silent_connection_does_not_stop_the_tls_listener(tmp_path, tiny_model_path):
+    """pynetdicom did the TLS handshake in its accept loop: one silent TCP connection blocked
+    every sender; a client without a certificate is still refused."""
+    from dicom_node.config import TLSSettings
+    from dicom_node.tls import client_context
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    node = make_node(tmp_path, tiny_model_path, node={"tls": {
+        "cert": str(pki.server_cert), "key": str(pki.server_key), "ca": str(pki.ca), "require_client_cert": True}})
+    good = client_context(TLSSettings(cert=pki.client_cert, key=pki.client_key, ca=pki.ca))
+    with node:
+        silent = socket.create_connection(("127.0.0.1", node.port))
+        try:
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert tls_echo(node.port, good)
+            assert time.monotonic() - t0 < 3
+            assert not tls_echo(node.port, client_context(TLSSettings(ca=pki.ca)))
+            assert tls_echo(node.port, good)
+        finally:
+            silent.close()
