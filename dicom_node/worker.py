@@ -277,7 +277,8 @@ class Translator(_Loop):
         return True
 
     def _decode_budget(self) -> int:
-        """node.max_decode_bytes (checked at C-STORE too; again here: the config may have changed)."""
+        """node.max_decode_bytes: checked at C-STORE, and again here before decoding, for what was
+        queued under a larger budget (the node restarted with a lower one)."""
         from dicom_node.engine.dicom_decode import DEFAULT_MAX_DECODE_BYTES
 
         return self.config.node.max_decode_bytes or DEFAULT_MAX_DECODE_BYTES

@@ -386,7 +386,8 @@ def test_an_image_too_large_to_process_is_refused_at_c_store(tmp_path, tiny_mode
 
 
 def test_the_worker_checks_the_budget_again_before_decoding():
-    """A budget lowered after the C-STORE (a reload): refused before any pixel is decoded."""
+    """What was queued under a larger budget (a restart with a lower one): refused before any
+    pixel is decoded."""
     from dicom_node.engine.dicom_decode import decode_dataset
     from dicom_node.engine.errors import UnsupportedImage
 
