@@ -77,6 +77,12 @@ class Node:
         """Open the spool, resume unfinished work, start the workers and the listener (none for
         a ``worker``: returns None)."""
         check_ports(self.config, self.role)  # before anything is locked, started or printed
+        # Imported here, before any thread starts: the deliverers' and the listener's first
+        # imports of pydicom at the same moment failed with "cannot import name 'UID' from
+        # partially initialized module 'pydicom.uid'" (exit 2 at start, seen once in
+        # test_node_recovery) now that the spool no longer imports pydicom at load.
+        import pynetdicom  # noqa: F401 - imports pydicom whole
+
         self.spool.lock()
         self.spool.open()
         self.db = StateDB(self.spool.database(self.config.storage.database))

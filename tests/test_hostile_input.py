@@ -434,3 +434,39 @@ def test_a_silent_connection_does_not_stop_the_tls_listener(tmp_path, tiny_model
             assert tls_echo(node.port, good)
         finally:
             silent.close()
+
+
+def test_pydicom_is_imported_before_the_node_starts_a_thread(tmp_path, tiny_model_path):
+    """Two threads importing pydicom for the first time at once can see it half-initialised
+    ("cannot import name 'UID' from partially initialized module"): the node failed to start
+    with exit 2.  In a fresh interpreter, every thread the node starts finds pydicom loaded."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = node_config(tmp_path, port=11112, model_path=tiny_model_path,
+                      destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                      routes=[{"called_ae": CALLED, "model": "tiny", "destinations": ["outbox"]}])
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(cfg))
+    script = f"""
+import sys, threading
+from dicom_node.config import load_config
+from dicom_node.node import Node
+seen = []
+start = threading.Thread.start
+def checked(self, *a, **k):
+    seen.append("pydicom.uid" in sys.modules and hasattr(sys.modules["pydicom.uid"], "UID"))
+    return start(self, *a, **k)
+threading.Thread.start = checked
+config = load_config({str(tmp_path / "node.yaml")!r})
+config.node.port = 0
+node = Node(config)
+node.start()
+node.stop()
+print("threads", len(seen), "without pydicom", seen.count(False))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("threads")][-1]
+    assert line.endswith("without pydicom 0") and not line.startswith("threads 0"), line
