@@ -22,7 +22,9 @@ __all__ = ["decode_dataset", "transfer_syntax", "WORKING_BYTES_PER_PIXEL", "DEFA
 # pixel from 2048x2048 to 4096x4096 (+1.1 GiB for 12.6 Mpixel more); a codec's own buffers
 # come on top, so 32 copies (128 bytes) are budgeted.
 WORKING_BYTES_PER_PIXEL = 4 * 32
-DEFAULT_MAX_DECODE_BYTES = 4 * 1024**3  # 33.5 Mpixel (a 5800x5800 image); a CR or DX is 4-15 Mpixel
+# 50 Mpixel (a 7000x7000 image: a stitched long-leg study fits; a CR or DX is 4-18 Mpixel), while
+# the engine's 64 Mpixel limit alone let an 8000x8000 image cost 8.3 GB.  Lower it on small machines.
+DEFAULT_MAX_DECODE_BYTES = 6 * 1024**3
 
 
 def processing_bytes(rows: int, cols: int, frames: int = 1, samples: int = 1) -> int:

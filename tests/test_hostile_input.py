@@ -368,7 +368,7 @@ def rle_flat_image(rows: int, cols: int, value: int = 1000):
 
 def test_an_image_too_large_to_process_is_refused_at_c_store(tmp_path, tiny_model_path):
     """An RLE image of ~1 MB declaring 8000x8000 needs ~7.6 GiB to process (the default budget is
-    4 GiB): 0xA700 at once, and the study sent after it is translated without waiting behind it;
+    6 GiB): 0xA700 at once, and the study sent after it is translated without waiting behind it;
     node.max_decode_bytes lowers the budget."""
     from tests.nodeproc import folder_uids, wait_for
 

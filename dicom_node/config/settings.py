@@ -44,7 +44,7 @@ class NodeSettings:
     # speaks holds one of max_associations slots until then (pynetdicom waits acse_timeout).
     request_timeout: float = 5.0
     # Memory one image may need to be processed (declared Rows x Columns x the engine's working
-    # bytes per pixel); a larger one is refused at C-STORE.  None: the engine's default (4 GiB,
+    # bytes per pixel); a larger one is refused at C-STORE.  None: the engine's default (6 GiB,
     # dicom_node.engine.dicom_decode.DEFAULT_MAX_DECODE_BYTES).
     max_decode_bytes: int | None = None
     max_instance_bytes: int = 2 * 1024**3
