@@ -470,3 +470,50 @@ print("threads", len(seen), "without pydicom", seen.count(False))
     assert out.returncode == 0, out.stderr[-2000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("threads")][-1]
     assert line.endswith("without pydicom 0") and not line.startswith("threads 0"), line
+
+
+def test_receiving_stops_at_the_watermark_without_root(tmp_path, tiny_model_path):
+    """The same without a small filesystem: storage.min_free_bytes set 12 MiB below the spool
+    disk's free space.  The 60 MB instance is cut off while it arrives (its temp file never
+    holds more than a few MiB), not refused after all of it was written."""
+    import shutil
+    import threading
+
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from tests.factory import write
+    from tests.peers import NodeProcess, tiny_node_config
+
+    big = write(make_dataset(np.full((5472, 5472), 1000, dtype=np.uint16)), tmp_path / "big.dcm")
+    spool = tmp_path / "node" / "spool"
+    spool.mkdir(parents=True)
+    config = tiny_node_config(tiny_model_path, {"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}})
+    config["storage"] = {"spool_dir": str(spool),
+                         "min_free_bytes": shutil.disk_usage(spool).free - 12 * 1024 * 1024}
+    node = NodeProcess(tmp_path / "node", config)
+    node.start()
+    largest, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for f in (spool / "tmp").glob("*"):
+                try:
+                    largest[0] = max(largest[0], f.stat().st_size)
+                except OSError:
+                    pass
+            time.sleep(0.002)
+
+    try:
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            status = send_file_as_is(node.port, Path(big), ExplicitVRLittleEndian)
+        finally:
+            done.set()
+            watcher.join()
+        assert status == 0xA700, f"status 0x{status:04X}"
+        assert "disk full while receiving" in node.log_text()
+        assert largest[0] < 20 * 1024 * 1024, f"{largest[0]} bytes written before the refusal"
+    finally:
+        node.stop()
