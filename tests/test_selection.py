@@ -8,6 +8,7 @@ whose network does not beat its first stage as that stage alone.
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -76,7 +77,9 @@ def test_export_keeps_the_network_only_when_it_beat_its_first_stage(gain, networ
     assert note["stage"] == ("network" if network_kept else "tone filter alone")
 
 
-def test_a_run_exports_its_best_checkpoint_and_says_what_it_exported(tmp_path):
+def test_a_run_exports_its_best_checkpoint_and_says_what_it_exported(tmp_path, capsys):
+    from dicom_node.cli import main
+
     data = _train_data(tmp_path / "data")
     assert _train(tmp_path, data, 2) == 0
     assert _train(tmp_path, data, 6) == 0  # resumed: checkpoints at 4 and 6 compete with step 2's
@@ -93,6 +96,9 @@ def test_a_run_exports_its_best_checkpoint_and_says_what_it_exported(tmp_path):
         gain = best["meta"]["validation"][key]
         assert model.version == str(best_step) and exported["gain_db"] == round(gain, 3)
         last = [m for m in model.generator.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        capsys.readouterr()
+        assert main(["model", "info", str(model.path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["exported"] == exported
         if gain > 0:
             assert exported["stage"] == "network" and last.weight.abs().sum() > 0
         else:

@@ -67,6 +67,9 @@ def run_info(args: argparse.Namespace) -> int:
     if "style_distance" in validation:  # lower is closer to the target domain's look
         meta["style_distance"] = {"output_vs_target": round(validation["style_distance"], 4),
                                   "input_vs_target": round(validation.get("style_distance_identity", float("nan")), 4)}
+    exported = (meta.get("provenance") or {}).get("exported")
+    if exported:  # the network, or its first stage alone when the network did not beat it
+        meta["exported"] = exported
     meta["fidelity"] = _fidelity_summary(model)
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
