@@ -269,8 +269,9 @@ class Translator(_Loop):
         try:
             self._translate(row)
         except LeaseLost:
-            log.warning("sop %s: another node took this item over while it was translated here (this node was "
-                        "slow or cut off from the database): its result counts", abbreviate(row.sop_uid))
+            log.warning("sop %s: this item was taken over while it was translated here (a corrected resend, or "
+                        "another node while this one was slow or cut off from the database): this result is "
+                        "dropped", abbreviate(row.sop_uid))
         finally:
             self.db.release_claims("instances", [row.id])  # unfinished (an error): free for any node
         self.deliver_wake.set()

@@ -517,3 +517,40 @@ def test_receiving_stops_at_the_watermark_without_root(tmp_path, tiny_model_path
         assert largest[0] < 20 * 1024 * 1024, f"{largest[0]} bytes written before the refusal"
     finally:
         node.stop()
+
+
+# -- item 8: a corrected resend while the first content is being translated --------------------
+
+def test_a_corrected_resend_during_the_translation_wins(tmp_path):
+    """The resend arrives while the old content is translated (a ~1024² image with a slower
+    model): that translation's result is dropped, and what the PACS holds last is the corrected
+    SC under the same UIDs, made from revision 1."""
+    import copy
+
+    from dicom_node.engine import new_style_model, save_style_model
+    from tests.nodeproc import Receiver, wait_for
+
+    model = save_style_model(new_style_model(ngf=16, n_blocks=4, residual=True, seed=3),
+                             tmp_path / "slow.safetensors", name="slow", version="1")
+    with Receiver("PACS") as pacs:
+        raw = node_config(tmp_path, port=11112, model_path=model,
+                          destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                 "port": pacs.port}},
+                          routes=[{"called_ae": CALLED, "model": "tiny", "destinations": ["pacs"]}], stable=0.2)
+        config = parse_config(raw, base_dir=tmp_path)
+        config.node.port = 0
+        node = Node(config)
+        with node:
+            first = make_dataset(rows=1024, cols=1024)
+            assert send(node.port, [first], called=CALLED) == [0]
+            assert wait_for(lambda: [r.state for r in node.db.instances()] == ["ready"], 10)
+            time.sleep(0.5)  # claimed: the translation of the first content is under way
+            corrected = copy.deepcopy(first)
+            corrected.PatientName = "CORRECTED^NAME"
+            assert send(node.port, [corrected], called=CALLED) == [0]
+            assert wait_for(lambda: [r.state for r in node.db.instances()] == ["delivered"]
+                            and pacs.received and str(pacs.received[-1].PatientName) == "CORRECTED^NAME", 90)
+            (audit,) = node.db.audit()
+            assert audit["source_revision"] == 1
+            assert {str(ds.SOPInstanceUID) for ds in pacs.received} == {audit["output_sop_uid"]}
+            assert [str(ds.PatientName) for ds in pacs.received][-1:] == ["CORRECTED^NAME"]
