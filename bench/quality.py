@@ -7,12 +7,28 @@ held-out true pairs in ``test/``, for each style pair and seed:
 
 * ``identity``: the input unchanged;
 * ``histogram``: global histogram matching of A's intensities onto B's (training domains);
-* ``tone_filter``: the trainer's fitted tone filter alone (no network), an ablation;
+* ``tone_filter``: the trainer's fitted tone filter alone (no network): the first stage that
+  every trained model must beat (the trainer exports it alone when its network does not);
 * ``classic``: the classic CycleGAN recipe through ``dicom-node train`` (no residual, no
   tone filter, identity loss 0.5, constant learning rate);
 * ``default``: ``dicom-node train`` with its default config (only the budget set);
 * ``reference``: the reference CycleGAN implementation itself (``--reference PATH``, a
-  checkout outside this repository; skipped when absent).
+  checkout outside this repository; skipped when absent);
+* ``paired``: the paired-supervised ceiling: ``dicom-node train`` with the same network and
+  budget on *true pairs* of the same style pair (``paired: on``): what the network could learn
+  if it were told the answer.  Per method, ``gap_closed`` is the share of the gap between the
+  tone filter and this ceiling that it closes.
+
+Style pairs are ``NAME`` (procedural phantoms) or ``NAME@real`` (crops of varying field of
+view of pydicom-data's real CR radiographs, ``demo-data --source real``): the nonlinear pairs
+(multiscale, clahe, denoise, unsharp, combined) model vendor processing, the linear ones
+(classic, edges, noise) check that nothing got worse.  Images are read as the trainer reads
+them: each domain through its own fixed window (``train/intensity.py``).
+
+Unpaired checkpoint selection (``train/selection.py``): the ``default`` runs keep the test
+pairs as monitored validation (``data.val``) but select by pseudo-pairs (``select_by: pseudo``),
+so each checkpoint has both its pseudo-pair gain and its true-pair PSNR; ``selection`` reports
+their Spearman rank correlation over every checkpoint of every run of a pair.
 
 Score: PSNR and SSIM of A->B on every held-out pair after a least-squares gain/offset fit of the
 output onto the true target ("affine", so a normalisation difference does not count), in model
@@ -42,7 +58,8 @@ from machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_RANGE = 2.0  # model space [-1, 1]
-ALL_METHODS = ("identity", "histogram", "tone_filter", "classic", "default", "reference")
+ALL_METHODS = ("identity", "histogram", "tone_filter", "classic", "default", "paired", "reference")
+TRAINED = ("classic", "default", "paired")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -64,20 +81,25 @@ def affine_scores(out: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return psnr(fitted, target, DATA_RANGE), ssim(fitted, target, DATA_RANGE)
 
 
-def load_test_pairs(data: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from dicom_node.engine.model_file import DEFAULT_NORMALIZATION
+def domain_windows(data: Path) -> dict[str, dict]:
+    """Each training domain's fixed window, measured as ``dicom-node train`` measures it."""
+    from dicom_node.train.intensity import run_normalizations
+
+    a, b = run_normalizations("domain", data / "A", data / "B", data / ".windows")
+    return {"A": a, "B": b}
+
+
+def load_test_pairs(data: Path, norms: dict[str, dict]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     from dicom_node.train.data import load_pairs
 
-    return load_pairs(data / "test", dict(DEFAULT_NORMALIZATION), limit=1000)
+    return load_pairs(data / "test", norms["A"], norms["B"], limit=1000)
 
 
-def load_domain_arrays(folder: Path) -> list[np.ndarray]:
-    from dicom_node.engine.model_file import DEFAULT_NORMALIZATION
+def load_domain_arrays(folder: Path, norm: dict) -> list[np.ndarray]:
     from dicom_node.engine.pixels import normalize, read_image_file
     from dicom_node.train.data import find_image_files
 
-    return [np.asarray(normalize(read_image_file(f), dict(DEFAULT_NORMALIZATION)), np.float32)
-            for f in find_image_files(folder)]
+    return [np.asarray(normalize(read_image_file(f), norm), np.float32) for f in find_image_files(folder)]
 
 
 def score(translate_fn, pairs, style_ref=None) -> dict:
@@ -124,11 +146,19 @@ def tone_filter_only(a_arrays, b_arrays, seed: int):
 def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespace, seed: int) -> dict:
     budget = {"patch_size": args.patch, "batch_size": args.batch, "steps": args.steps, "seed": seed,
               "device": args.device, "threads": args.threads}
+    every = max(1, args.steps // max(1, args.checkpoints))
     cfg = {"data": {"a": str(data / "A"), "b": str(data / "B")},
            "model": {"ngf": args.ngf, "n_blocks": args.blocks, "ndf": args.ndf},
            "train": budget,
-           "output": {"dir": str(run_dir), "sample_every": args.steps, "checkpoint_every": args.steps,
+           "output": {"dir": str(run_dir), "sample_every": args.steps, "checkpoint_every": every,
                       "log_every": max(1, args.steps // 10)}}
+    if getattr(args, "normalization", None):  # bench/fidelity_faults.py: images normalised each on its own
+        cfg["data"]["normalization"] = args.normalization
+    if method == "default":  # true pairs watched, never used: selection by pseudo-pairs, as without them
+        cfg["data"]["val"] = str(data / "test")
+        cfg["train"]["select_by"] = "pseudo"
+    if method == "paired":  # the ceiling: data_paired() holds true training pairs of the same styles
+        cfg["train"].update(paired="on")
     if method == "classic":
         cfg["model"].update(residual=False, tone_filter=False)
         cfg["train"].update(lambda_identity=0.5, decay_from=args.steps)
@@ -210,19 +240,53 @@ def reference_fn(data: Path, work: Path, args: argparse.Namespace, seed: int):
 
 # ----------------------------------------------------------------------------- driver
 
-def make_data(pair: str, work: Path, args: argparse.Namespace) -> Path:
+def make_data(pair: str, work: Path, args: argparse.Namespace, *, paired: bool = False) -> Path:
+    """``demo-data`` for ``pair`` (``NAME`` or ``NAME@real``): unpaired domains with true test
+    pairs, or (``paired``) true training pairs of the same styles for the paired ceiling."""
     from dicom_node.demo.writer import write_demo_data
 
-    data = work / f"data-{pair}"
+    style, _, source = pair.partition("@")
+    data = work / f"data-{pair}{'-paired' if paired else ''}"
     if not (data / "manifest.json").exists():
-        write_demo_data(data, count=args.count, test_count=args.test_count, size=args.size, seed=args.data_seed,
-                        unpaired=True, style_pair=pair)
+        write_demo_data(data, count=args.count, test_count=0 if paired else args.test_count, size=args.size,
+                        seed=args.data_seed + (1000 if paired else 0), unpaired=not paired, style_pair=style,
+                        source=source or "phantom")
     return data
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def selection_check(work: Path, seeds: list[int]) -> dict:
+    """How the unpaired criterion (pseudo-pair gain over the first stage) ranks the ``default``
+    runs' checkpoints against their true-pair PSNR (both in each run's metrics.csv)."""
+    import csv
+
+    gains, psnrs, runs = [], [], {}
+    for seed in seeds:
+        path = work / f"default-seed{seed}" / "metrics.csv"
+        if not path.exists():
+            continue
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("gain_a2b") and r.get("val_psnr_a2b")]
+        runs[str(seed)] = [{"step": int(r["step"]), "pseudo_gain_db": float(r["gain_a2b"]),
+                            "val_psnr": float(r["val_psnr_a2b"])} for r in rows]
+        gains += [float(r["gain_a2b"]) for r in rows]
+        psnrs += [float(r["val_psnr_a2b"]) for r in rows]
+    out: dict = {"checkpoints": len(gains), "runs": runs}
+    if len(gains) >= 3:
+        out["spearman_pseudo_gain_vs_psnr"] = spearman(gains, psnrs)
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", default="classic,edges,noise", help="demo style pairs (comma-separated)")
+    ap.add_argument("--pairs", default="multiscale@real,combined@real,multiscale,classic",
+                    help="demo style pairs, NAME or NAME@real (comma-separated)")
+    ap.add_argument("--checkpoints", type=int, default=5,
+                    help="checkpoints per training run (each scored for the selection check)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--steps", type=int, default=1500)
@@ -262,6 +326,7 @@ def main() -> int:
     if "reference" in methods and not (args.reference / "models" / "networks.py").exists():
         print(f"reference implementation not found at {args.reference}: skipped", flush=True)
         methods.remove("reference")
+    args.work = args.work.resolve()  # the run configs name their data by path, relative to themselves
     args.work.mkdir(parents=True, exist_ok=True)
     baseline_seeds = seeds[:args.baseline_seeds] if args.baseline_seeds else seeds
     pair_seeds = {p: (seeds if p in pairs[:args.full_pairs] or not args.full_pairs else seeds[:1]) for p in pairs}
@@ -270,7 +335,7 @@ def main() -> int:
         if method in ("identity", "histogram"):
             return seeds[:1]  # deterministic
         chosen = pair_seeds[pair]
-        if method in ("classic", "default", "reference") and pair in args.score_only_pairs.split(","):
+        if method in (*TRAINED, "reference") and pair in args.score_only_pairs.split(","):
             return []
         if method in ("classic", "reference"):
             if args.baseline_pairs and pair not in pairs[:args.baseline_pairs]:
@@ -279,25 +344,28 @@ def main() -> int:
         return chosen
 
     # Train first, --jobs runs at a time (each with --threads torch threads), then score.
-    jobs = [(m, p, s) for p in pairs for m in methods if m in ("classic", "default", "reference")
+    jobs = [(m, p, s) for p in pairs for m in methods if m in (*TRAINED, "reference")
             for s in seeds_for(m, p)]
     if jobs:
         from concurrent.futures import ThreadPoolExecutor
         from functools import partial
 
         datas = {p: make_data(p, args.work, args) for p in pairs}
+        datas_paired = {p: make_data(p, args.work, args, paired=True) for p in pairs if "paired" in methods}
         for p in pairs:
             (args.work / p).mkdir(exist_ok=True)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for f in [pool.submit(train_reference if m == "reference" else partial(run_trainer, m),
-                                  datas[p], args.work / p, args, s) for m, p, s in jobs]:
+                                  (datas_paired if m == "paired" else datas)[p], args.work / p, args, s)
+                      for m, p, s in jobs]:
                 f.result()
     results: dict = {}
     panels: dict = {}
     for pair in pairs:
         data = make_data(pair, args.work, args)
-        test = load_test_pairs(data)
-        a_arr, b_arr = load_domain_arrays(data / "A"), load_domain_arrays(data / "B")
+        norms = domain_windows(data)
+        test = load_test_pairs(data, norms)
+        a_arr, b_arr = load_domain_arrays(data / "A", norms["A"]), load_domain_arrays(data / "B", norms["B"])
         from dicom_node.engine.style_stats import style_statistics
         from dicom_node.train.data import pick_images
         from dicom_node.train.validate import STYLE_IMAGES
@@ -317,12 +385,18 @@ def main() -> int:
                     fn = tone_filter_only(a_arr, b_arr, seed)
                 elif method == "reference":
                     fn = reference_fn(data, work, args, seed)
+                elif method == "paired":  # its own data set of true pairs; scored on the same test pairs
+                    fn = engine_fn(run_trainer(method, make_data(pair, args.work, args, paired=True), work, args,
+                                               seed), args.device)
                 else:
                     fn = engine_fn(run_trainer(method, data, work, args, seed), args.device)
                 res.setdefault(method, {})[str(seed)] = score(fn, test, style_ref)
                 if seed == seeds_for(method, pair)[0]:
                     panels.setdefault(pair, {"input": test[0][1], "target": test[0][2]})[method] = fn(test[0][1])
         res["_ranking"] = ranking(res)
+        res["_gap"] = gap_closed(res)
+        if "default" in methods:
+            res["_selection"] = selection_check(work, seeds_for("default", pair))
         _write(args, results, pairs, seeds, methods)
     if args.panel:
         write_panel(args.panel, panels, methods)
@@ -359,6 +433,20 @@ def write_panel(path: Path, panels: dict, methods: list[str], crop: int = 224) -
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_png(np.concatenate(rows, axis=0), path, optimize=True)
     print(f"wrote {path}")
+
+
+def gap_closed(res: dict) -> dict:
+    """Per method, the share of the gap between the tone filter and the paired ceiling that it
+    closes (mean PSNR over seeds); absent without both."""
+    mean = {m: float(np.mean([r["psnr"] for r in runs.values()])) for m, runs in res.items()
+            if not m.startswith("_") and runs}
+    if "tone_filter" not in mean or "paired" not in mean:
+        return {}
+    gap = mean["paired"] - mean["tone_filter"]
+    out = {"ceiling_over_tone_db": gap}
+    if abs(gap) > 1e-6:
+        out.update({m: (v - mean["tone_filter"]) / gap for m, v in mean.items()})
+    return out
 
 
 def ranking(res: dict) -> dict:
@@ -414,6 +502,14 @@ def _table(results, pairs, methods) -> None:
             worst = min(r["worst_margin_db"] for r in runs.values())
             print(f"{pair:<10} {method:<12} {per:<28} {mean:6.2f} {ss:6.3f} {mean - hist:+8.2f} {mean - ident:+7.2f} "
                   f"{worst:+15.2f} {sd:9.3f}")
+        gap = res.get("_gap", {})
+        if gap:
+            print(f"{pair:<10} paired ceiling over the tone filter: {gap['ceiling_over_tone_db']:+.2f} dB; gap closed: "
+                  + ", ".join(f"{m} {v:+.0%}" for m, v in gap.items() if m != "ceiling_over_tone_db"))
+        sel = res.get("_selection", {})
+        if "spearman_pseudo_gain_vs_psnr" in sel:
+            print(f"{pair:<10} pseudo-pair gain ranks {sel['checkpoints']} checkpoints like true-pair PSNR: "
+                  f"Spearman {sel['spearman_pseudo_gain_vs_psnr']:+.2f}")
         rank = res.get("_ranking", {})
         if "spearman_distance_vs_psnr" in rank:
             print(f"{pair:<10} style distance ranks {rank['models']} models like PSNR: "
