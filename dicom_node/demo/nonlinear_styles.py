@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dicom_node.demo.phantoms import gaussian_blur
-from dicom_node.demo.tone import BITS, PHOTOMETRICS, TONE_CURVES, tone_curve
+from dicom_node.demo.tone import BITS, StoredOutput, tone_curve
 
 __all__ = ["NonlinearStyle", "NONLINEAR_PAIRS", "PHANTOM_FULL_SCALE", "phantom_scale", "process_nonlinear",
            "bilateral", "multiscale_equalise", "compand", "clahe", "limited_unsharp"]
@@ -51,7 +51,7 @@ def phantom_scale(raw: np.ndarray, body_part: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class NonlinearStyle:
+class NonlinearStyle(StoredOutput):
     """One vendor's nonlinear chain; a step is off at its default.  Values in units of ``u``."""
 
     key: str  # "A" or "B": the folder name
@@ -79,19 +79,6 @@ class NonlinearStyle:
     tone: str = "gamma"
     tone_param: float = 1.0
     bits: int = BITS
-
-    def __post_init__(self) -> None:
-        if self.tone not in TONE_CURVES:
-            raise ValueError(f"{self.name}: tone must be one of {TONE_CURVES}, not {self.tone!r}")
-        if self.photometric not in PHOTOMETRICS:
-            raise ValueError(f"{self.name}: photometric must be one of {PHOTOMETRICS}")
-        if not 8 <= self.bits <= 16:
-            raise ValueError(f"{self.name}: bits must be 8..16, not {self.bits}")
-
-    @property
-    def max_value(self) -> int:
-        """The largest stored value (2**bits - 1)."""
-        return (1 << self.bits) - 1
 
     def describe(self) -> dict:
         """The parameters as a plain dict (for the manifest), the family named."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BITS", "PHOTOMETRICS", "TONE_CURVES", "tone_curve"]
+__all__ = ["BITS", "PHOTOMETRICS", "TONE_CURVES", "tone_curve", "StoredOutput"]
 
 BITS = 12  # the default bit depth of a style (BitsStored)
 TONE_CURVES = ("gamma", "sigmoid", "log")
@@ -26,3 +26,27 @@ def tone_curve(u: np.ndarray, tone: str, k: float) -> np.ndarray:
     if tone == "log":
         return np.log1p(k * u) / np.log1p(k)
     return u ** k
+
+
+class StoredOutput:
+    """What every demo style shares about how it stores its output (a mixin of the style
+    dataclasses, which declare ``name``, ``photometric``, ``tone`` and ``bits``): the checks of
+    those fields and the largest stored value."""
+
+    name: str
+    photometric: str
+    tone: str
+    bits: int
+
+    def __post_init__(self) -> None:
+        if self.tone not in TONE_CURVES:
+            raise ValueError(f"{self.name}: tone must be one of {TONE_CURVES}, not {self.tone!r}")
+        if self.photometric not in PHOTOMETRICS:
+            raise ValueError(f"{self.name}: photometric must be one of {PHOTOMETRICS}")
+        if not 8 <= self.bits <= 16:
+            raise ValueError(f"{self.name}: bits must be 8..16, not {self.bits}")
+
+    @property
+    def max_value(self) -> int:
+        """The largest stored value (2**bits - 1)."""
+        return (1 << self.bits) - 1

@@ -38,7 +38,7 @@ import numpy as np
 from dicom_node.errors import UserError
 from dicom_node.demo.nonlinear_styles import NONLINEAR_PAIRS, NonlinearStyle
 from dicom_node.demo.phantoms import gaussian_blur
-from dicom_node.demo.tone import BITS, PHOTOMETRICS, TONE_CURVES, tone_curve
+from dicom_node.demo.tone import BITS, PHOTOMETRICS, TONE_CURVES, StoredOutput, tone_curve
 
 __all__ = ["VendorStyle", "NonlinearStyle", "StylePair", "STYLE_A", "STYLE_B", "STYLES", "STYLE_PAIRS", "DEFAULT_STYLE_PAIR",
            "TONE_CURVES", "get_style_pair", "process", "to_stored"]
@@ -47,7 +47,7 @@ MAX_VALUE = (1 << BITS) - 1  # the default bit depth's largest value (VendorStyl
 
 
 @dataclass(frozen=True)
-class VendorStyle:
+class VendorStyle(StoredOutput):
     """Parameters of one vendor's processing chain (see the module docstring for the order)."""
 
     key: str  # "A" or "B": the folder name
@@ -64,19 +64,6 @@ class VendorStyle:
     tone: str = "gamma"  # "gamma" (power law), "sigmoid" (S-curve) or "log" (log shoulder)
     tone_param: float = 1.0  # gamma exponent, sigmoid gain, or log k
     bits: int = BITS  # BitsStored; values 0 .. 2**bits - 1
-
-    def __post_init__(self) -> None:
-        if self.tone not in TONE_CURVES:
-            raise ValueError(f"{self.name}: tone must be one of {TONE_CURVES}, not {self.tone!r}")
-        if self.photometric not in PHOTOMETRICS:
-            raise ValueError(f"{self.name}: photometric must be one of {PHOTOMETRICS}")
-        if not 8 <= self.bits <= 16:
-            raise ValueError(f"{self.name}: bits must be 8..16, not {self.bits}")
-
-    @property
-    def max_value(self) -> int:
-        """The largest stored value (2**bits - 1)."""
-        return (1 << self.bits) - 1
 
     def describe(self) -> dict:
         """The parameters as a plain dict (for docs and provenance).
