@@ -205,3 +205,27 @@ def test_bundled_model_beats_identity(tmp_path: Path, capsys) -> None:
     assert line["psnr"] >= 30.0 and line["psnr"] >= line["identity_psnr"] + 6.0  # measured 33.5 vs 20.3
     assert line["ssim"] > line["identity_ssim"] + 0.1
     assert line["seamless"] is True
+
+
+def test_fixed_window_models_are_scored_in_the_targets_window(tmp_path: Path, capsys) -> None:
+    """A fixed-window model is scored against the target read through its *output* window, and
+    the identity baseline is the input's own values seen through that window: a model that keeps
+    every value (the identity in absolute terms) scores exactly its identity baseline, one that
+    keeps the model-space numbers across two different windows does not."""
+    from dicom_node.engine import new_style_model, save_style_model
+
+    pairs = tmp_path / "pairs"
+    assert main(["demo-data", str(pairs), "--count", "0", "--test-count", "2", "--size", str(SIZE),
+                 "--seed", "3", "--style-pair", "tone"]) == 0
+    window_a = {"method": "fixed", "low": 200.0, "high": 3800.0}
+    results = {}
+    for name, window_b in (("same", window_a), ("other", {"method": "fixed", "low": 0.0, "high": 4095.0})):
+        gen = new_style_model(ngf=4, n_blocks=1, residual=True, seed=0)  # output == input in model space
+        path = tmp_path / f"{name}.safetensors"
+        save_style_model(gen, path, name=name, normalization=window_a, output={"normalization": window_b})
+        assert main(["evaluate", "--model", str(path), str(pairs), "-o", str(tmp_path / name), "--no-seam-check"]) == 0
+        results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    same, other = results["same"], results["other"]
+    assert same["psnr"] == same["identity_psnr"]  # every value kept: the identity, exactly
+    assert other["identity_psnr"] == pytest.approx(same["identity_psnr"], abs=0.5)  # same values, wider window
+    assert abs(other["psnr"] - other["identity_psnr"]) > 0.5  # model-space numbers kept, values moved
