@@ -74,7 +74,7 @@ default-model: install
 	$(PY) -c "import sys; from dicom_node.engine import load_style_model, save_style_model; \
 	  m = load_style_model(sys.argv[1]); \
 	  save_style_model(m.generator, sys.argv[2], name='default', version='3', \
-	    direction=m.metadata['direction'], normalization=m.normalization, provenance=m.metadata['provenance'], \
+	    direction=m.metadata['direction'], normalization=m.normalization, output=m.metadata.get('output'), provenance=m.metadata['provenance'], \
 	    description='bundled default: demo style A (Alpha soft) -> style B (Beta crisp); make default-model')" \
 	  $(DEFAULT_MODEL_DIR)/run/models/default_A2B.safetensors $(DEFAULT_MODEL_OUT)
 	@$(PY) -c "import sys; from dicom_node.engine.model_file import pin_weights_digest; \
