@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +283,7 @@ def load_style_model(path: str | os.PathLike) -> StyleModel:
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UserError(f"{p}: weights do not match the architecture ({first})") from None
+    _check_windows(p, meta)
     digest = weights_digest(tensors)
     stored = meta.get("weights_sha256")
     if stored and stored != digest:
@@ -295,6 +297,22 @@ def load_style_model(path: str | os.PathLike) -> StyleModel:
     meta["sha256"] = _file_sha256(p)
     meta["weights_sha256"] = digest
     return StyleModel(generator=gen, metadata=meta, path=p)
+
+
+def _check_windows(path: Path, meta: dict[str, Any]) -> None:
+    """A fixed input or output window must be two finite numbers, low below high: a broken one
+    is refused at load, not at the first image (``engine.radiograph``)."""
+    from .radiograph import output_scale
+
+    norm = meta.get("normalization")
+    try:
+        if isinstance(norm, dict) and norm.get("method") == "fixed":
+            low, high = float(norm["low"]), float(norm["high"])
+            if not (math.isfinite(low) and math.isfinite(high) and high > low):
+                raise ValueError(f"input window {low!r}..{high!r}")
+        output_scale(meta.get("output"))
+    except (KeyError, TypeError, ValueError, UserError) as exc:
+        raise UserError(f"{path}: invalid intensity window in its metadata ({exc})") from None
 
 
 def save_style_model(

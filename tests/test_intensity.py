@@ -226,3 +226,18 @@ def test_per_image_normalisation_stays_an_explicit_choice(tmp_path):
     model = load_style_model(tmp_path / "run" / "models" / "run_A2B.safetensors")
     assert model.normalization == {"method": "percentile", "low": 0.5, "high": 99.5}
     assert "output" not in model.metadata
+
+
+@pytest.mark.parametrize("normalization, output", [
+    ({"method": "fixed", "low": 3600.0, "high": 400.0}, None),
+    ({"method": "fixed", "low": "dark"}, None),
+    (WINDOW_A, {"normalization": {"method": "fixed", "low": 100.0, "high": float("nan")}}),
+])
+def test_a_broken_window_is_refused_when_the_model_loads(tmp_path, normalization, output):
+    from dicom_node.engine.errors import UserError
+
+    gen = new_style_model(ngf=4, n_blocks=1, residual=True)
+    path = tmp_path / "broken.safetensors"
+    save_style_model(gen, path, name="broken", normalization=normalization, output=output)
+    with pytest.raises(UserError, match="invalid intensity window"):
+        load_style_model(path)
