@@ -46,8 +46,7 @@ from .dicom_decode import decode_dataset
 from .errors import UnsupportedImage, UserError
 from .errors import first_line as _first_line
 from .radiograph import (DEFAULT_MAX_PIXELS, FULL_RANGE, OUTPUT_MAX, OutputScale, Radiograph, normalize,
-                         output_scale, output_window, rewindow, target_normalization, to_output_pixels,
-                         window_values)
+                         output_scale, output_window, rewindow, target_normalization, to_output_pixels)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -64,7 +63,6 @@ __all__ = [
     "OutputScale",
     "FULL_RANGE",
     "output_scale",
-    "window_values",
     "target_normalization",
     "rewindow",
 ]

@@ -31,8 +31,7 @@ from .defaults import DEFAULT_NORMALIZATION
 from .errors import UnsupportedImage, UserError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "OUTPUT_MAX", "Radiograph", "normalize", "to_output_pixels", "output_window",
-           "OutputScale", "FULL_RANGE", "output_scale", "window_values",
-           "target_normalization", "rewindow"]
+           "OutputScale", "FULL_RANGE", "output_scale", "target_normalization", "rewindow"]
 
 # 64 Mpixel: a 43x43 cm detector at 0.1 mm is ~18 Mpixel; anything far beyond is an error
 # or an attack, and float32 working copies of it would cost several GiB.
@@ -59,7 +58,7 @@ class Radiograph:
 # ----------------------------------------------------------------------------- model space
 
 
-def window_values(img: Radiograph, normalization: Mapping[str, Any]) -> tuple[float, float]:
+def _window_values(img: Radiograph, normalization: Mapping[str, Any]) -> tuple[float, float]:
     """The two pixel values that ``normalization`` maps to -1 and +1."""
     method = str(normalization.get("method", "percentile"))
     values = img.pixels if img.valid is None else img.pixels[img.valid]
@@ -87,7 +86,7 @@ def normalize(img: Radiograph, normalization: Mapping[str, Any] | None = None) -
     Padded pixels become -1 (they carry no anatomy and must not produce extreme inputs).
     """
     norm = dict(DEFAULT_NORMALIZATION if normalization is None else normalization)
-    lo, hi = window_values(img, norm)
+    lo, hi = _window_values(img, norm)
     scale = 2.0 / (hi - lo) if hi > lo else 1.0
     # float32 throughout (a 20 Mpixel image costs 80 MB per copy, not 160); the same pixels
     # always give the same result, which is what the MONOCHROME1/2 twin property needs.
