@@ -52,6 +52,7 @@ from dicom_node.counters import COUNTERS_SCHEMA, CounterStore, bump
 from dicom_node.database import Database, is_conflict
 from dicom_node.notifications import NOTIFICATIONS_SCHEMA, NotificationOutbox
 from dicom_node.operations_log import OPERATIONS_SCHEMA, OperationsLog
+from dicom_node.reprocessing import REPROCESS_COLUMNS, SourceKeeping
 
 __all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "OutputRecord", "INSTANCE_STATES",
            "DELIVERY_STATES"]
@@ -206,11 +207,13 @@ class OutputRecord:
     scores: dict
     thresholds: dict
     action: str
+    output_version: int = 1  # 2, 3...: re-translated by dicom-node reprocess
+    requested_by: str | None = None  # who asked for that reprocess
 
 
 AUDIT_COLS = ("id", "instance_id", "called_ae", "study_uid", "source_sop_uid", "output_sop_uid", "model",
               "model_version", "model_digest", "device_uid", "verdict", "reasons", "scores", "thresholds", "action",
-              "disposition", "created_at", "updated_at", "source_revision")
+              "disposition", "created_at", "updated_at", "source_revision", "output_version", "requested_by")
 
 # A resend of an instance with other content (same SOP Instance UID: corrected demographics) is
 # processed again: the instance keeps the digest of what it holds and counts its revisions, and
@@ -222,14 +225,15 @@ _INSTANCE_COLS = ("id, called_ae, calling_ae, sop_uid, sop_class, study_uid, ser
                   "state, received_at, error")
 
 
-class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, NotificationOutbox, Membership):
+class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, NotificationOutbox, Membership, SourceKeeping):
     """Thread-safe access to the state database (one connection, one lock).
 
     Parts in modules of their own: the audit trail and the withheld outputs' release/discard
     (:mod:`dicom_node.audit_trail`), the metrics' counters (:mod:`dicom_node.counters`), the
     association and operator logs (:mod:`dicom_node.operations_log`) and the console's reads
     (:mod:`dicom_node.console_queries`), the webhook outbox (:mod:`dicom_node.notifications`), the
-    nodes and their leases (:mod:`dicom_node.cluster`).  Each process (the node, the console, a
+    nodes and their leases (:mod:`dicom_node.cluster`), reprocessing and the spool's clean-up
+    (:mod:`dicom_node.reprocessing`).  Each process (the node, the console, a
     CLI command) opens its own connection: SQLite in WAL mode lets readers run beside the writer.
     """
 
@@ -248,7 +252,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                 self._conn.script("ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0")
             if "first_received_at" not in self._conn.columns("studies"):  # from before max_wait
                 self._conn.script("ALTER TABLE studies ADD COLUMN first_received_at REAL")
-            for table, column, ddl in _REVISION_COLUMNS:  # from before corrected resends were processed
+            for table, column, ddl in _REVISION_COLUMNS + REPROCESS_COLUMNS:  # from before corrected resends were processed
                 if column not in self._conn.columns(table):
                     self._conn.script(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
             # Only the few rows whose files are still in the spool: the purge query stays cheap
@@ -536,8 +540,8 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                 c.execute(
                     "INSERT INTO outputs (instance_id, called_ae, study_uid, source_sop_uid, output_sop_uid, model, "
                     "model_version, model_digest, device_uid, verdict, reasons, scores, thresholds, action, "
-                    "disposition, created_at, updated_at, source_revision) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "disposition, created_at, updated_at, source_revision, output_version, requested_by) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT (called_ae, source_sop_uid, output_sop_uid) DO UPDATE SET "
                     "instance_id=excluded.instance_id, verdict=excluded.verdict, reasons=excluded.reasons, "
                     "scores=excluded.scores, thresholds=excluded.thresholds, action=excluded.action, "
@@ -546,7 +550,8 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                     (instance_id, called_ae, study_uid, output.source_sop_uid, output.output_sop_uid, output.model,
                      output.model_version, output.model_digest, output.device_uid, output.verdict,
                      json.dumps(output.reasons), json.dumps(output.scores), json.dumps(output.thresholds),
-                     output.action, "withheld" if withhold else "forwarded", now, now, int(revision or 0)))
+                     output.action, "withheld" if withhold else "forwarded", now, now, int(revision or 0),
+                     output.output_version, output.requested_by))
             counted = model or (output.model if output is not None else "unknown")
             bump(c, "translated", model=counted)
             if output is not None and output.verdict == "flagged":
@@ -698,25 +703,7 @@ class StateDB(AuditTrail, CounterStore, OperationsLog, ConsoleQueries, Notificat
                                                 "instances": int(states.get("delivered", 0)),
                                                 "destinations": sorted(destinations)}, study_uid, now)
 
-    # -- spool clean-up ----------------------------------------------------------------
-    def finished_unpurged(self, limit: int = 500) -> list[tuple[int, str]]:
-        """(id, original path) of finished instances whose spool files can go.
-
-        Finished: ``delivered``, or ``unmatched``/``unsupported`` whose forwarded original
-        reached every destination.  Instances kept on purpose (not forwarded) and anything
-        failed or pending keep their files.
-        """
-        return [(int(i), str(p)) for i, p in self._query(
-            "SELECT id, path FROM instances i INDEXED BY instances_unpurged WHERE purged=0 AND (state='delivered' OR "
-            "(state IN ('unmatched','unsupported') AND EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id) "
-            "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id AND d.state!='delivered')) OR "
-            "(state='discarded' AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id "
-            "AND d.state!='delivered'))) ORDER BY id LIMIT ?", (limit,))]
-
-    def mark_purged(self, instance_ids: Iterable[int]) -> None:
-        with self._tx() as c:
-            c.executemany("UPDATE instances SET purged=1 WHERE id=?", [(int(i),) for i in instance_ids])
-
+    # -- spool clean-up: finished_unpurged, mark_purged in dicom_node.reprocessing ------
     def forget_older_than(self, seconds: float, now: float | None = None) -> int:
         """Drop rows of instances finished and purged more than ``seconds`` ago; returns how many.
 

@@ -14,7 +14,8 @@ are three kinds of loops:
 * deliverers, one per destination: send due deliveries (one association per batch of up
   to 50), record each outcome; failures are retried with ``retry.backoff_seconds`` until
   ``retry.max_attempts``, then ``failed`` (files stay in the spool; ``dicom-node retry``).
-  Finished instances' spool files are removed (the rows stay).
+  Finished instances' spool files are removed (the rows stay), a delivered study's
+  ``storage.keep_sources_days`` after its last delivery (``dicom-node reprocess`` needs them).
 * housekeeper: sweeps partial files of aborted transfers from the spool's tmp/.
 
 Every step claims its work in the state database (a lease, :mod:`dicom_node.cluster`) and
@@ -308,6 +309,8 @@ class Translator(_Loop):
                 # A PACS that routes our SC back would otherwise start an endless restyling loop.
                 raise UnsupportedImage("already a dicom-node output (never restyled twice)")
             inverse = self.models.inverse(route.model)
+            version, requested_by = self.db.output_version(row.id)
+            series = _series_naming(route, ds, version)
             t0 = time.perf_counter()
             with ENGINE_LOCK, stop_between_operations(self.stop_event):  # SIGTERM: abandoned, stays ready
                 from dicom_node.engine.pipeline import translate_radiograph
@@ -318,7 +321,7 @@ class Translator(_Loop):
                     tile=settings.tile if settings else None,
                     overlap=settings.overlap if settings else DEFAULT_OVERLAP,
                     device=_device(settings.device if settings else "auto"), inverse=inverse, label=route.label,
-                    show_flag=route.fidelity_action != "record")
+                    show_flag=route.fidelity_action != "record", series=series)
             seconds = time.perf_counter() - t0
         except TranslationStopped:
             log.info("sop %s: translation interrupted by the stop; the next start translates it",
@@ -339,12 +342,13 @@ class Translator(_Loop):
         self._save_preview(row, result)
         deliveries = [NewDelivery(d, "output", out_uid, str(out_path)) for d in route.destinations] + originals
         withhold = route.fidelity_action == "withhold" and report.flagged
-        self.db.mark_translated(row.id, deliveries, output=_output_record(row, out_uid, model, report, route),
-                                withhold=withhold, model=route.model)
+        output = _output_record(row, out_uid, model, report, route, version, requested_by)
+        self.db.mark_translated(row.id, deliveries, output=output, withhold=withhold, model=route.model)
         if self.metrics is not None:
             self.metrics.translation_seconds.labels(model=route.model).observe(seconds)
-        log.info("sop %s translated with %s in %.2fs -> sc %s, fidelity %s", abbreviate(row.sop_uid), route.model,
-                 seconds, abbreviate(out_uid), report.verdict)
+        log.info("sop %s translated with %s in %.2fs -> sc %s, fidelity %s%s", abbreviate(row.sop_uid), route.model,
+                 seconds, abbreviate(out_uid), report.verdict,
+                 f" (reprocessed: output version {version}, asked by {requested_by})" if version > 1 else "")
         if report.flagged:
             # reasons are scores and thresholds only: nothing about the patient
             log.warning("sop %s: fidelity guard flagged the output of %s (%s): %s", abbreviate(row.sop_uid),
@@ -364,13 +368,27 @@ class Translator(_Loop):
             log.warning("sop %s: no preview (%s: %s)", abbreviate(row.sop_uid), exc.__class__.__name__, exc)
 
 
-def _output_record(row: InstanceRow, out_uid: str, model: Any, report: Any, route: Any) -> OutputRecord:
+def _series_naming(route: Any, ds: Any, version: int) -> Any:
+    """The route's output series: its description template, its block of SeriesNumbers and the
+    route as the series' identity (a retrained model's outputs stay in the series)."""
+    from dicom_node.engine.secondary_capture import SeriesNaming
+    from dicom_node.routing import series_description, series_numbers
+
+    return SeriesNaming(
+        description=series_description(route.series_description, route=route.name, model=route.model,
+                                       source=ds.get("SeriesDescription", "")),
+        numbers=series_numbers(route.name, ds.get("SeriesNumber")), key=f"route {route.name}", version=version)
+
+
+def _output_record(row: InstanceRow, out_uid: str, model: Any, report: Any, route: Any, version: int = 1,
+                   requested_by: str | None = None) -> OutputRecord:
     from dicom_node.engine.secondary_capture import device_uid
 
     return OutputRecord(source_sop_uid=row.sop_uid, output_sop_uid=out_uid, model=model.name,
                         model_version=model.version, model_digest=model.weights_sha256, device_uid=device_uid(model),
                         verdict=report.verdict, reasons=report.reasons, scores=report.scores,
-                        thresholds=report.thresholds, action=route.fidelity_action)
+                        thresholds=report.thresholds, action=route.fidelity_action, output_version=version,
+                        requested_by=requested_by)
 
 
 def is_own_output(ds: Any) -> bool:
@@ -462,15 +480,17 @@ class Deliverer(_Loop):
         super().run()
 
     def _purge(self) -> None:
-        """Remove the spool files of finished instances (the node is a router, not an archive).
+        """Remove the spool files of finished instances (the node is a router, not an archive);
+        a delivered study's after ``storage.keep_sources_days`` (``dicom-node reprocess``).
 
         The row stays (marked purged), so a re-sent duplicate is still recognised.  Runs
         after the state commit; a crash in between leaves files that the next start removes.
         Several deliverers may purge the same instance: both steps are idempotent.
         """
         self._purged_at = time.monotonic()
+        keep = self.config.storage.keep_sources_days * 86400.0
         while True:
-            rows = self.db.finished_unpurged()
+            rows = self.db.finished_unpurged(keep_seconds=keep)
             if not rows:
                 return
             for iid, original in rows:

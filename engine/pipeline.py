@@ -25,6 +25,7 @@ from .secondary_capture import make_secondary_capture
 if TYPE_CHECKING:
     from .fidelity import FidelityReport
     from .model_file import StyleModel
+    from .secondary_capture import SeriesNaming
 
 __all__ = ["translate_dataset", "translate_file", "save_translation", "save_preview", "Translation",
            "translate_radiograph", "model_output_window", "model_output_scale", "ModelOutputError"]
@@ -63,13 +64,14 @@ def model_output_window(model: "StyleModel") -> tuple[float, float]:
 def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, *, tile: int | None = None,
                          overlap: float = DEFAULT_OVERLAP, device: Any = None, guard: bool = True,
                          inverse: "StyleModel | None" = None, label: str | None = CAUTION_LABEL,
-                         show_flag: bool = True) -> Translation:
+                         show_flag: bool = True, series: "SeriesNaming | None" = None) -> Translation:
     """Translate an already decoded image of ``source``; padded pixels come out black (0).
 
     With ``guard`` (the default) the fidelity guard (``engine.fidelity``) checks the output
     against the source, with ``inverse`` for the cycle score; ``show_flag`` marks a flagged
     output visibly (its own series, a SeriesDescription prefix, the reasons in ImageComments).
-    ``label`` is the caution every output carries (None: none).
+    ``label`` is the caution every output carries (None: none); ``series``: how the caller
+    names the output series (``secondary_capture.SeriesNaming``; None: the defaults).
     """
     from .tiling import translate_with_base
 
@@ -89,7 +91,7 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
     if img.valid is not None:
         out[~img.valid] = 0
     sc = make_secondary_capture(source, out, model, window=model_output_window(model), rescale=scale.rescale,
-                                label=label, fidelity=report, show_flag=show_flag)
+                                label=label, fidelity=report, show_flag=show_flag, series=series)
     return Translation(sc=sc, model_input=x, model_output=y, fidelity=report)
 
 

@@ -9,6 +9,7 @@ a display window. Every output is validated with ``dciodvfy`` in the tests.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import uuid
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .model_file import StyleModel
 
 __all__ = ["derived_uid", "device_uid", "make_secondary_capture", "SERIES_NUMBER_OFFSET", "FLAGGED_SERIES_OFFSET",
-           "DERIVATION_CODE"]
+           "DERIVATION_CODE", "SeriesNaming"]
 
 # A name-based (SHA-1, RFC 4122 version 5) UUID namespace for dicom-node output UIDs.
 _UID_NAMESPACE = uuid.UUID("6f1c2d4e-3b7a-5c8d-9e0f-a1b2c3d4e5f6")
@@ -109,6 +110,26 @@ def device_uid(model: "StyleModel") -> str:
     """The DeviceUID of a style model: derived from its weight digest, so it changes exactly
     when the model is retrained (IHE AI Results: the algorithm is the device)."""
     return derived_uid("dicom-node style model weights", model.weights_sha256 or model.identity)
+
+
+@dataclass(frozen=True)
+class SeriesNaming:
+    """How the caller (the node: one per route) names the output series; None fields keep the
+    defaults (``dicom-node translate``: "<style> style: <source description>", source + 1000).
+
+    ``description``: SeriesDescription (cut to 64 characters, after the flagged prefix).
+    ``numbers``: (SeriesNumber, SeriesNumber of the flagged series).
+    ``key``: the series' identity instead of the model's: SeriesInstanceUID = derived_uid(source
+    series UID, key), so a retrained model's outputs stay in the same series; the SOP Instance
+    UID then also depends on it (two routes with one model never share an instance UID).
+    ``version``: the output version (``dicom-node reprocess``); from 2 on the SOP Instance UID
+    is a new one, so a PACS stores the re-translated image instead of ignoring a duplicate.
+    """
+
+    description: str | None = None
+    numbers: tuple[int, int] | None = None
+    key: str | None = None
+    version: int = 1
 
 
 def _series_number(source: Dataset, offset: int = SERIES_NUMBER_OFFSET) -> int:
@@ -194,7 +215,8 @@ def _style_label(model: "StyleModel") -> str:
 def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleModel", *,
                            window: tuple[float, float], rescale: tuple[float, float] | None = None,
                            label: str | None = CAUTION_LABEL,
-                           fidelity: "FidelityReport | None" = None, show_flag: bool = True) -> Dataset:
+                           fidelity: "FidelityReport | None" = None, show_flag: bool = True,
+                           series: SeriesNaming | None = None) -> Dataset:
     """The Secondary Capture dataset for ``pixels`` (uint16 MONOCHROME2) derived from ``source``.
 
     UIDs: SeriesInstanceUID = derived_uid(source series UID, model identity) and
@@ -207,7 +229,7 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
 
     ``window`` (center, width) is in output values; ``rescale`` (intercept, slope) is written as
     the Modality LUT when the stored pixels are not the output values themselves
-    (``engine.radiograph.OutputScale``).
+    (``engine.radiograph.OutputScale``).  ``series``: the caller's naming (:class:`SeriesNaming`).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -216,9 +238,22 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
         raise ValueError("pixels must be a 2-D uint16 array")
     identity = model.identity
     flagged = bool(show_flag and fidelity is not None and fidelity.flagged)
-    series_uid = derived_uid(str(source.SeriesInstanceUID), identity, *(["fidelity-flagged"] if flagged else []))
-    sop_uid = derived_uid(str(source.SOPInstanceUID), identity)
+    naming = series or SeriesNaming()
+    flag_part = ["fidelity-flagged"] if flagged else []
+    if naming.key is None:
+        series_uid = derived_uid(str(source.SeriesInstanceUID), identity, *flag_part)
+        sop_parts = [identity]
+    else:
+        series_uid = derived_uid(str(source.SeriesInstanceUID), "series", naming.key, *flag_part)
+        sop_parts = [identity, naming.key]
+    if naming.version > 1:
+        sop_parts.append(f"output version {naming.version}")
+    sop_uid = derived_uid(str(source.SOPInstanceUID), *sop_parts)
     style = _style_label(model)
+    if naming.numbers is None:
+        series_number = _series_number(source, FLAGGED_SERIES_OFFSET if flagged else SERIES_NUMBER_OFFSET)
+    else:
+        series_number = int(naming.numbers[1] if flagged else naming.numbers[0])
     equipment = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
@@ -236,7 +271,7 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
         patient_orientation=("L", "F"),
         study_instance_uid=str(source.StudyInstanceUID),
         series_instance_uid=series_uid,
-        series_number=_series_number(source, FLAGGED_SERIES_OFFSET if flagged else SERIES_NUMBER_OFFSET),
+        series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=_instance_number(source),
         manufacturer=MANUFACTURER,
@@ -255,8 +290,9 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
 
     # Series: description naming the style, modality as the source (hanging protocols match it).
     source_desc = str(source.get("SeriesDescription", "") or "").strip()
-    sc.SeriesDescription = _text((FLAGGED_PREFIX if flagged else "")
-                                 + (f"{style} style: {source_desc}" if source_desc else f"{style} style"))
+    description = naming.description if naming.description is not None else (
+        f"{style} style: {source_desc}" if source_desc else f"{style} style")
+    sc.SeriesDescription = _text((FLAGGED_PREFIX if flagged else "") + description)
     if source.get("Modality"):
         sc.Modality = source.Modality
     body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()

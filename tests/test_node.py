@@ -53,7 +53,8 @@ def test_whole_path_dicom_and_folder_destinations(tmp_path, tiny_model_path):
                                                 "port": pacs.port},
                                        "outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
                          routes=[{"called_ae": "DR_KIM_STYLE", "model": "tiny", "destinations": ["pacs", "outbox"]}],
-                         workers=2)  # two translators must never take the same instance
+                         workers=2,  # two translators must never take the same instance
+                         storage={"keep_sources_days": 0})  # removed once delivered (no reprocess)
         with node:
             sources = study(3)
             assert send(node.port, sources, called="DR_KIM_STYLE") == [0, 0, 0]
@@ -74,7 +75,8 @@ def test_whole_path_dicom_and_folder_destinations(tmp_path, tiny_model_path):
         assert refs == src_uids
         # one new series for one source series and one model
         assert len({str(sc.SeriesInstanceUID) for sc in received}) == 1
-        # delivered: the spool keeps no patient data, only the rows (duplicates stay recognised)
+        # delivered, keep_sources_days 0: the spool keeps no patient data, only the rows
+        # (duplicates stay recognised)
         assert list((tmp_path / "spool" / "in").rglob("*.dcm")) == []
         assert list((tmp_path / "spool" / "out").rglob("*.dcm")) == []
 

@@ -139,7 +139,9 @@ def test_withheld_output_waits_for_an_operator_then_release_and_discard(tmp_path
             assert main(["discard", str(second[0].SOPInstanceUID), "--config", str(cfg)]) == 0
             assert "discarded 1 withheld output" in capsys.readouterr().out
             assert wait_for(lambda: instance_states(node)[str(second[0].SOPInstanceUID)] == "discarded", 10)
-            assert wait_for(lambda: not any(Path(p).exists() for (p,) in held), 15)
+            assert wait_for(lambda: not any(Path(p).exists() for (p,) in held if out_uid not in p), 15)
+            # the released one was delivered: kept storage.keep_sources_days for a reprocess
+            assert [Path(p).is_file() for (p,) in held if out_uid in p] == [True]
             assert len(_outputs(pacs)) == 1
 
             # nothing left to release: a one-line error, exit 1

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "check_config",
     "status",
     "retry",
+    "reprocess",
     "withheld",
     "audit",
     "hash_password",

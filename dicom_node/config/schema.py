@@ -79,7 +79,8 @@ def _node(raw: Any, pr: Problems, base_dir: Path) -> NodeSettings:
 
 def _storage(raw: Any, pr: Problems, base_dir: Path) -> StorageSettings:
     d = StorageSettings()
-    m = mapping(raw, "storage", {"spool_dir", "min_free_bytes", "database", "lease_seconds"}, set(), pr)
+    m = mapping(raw, "storage", {"spool_dir", "min_free_bytes", "database", "lease_seconds",
+                                      "keep_sources_days"}, set(), pr)
     if m is None:
         return d
     database = string(m, "database", "storage", pr, None)
@@ -91,6 +92,7 @@ def _storage(raw: Any, pr: Problems, base_dir: Path) -> StorageSettings:
         min_free_bytes=integer(m, "min_free_bytes", "storage", pr, d.min_free_bytes, 0),
         database=database,
         lease_seconds=number(m, "lease_seconds", "storage", pr, d.lease_seconds, 1.0, True),
+        keep_sources_days=number(m, "keep_sources_days", "storage", pr, d.keep_sources_days, 0.0),
     )
 
 
@@ -223,7 +225,7 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
         path = join_path("routes", i)
         s = mapping(spec, path, {"name", "called_ae", "model", "destinations", "calling_ae", "match",
                                  "forward_original", "fidelity", "label", "study_stable_seconds", "max_wait_seconds",
-                                 "on_max_wait"},
+                                 "on_max_wait", "series_description"},
                      {"called_ae", "model", "destinations"}, pr)
         if s is None:
             continue
@@ -257,6 +259,7 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
             study_stable_seconds=number(s, "study_stable_seconds", path, pr, None),
             max_wait_seconds=number(s, "max_wait_seconds", path, pr, None, 0, False),
             on_max_wait=_choice(s, "on_max_wait", path, pr, ON_MAX_WAIT, "proceed"),
+            **_series_description(s, path, pr),
         )
         for j, earlier in enumerate(out):
             if called and earlier.called_ae == called and _shadows(earlier, route):
@@ -264,7 +267,33 @@ def _routes(raw: Any, pr: Problems, model_keys: set, dest_keys: set) -> list[Rou
                        "every instance this route would (give it a narrower calling_ae/match or remove one)")
                 break
         out.append(route)
+    _series_number_clashes(out, pr)
     return out
+
+
+def _series_description(s: dict, path: str, pr: Problems) -> dict[str, str]:
+    """``series_description``: a template with {route}, {model}, {source} (absent: the default)."""
+    if "series_description" not in s:
+        return {}
+    from dicom_node.routing import series_description_problem
+
+    value = string(s, "series_description", path, pr, None)
+    problem = series_description_problem(value) if value is not None else None
+    if problem:
+        pr.add(join_path(path, "series_description"), problem)
+    return {} if value is None or problem else {"series_description": value}
+
+
+def _series_number_clashes(routes: list[RouteSettings], pr: Problems) -> None:
+    """Two routes whose outputs would get the same SeriesNumbers (their names hash alike)."""
+    from dicom_node.routing import series_number_block
+
+    for i, route in enumerate(routes):
+        for j, earlier in enumerate(routes[:i]):
+            if series_number_block(route.name) == series_number_block(earlier.name):
+                pr.add(join_path(join_path("routes", i), "name"),
+                       f"route {route.name!r} would number its series like routes[{j}] ({earlier.name!r}): "
+                       "give one of them another name")
 
 
 def _route_name(s: dict, path: str, pr: Problems, called: str, model: str, earlier: list[RouteSettings]) -> str:

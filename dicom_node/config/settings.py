@@ -62,6 +62,9 @@ class StorageSettings:
     # A claimed item (a translation, a delivery batch, a notification) is its node's for this
     # long after the node's last heartbeat; then another node takes it over.
     lease_seconds: float = 30.0
+    # Sources and outputs of a delivered study stay in the spool this long after its last
+    # delivery (``dicom-node reprocess`` works from them), then the node removes them; 0: at once.
+    keep_sources_days: float = 30.0
 
 
 @dataclass
@@ -135,6 +138,9 @@ class RouteSettings:
     study_stable_seconds: float | None = None  # None: the config's global study_stable_seconds
     max_wait_seconds: float | None = None  # since the study's first instance; None: no limit
     on_max_wait: str = "proceed"  # proceed: translate what has arrived; discard: drop it
+    # The output series' SeriesDescription: {route} (the route's name), {model}, {source} (the
+    # source series' description); at most 64 characters are kept (dicom_node.routing).
+    series_description: str = "{route} style: {source}"
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -375,6 +375,12 @@ def build_app(console: Console):
         for inst in found["instances"]:
             inst["route_label"] = _route_label(console.config, inst["route"])
             inst["preview"] = console.spool.preview_path(inst["id"]).is_file()
+        # routes whose outputs were all delivered: "Reprocess" (dicom_node.reprocessing says the rest)
+        states: dict[str, set] = {}
+        for inst in found["instances"]:
+            if inst["route"] is not None and inst.get("output"):
+                states.setdefault(inst["route"], set()).add("purged" if inst.get("purged") else inst["state"])
+        found["reprocessable"] = sorted(r for r, s in states.items() if s == {"delivered"})
         return render("study.html", request, session, study=found)
 
     @page
@@ -408,6 +414,22 @@ def build_app(console: Console):
         log.info("console: %s requeued %d deliveries and %d translations", session.user, nd, ni)
         return f"requeued {nd} deliveries and {ni} translations"
 
+    @action
+    def reprocess(session: Session, form: Any) -> str:
+        from dicom_node.errors import UserError
+
+        study_uid = str(form.get("study_uid") or "").strip()
+        route = str(form.get("route") or "").strip() or None
+        if not study_uid:
+            raise BadRequest("study_uid is required")
+        try:
+            queued = console.db.reprocess_study(study_uid, route, user=session.user)
+        except UserError as exc:
+            return f"not reprocessed: {exc}"
+        log.info("console: %s asked to reprocess %d instance(s)", session.user, sum(queued.values()))
+        return "queued for translation again: " + ", ".join(f"{n} instance(s) of route {r}"
+                                                             for r, n in sorted(queued.items()))
+
     def _withheld_action(verb: str) -> Callable:
         def run(session: Session, form: Any) -> str:
             uid = str(form.get("uid") or "").strip()
@@ -426,7 +448,7 @@ def build_app(console: Console):
         Route("/", overview), Route("/studies", studies), Route("/studies/{uid}", study),
         Route("/failures", failures), Route("/actions", actions_log),
         Route("/previews/{iid}.png", preview),
-        Route("/requeue", requeue, methods=["POST"]),
+        Route("/requeue", requeue, methods=["POST"]), Route("/reprocess", reprocess, methods=["POST"]),
         Route("/release", _withheld_action("release"), methods=["POST"]),
         Route("/discard", _withheld_action("discard"), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
