@@ -95,6 +95,9 @@ def test_operator_requeues_a_failed_delivery_in_the_browser(tmp_path, tiny_model
             page.goto(base + f"/studies/{sources[0].StudyInstanceUID}")
             expect(page.locator("tr.delivery.delivered")).to_have_count(2, timeout=TIMEOUT_MS)
             page.screenshot(path=str(ARTIFACTS / "5-delivered.png"), full_page=True)
+            page.click("button.reprocess")  # translate the delivered study again: a new version
+            page.wait_for_selector("#done >> text=queued for translation again: 2 instance(s)")
+            wait_until(lambda: len(pacs.files()) == 4, 60, message="the reprocessed SCs at the PACS")
 
             page.goto(base + "/")
             expect(page.locator("#destinations")).to_contain_text("s ago")  # the last success
@@ -102,9 +105,10 @@ def test_operator_requeues_a_failed_delivery_in_the_browser(tmp_path, tiny_model
 
             page.click("text=Operator log")
             assert "requeue" in page.locator("#actions").inner_text()
+            assert "reprocess" in page.locator("#actions").inner_text()
             page.screenshot(path=str(ARTIFACTS / "7-operator-log.png"), full_page=True)
             browser.close()
-        wait_until(lambda: len(pacs.files()) == 2, 30, message="2 SCs at the PACS")
+        wait_until(lambda: len(pacs.files()) == 4, 30, message="4 SCs at the PACS (2 reprocessed)")
         arrived = [pydicom.dcmread(f, stop_before_pixels=True) for f in pacs.files()]
         assert {str(ds.SOPClassUID) for ds in arrived} == {SC_STORAGE}
         assert {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in arrived} == \
