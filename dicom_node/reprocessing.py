@@ -41,10 +41,11 @@ class SourceKeeping:
     """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query``, ``_tx`` and ``_action``)."""
 
     def reprocess_study(self, study_uid: str, route: str | None = None, *, user: str,
-                        now: float | None = None) -> dict[str, int]:
+                        configured: Iterable[str] | None = None, now: float | None = None) -> dict[str, int]:
         """Queue a delivered study (of one route, or of every route that handled it) for
         translation again; returns {route: instances queued}.  Raises :class:`UserError` when
-        there is nothing to redo, the study is not finished, or its sources are gone."""
+        there is nothing to redo, the study is not finished, its sources are gone, or (given
+        ``configured``, the config's route names) one of its routes is no longer configured."""
         now = time.time() if now is None else now
         where, params = "study_uid=?", [study_uid]
         if route is not None:
@@ -61,6 +62,9 @@ class SourceKeeping:
             if busy:
                 raise UserError(f"{what} is not finished ({', '.join(busy)}): reprocess it once it is delivered "
                                 "('dicom-node retry', 'release' or 'discard' first)")
+            gone = sorted({str(r[1]) for r in translated} - set(configured)) if configured is not None else []
+            if gone:
+                raise UserError(f"{what}: route {', '.join(gone)} is no longer configured (nothing could translate it)")
             if any(int(r[3]) for r in translated):
                 raise UserError(f"{what}: its sources are no longer kept (removed after storage.keep_sources_days)")
             ids = [int(r[0]) for r in translated]

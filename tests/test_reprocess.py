@@ -265,7 +265,9 @@ def test_sources_are_kept_until_the_whole_study_is_delivered_and_old_enough(data
     assert db.finished_unpurged(keep_seconds=100.0, now=109.0) == []  # the study changed at 10
     assert sorted(i for i, _ in db.finished_unpurged(keep_seconds=100.0, now=111.0)) == [a, b]
 
-    assert db.reprocess_study("1.2.3", "kim", user="alice", now=120.0) == {"kim": 2}
+    with pytest.raises(UserError, match="route kim is no longer configured"):
+        db.reprocess_study("1.2.3", user="alice", configured=["kim_chest"])
+    assert db.reprocess_study("1.2.3", "kim", user="alice", configured=["kim"], now=120.0) == {"kim": 2}
     assert states(db) == {"1.1": "ready", "1.2": "ready"}
     assert db.output_version(a) == (2, "alice")
     assert db.actions()[0]["action"] == "reprocess" and db.actions()[0]["user"] == "alice"

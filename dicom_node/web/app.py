@@ -423,7 +423,8 @@ def build_app(console: Console):
         if not study_uid:
             raise BadRequest("study_uid is required")
         try:
-            queued = console.db.reprocess_study(study_uid, route, user=session.user)
+            queued = console.db.reprocess_study(study_uid, route, user=session.user,
+                                                configured=[r.name for r in console.config.routes])
         except UserError as exc:
             return f"not reprocessed: {exc}"
         log.info("console: %s asked to reprocess %d instance(s)", session.user, sum(queued.values()))
