@@ -173,6 +173,8 @@ def test_reprocess_after_a_reload_delivers_a_new_version_in_the_same_series_to_a
                 assert r["model_digest"] == new_model.weights_sha256 and r["model"] == "retrained"
             assert all(r["output_version"] == 1 and r["requested_by"] is None
                        for r in rows if r["output_sop_uid"] in first)
+            text = _cli("audit", "--study", study_uid, "--config", str(node.config_path)).stdout
+            assert text.count("version 2 (reprocess by cli:") == 2 and "4 outputs" in text
             db = StateDB(Path(cfg["storage"]["spool_dir"]) / "state.db")
             try:
                 action = db.actions()[0]

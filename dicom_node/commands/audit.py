@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({**r, "created": _iso(r["created_at"]), "updated": _iso(r["updated_at"])}))
             continue
         verdict = r["verdict"] + (f" ({'; '.join(r['reasons'])})" if r["reasons"] else "")
+        version = (f"  version {r['output_version']} (reprocess by {r['requested_by']})"
+                   if r.get("output_version", 1) > 1 else "")
         print(f"{_iso(r['created_at'])}  {r['source_sop_uid']} -> {r['model']} {r['model_version']} "
-              f"[{r['model_digest'][:12]}] -> {r['output_sop_uid']}  {verdict}  {r['disposition']}")
+              f"[{r['model_digest'][:12]}] -> {r['output_sop_uid']}  {verdict}  {r['disposition']}{version}")
     if not args.json:
         print(f"{len(rows)} output{'s' if len(rows) != 1 else ''}")
     return 0
