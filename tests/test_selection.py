@@ -103,3 +103,28 @@ def test_a_run_exports_its_best_checkpoint_and_says_what_it_exported(tmp_path, c
             assert exported["stage"] == "network" and last.weight.abs().sum() > 0
         else:
             assert exported["stage"] == "tone filter alone" and last.weight.abs().sum() == 0
+
+
+def test_paired_training_is_judged_on_its_own_pairs_and_unpaired_on_pseudo_pairs(tmp_path, caplog):
+    """Pseudo-pairs lean toward the first stage (they rated networks trained on true pairs
+    several dB below it where they gained): a paired run without data.val uses its own pairs."""
+    import logging
+
+    from factory import make_dataset, write
+
+    paired = tmp_path / "paired"
+    for sub in ("A", "B"):
+        (paired / sub).mkdir(parents=True)
+    for i in range(2):
+        pix = phantom(96, 96, 12, seed=60 + i)
+        write(make_dataset(pix), paired / "A" / f"p{i}.dcm")
+        write(make_dataset((4095 * (pix / 4095.0) ** 0.7).round().astype(np.uint16)), paired / "B" / f"p{i}.dcm")
+    for sub in ("p", "u"):
+        (tmp_path / sub).mkdir()
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        assert _train(tmp_path / "p", paired, 2) == 0
+    assert "network over its first stage (true pairs)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        assert _train(tmp_path / "u", _train_data(tmp_path / "data", n=2), 2) == 0
+    assert "network over its first stage (pseudo-pairs)" in caplog.text

@@ -32,7 +32,7 @@ from .cyclegan import LOSS_NAMES, CycleGAN
 from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indices
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
-from .selection import CheckpointSelector
+from .selection import PSEUDO_IMAGES, CheckpointSelector
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
@@ -162,6 +162,9 @@ class _Run:
             self.data = self._load_data(write=False)
         a, b = self.data
         pairs, paired = self._pairing(a, b)
+        # paired training without data.val: its own pairs judge the network (train/selection.py)
+        self.train_pairs = ([(a.names[i], np.asarray(a.arrays[i], np.float32), np.asarray(b.arrays[j], np.float32))
+                             for i, j in pairs[:PSEUDO_IMAGES]] if paired else [])
         val_pairs = self.val_pairs
 
         model = self._build_model(paired)
@@ -339,7 +342,7 @@ class _Run:
                 if info.is_main:
                     self.validation = self._style_check(model)
                     self.validation.update(self.selector.gains(model.module("g_ab"), model.module("g_ba"),
-                                                               self.data, val_pairs))
+                                                               self.data, val_pairs or self.train_pairs))
                     if val_pairs:
                         self.validation.update(self._validate(model, val_pairs))
                         log.info("validation at step %d: %s", step, "  ".join(
