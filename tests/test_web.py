@@ -407,10 +407,14 @@ def test_trusted_proxies_config(tmp_path, tiny_model_path):
 
 def test_concurrent_wrong_logins_stop_at_the_limit(tmp_path, tiny_model_path):
     """30 wrong logins sent at the same moment: at most the limit are checked (401), the rest
-    are refused by the limiter (429) - the check and the record are one step."""
+    are refused by the limiter (429; 503 for those that waited too long for a hashing turn) -
+    the check and the record are one step."""
     with Receiver("PACS") as pacs, _password_node(tmp_path, tiny_model_path, pacs.port) as node:
         statuses = RawLogin(node.web.url).at_once(30, WRONG)
-        assert 1 <= statuses.count(401) <= MAX_FAILURES and statuses.count(429) == 30 - statuses.count(401), statuses
+        checked, refused, busy = statuses.count(401), statuses.count(429), statuses.count(503)
+        # every other login refused: by the limiter, or (on a loaded machine, where the hashing
+        # queue's wait runs out) answered busy before its check; never checked past the limit
+        assert 1 <= checked <= MAX_FAILURES and refused > 0 and refused + busy == 30 - checked, sorted(statuses)
         assert [a["action"] for a in node.db.actions()].count("login-failed") == statuses.count(401)
 
 
