@@ -46,7 +46,9 @@ clean:
 #   3. steps 900-1000: the whole 1024^2 image, lr 1e-4 decaying to 0.  InstanceNorm normalises
 #      with the statistics of what the network sees; only whole images have the statistics of
 #      inference, and this phase fixes the global tone (knees +3 dB).
-# The final step is exported as "default" (no checkpoint picked by a score), then
+# Per-image windows (data.normalization: image), as the recorded bundled model was trained.
+# The export is the run's best checkpoint on the validation set (train/selection.py; the
+# recorded model, made before checkpoint selection, was the final step) as "default", then
 # `dicom-node evaluate` on both held-out sets and docs/preview.png.  About 35 min on a quiet
 # 2-core CPU.  Everything lands in runs/default-model/ (git-ignored).
 DEFAULT_MODEL_DIR ?= runs/default-model
@@ -60,7 +62,7 @@ default-model: install
 	$(VENV)/bin/dicom-node demo-data $(DEFAULT_MODEL_DIR)/val --count 0 --test-count 3 --size 1024 --seed 2
 	$(VENV)/bin/dicom-node demo-data $(DEFAULT_MODEL_DIR)/unseen --count 0 --test-count 6 --size 1024 --seed 1
 	printf '%s\n' \
-	  'data: {a: data/A, b: data/B, val: val/test}' \
+	  'data: {a: data/A, b: data/B, val: val/test, normalization: image}' \
 	  'model: {ngf: 16, n_blocks: 4, ndf: 16, residual: true, tone_filter: false}' \
 	  'train: {patch_size: 96, batch_size: 4, steps: 500, decay_from: 500, lr: 0.0003, lambda_identity: 0, paired: "on", lambda_paired: 100, seed: 0, device: cpu, threads: 1, channels_last: false}' \
 	  'output: {dir: run, name: default, sample_every: 100, checkpoint_every: 100, log_every: 50}' \
