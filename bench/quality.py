@@ -14,9 +14,11 @@ held-out true pairs in ``test/``, for each style pair and seed:
 * ``default``: ``dicom-node train`` with its default config (only the budget set);
 * ``reference``: the reference CycleGAN implementation itself (``--reference PATH``, a
   checkout outside this repository; skipped when absent);
+* ``default_network``: the ``default`` run's best checkpoint with its network kept, i.e. before
+  the export's fallback to the tone filter (what that fallback kept out, or let through);
 * ``paired``: the paired-supervised ceiling: ``dicom-node train`` with the same network and
-  budget on *true pairs* of the same style pair (``paired: on``): what the network could learn
-  if it were told the answer.  Per method, ``gap_closed`` is the share of the gap between the
+  budget on *true pairs* of the same style pair (``paired: on``), its newest checkpoint's
+  network as trained: what the network could learn if it were told the answer.  Per method, ``gap_closed`` is the share of the gap between the
   tone filter and this ceiling that it closes.
 
 Style pairs are ``NAME`` (procedural phantoms) or ``NAME@real`` (crops of varying field of
@@ -58,7 +60,7 @@ from machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_RANGE = 2.0  # model space [-1, 1]
-ALL_METHODS = ("identity", "histogram", "tone_filter", "classic", "default", "paired", "reference")
+ALL_METHODS = ("identity", "histogram", "tone_filter", "classic", "default", "default_network", "paired", "reference")
 TRAINED = ("classic", "default", "paired")
 
 
@@ -193,6 +195,21 @@ def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, s
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     print(f"  trained {method} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
     return model
+
+
+def checkpoint_fn(run_dir: Path, device: str, *, best: bool = False):
+    """A->B of a run's newest (or best) checkpoint as trained: its network, whatever the export
+    decided.  The paired ceiling is what the network learned with the answer; ``default_network``
+    shows what the export's fallback to the tone filter kept out."""
+    from dicom_node.engine import translate
+    from dicom_node.engine.model_file import StyleModel, generator_from_architecture
+    from dicom_node.train.export import best_checkpoint_path, latest_checkpoint, load_checkpoint
+
+    payload = load_checkpoint(best_checkpoint_path(run_dir) if best else latest_checkpoint(run_dir))
+    gen = generator_from_architecture(payload["meta"]["architecture"])
+    gen.load_state_dict(payload["state"]["g_ab"])
+    model = StyleModel(generator=gen.eval(), metadata={"name": "checkpoint"})
+    return lambda img: translate(model, img, device=device)
 
 
 def engine_fn(model_path: Path, device: str):
@@ -335,7 +352,7 @@ def main() -> int:
         if method in ("identity", "histogram"):
             return seeds[:1]  # deterministic
         chosen = pair_seeds[pair]
-        if method in (*TRAINED, "reference") and pair in args.score_only_pairs.split(","):
+        if method in (*TRAINED, "default_network", "reference") and pair in args.score_only_pairs.split(","):
             return []
         if method in ("classic", "reference"):
             if args.baseline_pairs and pair not in pairs[:args.baseline_pairs]:
@@ -386,8 +403,11 @@ def main() -> int:
                 elif method == "reference":
                     fn = reference_fn(data, work, args, seed)
                 elif method == "paired":  # its own data set of true pairs; scored on the same test pairs
-                    fn = engine_fn(run_trainer(method, make_data(pair, args.work, args, paired=True), work, args,
-                                               seed), args.device)
+                    run_trainer(method, make_data(pair, args.work, args, paired=True), work, args, seed)
+                    fn = checkpoint_fn(work / f"paired-seed{seed}", args.device)
+                elif method == "default_network":  # the default run's best checkpoint, network kept
+                    run_trainer("default", data, work, args, seed)
+                    fn = checkpoint_fn(work / f"default-seed{seed}", args.device, best=True)
                 else:
                     fn = engine_fn(run_trainer(method, data, work, args, seed), args.device)
                 res.setdefault(method, {})[str(seed)] = score(fn, test, style_ref)
