@@ -13,19 +13,6 @@ target domain's:
 
 Measured on the demo style pairs (``bench/quality.py``) this alone beats global histogram
 matching by several dB; the residual network trained after it learns the rest.
-
-Why the fit is shrunk toward the identity: matching distributions assumes both domains show the
-same anatomy in the same proportions.  A few unpaired images of different content (other crops,
-collimation, body parts) differ in their histograms for reasons that are not style, and the
-matched curve then invents a tone change (measured on real CR crops: the unshrunk stage ended
-5 dB below returning the input).  So the fit is repeated on :data:`BOOTSTRAP` resamples of each
-domain's images; each parameter (every knot of both curves, every log band gain) keeps
-``d^2 / (d^2 + v)`` of its departure ``d`` from the identity, ``v`` its variance over the
-resamples (an empirical-Bayes shrinkage): a difference every resample agrees on is kept, one
-that depends on which images were drawn is damped.  Model space's identity is the right
-prior: a fixed-window model maps domain A's window onto B's (``train/intensity.py``).
-Measured on four demo data sets (``bench/quality.py`` data, nonlinear styles on phantoms and
-on real crops): +0.2 to +2.0 dB over the unshrunk fit.
 """
 from __future__ import annotations
 
@@ -40,7 +27,7 @@ from dicom_node.engine.tone_filter import DEFAULT_KNOTS, DEFAULT_SIGMAS, ToneFil
 
 from .data import pick_images
 
-__all__ = ["fit_tone_filter", "GAIN_LIMITS", "BOOTSTRAP"]
+__all__ = ["fit_tone_filter", "GAIN_LIMITS"]
 
 log = logging.getLogger("dicom_node.train")
 
@@ -49,7 +36,6 @@ log = logging.getLogger("dicom_node.train")
 GAIN_LIMITS = (0.25, 4.0)
 MAX_IMAGES = 12  # per domain; band energies and quantiles are stable well before that
 PIXELS_PER_IMAGE = 200_000  # sampled for the quantiles
-BOOTSTRAP = 8  # resamples of each domain's images that measure how much of the fit is the images' doing
 
 
 def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -64,48 +50,10 @@ def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.nd
 @torch.no_grad()
 def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
-                    seed: int = 0, bootstrap: int = BOOTSTRAP) -> ToneFilter:
-    """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``, shrunk
-    toward the identity by ``bootstrap`` resamples (module doc; 0: the plain fit)."""
+                    seed: int = 0) -> ToneFilter:
+    """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``."""
+    rng = np.random.default_rng(seed)
     a, b = pick_images(src, MAX_IMAGES), pick_images(dst, MAX_IMAGES)
-    tf = _fit(a, b, sigmas, knots, np.random.default_rng(seed))
-    if bootstrap and len(a) > 1 and len(b) > 1:
-        rng = np.random.default_rng([seed, 1])
-        resampled = [_fit([a[i] for i in rng.integers(0, len(a), len(a))],
-                          [b[i] for i in rng.integers(0, len(b), len(b))], sigmas, knots, rng)
-                     for _ in range(bootstrap)]
-        _shrink(tf, resampled)
-    log.info("tone filter fitted: band gains %s (sigmas %s px)",
-             " ".join(f"{g:.2f}" for g in tf.gains.tolist()), " ".join(f"{s:g}" for s in tf.sigmas))
-    return tf
-
-
-def _kept(full: np.ndarray, samples: list[np.ndarray], prior: np.ndarray) -> np.ndarray:
-    """``prior + d^2 / (d^2 + v) * d`` with ``d = full - prior`` and ``v`` the samples' variance."""
-    d = full - prior
-    v = np.var(np.stack(samples), axis=0)
-    return prior + d * (d * d / np.maximum(d * d + v, 1e-20))
-
-
-def _shrink(tf: ToneFilter, resampled: list[ToneFilter]) -> None:
-    """Shrink ``tf``'s curves and gains toward the identity by the spread of ``resampled`` fits."""
-    from dicom_node.engine.tone_filter import uniform_curve
-
-    grid = np.linspace(-1.0, 1.0, tf.knots)
-    tone_in = _kept(tf.tone_in.numpy(), [r.tone_in.numpy() for r in resampled], grid)
-    gains = np.exp(_kept(np.log(tf.gains.numpy()), [np.log(r.gains.numpy()) for r in resampled], 0.0 * grid[:1]))
-    lo, hi = (float(v) for v in tf.out_range)
-    out_grid = torch.linspace(lo, hi, tf.knots)  # each resample's output curve, read on this fit's knots
-    tone_out = _kept(tf.tone_out.numpy(), [uniform_curve(out_grid, r.out_range[0], r.out_range[1], r.tone_out).numpy()
-                                           for r in resampled], out_grid.numpy())
-    tf.tone_in.copy_(torch.from_numpy(np.maximum.accumulate(tone_in).astype(np.float32)))  # stays monotone
-    tf.gains.copy_(torch.from_numpy(np.clip(gains, *GAIN_LIMITS).astype(np.float32)))
-    tf.tone_out.copy_(torch.from_numpy(np.maximum.accumulate(tone_out).astype(np.float32)))
-
-
-def _fit(a: list[np.ndarray], b: list[np.ndarray], sigmas: Sequence[float], knots: int,
-         rng: np.random.Generator) -> ToneFilter:
-    """The plain fit: histogram matching, band gains, histogram matching (module doc)."""
     tf = ToneFilter(sigmas=sigmas, knots=knots)
     grid = np.linspace(-1.0, 1.0, knots)
     tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, PIXELS_PER_IMAGE, rng),
@@ -132,4 +80,6 @@ def _fit(a: list[np.ndarray], b: list[np.ndarray], sigmas: Sequence[float], knot
     tf.tone_out.copy_(torch.from_numpy(_matching_curve(f_sample.astype(np.float64),
                                                           sample_pixels(b, PIXELS_PER_IMAGE, rng), out_grid)))
     tf.out_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
+    log.info("tone filter fitted: band gains %s (sigmas %s px)",
+             " ".join(f"{g:.2f}" for g in tf.gains.tolist()), " ".join(f"{s:g}" for s in tf.sigmas))
     return tf
