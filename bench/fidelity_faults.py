@@ -76,9 +76,7 @@ def tone_model(src: list[np.ndarray], dst: list[np.ndarray], name: str, seed: in
         last = [m for m in gen.modules() if isinstance(m, nn.Conv2d)][-1]  # a random offset per run)
         last.weight.zero_()
         last.bias.zero_()
-    # The plain fit (no bootstrap shrinkage): the guard's recorded rates (bench/results/fidelity.json)
-    # and its tests' bounds were measured on these exact models.
-    gen.tone_filter.load_state_dict(fit_tone_filter(src, dst, seed=seed, bootstrap=0).state_dict())
+    gen.tone_filter.load_state_dict(fit_tone_filter(src, dst, seed=seed).state_dict())
     gen.eval().requires_grad_(False)
     return _model(gen, name)
 
