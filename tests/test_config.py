@@ -454,3 +454,12 @@ def test_webhook_url_with_credentials_is_refused_without_echoing_it(base, capsys
     del raw["notifications"][1:]
     hook = parse_config(raw, base_dir=base).notifications[0]
     assert hook.headers == {"Authorization": "Bearer tok-OK"} and "tok-OK" not in repr(hook)
+
+
+def test_check_config_names_a_webhook_by_its_host_only(base, capsys):
+    """A token in a webhook's path or query never reaches the terminal or CI logs."""
+    raw = valid_raw()
+    raw["notifications"] = [{"url": "https://hook.example:8443/in/tok-SECRET-1?key=tok-SECRET-2"}]
+    assert main(["check-config", str(_write(base, raw))]) == 0
+    out = capsys.readouterr().out
+    assert "webhook" in out and "https://hook.example:8443 on" in out and "tok-SECRET" not in out, out

@@ -65,8 +65,10 @@ def summary(cfg) -> list[str]:
         f"retry: up to {cfg.retry.max_attempts} attempts, backoff "
         + "/".join(f"{s:g}" for s in cfg.retry.backoff_seconds) + " s"
     )
+    from dicom_node.notifications import receiver  # a path or query may hold a token: never printed
+
     for w in cfg.notifications:
-        lines.append(f"webhook {w.name}: {w.url} on {', '.join(w.events)}"
+        lines.append(f"webhook {w.name}: {receiver(w.url)} on {', '.join(w.events)}"
                      f"{', signed' if w.secret else ''}{', with patient data' if w.include_phi else ''}")
     web = cfg.web
     if web is None:
