@@ -476,7 +476,7 @@ def base_of(model: "StyleModel", x: np.ndarray, *, device: Any = None) -> np.nda
     stage = getattr(model.generator, "tone_filter", None)
     if stage is None:
         return np.asarray(x, dtype=np.float32)
-    p = next(stage.parameters(), None)
+    p = next(stage.buffers(), None)  # curves and gains are buffers: a ToneFilter has no parameters
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
         return stage(t.to(p.device if p is not None else "cpu"))[0, 0].to("cpu", torch.float32).numpy()

@@ -109,13 +109,14 @@ def _output_metadata(target_norm: dict[str, Any]) -> dict[str, Any] | None:
     return {"normalization": target_norm} if target_norm.get("method") == "fixed" else None
 
 
-def _calibration_images(meta: dict[str, Any], run_dir: Path) -> dict[str, list] | None:
-    """Training images of both domains (from the run's cache) and validation images, if any;
-    None (with a warning) when the data is no longer where the run found it."""
+def _calibration_images(meta: dict[str, Any], run_dir: Path,
+                        norms: dict[str, dict[str, Any]]) -> dict[str, list] | None:
+    """Training images of both domains (from the run's cache, read through ``norms``) and
+    validation images, if any; None (with a warning) when the data is no longer where the run
+    found it."""
     from .data import load_domain, load_pairs
 
     data = meta["config"].get("data") or {}
-    norms = checkpoint_normalizations(meta)
     try:
         out = {label: load_domain(Path(data[label.lower()]), label, run_dir / "cache", norms[label],
                                   write_cache=False).arrays for label in ("A", "B")}
@@ -194,8 +195,8 @@ def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path |
         gens[key], stages[key] = _network_or_first_stage(gens[key], meta, key)
     names = {"g_ab": f"{name}_A2B", "g_ba": f"{name}_B2A"}
     digests = {k: weights_digest(g.state_dict()) for k, g in gens.items()}
-    images = _calibration_images(meta, run_dir)
     norms = checkpoint_normalizations(meta)
+    images = _calibration_images(meta, run_dir, norms)
     written = []
     for key, other, direction, src, dst in (("g_ab", "g_ba", "A->B", "A", "B"), ("g_ba", "g_ab", "B->A", "B", "A")):
         fidelity = None

@@ -80,11 +80,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
 def _broadcast_error(info: DistInfo, error: str | None) -> None:
     """Rank 0's set-up error (or None) reaches every rank, so nobody waits at a barrier forever."""
     if info.enabled:
-        import torch.distributed as dist
-
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error = _broadcast_object(info, error)
     if error:
         raise UserError(error)
 

@@ -61,17 +61,13 @@ def has_first_stage(gen: torch.nn.Module) -> bool:
 
 def first_stage(gen: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """``gen``'s first stage alone as a function of one model-space image: its tone filter
-    (clamped as the generator clamps), or the identity for a residual generator without one."""
-    tone = getattr(gen, "tone_filter", None)
+    (``engine.fidelity.base_of``, clamped as the generator clamps), or the identity for a
+    residual generator without one."""
+    from dicom_node.engine.fidelity import base_of
+    from dicom_node.engine.model_file import StyleModel
 
-    def run(img: np.ndarray) -> np.ndarray:
-        if tone is None:
-            return np.asarray(img, dtype=np.float32)
-        p = next(tone.buffers())
-        with torch.no_grad():
-            t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None].to(p.device)
-            return tone(t).clamp(-1.0, 1.0)[0, 0].to("cpu", torch.float32).numpy()
-    return run
+    model = StyleModel(generator=gen, metadata={"name": "first-stage"})
+    return lambda img: np.clip(base_of(model, img), -1.0, 1.0)
 
 
 def zero_network(gen: torch.nn.Module) -> torch.nn.Module:
@@ -104,12 +100,11 @@ def network_gain(gen: torch.nn.Module, pairs: Sequence[tuple[str, np.ndarray, np
     """Mean ``PSNR(G(x), y) - PSNR(first stage(x), y)`` over ``pairs`` (dB; whole images through
     the engine, as the node runs them)."""
     from dicom_node.engine import translate
-    from dicom_node.engine.model_file import StyleModel
 
-    g = copy.deepcopy(gen).eval()
-    g.requires_grad_(False)
-    model = StyleModel(generator=g, metadata={"name": "selection"})
-    stage = first_stage(g)
+    from .validate import frozen_model
+
+    model = frozen_model(gen, "selection")
+    stage = first_stage(model.generator)
     gains = [_psnr(translate(model, x, device=device), y) - _psnr(stage(x), y) for _, x, y in pairs]
     return float(np.mean(gains))
 

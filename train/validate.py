@@ -15,7 +15,17 @@ import torch
 
 from dicom_node.engine.quality import psnr, ssim  # the same definitions as ``dicom-node evaluate``
 
-__all__ = ["validate"]
+__all__ = ["validate", "frozen_model"]
+
+
+def frozen_model(gen: torch.nn.Module, name: str):
+    """A frozen copy of a training generator as a StyleModel (eval mode, no gradients), to run
+    through the engine as the node does without touching the one being trained."""
+    from dicom_node.engine.model_file import StyleModel
+
+    g = copy.deepcopy(gen).eval()
+    g.requires_grad_(False)
+    return StyleModel(generator=g, metadata={"name": name})
 
 
 def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str, np.ndarray, np.ndarray]],
@@ -28,13 +38,8 @@ def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str
     from dicom_node.engine.pixels import rewindow
 
     from dicom_node.engine import translate
-    from dicom_node.engine.model_file import StyleModel
 
-    models = {}
-    for key, gen in (("a2b", g_ab), ("b2a", g_ba)):
-        g = copy.deepcopy(gen).eval()
-        g.requires_grad_(False)
-        models[key] = StyleModel(generator=g, metadata={"name": f"validation-{key}"})
+    models = {key: frozen_model(gen, f"validation-{key}") for key, gen in (("a2b", g_ab), ("b2a", g_ba))}
     sums: dict[str, float] = {}
     for _name, img_a, img_b in pairs:
         out_ab = translate(models["a2b"], img_a, device=device)
@@ -61,12 +66,9 @@ def style_check(g_ab: torch.nn.Module, a_images: list[np.ndarray], b_stats, iden
     :mod:`dicom_node.engine.style_stats` for the statistics and the distance.
     """
     from dicom_node.engine import translate
-    from dicom_node.engine.model_file import StyleModel
     from dicom_node.engine.style_stats import style_distance, style_statistics
 
-    g = copy.deepcopy(g_ab).eval()
-    g.requires_grad_(False)
-    model = StyleModel(generator=g, metadata={"name": "validation-a2b"})
+    model = frozen_model(g_ab, "validation-a2b")
     out = [translate(model, img, device=device) for img in a_images]
     d = style_distance(style_statistics(out), b_stats)
     result = {"style_distance": d["total"], "style_intensity": d["intensity"], "style_contrast": d["contrast"],
