@@ -482,9 +482,7 @@ def ranking(res: dict) -> dict:
                 p.append(r["psnr"])
     if len(d) < 3:
         return {"models": len(d)}
-    rd, rp = np.argsort(np.argsort(d)), np.argsort(np.argsort(p))
-    rho = float(np.corrcoef(rd, -rp)[0, 1])
-    return {"models": len(d), "spearman_distance_vs_psnr": rho}
+    return {"models": len(d), "spearman_distance_vs_psnr": -spearman(d, p)}  # lower distance: better
 
 
 def _write(args, results, pairs, seeds, methods) -> None:
