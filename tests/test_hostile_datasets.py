@@ -20,6 +20,28 @@ from tests.test_hostile_input import CALLED, make_node
 
 # -- items 1 and 2: Deflated Explicit VR Little Endian ---------------------------------------------
 
+
+def _send_watching(port: int, path: Path, watch) -> int:
+    """C-STORE ``path`` as it is while ``watch()`` samples the disk every 2 ms; the status."""
+    import threading
+
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.is_set():
+            watch()
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=loop)
+    watcher.start()
+    try:
+        return send_file_as_is(port, path, ExplicitVRLittleEndian)
+    finally:
+        done.set()
+        watcher.join()
+
 def test_small_deflated_image_is_accepted_and_translated(tmp_path, tiny_model_path):
     """A correctly written deflated image (offsets in the inflated stream are past the compressed size)."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -168,10 +190,8 @@ def test_big_instance_into_a_nearly_full_spool_is_refused_before_the_disk_fills(
     """60 MB into 12 MB of free spool: 0xA700 on a usable association, the disk never below
     min_free_bytes minus one check's worth, and the next small instance is stored."""
     import shutil
-    import threading
 
     import numpy as np
-    from pydicom.uid import ExplicitVRLittleEndian
 
     from tests.factory import write
     from tests.peers import NodeProcess, tiny_node_config
@@ -182,22 +202,14 @@ def test_big_instance_into_a_nearly_full_spool_is_refused_before_the_disk_fills(
     assert Path(big).stat().st_size > 59_000_000
     node = NodeProcess(tmp_path / "node", config)
     node.start()
-    lowest, done = [shutil.disk_usage(small_disk).free], threading.Event()
+    lowest = [shutil.disk_usage(small_disk).free]
 
     def watch() -> None:
-        while not done.is_set():
-            lowest[0] = min(lowest[0], shutil.disk_usage(small_disk).free)
-            time.sleep(0.002)
+        lowest[0] = min(lowest[0], shutil.disk_usage(small_disk).free)
 
     try:
         fill_to(small_disk, 12 * 1024 * 1024)
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            status = send_file_as_is(node.port, Path(big), ExplicitVRLittleEndian)
-        finally:
-            done.set()
-            watcher.join()
+        status = _send_watching(node.port, Path(big), watch)
         assert status == 0xA700, f"status 0x{status:04X}"
         assert lowest[0] > 1024 * 1024, f"free disk went down to {lowest[0]} bytes"
         assert "disk full while receiving" in node.log_text()
@@ -285,10 +297,8 @@ def test_receiving_stops_at_the_watermark_without_root(tmp_path, tiny_model_path
     disk's free space.  The 60 MB instance is cut off while it arrives (its temp file never
     holds more than a few MiB), not refused after all of it was written."""
     import shutil
-    import threading
 
     import numpy as np
-    from pydicom.uid import ExplicitVRLittleEndian
 
     from tests.factory import write
     from tests.peers import NodeProcess, tiny_node_config
@@ -301,25 +311,17 @@ def test_receiving_stops_at_the_watermark_without_root(tmp_path, tiny_model_path
                          "min_free_bytes": shutil.disk_usage(spool).free - 12 * 1024 * 1024}
     node = NodeProcess(tmp_path / "node", config)
     node.start()
-    largest, done = [0], threading.Event()
+    largest = [0]
 
     def watch() -> None:
-        while not done.is_set():
-            for f in (spool / "tmp").glob("*"):
-                try:
-                    largest[0] = max(largest[0], f.stat().st_size)
-                except OSError:
-                    pass
-            time.sleep(0.002)
+        for f in (spool / "tmp").glob("*"):
+            try:
+                largest[0] = max(largest[0], f.stat().st_size)
+            except OSError:
+                pass
 
     try:
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            status = send_file_as_is(node.port, Path(big), ExplicitVRLittleEndian)
-        finally:
-            done.set()
-            watcher.join()
+        status = _send_watching(node.port, Path(big), watch)
         assert status == 0xA700, f"status 0x{status:04X}"
         assert "disk full while receiving" in node.log_text()
         assert largest[0] < 20 * 1024 * 1024, f"{largest[0]} bytes written before the refusal"
