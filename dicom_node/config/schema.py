@@ -458,8 +458,8 @@ def _retry(raw: Any, pr: Problems, path: str = "retry", d: RetrySettings | None 
 def _web(raw: Any, node: NodeSettings, pr: Problems, base_dir: Path) -> WebSettings:
     """``web:`` (absent: the defaults, on loopback; ``web: null`` is handled by the caller: off)."""
     d = WebSettings()
-    m = mapping(raw, "web", {"host", "port", "users", "tls", "session_minutes", "refresh_seconds", "trusted_proxies"},
-                set(), pr)
+    m = mapping(raw, "web", {"host", "port", "users", "tls", "session_minutes", "refresh_seconds", "trusted_proxies",
+                             "stow_rs"}, set(), pr)
     if m is None:
         return d
     users: dict[str, str] = {}
@@ -489,7 +489,23 @@ def _web(raw: Any, node: NodeSettings, pr: Problems, base_dir: Path) -> WebSetti
         session_minutes=number(m, "session_minutes", "web", pr, d.session_minutes, 0, False),
         refresh_seconds=number(m, "refresh_seconds", "web", pr, d.refresh_seconds, 0, False),
         trusted_proxies=_networks(m.get("trusted_proxies"), "web.trusted_proxies", pr),
+        stow_rs_tokens=_stow_rs(m.get("stow_rs"), pr),
     )
+
+
+def _stow_rs(raw: Any, pr: Problems) -> list[str] | None:
+    """``web.stow_rs: {tokens: [argon2id hashes]}``: STOW-RS ingest for every called AE (None: off)."""
+    if raw is None:
+        return None
+    m = mapping(raw, "web.stow_rs", {"tokens"}, {"tokens"}, pr)
+    tokens = string_list(m.get("tokens"), "web.stow_rs.tokens", pr) if m and m.get("tokens") is not None else None
+    if m is not None and "tokens" in m and not tokens:
+        pr.add("web.stow_rs.tokens", "at least one token hash is required (make one with `dicom-node hash-password`)")
+    for i, hashed in enumerate(tokens or []):
+        if not hashed.startswith("$argon2"):
+            pr.add(join_path("web.stow_rs.tokens", i),
+                   "must be an Argon2 hash ($argon2id$...; make one with `dicom-node hash-password`)")
+    return [t for t in tokens or [] if t.startswith("$argon2")]
 
 
 def _networks(raw: Any, path: str, pr: Problems) -> list[str]:

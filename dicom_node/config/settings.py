@@ -215,6 +215,9 @@ class WebSettings:
     # proxies (addresses or CIDRs) whose X-Forwarded-For is believed for the login limit and the
     # operator log; default none: the TCP peer is the client
     trusted_proxies: list[str] = field(default_factory=list)
+    # web.stow_rs.tokens: Argon2id hashes of the bearer tokens that may POST to STOW-RS ingest
+    # (dicom_node.web.stow); None: no STOW-RS ingest (the default)
+    stow_rs_tokens: list[str] | None = None
 
 
 @dataclass
