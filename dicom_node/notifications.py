@@ -1,4 +1,4 @@
-"""Webhook notifications (config ``notifications:``): an outbox in the state database, a sender thread.
+"""Webhook notifications (config ``notifications:``): sender threads for the outbox (:mod:`dicom_node.outbox`).
 
 Why an outbox: an event is written in the same transaction as the change it reports (a study
 delivered, a delivery given up, an output flagged or withheld), so a crash or a restart loses
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
-import json
 import logging
 import socket
 import ssl
@@ -37,131 +36,19 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from dicom_node.counters import bump
 from dicom_node.database import first_line
 
-__all__ = ["NOTIFICATIONS_SCHEMA", "NotificationOutbox", "Notifier", "WebhookSender", "post", "receiver", "sign",
-           "SIGNATURE_HEADER"]
+__all__ = ["Notifier", "WebhookSender", "post", "receiver", "sign", "SIGNATURE_HEADER"]
 
 log = logging.getLogger("dicom_node.notifications")
 
 SIGNATURE_HEADER = "X-Dicom-Node-Signature"
-BATCH = 20
 
-NOTIFICATIONS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS notifications (
-    id              INTEGER PRIMARY KEY,
-    webhook         TEXT NOT NULL,           -- the webhook's name in the config
-    event           TEXT NOT NULL,
-    body            TEXT NOT NULL,           -- the JSON sent (patient data only with include_phi)
-    state           TEXT NOT NULL,           -- pending | sent | failed
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL,
-    last_error      TEXT
-);
-CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_at);
-"""
 
 
 def sign(secret: str, body: bytes) -> str:
     """The signature header's value: ``sha256=`` + hex HMAC-SHA256 of the body."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-class NotificationOutbox:
-    """Mixed into :class:`dicom_node.state.StateDB`: events in, due notifications out.
-
-    ``webhooks`` (the config's ``notifications``) and ``node_ae`` are set by the node.
-    """
-
-    webhooks: list[Any] = []
-    node_ae: str = ""
-
-    def _notify(self, c: Any, event: str, payload: dict[str, Any], study_uid: str | None = None,
-                now: float | None = None) -> None:
-        """Queue ``event`` for every webhook that wants it, inside the caller's transaction."""
-        wanted = [w for w in self.webhooks if event in w.events]
-        if not wanted:
-            return
-        now = time.time() if now is None else now
-        base = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                "node": self.node_ae, **payload}
-        phi = None
-        for w in wanted:
-            body = dict(base)
-            if w.include_phi and study_uid:
-                if phi is None:
-                    row = c.execute("SELECT patient_name, patient_id, accession FROM study_info WHERE study_uid=?",
-                                    (study_uid,)).fetchone()
-                    phi = dict(zip(("patient_name", "patient_id", "accession_number"), row or ("", "", "")))
-                body.update(phi)
-            c.execute("INSERT INTO notifications (webhook, event, body, state, next_attempt_at, created_at, "
-                      "updated_at) VALUES (?,?,?, 'pending', ?,?,?)", (w.name, event, json.dumps(body), now, now, now))
-
-    def due_notifications(self, limit: int = BATCH, now: float | None = None) -> list[tuple[int, str, str, str, int]]:
-        """(id, webhook, event, body, attempts) of pending notifications whose time has come."""
-        now = time.time() if now is None else now
-        return [tuple(r) for r in self._query(  # type: ignore[attr-defined]
-            "SELECT id, webhook, event, body, attempts FROM notifications WHERE state='pending' AND next_attempt_at<=? "
-            "ORDER BY id LIMIT ?", (now, int(limit)))]
-
-    @staticmethod
-    def _of_webhooks(webhook: str | None, others_than: list[str] | None) -> tuple[str, tuple]:
-        """SQL (and parameters) for: of ``webhook`` only / of none of ``others_than``."""
-        if webhook is not None:
-            return " AND webhook=?", (webhook,)
-        if others_than:
-            return f" AND webhook NOT IN ({','.join('?' * len(others_than))})", tuple(others_than)
-        return "", ()
-
-    def claim_notifications(self, limit: int = BATCH, now: float | None = None, *, webhook: str | None = None,
-                            others_than: list[str] | None = None) -> list[tuple[int, str, str, str, int]]:
-        """Lease due notifications no node holds (as :meth:`due_notifications`): one sender each;
-        of one ``webhook`` only, or of webhooks not among ``others_than`` (no longer configured)."""
-        now = time.time() if now is None else now
-        which, params = self._of_webhooks(webhook, others_than)
-        with self._tx() as c:  # type: ignore[attr-defined]
-            ids = self._claim(c, "notifications", "state='pending' AND next_attempt_at<=?" + which,  # type: ignore
-                              (now, *params), "id", limit, now)
-            if not ids:
-                return []
-            return [tuple(r) for r in c.execute(
-                "SELECT id, webhook, event, body, attempts FROM notifications "
-                f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()]
-
-    def next_notification_time(self, now: float | None = None, *, webhook: str | None = None) -> float | None:
-        """When the next notification (of ``webhook``) no node holds is due."""
-        now = time.time() if now is None else now
-        which, params = self._of_webhooks(webhook, None)
-        rows = self._query("SELECT MIN(next_attempt_at) FROM notifications WHERE state='pending' AND "  # type: ignore
-                           f"(lease_until IS NULL OR lease_until < ?){which}", (now, *params))
-        return None if rows[0][0] is None else float(rows[0][0])
-
-    def record_notification(self, nid: int, webhook: str, ok: bool, error: str | None, attempts: int,
-                            max_attempts: int, delay: float, now: float | None = None) -> str:
-        """Apply one send's outcome; returns the new state (sent, pending, failed), or ``taken``
-        when the notification's lease passed to another node (that node's outcome counts)."""
-        now = time.time() if now is None else now
-        state = "sent" if ok else ("failed" if attempts >= max_attempts else "pending")
-        fence, mine = self._fence()  # type: ignore[attr-defined]
-        self._let_go("notifications", [nid])  # type: ignore[attr-defined]
-        with self._tx() as c:  # type: ignore[attr-defined]
-            if not c.execute("UPDATE notifications SET state=?, attempts=?, last_error=?, next_attempt_at=?, "
-                             f"updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id=?{fence}",
-                             (state, attempts, None if ok else (error or "")[:300], now + delay, now, nid,
-                              *mine)).rowcount:
-                return "taken"
-            bump(c, "notifications", webhook=webhook, outcome={"sent": "sent", "pending": "retry"}.get(state, state))
-        return state
-
-    def notifications(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest notifications (of one state), newest first, for the console and tests."""
-        cols = ("id", "webhook", "event", "state", "attempts", "last_error", "created_at", "updated_at")
-        sql = f"SELECT {', '.join(cols)} FROM notifications" + (" WHERE state=?" if state else "")
-        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (state, limit) if state else (limit,))  # type: ignore
-        return [dict(zip(cols, r)) for r in rows]
 
 
 class Notifier(threading.Thread):

@@ -50,7 +50,7 @@ from dicom_node.cluster import NODES_SCHEMA, LeaseLost, Membership
 from dicom_node.console_queries import ConsoleQueries
 from dicom_node.counters import COUNTERS_SCHEMA, CounterStore, bump
 from dicom_node.database import Database, is_conflict
-from dicom_node.notifications import NOTIFICATIONS_SCHEMA, NotificationOutbox
+from dicom_node.outbox import NOTIFICATIONS_SCHEMA, NotificationOutbox
 from dicom_node.operations_log import OPERATIONS_SCHEMA, OperationsLog
 from dicom_node.reprocessing import REPROCESS_COLUMNS, SourceKeeping
 
