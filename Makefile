@@ -36,7 +36,7 @@ bench: install
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
-# The bundled style model dicom_node/models/default.safetensors (README "The bundled model").
+# The bundled style model dicom_node/models/default.safetensors (docs/training.md "The bundled model").
 # Data: demo data seed 0 (24 training + 6 held-out 1024^2 pairs), a validation set (seed 2,
 # 3 pairs: only watched, never used to pick anything) and an unseen set (seed 1, 6 pairs).
 # `dicom-node train` (paired L1 x100 + CycleGAN, residual ngf 16 / 4 blocks) in three phases,

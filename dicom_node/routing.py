@@ -1,6 +1,6 @@
 """Routing: which route (model + destinations) handles an instance.  Pure functions.
 
-Semantics (documented in the README, tested in tests/test_routing.py):
+Semantics (documented in docs/operations.md "Routing", tested in tests/test_routing.py):
 
 * A route belongs to one **called AE title** (compared exactly, after stripping spaces).
 * ``calling_ae`` is an allow-list of sender AE titles; ``None`` allows every sender.
