@@ -29,6 +29,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_file(path: str, package: str) -> str:
+    """A file an installed package provides (a plugin): skip when missing, fail under CI."""
+    if not Path(path).is_file():
+        if INTEROP:
+            pytest.fail(f"{path} ({package}) is required when DICOM_NODE_INTEROP=1 but is not installed")
+        pytest.skip(f"{package} not installed ({path})")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """An ngf 4 / 1 block style model (a few thousand parameters): residual, its last convolution

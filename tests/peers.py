@@ -10,6 +10,7 @@ tool skips the test locally and fails it under ``DICOM_NODE_INTEROP=1`` (CI).
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from tests import nodeproc
-from tests.conftest import require_tool
+from tests.conftest import require_file, require_tool
 
 LOOPBACK = "127.0.0.1"
 # Never route loopback REST calls through an HTTP proxy from the environment.
@@ -65,6 +66,8 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 # --------------------------------------------------------------------------- Orthanc
 
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
+
 
 @dataclass
 class Orthanc:
@@ -80,10 +83,18 @@ class Orthanc:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    # DICOMweb (the orthanc-dicomweb plugin) at dicomweb_url; users: HTTP basic auth for the
+    # REST API and DICOMweb alike (the REST helpers below log in as the first one)
+    dicomweb: bool = False
+    users: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def write_config(self) -> Path:
         config = {
@@ -113,6 +124,11 @@ class Orthanc:
             "SaveJobs": False,
             "OverwriteInstances": False,
         }
+        if self.users:
+            config.update(AuthenticationEnabled=True, RegisteredUsers=dict(self.users))
+        if self.dicomweb:
+            config["Plugins"] = [require_file(ORTHANC_DICOMWEB_PLUGIN, "orthanc-dicomweb")]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
@@ -151,18 +167,24 @@ class Orthanc:
             return ""
 
     # REST helpers (urllib only: no extra dependencies) ------------------------------
+    def _request(self, path: str, data: bytes | None = None) -> urllib.request.Request:
+        req = urllib.request.Request(self.url + path, data=data, method="GET" if data is None else "POST")
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        return req
+
     def get(self, path: str, timeout: float = 10.0) -> Any:
-        with _HTTP.open(self.url + path, timeout=timeout) as resp:
+        with _HTTP.open(self._request(path), timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def post(self, path: str, body: Any, timeout: float = 30.0) -> Any:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="POST")
-        with _HTTP.open(req, timeout=timeout) as resp:
+        with _HTTP.open(self._request(path, data), timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def get_bytes(self, path: str, timeout: float = 30.0) -> bytes:
-        with _HTTP.open(self.url + path, timeout=timeout) as resp:
+        with _HTTP.open(self._request(path), timeout=timeout) as resp:
             return resp.read()
 
     def find_study(self, study_uid: str) -> str | None:
