@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from dicom_node.config import TLSSettings
+from dicom_node.config.settings import TLSSettings
 from dicom_node.errors import UserError
 
 __all__ = ["server_context", "client_context"]

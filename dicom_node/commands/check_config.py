@@ -81,7 +81,7 @@ def summary(cfg) -> list[str]:
 
 
 def _describe_destination(dest) -> str:
-    if dest.type == "dicom":
-        tls = " TLS" if dest.tls else ""
-        return f"{dest.name} (dicom {dest.ae_title}@{dest.host}:{dest.port}{tls})"
-    return f"{dest.name} (folder {dest.path})"
+    """``pacs (dicom PACS@10.0.0.5:104)``: the name, the kind and the kind's own description."""
+    from dicom_node.destinations import describe
+
+    return f"{dest.name} ({dest.type} {describe(dest)})"

@@ -9,87 +9,90 @@ from typing import Any
 
 from dicom_node.engine.yaml_config import Problems, join_path, type_name
 
+from .settings import RetrySettings, TLSSettings
+
 __all__ = ["MISSING", "mapping", "integer", "number", "check_number", "boolean", "string", "string_list",
-           "ae_title_problem", "ae_title_field", "resolve", "folder_path"]
+           "ae_title_problem", "ae_title_field", "resolve", "folder_path", "file_path", "tls_settings",
+           "retry_settings"]
 
 MISSING = object()
 
 
-def mapping(raw: Any, path: str, allowed: set[str], required: set[str], pr: Problems) -> dict[str, Any] | None:
+def mapping(raw: Any, path: str, allowed: set[str], required: set[str], problems: Problems) -> dict[str, Any] | None:
     """Check that ``raw`` is a mapping with only ``allowed`` keys and all ``required`` ones."""
     if not isinstance(raw, dict):
-        pr.add(path, f"must be a mapping, not {type_name(raw)}")
+        problems.add(path, f"must be a mapping, not {type_name(raw)}")
         return None
     for key in raw:
         if not isinstance(key, str):
-            pr.add(path, f"key {key!r} must be a string")
+            problems.add(path, f"key {key!r} must be a string")
         elif key not in allowed:
-            pr.add(join_path(path, key), "unknown key")
+            problems.add(join_path(path, key), "unknown key")
     for key in sorted(required):
         if key not in raw:
-            pr.add(join_path(path, key), "required key missing")
+            problems.add(join_path(path, key), "required key missing")
     return raw
 
 
-def integer(raw: dict, key: str, path: str, pr: Problems, default: Any, lo: int | None = None,
+def integer(raw: dict, key: str, path: str, problems: Problems, default: Any, lo: int | None = None,
          hi: int | None = None) -> Any:
     p = join_path(path, key)
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        pr.add(p, f"must be an integer, not {type_name(value)}")
+        problems.add(p, f"must be an integer, not {type_name(value)}")
         return default
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         if hi is None:
-            pr.add(p, f"must be >= {lo}")
+            problems.add(p, f"must be >= {lo}")
         else:
-            pr.add(p, f"must be {lo}..{hi}")
+            problems.add(p, f"must be {lo}..{hi}")
         return default
     return value
 
 
-def number(raw: dict, key: str, path: str, pr: Problems, default: Any, lo: float = 0.0,
+def number(raw: dict, key: str, path: str, problems: Problems, default: Any, lo: float = 0.0,
             lo_inclusive: bool = True, hi: float | None = None, hi_inclusive: bool = True) -> Any:
     p = join_path(path, key)
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
-    return check_number(value, p, pr, default, lo, lo_inclusive, hi, hi_inclusive)
+    return check_number(value, p, problems, default, lo, lo_inclusive, hi, hi_inclusive)
 
 
-def check_number(value: Any, p: str, pr: Problems, default: Any, lo: float = 0.0,
+def check_number(value: Any, p: str, problems: Problems, default: Any, lo: float = 0.0,
                   lo_inclusive: bool = True, hi: float | None = None, hi_inclusive: bool = True) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        pr.add(p, f"must be a number, not {type_name(value)}")
+        problems.add(p, f"must be a number, not {type_name(value)}")
         return default
     bad_lo = value < lo if lo_inclusive else value <= lo
     bad_hi = hi is not None and (value > hi if hi_inclusive else value >= hi)
     if bad_lo or bad_hi:
         lo_txt = f"{'>=' if lo_inclusive else '>'} {lo:g}"
         hi_txt = "" if hi is None else f" and {'<=' if hi_inclusive else '<'} {hi:g}"
-        pr.add(p, f"must be {lo_txt}{hi_txt}")
+        problems.add(p, f"must be {lo_txt}{hi_txt}")
         return default
     return float(value)
 
 
-def boolean(raw: dict, key: str, path: str, pr: Problems, default: bool) -> bool:
+def boolean(raw: dict, key: str, path: str, problems: Problems, default: bool) -> bool:
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
     if not isinstance(value, bool):
-        pr.add(join_path(path, key), f"must be true or false, not {type_name(value)}")
+        problems.add(join_path(path, key), f"must be true or false, not {type_name(value)}")
         return default
     return value
 
 
-def string(raw: dict, key: str, path: str, pr: Problems, default: Any = None) -> Any:
+def string(raw: dict, key: str, path: str, problems: Problems, default: Any = None) -> Any:
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
     if not isinstance(value, str) or not value.strip():
         what = "empty" if isinstance(value, str) else type_name(value)
-        pr.add(join_path(path, key), f"must be a non-empty string, not {what}")
+        problems.add(join_path(path, key), f"must be a non-empty string, not {what}")
         return default
     return value
 
@@ -108,20 +111,20 @@ def ae_title_problem(value: Any) -> str | None:
         return f"AE title {value!r} is longer than 16 characters"
     if "\\" in value:
         return f"AE title {value!r} contains a backslash"
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         return f"AE title {value!r} contains control characters"
     if not value.isascii():
         return f"AE title {value!r} contains non-ASCII characters"
     return None
 
 
-def ae_title_field(raw: dict, key: str, path: str, pr: Problems, default: Any = None) -> Any:
+def ae_title_field(raw: dict, key: str, path: str, problems: Problems, default: Any = None) -> Any:
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
     problem = ae_title_problem(value)
     if problem:
-        pr.add(join_path(path, key), problem)
+        problems.add(join_path(path, key), problem)
         return default
     return value.strip()
 
@@ -131,34 +134,80 @@ def resolve(base_dir: Path, value: str) -> Path:
     return p if p.is_absolute() else (base_dir / p)
 
 
-def string_list(value: Any, path: str, pr: Problems) -> list[str] | None:
+def string_list(value: Any, path: str, problems: Problems) -> list[str] | None:
     """A list of strings; a single string is accepted as a one-item list."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        pr.add(path, f"must be a list of strings, not {type_name(value)}")
+        problems.add(path, f"must be a list of strings, not {type_name(value)}")
         return None
     out = []
     for i, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            pr.add(join_path(path, i), f"must be a string, not {type_name(item)}")
+            problems.add(join_path(path, i), f"must be a string, not {type_name(item)}")
         else:
             out.append(str(item))
     return out
 
 
-def folder_path(raw: dict, key: str, path: str, pr: Problems, base_dir: Path, default: Path | None) -> Path | None:
+def folder_path(raw: dict, key: str, path: str, problems: Problems, base_dir: Path,
+                default: Path | None) -> Path | None:
     """A folder path (relative to ``base_dir``), normalised; whether it can be written is checked
-    with the environment (:mod:`.environment`)."""
+    with the environment (:mod:`.probes`)."""
     value = raw.get(key, MISSING)
     if value is MISSING:
         if default is None:
             return None
         p = resolve(base_dir, str(default))
     else:
-        value = string(raw, key, path, pr)
+        value = string(raw, key, path, problems)
         if value is None:
             return None
         p = resolve(base_dir, value)
     return Path(os.path.normpath(p))
 
+
+def file_path(raw: dict, key: str, path: str, problems: Problems, base_dir: Path) -> Path | None:
+    """A file path relative to ``base_dir`` (whether it exists: :mod:`.probes`)."""
+    value = string(raw, key, path, problems)
+    return None if value is None else resolve(base_dir, value)
+
+
+def tls_settings(raw: Any, path: str, problems: Problems, base_dir: Path, server: bool) -> TLSSettings | None:
+    """``tls:`` of our listener (``server``: cert and key required, optional client certificates)
+    or towards a peer (``ca`` to trust, optional client ``cert``/``key``, ``check_hostname``)."""
+    allowed = {"cert", "key", "ca", "require_client_cert"} if server else {"cert", "key", "ca", "check_hostname"}
+    m = mapping(raw, path, allowed, {"cert", "key"} if server else set(), problems)
+    if m is None:
+        return None
+    cert = file_path(m, "cert", path, problems, base_dir)
+    key = file_path(m, "key", path, problems, base_dir)
+    ca = file_path(m, "ca", path, problems, base_dir)
+    if not server and (("cert" in m) != ("key" in m)):
+        problems.add(path, "cert and key go together (our client certificate)")
+    require = boolean(m, "require_client_cert", path, problems, False)
+    if require and "ca" not in m:
+        problems.add(join_path(path, "ca"),
+                     "required when require_client_cert is true (the CA that signs client certificates)")
+    return TLSSettings(cert=cert, key=key, ca=ca, require_client_cert=require,
+                       check_hostname=boolean(m, "check_hostname", path, problems, True))
+
+
+def retry_settings(raw: Any, problems: Problems, path: str = "retry",
+                   default: RetrySettings | None = None) -> RetrySettings:
+    """A ``retry`` mapping (the node's, or a webhook's at ``path``); missing keys from ``default``."""
+    default = default or RetrySettings()
+    m = mapping(raw, path, {"max_attempts", "backoff_seconds"}, set(), problems)
+    if m is None:
+        return default
+    backoff = default.backoff_seconds
+    if "backoff_seconds" in m:
+        value = m["backoff_seconds"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            problems.add(f"{path}.backoff_seconds", f"must be a non-empty list of seconds, not {type_name(value)}")
+        else:
+            backoff = [check_number(v, f"{path}.backoff_seconds[{i}]", problems, 0.0) for i, v in enumerate(value)]
+    return RetrySettings(max_attempts=integer(m, "max_attempts", path, problems, default.max_attempts, 1),
+                         backoff_seconds=backoff)

@@ -1,6 +1,7 @@
 """The node's settings as typed objects: what a parsed config is (parsing: :mod:`.schema`).
 
-Destinations come in kinds, one class each (:class:`DicomDestination`, :class:`FolderDestination`);
+Destinations come in kinds, each with its settings class beside its code in
+:mod:`dicom_node.destinations` (a subclass of :class:`DestinationSettings`);
 ``DestinationSettings(name=..., type="dicom", ...)`` builds the class of that kind.
 """
 from __future__ import annotations
@@ -12,9 +13,8 @@ from typing import Any
 from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, DEFAULT_OVERLAP
 
 __all__ = ["TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings", "DestinationSettings",
-           "DicomDestination", "FolderDestination", "DESTINATION_KINDS", "RouteSettings", "RetrySettings", "ON_MAX_WAIT",
-           "derive_route_name", "webhook_retry",
-           "WebSettings", "WebhookSettings", "NOTIFICATION_EVENTS", "NodeConfig", "default_config"]
+           "RouteSettings", "RetrySettings", "ON_MAX_WAIT", "derive_route_name", "webhook_retry",
+           "WebSettings", "WebhookSettings", "NOTIFICATION_EVENTS", "NodeConfig"]
 
 
 @dataclass
@@ -79,7 +79,8 @@ class ModelSettings:
 
 @dataclass
 class DestinationSettings:
-    """Where translated instances go; the base of the destination kinds (``type`` names the kind)."""
+    """Where translated instances go: the base of each destination kind's settings (``type``
+    names the kind; the kinds are :mod:`dicom_node.destinations`' modules)."""
 
     name: str
     type: str
@@ -87,34 +88,20 @@ class DestinationSettings:
     def __new__(cls, *args: Any, **kwargs: Any) -> "DestinationSettings":
         if cls is DestinationSettings:  # DestinationSettings(type="dicom", ...) -> DicomDestination
             kind = kwargs.get("type", args[1] if len(args) > 1 else None)
-            cls = DESTINATION_KINDS.get(kind, cls)
+            cls = _settings_class(kind)
         return object.__new__(cls)
 
 
-@dataclass
-class DicomDestination(DestinationSettings):
-    """A DICOM peer (C-STORE), optionally over TLS."""
-
-    name: str
-    type: str = "dicom"
-    ae_title: str | None = None
-    host: str | None = None
-    port: int | None = None
-    calling_ae: str | None = None  # our AE title towards this peer (default: node.ae_title)
-    tls: TLSSettings | None = None
-    timeout: float | None = None  # seconds for connect/ACSE/DIMSE; None: the caller's default
-
-
-@dataclass
-class FolderDestination(DestinationSettings):
-    """A folder the node writes the instances into (atomically, one file each)."""
-
-    name: str
-    type: str = "folder"
-    path: Path | None = None
-
-
-DESTINATION_KINDS: dict[str, type[DestinationSettings]] = {"dicom": DicomDestination, "folder": FolderDestination}
+def _settings_class(kind: Any) -> type[DestinationSettings]:
+    """The settings class of destination type ``kind``: the subclass whose ``type`` defaults to it
+    (a kind's module defines it; the kinds are imported with :mod:`dicom_node.destinations`)."""
+    pending = list(DestinationSettings.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        if cls.__dict__.get("type") == kind:
+            return cls
+        pending += cls.__subclasses__()
+    raise TypeError(f"no destination settings of type {kind!r} (import dicom_node.destinations first)")
 
 
 ON_MAX_WAIT = ("proceed", "discard")
@@ -251,14 +238,3 @@ class NodeConfig:
         if route is None:
             return self.study_stable_seconds, None, "proceed"
         return self.stable_seconds(route), route.max_wait_seconds, route.on_max_wait
-
-
-def default_config() -> NodeConfig:
-    """The embedded default: loopback, called AE DEFAULT_STYLE -> bundled model 'default' -> ./outbox,
-    the console on 127.0.0.1:8080 with a login token printed at start."""
-    return NodeConfig(
-        models={"default": ModelSettings(name="default", path="default")},
-        destinations={"outbox": FolderDestination(name="outbox", path=Path("./outbox"))},
-        routes=[RouteSettings(called_ae="DEFAULT_STYLE", model="default", destinations=["outbox"])],
-        web=WebSettings(),
-    )

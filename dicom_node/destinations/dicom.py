@@ -1,63 +1,88 @@
-"""Deliver finished DICOM files to a destination: a DICOM peer (C-STORE SCU) or a folder.
+"""The ``dicom`` destination kind: C-STORE to a DICOM peer, optionally over TLS.
 
-The worker calls :func:`deliver` with the files of one study and gets one
-:class:`DeliveryResult` per file.  Network problems never raise: they come back as
-``ok=False`` results with a one-line error (no patient data), so the caller can decide to
-retry.  Both kinds are idempotent for a resend: a PACS stores an instance again under the
-same SOP Instance UID, and the folder destination treats an identical file as delivered.
+YAML: ``{type: dicom, ae_title, host, port, calling_ae, tls: {ca, cert, key, check_hostname},
+timeout}``.  A resend is harmless: a PACS stores an instance again under the same SOP Instance
+UID.
 """
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from dicom_node.engine.atomic import atomic_write, fsync_dir
-from dicom_node.engine.defaults import UID_RE
+from dicom_node.config.fields import ae_title_field, integer, number, string, tls_settings
+from dicom_node.config.probes import check_tls
+from dicom_node.config.settings import DestinationSettings, NodeConfig, TLSSettings
 from dicom_node.engine.errors import first_line
-from dicom_node.config import DestinationSettings
+from dicom_node.engine.yaml_config import Problems, join_path
 
-__all__ = ["DeliveryResult", "deliver", "deliver_dicom", "deliver_folder", "valid_uid"]
+from .base import DeliveryResult, DestinationKind, register
 
-log = logging.getLogger(__name__)
+__all__ = ["DicomDestination", "DicomKind", "KIND", "deliver_dicom"]
+
+log = logging.getLogger("dicom_node.destinations")
 
 # Presentation contexts per association (PS3.8: odd IDs 1..255).
 _MAX_CONTEXTS = 128
 
+# A destination on one of these hosts at the node's port is the node itself.
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"}
+
 
 @dataclass
-class DeliveryResult:
-    path: Path
-    ok: bool
-    status: int | None = None  # DIMSE status for dicom destinations
-    error: str | None = None  # one line, no PHI
+class DicomDestination(DestinationSettings):
+    """A DICOM peer (C-STORE), optionally over TLS."""
+
+    name: str
+    type: str = "dicom"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
+    calling_ae: str | None = None  # our AE title towards this peer (default: node.ae_title)
+    tls: TLSSettings | None = None
+    timeout: float | None = None  # seconds for connect/ACSE/DIMSE; None: the caller's default
 
 
-def valid_uid(value: object) -> bool:
-    """A DICOM UID safe to use as a file name: digits and dots, at most 64 characters."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.match(value) is not None
+class DicomKind(DestinationKind[DicomDestination]):
+    type = "dicom"
+    keys = frozenset({"ae_title", "host", "port", "calling_ae", "tls", "timeout"})
+    required = frozenset({"ae_title", "host", "port"})
 
+    def parse(self, name: str, raw: dict[str, Any], path: str, problems: Problems,
+              base_dir: Path) -> DicomDestination:
+        raw = self.fields(raw, path, problems)
+        tls_raw = raw.get("tls")
+        return DicomDestination(
+            name=name,
+            ae_title=ae_title_field(raw, "ae_title", path, problems),
+            host=string(raw, "host", path, problems),
+            port=integer(raw, "port", path, problems, None, 1, 65535),
+            calling_ae=ae_title_field(raw, "calling_ae", path, problems),
+            tls=(tls_settings(tls_raw, join_path(path, "tls"), problems, base_dir, server=False)
+                 if tls_raw is not None else None),
+            timeout=number(raw, "timeout", path, problems, None, 0, False),
+        )
 
-def deliver(
-    dest: DestinationSettings, files: Sequence[Path], *, calling_ae: str, timeout: float = 30.0
-) -> list[DeliveryResult]:
-    """Send ``files`` to ``dest``; one result per file, in the same order.
+    def finish(self, dest: DicomDestination, cfg: NodeConfig, path: str, problems: Problems) -> None:
+        """Our AE title defaults to the node's; a peer that is this node's own route is a loop."""
+        if dest.calling_ae is None:
+            dest.calling_ae = cfg.node.ae_title
+        called = {r.called_ae for r in cfg.routes}
+        if (dest.port == cfg.node.port and dest.ae_title in called
+                and (dest.host in _LOCAL_HOSTS or dest.host == cfg.node.host)):
+            problems.add(path, f"sends back to this node's own route {dest.ae_title!r} (an endless loop)")
 
-    ``calling_ae`` is our AE title towards a DICOM peer (``dest.calling_ae`` wins when set).
-    """
-    files = [Path(f) for f in files]
-    if not files:
-        return []
-    if dest.type == "dicom":
+    def check(self, dest: DicomDestination, path: str, problems: Problems) -> None:
+        if dest.tls is not None:
+            check_tls(dest.tls, join_path(path, "tls"), problems, server=False)
+
+    def describe(self, dest: DicomDestination) -> str:
+        return _peer(dest) + (" over TLS" if dest.tls else "")
+
+    def deliver(self, dest: DicomDestination, files: Sequence[Path], *, calling_ae: str,
+                timeout: float) -> list[DeliveryResult]:
         return deliver_dicom(dest, files, calling_ae=dest.calling_ae or calling_ae, timeout=timeout)
-    if dest.type == "folder":
-        return deliver_folder(dest, files)
-    return [DeliveryResult(f, False, error=f"unknown destination type {dest.type!r}") for f in files]
-
-
-# ------------------------------------------------------------------------------- DICOM
 
 
 @dataclass
@@ -71,7 +96,7 @@ class _Item:
 
 
 def deliver_dicom(
-    dest: DestinationSettings, files: Sequence[Path], *, calling_ae: str, timeout: float = 30.0
+    dest: DicomDestination, files: Sequence[Path], *, calling_ae: str, timeout: float = 30.0
 ) -> list[DeliveryResult]:
     """C-STORE every file over one association (more only beyond 128 presentation contexts).
 
@@ -147,11 +172,11 @@ def _batches(items: list[_Item]) -> list[list[_Item]]:
     return batches
 
 
-def _peer(dest: DestinationSettings) -> str:
+def _peer(dest: DicomDestination) -> str:
     return f"{dest.ae_title}@{dest.host}:{dest.port}"
 
 
-def _send_batch(dest: DestinationSettings, items: list[_Item], calling_ae: str, timeout: float) -> list[DeliveryResult]:
+def _send_batch(dest: DicomDestination, items: list[_Item], calling_ae: str, timeout: float) -> list[DeliveryResult]:
     from pynetdicom import _config, evt
 
     # send_c_store(path) then streams the file from disk instead of decoding it into memory
@@ -215,7 +240,7 @@ def _calling_ae(calling_ae: str, timeout: float, items: list[_Item]):
     return ae
 
 
-def _association_error(assoc, dest: DestinationSettings, connected: bool, tls: bool, timeout: float) -> str:
+def _association_error(assoc, dest: DicomDestination, connected: bool, tls: bool, timeout: float) -> str:
     """Why an association was not established, in one line."""
     if not connected and tls and _tcp_reachable(dest.host, int(dest.port), timeout):
         return f"TLS handshake with {_peer(dest)} failed (certificate not trusted or protocol mismatch)"
@@ -228,7 +253,7 @@ def _association_error(assoc, dest: DestinationSettings, connected: bool, tls: b
     return f"no answer from {_peer(dest)} within {timeout:g} s"
 
 
-def _store_all(assoc, items: list[_Item], dest: DestinationSettings) -> list[DeliveryResult]:
+def _store_all(assoc, items: list[_Item], dest: DicomDestination) -> list[DeliveryResult]:
     """C-STORE every item over an established association, then release it (abort it when broken)."""
     results: list[DeliveryResult] = []
     try:
@@ -266,7 +291,7 @@ def _no_delay(event) -> None:
         pass  # not a TCP socket (or already closed): nothing to tune
 
 
-def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -> DeliveryResult:
+def _store_one(assoc, item: _Item, dest: DicomDestination, msg_id: int = 1) -> DeliveryResult:
     """Send one file in the accepted context that needs the least conversion."""
     import pydicom
     from pydicom.uid import UID
@@ -301,7 +326,7 @@ def _store_one(assoc, item: _Item, dest: DestinationSettings, msg_id: int = 1) -
     return _result(item, status_ds, dest)
 
 
-def _result(item: _Item, status_ds, dest: DestinationSettings) -> DeliveryResult:
+def _result(item: _Item, status_ds, dest: DicomDestination) -> DeliveryResult:
     """Turn a C-STORE response (or its absence) into a result; warnings count as success."""
     from pynetdicom.status import code_to_category
 
@@ -354,64 +379,4 @@ def _plain_syntax(accepted: set[str]) -> str:
     return ExplicitVRLittleEndian if ExplicitVRLittleEndian in accepted else ImplicitVRLittleEndian
 
 
-# ------------------------------------------------------------------------------ folder
-
-
-def deliver_folder(dest: DestinationSettings, files: Sequence[Path]) -> list[DeliveryResult]:
-    """Copy each file to ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, atomically."""
-    if dest.path is None:
-        return [DeliveryResult(Path(f), False, error="folder destination has no path") for f in files]
-    return [_copy_one(Path(dest.path), Path(f)) for f in files]
-
-
-def _copy_one(root: Path, src: Path) -> DeliveryResult:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(
-            str(src), stop_before_pixels=True,
-            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
-        )
-    except FileNotFoundError:
-        return DeliveryResult(src, False, error="file not found")
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        return DeliveryResult(src, False, error=f"cannot read DICOM file ({exc.__class__.__name__})")
-    uids = [ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-    uids = [str(u).strip() if u is not None else None for u in uids]
-    if not all(valid_uid(u) for u in uids):
-        # Never build a path from anything but a strict UID: no traversal, no odd names.
-        return DeliveryResult(src, False, error="refused: Study/Series/SOP Instance UID missing or not a valid UID")
-    folder = root.joinpath(uids[0], uids[1])
-    final = folder / f"{uids[2]}.dcm"
-    try:
-        if final.is_file() and _same_content(src, final):
-            return DeliveryResult(src, True)  # already delivered: idempotent resend
-        _mkdirs(root, folder)
-        atomic_write(final, lambda tmp: shutil.copyfile(src, tmp), mode=0o644)
-    except OSError as exc:
-        return DeliveryResult(src, False, error=f"cannot write to folder destination: {exc.strerror or exc}")
-    return DeliveryResult(src, True)
-
-
-def _mkdirs(root: Path, folder: Path) -> None:
-    """Create the study/series folders and make their directory entries durable."""
-    created = []
-    for p in (root, folder.parent, folder):
-        if not p.is_dir():
-            p.mkdir(parents=True, exist_ok=True)
-            created.append(p)
-    for p in created:
-        fsync_dir(p.parent)
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            ca, cb = fa.read(1 << 20), fb.read(1 << 20)
-            if ca != cb:
-                return False
-            if not ca:
-                return True
+KIND = register(DicomKind())
