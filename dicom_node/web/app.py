@@ -145,9 +145,10 @@ def _route_label(config: Any, name: str | None) -> str:
 
 
 def _destination_text(dest: Any) -> str:
-    if dest.type == "dicom":
-        return f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if getattr(dest, "tls", None) else "")
-    return str(getattr(dest, "path", ""))
+    """Where ``dest`` sends, in its kind's own words (``PACS@10.0.0.5:104``, ``/data/outbox``)."""
+    from dicom_node.destinations import describe
+
+    return describe(dest)
 
 
 def _local_path(value: str | None, default: str = "/") -> str:
