@@ -172,7 +172,7 @@ def cpu_seconds(pid: int) -> float:
 def fill_queue(db: StateDB, rows: int) -> None:
     """``rows`` ready instances and as many pending deliveries, in one transaction (fast)."""
     now = time.time()
-    with db._tx() as c:
+    with db.database.tx() as c:
         c.executemany("INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, "
                       "path, size, state, received_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                       [("KIM", "CR1", f"1.2.{i}", "1.2.840.10008.5.1.4.1.1.1", f"2.{i // 50}", "3", "kim",
@@ -184,7 +184,7 @@ def fill_queue(db: StateDB, rows: int) -> None:
 
 def claim_latency(target: "str | Path", rows: int, claims: int) -> dict:
     db = StateDB(target)
-    db.register_node(node_id="bench.1", name="bench", role="worker", exclusive=False)
+    db.cluster.register_node(node_id="bench.1", name="bench", role="worker", exclusive=False)
     fill_queue(db, rows)
     if db._conn.dialect == "postgresql":
         db._conn.execute("ANALYZE")  # as autovacuum would soon after a bulk load
@@ -195,10 +195,10 @@ def claim_latency(target: "str | Path", rows: int, claims: int) -> dict:
         one.append(time.perf_counter() - t0)
         assert row is not None
         t0 = time.perf_counter()
-        got = db.claim_deliveries(limit=200, only="pacs")
+        got = db.deliveries.claim(limit=200, only="pacs")
         batch.append(time.perf_counter() - t0)
         assert len(got) == min(200, rows)
-        db.release_claims("deliveries", [d.id for d in got])  # the queue stays as long as it was
+        db.cluster.release_claims("deliveries", [d.id for d in got])  # the queue stays as long as it was
     db.close()
     return {"rows": rows, "claims": claims, "claim_ready_ms": _ms(one), "claim_200_deliveries_ms": _ms(batch)}
 

@@ -1,4 +1,4 @@
-"""The outputs' audit trail and the operator's hand on withheld outputs (part of ``StateDB``).
+"""The outputs' audit trail and the operator's hand on withheld outputs (``StateDB.audit``).
 
 Why a table of its own: a radiologist or a regulator may ask, months later, which model made
 an image and whether the fidelity guard had doubts about it.  ``outputs`` keeps, per output,
@@ -16,18 +16,51 @@ import json
 import time
 from typing import Any, Iterable
 
-__all__ = ["AuditTrail"]
+from dicom_node.database import Connection, Database
+from dicom_node.delivery_queue import DeliveryQueue, place
+from dicom_node.operations_log import OperationsLog
+from dicom_node.records import OutputRecord
+
+__all__ = ["AuditTrail", "AUDIT_COLS"]
+
+AUDIT_COLS = ("id", "instance_id", "called_ae", "study_uid", "source_sop_uid", "output_sop_uid", "model",
+              "model_version", "model_digest", "device_uid", "verdict", "reasons", "scores", "thresholds", "action",
+              "disposition", "created_at", "updated_at", "source_revision", "output_version", "requested_by")
 
 
 class AuditTrail:
-    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query`` and ``_tx``)."""
+    """The ``outputs`` table: written with each translation, read by ``audit``, ``status`` and
+    the console; releasing or discarding a withheld output moves its deliveries on."""
 
-    def audit(self, *, study_uid: str | None = None, since: float | None = None, verdict: str | None = None,
-              newest: int | None = None) -> list[dict[str, Any]]:
+    def __init__(self, database: Database, deliveries: DeliveryQueue) -> None:
+        self.database, self.deliveries = database, deliveries
+
+    @staticmethod
+    def write(c: Connection, instance_id: int, output: OutputRecord, disposition: str, now: float) -> None:
+        """The audit row of a new output (a resend of the same output updates it), inside the
+        transaction that queues the output's deliveries."""
+        called_ae, _, study_uid = place(c, instance_id)
+        revision = c.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0]
+        c.execute(
+            "INSERT INTO outputs (instance_id, called_ae, study_uid, source_sop_uid, output_sop_uid, model, "
+            "model_version, model_digest, device_uid, verdict, reasons, scores, thresholds, action, "
+            "disposition, created_at, updated_at, source_revision, output_version, requested_by) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (called_ae, source_sop_uid, output_sop_uid) DO UPDATE SET "
+            "instance_id=excluded.instance_id, verdict=excluded.verdict, reasons=excluded.reasons, "
+            "scores=excluded.scores, thresholds=excluded.thresholds, action=excluded.action, "
+            "disposition=excluded.disposition, updated_at=excluded.updated_at, "
+            "source_revision=excluded.source_revision",
+            (instance_id, called_ae, study_uid, output.source_sop_uid, output.output_sop_uid, output.model,
+             output.model_version, output.model_digest, output.device_uid, output.verdict,
+             json.dumps(output.reasons), json.dumps(output.scores), json.dumps(output.thresholds),
+             output.action, disposition, now, now, int(revision or 0), output.output_version, output.requested_by))
+
+    def rows(self, *, study_uid: str | None = None, since: float | None = None, verdict: str | None = None,
+             newest: int | None = None) -> list[dict[str, Any]]:
         """Audit rows, oldest first: of one study, from a time on, of one verdict, the newest N."""
-        from dicom_node.state import AUDIT_COLS
-
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if study_uid:
             where.append("study_uid=?")
             params.append(study_uid)
@@ -42,7 +75,7 @@ class AuditTrail:
             sql += f" ORDER BY created_at DESC, id DESC LIMIT {int(newest)}"
         else:
             sql += " ORDER BY created_at, id"
-        found = self._query(sql, params)  # type: ignore[attr-defined]
+        found = self.database.query(sql, params)
         rows = []
         for r in (reversed(found) if newest else found):
             row = dict(zip(AUDIT_COLS, r))
@@ -53,7 +86,7 @@ class AuditTrail:
 
     def withheld(self) -> list[dict[str, Any]]:
         """The outputs waiting for an operator (audit rows of withheld instances)."""
-        rows = self._query(  # type: ignore[attr-defined]
+        rows = self.database.query(
             "SELECT o.output_sop_uid, o.source_sop_uid, o.study_uid, o.called_ae, o.model, o.reasons, o.created_at "
             "FROM outputs o JOIN instances i ON i.id=o.instance_id WHERE i.state='withheld' "
             "AND o.disposition='withheld' ORDER BY o.created_at")
@@ -63,15 +96,15 @@ class AuditTrail:
     def fidelity_counts(self) -> dict[str, int]:
         """Outputs per verdict and per disposition (for ``status``)."""
         out = {"ok": 0, "flagged": 0, "withheld": 0, "released": 0, "discarded": 0}
-        for verdict, n in self._query("SELECT verdict, COUNT(*) FROM outputs GROUP BY verdict"):  # type: ignore
+        for verdict, n in self.database.query("SELECT verdict, COUNT(*) FROM outputs GROUP BY verdict"):
             out[str(verdict)] = int(n)
-        for disposition, n in self._query(  # type: ignore[attr-defined]
+        for disposition, n in self.database.query(
                 "SELECT disposition, COUNT(*) FROM outputs WHERE disposition!='forwarded' GROUP BY disposition"):
             out[str(disposition)] = int(n)
         return out
 
     @staticmethod
-    def _withheld_ids(c, uids: Iterable[str], everything: bool) -> list[tuple[int, str]]:
+    def _withheld_ids(c: Connection, uids: Iterable[str], everything: bool) -> list[tuple[int, str]]:
         """(instance id, output SOP UID) of withheld outputs named by source or output SOP UID,
         or by Study Instance UID; every one with ``everything``."""
         rows = c.execute("SELECT o.instance_id, o.output_sop_uid, o.source_sop_uid, o.study_uid FROM outputs o "
@@ -84,7 +117,7 @@ class AuditTrail:
                 user: str | None = None) -> list[str]:
         """Send withheld outputs after all; returns the released output SOP UIDs."""
         now = time.time() if now is None else now
-        with self._tx() as c:  # type: ignore[attr-defined]
+        with self.database.tx() as c:
             chosen = self._withheld_ids(c, uids, everything)
             for iid, out_uid in chosen:
                 c.execute("UPDATE deliveries SET state='pending', next_attempt_at=?, updated_at=? "
@@ -92,7 +125,7 @@ class AuditTrail:
                 c.execute("UPDATE instances SET state='translated', updated_at=? WHERE id=?", (now, iid))
                 c.execute("UPDATE outputs SET disposition='released', updated_at=? WHERE instance_id=? "
                           "AND output_sop_uid=?", (now, iid, out_uid))
-                self._finish_if_done(c, [iid], now)  # type: ignore[attr-defined]
+                self.deliveries.finish_if_done(c, [iid], now)
             self._record(c, user, "release", uids, everything, chosen)
         return [u for _, u in chosen]
 
@@ -100,7 +133,7 @@ class AuditTrail:
                 user: str | None = None) -> list[str]:
         """Drop withheld outputs (never sent); returns the discarded output SOP UIDs."""
         now = time.time() if now is None else now
-        with self._tx() as c:  # type: ignore[attr-defined]
+        with self.database.tx() as c:
             chosen = self._withheld_ids(c, uids, everything)
             for iid, out_uid in chosen:
                 c.execute("DELETE FROM deliveries WHERE instance_id=? AND state='held'", (iid,))
@@ -110,9 +143,10 @@ class AuditTrail:
             self._record(c, user, "discard", uids, everything, chosen)
         return [u for _, u in chosen]
 
-    def _record(self, c, user: str | None, action: str, uids: Iterable[str], everything: bool,
+    @staticmethod
+    def _record(c: Connection, user: str | None, action: str, uids: Iterable[str], everything: bool,
                 chosen: list[tuple[int, str]]) -> None:
         """An operator's release or discard, in the operator log (``user`` None: not recorded)."""
         if user is not None:
-            self._action(c, user, action, "all withheld" if everything else ",".join(uids),  # type: ignore
-                         f"{len(chosen)} output(s): " + ",".join(u for _, u in chosen))
+            OperationsLog.write_action(c, user, action, "all withheld" if everything else ",".join(uids),
+                                       f"{len(chosen)} output(s): " + ",".join(u for _, u in chosen))

@@ -1,4 +1,4 @@
-"""What the operations console reads from the state database (part of ``StateDB``).
+"""What the operations console reads from the state database (``StateDB.console``).
 
 Read-only queries, each bounded (LIMIT, time windows), run on the console's own connection:
 in WAL mode they never block the C-STORE handler's commits.  Patient data (``study_info``)
@@ -10,17 +10,22 @@ import json
 import time
 from typing import Any
 
+from dicom_node.database import Database
+
 __all__ = ["ConsoleQueries", "THROUGHPUT_BIN_SECONDS"]
 
 THROUGHPUT_BIN_SECONDS = 300  # the overview's chart: 12 bars of 5 minutes for the last hour
 
 
 class ConsoleQueries:
-    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query``)."""
+    """Read-only, bounded queries for the console."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     def studies(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recently received studies (per called AE), newest first."""
-        rows = self._query(  # type: ignore[attr-defined]
+        rows = self.database.query(
             "SELECT i.study_uid, i.called_ae, MIN(i.route), COUNT(*), MIN(i.received_at), MAX(i.updated_at), "
             "GROUP_CONCAT(i.state), MIN(s.patient_name), MIN(s.patient_id), MIN(s.accession), MIN(s.study_date), "
             "MIN(s.description), MIN(s.modality) FROM instances i LEFT JOIN study_info s ON s.study_uid=i.study_uid "
@@ -38,9 +43,9 @@ class ConsoleQueries:
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
         """One study: its description, and per instance its state, output, verdict and deliveries."""
-        info = self._query("SELECT patient_name, patient_id, accession, study_date, description, modality "  # type: ignore
-                           "FROM study_info WHERE study_uid=?", (study_uid,))
-        rows = self._query(  # type: ignore[attr-defined]
+        info = self.database.query("SELECT patient_name, patient_id, accession, study_date, description, modality "
+                                   "FROM study_info WHERE study_uid=?", (study_uid,))
+        rows = self.database.query(
             "SELECT id, called_ae, calling_ae, sop_uid, series_uid, route, state, received_at, updated_at, error, "
             "purged FROM instances WHERE study_uid=? ORDER BY id LIMIT 2000", (study_uid,))
         if not rows and not info:
@@ -50,14 +55,14 @@ class ConsoleQueries:
         deliveries: dict[int, list[dict[str, Any]]] = {}
         if ids:
             marks = ",".join("?" * len(ids))
-            for iid, out_uid, model, version, verdict, reasons, scores, disposition, created in self._query(  # type: ignore
+            for iid, out_uid, model, version, verdict, reasons, scores, disposition, created in self.database.query(
                     "SELECT instance_id, output_sop_uid, model, model_version, verdict, reasons, scores, disposition, "
                     f"created_at FROM outputs WHERE instance_id IN ({marks}) ORDER BY id", ids):
                 outputs[int(iid)] = {"output_sop_uid": out_uid, "model": model, "model_version": version,
                                      "verdict": verdict, "reasons": json.loads(reasons),
                                      "scores": json.loads(scores), "disposition": disposition,
                                      "translated_at": created}
-            for iid, dest, kind, state, attempts, error, updated in self._query(  # type: ignore[attr-defined]
+            for iid, dest, kind, state, attempts, error, updated in self.database.query(
                     "SELECT instance_id, destination, kind, state, attempts, last_error, updated_at FROM deliveries "
                     f"WHERE instance_id IN ({marks}) ORDER BY id", ids):
                 deliveries.setdefault(int(iid), []).append(
@@ -75,11 +80,11 @@ class ConsoleQueries:
 
     def failures(self, limit: int = 200) -> dict[str, list[dict[str, Any]]]:
         """Failed translations and deliveries given up, newest first."""
-        translations = self._query(  # type: ignore[attr-defined]
+        translations = self.database.query(
             "SELECT id, called_ae, sop_uid, study_uid, error, updated_at FROM instances WHERE state='failed' "
             "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=instances.id AND d.state='failed') "
             "ORDER BY updated_at DESC LIMIT ?", (int(limit),))
-        deliveries = self._query(  # type: ignore[attr-defined]
+        deliveries = self.database.query(
             "SELECT d.instance_id, d.destination, d.kind, d.sop_uid, i.study_uid, d.attempts, d.last_error, "
             "d.updated_at FROM deliveries d JOIN instances i ON i.id=d.instance_id WHERE d.state='failed' "
             "ORDER BY d.updated_at DESC LIMIT ?", (int(limit),))
@@ -94,14 +99,14 @@ class ConsoleQueries:
     def destination_activity(self) -> dict[str, dict[str, Any]]:
         """Per destination: backlog (pending), failed, the last success and the last error."""
         out: dict[str, dict[str, Any]] = {}
-        for dest, pending, failed, held, ok_at, err_at in self._query(  # type: ignore[attr-defined]
+        for dest, pending, failed, held, ok_at, err_at in self.database.query(
                 "SELECT destination, SUM(state='pending'), SUM(state='failed'), SUM(state='held'), "
                 "MAX(CASE WHEN state='delivered' THEN updated_at END), "
                 "MAX(CASE WHEN last_error IS NOT NULL THEN updated_at END) FROM deliveries GROUP BY destination"):
             error = None
             if err_at is not None:
-                found = self._query("SELECT last_error FROM deliveries WHERE destination=? AND "  # type: ignore
-                                    "last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 1", (dest,))
+                found = self.database.query("SELECT last_error FROM deliveries WHERE destination=? AND "
+                                            "last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 1", (dest,))
                 error = found[0][0] if found else None
             out[str(dest)] = {"pending": int(pending or 0), "failed": int(failed or 0), "held": int(held or 0),
                               "last_success": ok_at, "last_error": error, "last_error_at": err_at}
@@ -121,7 +126,7 @@ class ConsoleQueries:
         out: dict[str, list[int]] = {}
         for name, sql in sources.items():
             counts = [0] * bins
-            for (t,) in self._query(sql, (start,)):  # type: ignore[attr-defined]
+            for (t,) in self.database.query(sql, (start,)):
                 counts[min(bins - 1, max(0, int((float(t) - start) // bin_seconds)))] += 1
             out[name] = counts
         return out

@@ -1,4 +1,4 @@
-"""Event counters kept in the state database (part of ``StateDB``), for Prometheus.
+"""Event counters kept in the state database (``StateDB.counters``), for Prometheus.
 
 Why in the database and not in process memory: a Prometheus counter must only grow, and the
 node restarts (updates, crashes); counting in the same transaction as the state change it
@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["COUNTERS_SCHEMA", "bump", "CounterStore"]
+from dicom_node.database import Connection, Database
+
+__all__ = ["COUNTERS_SCHEMA", "bump", "Counters"]
 
 COUNTERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -32,26 +34,29 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-def bump(c: Any, metric: str, n: int = 1, **labels: str) -> None:
+def bump(c: Connection, metric: str, n: int = 1, **labels: str) -> None:
     """Add ``n`` to a counter inside the caller's transaction."""
     if n:
         c.execute("INSERT INTO counters (metric, labels, value) VALUES (?,?,?) ON CONFLICT (metric, labels) "
                   "DO UPDATE SET value=counters.value+excluded.value", (metric, json.dumps(labels, sort_keys=True), int(n)))
 
 
-class CounterStore:
-    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query`` and ``_tx``)."""
+class Counters:
+    """Reads the counters (they are bumped with :func:`bump` inside the changes they count)."""
 
-    def counter_values(self) -> dict[str, list[tuple[dict[str, str], int]]]:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def values(self) -> dict[str, list[tuple[dict[str, str], int]]]:
         """metric -> [(labels, value)], for the metrics endpoint."""
         out: dict[str, list[tuple[dict[str, str], int]]] = {}
-        for metric, labels, value in self._query("SELECT metric, labels, value FROM counters "  # type: ignore
-                                                 "ORDER BY metric, labels"):
+        for metric, labels, value in self.database.query("SELECT metric, labels, value FROM counters "
+                                                         "ORDER BY metric, labels"):
             out.setdefault(str(metric), []).append((json.loads(labels), int(value)))
         return out
 
     @staticmethod
-    def _seed_counters(c: Any) -> None:
+    def seed(c: Connection) -> None:
         """A database from before the counters: start them from what its rows still say."""
         if c.execute("SELECT 1 FROM counters LIMIT 1").fetchone():
             return

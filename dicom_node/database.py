@@ -1,11 +1,13 @@
-"""The state database's connection: SQLite in the spool (the embedded default) or PostgreSQL.
+"""The state database: SQLite in the spool (the embedded default) or PostgreSQL.
 
-Why one small interface: the state machine (:mod:`dicom_node.state` and its parts) is written
+Why one small interface: the state machine (:mod:`dicom_node.state`) and its parts are written
 once, in the SQL both engines share; this module opens the connection and, for PostgreSQL,
 rewrites the few SQLite spellings the state machine uses (``?`` placeholders, ``INSERT OR
-IGNORE``, ``GROUP_CONCAT``, ``SUM(a='b')``, ``INDEXED BY``, the DDL types).  Callers see
-``execute`` (a cursor with ``fetchone``/``fetchall``/``rowcount``), ``executemany``,
-``script``, ``begin``/``commit``/``rollback``, ``insert_id``, ``columns`` and ``has_table``.
+IGNORE``, ``GROUP_CONCAT``, ``SUM(a='b')``, ``INDEXED BY``, the DDL types).  A
+:class:`Connection` offers ``execute`` (a cursor with ``fetchone``/``fetchall``/``rowcount``),
+``executemany``, ``script``, ``begin``/``commit``/``rollback``, ``insert_id``, ``columns`` and
+``has_table``; a :class:`Database` shares one connection between a process's threads, with
+``tx()`` (a write transaction) and ``query()`` (a read).
 
 PostgreSQL is selected by ``storage.database: postgresql://user@host/db`` (psycopg 3).
 """
@@ -14,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
+import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["Database", "SqliteDatabase", "PostgresDatabase", "open_database", "to_postgres", "is_postgres_url",
-           "is_unavailable", "is_conflict", "first_line"]
+__all__ = ["Database", "Connection", "SqliteConnection", "PostgresConnection", "open_connection", "to_postgres",
+           "is_postgres_url", "is_unavailable", "is_conflict", "first_line"]
 
 
 def is_postgres_url(target: Any) -> bool:
@@ -57,22 +60,93 @@ def first_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}"[:300]
 
 
-def open_database(target: str | Path, *, timeout: float = 30.0) -> "Database":
+def open_connection(target: str | Path, *, timeout: float = 30.0) -> "Connection":
     """A connection to ``target``: a PostgreSQL URL, or the path of a SQLite file."""
     if is_postgres_url(target):
-        return PostgresDatabase(str(target), timeout=timeout)
-    return SqliteDatabase(Path(target), timeout=timeout)
+        return PostgresConnection(str(target), timeout=timeout)
+    return SqliteConnection(Path(target), timeout=timeout)
 
 
 class Database:
-    """What the state machine needs of a connection (one per process, guarded by its lock)."""
+    """One connection shared by a process's threads: one lock, write transactions, reads.
+
+    Each process (the node, the console, a CLI command) opens its own: SQLite in WAL mode lets
+    readers run beside the writer.  ``target``: the SQLite file, or a ``postgresql://`` URL.
+    """
+
+    def __init__(self, target: str | Path, *, timeout: float = 30.0) -> None:
+        self.target: str | Path = str(target) if is_postgres_url(target) else Path(target)
+        self.lock = threading.RLock()
+        self.conn = open_connection(self.target, timeout=timeout)
+        self._on_abort: list[Callable[[], object]] = []
+
+    @property
+    def dialect(self) -> str:
+        return self.conn.dialect
+
+    def tx(self) -> "Transaction":
+        """A write transaction: BEGIN (SQLite: IMMEDIATE) ... COMMIT (ROLLBACK on exception)."""
+        return Transaction(self)
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.lock:
+            rows: list[tuple[Any, ...]] = self.conn.execute(sql, tuple(params)).fetchall()
+        return rows
+
+    def on_abort(self, undo: Callable[[], object]) -> None:
+        """Run ``undo`` if the transaction in progress does not commit (inside ``tx()`` only)."""
+        self._on_abort.append(undo)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+class Transaction:
+    """``with database.tx() as c:`` holds the database's lock for the whole transaction."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def __enter__(self) -> "Connection":
+        db = self.database
+        db.lock.acquire()
+        try:
+            db.conn.begin()
+        except BaseException:
+            db.lock.release()
+            raise
+        db._on_abort = []
+        return db.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        db = self.database
+        committed = False
+        try:
+            if exc_type is None:
+                db.conn.commit()
+                committed = True
+            else:
+                db.conn.rollback()
+        finally:
+            undo, db._on_abort = db._on_abort, []
+            try:
+                if not committed:  # a full disk fails the COMMIT itself
+                    for step in undo:
+                        step()
+            finally:
+                db.lock.release()
+
+
+class Connection:
+    """What the state machine needs of a connection (one per process, guarded by :class:`Database`'s lock)."""
 
     dialect = ""
 
-    def execute(self, sql: str, params: Iterable = ()) -> Any:
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
         raise NotImplementedError
 
-    def executemany(self, sql: str, rows: Iterable[Iterable]) -> None:
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
         for row in rows:
             self.execute(sql, row)
 
@@ -88,7 +162,7 @@ class Database:
     def rollback(self) -> None:
         self.execute("ROLLBACK")
 
-    def insert_id(self, sql: str, params: Iterable = ()) -> int:
+    def insert_id(self, sql: str, params: Iterable[Any] = ()) -> int:
         """Run an INSERT and return the new row's ``id``."""
         raise NotImplementedError
 
@@ -107,7 +181,7 @@ class Database:
         yield
 
 
-class SqliteDatabase(Database):
+class SqliteConnection(Connection):
     """SQLite in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns."""
 
     dialect = "sqlite"
@@ -119,10 +193,10 @@ class SqliteDatabase(Database):
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
 
-    def execute(self, sql: str, params: Iterable = ()) -> Any:
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
         return self._conn.execute(sql, tuple(params))
 
-    def executemany(self, sql: str, rows: Iterable[Iterable]) -> None:
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
         self._conn.executemany(sql, [tuple(r) for r in rows])
 
     def script(self, ddl: str) -> None:
@@ -131,8 +205,10 @@ class SqliteDatabase(Database):
     def begin(self) -> None:
         self._conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
 
-    def insert_id(self, sql: str, params: Iterable = ()) -> int:
-        return int(self._conn.execute(sql, tuple(params)).lastrowid)
+    def insert_id(self, sql: str, params: Iterable[Any] = ()) -> int:
+        row_id = self._conn.execute(sql, tuple(params)).lastrowid
+        assert row_id is not None  # an INSERT's
+        return int(row_id)
 
     def columns(self, table: str) -> set[str]:
         return {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
@@ -177,7 +253,7 @@ def to_postgres(sql: str, ddl: bool = False) -> str:
     return sql.replace("?", "%s")
 
 
-class PostgresDatabase(Database):
+class PostgresConnection(Connection):
     """PostgreSQL through psycopg 3, autocommit with explicit transactions (as the SQLite side)."""
 
     dialect = "postgresql"
@@ -204,7 +280,7 @@ class PostgresDatabase(Database):
             self._connect()
         return self._conn
 
-    def execute(self, sql: str, params: Iterable = ()) -> Any:
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
         return self._live().execute(to_postgres(sql), tuple(params))
 
     def script(self, ddl: str) -> None:
@@ -235,7 +311,7 @@ class PostgresDatabase(Database):
         finally:
             self._in_tx = False
 
-    def insert_id(self, sql: str, params: Iterable = ()) -> int:
+    def insert_id(self, sql: str, params: Iterable[Any] = ()) -> int:
         return int(self._live().execute(to_postgres(sql) + " RETURNING id", tuple(params)).fetchone()[0])
 
     def columns(self, table: str) -> set[str]:

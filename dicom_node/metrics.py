@@ -70,7 +70,7 @@ class _StateCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        values = self.db.counter_values()
+        values = self.db.counters.values()
         # configured names start at 0, so a rate() works from the first increment
         known = {"received": [{"called_ae": r.called_ae} for r in self.config.routes],
                  "translated": [{"model": m} for m in self.config.models],

@@ -85,8 +85,8 @@ class Notifier(threading.Thread):
 
     def _drop_unconfigured(self, names: list[str]) -> None:
         try:
-            for nid, webhook, *_ in self.db.claim_notifications(others_than=names):
-                self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
+            for nid, webhook, *_ in self.db.outbox.claim(others_than=names):
+                self.db.outbox.record(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
             self._failing = False
         except Exception as exc:  # noqa: BLE001 - the database is away: the senders say so; look again later
             if not self._failing:
@@ -119,7 +119,7 @@ class WebhookSender(threading.Thread):
         while not self.done:
             due: list[tuple] = []
             try:
-                due = self.db.claim_notifications(webhook=self.webhook)
+                due = self.db.outbox.claim(webhook=self.webhook)
                 while due and not self.done:
                     self._send(*due[0])
                     due.pop(0)
@@ -132,10 +132,10 @@ class WebhookSender(threading.Thread):
                 continue
             finally:
                 if due:  # stopped, retired or failed mid-batch: the rest goes back at once
-                    self.db.release_claims("notifications", [r[0] for r in due])
+                    self.db.cluster.release_claims("notifications", [r[0] for r in due])
             failing = False
             try:
-                nxt = self.db.next_notification_time(webhook=self.webhook)
+                nxt = self.db.outbox.next_time(webhook=self.webhook)
             except Exception:  # noqa: BLE001 - the database is away: look again later, never die
                 nxt = time.time() + 5.0
             self._pause(self.POLL_SECONDS if nxt is None else max(0.01, min(self.POLL_SECONDS, nxt - time.time())))
@@ -143,12 +143,12 @@ class WebhookSender(threading.Thread):
     def _send(self, nid: int, webhook: str, event: str, body: str, attempts: int) -> None:
         hook = self.notifier.hook(webhook)
         if hook is None:
-            self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
+            self.db.outbox.record(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
             return
         retry = hook.retry
         error = post(hook, event, nid, body.encode())
-        state = self.db.record_notification(nid, webhook, error is None, error, attempts + 1, retry.max_attempts,
-                                            retry.delay(attempts + 1))
+        state = self.db.outbox.record(nid, webhook, error is None, error, attempts + 1, retry.max_attempts,
+                                      retry.delay(attempts + 1))
         if error is None:
             log.info("webhook %s: %s #%d sent", webhook, event, nid)
         else:

@@ -1,4 +1,4 @@
-"""Who talked to the node and who changed what (part of ``StateDB``): the console's logs.
+"""Who talked to the node and who changed what (``StateDB.operations``): the console's logs.
 
 * ``associations``: one row per DICOM association: calling and called AE, the peer's
   address, instances stored and refused, start and end, and how it ended (released,
@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from dicom_node.counters import bump
+from dicom_node.database import Connection, Database
 
 __all__ = ["OPERATIONS_SCHEMA", "OperationsLog"]
 
@@ -51,13 +52,16 @@ ACTION_KEYS = ("id", "at", "user", "action", "target", "result")  # what actions
 
 
 class OperationsLog:
-    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query`` and ``_tx``)."""
+    """The association log and the operator log."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     def record_association(self, *, calling_ae: str, called_ae: str, peer: str, stored: int, refused: int,
                            started_at: float, outcome: str, reason: str | None = None,
                            ended_at: float | None = None) -> None:
         ended_at = time.time() if ended_at is None else ended_at
-        with self._tx() as c:  # type: ignore[attr-defined]
+        with self.database.tx() as c:
             c.execute("INSERT INTO associations (calling_ae, called_ae, peer, stored, refused, started_at, ended_at, "
                       "outcome, reason) VALUES (?,?,?,?,?,?,?,?,?)",
                       (calling_ae, called_ae, peer, int(stored), int(refused), started_at, ended_at, outcome,
@@ -66,25 +70,26 @@ class OperationsLog:
 
     def associations(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest associations, newest first."""
-        rows = self._query(f"SELECT {', '.join(ASSOCIATION_COLS)} FROM associations "  # type: ignore
-                           "ORDER BY ended_at DESC, id DESC LIMIT ?", (int(limit),))
+        rows = self.database.query(f"SELECT {', '.join(ASSOCIATION_COLS)} FROM associations "
+                                   "ORDER BY ended_at DESC, id DESC LIMIT ?", (int(limit),))
         return [dict(zip(ASSOCIATION_COLS, r)) for r in rows]
 
     def record_action(self, user: str, action: str, target: str, result: str) -> None:
-        with self._tx() as c:  # type: ignore[attr-defined]
-            self._action(c, user, action, target, result)
+        with self.database.tx() as c:
+            self.write_action(c, user, action, target, result)
 
     @staticmethod
-    def _action(c: Any, user: str, action: str, target: str, result: str) -> None:
+    def write_action(c: Connection, user: str, action: str, target: str, result: str) -> None:
+        """An operator action, inside the caller's transaction (the change it records)."""
         c.execute("INSERT INTO operator_actions (at, who, action, target, result) VALUES (?,?,?,?,?)",
                   (time.time(), user[:100], action, target[:500], result[:500]))
 
     def actions(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest operator actions, newest first."""
-        rows = self._query(f"SELECT {', '.join(ACTION_COLS)} FROM operator_actions "  # type: ignore
-                           "ORDER BY at DESC, id DESC LIMIT ?", (int(limit),))
+        rows = self.database.query(f"SELECT {', '.join(ACTION_COLS)} FROM operator_actions "
+                                   "ORDER BY at DESC, id DESC LIMIT ?", (int(limit),))
         return [dict(zip(ACTION_KEYS, r)) for r in rows]
 
     @staticmethod
-    def _forget_operations(c: Any, cutoff: float) -> None:
+    def forget(c: Connection, cutoff: float) -> None:
         c.execute("DELETE FROM associations WHERE ended_at < ?", (cutoff,))

@@ -1,4 +1,4 @@
-"""Redoing a delivered study, and how long its files stay for that (part of ``StateDB``).
+"""Redoing a delivered study, and how long its files stay for that (``StateDB.sources``).
 
 Why: after a model is retrained and reloaded, a radiologist wants last week's study in the new
 style.  A resent study is a duplicate (nothing to do), and ``retry`` only covers failures, so
@@ -23,7 +23,9 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
+from dicom_node.database import Database
 from dicom_node.errors import UserError
+from dicom_node.operations_log import OperationsLog
 
 __all__ = ["SourceKeeping", "REPROCESS_COLUMNS", "REPROCESSABLE"]
 
@@ -38,10 +40,13 @@ _BUSY = ("received", "ready", "translated", "withheld", "failed")
 
 
 class SourceKeeping:
-    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query``, ``_tx`` and ``_action``)."""
+    """The sources a delivered study keeps in the spool, and putting such a study back to work."""
 
-    def reprocess_study(self, study_uid: str, route: str | None = None, *, user: str,
-                        configured: Iterable[str] | None = None, now: float | None = None) -> dict[str, int]:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def reprocess(self, study_uid: str, route: str | None = None, *, user: str,
+                  configured: Iterable[str] | None = None, now: float | None = None) -> dict[str, int]:
         """Queue a delivered study (of one route, or of every route that handled it) for
         translation again; returns {route: instances queued}.  Raises :class:`UserError` when
         there is nothing to redo, the study is not finished, its sources are gone, or (given
@@ -52,7 +57,7 @@ class SourceKeeping:
             where += " AND route=?"
             params.append(route)
         what = f"study {study_uid}" + (f" on route {route!r}" if route else "")
-        with self._tx() as c:  # type: ignore[attr-defined]
+        with self.database.tx() as c:
             rows = c.execute(f"SELECT id, route, state, purged FROM instances WHERE {where}", params).fetchall()
             translated = [r for r in rows if r[2] in (REPROCESSABLE, *_BUSY)]
             if not translated:
@@ -75,14 +80,14 @@ class SourceKeeping:
             queued: dict[str, int] = {}
             for r in translated:
                 queued[str(r[1])] = queued.get(str(r[1]), 0) + 1
-            self._action(c, user, "reprocess", what,  # type: ignore[attr-defined]
-                         ", ".join(f"{n} instance(s) on {name}" for name, n in sorted(queued.items())))
+            OperationsLog.write_action(c, user, "reprocess", what,
+                                       ", ".join(f"{n} instance(s) on {name}" for name, n in sorted(queued.items())))
         return queued
 
     def output_version(self, instance_id: int) -> tuple[int, str | None]:
         """(output version, who asked for it or None) of the instance's next output."""
-        rows = self._query("SELECT output_version, reprocess_by FROM instances WHERE id=?",  # type: ignore
-                           (int(instance_id),))
+        rows = self.database.query("SELECT output_version, reprocess_by FROM instances WHERE id=?",
+                                   (int(instance_id),))
         return (int(rows[0][0] or 1), rows[0][1]) if rows else (1, None)
 
     # -- spool clean-up ----------------------------------------------------------------
@@ -105,7 +110,7 @@ class SourceKeeping:
                           "j.called_ae=i.called_ae AND j.study_uid=i.study_uid AND j.route=i.route AND "
                           f"(j.updated_at > ? OR j.state IN ({','.join(repr(s) for s in _BUSY)})))")
             params += [now - keep_seconds] * 2
-        return [(int(i), str(p)) for i, p in self._query(  # type: ignore[attr-defined]
+        return [(int(i), str(p)) for i, p in self.database.query(
             f"SELECT id, path FROM instances i INDEXED BY instances_unpurged WHERE purged=0 AND (({delivered}) OR "
             "(state IN ('unmatched','unsupported') AND EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id) "
             "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_id=i.id AND d.state!='delivered')) OR "
@@ -113,5 +118,5 @@ class SourceKeeping:
             "AND d.state!='delivered'))) ORDER BY id LIMIT ?", (*params, limit))]
 
     def mark_purged(self, instance_ids: Iterable[int]) -> None:
-        with self._tx() as c:  # type: ignore[attr-defined]
+        with self.database.tx() as c:
             c.executemany("UPDATE instances SET purged=1 WHERE id=?", [(int(i),) for i in instance_ids])

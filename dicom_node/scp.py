@@ -192,7 +192,7 @@ class StoreSCP:
                 event.assoc.dul.to_user_queue.put(None)
             return
         try:
-            self.db.record_association(
+            self.db.operations.record_association(
                 calling_ae=session.calling, called_ae=session.called, peer=session.peer, stored=session.stored,
                 refused=session.refused, started_at=session.started, outcome=session.outcome or "aborted",
                 reason=session.reason or (None if session.outcome else "connection closed without release"))

@@ -274,7 +274,7 @@ class Translator(_Loop):
                         "another node while this one was slow or cut off from the database): this result is "
                         "dropped", abbreviate(row.sop_uid))
         finally:
-            self.db.release_claims("instances", [row.id])  # unfinished (an error): free for any node
+            self.db.cluster.release_claims("instances", [row.id])  # unfinished (an error): free for any node
         self.deliver_wake.set()
         return True
 
@@ -309,7 +309,7 @@ class Translator(_Loop):
                 # A PACS that routes our SC back would otherwise start an endless restyling loop.
                 raise UnsupportedImage("already a dicom-node output (never restyled twice)")
             inverse = self.models.inverse(route.model)
-            version, requested_by = self.db.output_version(row.id)
+            version, requested_by = self.db.sources.output_version(row.id)
             series = _series_naming(route, ds, version)
             t0 = time.perf_counter()
             with ENGINE_LOCK, stop_between_operations(self.stop_event):  # SIGTERM: abandoned, stays ready
@@ -490,21 +490,21 @@ class Deliverer(_Loop):
         self._purged_at = time.monotonic()
         keep = self.config.storage.keep_sources_days * 86400.0
         while True:
-            rows = self.db.finished_unpurged(keep_seconds=keep)
+            rows = self.db.sources.finished_unpurged(keep_seconds=keep)
             if not rows:
                 return
             for iid, original in rows:
                 self.spool.remove_instance_files(iid, Path(original))
-            self.db.mark_purged(i for i, _ in rows)
+            self.db.sources.mark_purged(i for i, _ in rows)
 
     def idle_seconds(self) -> float:
-        nxt = self.db.next_delivery_time(only=self.only, exclude=self.exclude)
+        nxt = self.db.deliveries.next_time(only=self.only, exclude=self.exclude)
         if nxt is None:
             return POLL_SECONDS
         return max(0.01, min(POLL_SECONDS, nxt - time.time()))
 
     def step(self) -> bool:
-        due = self.db.claim_deliveries(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
+        due = self.db.deliveries.claim(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
         if not due:
             if time.monotonic() - self._purged_at > self.PURGE_IDLE_SECONDS:
                 # instances finished without a delivery of ours (an operator discarded a
@@ -521,7 +521,7 @@ class Deliverer(_Loop):
                         return True
                     self._send(name, rows[i:i + self.BATCH])
         finally:
-            self.db.release_claims("deliveries", [d.id for d in due])  # those not sent: free for any node
+            self.db.cluster.release_claims("deliveries", [d.id for d in due])  # those not sent: free for any node
         return True
 
     def _send(self, name: str, rows: list[DeliveryRow]) -> None:
@@ -539,7 +539,7 @@ class Deliverer(_Loop):
                 log.error("destination %s: delivery raised %s", name, exc.__class__.__name__)
             outcomes = [(r, res.ok, res.error) for r, res in zip(rows, results)]
             outcomes += [(r, False, "no result") for r in rows[len(results):]]
-        ok, retrying, failed = self.db.record_delivery_results(outcomes, retry.max_attempts, retry.delay)
+        ok, retrying, failed = self.db.deliveries.record_results(outcomes, retry.max_attempts, retry.delay)
         if ok:
             self._purge()
         errors = sorted({e for _, good, e in outcomes if not good and e})

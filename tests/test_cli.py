@@ -97,7 +97,7 @@ def test_a_start_that_fails_after_registering_leaves_no_node_row(held_port, tmp_
     node.stop()
     db = StateDB(node.spool.db_path)
     try:
-        assert db.nodes() == []
+        assert db.cluster.nodes() == []
     finally:
         db.close()
 
@@ -110,10 +110,10 @@ def test_nodes_stopped_over_an_hour_ago_leave_the_overview(tmp_path):
     dbs = [StateDB(tmp_path / "state.db") for _ in range(3)]
     try:
         for db, name in zip(dbs, ("stopped", "died", "up")):
-            db.register_node(node_id=f"{name}.1", name=name, role="all", exclusive=False, now=t)
-        dbs[0].node_stopped(now=t + 10)
-        dbs[2].heartbeat(now=t + STOPPED_NODES_KEPT_SECONDS + 60)
-        states = lambda now: {n["name"]: n["state"] for n in dbs[2].nodes(now=now)}  # noqa: E731
+            db.cluster.register_node(node_id=f"{name}.1", name=name, role="all", exclusive=False, now=t)
+        dbs[0].cluster.node_stopped(now=t + 10)
+        dbs[2].cluster.heartbeat(now=t + STOPPED_NODES_KEPT_SECONDS + 60)
+        states = lambda now: {n["name"]: n["state"] for n in dbs[2].cluster.nodes(now=now)}  # noqa: E731
         assert states(t + 20) == {"died": "up", "stopped": "stopped", "up": "up"}
         later = states(t + STOPPED_NODES_KEPT_SECONDS + 70)
         assert later == {"died": "late", "up": "up"}  # a crash stays listed (a day), a clean stop does not

@@ -20,8 +20,8 @@ T = 1000.0  # the tests' clock
 
 def node(target, name: str, *, exclusive: bool = False, now: float = T) -> StateDB:
     db = StateDB(target)
-    db.lease_seconds = LEASE
-    db.register_node(node_id=f"{name}.1", name=name, role="worker", exclusive=exclusive, now=now)
+    db.cluster.lease_seconds = LEASE
+    db.cluster.register_node(node_id=f"{name}.1", name=name, role="worker", exclusive=exclusive, now=now)
     return db
 
 
@@ -63,18 +63,18 @@ def test_heartbeat_renews_only_what_is_in_hand_and_a_clean_stop_gives_everything
     ready(a, 2)
     one = a.claim_ready(now=T)
     two = a.claim_ready(now=T)
-    a.release_claims("instances", [two.id])  # a gave it up (an error): free at once
+    a.cluster.release_claims("instances", [two.id])  # a gave it up (an error): free at once
     assert b.claim_ready(now=T).id == two.id
-    assert a.heartbeat(["tiny"], now=T + 20) == 1
+    assert a.cluster.heartbeat(["tiny"], now=T + 20) == 1
     assert b.claim_ready(now=T + LEASE + 1).id == two.id  # b did not beat: its own claim ran out
     assert b.claim_ready(now=T + LEASE + 1) is None  # a's was renewed at T+20: held until T+50
-    listed = {n["name"]: n for n in b.nodes(now=T + 21)}
+    listed = {n["name"]: n for n in b.cluster.nodes(now=T + 21)}
     assert listed["a"]["state"] == "up" and listed["a"]["holds"]["instances"] == 1
     assert listed["a"]["models"] == ["tiny"] and listed["b"]["holds"]["instances"] == 1
-    assert {n["name"]: n["state"] for n in b.nodes(now=T + 20 + LEASE + 1)}["a"] == "late"
-    a.node_stopped(now=T + 22)
+    assert {n["name"]: n["state"] for n in b.cluster.nodes(now=T + 20 + LEASE + 1)}["a"] == "late"
+    a.cluster.node_stopped(now=T + 22)
     assert b.claim_ready(now=T + 23).id == one.id
-    assert {n["name"]: n["state"] for n in b.nodes(now=T + 24)}["a"] == "stopped"
+    assert {n["name"]: n["state"] for n in b.cluster.nodes(now=T + 24)}["a"] == "stopped"
     a.close(), b.close()
 
 
@@ -84,9 +84,9 @@ def test_a_restarted_node_takes_back_its_own_claims_at_once(database):
     assert a.claim_ready(now=T) is not None
     a.close()  # kill -9: the lease stays in the row
     again = StateDB(database)
-    again.lease_seconds = LEASE
+    again.cluster.lease_seconds = LEASE
     # same name (its spool lock proves the old process is gone): no need to wait for the lease
-    assert again.register_node(node_id="a.2", name="a", role="all", exclusive=False, now=T + 1) == 1
+    assert again.cluster.register_node(node_id="a.2", name="a", role="all", exclusive=False, now=T + 1) == 1
     assert again.claim_ready(now=T + 1) is not None
     other = node(database, "solo", exclusive=True, now=T + 2)  # the only node (SQLite): frees every lease
     assert other.claim_ready(now=T + 2) is not None
@@ -109,23 +109,24 @@ def test_deliveries_and_notifications_are_claimed_once_and_results_are_fenced(da
     iid = ready(a, 1)[0]
     a.claim_ready(now=T)
     a.mark_translated(iid, [NewDelivery(d, "output", "9.1", "/out/9.1.dcm") for d in ("pacs", "viewer")], now=T)
-    mine = a.claim_deliveries(now=T + 1)
-    assert len(mine) == 2 and b.claim_deliveries(now=T + 1) == []
-    stolen = b.claim_deliveries(now=T + 2 + LEASE)  # a went silent
+    mine = a.deliveries.claim(now=T + 1)
+    assert len(mine) == 2 and b.deliveries.claim(now=T + 1) == []
+    stolen = b.deliveries.claim(now=T + 2 + LEASE)  # a went silent
     assert len(stolen) == 2
-    assert a.record_delivery_results([(r, True, None) for r in mine], 5, lambda n: 1.0, now=T + 3 + LEASE) == (0, 0, 0)
-    assert b.record_delivery_results([(r, True, None) for r in stolen], 5, lambda n: 1.0, now=T + 3 + LEASE) == (2, 0, 0)
+    expired = T + 3 + LEASE
+    assert a.deliveries.record_results([(r, True, None) for r in mine], 5, lambda n: 1.0, now=expired) == (0, 0, 0)
+    assert b.deliveries.record_results([(r, True, None) for r in stolen], 5, lambda n: 1.0, now=expired) == (2, 0, 0)
     assert {r.id: r.state for r in a.instances()}[iid] == "delivered"
-    assert b.counter_values()["deliveries"] == [({"destination": "pacs", "outcome": "delivered"}, 1),
-                                                ({"destination": "viewer", "outcome": "delivered"}, 1)]
-    with a._tx() as c:
+    assert b.counters.values()["deliveries"] == [({"destination": "pacs", "outcome": "delivered"}, 1),
+                                                 ({"destination": "viewer", "outcome": "delivered"}, 1)]
+    with a.database.tx() as c:
         c.execute("INSERT INTO notifications (webhook, event, body, state, next_attempt_at, created_at, updated_at) "
                   "VALUES ('hook', 'study.delivered', '{}', 'pending', ?, ?, ?)", (T, T, T))
-    claimed = a.claim_notifications(now=T + 1)
-    assert len(claimed) == 1 and b.claim_notifications(now=T + 1) == []
-    later = b.claim_notifications(now=T + 2 + LEASE)
-    assert a.record_notification(claimed[0][0], "hook", True, None, 1, 5, 1.0, now=T + 3 + LEASE) == "taken"
-    assert b.record_notification(later[0][0], "hook", True, None, 1, 5, 1.0, now=T + 3 + LEASE) == "sent"
+    claimed = a.outbox.claim(now=T + 1)
+    assert len(claimed) == 1 and b.outbox.claim(now=T + 1) == []
+    later = b.outbox.claim(now=T + 2 + LEASE)
+    assert a.outbox.record(claimed[0][0], "hook", True, None, 1, 5, 1.0, now=T + 3 + LEASE) == "taken"
+    assert b.outbox.record(later[0][0], "hook", True, None, 1, 5, 1.0, now=T + 3 + LEASE) == "sent"
     a.close(), b.close()
 
 
@@ -199,7 +200,7 @@ def test_two_receivers_storing_one_instance_at_the_same_moment_make_it_a_duplica
     """The second receiver's insert meets the first one's unique key: not an error, a duplicate."""
     a, b = node(database, "a"), node(database, "b")
     result: list = []
-    with a._tx() as c:  # a's C-STORE is half-way: its row is written, not yet committed
+    with a.database.tx() as c:  # a's C-STORE is half-way: its row is written, not yet committed
         a_id = c.insert_id("INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
                            "route, path, size, state, received_at, updated_at) VALUES "
                            "('KIM','CR1','1.9','1.2','2.9','3','kim','/spool/x.dcm',1,'received',?,?)", (T, T))
@@ -217,7 +218,7 @@ def test_opening_the_schema_beside_a_busy_node_neither_waits_nor_deadlocks(datab
     locks its table even when the index exists) and deadlocked with the writer (CI, stop 19)."""
     a = node(database, "a")
     ready(a, 1)
-    with a._tx() as c:  # a is half-way through a write on several tables
+    with a.database.tx() as c:  # a is half-way through a write on several tables
         c.execute("UPDATE instances SET updated_at=?", (T,))
         c.execute("UPDATE studies SET last_received_at=?", (T,))
         opened: list = []

@@ -230,10 +230,10 @@ def test_a_claim_whose_commit_fails_on_a_full_disk_is_not_kept_in_hand(small_dis
         fill_to(small_disk, 0)
         with pytest.raises(Exception, match="full"):
             db.claim_ready(now=T)
-        assert db._held["instances"] == set()  # the items the heartbeat renews
+        assert db.cluster._held["instances"] == set()  # the items the heartbeat renews
         (small_disk / "filler").unlink()
         assert db.claim_ready(now=T + 1).id == ids[0]  # claimable at once, not after a lease
-        assert db._held["instances"] == {ids[0]}
+        assert db.cluster._held["instances"] == {ids[0]}
     finally:
         db.close()
 
@@ -360,7 +360,7 @@ def test_a_corrected_resend_during_the_translation_wins(tmp_path):
             assert send(node.port, [corrected], called=CALLED) == [0]
             assert wait_for(lambda: [r.state for r in node.db.instances()] == ["delivered"]
                             and pacs.received and str(pacs.received[-1].PatientName) == "CORRECTED^NAME", 90)
-            (audit,) = node.db.audit()
+            (audit,) = node.db.audit.rows()
             assert audit["source_revision"] == 1
             assert {str(ds.SOPInstanceUID) for ds in pacs.received} == {audit["output_sop_uid"]}
             assert [str(ds.PatientName) for ds in pacs.received][-1:] == ["CORRECTED^NAME"]

@@ -213,7 +213,7 @@ def test_destination_down_retried_then_delivered(tmp_path, tiny_model_path):
         assert send(node.port, sources, called="KIM") == [0, 0]
 
         def attempts() -> int:
-            rows = node.db._query("SELECT MIN(attempts) FROM deliveries WHERE state='pending'")
+            rows = node.db.database.query("SELECT MIN(attempts) FROM deliveries WHERE state='pending'")
             return rows[0][0] or 0
 
         assert wait_for(lambda: attempts() >= 2, 20)  # failed at least twice, still pending
@@ -254,7 +254,7 @@ def test_gives_up_after_max_attempts_then_retry_command(tmp_path, tiny_model_pat
         assert main(["status", "--json", "--config", str(cfg_path)]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["instances"]["failed"] == 1 and report["destinations"]["pacs"]["failed"] == 1
-        kept = node.db._query("SELECT path FROM deliveries")[0][0]
+        kept = node.db.database.query("SELECT path FROM deliveries")[0][0]
         assert Path(kept).is_file()
         with Receiver("PACS", port=port) as pacs:
             assert main(["retry", "--config", str(cfg_path)]) == 0
@@ -429,7 +429,7 @@ def test_a_hanging_destination_does_not_delay_the_others(tmp_path, tiny_model_pa
         with node:
             assert send(node.port, study(1), called="KIM") == [0]
             assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 6)
-            rows = node.db._query("SELECT destination, state FROM deliveries ORDER BY destination")
+            rows = node.db.database.query("SELECT destination, state FROM deliveries ORDER BY destination")
             assert rows == [("outbox", "delivered"), ("stuck", "pending")]
             hang.close()  # resets the half-open connection, so stopping the node is quick
     finally:
@@ -507,8 +507,8 @@ def test_a_corrected_resend_is_processed_again_under_the_same_output_uids(tmp_pa
             for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
                 assert new.get(kw) == old.get(kw)
             assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 10)
-            (audit,) = node.db.audit()
+            (audit,) = node.db.audit.rows()
             assert audit["source_revision"] == 1 and audit["output_sop_uid"] == str(new.SOPInstanceUID)
             assert send(node.port, [copy.deepcopy(corrected)], called="KIM") == [0]  # the same again
             time.sleep(1.5)
-            assert len(pacs.received) == 2 and len(node.db.audit()) == 1
+            assert len(pacs.received) == 2 and len(node.db.audit.rows()) == 1

@@ -81,7 +81,7 @@ def test_flag_record_and_ok_outputs_reach_the_pacs_marked_as_the_route_says(tmp_
             assert not str(recorded_sc.SeriesDescription).startswith(FLAGGED_PREFIX)
             assert "ImageComments" not in recorded_sc
             # each verdict is in the audit trail, and status counts them
-            audit = {r["source_sop_uid"]: r for r in node.db.audit()}
+            audit = {r["source_sop_uid"]: r for r in node.db.audit.rows()}
             assert audit[str(good[0].SOPInstanceUID)]["verdict"] == "ok"
             assert audit[str(flag[0].SOPInstanceUID)]["verdict"] == "flagged"
             assert audit[str(record[0].SOPInstanceUID)]["verdict"] == "flagged"
@@ -113,7 +113,7 @@ def test_withheld_output_waits_for_an_operator_then_release_and_discard(tmp_path
             assert wait_for(lambda: set(pacs.uids()) == sources, 30)
             assert wait_for(lambda: set(instance_states(node).values()) == {"withheld"}, 10)
             assert _outputs(pacs) == []
-            held = node.db._query("SELECT path FROM deliveries WHERE state='held'")
+            held = node.db.database.query("SELECT path FROM deliveries WHERE state='held'")
             assert len(held) == 2 and all(Path(p).is_file() for (p,) in held)  # kept in the spool
 
             assert main(["status", "--config", str(cfg)]) == 0
@@ -221,6 +221,6 @@ def test_inverse_next_to_the_model_is_loaded_for_the_cycle_check(tmp_path, tiny_
         ds = study(1)
         assert send(node.port, ds, called="KIM") == [0]
         assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 30)
-        (row,) = node.db.audit()
+        (row,) = node.db.audit.rows()
     assert row["verdict"] == "ok" and row["scores"]["cycle"] is not None
     assert row["model_digest"] == digests["pair_A2B"]

@@ -149,11 +149,11 @@ def test_https_webhook_is_verified_against_its_ca(tmp_path, tiny_model_path):
              "retry": {"max_attempts": 1}}]
         with Node(parse_config(cfg, base_dir=tmp_path)) as node:
             assert send(node.port, study(1), called="DR_KIM") == [0]
-            assert wait_for(lambda: len(hook.posts) == 1 and node.db.notifications(state="failed"), 60)
-            failed = node.db.notifications(state="failed")
+            assert wait_for(lambda: len(hook.posts) == 1 and node.db.outbox.recent(state="failed"), 60)
+            failed = node.db.outbox.recent(state="failed")
             assert [n["webhook"] for n in failed] == ["untrusted"] and "CERTIFICATE_VERIFY_FAILED" in \
                 failed[0]["last_error"]
-            assert [n["webhook"] for n in node.db.notifications(state="sent")] == ["trusted"]
+            assert [n["webhook"] for n in node.db.outbox.recent(state="sent")] == ["trusted"]
     finally:
         hook.stop()
 
@@ -214,7 +214,7 @@ def _hook_node(tmp_path, tiny_model_path, hooks: list[dict], **extra):
 
 
 def _row(node, webhook: str) -> dict | None:
-    rows = [n for n in node.db.notifications() if n["webhook"] == webhook]
+    rows = [n for n in node.db.outbox.recent() if n["webhook"] == webhook]
     return rows[0] if rows else None
 
 
@@ -231,10 +231,11 @@ def test_a_trickling_receiver_delays_only_itself(tmp_path, tiny_model_path):
             for n in (1, 2):  # the second study while the slow receiver is being retried
                 assert send(node.port, study(1), called="DR_KIM") == [0]
                 assert wait_for(lambda: len(good.times) == n, 30)
-                created = max(r["created_at"] for r in node.db.notifications() if r["webhook"] == "good")
+                created = max(r["created_at"] for r in node.db.outbox.recent() if r["webhook"] == "good")
                 assert good.times[-1] - created < 2.5, good.times[-1] - created  # not behind the slow one
             assert wait_for(lambda: (_row(node, "slow") or {}).get("attempts", 0) >= 2, 30), _row(node, "slow")
-            first = node.db._query("SELECT created_at FROM notifications WHERE webhook='slow' ORDER BY id")[0][0]
+            first = node.db.database.query("SELECT created_at FROM notifications WHERE webhook='slow' "
+                                           "ORDER BY id")[0][0]
             assert slow.connections[1] - first < 2 * 4 + 2, slow.connections  # two attempts, each cut at 4 s
             assert "no complete answer within 4 s" in _row(node, "slow")["last_error"]
     finally:
@@ -254,7 +255,7 @@ def test_a_receiver_that_is_not_http_is_a_failed_attempt(tmp_path, tiny_model_pa
         for start in (1, 2):
             with _hook_node(tmp_path, tiny_model_path, hooks) as node:
                 assert send(node.port, study(1), called="DR_KIM") == [0]
-                assert wait_for(lambda: len(good.posts) == start, 30), node.db.notifications()
+                assert wait_for(lambda: len(good.posts) == start, 30), node.db.outbox.recent()
                 before = len(garbage.connections)
                 assert wait_for(lambda: len(garbage.connections) >= before + 2, 30)  # retried: lease released
                 row = _row(node, "garbage")
@@ -292,8 +293,8 @@ def test_webhook_secrets_never_reach_logs_database_or_console(tmp_path, tiny_mod
     try:
         with _hook_node(tmp_path, tiny_model_path, hooks, web={"port": 0}) as node:
             assert send(node.port, study(1), called="DR_KIM") == [0]
-            assert wait_for(lambda: len(node.db.notifications(state="failed")) == 2 and got.posts, 60), \
-                node.db.notifications()
+            assert wait_for(lambda: len(node.db.outbox.recent(state="failed")) == 2 and got.posts, 60), \
+                node.db.outbox.recent()
             assert got.posts[0][0]["authorization"] == f"Bearer {secrets[1]}"  # the header does its job
             token = (node.spool.node_dir / CONSOLE_TOKEN_FILE).read_text().strip()
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),

@@ -177,7 +177,7 @@ def test_reprocess_after_a_reload_delivers_a_new_version_in_the_same_series_to_a
             assert text.count("version 2 (reprocess by cli:") == 2 and "4 outputs" in text
             db = StateDB(Path(cfg["storage"]["spool_dir"]) / "state.db")
             try:
-                action = db.actions()[0]
+                action = db.operations.actions()[0]
             finally:
                 db.close()
             assert action["action"] == "reprocess" and action["user"].startswith("cli:")
@@ -215,9 +215,9 @@ def test_the_console_reprocess_button(tmp_path, tiny_model_path):
         assert "queued for translation again: 1 instance(s) of route kim_chest" in web.get(page)[2]
         assert wait_for(lambda: len(list(outbox.rglob("*.dcm"))) == 2, 60)
         assert wait_for(lambda: set(instance_states(node).values()) == {"delivered"}, 20)
-        assert [(r["output_version"], r["requested_by"]) for r in node.db.audit(study_uid=study_uid)] == \
+        assert [(r["output_version"], r["requested_by"]) for r in node.db.audit.rows(study_uid=study_uid)] == \
             [(1, None), (2, "token")]
-        assert [(a["action"], a["user"]) for a in node.db.actions()][:1] == [("reprocess", "token")]
+        assert [(a["action"], a["user"]) for a in node.db.operations.actions()][:1] == [("reprocess", "token")]
 
 
 def test_delivered_work_is_removed_after_keep_sources_days_and_then_cannot_be_reprocessed(tmp_path,
@@ -246,8 +246,8 @@ def test_delivered_work_is_removed_after_keep_sources_days_and_then_cannot_be_re
 
 def _deliver(db: StateDB, iid: int, out_uid: str, now: float) -> None:
     db.mark_translated(iid, [NewDelivery("pacs", "output", out_uid, f"/out/{out_uid}.dcm")], now=now)
-    for d in db.due_deliveries(now=now):
-        db.record_delivery_results([(d, True, None)], 3, lambda n: 1.0, now=now)
+    for d in db.deliveries.due(now=now):
+        db.deliveries.record_results([(d, True, None)], 3, lambda n: 1.0, now=now)
 
 
 def test_sources_are_kept_until_the_whole_study_is_delivered_and_old_enough(database):
@@ -259,27 +259,27 @@ def test_sources_are_kept_until_the_whole_study_is_delivered_and_old_enough(data
     b, _ = receive(db, "1.2", now=0.0)
     db.release_stable_studies(fixed(1.0), now=5.0)
     _deliver(db, a, "9.1", 6.0)
-    assert [i for i, _ in db.finished_unpurged()] == [a]  # keep 0: at once, as before the setting
-    assert db.finished_unpurged(keep_seconds=100.0, now=1000.0) == []  # its sibling is not delivered
+    assert [i for i, _ in db.sources.finished_unpurged()] == [a]  # keep 0: at once, as before the setting
+    assert db.sources.finished_unpurged(keep_seconds=100.0, now=1000.0) == []  # its sibling is not delivered
     with pytest.raises(UserError, match="is not finished .ready.: reprocess it once it is delivered"):
-        db.reprocess_study("1.2.3", user="alice")
+        db.sources.reprocess("1.2.3", user="alice")
     _deliver(db, b, "9.2", 10.0)
-    assert db.finished_unpurged(keep_seconds=100.0, now=109.0) == []  # the study changed at 10
-    assert sorted(i for i, _ in db.finished_unpurged(keep_seconds=100.0, now=111.0)) == [a, b]
+    assert db.sources.finished_unpurged(keep_seconds=100.0, now=109.0) == []  # the study changed at 10
+    assert sorted(i for i, _ in db.sources.finished_unpurged(keep_seconds=100.0, now=111.0)) == [a, b]
 
     with pytest.raises(UserError, match="route kim is no longer configured"):
-        db.reprocess_study("1.2.3", user="alice", configured=["kim_chest"])
-    assert db.reprocess_study("1.2.3", "kim", user="alice", configured=["kim"], now=120.0) == {"kim": 2}
+        db.sources.reprocess("1.2.3", user="alice", configured=["kim_chest"])
+    assert db.sources.reprocess("1.2.3", "kim", user="alice", configured=["kim"], now=120.0) == {"kim": 2}
     assert states(db) == {"1.1": "ready", "1.2": "ready"}
-    assert db.output_version(a) == (2, "alice")
-    assert db.actions()[0]["action"] == "reprocess" and db.actions()[0]["user"] == "alice"
+    assert db.sources.output_version(a) == (2, "alice")
+    assert db.operations.actions()[0]["action"] == "reprocess" and db.operations.actions()[0]["user"] == "alice"
     with pytest.raises(UserError, match="nothing translated on this node to reprocess .unknown study"):
-        db.reprocess_study("1.2.999", user="alice")
+        db.sources.reprocess("1.2.999", user="alice")
     c, _ = receive(db, "2.1", "1.2.4", now=200.0)
     db.release_stable_studies(fixed(1.0), now=205.0)
     _deliver(db, c, "9.3", 206.0)
-    db.mark_purged([c])
+    db.sources.mark_purged([c])
     with pytest.raises(UserError, match="its sources are no longer kept"):
-        db.reprocess_study("1.2.4", user="alice")
-    assert db.output_version(c) == (1, None)
+        db.sources.reprocess("1.2.4", user="alice")
+    assert db.sources.output_version(c) == (1, None)
     db.close()

@@ -60,8 +60,8 @@ def held_by(url: str, name: str) -> list[str]:
     """SOP Instance UIDs a node of that name has claimed right now (it is translating them)."""
     db = StateDB(url)
     try:
-        return [str(r[0]) for r in db._query("SELECT sop_uid FROM instances WHERE state='ready' AND lease_owner "
-                                             "LIKE ?", (f"{name}.%",))]
+        return [str(r[0]) for r in db.database.query("SELECT sop_uid FROM instances WHERE state='ready' AND "
+                                                     "lease_owner LIKE ?", (f"{name}.%",))]
     finally:
         db.close()
 

@@ -36,8 +36,8 @@ def states(db: StateDB) -> dict[str, str]:
 
 def test_pragmas_and_permissions(tmp_path):
     db = StateDB(tmp_path / "state.db")
-    assert db._query("PRAGMA journal_mode")[0][0] == "wal"
-    assert db._query("PRAGMA synchronous")[0][0] == 2  # FULL
+    assert db.database.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert db.database.query("PRAGMA synchronous")[0][0] == 2  # FULL
     assert oct(os.stat(tmp_path / "state.db").st_mode & 0o777) == "0o600"
     db.close()
 
@@ -68,27 +68,27 @@ def test_deliveries_retry_then_fail_then_requeue(database):
     db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm"),
                              NewDelivery("outbox", "output", "9.9", "/out/9.9.dcm")], now=10.0)
     assert db.ready_instances(limit=64) == []
-    due = db.due_deliveries(now=10.0)
+    due = db.deliveries.due(now=10.0)
     assert {d.destination for d in due} == {"pacs", "outbox"}
     pacs = next(d for d in due if d.destination == "pacs")
     outbox = next(d for d in due if d.destination == "outbox")
-    assert db.record_delivery_results([(outbox, True, None), (pacs, False, "refused")], 3, lambda a: 7.0,
-                                      now=10.0) == (1, 1, 0)
+    assert db.deliveries.record_results([(outbox, True, None), (pacs, False, "refused")], 3, lambda a: 7.0,
+                                        now=10.0) == (1, 1, 0)
     assert states(db)["1.1"] == "translated"  # one delivery still pending
-    assert db.due_deliveries(now=16.9) == []  # back-off
-    (pacs,) = db.due_deliveries(now=17.0)
-    db.record_delivery_results([(pacs, False, "refused")], 3, lambda a: 7.0, now=17.0)
-    (pacs,) = db.due_deliveries(now=24.0)
+    assert db.deliveries.due(now=16.9) == []  # back-off
+    (pacs,) = db.deliveries.due(now=17.0)
+    db.deliveries.record_results([(pacs, False, "refused")], 3, lambda a: 7.0, now=17.0)
+    (pacs,) = db.deliveries.due(now=24.0)
     assert pacs.attempts == 2
-    assert db.record_delivery_results([(pacs, False, "refused")], 3, lambda a: 7.0, now=24.0) == (0, 0, 1)
+    assert db.deliveries.record_results([(pacs, False, "refused")], 3, lambda a: 7.0, now=24.0) == (0, 0, 1)
     assert states(db)["1.1"] == "failed"
     inst, dels = db.counts()
     assert inst["failed"] == 1 and dels == {"pending": 0, "delivered": 1, "failed": 1, "held": 0}
     assert db.retry_failed(now=30.0) == (1, 0)
     assert states(db)["1.1"] == "translated"
-    (pacs,) = db.due_deliveries(now=30.0)
+    (pacs,) = db.deliveries.due(now=30.0)
     assert pacs.attempts == 0
-    db.record_delivery_results([(pacs, True, None)], 3, lambda a: 7.0, now=30.0)
+    db.deliveries.record_results([(pacs, True, None)], 3, lambda a: 7.0, now=30.0)
     assert states(db)["1.1"] == "delivered"
 
 
@@ -105,7 +105,7 @@ def test_unmatched_instance_forwards_original(database):
     db = StateDB(database)
     receive(db, "1.1", now=0.0, matched=False, forward=["pacs"])
     assert states(db)["1.1"] == "unmatched"
-    (d,) = db.due_deliveries(now=0.0)
+    (d,) = db.deliveries.due(now=0.0)
     assert (d.destination, d.kind, d.sop_uid) == ("pacs", "original", "1.1")
     assert len(db.release_stable_studies(fixed(0.0), now=100.0)) == 0  # unmatched instances join no study
 
@@ -128,12 +128,12 @@ def test_finished_instances_are_listed_for_purge_once(database):
     fwd, _ = receive(db, "1.3", now=0.0, matched=False, forward=["pacs"])
     db.release_stable_studies(fixed(1.0), now=5.0)
     db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm")], now=6.0)
-    assert db.finished_unpurged() == []  # nothing delivered yet
-    for d in db.due_deliveries(now=6.0):
-        db.record_delivery_results([(d, True, None)], 3, lambda a: 1.0, now=6.0)
-    assert sorted(i for i, _ in db.finished_unpurged()) == [iid, fwd]
-    db.mark_purged([iid, fwd])
-    assert db.finished_unpurged() == []
+    assert db.sources.finished_unpurged() == []  # nothing delivered yet
+    for d in db.deliveries.due(now=6.0):
+        db.deliveries.record_results([(d, True, None)], 3, lambda a: 1.0, now=6.0)
+    assert sorted(i for i, _ in db.sources.finished_unpurged()) == [iid, fwd]
+    db.sources.mark_purged([iid, fwd])
+    assert db.sources.finished_unpurged() == []
     assert states(db) == {"1.1": "delivered", "1.2": "unmatched", "1.3": "unmatched"}
 
 
@@ -159,13 +159,13 @@ def test_old_finished_rows_are_forgotten(database):
     db.release_stable_studies(fixed(1.0), now=5.0)
     for iid, sop in ((old_id, "9.1"), (new_id, "9.2")):
         db.mark_translated(iid, [NewDelivery("pacs", "output", sop, f"/out/{sop}.dcm")], now=6.0)
-    (d_old, d_new) = db.due_deliveries(now=6.0)
-    db.record_delivery_results([(d_old, True, None)], 3, lambda a: 1.0, now=10.0)
-    db.record_delivery_results([(d_new, True, None)], 3, lambda a: 1.0, now=1000.0)
-    db.mark_purged([old_id])  # only purged rows may go (their files are gone)
+    (d_old, d_new) = db.deliveries.due(now=6.0)
+    db.deliveries.record_results([(d_old, True, None)], 3, lambda a: 1.0, now=10.0)
+    db.deliveries.record_results([(d_new, True, None)], 3, lambda a: 1.0, now=1000.0)
+    db.sources.mark_purged([old_id])  # only purged rows may go (their files are gone)
     assert db.forget_older_than(500.0, now=1100.0) == 1
     assert states(db) == {"1.2": "delivered"}
-    assert db._query("SELECT COUNT(*) FROM deliveries")[0][0] == 1
+    assert db.database.query("SELECT COUNT(*) FROM deliveries")[0][0] == 1
     assert receive(db, "1.1", study="7.1", now=1200.0)[1] is True  # forgotten: new again
 
 

@@ -113,10 +113,10 @@ def test_metrics_equal_the_state_database_and_survive_a_restart(tmp_path, tiny_m
         _, _, text = web.get("/metrics", accept="text/plain")
         m = metric_samples(text)
         db = node.db
-        assert m[("dicom_node_instances_received_total", (("called_ae", "DR_KIM_STYLE"),))] == 3
-        assert m[("dicom_node_instances_translated_total", (("model", "tiny"),))] == len(db.audit()) == 3
+        assert m[("dicom_node_instances_received_total", (("called_ae", "DR_KIM_STYLE"), ("protocol", "dimse")))] == 3
+        assert m[("dicom_node_instances_translated_total", (("model", "tiny"),))] == len(db.audit.rows()) == 3
         assert m[("dicom_node_deliveries_total", (("destination", "outbox"), ("outcome", "delivered")))] == 3
-        failed_rows = db._query("SELECT attempts FROM deliveries WHERE destination='pacs' AND state='failed'")
+        failed_rows = db.database.query("SELECT attempts FROM deliveries WHERE destination='pacs' AND state='failed'")
         assert m[("dicom_node_deliveries_total", (("destination", "pacs"), ("outcome", "failed")))] == len(failed_rows)
         assert m[("dicom_node_deliveries_total", (("destination", "pacs"), ("outcome", "retry")))] == \
             sum(a - 1 for (a,) in failed_rows)
@@ -127,15 +127,15 @@ def test_metrics_equal_the_state_database_and_survive_a_restart(tmp_path, tiny_m
         assert m[("dicom_node_cstore_response_seconds_count", ())] == 4
         assert m[("dicom_node_translation_seconds_count", (("model", "tiny"),))] == 3
         assert m[("dicom_node_spool_free_bytes", ())] > 0
-        assert wait_for(lambda: len(db.associations()) == 3, 10)
-        outcomes = sorted(a["outcome"] for a in db.associations())
+        assert wait_for(lambda: len(db.operations.associations()) == 3, 10)
+        outcomes = sorted(a["outcome"] for a in db.operations.associations())
         assert outcomes == ["rejected", "released", "released"]
         _, _, text = web.get("/metrics", accept="text/plain")
         m = metric_samples(text)
         assert m[("dicom_node_associations_total", (("outcome", "released"),))] == 2
         assert m[("dicom_node_associations_total", (("outcome", "rejected"),))] == 1
         assert m[("dicom_node_fidelity_flagged_total", (("model", "tiny"),))] == \
-            sum(r["verdict"] == "flagged" for r in db.audit())
+            sum(r["verdict"] == "flagged" for r in db.audit.rows())
         assert PATIENT_NAME not in text and PATIENT_ID not in text
         # the PACS comes back; the operator requeues from the console
         pacs.start()
@@ -202,7 +202,7 @@ def test_console_needs_a_login_and_a_csrf_token(tmp_path, tiny_model_path, caplo
         assert web.post("/requeue", {})[0] == 403
         assert web.post("/discard", {"all": "1", "csrf_token": "forged"})[0] == 403
         assert web.post("/requeue", {"csrf_token": web.csrf()})[0] == 303
-        actions = node.db.actions()
+        actions = node.db.operations.actions()
         assert [a["action"] for a in actions][:2] == ["requeue", "login"] and actions[0]["user"] == "token"
         status, _, html = web.get("/actions")
         assert "requeue" in html and "token" in html
@@ -239,7 +239,7 @@ def test_password_login_over_tls_is_rate_limited(tmp_path, tiny_model_path):
         for _ in range(MAX_FAILURES):
             assert login("wrong password")[0] == 401
         assert login(password)[0] == 429  # blocked for a while, even with the right password
-        assert [a["action"] for a in node.db.actions()].count("login-failed") == MAX_FAILURES
+        assert [a["action"] for a in node.db.operations.actions()].count("login-failed") == MAX_FAILURES
 
 
 def test_web_config_keys(tmp_path, tiny_model_path):
@@ -274,11 +274,11 @@ def test_console_releases_and_drops_withheld_outputs(tmp_path, tiny_model_path):
         with Node(parse_config(raw, base_dir=tmp_path)) as node:
             first, second = study(1), study(1)
             assert send(node.port, first + second, called="DR_KIM_STYLE") == [0, 0]
-            assert wait_for(lambda: len(node.db.withheld()) == 2, 60), node.db.counts()
+            assert wait_for(lambda: len(node.db.audit.withheld()) == 2, 60), node.db.counts()
             web = Browserless(node.web.url)
             web.login_with_token(_token(node))
             status, _, html = web.get("/failures")
-            outputs = {w["source_sop_uid"]: w["output_sop_uid"] for w in node.db.withheld()}
+            outputs = {w["source_sop_uid"]: w["output_sop_uid"] for w in node.db.audit.withheld()}
             keep, drop = outputs[str(first[0].SOPInstanceUID)], outputs[str(second[0].SOPInstanceUID)]
             assert keep in html and drop in html and "Release" in html
             csrf = web.csrf("/failures")
@@ -290,9 +290,9 @@ def test_console_releases_and_drops_withheld_outputs(tmp_path, tiny_model_path):
             assert web.post("/discard", {"csrf_token": csrf, "uid": drop, "back": "/failures"})[0] == 303
             assert wait_for(lambda: node.db.counts()[0]["discarded"] == 1, 10)
             assert pacs.uids() == [keep]
-            done = {r["output_sop_uid"]: r["disposition"] for r in node.db.audit()}
+            done = {r["output_sop_uid"]: r["disposition"] for r in node.db.audit.rows()}
             assert done == {keep: "released", drop: "discarded"}
-            actions = [(a["action"], a["user"]) for a in node.db.actions()][:2]
+            actions = [(a["action"], a["user"]) for a in node.db.operations.actions()][:2]
             assert actions == [("discard", "token"), ("release", "token")]
 
 
@@ -367,7 +367,7 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(tmp_path, tiny_mode
             login = RawLogin(node.web.url)
             statuses = [login.post(WRONG, f"203.0.113.{i}") for i in range(12)]
             assert statuses == [401] * MAX_FAILURES + [429] * (12 - MAX_FAILURES), statuses
-            targets = {a["target"] for a in node.db.actions() if a["action"] == "login-failed"}
+            targets = {a["target"] for a in node.db.operations.actions() if a["action"] == "login-failed"}
             assert targets == {"127.0.0.1"}, targets
         assert "203.0.113." not in caplog.text and "from 127.0.0.1" in caplog.text
         caplog.clear()
@@ -376,11 +376,12 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(tmp_path, tiny_mode
             statuses = [login.post(WRONG, f"198.51.100.1, 203.0.113.{i}") for i in range(12)]
             assert statuses == [401] * 12, statuses  # twelve clients, one guess each
             # the newest twelve (on PostgreSQL both nodes share one database)
-            targets = {a["target"] for a in [a for a in node.db.actions() if a["action"] == "login-failed"][:12]}
+            failed = [a for a in node.db.operations.actions() if a["action"] == "login-failed"]
+            targets = {a["target"] for a in failed[:12]}
             assert targets == {f"203.0.113.{i}" for i in range(12)}, targets  # never the client-written hop
             assert "from 203.0.113.11" in caplog.text
             assert login.post(WRONG, "garbage") == 401 and login.post(WRONG) == 401  # counted as the proxy's
-            assert [a["target"] for a in node.db.actions()][:2] == ["127.0.0.1", "127.0.0.1"]
+            assert [a["target"] for a in node.db.operations.actions()][:2] == ["127.0.0.1", "127.0.0.1"]
 
 
 def test_trusted_proxies_config(tmp_path, tiny_model_path):
@@ -415,7 +416,7 @@ def test_concurrent_wrong_logins_stop_at_the_limit(tmp_path, tiny_model_path):
         # every other login refused: by the limiter, or (on a loaded machine, where the hashing
         # queue's wait runs out) answered busy before its check; never checked past the limit
         assert 1 <= checked <= MAX_FAILURES and refused > 0 and refused + busy == 30 - checked, sorted(statuses)
-        assert [a["action"] for a in node.db.actions()].count("login-failed") == statuses.count(401)
+        assert [a["action"] for a in node.db.operations.actions()].count("login-failed") == statuses.count(401)
 
 
 def _rss() -> int:

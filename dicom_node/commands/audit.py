@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     since = parse_since(args.since) if args.since else None
     db = open_state(args.config)
     try:
-        rows = db.audit(study_uid=args.study, since=since)
+        rows = db.audit.rows(study_uid=args.study, since=since)
     finally:
         db.close()
     for r in rows:

@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
                         f"({', '.join(r.name for r in config.routes)})")
     db = open_state(args.config)
     try:
-        queued = db.reprocess_study(args.study.strip(), args.route, user=cli_user(),
-                                    configured=[r.name for r in config.routes])
+        queued = db.sources.reprocess(args.study.strip(), args.route, user=cli_user(),
+                                      configured=[r.name for r in config.routes])
     finally:
         db.close()
     for route, n in sorted(queued.items()):

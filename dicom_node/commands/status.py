@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_state(config_path: str | None):
-    """The state database of the spool that ``config_path`` (None: the embedded config) names."""
+    """The state database of the spool that ``config_path`` (None: the embedded config) names,
+    opened with the config's webhooks and lease length (as the node opens it)."""
     from dicom_node.config import load_config
     from dicom_node.errors import UserError
     from dicom_node.spool import node_spool
@@ -35,10 +36,10 @@ def open_state(config_path: str | None):
     config = load_config(config_path)
     spool = node_spool(config)
     if config.storage.database is not None:
-        return StateDB(config.storage.database)
+        return StateDB.for_config(config, config.storage.database)
     if not spool.db_path.is_file():
         raise UserError(f"no state database at {spool.db_path} (has the node run with this spool?)")
-    return StateDB(spool.db_path)
+    return StateDB.for_config(config, spool.db_path)  # its webhooks: an operator's change raises events too
 
 
 def cli_user() -> str:
@@ -59,10 +60,10 @@ def run_status(args: argparse.Namespace) -> int:
         inst, dels = db.counts()
         oldest = db.oldest_waiting()
         per_destination = db.destination_summary()
-        fidelity = db.fidelity_counts()
-        withheld = db.withheld()
-        flagged = db.audit(verdict="flagged", newest=FLAGGED_LISTED)
-        nodes = db.nodes()
+        fidelity = db.audit.fidelity_counts()
+        withheld = db.audit.withheld()
+        flagged = db.audit.rows(verdict="flagged", newest=FLAGGED_LISTED)
+        nodes = db.cluster.nodes()
     finally:
         db.close()
     if getattr(args, "json", False):

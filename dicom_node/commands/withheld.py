@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give UIDs or --all, not both")
     db = open_state(args.config)
     try:
-        done = (db.release if args.action == "release" else db.discard)(args.uids, everything=args.all,
-                                                                           user=cli_user())
+        decide = db.audit.release if args.action == "release" else db.audit.discard
+        done = decide(args.uids, everything=args.all, user=cli_user())
     finally:
         db.close()
     if not done:

@@ -283,7 +283,7 @@ def build_app(console: Console):
     def start_session(user: str, request: Any, nxt: str) -> Any:
         sid, _ = console.sessions.create(user)
         console.limiter.succeeded(_client(request))
-        console.db.record_action(user, "login", _client(request), "ok")
+        console.db.operations.record_action(user, "login", _client(request), "ok")
         log.info("console: %s logged in from %s", user, _client(request))
         response = RedirectResponse(_local_path(nxt), status_code=303)
         response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", secure=console.secure)
@@ -324,7 +324,7 @@ def build_app(console: Console):
             return response
         if ok:
             return await run_in_threadpool(start_session, user, request, nxt)
-        await run_in_threadpool(console.db.record_action, user or "-", "login-failed", client, "refused")
+        await run_in_threadpool(console.db.operations.record_action, user or "-", "login-failed", client, "refused")
         log.warning("console: failed login for %r from %s", user, client)
         return login_form(request, 401, "wrong user or password" if users else "wrong token", nxt)
 
@@ -333,7 +333,7 @@ def build_app(console: Console):
         form = await request.form()
         if session is not None and same(form.get("csrf_token"), session.csrf):
             console.sessions.end(request.cookies.get(SESSION_COOKIE))
-            await run_in_threadpool(console.db.record_action, session.user, "logout", _client(request), "ok")
+            await run_in_threadpool(console.db.operations.record_action, session.user, "logout", _client(request), "ok")
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
         return response
@@ -344,7 +344,7 @@ def build_app(console: Console):
         db, config = console.db, console.config
         instances, deliveries = db.counts()
         disk = shutil.disk_usage(console.spool.root)
-        activity = db.destination_activity()
+        activity = db.console.destination_activity()
         models = [{"key": name, "settings": s, "info": console.models.loaded.get(name),
                    "error": console.models.errors.get(name),
                    "routes": [r.called_ae for r in config.routes if r.model == name]}
@@ -354,22 +354,22 @@ def build_app(console: Console):
             for name, d in config.destinations.items()]
         oldest = db.oldest_waiting()
         return render("overview.html", request, session, instances=instances, deliveries=deliveries,
-                      chart=_chart(db.throughput()), disk=disk, watermark=config.storage.min_free_bytes,
+                      chart=_chart(db.console.throughput()), disk=disk, watermark=config.storage.min_free_bytes,
                       used_share=(disk.total - disk.free) / disk.total if disk.total else 0.0,
                       models=models, destinations=destinations, checks=readiness(console),
-                      fidelity=db.fidelity_counts(), oldest=oldest, started_at=console.started_at,
-                      nodes=db.nodes(), this_node=console.node_id)
+                      fidelity=db.audit.fidelity_counts(), oldest=oldest, started_at=console.started_at,
+                      nodes=db.cluster.nodes(), this_node=console.node_id)
 
     @page
     def studies(request: Any, session: Session) -> Any:
-        rows = console.db.studies(STUDIES_LISTED)
+        rows = console.db.console.studies(STUDIES_LISTED)
         for r in rows:
             r["route_label"] = _route_label(console.config, r["route"])
         return render("studies.html", request, session, studies=rows)
 
     @page
     def study(request: Any, session: Session) -> Any:
-        found = console.db.study(request.path_params["uid"])
+        found = console.db.console.study(request.path_params["uid"])
         if found is None:
             return render("message.html", request, session, status=404, title="Study not found",
                           message="No study with this Study Instance UID is in the node's database.")
@@ -387,14 +387,14 @@ def build_app(console: Console):
     @page
     def failures(request: Any, session: Session) -> Any:
         db = console.db
-        return render("failures.html", request, session, failed=db.failures(), withheld=db.withheld(),
-                      associations=db.associations(ASSOCIATIONS_LISTED),
-                      notifications=db.notifications(state="failed", limit=ASSOCIATIONS_LISTED),
-                      waiting=db.notifications(state="pending", limit=ASSOCIATIONS_LISTED))
+        return render("failures.html", request, session, failed=db.console.failures(), withheld=db.audit.withheld(),
+                      associations=db.operations.associations(ASSOCIATIONS_LISTED),
+                      notifications=db.outbox.recent(state="failed", limit=ASSOCIATIONS_LISTED),
+                      waiting=db.outbox.recent(state="pending", limit=ASSOCIATIONS_LISTED))
 
     @page
     def actions_log(request: Any, session: Session) -> Any:
-        return render("actions.html", request, session, actions=console.db.actions(ACTIONS_LISTED))
+        return render("actions.html", request, session, actions=console.db.operations.actions(ACTIONS_LISTED))
 
     @page
     def preview(request: Any, session: Session) -> Any:
@@ -424,19 +424,19 @@ def build_app(console: Console):
         if not study_uid:
             raise BadRequest("study_uid is required")
         try:
-            queued = console.db.reprocess_study(study_uid, route, user=session.user,
-                                                configured=[r.name for r in console.config.routes])
+            queued = console.db.sources.reprocess(study_uid, route, user=session.user,
+                                                  configured=[r.name for r in console.config.routes])
         except UserError as exc:
             return f"not reprocessed: {exc}"
         log.info("console: %s asked to reprocess %d instance(s)", session.user, sum(queued.values()))
         return "queued for translation again: " + ", ".join(f"{n} instance(s) of route {r}"
-                                                             for r, n in sorted(queued.items()))
+                                                            for r, n in sorted(queued.items()))
 
     def _withheld_action(verb: str) -> Callable:
         def run(session: Session, form: Any) -> str:
             uid = str(form.get("uid") or "").strip()
             everything = form.get("all") == "1"
-            fn = console.db.release if verb == "release" else console.db.discard
+            fn = console.db.audit.release if verb == "release" else console.db.audit.discard
             done = fn([uid] if uid else [], everything=everything, user=session.user)
             log.info("console: %s %s %d withheld output(s)", session.user,
                      "released" if verb == "release" else "discarded", len(done))

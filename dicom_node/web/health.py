@@ -35,10 +35,10 @@ def readiness(console: Any) -> list[Check]:
     if role != "worker":
         checks.append(Check("listener", bool(console.listening()),
                             f"{config.node.host}:{config.node.port}" if console.listening() else "not listening"))
-    from dicom_node.database import open_database
+    from dicom_node.database import open_connection
 
     try:
-        conn = open_database(spool.database(config.storage.database), timeout=DB_TIMEOUT)
+        conn = open_connection(spool.database(config.storage.database), timeout=DB_TIMEOUT)
         try:
             conn.begin()
             conn.rollback()
