@@ -186,8 +186,8 @@ def claim_latency(target: "str | Path", rows: int, claims: int) -> dict:
     db = StateDB(target)
     db.cluster.register_node(node_id="bench.1", name="bench", role="worker", exclusive=False)
     fill_queue(db, rows)
-    if db._conn.dialect == "postgresql":
-        db._conn.execute("ANALYZE")  # as autovacuum would soon after a bulk load
+    if db.database.dialect == "postgresql":
+        db.database.conn.execute("ANALYZE")  # as autovacuum would soon after a bulk load
     one, batch = [], []
     for _ in range(claims):
         t0 = time.perf_counter()
