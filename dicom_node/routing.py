@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from dicom_node.config import RouteSettings
+from dicom_node.config.settings import RouteSettings
 
 __all__ = [
     "ACCEPT", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "RouteChoice",
