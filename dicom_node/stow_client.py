@@ -26,13 +26,12 @@ import ssl
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from dicom_node.engine.errors import first_line
-from dicom_node.notifications import receiver as where  # scheme://host:port: a path may hold a tenant
 
-__all__ = ["StowAuth", "StowTLS", "StowTarget", "StowResult", "store", "probe", "url_problem",
+__all__ = ["StowAuth", "StowTLS", "StowTarget", "StowResult", "store", "probe", "url_problem", "where",
            "failure_text", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_TIMEOUT"]
 
 log = logging.getLogger(__name__)
@@ -132,6 +131,13 @@ def _read_secret(path: Path) -> str:
     if not value:
         raise ValueError(f"the secret file {path} is empty")
     return value
+
+
+def where(url: str) -> str:
+    """How messages name an archive: ``scheme://host:port`` (a path may hold a tenant or token)."""
+    from dicom_node.notifications import receiver  # the webhooks' rule, in one place
+
+    return receiver(url)
 
 
 def url_problem(url: str) -> str | None:
@@ -240,9 +246,9 @@ def _connection(target: StowTarget) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(target.url)
     base = parts.path.rstrip("/")
     if parts.scheme == "https":
-        return (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=target.timeout,
+        return (http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=target.timeout,
                                             context=ssl_context(target.tls)), base)
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=target.timeout), base
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=target.timeout), base
 
 
 def ssl_context(tls: StowTLS) -> ssl.SSLContext:
@@ -329,7 +335,8 @@ def _network_error(archive: str, exc: BaseException, timeout: float) -> str:
     return f"{archive}: {exc.__class__.__name__}: {first_line(exc, 200)}"
 
 
-def _answer(archive: str, status: int, body: bytes, batch: list[_Item], fail_all) -> list[StowResult]:
+def _answer(archive: str, status: int, body: bytes, batch: list[_Item],
+            fail_all: Callable[..., list[StowResult]]) -> list[StowResult]:
     """Map an HTTP answer onto the files of the request."""
     if status in (401, 403):
         return fail_all(f"{archive} refused our credentials (HTTP {status})")
@@ -352,9 +359,9 @@ def _answer(archive: str, status: int, body: bytes, batch: list[_Item], fail_all
         elif item.sop_uid in failed:
             results.append(StowResult(item.path, True, status=failed[item.sop_uid]))
         elif item.sop_uid in referenced:
-            code = referenced[item.sop_uid]
-            warning = f"{_warning_text(code)} (0x{code:04X})" if code is not None else None
-            results.append(StowResult(item.path, True, status=code, warning=warning))
+            warning_code = referenced[item.sop_uid]
+            warning = f"{_warning_text(warning_code)} (0x{warning_code:04X})" if warning_code is not None else None
+            results.append(StowResult(item.path, True, status=warning_code, warning=warning))
         else:
             results.append(StowResult(item.path, False, error=f"{archive} did not confirm the instance "
                                                               f"(HTTP {status})"))
@@ -377,7 +384,7 @@ def _stow_response(body: bytes) -> tuple[dict[str, int | None], dict[str, int]] 
     return referenced, failed
 
 
-def _sequence(doc: dict, tag: str) -> Iterator[tuple[str, dict]]:
+def _sequence(doc: dict[str, Any], tag: str) -> Iterator[tuple[str, dict[str, Any]]]:
     element = doc.get(tag)
     values = element.get("Value") if isinstance(element, dict) else None
     for entry in values if isinstance(values, list) else []:
@@ -387,13 +394,13 @@ def _sequence(doc: dict, tag: str) -> Iterator[tuple[str, dict]]:
                 yield uid, entry
 
 
-def _first(entry: dict, tag: str) -> Any:
+def _first(entry: dict[str, Any], tag: str) -> Any:
     element = entry.get(tag)
     values = element.get("Value") if isinstance(element, dict) else None
     return values[0] if isinstance(values, list) and values else None
 
 
-def _code(entry: dict, tag: str) -> int | None:
+def _code(entry: dict[str, Any], tag: str) -> int | None:
     value = _first(entry, tag)
     if isinstance(value, bool):
         return None

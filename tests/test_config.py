@@ -118,7 +118,7 @@ CASES = [
     (["models", "soft", "overlap"], 1.0, "models.soft.overlap: must be >= 0 and < 1"),
     (["models", "soft", "colour"], "red", "models.soft.colour: unknown key"),
     (["models"], [], "models: must be a mapping, not a list"),
-    (["destinations", "pacs", "type"], "ftp", "destinations.pacs.type: must be dicom or folder, not 'ftp'"),
+    (["destinations", "pacs", "type"], "ftp", "destinations.pacs.type: must be dicom, dicomweb or folder, not 'ftp'"),
     (["destinations", "pacs", "type"], _DELETE, "destinations.pacs.type: required key missing"),
     (["destinations", "pacs", "port"], _DELETE, "destinations.pacs.port: required key missing"),
     (["destinations", "pacs", "port"], -5, "destinations.pacs.port: must be 1..65535"),

@@ -31,9 +31,26 @@ def run(args: argparse.Namespace) -> int:
             print(problem)
         print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
+    unreachable = _reach(cfg)
+    if unreachable:
+        for problem in unreachable:
+            print(problem)
+        print(f"{args.config}: {len(unreachable)} problem(s)", file=sys.stderr)
+        return 1
     for line in summary(cfg):
         print(line)
     return 0
+
+
+def _reach(cfg) -> list[str]:
+    """Peers that do not answer now (each kind decides what reaching means; see DestinationKind.reach)."""
+    from dicom_node.destinations import KINDS
+    from dicom_node.engine.yaml_config import Problems, join_path
+
+    problems = Problems()
+    for name, dest in cfg.destinations.items():
+        KINDS[dest.type].reach(dest, join_path("destinations", name), problems)
+    return problems.items
 
 
 def summary(cfg) -> list[str]:

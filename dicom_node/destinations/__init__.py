@@ -4,8 +4,8 @@ A kind (a :class:`DestinationKind`, in :mod:`.base`) owns everything the node kn
 its config keys (parsing and validation), its check against this machine, the few words
 ``check-config`` and the console show, and its delivery.  The config loader, ``check-config``,
 the console and the deliverers find a kind by its YAML ``type`` in :data:`KINDS` and never name
-one.  The kinds today: :mod:`.dicom` (C-STORE to a DICOM peer) and :mod:`.folder` (one file per
-instance in a folder).
+one.  The kinds today: :mod:`.dicom` (C-STORE to a DICOM peer), :mod:`.dicomweb` (STOW-RS to a
+DICOMweb archive) and :mod:`.folder` (one file per instance in a folder).
 
 How to add a kind, say ``type: mykind``:
 
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Sequence
 from .base import KINDS, DeliveryResult, DestinationKind, register, unregister, valid_uid
 
 # The kinds: importing a kind's module registers it (its last line).  A new kind: one more name here.
-from . import dicom, folder  # noqa: E402,I001
+from . import dicom, dicomweb, folder  # noqa: E402,I001
 
 from .dicom import DicomDestination, deliver_dicom  # noqa: E402
 from .folder import FolderDestination, deliver_folder  # noqa: E402
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "DeliveryResult", "DestinationKind", "register", "unregister", "kind_names", "deliver",
            "describe", "valid_uid", "DicomDestination", "FolderDestination", "deliver_dicom", "deliver_folder",
-           "dicom", "folder"]
+           "dicom", "dicomweb", "folder"]
 
 
 def kind_names() -> str:

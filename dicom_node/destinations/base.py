@@ -71,6 +71,10 @@ class DestinationKind(ABC, Generic[Settings]):
         """This machine can serve the destination (files exist and load, folders are writable);
         run by ``check-config`` and ``serve`` after the schema."""
 
+    def reach(self, dest: Settings, path: str, problems: Problems) -> None:
+        """The peer answers now (a DICOMweb archive at its URL with our credentials); run by
+        ``check-config`` only: the node itself starts, and queues, while a peer is down."""
+
     @abstractmethod
     def describe(self, dest: Settings) -> str:
         """Where the destination sends, in a few words (``PACS@10.0.0.5:104``, ``/data/outbox``);
