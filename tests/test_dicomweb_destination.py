@@ -1,13 +1,15 @@
 """The ``dicomweb`` destination kind: its config (secrets never in the URL or the output),
 check-config reaching the archive, and the node delivering restyled series over STOW-RS to
-Debian's Orthanc with its DICOMweb plugin and basic auth, also when Orthanc goes down in
-the middle of a study (retries, then each instance exactly once).
+Debian's Orthanc with its DICOMweb plugin and basic auth (shown by the console, counted by
+/metrics), also when Orthanc goes down in the middle of a study (retries, then each
+instance exactly once).
 """
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import pytest
 import yaml
 
 from dicom_node.config import ConfigError, load_config
+from dicom_node.web.auth import hash_password
 from tests.peers import NodeProcess, Orthanc, acknowledged_sop_uids, free_port, storescu, tiny_node_config, wait_until
 from tests.test_interop_faults import assert_exactly_once, make_study, sc_references
 
 PASSWORD = "s3cret-for-orthanc"
+CONSOLE_PASSWORD = "console password"
 CALLED = "DR_KIM_STYLE"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -115,6 +119,15 @@ def dicomweb_destination(orthanc: Orthanc, folder: Path) -> dict:
                         "auth": {"basic": {"user": "node", "password_file": str(secret)}}}}
 
 
+def console_overview(url: str) -> str:
+    """The console's overview page after logging in as alice."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPCookieProcessor())
+    html = opener.open(url + "/login", timeout=15).read().decode()
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    form = urllib.parse.urlencode({"csrf_token": csrf, "user": "alice", "password": CONSOLE_PASSWORD, "next": "/"})
+    return opener.open(url + "/login", data=form.encode(), timeout=15).read().decode()
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
@@ -129,7 +142,7 @@ def test_restyled_series_arrives_in_orthanc_over_stow_rs_with_basic_auth(orthanc
     study, files = make_study(tmp_path / "study", 3)
     cfg = tiny_node_config(tiny_model_path, dicomweb_destination(orthanc, tmp_path), stable=0.5)
     web_port = free_port()
-    cfg["web"] = {"host": "127.0.0.1", "port": web_port}
+    cfg["web"] = {"host": "127.0.0.1", "port": web_port, "users": {"alice": hash_password(CONSOLE_PASSWORD)}}
     node = NodeProcess(tmp_path / "node", cfg).start()
     try:
         sent = storescu(files, node.port, CALLED)
@@ -148,6 +161,11 @@ def test_restyled_series_arrives_in_orthanc_over_stow_rs_with_basic_auth(orthanc
                               outcome="delivered")
         wait_until(lambda: delivered() == 3, timeout=20, message="3 deliveries counted")
         assert PASSWORD not in node.log_text()
+        # the console's overview describes the destination in its kind's words
+        table = console_overview(f"http://127.0.0.1:{web_port}")
+        table = table[table.index('id="destinations"'):]
+        assert re.search(rf"<td>archive</td><td>STOW-RS http://127.0.0.1:{orthanc.http_port}, basic auth as node</td>",
+                         table), table[:600]
     finally:
         node.stop()
 
