@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from dicom_node.config.fields import ae_title_field, integer, number, string, tls_settings
 from dicom_node.config.probes import check_tls
@@ -18,6 +18,13 @@ from dicom_node.engine.errors import first_line
 from dicom_node.engine.yaml_config import Problems, join_path
 
 from .base import DeliveryResult, DestinationKind, register
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+    from pydicom.uid import UID
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.events import Event
 
 __all__ = ["DicomDestination", "DicomKind", "KIND", "deliver_dicom"]
 
@@ -203,7 +210,7 @@ def _send_batch(dest: DicomDestination, items: list[_Item], calling_ae: str, tim
 
     connected: list[bool] = []  # set by EVT_CONN_OPEN: tells "refused/unreachable" from "aborted"
 
-    def on_open(event) -> None:
+    def on_open(event: Event) -> None:
         connected.append(True)
         _no_delay(event)
 
@@ -225,7 +232,7 @@ def _send_batch(dest: DicomDestination, items: list[_Item], calling_ae: str, tim
     return results
 
 
-def _calling_ae(calling_ae: str, timeout: float, items: list[_Item]):
+def _calling_ae(calling_ae: str, timeout: float, items: list[_Item]) -> AE:
     """Our AE for one association: every timeout ``timeout``, the contexts ``items`` need."""
     from pynetdicom import AE
     from pynetdicom.presentation import build_context
@@ -240,9 +247,9 @@ def _calling_ae(calling_ae: str, timeout: float, items: list[_Item]):
     return ae
 
 
-def _association_error(assoc, dest: DicomDestination, connected: bool, tls: bool, timeout: float) -> str:
+def _association_error(assoc: Association, dest: DicomDestination, connected: bool, tls: bool, timeout: float) -> str:
     """Why an association was not established, in one line."""
-    if not connected and tls and _tcp_reachable(dest.host, int(dest.port), timeout):
+    if not connected and tls and _tcp_reachable(str(dest.host), int(dest.port or 0), timeout):
         return f"TLS handshake with {_peer(dest)} failed (certificate not trusted or protocol mismatch)"
     if not connected:
         return f"cannot connect to {_peer(dest)} (refused or unreachable)"
@@ -253,7 +260,7 @@ def _association_error(assoc, dest: DicomDestination, connected: bool, tls: bool
     return f"no answer from {_peer(dest)} within {timeout:g} s"
 
 
-def _store_all(assoc, items: list[_Item], dest: DicomDestination) -> list[DeliveryResult]:
+def _store_all(assoc: Association, items: list[_Item], dest: DicomDestination) -> list[DeliveryResult]:
     """C-STORE every item over an established association, then release it (abort it when broken)."""
     results: list[DeliveryResult] = []
     try:
@@ -276,7 +283,7 @@ def _store_all(assoc, items: list[_Item], dest: DicomDestination) -> list[Delive
     return results
 
 
-def _no_delay(event) -> None:
+def _no_delay(event: Event) -> None:
     """Turn off Nagle's algorithm on our side of the association.
 
     A C-STORE request ends in a small PDV that Nagle holds back until the peer's delayed ACK
@@ -285,13 +292,17 @@ def _no_delay(event) -> None:
     """
     import socket
 
+    wrapper = event.assoc.dul.socket
+    sock = wrapper.socket if wrapper is not None else None
+    if sock is None:
+        return  # already closed
     try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        pass  # not a TCP socket (or already closed): nothing to tune
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not a TCP socket: nothing to tune
 
 
-def _store_one(assoc, item: _Item, dest: DicomDestination, msg_id: int = 1) -> DeliveryResult:
+def _store_one(assoc: Association, item: _Item, dest: DicomDestination, msg_id: int = 1) -> DeliveryResult:
     """Send one file in the accepted context that needs the least conversion."""
     import pydicom
     from pydicom.uid import UID
@@ -326,7 +337,7 @@ def _store_one(assoc, item: _Item, dest: DicomDestination, msg_id: int = 1) -> D
     return _result(item, status_ds, dest)
 
 
-def _result(item: _Item, status_ds, dest: DicomDestination) -> DeliveryResult:
+def _result(item: _Item, status_ds: Dataset | None, dest: DicomDestination) -> DeliveryResult:
     """Turn a C-STORE response (or its absence) into a result; warnings count as success."""
     from pynetdicom.status import code_to_category
 
@@ -342,7 +353,7 @@ def _result(item: _Item, status_ds, dest: DicomDestination) -> DeliveryResult:
 _RAW_BINARY_VRS = {"OB or OW", "US or OW", "US or SS or OW", "OW", "OF", "OD", "OL", "OV", "UN"}
 
 
-def _big_to_little_endian(ds) -> None:
+def _big_to_little_endian(ds: Dataset) -> None:
     """Re-encode a (retired) Explicit VR Big Endian dataset's pixels for a little endian peer.
 
     pydicom re-encodes parsed values itself; raw binary elements are byte-swapped only for
@@ -373,7 +384,7 @@ def _tcp_reachable(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _plain_syntax(accepted: set[str]) -> str:
+def _plain_syntax(accepted: set[str]) -> UID:
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     return ExplicitVRLittleEndian if ExplicitVRLittleEndian in accepted else ImplicitVRLittleEndian
