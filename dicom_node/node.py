@@ -24,14 +24,17 @@ from typing import Any
 from dicom_node import reload
 from dicom_node.cluster import ROLES, Heartbeat, new_node_id, node_name
 from dicom_node.config import NodeConfig
+from dicom_node.delivery import Deliverer
+from dicom_node.housekeeping import Housekeeper
+from dicom_node.loops import Broadcast
 from dicom_node.metrics import NodeMetrics
+from dicom_node.model_cache import ModelCache
 from dicom_node.notifications import Notifier
-from dicom_node.outbox import Events
 from dicom_node.ports import check_ports
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool, node_spool
 from dicom_node.state import StateDB
-from dicom_node.worker import Broadcast, Deliverer, Housekeeper, ModelCache, Translator
+from dicom_node.translator import Translator
 
 __all__ = ["Node"]
 
@@ -54,7 +57,6 @@ class Node:
         self.config_path = config_path  # the file a reload re-reads (None: the embedded default)
         self.spool = spool or node_spool(config)
         self.db: StateDB | None = None
-        self.events = Events.from_config(config)  # the webhooks: shared by the node's database connections
         self.scp: StoreSCP | None = None
         self.address: tuple[str, int] | None = None
         self._stop = threading.Event()
@@ -87,12 +89,13 @@ class Node:
 
         self.spool.lock()
         self.spool.open()
-        self.db = StateDB.for_config(self.config, self.spool.database(self.config.storage.database),
-                                     events=self.events)
-        freed = self.db.cluster.register_node(node_id=self.node_id, name=self.name, role=self.role,
-                                              exclusive=self.spool.node is None)
+        self.db = StateDB(self.spool.database(self.config.storage.database))
+        self.db.lease_seconds = self.config.storage.lease_seconds
+        freed = self.db.register_node(node_id=self.node_id, name=self.name, role=self.role,
+                                      exclusive=self.spool.node is None)
         if freed:
             log.info("took back %d item(s) that an earlier start of this node had claimed", freed)
+        self._tell_webhooks(self.db)
         named = self.db.name_routes([r.name for r in self.config.routes])
         if named:
             log.info("state database: %d row(s) now name their route (they named its position before)", named)
@@ -113,7 +116,7 @@ class Node:
             self._threads.extend(deliverers)
             self._threads.append(Notifier(self.config, self.db, self._stop))
         self._threads.append(Housekeeper(self.config, self.spool, self.db, self._stop))
-        self._threads.append(Heartbeat(self.db.cluster, self._stop, lambda: list(models.loaded)))
+        self._threads.append(Heartbeat(self.db, self._stop, lambda: list(models.loaded)))
         if self.config.web is not None:
             self._start_web(models)  # before the workers: a console port in use stops the start cleanly
         for t in self._threads:
@@ -127,6 +130,11 @@ class Node:
         reload.write_node_file(self.spool.node_dir, self.config_path)
         self._started = True
         return self.address
+
+    def _tell_webhooks(self, db: StateDB | None) -> None:
+        """Which webhooks want which events: the state database queues them with each change."""
+        if db is not None:
+            db.webhooks, db.node_ae = list(self.config.notifications), self.config.node.ae_title
 
     def _deliverer(self, name: str | None) -> Deliverer:
         return Deliverer(self.config, self.spool, self.db, threading.Event(), self._stop, only=name)
@@ -185,7 +193,8 @@ class Node:
             self.scp.configure(config)
         if self._console is not None:
             self._console.config = config
-        self.events.configure(config)
+        for db in (self.db, self._web_db):
+            self._tell_webhooks(db)
         self._wake_all()
 
     def _start_web(self, models: ModelCache) -> None:
@@ -196,8 +205,9 @@ class Node:
         from dicom_node.web.auth import Sessions, new_token
 
         web = self.config.web
-        self._web_db = StateDB.for_config(self.config, self.spool.database(self.config.storage.database),
-                                          events=self.events)
+        self._web_db = StateDB(self.spool.database(self.config.storage.database))
+        self._web_db.lease_seconds = self.config.storage.lease_seconds
+        self._tell_webhooks(self._web_db)
         self.metrics.watch(self._web_db, self.spool, self.config)
         token = None if web.users else new_token()
         console = self._console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
@@ -256,7 +266,7 @@ class Node:
                         "when the lease ends)", ", ".join(alive))
         elif self.db is not None:
             try:
-                self.db.cluster.node_stopped(forget=not self._started)  # the others take over its claims at once
+                self.db.node_stopped(forget=not self._started)  # the others take over its claims at once
             except Exception as exc:  # noqa: BLE001 - the database is away: the leases simply expire
                 log.warning("could not give back this node's claims (%s): they pass to the others after %gs",
                             exc.__class__.__name__, self.config.storage.lease_seconds)

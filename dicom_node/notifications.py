@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dicom_node.database import first_line
+from dicom_node.loops import POLL_SECONDS, Loop
 
 __all__ = ["Notifier", "WebhookSender", "post", "receiver", "sign", "SIGNATURE_HEADER"]
 
@@ -45,110 +46,91 @@ log = logging.getLogger("dicom_node.notifications")
 SIGNATURE_HEADER = "X-Dicom-Node-Signature"
 
 
-
 def sign(secret: str, body: bytes) -> str:
     """The signature header's value: ``sha256=`` + hex HMAC-SHA256 of the body."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class Notifier(threading.Thread):
+class Notifier(Loop):
     """Keeps one :class:`WebhookSender` per configured webhook (a reload adds and retires them)
     and gives up the notifications of webhooks no longer configured."""
 
     SUPERVISE_SECONDS = 1.0
     JOIN_SECONDS = 2.0  # per sender at stop: one mid-POST is abandoned (daemon), its lease runs out
+    logger = log
 
     def __init__(self, config: Any, db: Any, stop: threading.Event) -> None:
-        super().__init__(name="notifier", daemon=True)
-        self.config, self.db, self.stop_event = config, db, stop
+        super().__init__("notifier", stop, config=config)
+        self.db = db
         self.senders: dict[str, WebhookSender] = {}
-        self._failing = False
+        self.error_pause = self.SUPERVISE_SECONDS
 
     def hook(self, name: str) -> Any:
         """The webhook's settings as configured now (None: removed by a reload)."""
         return next((w for w in self.config.notifications if w.name == name), None)
 
-    def run(self) -> None:
-        while True:
-            names = [w.name for w in self.config.notifications]
-            for name in names:
-                if name not in self.senders or not self.senders[name].is_alive():
-                    self.senders[name] = WebhookSender(self, name)
-                    self.senders[name].start()
-            for name in [n for n in self.senders if n not in names]:
-                self.senders.pop(name).retired.set()
-            self._drop_unconfigured(names)
-            if self.stop_event.wait(self.SUPERVISE_SECONDS):
-                break
+    def idle_seconds(self) -> float:
+        return self.SUPERVISE_SECONDS
+
+    def step(self) -> bool:
+        names = [w.name for w in self.config.notifications]
+        for name in names:
+            if name not in self.senders or not self.senders[name].is_alive():
+                self.senders[name] = WebhookSender(self, name)
+                self.senders[name].start()
+        for name in [n for n in self.senders if n not in names]:
+            self.senders.pop(name).retire()
+        for nid, webhook, *_ in self.db.claim_notifications(others_than=names):
+            self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
+        return False
+
+    def failed(self, exc: Exception) -> None:
+        if not self.failing:  # the database is away: the senders say so too; once per outage
+            log.warning("notifier: %s", first_line(exc))
+
+    def end(self) -> None:
         for sender in self.senders.values():
             sender.join(self.JOIN_SECONDS)
 
-    def _drop_unconfigured(self, names: list[str]) -> None:
-        try:
-            for nid, webhook, *_ in self.db.outbox.claim(others_than=names):
-                self.db.outbox.record(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
-            self._failing = False
-        except Exception as exc:  # noqa: BLE001 - the database is away: the senders say so; look again later
-            if not self._failing:
-                log.warning("notifier: %s", first_line(exc))
-            self._failing = True
 
-
-class WebhookSender(threading.Thread):
+class WebhookSender(Loop):
     """Sends one webhook's due notifications, one at a time, and records each outcome."""
 
-    POLL_SECONDS = 0.5
-    ERROR_PAUSE = 5.0  # after a failure of the state database
+    logger = log
 
     def __init__(self, notifier: Notifier, webhook: str) -> None:
-        super().__init__(name=f"webhook-{webhook}", daemon=True)
+        super().__init__(f"webhook-{webhook}", notifier.stop_event, threading.Event())
         self.notifier, self.webhook, self.db = notifier, webhook, notifier.db
-        self.retired = threading.Event()
 
-    @property
-    def done(self) -> bool:
-        return self.notifier.stop_event.is_set() or self.retired.is_set()
+    def step(self) -> bool:
+        due = self.db.claim_notifications(webhook=self.webhook)
+        try:
+            while due and not self.done:
+                self._send(*due[0])
+                due.pop(0)
+        finally:
+            if due:  # stopped, retired or failed mid-batch: the rest goes back at once
+                self.db.release_claims("notifications", [r[0] for r in due])
+        return False  # what is due next may lie in the future: idle_seconds says when
 
-    def _pause(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.done and time.monotonic() < deadline:
-            self.notifier.stop_event.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+    def idle_seconds(self) -> float:
+        nxt = self.db.next_notification_time(webhook=self.webhook)
+        return POLL_SECONDS if nxt is None else max(0.01, min(POLL_SECONDS, nxt - time.time()))
 
-    def run(self) -> None:
-        failing = False
-        while not self.done:
-            due: list[tuple] = []
-            try:
-                due = self.db.outbox.claim(webhook=self.webhook)
-                while due and not self.done:
-                    self._send(*due[0])
-                    due.pop(0)
-            except Exception as exc:  # noqa: BLE001 - never stop the node for a notification
-                # the database is away, most likely: say so once per outage, look again in a while
-                if not failing:
-                    log.error("webhook %s: %s (retrying every %gs)", self.webhook, first_line(exc), self.ERROR_PAUSE)
-                failing = True
-                self._pause(self.ERROR_PAUSE)
-                continue
-            finally:
-                if due:  # stopped, retired or failed mid-batch: the rest goes back at once
-                    self.db.cluster.release_claims("notifications", [r[0] for r in due])
-            failing = False
-            try:
-                nxt = self.db.outbox.next_time(webhook=self.webhook)
-            except Exception:  # noqa: BLE001 - the database is away: look again later, never die
-                nxt = time.time() + 5.0
-            self._pause(self.POLL_SECONDS if nxt is None else max(0.01, min(self.POLL_SECONDS, nxt - time.time())))
+    def failed(self, exc: Exception) -> None:
+        # the database is away, most likely: say so once per outage, look again in a while
+        if not self.failing:
+            log.error("webhook %s: %s (retrying every %gs)", self.webhook, first_line(exc), self.error_pause)
 
     def _send(self, nid: int, webhook: str, event: str, body: str, attempts: int) -> None:
         hook = self.notifier.hook(webhook)
         if hook is None:
-            self.db.outbox.record(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
+            self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
             return
         retry = hook.retry
         error = post(hook, event, nid, body.encode())
-        state = self.db.outbox.record(nid, webhook, error is None, error, attempts + 1, retry.max_attempts,
-                                      retry.delay(attempts + 1))
+        state = self.db.record_notification(nid, webhook, error is None, error, attempts + 1, retry.max_attempts,
+                                            retry.delay(attempts + 1))
         if error is None:
             log.info("webhook %s: %s #%d sent", webhook, event, nid)
         else:
