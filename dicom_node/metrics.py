@@ -24,7 +24,8 @@ TRANSLATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 12
 
 # counter in the state database -> (metric name without prefix and _total, help, label names)
 COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "received": ("instances_received", "Instances acknowledged to senders, per called AE title", ("called_ae",)),
+    "received": ("instances_received", "Instances acknowledged to senders, per called AE title and protocol "
+                 "(dimse: C-STORE, stow-rs: STOW-RS)", ("called_ae", "protocol")),
     "translated": ("instances_translated", "Outputs written, per model", ("model",)),
     "flagged": ("fidelity_flagged", "Outputs the fidelity guard flagged, per model", ("model",)),
     "deliveries": ("deliveries", "Delivery attempts per destination and outcome (delivered, retry, failed)",
@@ -34,6 +35,9 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "notifications": ("notifications", "Webhook sends per webhook and outcome (sent, retry, failed)",
                       ("webhook", "outcome")),
 }
+# a label added to a counter later: what its rows from before mean (every instance received
+# before STOW-RS ingest came over DIMSE)
+LABEL_DEFAULTS = {"protocol": "dimse"}
 
 
 class NodeMetrics:
@@ -72,12 +76,17 @@ class _StateCollector:
 
         values = self.db.counters.values()
         # configured names start at 0, so a rate() works from the first increment
-        known = {"received": [{"called_ae": r.called_ae} for r in self.config.routes],
+        web = self.config.web
+        protocols = ["dimse"] + (["stow-rs"] if web is not None and web.stow_rs_tokens is not None else [])
+        known = {"received": [{"called_ae": r.called_ae, "protocol": p} for r in self.config.routes for p in protocols],
                  "translated": [{"model": m} for m in self.config.models],
                  "flagged": [{"model": m} for m in self.config.models]}
         for key, (name, help_text, labels) in COUNTERS.items():
             family = CounterMetricFamily(METRIC_PREFIX + name, help_text, labels=list(labels))
-            series = {tuple(str(lv.get(k, "")) for k in labels): value for lv, value in values.get(key, [])}
+            series: dict[tuple[str, ...], int] = {}
+            for lv, value in values.get(key, []):
+                label_values = tuple(str(lv.get(k, LABEL_DEFAULTS.get(k, ""))) for k in labels)
+                series[label_values] = series.get(label_values, 0) + value
             for lv in known.get(key, []):
                 series.setdefault(tuple(lv[k] for k in labels), 0)
             for label_values, value in sorted(series.items()):

@@ -26,6 +26,7 @@ from dicom_node.cluster import ROLES, Heartbeat, new_node_id, node_name
 from dicom_node.config import NodeConfig
 from dicom_node.delivery import Deliverer
 from dicom_node.housekeeping import Housekeeper
+from dicom_node.ingest import Ingest
 from dicom_node.loops import Broadcast
 from dicom_node.metrics import NodeMetrics
 from dicom_node.model_cache import ModelCache
@@ -58,6 +59,7 @@ class Node:
         self.spool = spool or node_spool(config)
         self.db: StateDB | None = None
         self.scp: StoreSCP | None = None
+        self.ingest: Ingest | None = None  # the store path of the listener and STOW-RS ingest
         self.address: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._translate_wake = threading.Event()
@@ -117,12 +119,15 @@ class Node:
             self._threads.append(Notifier(self.config, self.db, self._stop))
         self._threads.append(Housekeeper(self.config, self.spool, self.db, self._stop))
         self._threads.append(Heartbeat(self.db, self._stop, lambda: list(models.loaded)))
+        if self.role != "worker":
+            self.ingest = Ingest(self.config, self.spool, self.db, on_received=self._wake_all)
         if self.config.web is not None:
             self._start_web(models)  # before the workers: a console port in use stops the start cleanly
         for t in self._threads:
             t.start()
         if self.role != "worker":
-            self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all, metrics=self.metrics)
+            self.scp = StoreSCP(self.config, self.spool, self.db, on_received=self._wake_all, metrics=self.metrics,
+                                ingest=self.ingest)
             self.address = self.scp.start()
         else:
             log.info("worker %s ready: translating and delivering from the shared queue (no DICOM listener)",
@@ -213,7 +218,7 @@ class Node:
         console = self._console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
                           listening=lambda: self.scp is not None and self.scp.listening, wake=self._wake_all,
                           token=token, sessions=Sessions(web.session_minutes * 60.0), role=self.role,
-                          node_id=self.node_id)
+                          node_id=self.node_id, ingest=self.ingest)
         try:
             self.web = WebServer(web, build_app(console))
             self.web.start()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["read_header", "pixel_data_problem", "budget_problem", "IMAGE_SIZE_KEYWORDS", "watch_arriving",
-           "RefusedWhileReceiving", "content_digest"]
+           "ArrivalWatch", "RefusedWhileReceiving", "content_digest"]
 
 IMAGE_SIZE_KEYWORDS = ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")
 
@@ -154,6 +154,27 @@ class RefusedWhileReceiving:
         return 0
 
 
+class ArrivalWatch:
+    """The limits on one data set while it arrives (C-STORE or a STOW-RS part): larger than
+    ``max_bytes`` (0: no limit), or the free disk (``free_bytes()``, looked at every
+    :data:`CHECK_EVERY` bytes) would drop below ``min_free`` before the next look."""
+
+    def __init__(self, *, max_bytes: int, free_bytes: Any, min_free: int) -> None:
+        self.max_bytes, self.free_bytes, self.min_free = max_bytes, free_bytes, min_free
+        self._checked: int | None = None  # the size at the last look at the disk
+
+    def problem(self, size: int) -> str | None:
+        """Why the data set must be refused now that ``size`` bytes of it arrived, or None."""
+        if self.max_bytes and size > self.max_bytes:
+            return f"larger than max_instance_bytes {self.max_bytes}"
+        if self._checked is None or size - self._checked >= CHECK_EVERY:
+            self._checked = size
+            free = self.free_bytes()
+            if free - CHECK_EVERY < self.min_free:
+                return f"disk full while receiving ({free} bytes free, min_free_bytes {self.min_free})"
+        return None
+
+
 def watch_arriving(message: Any, *, max_bytes: int, free_bytes: Any, min_free: int) -> str | None:
     """Look at the data set pynetdicom is streaming to disk for ``message`` (its DIMSE message in
     progress); when it passes ``max_bytes`` or the free disk would drop below ``min_free`` before
@@ -167,17 +188,11 @@ def watch_arriving(message: Any, *, max_bytes: int, free_bytes: Any, min_free: i
     f = getattr(message, "_data_set_file", None)
     if f is None or isinstance(f, RefusedWhileReceiving):
         return None
-    size = f.tell()
-    reason = None
-    if max_bytes and size > max_bytes:
-        reason = f"larger than max_instance_bytes {max_bytes}"
-    else:
-        last = getattr(message, "_dicom_node_checked", None)
-        if last is None or size - last >= CHECK_EVERY:
-            message._dicom_node_checked = size
-            free = free_bytes()
-            if free - CHECK_EVERY < min_free:
-                reason = f"disk full while receiving ({free} bytes free, min_free_bytes {min_free})"
+    watch = getattr(message, "_dicom_node_watch", None)
+    if watch is None:
+        watch = message._dicom_node_watch = ArrivalWatch(max_bytes=max_bytes, free_bytes=free_bytes,
+                                                         min_free=min_free)
+    reason = watch.problem(f.tell())
     if reason is None:
         return None
     try:

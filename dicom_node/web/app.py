@@ -8,7 +8,8 @@ Starlette runs them in its thread pool, so a slow query never blocks the event l
 read the state database on the console's own connection, so they never hold up a C-STORE.
 
 Without login: ``/health/live``, ``/health/ready``, ``/metrics`` (no patient data) and the
-login page.  Everything else needs a session; every POST needs the session's CSRF token.
+login page.  Everything else needs a session; every POST needs the session's CSRF token, except
+STOW-RS ingest (``POST /dicomweb/{called_ae}/studies``, a bearer token: :mod:`.stow`).
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
-from dicom_node.web.auth import BUSY_PAUSE, HASH_QUEUE, HASH_WAIT, HASHES_AT_ONCE, LOGIN_COOKIE, SESSION_COOKIE, \
-    LoginLimiter, Session, Sessions, client_address, hash_executor, new_token, proxy_networks, same, verify_password
+from dicom_node.web.auth import LOGIN_COOKIE, SESSION_COOKIE, HashTurns, LoginLimiter, Session, Sessions, \
+    client_address, new_token, proxy_networks, same
 from dicom_node.web.health import readiness
+from dicom_node.web.stow import PATH as STOW_PATH
+from dicom_node.web.stow import stow_endpoint
 
 __all__ = ["Console", "build_app", "BadRequest"]
 
@@ -61,6 +64,7 @@ class Console:
     started_at: float = field(default_factory=time.time)
     role: str = "all"  # serve --role: what readiness checks (a worker has no listener, a receiver no models)
     node_id: str | None = None  # this node's row in the nodes table
+    ingest: Any = None  # dicom_node.ingest.Ingest: the store path STOW-RS shares with C-STORE (None: no receiving)
 
     @property
     def secure(self) -> bool:
@@ -182,37 +186,15 @@ def build_app(console: Console):
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    import asyncio
-
-    import anyio
-
     env = _templates()
     refresh = console.config.web.refresh_seconds if console.config.web else 5.0
     proxies = proxy_networks(console.config.web.trusted_proxies if console.config.web else ())
-    hashing: list[Any] = []  # the Argon2 turn-taker and threads, made on the web thread's event loop at first use
+    turns = HashTurns()  # Argon2, a few at a time (logins and STOW-RS tokens)
+    checked = turns.verify
 
     def _client(request: Any) -> str:
         peer = request.client.host if request.client else "unknown"
         return client_address(peer, request.headers.get("x-forwarded-for"), proxies)
-
-    async def checked(hashed: str | None, secret: str) -> bool | None:
-        """Argon2 verification, ``HASHES_AT_ONCE`` at a time; None: no turn within ``HASH_WAIT``."""
-        if not hashing:
-            hashing.extend([anyio.CapacityLimiter(HASHES_AT_ONCE), hash_executor()])
-        slots, threads = hashing
-        if slots.statistics().tasks_waiting >= HASH_QUEUE:
-            await anyio.sleep(BUSY_PAUSE)
-            return None
-        turn = False
-        with anyio.move_on_after(HASH_WAIT):
-            await slots.acquire()
-            turn = True
-        if not turn:
-            return None
-        try:
-            return await asyncio.wrap_future(threads.submit(verify_password, hashed, secret))
-        finally:
-            slots.release()
 
     def render(name: str, request: Any, session: Session | None, status: int = 200, **values: Any) -> Any:
         done = None
@@ -453,6 +435,7 @@ def build_app(console: Console):
         Route("/requeue", requeue, methods=["POST"]), Route("/reprocess", reprocess, methods=["POST"]),
         Route("/release", _withheld_action("release"), methods=["POST"]),
         Route("/discard", _withheld_action("discard"), methods=["POST"]),
+        Route(STOW_PATH, stow_endpoint(console, turns, _client), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     return _SecurityHeaders(Starlette(routes=routes))

@@ -33,10 +33,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token", "same",
            "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW", "HASHES_AT_ONCE", "HASH_WAIT",
-           "HASH_QUEUE", "BUSY_PAUSE", "hash_executor", "client_address", "proxy_networks"]
+           "HASH_QUEUE", "BUSY_PAUSE", "hash_executor", "HashTurns", "client_address", "proxy_networks"]
 
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"  # binds the login form's CSRF token to this browser
@@ -88,6 +89,39 @@ def _lowest_priority() -> None:
 def hash_executor() -> ThreadPoolExecutor:
     """The threads that run :func:`verify_password` for the console (``HASHES_AT_ONCE``)."""
     return ThreadPoolExecutor(max_workers=HASHES_AT_ONCE, thread_name_prefix="argon2", initializer=_lowest_priority)
+
+
+class HashTurns:
+    """Argon2 verifications for the web side's coroutines (console logins, STOW-RS bearer tokens):
+    ``HASHES_AT_ONCE`` at a time on :func:`hash_executor`'s threads, a wait of at most
+    ``HASH_WAIT`` for a turn, at most ``HASH_QUEUE`` waiting.  One per web app, so logins and
+    ingest tokens share the bound.  Made on the web thread's event loop at first use."""
+
+    def __init__(self) -> None:
+        self._slots: Any = None
+        self._threads: ThreadPoolExecutor | None = None
+
+    async def verify(self, hashed: str | None, secret: str) -> bool | None:
+        """:func:`verify_password` in its turn; None: no turn within ``HASH_WAIT`` (answer 503)."""
+        import asyncio
+
+        import anyio
+
+        if self._slots is None:
+            self._slots, self._threads = anyio.CapacityLimiter(HASHES_AT_ONCE), hash_executor()
+        if self._slots.statistics().tasks_waiting >= HASH_QUEUE:
+            await anyio.sleep(BUSY_PAUSE)
+            return None
+        turn = False
+        with anyio.move_on_after(HASH_WAIT):
+            await self._slots.acquire()
+            turn = True
+        if not turn:
+            return None
+        try:
+            return await asyncio.wrap_future(self._threads.submit(verify_password, hashed, secret))
+        finally:
+            self._slots.release()
 
 
 def new_token() -> str:
