@@ -1,4 +1,4 @@
-"""Several nodes on one state database (part of ``StateDB``): who is up, and who holds what.
+"""Several nodes on one state database (``StateDB.cluster``): who is up, and who holds what.
 
 Why leases: with one PostgreSQL database and one shared spool, any node may receive and any
 worker may translate or deliver.  A node *claims* the work it starts (a ready instance, a
@@ -27,10 +27,11 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from dicom_node.database import first_line
+from dicom_node.database import Connection, Database, first_line
 from dicom_node.loops import Loop
 
-__all__ = ["NODES_SCHEMA", "LEASED_TABLES", "ROLES", "LeaseLost", "Membership", "Heartbeat", "node_name", "new_node_id"]
+__all__ = ["NODES_SCHEMA", "LEASED_TABLES", "LEASE_COLUMNS", "ROLES", "LeaseLost", "Cluster", "Heartbeat", "node_name",
+           "new_node_id"]
 
 log = logging.getLogger("dicom_node.cluster")
 
@@ -70,8 +71,8 @@ def new_node_id(name: str) -> str:
     return f"{name}.{os.getpid()}.{secrets.token_hex(2)}"
 
 
-class Membership:
-    """Mixed into :class:`dicom_node.state.StateDB` (uses its ``_query``, ``_tx`` and ``_conn``).
+class Cluster:
+    """This process's membership and leases on the state database.
 
     ``owner`` is this process's node id once it registered (a CLI command has none: it claims
     nothing, and its writes are not fenced).  The heartbeat renews only the leases of items
@@ -80,31 +81,19 @@ class Membership:
     stuck behind a live node.
     """
 
-    owner: str | None = None
-    lease_seconds: float = 30.0
-
-    def _init_membership(self) -> None:
+    def __init__(self, database: Database, lease_seconds: float = 30.0) -> None:
+        self.database = database
+        self.lease_seconds = lease_seconds
+        self.owner: str | None = None
         self._held: dict[str, set[int]] = {t: set() for t in LEASED_TABLES}
         self._held_lock = threading.Lock()
 
-    def _hold(self, table: str, ids: Iterable[int]) -> None:
-        with self._held_lock:
-            self._held[table].update(ids)
-
-    def _let_go(self, table: str, ids: Iterable[int]) -> list[int]:
+    def let_go(self, table: str, ids: Iterable[int]) -> list[int]:
         """Forget that these items are in hand (finished, or given up); those that were."""
         with self._held_lock:
             was = [i for i in ids if i in self._held[table]]
             self._held[table].difference_update(was)
         return was
-
-    def _add_lease_columns(self) -> None:
-        for table in LEASED_TABLES:
-            have = self._conn.columns(table)  # type: ignore[attr-defined]
-            for column, kind in LEASE_COLUMNS:
-                if column not in have:
-                    # script: the DDL spelling of each engine (REAL is DOUBLE PRECISION on PostgreSQL)
-                    self._conn.script(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")  # type: ignore
 
     # -- membership ----------------------------------------------------------------------
     def register_node(self, *, node_id: str, name: str, role: str, exclusive: bool,
@@ -117,7 +106,8 @@ class Membership:
         now = time.time() if now is None else now
         self.owner = node_id
         freed = 0
-        with self._tx() as c:  # type: ignore[attr-defined]
+        params: tuple[str, ...] = ()
+        with self.database.tx() as c:
             if exclusive:
                 gone, params = "lease_owner IS NOT NULL", ()
             else:
@@ -136,7 +126,7 @@ class Membership:
         with self._held_lock:
             in_hand = {t: sorted(ids) for t, ids in self._held.items()}
         renewed = 0
-        with self._tx() as c:  # type: ignore[attr-defined]
+        with self.database.tx() as c:
             c.execute("UPDATE nodes SET heartbeat_at=?, models=? WHERE id=?",
                       (now, json.dumps(sorted(models)), self.owner))
             for table, ids in in_hand.items():
@@ -154,7 +144,7 @@ class Membership:
         "stopped" node is listed.
         """
         now = time.time() if now is None else now
-        with self._tx() as c:  # type: ignore[attr-defined]
+        with self.database.tx() as c:
             for table in LEASED_TABLES:
                 c.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (self.owner,))
             if forget:
@@ -169,14 +159,15 @@ class Membership:
         """Every node seen within a day, less those stopped cleanly over an hour ago: its row,
         ``state`` (up | late | stopped) and what it holds."""
         now = time.time() if now is None else now
-        rows = self._query("SELECT id, name, role, host, pid, started_at, heartbeat_at, stopped_at, models FROM nodes "  # type: ignore
-                           "WHERE heartbeat_at >= ? AND (stopped_at IS NULL OR stopped_at >= ?) "
-                           "ORDER BY name, started_at DESC",
-                           (now - NODES_KEPT_SECONDS, now - STOPPED_NODES_KEPT_SECONDS))
+        rows = self.database.query("SELECT id, name, role, host, pid, started_at, heartbeat_at, stopped_at, models "
+                                   "FROM nodes "
+                                   "WHERE heartbeat_at >= ? AND (stopped_at IS NULL OR stopped_at >= ?) "
+                                   "ORDER BY name, started_at DESC",
+                                   (now - NODES_KEPT_SECONDS, now - STOPPED_NODES_KEPT_SECONDS))
         held: dict[str, dict[str, int]] = {}
         for table in LEASED_TABLES:
-            for owner, n in self._query(f"SELECT lease_owner, COUNT(*) FROM {table} WHERE lease_owner IS NOT NULL "  # type: ignore
-                                        "GROUP BY lease_owner"):
+            for owner, n in self.database.query(f"SELECT lease_owner, COUNT(*) FROM {table} "
+                                                "WHERE lease_owner IS NOT NULL GROUP BY lease_owner"):
                 held.setdefault(str(owner), {})[table] = int(n)
         out = []
         for nid, name, role, host, pid, started, beat, stopped, models in rows:
@@ -187,9 +178,11 @@ class Membership:
         return out
 
     # -- leases --------------------------------------------------------------------------
-    def _claim(self, c: Any, table: str, where: str, params: Iterable, order: str, limit: int,
-               now: float) -> list[int]:
-        """Lease up to ``limit`` free rows of ``table`` matching ``where`` to this node; their ids."""
+    def claim(self, c: Connection, table: str, where: str, params: Iterable[Any], order: str, limit: int,
+              now: float) -> list[int]:
+        """Lease up to ``limit`` free rows of ``table`` matching ``where`` to this node, inside the
+        caller's transaction; their ids.  Claims of a transaction that does not commit are let go
+        at once: never kept in hand, or the heartbeat would go on renewing them."""
         sql = (f"SELECT id FROM {table} WHERE {where} AND (lease_until IS NULL OR lease_until < ?) "
                f"ORDER BY {order} LIMIT ?")
         if c.dialect == "postgresql":
@@ -198,10 +191,13 @@ class Membership:
         if ids and self.owner is not None:
             c.execute(f"UPDATE {table} SET lease_owner=?, lease_until=? WHERE id IN ({','.join('?' * len(ids))})",
                       (self.owner, now + self.lease_seconds, *ids))
-            self._hold(table, ids)
+            with self._held_lock:
+                new = [i for i in ids if i not in self._held[table]]
+                self._held[table].update(new)
+            self.database.on_abort(lambda: self.let_go(table, new))
         return ids
 
-    def _fence(self, column: str = "lease_owner") -> tuple[str, tuple]:
+    def fence(self, column: str = "lease_owner") -> tuple[str, tuple[str, ...]]:
         """The condition that a row is still this node's (nothing for an unregistered process)."""
         return ("", ()) if self.owner is None else (f" AND {column}=?", (self.owner,))
 
@@ -212,18 +208,18 @@ class Membership:
         out (they are no longer renewed).
         """
         assert table in LEASED_TABLES
-        ids = self._let_go(table, [int(i) for i in ids])
+        ids = self.let_go(table, [int(i) for i in ids])
         if not ids or self.owner is None:
             return
         try:
-            with self._tx() as c:  # type: ignore[attr-defined]
+            with self.database.tx() as c:
                 c.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=? "
                           f"AND id IN ({','.join('?' * len(ids))})", (self.owner, *ids))
         except Exception as exc:  # noqa: BLE001 - see above
             log.warning("could not give back %d claimed %s (%s): they pass on after %gs", len(ids), table,
                         exc.__class__.__name__, self.lease_seconds)
 
-    def forget_nodes(self, c: Any, cutoff: float) -> None:
+    def forget_nodes(self, c: Connection, cutoff: float) -> None:
         c.execute("DELETE FROM nodes WHERE heartbeat_at < ? AND id != ?", (cutoff, self.owner or ""))
 
 
@@ -237,22 +233,22 @@ class Heartbeat(Loop):
     WAIT_FIRST = True
     logger = log
 
-    def __init__(self, db: Any, stop: threading.Event, models: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, cluster: Cluster, stop: threading.Event, models: Callable[[], Iterable[str]]) -> None:
         super().__init__("heartbeat", stop)
-        self.db, self.models = db, models
-        self.interval = self.error_pause = max(0.2, db.lease_seconds / 3.0)
+        self.cluster, self.models = cluster, models
+        self.interval = self.error_pause = max(0.2, cluster.lease_seconds / 3.0)
 
     def idle_seconds(self) -> float:
         return self.interval
 
     def step(self) -> bool:
-        self.db.heartbeat(self.models())
+        self.cluster.heartbeat(self.models())
         return False
 
     def failed(self, exc: Exception) -> None:
         if not self.failing:  # the database is away: the next beat tries again
             log.error("heartbeat: %s (leases not renewed; others take over after %gs)", first_line(exc),
-                      self.db.lease_seconds)
+                      self.cluster.lease_seconds)
 
     def recovered(self) -> None:
         log.info("heartbeat: the state database answers again")

@@ -68,21 +68,21 @@ class Deliverer(Loop):
         self._purged_at = time.monotonic()
         keep = self.config.storage.keep_sources_days * 86400.0
         while True:
-            rows = self.db.finished_unpurged(keep_seconds=keep)
+            rows = self.db.sources.finished_unpurged(keep_seconds=keep)
             if not rows:
                 return
             for iid, original in rows:
                 self.spool.remove_instance_files(iid, Path(original))
-            self.db.mark_purged(i for i, _ in rows)
+            self.db.sources.mark_purged(i for i, _ in rows)
 
     def idle_seconds(self) -> float:
-        nxt = self.db.next_delivery_time(only=self.only, exclude=self.exclude)
+        nxt = self.db.deliveries.next_time(only=self.only, exclude=self.exclude)
         if nxt is None:
             return POLL_SECONDS
         return max(0.01, min(POLL_SECONDS, nxt - time.time()))
 
     def step(self) -> bool:
-        due = self.db.claim_deliveries(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
+        due = self.db.deliveries.claim(limit=self.BATCH * 4, only=self.only, exclude=self.exclude)
         if not due:
             if time.monotonic() - self._purged_at > self.PURGE_IDLE_SECONDS:
                 # instances finished without a delivery of ours (an operator discarded a
@@ -99,7 +99,7 @@ class Deliverer(Loop):
                         return True
                     self._send(name, rows[i:i + self.BATCH])
         finally:
-            self.db.release_claims("deliveries", [d.id for d in due])  # those not sent: free for any node
+            self.db.cluster.release_claims("deliveries", [d.id for d in due])  # those not sent: free for any node
         return True
 
     def _send(self, name: str, rows: list[DeliveryRow]) -> None:
@@ -117,7 +117,7 @@ class Deliverer(Loop):
                 log.error("destination %s: delivery raised %s", name, exc.__class__.__name__)
             outcomes = [(r, res.ok, res.error) for r, res in zip(rows, results)]
             outcomes += [(r, False, "no result") for r in rows[len(results):]]
-        ok, retrying, failed = self.db.record_delivery_results(outcomes, retry.max_attempts, retry.delay)
+        ok, retrying, failed = self.db.deliveries.record_results(outcomes, retry.max_attempts, retry.delay)
         if ok:
             self._purge()
         errors = sorted({e for _, good, e in outcomes if not good and e})

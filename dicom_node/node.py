@@ -31,6 +31,7 @@ from dicom_node.loops import Broadcast
 from dicom_node.metrics import NodeMetrics
 from dicom_node.model_cache import ModelCache
 from dicom_node.notifications import Notifier
+from dicom_node.outbox import Events
 from dicom_node.ports import check_ports
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool, node_spool
@@ -58,6 +59,7 @@ class Node:
         self.config_path = config_path  # the file a reload re-reads (None: the embedded default)
         self.spool = spool or node_spool(config)
         self.db: StateDB | None = None
+        self.events = Events.from_config(config)  # the webhooks: shared by the node's database connections
         self.scp: StoreSCP | None = None
         self.ingest: Ingest | None = None  # the store path of the listener and STOW-RS ingest
         self.address: tuple[str, int] | None = None
@@ -91,13 +93,12 @@ class Node:
 
         self.spool.lock()
         self.spool.open()
-        self.db = StateDB(self.spool.database(self.config.storage.database))
-        self.db.lease_seconds = self.config.storage.lease_seconds
-        freed = self.db.register_node(node_id=self.node_id, name=self.name, role=self.role,
-                                      exclusive=self.spool.node is None)
+        self.db = StateDB.for_config(self.config, self.spool.database(self.config.storage.database),
+                                     events=self.events)
+        freed = self.db.cluster.register_node(node_id=self.node_id, name=self.name, role=self.role,
+                                              exclusive=self.spool.node is None)
         if freed:
             log.info("took back %d item(s) that an earlier start of this node had claimed", freed)
-        self._tell_webhooks(self.db)
         named = self.db.name_routes([r.name for r in self.config.routes])
         if named:
             log.info("state database: %d row(s) now name their route (they named its position before)", named)
@@ -118,7 +119,7 @@ class Node:
             self._threads.extend(deliverers)
             self._threads.append(Notifier(self.config, self.db, self._stop))
         self._threads.append(Housekeeper(self.config, self.spool, self.db, self._stop))
-        self._threads.append(Heartbeat(self.db, self._stop, lambda: list(models.loaded)))
+        self._threads.append(Heartbeat(self.db.cluster, self._stop, lambda: list(models.loaded)))
         if self.role != "worker":
             self.ingest = Ingest(self.config, self.spool, self.db, on_received=self._wake_all)
         if self.config.web is not None:
@@ -135,11 +136,6 @@ class Node:
         reload.write_node_file(self.spool.node_dir, self.config_path)
         self._started = True
         return self.address
-
-    def _tell_webhooks(self, db: StateDB | None) -> None:
-        """Which webhooks want which events: the state database queues them with each change."""
-        if db is not None:
-            db.webhooks, db.node_ae = list(self.config.notifications), self.config.node.ae_title
 
     def _deliverer(self, name: str | None) -> Deliverer:
         return Deliverer(self.config, self.spool, self.db, threading.Event(), self._stop, only=name)
@@ -198,8 +194,7 @@ class Node:
             self.scp.configure(config)
         if self._console is not None:
             self._console.config = config
-        for db in (self.db, self._web_db):
-            self._tell_webhooks(db)
+        self.events.configure(config)
         self._wake_all()
 
     def _start_web(self, models: ModelCache) -> None:
@@ -210,9 +205,8 @@ class Node:
         from dicom_node.web.auth import Sessions, new_token
 
         web = self.config.web
-        self._web_db = StateDB(self.spool.database(self.config.storage.database))
-        self._web_db.lease_seconds = self.config.storage.lease_seconds
-        self._tell_webhooks(self._web_db)
+        self._web_db = StateDB.for_config(self.config, self.spool.database(self.config.storage.database),
+                                          events=self.events)
         self.metrics.watch(self._web_db, self.spool, self.config)
         token = None if web.users else new_token()
         console = self._console = Console(config=self.config, spool=self.spool, db=self._web_db, models=models, metrics=self.metrics,
@@ -271,7 +265,7 @@ class Node:
                         "when the lease ends)", ", ".join(alive))
         elif self.db is not None:
             try:
-                self.db.node_stopped(forget=not self._started)  # the others take over its claims at once
+                self.db.cluster.node_stopped(forget=not self._started)  # the others take over its claims at once
             except Exception as exc:  # noqa: BLE001 - the database is away: the leases simply expire
                 log.warning("could not give back this node's claims (%s): they pass to the others after %gs",
                             exc.__class__.__name__, self.config.storage.lease_seconds)

@@ -80,8 +80,8 @@ class Notifier(Loop):
                 self.senders[name].start()
         for name in [n for n in self.senders if n not in names]:
             self.senders.pop(name).retire()
-        for nid, webhook, *_ in self.db.claim_notifications(others_than=names):
-            self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
+        for nid, webhook, *_ in self.db.outbox.claim(others_than=names):
+            self.db.outbox.record(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
         return False
 
     def failed(self, exc: Exception) -> None:
@@ -103,18 +103,18 @@ class WebhookSender(Loop):
         self.notifier, self.webhook, self.db = notifier, webhook, notifier.db
 
     def step(self) -> bool:
-        due = self.db.claim_notifications(webhook=self.webhook)
+        due = self.db.outbox.claim(webhook=self.webhook)
         try:
             while due and not self.done:
                 self._send(*due[0])
                 due.pop(0)
         finally:
             if due:  # stopped, retired or failed mid-batch: the rest goes back at once
-                self.db.release_claims("notifications", [r[0] for r in due])
+                self.db.cluster.release_claims("notifications", [r[0] for r in due])
         return False  # what is due next may lie in the future: idle_seconds says when
 
     def idle_seconds(self) -> float:
-        nxt = self.db.next_notification_time(webhook=self.webhook)
+        nxt = self.db.outbox.next_time(webhook=self.webhook)
         return POLL_SECONDS if nxt is None else max(0.01, min(POLL_SECONDS, nxt - time.time()))
 
     def failed(self, exc: Exception) -> None:
@@ -125,12 +125,12 @@ class WebhookSender(Loop):
     def _send(self, nid: int, webhook: str, event: str, body: str, attempts: int) -> None:
         hook = self.notifier.hook(webhook)
         if hook is None:
-            self.db.record_notification(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
+            self.db.outbox.record(nid, webhook, False, "webhook no longer configured", 1, 1, 0.0)
             return
         retry = hook.retry
         error = post(hook, event, nid, body.encode())
-        state = self.db.record_notification(nid, webhook, error is None, error, attempts + 1, retry.max_attempts,
-                                            retry.delay(attempts + 1))
+        state = self.db.outbox.record(nid, webhook, error is None, error, attempts + 1, retry.max_attempts,
+                                      retry.delay(attempts + 1))
         if error is None:
             log.info("webhook %s: %s #%d sent", webhook, event, nid)
         else:

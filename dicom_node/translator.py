@@ -95,7 +95,7 @@ class Translator(Loop):
                         "another node while this one was slow or cut off from the database): this result is "
                         "dropped", abbreviate(row.sop_uid))
         finally:
-            self.db.release_claims("instances", [row.id])  # unfinished (an error): free for any node
+            self.db.cluster.release_claims("instances", [row.id])  # unfinished (an error): free for any node
         self.deliver_wake.set()
         return True
 
@@ -130,7 +130,7 @@ class Translator(Loop):
                 # A PACS that routes our SC back would otherwise start an endless restyling loop.
                 raise UnsupportedImage("already a dicom-node output (never restyled twice)")
             inverse = self.models.inverse(route.model)
-            version, requested_by = self.db.output_version(row.id)
+            version, requested_by = self.db.sources.output_version(row.id)
             series = _series_naming(route, ds, version)
             t0 = time.perf_counter()
             with ENGINE_LOCK, stop_between_operations(self.stop_event):  # SIGTERM: abandoned, stays ready
