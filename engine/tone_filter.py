@@ -1,4 +1,4 @@
-"""The global part of a style: tone curve, multi-scale band gains, tone curve.
+"""The global part of a style: tone curve, multi-scale band gains or band curves, tone curve.
 
 Why: most of a vendor's look is global and linear-ish -- a gradation (tone) curve, dynamic
 range compression and multi-scale edge enhancement (band gains), noise reduction (gains below
@@ -14,6 +14,12 @@ and a linear filter cannot express.
     p = sum_k gain_k * (G_{s(k-1)} t - G_{s(k)} t) + G_{s(K)} t      (G_{s(0)} t = t)
     y = tone_out(p)                                  monotone curve, knots on [out_lo, out_hi]
 
+With band curves (``band_knots > 0``) each band gets an odd, monotone curve instead of one gain,
+``curve_k(c) = sign(c) f_k(|c|)``: the amplitude-dependent gains of multiscale contrast
+equalisation (small coefficients lifted, large ones compressed), and coring (the smallest ones,
+mostly noise, lowered) of wavelet noise reduction.  A curve is fitted like the tone curves, by
+matching the distributions of ``|c|`` in the two domains, so it needs no pairs either.
+
 ``G_s`` is a Gaussian blur of sigma ``s`` detector pixels with reflected borders, computed by
 FFT.  With gains 1 and identity curves the stage is exactly the identity.
 
@@ -24,16 +30,18 @@ and the tiled paths therefore see the same bits (``engine.tiling``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "gaussian_blur", "band_split", "uniform_curve"]
+__all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "DEFAULT_BAND_KNOTS", "gaussian_blur", "band_split",
+           "uniform_curve", "odd_curve"]
 
 # Band edges in detector pixels: octaves from the finest texture to the scale of the lungs.
 DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.4, 2.8, 5.6, 11.2, 22.4, 44.8)
 DEFAULT_KNOTS = 257
+DEFAULT_BAND_KNOTS = 129  # knots of a band curve, at quantiles of |c|: dense where coefficients are
 
 
 def _fast_length(n: int) -> int:
@@ -106,6 +114,18 @@ def uniform_curve(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, values: t
     return values[i0] + frac * (values[i0 + 1] - values[i0])
 
 
+def odd_curve(c: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """``sign(c) f(|c|)``, ``f`` piecewise linear through ``(xs, ys)`` (``xs`` increasing from 0);
+    beyond ``xs[-1]`` the gain of the last knot, ``ys[-1] / xs[-1]``, goes on (a straight line
+    through 0: the rare coefficients larger than any seen in training keep their proportion)."""
+    a = c.abs()
+    i = torch.searchsorted(xs, a.reshape(-1).contiguous()).reshape(a.shape).clamp(1, xs.shape[0] - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    inside = y0 + (a - x0) * (y1 - y0) / (x1 - x0).clamp_min(1e-12)
+    beyond = a * (ys[-1] / xs[-1].clamp_min(1e-12))
+    return torch.sign(c) * torch.where(a > xs[-1], beyond, inside)
+
+
 class ToneFilter(nn.Module):
     """Tone curve -> band gains -> tone curve, on ``(N, 1, H, W)`` images in model space.
 
@@ -113,16 +133,33 @@ class ToneFilter(nn.Module):
     by gradient descent, and saved in the style model file with the generator's weights.
     """
 
-    def __init__(self, sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS) -> None:
+    # the buffers (registered in __init__; band_x, band_y only with band curves)
+    tone_in: torch.Tensor
+    gains: torch.Tensor
+    out_range: torch.Tensor
+    tone_out: torch.Tensor
+    band_x: torch.Tensor
+    band_y: torch.Tensor
+
+    def __init__(self, sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
+                 band_knots: int = 0) -> None:
         super().__init__()
         if knots < 2:
             raise ValueError("a tone curve needs at least 2 knots")
+        if band_knots == 1 or band_knots < 0:
+            raise ValueError("band curves need at least 2 knots (0: one gain per band)")
         self.sigmas = tuple(float(s) for s in sigmas)
         grid = torch.linspace(-1.0, 1.0, knots)
         self.register_buffer("tone_in", grid.clone())
         self.register_buffer("gains", torch.ones(len(self.sigmas)))
         self.register_buffer("out_range", torch.tensor([-1.0, 1.0]))
         self.register_buffer("tone_out", grid.clone())
+        # Absent (not empty) without band curves, so files written before them load unchanged.
+        self.band_curves = band_knots > 0
+        if self.band_curves:
+            identity = torch.linspace(0.0, 1.0, band_knots).repeat(len(self.sigmas), 1)
+            self.register_buffer("band_x", identity.clone())
+            self.register_buffer("band_y", identity.clone())
 
     @property
     def knots(self) -> int:
@@ -133,7 +170,12 @@ class ToneFilter(nn.Module):
         dtype, x = x.dtype, x.float()
         one = torch.ones((), dtype=x.dtype, device=x.device)
         t = uniform_curve(x, -one, one, self.tone_in.float())
-        if bool((self.gains != 1).any()):
+        if self.band_curves and not torch.equal(self.band_x, self.band_y):
+            bands = band_split(t, self.sigmas)
+            t = bands[-1]
+            for xs, ys, b in zip(self.band_x.float(), self.band_y.float(), bands[:-1]):
+                t = t + odd_curve(b, xs, ys)
+        elif bool((self.gains != 1).any()):
             bands = band_split(t, self.sigmas)
             t = bands[-1]
             for g, b in zip(self.gains.float(), bands[:-1]):
@@ -141,9 +183,20 @@ class ToneFilter(nn.Module):
         lo, hi = self.out_range.float()
         return uniform_curve(t, lo, hi, self.tone_out.float()).to(dtype)
 
-    def architecture(self) -> dict:
-        return {"sigmas": list(self.sigmas), "knots": self.knots}
+    def architecture(self) -> dict[str, Any]:
+        arch: dict[str, Any] = {"sigmas": list(self.sigmas), "knots": self.knots}
+        if self.band_curves:  # absent in files written before band curves: they load as before
+            arch["band_knots"] = int(self.band_x.shape[1])
+        return arch
 
-    def describe(self) -> dict:
-        """Human-readable summary (``dicom-node model info``)."""
-        return {"band_sigmas_px": list(self.sigmas), "band_gains": [round(float(g), 3) for g in self.gains]}
+    def describe(self) -> dict[str, Any]:
+        """Human-readable summary (``dicom-node model info``): with band curves, each band's gain
+        for a small coefficient (the median one) and a large one (the largest knot)."""
+        out: dict[str, Any] = {"band_sigmas_px": list(self.sigmas)}
+        if not self.band_curves:
+            return out | {"band_gains": [round(float(g), 3) for g in self.gains]}
+        mid = self.band_x.shape[1] // 2
+        small = self.band_y[:, mid] / self.band_x[:, mid].clamp_min(1e-12)
+        large = self.band_y[:, -1] / self.band_x[:, -1].clamp_min(1e-12)
+        return out | {"band_gains_small": [round(float(g), 3) for g in small],
+                      "band_gains_large": [round(float(g), 3) for g in large]}

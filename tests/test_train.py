@@ -101,7 +101,8 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     # `model info` shows the fitted tone filter and the style distance the run measured.
     assert main(["model", "info", str(models[0]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert len(info["tone_filter"]["band_gains"]) == len(info["tone_filter"]["band_sigmas_px"]) > 0
+    tone = info["tone_filter"]  # band curves by default: a gain for small and one for large coefficients
+    assert len(tone["band_gains_small"]) == len(tone["band_gains_large"]) == len(tone["band_sigmas_px"]) > 0
     assert info["style_distance"]["input_vs_target"] > 0
     # The fidelity guard is calibrated at export on the validation images, per direction, and
     # each model names the other as its inverse by weight digest.
@@ -129,9 +130,11 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
         assert prov["steps"] == 20 and prov["trained"] is True
         assert prov["data"]["A"]["images"] == 3 and prov["data"]["B"]["images"] == 3
         assert prov["data"]["B"]["skipped_unreadable"] == 1  # broken.dcm skipped and counted
-        assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False, "tone_filter": True}
+        assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False, "tone_filter": True,
+                                             "band_curves": True}
         assert model.generator.tone_filter is not None  # the default: fitted from the two domains
         assert model.metadata["architecture"]["tone_filter"]["knots"] > 1
+        assert model.metadata["architecture"]["tone_filter"]["band_knots"] > 1
         assert prov["paired"] is False  # different file names: unpaired
         assert prov["validation"]["style_distance"] >= 0 and prov["validation"]["style_distance_identity"] > 0
     # Checkpoints load without unpickling code.

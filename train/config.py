@@ -38,6 +38,9 @@ class ModelSettings:
     ndf: int = 64
     residual: bool = True  # the network adds a change to its input and starts as the identity
     tone_filter: bool = True  # global tone/band-gain stage fitted from the domains (engine/tone_filter.py)
+    # in that stage, one curve per band (amplitude-dependent gains: multiscale contrast
+    # equalisation, coring) instead of one gain; false: one gain per band, as before
+    band_curves: bool = True
 
 
 @dataclass

@@ -44,7 +44,7 @@ class CycleGAN:
     """Networks, optimisers and pools of one CycleGAN run, with a checkpointable state."""
 
     def __init__(self, *, ngf: int = 64, n_blocks: int = 9, ndf: int = 64, residual: bool = False,
-                 tone_filter: bool = False,
+                 tone_filter: bool | dict = False,
                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), lambda_cycle: float = 10.0,
                  lambda_identity: float = 0.5, lambda_paired: float = 0.0, pool_size: int = 50,
                  device: torch.device | str = "cpu", amp: bool = False, channels_last: bool = True,

@@ -32,6 +32,7 @@ from .cyclegan import LOSS_NAMES, CycleGAN
 from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indices
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
+from .networks import tone_filter_arguments
 from .selection import PSEUDO_IMAGES, CheckpointSelector
 
 __all__ = ["train", "TrainResult", "lr_factor"]
@@ -170,8 +171,9 @@ class _Run:
         if not resumed and c.model.tone_filter:  # every rank fits the same (deterministic) filters
             from .tone_fit import fit_tone_filter
 
-            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, seed=c.train.seed),
-                                   fit_tone_filter(b.arrays, a.arrays, seed=c.train.seed))
+            curves = c.model.band_curves
+            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, band_curves=curves, seed=c.train.seed),
+                                   fit_tone_filter(b.arrays, a.arrays, band_curves=curves, seed=c.train.seed))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
 
@@ -223,7 +225,7 @@ class _Run:
         c = self.cfg
         amp, channels_last = self._step_settings()
         return CycleGAN(ngf=c.model.ngf, n_blocks=c.model.n_blocks, ndf=c.model.ndf, residual=c.model.residual,
-                        tone_filter=c.model.tone_filter,
+                        tone_filter=tone_filter_arguments(c.model.tone_filter, c.model.band_curves),
                         lr=c.train.lr, betas=(c.train.beta1, c.train.beta2), lambda_cycle=c.train.lambda_cycle,
                         lambda_identity=c.train.lambda_identity,
                         lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
@@ -243,7 +245,8 @@ class _Run:
                 log.info("no checkpoint in %s: starting a new run", self.run_dir)
             return 0, False
         payload = load_checkpoint(ckpt)
-        saved_model = {"tone_filter": False, **payload["meta"]["config"]["model"]}  # older runs had none
+        # older runs had no tone filter, then no band curves
+        saved_model = {"tone_filter": False, "band_curves": False, **payload["meta"]["config"]["model"]}
         if saved_model != c.to_dict()["model"]:
             raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
                             f"{c.to_dict()['model']}; resume with the same model settings")

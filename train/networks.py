@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dicom_node.engine.generator import ResnetGenerator, init_weights
+from dicom_node.engine.tone_filter import DEFAULT_BAND_KNOTS
 
 __all__ = ["PatchDiscriminator", "build_generator", "build_discriminator"]
 
@@ -37,7 +38,15 @@ class PatchDiscriminator(nn.Module):
         return self.model(x)
 
 
-def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool = False) -> ResnetGenerator:
+def tone_filter_arguments(tone_filter: bool, band_curves: bool) -> bool | dict:
+    """The generator's ``tone_filter`` argument for the config's ``model.tone_filter`` and
+    ``model.band_curves``: off, one gain per band (``True``), or one curve per band."""
+    if not tone_filter:
+        return False
+    return {"band_knots": DEFAULT_BAND_KNOTS} if band_curves else True
+
+
+def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool | dict = False) -> ResnetGenerator:
     """The engine's generator with the standard N(0, 0.02) init (identity start when residual).
 
     ``tone_filter`` adds the global stage in front, as the identity until it is fitted

@@ -8,6 +8,10 @@ target domain's:
 2. band gains: for each band of the multi-scale split, the square root of the ratio of the
    domains' mean band energy (the target's power spectrum over the source's, per octave), so
    edge enhancement, dynamic-range compression and noise reduction are matched scale by scale;
+   or (``band_curves``, the default of ``dicom-node train``) a band curve: the distribution of
+   the coefficients' magnitudes matched, so the gain may depend on the amplitude (multiscale
+   contrast equalisation lifts small coefficients and compresses large ones; noise reduction
+   lowers the smallest);
 3. ``tone_out``: histogram matching again, of the filtered source onto the target, so the
    output's intensity distribution is the target's whatever the gains did to it.
 
@@ -23,19 +27,44 @@ import numpy as np
 import torch
 
 from dicom_node.engine.style_stats import band_energies, sample_pixels
-from dicom_node.engine.tone_filter import DEFAULT_KNOTS, DEFAULT_SIGMAS, ToneFilter
+from dicom_node.engine.tone_filter import DEFAULT_BAND_KNOTS, DEFAULT_KNOTS, DEFAULT_SIGMAS, ToneFilter, band_split
 
 from .data import pick_images
 
-__all__ = ["fit_tone_filter", "GAIN_LIMITS"]
+__all__ = ["fit_tone_filter", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
 
 log = logging.getLogger("dicom_node.train")
 
 # A style changes a band by at most this factor; beyond it the ratio measures noise or content
 # differences between the domains rather than processing.
 GAIN_LIMITS = (0.25, 4.0)
+# A band curve's gain at one amplitude may go further: near zero the target may hold noise the
+# source lacks (or the reverse), and bench/quality.py's linear style lost 0.9 dB with GAIN_LIMITS.
+BAND_CURVE_LIMITS = (1.0 / 16.0, 16.0)
 MAX_IMAGES = 12  # per domain; band energies and quantiles are stable well before that
 PIXELS_PER_IMAGE = 200_000  # sampled for the quantiles
+
+
+def band_levels(knots: int) -> np.ndarray:
+    """Quantile levels of a band curve's knots: even up to the median (the middle knot), then
+    closing in on 1 geometrically to 1 - 5e-5, because the large, rare coefficients (edges)
+    are where multiscale processing differs most."""
+    half = knots // 2
+    upper = 1.0 - np.logspace(np.log10(0.5), np.log10(5e-5), knots - half)
+    return np.concatenate([np.linspace(0.0, 0.5, half, endpoint=False), upper])
+
+
+def _band_curve(src: np.ndarray, dst: np.ndarray, knots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Knots ``(xs, ys)`` of the curve taking the magnitudes ``|src|`` to the distribution of
+    ``|dst|``: 1-D optimal transport, as for the tone curves.  The gain ``ys / xs`` stays within
+    :data:`BAND_CURVE_LIMITS` and the curve monotone, so that noise in the sparse tail (or content that
+    differs between the domains) cannot turn into an extreme or order-reversing gain."""
+    q = band_levels(knots)
+    xs, ys = np.quantile(np.abs(src), q), np.quantile(np.abs(dst), q)
+    xs = np.maximum.accumulate(xs) + np.arange(knots) * 1e-9 * max(float(xs[-1]), 1e-6)  # strictly increasing
+    xs[0], ys[0] = 0.0, 0.0
+    ys[1:] = np.clip(ys[1:], BAND_CURVE_LIMITS[0] * xs[1:], BAND_CURVE_LIMITS[1] * xs[1:])
+    return xs.astype(np.float32), np.maximum.accumulate(ys).astype(np.float32)
 
 
 def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -50,11 +79,12 @@ def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.nd
 @torch.no_grad()
 def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
-                    seed: int = 0) -> ToneFilter:
-    """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``."""
+                    band_curves: bool = False, seed: int = 0) -> ToneFilter:
+    """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``; with
+    ``band_curves`` one curve per band (amplitude-dependent gains) instead of one gain."""
     rng = np.random.default_rng(seed)
     a, b = pick_images(src, MAX_IMAGES), pick_images(dst, MAX_IMAGES)
-    tf = ToneFilter(sigmas=sigmas, knots=knots)
+    tf = ToneFilter(sigmas=sigmas, knots=knots, band_knots=DEFAULT_BAND_KNOTS if band_curves else 0)
     grid = np.linspace(-1.0, 1.0, knots)
     tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, PIXELS_PER_IMAGE, rng),
                                                          sample_pixels(b, PIXELS_PER_IMAGE, rng), grid)))
@@ -62,11 +92,13 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     def toned(images: list[np.ndarray]) -> list[torch.Tensor]:
         return [tf(torch.from_numpy(im)[None, None]) for im in images]
 
-    # Energies of the toned source (gains still 1) against the target.
-    e_src = np.mean([band_energies(t, tf.sigmas) for t in toned(a)], axis=0)
-    e_dst = np.mean([band_energies(im, tf.sigmas) for im in b], axis=0)
-    gains = np.sqrt(np.maximum(e_dst, 1e-12) / np.maximum(e_src, 1e-12))
-    tf.gains.copy_(torch.from_numpy(np.clip(gains, *GAIN_LIMITS).astype(np.float32)))
+    if band_curves:
+        _fit_band_curves(tf, toned(a), b, rng)
+    else:  # energies of the toned source (gains still 1) against the target
+        e_src = np.mean([band_energies(t, tf.sigmas) for t in toned(a)], axis=0)
+        e_dst = np.mean([band_energies(im, tf.sigmas) for im in b], axis=0)
+        gains = np.sqrt(np.maximum(e_dst, 1e-12) / np.maximum(e_src, 1e-12))
+        tf.gains.copy_(torch.from_numpy(np.clip(gains, *GAIN_LIMITS).astype(np.float32)))
     # The output curve: filtered source distribution onto the target's.  tone_out is still the
     # identity on [-1, 1], so first widen its range to what the filter produces.
     tf.out_range.copy_(torch.tensor([-4.0, 4.0]))
@@ -80,6 +112,28 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     tf.tone_out.copy_(torch.from_numpy(_matching_curve(f_sample.astype(np.float64),
                                                           sample_pixels(b, PIXELS_PER_IMAGE, rng), out_grid)))
     tf.out_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
+    described = tf.describe()
     log.info("tone filter fitted: band gains %s (sigmas %s px)",
-             " ".join(f"{g:.2f}" for g in tf.gains.tolist()), " ".join(f"{s:g}" for s in tf.sigmas))
+             " ".join(f"{g:.2f}" for g in described.get("band_gains", described.get("band_gains_small", []))),
+             " ".join(f"{s:g}" for s in tf.sigmas))
     return tf
+
+
+def _fit_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.ndarray],
+                     rng: np.random.Generator) -> None:
+    """Each band's curve: the toned source's coefficients onto the target's (in place)."""
+    def coefficients(images: list[torch.Tensor]) -> list[np.ndarray]:
+        per_band: list[list[np.ndarray]] = [[] for _ in tf.sigmas]
+        for im in images:
+            for k, band in enumerate(band_split(im, tf.sigmas)[:-1]):
+                c = band.numpy().ravel()
+                per_band[k].append(c[rng.choice(c.size, min(c.size, PIXELS_PER_IMAGE), replace=False)])
+        return [np.concatenate(cs).astype(np.float64) for cs in per_band]
+
+    src_bands = coefficients(toned)
+    dst_bands = coefficients([torch.from_numpy(im)[None, None] for im in dst])
+    knots = tf.band_x.shape[1]
+    for k, (s, d) in enumerate(zip(src_bands, dst_bands)):
+        xs, ys = _band_curve(s, d, knots)
+        tf.band_x[k].copy_(torch.from_numpy(xs))
+        tf.band_y[k].copy_(torch.from_numpy(ys))
