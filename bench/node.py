@@ -1,5 +1,9 @@
 """Node benchmark: receive throughput against pynetdicom's storescp, and end-to-end latency.
 
+Receiving is measured over DIMSE (C-STORE, one association) and over STOW-RS (one
+``POST /dicomweb/{called_ae}/studies`` request per run, the same number and size of instances,
+streamed from disk with ``http.client``), on the same node in the same rotation.
+
 Why: the node persists every instance durably (fsync + SQLite commit) before it answers
 Success, which costs time a plain "write and forget" SCP does not pay.  The goal is to
 stay within 10 % of pynetdicom's bundled ``storescp`` on the same machine, in the same
@@ -40,6 +44,8 @@ from tests.peers import wait_for_port  # noqa: E402
 
 CALLED_AE = "BENCH_STYLE"
 LOOPBACK = "127.0.0.1"
+STOW_TOKEN = "bench-stow-rs-token"
+STOW_BOUNDARY = "dicom-node-bench-boundary"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -133,6 +139,49 @@ def send_files(port: int, called_ae: str, files: list[Path], info: dict | None =
     return elapsed, t_last, statuses
 
 
+def post_files(web_port: int, called_ae: str, files: list[Path]) -> tuple[float, list[int]]:
+    """Send ``files`` in one STOW-RS request (multipart/related streamed from disk).
+
+    Returns (seconds from the request's start to its complete answer, per-file status: 0 for
+    an instance in the answer's ReferencedSOPSequence, else its FailureReason or -1).
+    """
+    import http.client
+
+    delimiter = f"--{STOW_BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    end = f"--{STOW_BOUNDARY}--\r\n".encode()
+    length = sum(len(delimiter) + f.stat().st_size + 2 for f in files) + len(end)
+
+    def body():
+        for f in files:
+            yield delimiter
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    yield chunk
+            yield b"\r\n"
+        yield end
+
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(LOOPBACK, web_port, timeout=600)
+    try:
+        conn.request("POST", f"/dicomweb/{called_ae}/studies", body=body(), headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={STOW_BOUNDARY}',
+            "Content-Length": str(length), "Authorization": f"Bearer {STOW_TOKEN}",
+            "Accept": "application/dicom+json"})
+        rsp = conn.getresponse()
+        answer = rsp.read()
+    finally:
+        conn.close()
+    elapsed = time.perf_counter() - t0
+    if rsp.status not in (200, 202, 409):
+        raise RuntimeError(f"STOW-RS answered {rsp.status}: {answer[:200]!r}")
+    stored = {i["00081155"]["Value"][0] for i in json.loads(answer).get("00081199", {}).get("Value", [])}
+    import pydicom
+
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for f in files]
+    return elapsed, [0 if u in stored else -1 for u in uids]
+
+
 # ----------------------------------------------------------------------------- receivers
 
 
@@ -170,10 +219,11 @@ class Node:
     """``dicom-node serve`` as a subprocess with a generated config; logs go to a file."""
 
     def __init__(self, workdir: Path, model: Path, *, stable_seconds: float, destination_port: int | None,
-                 name: str = "node") -> None:
+                 name: str = "node", stow_rs: bool = False) -> None:
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.web_port = free_port() if stow_rs else None
         self.log_path = self.dir / "node.log"
         dest = ({"pacs": {"type": "dicom", "ae_title": "STORESCP", "host": LOOPBACK, "port": destination_port}}
                 if destination_port else {"outbox": {"type": "folder", "path": str(self.dir / "outbox")}})
@@ -187,12 +237,18 @@ class Node:
             "retry": {"max_attempts": 3, "backoff_seconds": [1]},
             "web": None,  # the console is measured in bench/console.py
         }
+        if stow_rs:  # the web server for STOW-RS ingest only (its console pages are not used)
+            from dicom_node.web.auth import hash_password
+
+            config["web"] = {"host": LOOPBACK, "port": self.web_port, "stow_rs": {"tokens": [hash_password(STOW_TOKEN)]}}
         cfg = self.dir / "config.yaml"
         cfg.write_text(json.dumps(config, indent=1))  # JSON is valid YAML
         self.logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(cfg)],
                                      stdout=self.logf, stderr=subprocess.STDOUT, cwd=str(self.dir))
         wait_for_port(self.port, timeout=60.0, proc=self.proc)
+        if self.web_port:
+            wait_for_port(self.web_port, timeout=60.0, proc=self.proc)
 
     def stop(self) -> None:
         stop(self.proc)
@@ -225,11 +281,12 @@ def throughput_phase(work: Path, model: Path, args) -> dict:
 
     Two baselines, so the comparison cannot be won by a PDU setting: pynetdicom's storescp
     as shipped (16382-byte PDUs) and the same app advertising the node's own max PDU.  The
-    goal is judged against the faster of the two.
+    goal is judged against the faster of the two.  ``node-stow-rs``: the same node receiving
+    the same number and size of instances in one STOW-RS request.
     """
     pixels = [phantom(args.rows, args.cols, 12, seed=s) for s in range(3)]
     # The quiet period is long so the node's worker stays idle: this measures receiving.
-    node = Node(work, model, stable_seconds=3600, destination_port=None, name="node-throughput")
+    node = Node(work, model, stable_seconds=3600, destination_port=None, name="node-throughput", stow_rs=True)
     baselines: dict[str, Storescp] = {}
     runs: dict[str, list[dict]] = {}
     try:
@@ -242,8 +299,12 @@ def throughput_phase(work: Path, model: Path, args) -> dict:
         baselines[f"storescp-pdu-{node_pdu}"] = Storescp(work, max_pdu=node_pdu, name="storescp-matched")
         receivers = {name: (b.port, "STORESCP") for name, b in baselines.items()}
         receivers["node"] = (node.port, CALLED_AE)
+        receivers["node-stow-rs"] = (node.web_port, CALLED_AE)
+        files = write_radiographs(work / "warm-stow", 3, args.rows, args.cols, pixels=pixels)
+        post_files(node.web_port, CALLED_AE, files)  # warm-up (and the token's one Argon2 check)
+        shutil.rmtree(work / "warm-stow")
         for name, (port, aet) in receivers.items():
-            if name != "node":  # warm-up the baselines too
+            if name in baselines:  # warm-up the baselines too
                 files = write_radiographs(work / f"warm-{name}", 3, args.rows, args.cols, pixels=pixels)
                 send_files(port, aet, files)
                 shutil.rmtree(work / f"warm-{name}")
@@ -258,7 +319,10 @@ def throughput_phase(work: Path, model: Path, args) -> dict:
                 files = write_radiographs(folder, args.images, args.rows, args.cols, pixels=pixels)
                 nbytes = sum(f.stat().st_size for f in files)
                 os.sync()  # nothing of the previous run still being written back
-                elapsed, _, statuses = send_files(port, aet, files)
+                if name == "node-stow-rs":
+                    elapsed, statuses = post_files(port, aet, files)
+                else:
+                    elapsed, _, statuses = send_files(port, aet, files)
                 ok = sum(s == 0 for s in statuses)
                 runs[name].append({"seconds": elapsed, "bytes": nbytes, "images": len(files), "success": ok,
                                    "mb_per_s": nbytes / elapsed / 1e6, "images_per_s": len(files) / elapsed})
@@ -272,13 +336,16 @@ def throughput_phase(work: Path, model: Path, args) -> dict:
         for b in baselines.values():
             b.stop()
     med = {k: statistics.median(r["mb_per_s"] for r in v) for k, v in runs.items()}
-    best = max((k for k in med if k != "node"), key=lambda k: med[k])
+    best = max((k for k in med if k in baselines), key=lambda k: med[k])
     return {"runs": runs, "median_mb_per_s": med, "node_max_pdu": node_pdu, "best_baseline": best,
             "ratio_node_vs_best_storescp": med["node"] / med[best],
-            "ratio_node_vs_each": {k: med["node"] / v for k, v in med.items() if k != "node"},
+            "ratio_node_vs_each": {k: med["node"] / v for k, v in med.items() if k in baselines},
+            "ratio_stow_rs_vs_cstore": med["node-stow-rs"] / med["node"],
             "image_bytes": runs["node"][0]["bytes"] // runs["node"][0]["images"],
             "note": "pynetdicom storescp writes files without fsync; the node fsyncs the file and its "
-                    "directory and commits SQLite (WAL, synchronous=FULL) before answering Success"}
+                    "directory and commits SQLite (WAL, synchronous=FULL) before answering Success; "
+                    "node-stow-rs: the same node, one STOW-RS request per run carrying the run's instances "
+                    "(seconds: request start to complete answer; every instance stored as durably)"}
 
 
 def _last(events: list[tuple[float, str]], needle: str, after: float = 0.0) -> float | None:
@@ -377,9 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults written to {args.out}")
     print(f"{'measure':50s} {'median':>12s}")
     for name, value in thr["median_mb_per_s"].items():
-        label = "dicom-node (durable)" if name == "node" else f"{name} (pynetdicom)"
+        label = {"node": "dicom-node C-STORE (durable)", "node-stow-rs": "dicom-node STOW-RS (durable)"}.get(
+            name, f"{name} (pynetdicom)")
         print(f"{'receive MB/s, ' + label:50s} {value:12.1f}")
     print(f"{'ratio node / best storescp (goal >= 0.90)':50s} {thr['ratio_node_vs_best_storescp']:12.2f}")
+    print(f"{'ratio node STOW-RS / node C-STORE':50s} {thr['ratio_stow_rs_vs_cstore']:12.2f}")
     if lat:
         for key, label in (("total_s", "end-to-end: last ack -> delivered (s)"),
                            ("stable_wait_s", "  quiet-period wait (s)"),
