@@ -19,8 +19,9 @@ How to add a kind, say ``type: mykind``:
      besides ``type``), ``required`` (those it must have) and the methods ``parse`` (start with
      ``raw = self.fields(raw, path, problems)``, then read each key with the typed readers of
      :mod:`dicom_node.config.fields`, e.g. ``string(raw, "url", path, problems)``), ``describe``
-     and ``deliver``; ``finish`` and ``check`` when it needs them (TLS files:
-     :func:`dicom_node.config.fields.tls_settings` and :func:`dicom_node.config.probes.check_tls`);
+     and ``deliver``; ``finish``, ``check`` and ``reach`` when it needs them (TLS files:
+     :func:`dicom_node.config.fields.tls_settings` and :func:`dicom_node.config.probes.check_tls`;
+     ``reach``: check-config asks the peer, as :mod:`.dicomweb` does);
    - as its last line ``KIND = register(MyKind())``.
 
    Import heavy libraries inside ``deliver``, not at the top: the CLI imports every kind.
