@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator
 
-__all__ = ["NodeMetrics", "METRIC_PREFIX"]
+__all__ = ["NodeMetrics", "METRIC_PREFIX", "received_by_protocol"]
 
 METRIC_PREFIX = "dicom_node_"
 # Seconds: a C-STORE answer is milliseconds (it persists a file and a row); translations
@@ -38,6 +38,17 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 # a label added to a counter later: what its rows from before mean (every instance received
 # before STOW-RS ingest came over DIMSE)
 LABEL_DEFAULTS = {"protocol": "dimse"}
+
+
+def received_by_protocol(values: dict[str, list[tuple[dict[str, str], int]]]) -> dict[str, dict[str, int]]:
+    """Called AE title -> protocol -> instances received, from the counters (``StateDB.counters.values()``):
+    what ``dicom-node status`` shows beside the metric."""
+    out: dict[str, dict[str, int]] = {}
+    for labels, n in values.get("received", []):
+        by_protocol = out.setdefault(str(labels.get("called_ae", "")), {})
+        protocol = str(labels.get("protocol", LABEL_DEFAULTS["protocol"]))
+        by_protocol[protocol] = by_protocol.get(protocol, 0) + n
+    return out
 
 
 class NodeMetrics:

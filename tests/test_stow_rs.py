@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -218,6 +220,10 @@ def test_a_study_posted_over_stow_rs_is_translated_and_delivered_to_storescp(tmp
         assert all(str(sc.StudyInstanceUID) == str(study[0].StudyInstanceUID) for sc in outputs)
         m = metric_samples(http_get(web_port, "/metrics"))
         assert m[("dicom_node_instances_received_total", (("called_ae", CALLED), ("protocol", "stow-rs")))] == 3
+        status_json = subprocess.run([sys.executable, "-m", "dicom_node", "status", "--json", "--config",
+                                      str(node.config_path)], capture_output=True, text=True, timeout=60)
+        assert status_json.returncode == 0, status_json.stderr
+        assert json.loads(status_json.stdout)["received"] == {CALLED: {"stow-rs": 3}}
         log = node.log()
         assert "STOW-RS to DR_KIM_STYLE: 3 instance(s) stored" in log
         assert PATIENT_NAME not in log and PATIENT_ID not in log and TOKEN not in log

@@ -55,6 +55,8 @@ def cli_user() -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from dicom_node.metrics import received_by_protocol
+
     db = open_state(args.config)
     try:
         inst, dels = db.counts()
@@ -64,13 +66,14 @@ def run_status(args: argparse.Namespace) -> int:
         withheld = db.audit.withheld()
         flagged = db.audit.rows(verdict="flagged", newest=FLAGGED_LISTED)
         nodes = db.cluster.nodes()
+        received = received_by_protocol(db.counters.values())
     finally:
         db.close()
     if getattr(args, "json", False):
         import json
 
         print(json.dumps({
-            "instances": inst, "deliveries": dels,
+            "instances": inst, "deliveries": dels, "received": received,
             "destinations": {n: {"pending": p, "failed": f, "max_attempts_so_far": a, "last_error": e}
                              for n, p, f, a, e in per_destination},
             "oldest_waiting": None if oldest is None else
@@ -83,6 +86,8 @@ def run_status(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0
     print("instances:  " + "  ".join(f"{k} {v}" for k, v in inst.items()))
+    for called, by_protocol in received.items():
+        print(f"  received at {called}: " + "  ".join(f"{p} {n}" for p, n in by_protocol.items()))
     print("deliveries: " + "  ".join(f"{k} {v}" for k, v in dels.items()))
     for name, pending, failed, attempts, error in per_destination:
         line = f"  to {name}: pending {pending}  failed {failed}  (attempts up to {attempts})"
