@@ -35,9 +35,8 @@ def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str
     ``norms``: each domain's window (``{"A": ..., "B": ...}``); the identity baseline is A's
     values seen through B's window (``engine.pixels.rewindow``).
     """
-    from dicom_node.engine.pixels import rewindow
-
     from dicom_node.engine import translate
+    from dicom_node.engine.pixels import rewindow
 
     models = {key: frozen_model(gen, f"validation-{key}") for key, gen in (("a2b", g_ab), ("b2a", g_ba))}
     sums: dict[str, float] = {}
