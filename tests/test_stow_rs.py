@@ -146,6 +146,30 @@ def http_get(port: int, path: str) -> str:
         conn.close()
 
 
+def test_a_body_that_stops_arriving_gets_408_and_stores_nothing(tmp_path, tiny_model_path, token_hash):
+    """A client that sends half its body and falls silent is answered after node.network_timeout."""
+    import socket
+    import time
+
+    study = make_study(2)
+    body = multipart([encoded(ds) for ds in study])
+    with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port, token_hash,
+                                         node={"network_timeout": 1}) as node:
+        port = node.web.address[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            head = (f"POST /dicomweb/{CALLED}/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: {RELATED}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            sock.sendall(head + body[:len(body) * 3 // 4])
+            t0 = time.monotonic()
+            answer = sock.recv(4096)
+            waited = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert 0.5 < waited < 10, waited
+        _stored_nothing(node)
+        assert post(port, body)[0] == 200  # and it keeps serving
+
+
 def test_stow_rs_is_off_unless_configured(tmp_path, tiny_model_path):
     with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port, None) as node:
         status, _, answer = post(node.web.address[1], multipart([encoded(make_study(1)[0])]))
@@ -281,3 +305,24 @@ def test_kill9_during_stow_rs_ingest_loses_no_acknowledged_instance(tmp_path, ti
         assert all(len(v) == 1 for v in by_source.values())
         uids = pacs.uids()
         assert sorted(uids) == sorted(set(uids)), "no duplicate sends"
+
+
+def test_stow_rs_config_keys(tmp_path, tiny_model_path, token_hash):
+    from dicom_node.config import ConfigError
+
+    def web(stow_rs=None) -> dict:
+        return node_config(tmp_path, port=free_port(), model_path=tiny_model_path,
+                           destinations={"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}},
+                           routes=[{"called_ae": CALLED, "model": "tiny", "destinations": ["outbox"]}],
+                           web={"port": 0, **({} if stow_rs is None else {"stow_rs": stow_rs})})
+
+    assert parse_config(web({"tokens": [token_hash]}), base_dir=tmp_path).web.stow_rs_tokens == [token_hash]
+    assert parse_config(web(), base_dir=tmp_path).web.stow_rs_tokens is None
+    for bad, where in (({"tokens": ["plain-text-token"]}, "web.stow_rs.tokens[0]: must be an Argon2 hash"),
+                       ({"tokens": []}, "web.stow_rs.tokens: at least one token hash"),
+                       ({}, "web.stow_rs.tokens: required key missing"),
+                       ({"tokens": [token_hash], "users": {}}, "web.stow_rs.users: unknown key")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(web(bad), base_dir=tmp_path)
+        assert where in str(err.value), str(err.value)
+        assert "plain-text-token" not in str(err.value)  # a token pasted in the wrong place is not echoed

@@ -19,7 +19,8 @@ Answers: 200 and a ``ReferencedSOPSequence`` when every instance was stored; 202
 ``FailedSOPSequence`` when some failed; 409 when all failed (``application/dicom+json``);
 401 without or with a wrong token, 404 for a called AE title no route has (or STOW-RS off),
 403 when no route of it allows :data:`CALLING_AE`, 415 for a request that is not
-``multipart/related; type="application/dicom"``, 400 for a malformed multipart body.
+``multipart/related; type="application/dicom"``, 400 for a malformed multipart body, 408 when
+the body stops arriving for ``node.network_timeout`` seconds.
 
 Why the whole body is read before anything is stored: a body cut short or malformed must store
 nothing (a half-stored request the client cannot tell from a failed one would be sent again
@@ -221,6 +222,24 @@ def _content_type(header: str) -> tuple[str, dict[str, str]]:
     return message.get_content_type().lower(), params
 
 
+async def _chunks(request: Any, idle: float) -> Any:
+    """The request body's chunks; TimeoutError when none arrives for ``idle`` seconds.
+
+    Why: a client that stops sending mid-body (gone without a FIN, or trickling on purpose)
+    would hold its temp files and a worker forever; node.network_timeout is what the DICOM
+    listener allows a silent peer too."""
+    import anyio
+
+    stream = request.stream()
+    while True:
+        with anyio.fail_after(idle):
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+        yield chunk
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
     from starlette.responses import JSONResponse
 
@@ -363,7 +382,7 @@ def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str
             max_bytes=node.max_instance_bytes, free_bytes=console.spool.free_bytes, min_free=storage.min_free_bytes))
         try:
             pending = bytearray()
-            async for chunk in request.stream():
+            async for chunk in _chunks(request, node.network_timeout):
                 pending += chunk
                 if len(pending) >= FEED_BYTES:
                     data, pending = bytes(pending), bytearray()
@@ -378,6 +397,10 @@ def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str
         except ClientDisconnect:
             log.warning("STOW-RS to %s: the client went away before the body ended; nothing stored", called)
             return _error(400, "the body ended early")
+        except TimeoutError:
+            log.warning("STOW-RS to %s: no body bytes for %g s (node.network_timeout); nothing stored", called,
+                        node.network_timeout)
+            return _error(408, f"no body bytes for {node.network_timeout:g} s")
         finally:
             await anyio.to_thread.run_sync(body.discard)
         log.info("STOW-RS to %s: %d instance(s) stored, %d failed", called, len(stored), len(failed))
