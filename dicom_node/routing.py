@@ -44,9 +44,11 @@ REJECT_CALLING_AE = "calling-ae-not-allowed"
 class RouteChoice:
     """The routing decision for one instance.
 
-    ``index`` is the route's position in the config (for the state database);
-    ``matched`` False means no route condition held and ``index`` names the fallback
-    route (or is None when the called AE has no route allowing the caller).
+    ``index`` is the route's position in this config's route list, to look it up there: what
+    is recorded (state database, logs) is the route's *name* (``routes[index].name``), which
+    survives reordering and reloads.  ``matched`` False means no route condition held and
+    ``index`` is the fallback route's (or None when the called AE has no route allowing the
+    caller).
     """
 
     index: int | None
