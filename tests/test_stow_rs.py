@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from dicom_node.web.auth import hash_password
 from tests.factory import PATIENT_ID, PATIENT_NAME, make_dataset
 from tests.nodeproc import NodeProcess, Receiver, free_port, node_config, wait_for, write_config
 from tests.test_node_recovery import db_counts, outputs_by_source, settled
-from tests.test_web import metric_samples
+from tests.test_web import Browserless, _token, metric_samples
 
 TOKEN = "stow-test-token-0123456789"
 CALLED = "DR_KIM_STYLE"
@@ -135,6 +136,14 @@ def test_refused_requests_get_the_standard_status_and_store_nothing(tmp_path, ti
         assert m[("dicom_node_instances_received_total", (("called_ae", CALLED), ("protocol", "stow-rs")))] == 2
         assert m[("dicom_node_instances_received_total", (("called_ae", CALLED), ("protocol", "dimse")))] == 0
         assert PATIENT_NAME not in text and PATIENT_ID not in text
+        # the console's overview says where each called AE receives and how much came each way
+        console = Browserless(node.web.url)
+        console.login_with_token(_token(node))
+        status, _, html = console.get("/")
+        assert status == 200
+        row = re.search(r'<table id="receiving">.*?<td>DR_KIM_STYLE</td>(.*?)</tr>', html, re.S).group(1)
+        assert [c.strip() for c in re.findall(r"<td>(.*?)</td>", row, re.S)] == [
+            f"127.0.0.1:{node.port}", "POST /dicomweb/DR_KIM_STYLE/studies", "0", "2"]
 
 
 def http_get(port: int, path: str) -> str:

@@ -26,7 +26,7 @@ from dicom_node.web.auth import LOGIN_COOKIE, SESSION_COOKIE, HashTurns, LoginLi
     client_address, new_token, proxy_networks, same
 from dicom_node.web.health import readiness
 from dicom_node.web.stow import PATH as STOW_PATH
-from dicom_node.web.stow import stow_endpoint
+from dicom_node.web.stow import receiving, stow_endpoint
 
 __all__ = ["Console", "build_app", "BadRequest"]
 
@@ -340,7 +340,8 @@ def build_app(console: Console):
                       used_share=(disk.total - disk.free) / disk.total if disk.total else 0.0,
                       models=models, destinations=destinations, checks=readiness(console),
                       fidelity=db.audit.fidelity_counts(), oldest=oldest, started_at=console.started_at,
-                      nodes=db.cluster.nodes(), this_node=console.node_id)
+                      nodes=db.cluster.nodes(), this_node=console.node_id,
+                      receiving=receiving(config, db.counters.values()))
 
     @page
     def studies(request: Any, session: Session) -> Any:

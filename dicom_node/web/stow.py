@@ -47,7 +47,7 @@ from dicom_node.routing import REJECT_CALLED_AE, REJECT_CALLING_AE, association_
 from dicom_node.untrusted import invalid_ae_title
 from dicom_node.web.auth import HashTurns, LoginLimiter
 
-__all__ = ["stow_endpoint", "CALLING_AE", "PATH", "STATUS_SOP_CLASS_NOT_SUPPORTED", "BearerTokens",
+__all__ = ["stow_endpoint", "receiving", "CALLING_AE", "PATH", "STATUS_SOP_CLASS_NOT_SUPPORTED", "BearerTokens",
            "FEED_BYTES", "MAX_TOKEN_LENGTH"]
 
 log = logging.getLogger("dicom_node.web.stow")
@@ -320,6 +320,22 @@ def _response(stored: list[tuple[str, str]], failed: list[tuple[str, str, int]])
             ds.FailedSOPSequence.append(item)
     status = 200 if not failed else 202 if stored else 409
     return Response(json.dumps(ds.to_json_dict()), status_code=status, media_type=RESPONSE_TYPE)
+
+
+def receiving(config: Any, counters: dict[str, list[tuple[dict[str, str], int]]]) -> list[dict[str, Any]]:
+    """Per called AE title: the STOW-RS path it takes (None: STOW-RS off) and the instances it
+    received over each protocol (``counters``: ``StateDB.counters.values()``), for the console."""
+    from urllib.parse import quote
+
+    from dicom_node.metrics import received_by_protocol
+
+    counts = received_by_protocol(counters)
+    routed = {r.called_ae for r in config.routes}
+    stow = config.web is not None and config.web.stow_rs_tokens is not None
+    return [{"called_ae": ae, "routed": ae in routed, "dimse": counts.get(ae, {}).get("dimse", 0),
+             "stow_rs": counts.get(ae, {}).get("stow-rs", 0),
+             "stow_path": PATH.format(called_ae=quote(ae, safe="")) if stow and ae in routed else None}
+            for ae in sorted(routed | set(counts))]
 
 
 def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str]) -> Callable:
