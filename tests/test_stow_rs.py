@@ -221,6 +221,19 @@ def test_failed_instances_are_listed_with_the_listeners_reasons(tmp_path, tiny_m
         assert wait_for(lambda: len(pacs.uids()) == 2, 60), pacs.uids()
 
 
+def test_a_full_spool_refuses_every_instance_while_it_arrives(tmp_path, tiny_model_path, token_hash):
+    """Below storage.min_free_bytes the parts are dropped as they arrive (0xA700, as a C-STORE):
+    409, nothing written to the spool."""
+    study = make_study(3)
+    with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port, token_hash,
+                                         storage={"min_free_bytes": 10**15}) as node:
+        status, _, answer = post(node.web.address[1], multipart([encoded(ds) for ds in study]))
+        assert status == 409, answer
+        failed = sop_items(answer, "00081198")
+        assert [(i["uid"], i["reason"]) for i in failed] == [(str(ds.SOPInstanceUID), 0xA700) for ds in study]
+        _stored_nothing(node)
+
+
 def _process_config(tmp_path: Path, model: Path, destinations: dict, token_hash: str, web_port: int) -> dict:
     cfg = node_config(tmp_path, port=free_port(), model_path=model, stable=1.0, destinations=destinations,
                       routes=[{"called_ae": CALLED, "model": "tiny", "destinations": list(destinations)}],

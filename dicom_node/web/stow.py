@@ -160,8 +160,11 @@ class _BodyParts:
     def discard(self) -> None:
         """Remove every temp file (after an error, or once each part was stored or refused)."""
         for part in self.parts:
-            if part.file is not None:
-                part.file.close()
+            try:
+                if part.file is not None:
+                    part.file.close()
+            except OSError:
+                pass
             if part.path is not None:
                 part.path.unlink(missing_ok=True)
 
@@ -183,29 +186,42 @@ class _BodyParts:
 
     def _headers_finished(self) -> None:
         part = self.parts[-1]
-        fd, name = tempfile.mkstemp(prefix="stow-", suffix=".dcm", dir=self.tmp)  # 0600
-        part.path, part.file = Path(name), os.fdopen(fd, "wb")
         self._watch = self.watch()
+        try:
+            fd, name = tempfile.mkstemp(prefix="stow-", suffix=".dcm", dir=self.tmp)  # 0600
+        except OSError as exc:
+            part.refused = f"cannot write the spool ({exc.strerror or exc})"
+            return
+        part.path, part.file = Path(name), os.fdopen(fd, "wb")
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self.parts[-1]
         if part.refused is not None:
             return  # dropped: the rest of it is read and not kept
         part.size += end - start
-        part.file.write(data[start:end])  # at most FEED_BYTES past a limit, dropped at once
-        why = self._watch.problem(part.size) if self._watch is not None else None
+        try:
+            part.file.write(data[start:end])  # at most FEED_BYTES past a limit, dropped at once
+            why = self._watch.problem(part.size) if self._watch is not None else None
+        except OSError as exc:  # the disk filled up faster than the watch looked
+            why = f"cannot write the spool ({exc.strerror or exc})"
         if why is not None:
             part.refused = why
-            part.file.flush()
-            part.uids = _uids(part.path)  # its header arrived: the answer names the instance
-            part.file.truncate(0)
-            part.file.close()
+            try:
+                part.file.flush()
+                part.uids = _uids(part.path)  # its header arrived: the answer names the instance
+                part.file.truncate(0)
+                part.file.close()
+            except OSError:
+                pass  # removed with the others at the end of the request
             part.file = None
 
     def _end_part(self) -> None:
         part = self.parts[-1]
         if part.file is not None:
-            part.file.close()
+            try:
+                part.file.close()
+            except OSError as exc:  # its last bytes did not fit on the disk
+                part.refused = f"cannot write the spool ({exc.strerror or exc})"
             part.file = None
 
     def _end(self) -> None:
