@@ -8,7 +8,10 @@ held-out true pairs in ``test/``, for each style pair and seed:
 * ``identity``: the input unchanged;
 * ``histogram``: global histogram matching of A's intensities onto B's (training domains);
 * ``tone_filter``: the trainer's fitted tone filter alone (no network): the first stage that
-  every trained model must beat (the trainer exports it alone when its network does not);
+  every trained model must beat (the trainer exports it alone when its network does not); with
+  band curves (amplitude-dependent band gains, ``model.band_curves``, the default);
+* ``tone_gains``: the same stage with one gain per band (``model.band_curves: false``, the
+  first stage before band curves), to show what the curves add in the same run;
 * ``classic``: the classic CycleGAN recipe through ``dicom-node train`` (no residual, no
   tone filter, identity loss 0.5, constant learning rate);
 * ``default``: ``dicom-node train`` with its default config (only the budget set);
@@ -60,7 +63,7 @@ from machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_RANGE = 2.0  # model space [-1, 1]
-ALL_METHODS = ("identity", "histogram", "tone_filter", "classic", "default", "default_network", "paired", "reference")
+ALL_METHODS = ("identity", "histogram", "tone_gains", "tone_filter", "classic", "default", "default_network", "paired", "reference")
 TRAINED = ("classic", "default", "paired")
 
 
@@ -132,12 +135,12 @@ def histogram_lut(a_arrays: list[np.ndarray], b_arrays: list[np.ndarray]):
     return lambda img: np.interp(img, xs, ys).astype(np.float32)
 
 
-def tone_filter_only(a_arrays, b_arrays, seed: int):
+def tone_filter_only(a_arrays, b_arrays, seed: int, band_curves: bool = True):
     import torch
 
     from dicom_node.train.tone_fit import fit_tone_filter
 
-    tf = fit_tone_filter(a_arrays, b_arrays, seed=seed)
+    tf = fit_tone_filter(a_arrays, b_arrays, band_curves=band_curves, seed=seed)
 
     def run(img: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -398,8 +401,8 @@ def main() -> int:
                     fn = lambda img: img  # noqa: E731
                 elif method == "histogram":
                     fn = histogram_lut(a_arr, b_arr)
-                elif method == "tone_filter":
-                    fn = tone_filter_only(a_arr, b_arr, seed)
+                elif method in ("tone_filter", "tone_gains"):
+                    fn = tone_filter_only(a_arr, b_arr, seed, band_curves=method == "tone_filter")
                 elif method == "reference":
                     fn = reference_fn(data, work, args, seed)
                 elif method == "paired":  # its own data set of true pairs; scored on the same test pairs

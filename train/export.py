@@ -132,7 +132,7 @@ def _calibration_images(meta: dict[str, Any], run_dir: Path,
 def _network_or_first_stage(gen: torch.nn.Module, meta: dict[str, Any], key: str) -> tuple[torch.nn.Module, dict]:
     """``gen``, or its first stage alone when its network did not beat it (module doc), with
     what was exported and why (provenance ``exported``)."""
-    from .selection import has_first_stage, zero_network
+    from .networks import has_first_stage, zero_network
 
     direction = "a2b" if key == "g_ab" else "b2a"
     gain = (meta.get("validation") or {}).get(f"gain_{direction}")

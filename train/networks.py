@@ -7,13 +7,16 @@ but the first and the last, LeakyReLU(0.2).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from dicom_node.engine.generator import ResnetGenerator, init_weights
 from dicom_node.engine.tone_filter import DEFAULT_BAND_KNOTS
 
-__all__ = ["PatchDiscriminator", "build_generator", "build_discriminator"]
+__all__ = ["PatchDiscriminator", "build_generator", "build_discriminator", "has_first_stage", "tone_filter_arguments",
+           "zero_network"]
 
 
 class PatchDiscriminator(nn.Module):
@@ -58,3 +61,25 @@ def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool |
 def build_discriminator(ndf: int) -> PatchDiscriminator:
     """A 70x70 PatchGAN with the standard N(0, 0.02) init."""
     return init_weights(PatchDiscriminator(ndf=ndf))
+
+
+def _last_conv(gen: torch.nn.Module) -> torch.nn.Conv2d:
+    return [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+
+
+def has_first_stage(gen: torch.nn.Module) -> bool:
+    """A residual generator: without its network's output it is its tone filter (or the identity)."""
+    return bool(getattr(gen, "residual", False))
+
+
+def zero_network(gen: torch.nn.Module) -> torch.nn.Module:
+    """A copy of residual ``gen`` whose network adds nothing: ``clamp(T(x) + tanh(0))`` = its first stage."""
+    if not has_first_stage(gen):
+        raise ValueError("only a residual generator has a first stage to fall back to")
+    out = copy.deepcopy(gen)
+    last = _last_conv(out)
+    with torch.no_grad():
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+    return out

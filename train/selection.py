@@ -29,7 +29,6 @@ criteria rank checkpoints against true-pair PSNR.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +38,8 @@ import torch
 
 from dicom_node.engine.errors import UserError
 from dicom_node.engine.quality import psnr
+
+from .networks import has_first_stage, zero_network
 
 log = logging.getLogger("dicom_node.train")
 
@@ -50,15 +51,6 @@ PSEUDO_IMAGES = 4  # target-domain images per direction made into pseudo-pairs
 GAIN_KEYS = ("gain_a2b", "gain_b2a")  # dB over the first stage, per direction (metrics.csv, checkpoint meta)
 
 
-def _last_conv(gen: torch.nn.Module) -> torch.nn.Conv2d:
-    return [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-
-
-def has_first_stage(gen: torch.nn.Module) -> bool:
-    """A residual generator: without its network's output it is its tone filter (or the identity)."""
-    return bool(getattr(gen, "residual", False))
-
-
 def first_stage(gen: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """``gen``'s first stage alone as a function of one model-space image: its tone filter
     (``engine.fidelity.base_of``, clamped as the generator clamps), or the identity for a
@@ -68,19 +60,6 @@ def first_stage(gen: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
     model = StyleModel(generator=gen, metadata={"name": "first-stage"})
     return lambda img: np.clip(base_of(model, img), -1.0, 1.0)
-
-
-def zero_network(gen: torch.nn.Module) -> torch.nn.Module:
-    """A copy of residual ``gen`` whose network adds nothing: ``clamp(T(x) + tanh(0))`` = its first stage."""
-    if not has_first_stage(gen):
-        raise ValueError("only a residual generator has a first stage to fall back to")
-    out = copy.deepcopy(gen)
-    last = _last_conv(out)
-    with torch.no_grad():
-        last.weight.zero_()
-        if last.bias is not None:
-            last.bias.zero_()
-    return out
 
 
 def pseudo_pairs(reverse: torch.nn.Module, targets: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
