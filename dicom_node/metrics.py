@@ -59,6 +59,7 @@ class NodeMetrics:
         from prometheus_client import CollectorRegistry, Histogram
 
         self.registry = CollectorRegistry(auto_describe=False)
+        self._state: _StateCollector | None = None  # watch(): the state database's numbers
         self.cstore_seconds = Histogram(
             METRIC_PREFIX + "cstore_response_seconds", "Time from a C-STORE request's dataset to our answer",
             buckets=CSTORE_BUCKETS, registry=self.registry)
@@ -68,7 +69,14 @@ class NodeMetrics:
 
     def watch(self, db: Any, spool: Any, config: Any) -> None:
         """Report the state database ``db`` (the console's own connection) and ``spool``."""
-        self.registry.register(_StateCollector(db, spool, config))
+        self._state = _StateCollector(db, spool, config)
+        self.registry.register(self._state)
+
+    def configure(self, config: Any) -> None:
+        """Take a reloaded config: new routes, models and destinations are reported (from 0),
+        ``spool_min_free_bytes`` is the new watermark."""
+        if self._state is not None:
+            self._state.config = config
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest

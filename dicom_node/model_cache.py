@@ -25,7 +25,7 @@ log = logging.getLogger("dicom_node.model_cache")
 class ModelCache:
     """Loads each configured model once, on first use (and its inverse, for the fidelity guard).
 
-    At a reload (:meth:`refresh`) a model whose settings or file changed is loaded beside the
+    At a reload (:meth:`configure`) a model whose settings or file changed is loaded beside the
     one in use and swapped in only when every changed model loaded: new studies get the new
     one, an item in flight keeps the model object it holds.
     """
@@ -50,10 +50,10 @@ class ModelCache:
                     raise
             return self._models[name]
 
-    def refresh(self, config: NodeConfig) -> list[str]:
-        """Take ``config``'s models: load the routed ones that are new or changed (settings, or
-        the file's size or time), then swap all at once; returns their names.  Raises (and
-        changes nothing) when one cannot be loaded."""
+    def configure(self, config: NodeConfig) -> list[str]:
+        """Take a reloaded config's models: load the routed ones that are new or changed (settings,
+        or the file's size or time), then swap all at once; returns their names.  Raises (and
+        changes nothing) when one cannot be loaded: the node then refuses the whole reload."""
         fresh = {}
         for name in dict.fromkeys(r.model for r in config.routes):
             with self._lock:

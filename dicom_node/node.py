@@ -27,7 +27,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.delivery import Deliverer
 from dicom_node.housekeeping import Housekeeper
 from dicom_node.ingest import Ingest
-from dicom_node.loops import Broadcast
+from dicom_node.loops import Broadcast, Loop
 from dicom_node.metrics import NodeMetrics
 from dicom_node.model_cache import ModelCache
 from dicom_node.notifications import Notifier
@@ -66,7 +66,7 @@ class Node:
         self._stop = threading.Event()
         self._translate_wake = threading.Event()
         self._deliver_wake: Broadcast = Broadcast([])
-        self._threads: list[threading.Thread] = []
+        self._threads: list[Loop] = []
         self.metrics = NodeMetrics()
         self.web: Any = None  # dicom_node.web.WebServer while the console runs
         self._web_db: StateDB | None = None
@@ -157,29 +157,31 @@ class Node:
                 for problem in problems:
                     log.error("reload refused, still running the old config: %s", problem)
                 return {"ok": False, "problems": problems, "changes": [], "restart_needed": []}
-            restart = reload.restart_needed(self.config, new)
-            applied = reload.applicable(self.config, new)
+            plan = reload.plan(self.config, new)  # what is live and what needs a restart: config.settings
             try:
-                loaded = self._models.refresh(applied) if self._models is not None else []
+                # first: the one part that may refuse (a model that does not load keeps the old config)
+                loaded = self._models.configure(plan.config) if self._models is not None else []
             except Exception as exc:  # noqa: BLE001 - a model that does not load: keep the old config
                 problem = f"a model cannot be loaded: {exc.__class__.__name__}: {exc}"
                 log.error("reload refused, still running the old config: %s", problem)
-                return {"ok": False, "problems": [problem], "changes": [], "restart_needed": restart}
-            done = reload.changes(self.config, applied)
-            done += [f"model {n} loaded" for n in loaded if f"model {n} added" not in done]
-            self._apply(applied)
-            for key in restart:
+                return {"ok": False, "problems": [problem], "changes": [], "restart_needed": plan.restart_needed}
+            done = plan.applied + [f"model {n} loaded" for n in loaded if f"model {n} added" not in plan.applied]
+            self._apply(plan.config)
+            for key in plan.restart_needed:
                 log.warning("reload: %s changed: needs a restart (the old value stays until then)", key)
             log.info("reloaded %s: %s", self.config_path, "; ".join(done) or "nothing changed")
-            return {"ok": True, "problems": [], "changes": done, "restart_needed": restart}
+            return {"ok": True, "problems": [], "changes": done, "restart_needed": plan.restart_needed}
+
+    def _parts(self) -> list[Any]:
+        """Every part that takes a reloaded config, each by ``configure(config)`` (the model cache
+        goes first, in :meth:`reload`, since it may refuse; a retired deliverer finishes its batch
+        with the config it had)."""
+        parts: list[Any] = [t for t in self._threads if not t.retired]
+        return parts + [p for p in (self.scp, self._console, self.metrics, self.events) if p is not None]
 
     def _apply(self, config: NodeConfig) -> None:
         """Hand ``config`` to every part; new destinations get a deliverer, removed ones' retire."""
         self.config = config
-        for t in self._threads:
-            if isinstance(t, Deliverer):
-                continue
-            t.config = config
         for name in [n for n in self._deliverers if n is not None and n not in config.destinations]:
             self._deliverers.pop(name).retire()
         for name in config.destinations:
@@ -188,13 +190,8 @@ class Node:
                 self._threads.append(d)
                 self._deliver_wake.events.append(d.wake)
                 d.start()
-        for d in self._deliverers.values():
-            d.configure(config)
-        if self.scp is not None:
-            self.scp.configure(config)
-        if self._console is not None:
-            self._console.config = config
-        self.events.configure(config)
+        for part in self._parts():
+            part.configure(config)
         self._wake_all()
 
     def _start_web(self, models: ModelCache) -> None:

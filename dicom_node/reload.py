@@ -7,11 +7,14 @@ in the spool work everywhere.  ``dicom-node reload`` writes a request with a ran
 SIGHUP to the pid in ``node.json`` and waits for the result with that id; the node re-reads
 *its own* config file, validates it completely, and applies it or keeps the old one.
 
-Applied at once: routes (with their called AE titles, allow-lists, matching, completion and
-fidelity settings), destinations, retry, models (a changed model is loaded beside the old one),
-notifications, ``storage.min_free_bytes``, ``node.max_instance_bytes``.  Needs a restart (the
-reload says so and keeps the old value): the listener (``node.*`` otherwise), the spool folder,
-the console (``web``) and the number of ``workers``.
+What a reload applies at once and what needs a restart is said once per setting, by its field
+in :mod:`dicom_node.config.settings` (``LIVE`` / ``RESTART``); this module derives from it, for
+every key, what changed, what was applied and what waits for a restart.  Applied at once today:
+routes, destinations, models (a changed model is loaded beside the old one), notifications,
+retry, ``study_stable_seconds``, ``storage.min_free_bytes``, ``storage.keep_sources_days``,
+``node.max_instance_bytes``.  Needs a restart (the reload says so and keeps the old value): the
+listener (``node.*`` otherwise), the spool folder, the state database and its lease length, the
+console (``web``) and the number of ``workers``.
 """
 from __future__ import annotations
 
@@ -22,17 +25,18 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dicom_node.config import NodeConfig
+from dicom_node.config.settings import EACH_FIELD, LIVE, RELOAD, RESTART
 
-__all__ = ["NODE_FILE", "REQUEST_FILE", "RESULT_FILE", "read_config", "restart_needed", "applicable", "changes",
-           "write_node_file", "read_node_file", "request_reload", "take_request", "write_result"]
+__all__ = ["NODE_FILE", "REQUEST_FILE", "RESULT_FILE", "read_config", "Plan", "plan", "restart_needed", "applicable",
+           "changes", "write_node_file", "read_node_file", "request_reload", "take_request", "write_result"]
 
 NODE_FILE = "node.json"  # {pid, config, started_at} of the node using this spool
 REQUEST_FILE = "reload-request"  # the id of the reload `dicom-node reload` asked for
 RESULT_FILE = "reload-result.json"  # {id, ok, problems, changes, restart_needed, at}
-LIVE_NODE_KEYS = ("max_instance_bytes",)
+_LIVE, _RESTART, _EACH_FIELD = LIVE[RELOAD], RESTART[RELOAD], EACH_FIELD[RELOAD]  # a setting's reload metadata
 
 
 def read_config(path: str | Path) -> tuple[NodeConfig | None, list[str]]:
@@ -59,44 +63,76 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) or "no details"
 
 
+@dataclasses.dataclass
+class Plan:
+    """What a reload from one config to another does."""
+
+    config: NodeConfig  # the new config, with the settings that need a restart kept as they run
+    applied: list[str]  # one line per change applied at once (no secrets)
+    restart_needed: list[str]  # the changed settings that wait for a restart, as ``section.key``
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied or self.restart_needed)
+
+
+def plan(old: NodeConfig, new: NodeConfig) -> Plan:
+    """The reload from ``old`` to ``new``, derived from each setting's ``reload`` metadata."""
+    return Plan(applicable(old, new), changes(old, new), restart_needed(old, new))
+
+
+def _how(f: dataclasses.Field) -> str:
+    """``live``, ``restart`` or ``each field`` (a setting that does not say needs a restart)."""
+    return str(f.metadata.get(RELOAD, _RESTART))
+
+
+def _settings(old: Any, new: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
+    """(``section.key``, field, old value, new value) of every setting, sections opened."""
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if _how(f) == _EACH_FIELD:
+            yield from _settings(a, b, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, a, b
+
+
 def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
     """The changed settings a reload cannot apply, as ``section.key`` names."""
-    out = [f"node.{f.name}" for f in dataclasses.fields(old.node)
-           if f.name not in LIVE_NODE_KEYS and getattr(old.node, f.name) != getattr(new.node, f.name)]
-    if old.storage.spool_dir != new.storage.spool_dir:
-        out.append("storage.spool_dir")
-    if old.web != new.web:
-        out.append("web")
-    if old.workers != new.workers:
-        out.append("workers")
-    return out
+    return [key for key, f, a, b in _settings(old, new) if _how(f) != _LIVE and a != b]
 
 
-def applicable(old: NodeConfig, new: NodeConfig) -> NodeConfig:
+def applicable(old: Any, new: Any) -> Any:
     """``new`` with the settings that need a restart kept as they run now."""
-    node = dataclasses.replace(old.node, **{k: getattr(new.node, k) for k in LIVE_NODE_KEYS})
-    storage = dataclasses.replace(new.storage, spool_dir=old.storage.spool_dir)
-    return dataclasses.replace(new, node=node, storage=storage, web=old.web, workers=old.workers)
+    kept = {}
+    for f in dataclasses.fields(new):
+        if _how(f) == _EACH_FIELD:
+            kept[f.name] = applicable(getattr(old, f.name), getattr(new, f.name))
+        elif _how(f) != _LIVE:
+            kept[f.name] = getattr(old, f.name)
+    return dataclasses.replace(new, **kept)
 
 
 def changes(old: NodeConfig, new: NodeConfig) -> list[str]:
-    """What a reload from ``old`` to ``new`` changes, one line each (no secrets)."""
+    """What a reload from ``old`` to ``new`` applies at once, one line each (no secrets): an item
+    of a collection (a route, a destination, a model, a webhook) by name, other settings by key."""
     out = []
-    for kind, before, after in (("route", {r.name: r for r in old.routes}, {r.name: r for r in new.routes}),
-                                ("destination", old.destinations, new.destinations),
-                                ("model", old.models, new.models),
-                                ("webhook", {w.name: w for w in old.notifications},
-                                 {w.name: w for w in new.notifications})):
+    for key, f, a, b in _settings(old, new):
+        if _how(f) != _LIVE or a == b:
+            continue
+        kind = f.metadata.get("item")
+        if kind is None:
+            out.append(f"{key} changed")
+            continue
+        before, after = _by_name(a), _by_name(b)
         out += [f"{kind} {n} added" for n in after if n not in before]
         out += [f"{kind} {n} removed" for n in before if n not in after]
         out += [f"{kind} {n} changed" for n in after if n in before and after[n] != before[n]]
-    for label, a, b in (("retry", old.retry, new.retry), ("study_stable_seconds", old.study_stable_seconds,
-                                                          new.study_stable_seconds),
-                        ("storage.min_free_bytes", old.storage.min_free_bytes, new.storage.min_free_bytes),
-                        ("node.max_instance_bytes", old.node.max_instance_bytes, new.node.max_instance_bytes)):
-        if a != b:
-            out.append(f"{label} changed")
     return out
+
+
+def _by_name(items: Any) -> dict[str, Any]:
+    """A collection of settings by name (a dict already is; a list's items have ``name``)."""
+    return dict(items) if isinstance(items, dict) else {item.name: item for item in items}
 
 
 # ----------------------------------------------------------------------------- the files

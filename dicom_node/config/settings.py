@@ -14,7 +14,23 @@ from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, D
 
 __all__ = ["TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings", "DestinationSettings",
            "RouteSettings", "RetrySettings", "ON_MAX_WAIT", "derive_route_name", "webhook_retry",
-           "WebSettings", "WebhookSettings", "NOTIFICATION_EVENTS", "NodeConfig"]
+           "WebSettings", "WebhookSettings", "NOTIFICATION_EVENTS", "NodeConfig", "RELOAD", "LIVE", "RESTART",
+           "EACH_FIELD", "live_items"]
+
+# How a reload treats each setting of NodeConfig, NodeSettings and StorageSettings (field
+# metadata, read by dicom_node.reload; a test checks that every field says it): LIVE is applied
+# at once, RESTART keeps the value the node runs with until it restarts (the reload says so),
+# EACH_FIELD is a section whose fields each say.  The sections inside a LIVE or RESTART field
+# (a route, the console's settings) follow it whole.
+RELOAD = "reload"
+LIVE = {RELOAD: "live"}
+RESTART = {RELOAD: "restart"}
+EACH_FIELD = {RELOAD: "each field"}
+
+
+def live_items(kind: str) -> dict[str, str]:
+    """LIVE, for a collection of named items: a reload reports ``<kind> NAME added/removed/changed``."""
+    return {**LIVE, "item": kind}
 
 
 @dataclass
@@ -33,38 +49,39 @@ class TLSSettings:
 
 @dataclass
 class NodeSettings:
-    ae_title: str = "DICOMNODE"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    max_associations: int = 16
-    network_timeout: float = 60.0
-    dimse_timeout: float = 60.0
-    acse_timeout: float = 30.0
+    ae_title: str = field(default="DICOMNODE", metadata=RESTART)
+    host: str = field(default="127.0.0.1", metadata=RESTART)
+    port: int = field(default=11112, metadata=RESTART)
+    max_associations: int = field(default=16, metadata=RESTART)
+    network_timeout: float = field(default=60.0, metadata=RESTART)
+    dimse_timeout: float = field(default=60.0, metadata=RESTART)
+    acse_timeout: float = field(default=30.0, metadata=RESTART)
     # Seconds a new connection has to send its association request: a connection that never
     # speaks holds one of max_associations slots until then (pynetdicom waits acse_timeout).
-    request_timeout: float = 5.0
+    request_timeout: float = field(default=5.0, metadata=RESTART)
     # Memory one image may need to be processed (declared Rows x Columns x the engine's working
     # bytes per pixel); a larger one is refused at C-STORE.  None: the engine's default (6 GiB,
     # dicom_node.engine.dicom_decode.DEFAULT_MAX_DECODE_BYTES).
-    max_decode_bytes: int | None = None
-    max_instance_bytes: int = 2 * 1024**3
-    tls: TLSSettings | None = None
+    max_decode_bytes: int | None = field(default=None, metadata=RESTART)
+    max_instance_bytes: int = field(default=2 * 1024**3, metadata=LIVE)
+    tls: TLSSettings | None = field(default=None, metadata=RESTART)
     # This node among several on one PostgreSQL database and shared spool (its spool lock,
     # temp folder and row in ``status``); default: the host name.
-    name: str = ""
+    name: str = field(default="", metadata=RESTART)
 
 
 @dataclass
 class StorageSettings:
-    spool_dir: Path = Path("./spool")
-    min_free_bytes: int = 256 * 1024**2  # refuse new instances below this much free disk
-    database: str | None = None  # postgresql://user@host/db; None: SQLite in the spool (state.db)
+    spool_dir: Path = field(default=Path("./spool"), metadata=RESTART)
+    min_free_bytes: int = field(default=256 * 1024**2, metadata=LIVE)  # refuse new instances below this free disk
+    # postgresql://user@host/db; None: SQLite in the spool (state.db)
+    database: str | None = field(default=None, metadata=RESTART)
     # A claimed item (a translation, a delivery batch, a notification) is its node's for this
     # long after the node's last heartbeat; then another node takes it over.
-    lease_seconds: float = 30.0
+    lease_seconds: float = field(default=30.0, metadata=RESTART)
     # Sources and outputs of a delivered study stay in the spool this long after its last
     # delivery (``dicom-node reprocess`` works from them), then the node removes them; 0: at once.
-    keep_sources_days: float = 30.0
+    keep_sources_days: float = field(default=30.0, metadata=LIVE)
 
 
 @dataclass
@@ -209,17 +226,18 @@ class WebSettings:
 
 @dataclass
 class NodeConfig:
-    node: NodeSettings = field(default_factory=NodeSettings)
-    storage: StorageSettings = field(default_factory=StorageSettings)
-    study_stable_seconds: float = 10.0
-    models: dict[str, ModelSettings] = field(default_factory=dict)
-    destinations: dict[str, DestinationSettings] = field(default_factory=dict)
-    routes: list[RouteSettings] = field(default_factory=list)
-    retry: RetrySettings = field(default_factory=RetrySettings)
-    workers: int = 1
-    web: WebSettings | None = None
-    notifications: list["WebhookSettings"] = field(default_factory=list)  # a config file without ``web:`` gets WebSettings() (schema)
-    source: str = "<embedded default>"
+    node: NodeSettings = field(default_factory=NodeSettings, metadata=EACH_FIELD)
+    storage: StorageSettings = field(default_factory=StorageSettings, metadata=EACH_FIELD)
+    study_stable_seconds: float = field(default=10.0, metadata=LIVE)
+    models: dict[str, ModelSettings] = field(default_factory=dict, metadata=live_items("model"))
+    destinations: dict[str, DestinationSettings] = field(default_factory=dict, metadata=live_items("destination"))
+    routes: list[RouteSettings] = field(default_factory=list, metadata=live_items("route"))
+    retry: RetrySettings = field(default_factory=RetrySettings, metadata=LIVE)
+    workers: int = field(default=1, metadata=RESTART)
+    # a config file without ``web:`` gets WebSettings() (schema)
+    web: WebSettings | None = field(default=None, metadata=RESTART)
+    notifications: list["WebhookSettings"] = field(default_factory=list, metadata=live_items("webhook"))
+    source: str = field(default="<embedded default>", metadata=LIVE)  # the file it was read from
 
     def route(self, name: str | None) -> RouteSettings | None:
         """The route with this name (queued work names its route), or None."""

@@ -70,6 +70,10 @@ class Console:
     def secure(self) -> bool:
         return self.config.web is not None and self.config.web.tls is not None
 
+    def configure(self, config: Any) -> None:
+        """Take a reloaded config (the console's own settings, ``web``, need a restart)."""
+        self.config = config
+
 
 # ----------------------------------------------------------------------------- templates
 
