@@ -35,9 +35,9 @@ class Loop(threading.Thread):
     ``step()`` returns True when it did work (then it runs again at once); otherwise the loop
     idles :meth:`idle_seconds` or until ``wake`` is set (a loop without ``wake`` is periodic: only
     the stop ends its idling).  A loop with ``WAIT_FIRST`` idles before its first step (periodic
-    chores: the housekeeper, the heartbeat).  An exception in a step
-    is reported (:meth:`failed`) and the loop pauses ``error_pause`` seconds; ``failing`` is True
-    from the first failure to the next step that succeeds (:meth:`recovered`).
+    chores: the housekeeper, the heartbeat).  An exception in a step is reported (:meth:`failed`)
+    and the loop pauses ``error_pause`` seconds; ``failing`` is True from the first failure to the
+    next step that succeeds (:meth:`recovered`).
     """
 
     WAIT_FIRST = False

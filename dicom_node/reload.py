@@ -81,12 +81,12 @@ def plan(old: NodeConfig, new: NodeConfig) -> Plan:
     return Plan(applicable(old, new), changes(old, new), restart_needed(old, new))
 
 
-def _how(f: dataclasses.Field) -> str:
+def _how(f: dataclasses.Field[Any]) -> str:
     """``live``, ``restart`` or ``each field`` (a setting that does not say needs a restart)."""
     return str(f.metadata.get(RELOAD, _RESTART))
 
 
-def _settings(old: Any, new: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
+def _settings(old: Any, new: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any, Any]]:
     """(``section.key``, field, old value, new value) of every setting, sections opened."""
     for f in dataclasses.fields(old):
         a, b = getattr(old, f.name), getattr(new, f.name)
