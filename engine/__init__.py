@@ -9,6 +9,7 @@ Names are imported lazily, so ``dicom_node.engine.errors`` and friends stay ligh
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 __all__ = ["ResnetGenerator", "StyleModel", "load_style_model", "save_style_model", "new_style_model", "translate"]
 
@@ -22,7 +23,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     home = _HOME.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

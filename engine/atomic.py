@@ -33,7 +33,7 @@ def umask_mode() -> int:
     return 0o666 & ~current
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename or creation inside ``path`` durable.
 
     Filesystems that refuse fsync on a directory (EINVAL/ENOTSUP) are tolerated: the rename
@@ -50,8 +50,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_write(
-    target: str | os.PathLike,
-    write: Callable[[Path], None],
+    target: str | os.PathLike[str],
+    write: Callable[[Path], object],
     *,
     durable: bool = True,
     mode: int | None = None,

@@ -117,7 +117,8 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
         padded = (stored >= lo) & (stored <= hi)
     if not padded.any():
         return None
-    return ~padded
+    valid: np.ndarray = ~padded
+    return valid
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
@@ -129,7 +130,7 @@ def _stored_range(ds: Dataset) -> tuple[int, int]:
 
 
 def _modality_lut(ds: Dataset, stored: np.ndarray) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels.processing import apply_modality_lut
 
     if "ModalityLUTSequence" not in ds and "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
         return stored.astype(np.float32)

@@ -114,6 +114,7 @@ __all__ = ["FidelityReport", "assess", "measure", "judge", "thresholds_of", "cal
 OK, FLAGGED = "ok", "flagged"
 STALE_CALIBRATION = "the model's weights changed since its calibration (re-export it: dicom-node train export)"
 SCORES = tuple(score.name for score in TABLE)  # higher: worse
+# Uncalibrated models (older files, ``model init``): each score's default; those without one are not judged.
 DEFAULT_THRESHOLDS: dict[str, float] = {s.name: s.default for s in TABLE if s.default is not None}
 # metadata.fidelity layout; 4: network_scale with the erased-structure components; 5: saturated_surround
 FIDELITY_VERSION = 5
@@ -266,7 +267,7 @@ def reference_of(model: StyleModel, inverse: StyleModel | None = None) -> Refere
 def thresholds_of(model: StyleModel) -> tuple[dict[str, float], bool]:
     """The model's thresholds (calibrated, or the defaults for what it lacks) and whether calibrated."""
     stored = _fidelity_meta(model).get("thresholds") or {}
-    out = {s.name: s.default for s in TABLE if s.default is not None}
+    out = dict(DEFAULT_THRESHOLDS)
     for s in TABLE:
         if isinstance(stored.get(s.name), (int, float)):
             out[s.name] = float(stored[s.name])

@@ -22,6 +22,8 @@ The layer list is kept flat and explicit on purpose: the seamless tiled executor
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -46,7 +48,8 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+        out: torch.Tensor = self.block(x)
+        return x + out
 
 
 class ResnetGenerator(nn.Module):
@@ -59,7 +62,7 @@ class ResnetGenerator(nn.Module):
         ngf: int = 64,
         n_blocks: int = 9,
         residual: bool = False,
-        tone_filter: bool | dict = False,
+        tone_filter: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.ngf = ngf
@@ -99,12 +102,12 @@ class ResnetGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tone_filter is not None:
             x = self.tone_filter(x)
-        y = self.model(x)
+        y: torch.Tensor = self.model(x)
         if self.residual:
             y = torch.clamp(x + y, -1.0, 1.0)
         return y
 
-    def architecture(self) -> dict:
+    def architecture(self) -> dict[str, Any]:
         """The constructor arguments, as stored in a style model's metadata."""
         arch = {"type": "resnet_generator", "ngf": self.ngf, "n_blocks": self.n_blocks, "residual": self.residual}
         if self.tone_filter is not None:  # absent in files written before it existed: they load as before

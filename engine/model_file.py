@@ -19,7 +19,6 @@ import torch
 from .atomic import atomic_write, umask_mode
 from .defaults import DEFAULT_NORMALIZATION, MODEL_FORMAT
 from .errors import UserError
-
 from .generator import ResnetGenerator
 from .model_paths import bundled_model_path, resolve_model_path  # torch-free (check-config, status); re-exported
 
@@ -105,7 +104,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def read_model_metadata(path: str | os.PathLike) -> dict[str, str]:
+def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The raw metadata header of a safetensors file without reading its weights (cheap: used
     to find a model's inverse among the files next to it). Empty for anything unreadable."""
     from safetensors import SafetensorError, safe_open
@@ -183,7 +182,7 @@ def pinned_digest(path: Path) -> str | None:
     return str(value.get("weights_sha256", "")) if isinstance(value, dict) else ""
 
 
-def pin_weights_digest(path: str | os.PathLike) -> str:
+def pin_weights_digest(path: str | os.PathLike[str]) -> str:
     """Record ``path``'s weight digest in its folder's :data:`DIGESTS_FILE` (kept sorted; other
     entries stay); returns the digest.  Loading verifies it from then on."""
     p = Path(path)
@@ -237,13 +236,12 @@ def _not_safetensors(path: Path, exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
-def load_style_model(path: str | os.PathLike) -> StyleModel:
+def load_style_model(path: str | os.PathLike[str]) -> StyleModel:
     """Load a style model file; never executes code from it.
 
     Raises :class:`UserError` with a one-line reason for anything that is not a valid model.
     """
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     p = resolve_model_path(path)
     if not p.is_file():
@@ -317,7 +315,7 @@ def _check_windows(path: Path, meta: dict[str, Any]) -> None:
 
 def save_style_model(
     generator: ResnetGenerator,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     name: str,
     direction: str = "A->B",

@@ -16,18 +16,25 @@ from pydicom.uid import UID
 
 from .atomic import atomic_write
 from .defaults import CAUTION_LABEL, DEFAULT_OVERLAP, UID_RE
-
+from .pixels import (
+    OutputScale,
+    Radiograph,
+    normalize,
+    output_scale,
+    output_window,
+    to_output_pixels,
+)
 from .preview import save_png, to_u8
-from .pixels import (DEFAULT_MAX_PIXELS, OutputScale, Radiograph, decode_dataset, normalize, output_scale,
-                     output_window, read_dicom, to_output_pixels)
 from .secondary_capture import make_secondary_capture
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from .fidelity import FidelityReport
     from .model_file import StyleModel
     from .secondary_capture import SeriesNaming
 
-__all__ = ["translate_dataset", "translate_file", "save_translation", "save_preview", "Translation",
+__all__ = ["save_translation", "save_preview", "Translation",
            "translate_radiograph", "model_output_window", "model_output_scale", "ModelOutputError"]
 
 
@@ -95,17 +102,6 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
     return Translation(sc=sc, model_input=x, model_output=y, fidelity=report)
 
 
-def translate_dataset(model: "StyleModel", ds: Dataset, *, tile: int | None = None, overlap: float = DEFAULT_OVERLAP,
-                      device: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS, **guard: Any) -> Dataset:
-    """The Secondary Capture dataset (ready to save or send) for one source image.
-
-    ``guard`` takes :func:`translate_radiograph`'s fidelity keywords.  Raises
-    :class:`dicom_node.engine.errors.UnsupportedImage` for images the engine refuses.
-    """
-    img = decode_dataset(ds, max_pixels=max_pixels)
-    return translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device, **guard).sc
-
-
 def output_filename(sc: Dataset, suffix: str = ".dcm") -> str:
     """File name from the SOP Instance UID, validated so it can never escape the folder."""
     uid = str(sc.SOPInstanceUID)
@@ -114,21 +110,7 @@ def output_filename(sc: Dataset, suffix: str = ".dcm") -> str:
     return uid + suffix
 
 
-def translate_file(model: "StyleModel", path: str | os.PathLike, outdir: str | os.PathLike, *,
-                   tile: int | None = None, overlap: float = DEFAULT_OVERLAP, device: Any = None, preview: bool = False,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, **guard: Any) -> Path:
-    """Translate one DICOM file into ``outdir/<SOP Instance UID>.dcm`` (written atomically).
-
-    With ``preview``, also writes ``<SOP Instance UID>.png``: input | output side by side.
-    Raises :class:`dicom_node.engine.errors.UserError` (one line, starting with the path) for files
-    that are not DICOM, are corrupt, or are refused.
-    """
-    ds, img = read_dicom(path, max_pixels=max_pixels)
-    result = translate_radiograph(model, ds, img, tile=tile, overlap=overlap, device=device, **guard)
-    return save_translation(result, outdir, preview=preview)
-
-
-def save_translation(result: Translation, outdir: str | os.PathLike, *, preview: bool = False) -> Path:
+def save_translation(result: Translation, outdir: str | os.PathLike[str], *, preview: bool = False) -> Path:
     """Write ``result``'s SC as ``outdir/<SOP Instance UID>.dcm`` (atomically), and its preview PNG."""
     out_dir = Path(outdir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +121,7 @@ def save_translation(result: Translation, outdir: str | os.PathLike, *, preview:
     return target
 
 
-def save_preview(result: Translation, path: str | os.PathLike, *, max_height: int = 1024) -> Path:
+def save_preview(result: Translation, path: str | os.PathLike[str], *, max_height: int = 1024) -> Path:
     """Write ``result``'s preview (input | output under the fidelity banner) as a PNG, atomically;
     the node's console keeps small ones (``max_height``) of every translation."""
     image = _preview_image(result.model_input, result.model_output, result.fidelity, max_height=max_height)
@@ -147,7 +129,8 @@ def save_preview(result: Translation, path: str | os.PathLike, *, max_height: in
     return Path(path)
 
 
-def _preview_image(x: np.ndarray, y: np.ndarray, report: "FidelityReport | None" = None, max_height: int = 1024):
+def _preview_image(x: np.ndarray, y: np.ndarray, report: "FidelityReport | None" = None,
+                   max_height: int = 1024) -> PILImage:
     """An 8-bit RGB PNG-able image: model input | model output, both shown over -1..1, under a
     banner with the fidelity verdict (green ok, red flagged with its reasons and a ring
     around the worst region of the output)."""

@@ -45,8 +45,19 @@ from .defaults import DEFAULT_NORMALIZATION
 from .dicom_decode import decode_dataset
 from .errors import UnsupportedImage, UserError
 from .errors import first_line as _first_line
-from .radiograph import (DEFAULT_MAX_PIXELS, FULL_RANGE, OUTPUT_MAX, OutputScale, Radiograph, normalize,
-                         output_scale, output_window, rewindow, target_normalization, to_output_pixels)
+from .radiograph import (
+    DEFAULT_MAX_PIXELS,
+    FULL_RANGE,
+    OUTPUT_MAX,
+    OutputScale,
+    Radiograph,
+    normalize,
+    output_scale,
+    output_window,
+    rewindow,
+    target_normalization,
+    to_output_pixels,
+)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -71,7 +82,7 @@ __all__ = [
 # ------------------------------------------------------------------------- reading DICOM
 
 
-def read_dicom(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Dataset, Radiograph]:
+def read_dicom(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Dataset, Radiograph]:
     """Read and decode a DICOM file. Every problem is one line that starts with the path.
 
     Raises :class:`UserError` for non-DICOM or unreadable files, :class:`UnsupportedImage`
@@ -84,7 +95,7 @@ def read_dicom(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise UnsupportedImage(f"{path}: {exc}") from None
 
 
-def _dcmread(path: str | os.PathLike) -> Dataset:
+def _dcmread(path: str | os.PathLike[str]) -> Dataset:
     from pydicom.errors import InvalidDicomError
 
     try:
@@ -156,7 +167,7 @@ def _bare_dataset(head: bytes, size: int) -> bool:
     return length == 0xFFFFFFFF or length <= size - 8
 
 
-def sniff_format(path: str | os.PathLike) -> str | None:
+def sniff_format(path: str | os.PathLike[str]) -> str | None:
     """``"dicom"``, ``"png"``, ``"tiff"`` or None (unknown or unreadable), from the content alone.
 
     The ONE recognition rule, used by the trainer (:func:`read_image_file`), by
@@ -189,7 +200,7 @@ def sniff_format(path: str | os.PathLike) -> str | None:
 # --------------------------------------------------------------------- PNG / TIFF (training)
 
 
-def read_image_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
+def read_image_file(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
     """A DICOM, PNG or TIFF (8 or 16 bit grayscale) radiograph, recognised by content.
 
     Recognition is :func:`sniff_format` (DICOM before raster formats, so a dual-personality

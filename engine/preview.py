@@ -20,10 +20,11 @@ def to_u8(image: np.ndarray) -> np.ndarray:
     gives the same levels; pass a float64 array for float64 arithmetic.
     """
     x = np.clip(np.asarray(image), -1.0, 1.0)
-    return np.rint((x + 1.0) * 127.5).astype(np.uint8)
+    levels: np.ndarray = np.rint((x + 1.0) * 127.5).astype(np.uint8)
+    return levels
 
 
-def save_png(image: Any, path: str | os.PathLike, *, optimize: bool = False) -> None:
+def save_png(image: Any, path: str | os.PathLike[str], *, optimize: bool = False) -> None:
     """Write a uint8 grey array (see :func:`to_u8`) or a PIL image to ``path`` as PNG.
 
     The format is given explicitly, so ``path`` may be a temporary name (``atomic_write``).

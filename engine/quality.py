@@ -35,8 +35,9 @@ def psnr(x: np.ndarray, y: np.ndarray, data_range: float = DATA_RANGE) -> float:
 def _gauss_filter_valid(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Separable 'valid' correlation with a 1-D kernel along both axes."""
     k = len(kernel)
-    rows = sum(kernel[i] * img[i:img.shape[0] - k + 1 + i, :] for i in range(k))
-    return sum(kernel[i] * rows[:, i:rows.shape[1] - k + 1 + i] for i in range(k))
+    rows: np.ndarray = sum(kernel[i] * img[i:img.shape[0] - k + 1 + i, :] for i in range(k))
+    out: np.ndarray = sum(kernel[i] * rows[:, i:rows.shape[1] - k + 1 + i] for i in range(k))
+    return out
 
 
 def ssim(x: np.ndarray, y: np.ndarray, data_range: float = DATA_RANGE) -> float:

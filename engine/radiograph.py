@@ -52,7 +52,7 @@ class Radiograph:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.pixels.shape  # type: ignore[return-value]
+        return self.pixels.shape
 
 
 # ----------------------------------------------------------------------------- model space

@@ -9,9 +9,9 @@ a display window. Every output is validated with ``dciodvfy`` in the tests.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 import uuid
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -147,7 +147,7 @@ def _instance_number(source: Dataset) -> int:
         return 1
 
 
-def _spacing_pair(value) -> list[float] | None:
+def _spacing_pair(value: Any) -> list[float] | None:
     try:
         pair = [float(v) for v in value]
     except (TypeError, ValueError):
@@ -301,7 +301,8 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
             del sc.Laterality
     else:
         sc.Laterality = _laterality(source)  # Type 2C: present for paired/unknown parts; empty = unknown
-    sc.PatientOrientation = copy.deepcopy(source.PatientOrientation) if "PatientOrientation" in source else None
+    # (highdicom annotates it list[str]; pydicom writes None as the empty Type 2 value)
+    sc.PatientOrientation = copy.deepcopy(source.PatientOrientation) if "PatientOrientation" in source else None  # type: ignore[assignment]
 
     # SC Equipment: made by software on a workstation, not captured from a digital interface.
     sc.ConversionType = "WSD"
@@ -336,13 +337,13 @@ def make_secondary_capture(source: Dataset, pixels: np.ndarray, model: "StyleMod
     item.DeviceUID = device_uid(model)
     item.DeviceSerialNumber = _text(model.weights_sha256[:16] or "unknown")
     comments = [label.strip()] if label and label.strip() else []
-    if flagged:
-        comments.append(f"Fidelity guard: {fidelity.summary()}")  # type: ignore[union-attr]
+    if flagged and fidelity is not None:
+        comments.append(f"Fidelity guard: {fidelity.summary()}")
     if comments:
         sc.ImageComments = _text(" ".join(comments), 10240)
     previous = source.get("ContributingEquipmentSequence")
     if previous:
-        sc.ContributingEquipmentSequence = Sequence(
+        sc.ContributingEquipmentSequence = Sequence(  # type: ignore[assignment]  # highdicom annotates a list of its own items; pydicom stores any Sequence
             [copy.deepcopy(item) for item in previous] + list(sc.ContributingEquipmentSequence))
 
     if str(source.get("LossyImageCompression", "")) == "01" or transfer_syntax(source) in _LOSSY_TRANSFER_SYNTAXES:

@@ -23,7 +23,7 @@ The distance adds three parts, each ~1 for "clearly another style":
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, cast
 
 import numpy as np
 import torch
@@ -97,8 +97,8 @@ def style_statistics(images: Iterable[np.ndarray], sigmas: Sequence[float] = DEF
     if not imgs:
         raise ValueError("style statistics need at least one image")
     n = len(imgs)
-    energy = sum(band_energies(img, sigmas) for img in imgs) / n
-    spectrum = sum(_spectrum(img) for img in imgs) / n
+    energy = cast(np.ndarray, sum(band_energies(img, sigmas) for img in imgs) / n)
+    spectrum = cast(np.ndarray, sum(_spectrum(img) for img in imgs) / n)
     q = np.quantile(sample_pixels(imgs, pixels_per_image, np.random.default_rng(seed)), np.linspace(0, 1, N_QUANTILES))
     return StyleStats(quantiles=[float(v) for v in q], band_energy=[float(v) for v in energy],
                       spectrum=[float(v) for v in spectrum], images=n)

@@ -137,7 +137,7 @@ class Executor:
         tone = getattr(self.gen, "tone_filter", None)
         if tone is not None:  # global (large-support, 1 channel): the whole image at once, as a whole pass does
             inp = tone(inp.to(self.dev)).to(self.sdev)
-        layers = list(self.gen.model)
+        layers = list(self.gen.get_submodule("model").children())
         self._last_conv = [m for m in layers if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
         y = self._run_layers(layers, _Lazy(inp), full_h=x.shape[-2])
         out = self._materialise(y)
@@ -145,7 +145,8 @@ class Executor:
             out = torch.clamp(inp.to(out.device) + out, -1.0, 1.0)
         return out
 
-    def _run_layers(self, layers: list[nn.Module], x: _Lazy, full_h: int, keep_input: list | None = None) -> _Lazy:
+    def _run_layers(self, layers: list[nn.Module], x: _Lazy, full_h: int,
+                    keep_input: list[torch.Tensor] | None = None) -> _Lazy:
         reflect = 0
         stats: _Stats | None = None
         for i, m in enumerate(layers):
@@ -253,7 +254,7 @@ class Executor:
         c, h, w = x.shape
         return self._read(x, 0, h, 0, w)
 
-    def _weights_of(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _weights_of(self, m: nn.Conv2d | nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = id(m)
         if key not in self._weights:
             wgt = m.weight.to(self.dev, self.cdtype)
@@ -291,8 +292,8 @@ class Executor:
     # -- convolutions --------------------------------------------------------------------------
 
     def _conv(self, x: _Lazy, m: nn.Conv2d, reflect: int, full_h: int, want_stats: bool,
-              keep: list | None) -> tuple[_Lazy, _Stats | None]:
-        if m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros":
+              keep: list[torch.Tensor] | None) -> tuple[_Lazy, _Stats | None]:
+        if m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise NotImplementedError("only plain convolutions are supported")
         cin, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, m.padding
@@ -308,8 +309,9 @@ class Executor:
             t = self._tile_side(ho, full_h, cout)
             rows = overlapping_regions(ho, t, self.overlap)
             cols = overlapping_regions(wo, t, self.overlap)
-            acc = torch.zeros((1, cout, ho, wo), dtype=torch.float32, device=self.sdev)
-            wsum = torch.zeros((1, 1, ho, wo), dtype=torch.float32, device=self.sdev)
+            acc: torch.Tensor | None = torch.zeros((1, cout, ho, wo), dtype=torch.float32, device=self.sdev)
+            wsum: torch.Tensor | None = torch.zeros((1, 1, ho, wo), dtype=torch.float32, device=self.sdev)
+            out_map: torch.Tensor | None = None
         else:
             t = self._tile_side(ho, full_h, cout)
             rows, cols = grid(ho, t), grid(wo, t)
@@ -336,22 +338,23 @@ class Executor:
             for i, j in enumerate(batch):
                 r, c = j.rows, j.cols
                 o = out[i:i + 1]
-                if blend:
+                if acc is not None and wsum is not None:  # blend
                     wt = (ramp_weights([p[0] for p in rows], rows.index(r), r[1] - r[0], self.dev)[:, None]
                           * ramp_weights([p[0] for p in cols], cols.index(c), c[1] - c[0], self.dev)[None, :])
                     acc[:, :, r[0]:r[1], c[0]:c[1]] += (o.float() * wt).to(self.sdev)
                     wsum[:, :, r[0]:r[1], c[0]:c[1]] += wt.to(self.sdev)
-                else:
+                elif out_map is not None:
                     out_map[:, :, r[0]:r[1], c[0]:c[1]] = o.to(self.sdev, self.cdtype)
-        if kept is not None:
+        if keep is not None and kept is not None:
             keep.append(kept)
-        if blend:
+        if acc is not None and wsum is not None:
             return _Lazy(acc / wsum), None
+        assert out_map is not None  # not blended: written tile by tile
         return _Lazy(out_map), stats
 
     def _conv_transpose(self, x: _Lazy, m: nn.ConvTranspose2d, full_h: int,
                         want_stats: bool) -> tuple[_Lazy, _Stats | None]:
-        if m.groups != 1 or tuple(m.dilation) != (1, 1):
+        if m.groups != 1 or tuple(m.dilation) != (1, 1) or isinstance(m.padding, str):
             raise NotImplementedError("only plain transposed convolutions are supported")
         cin, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, m.padding

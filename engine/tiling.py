@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import copy
 import weakref
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .defaults import DEFAULT_OVERLAP
 from .devices import DEVICE_CHOICES, MIN_TILE, device_problem, is_auto_device
 from .errors import UserError
-from .defaults import DEFAULT_OVERLAP
 from .model_file import StyleModel
 from .tile_executor import Executor
 from .tile_geometry import MIN_SIDE, grid, overlapping_starts, ramp_weights, round_up
@@ -56,8 +57,6 @@ __all__ = ["translate", "translate_with_base", "translate_naive", "planned_tile"
 # naive tiling exceeds both.
 SEAMLESS_MEAN_BOUND = 0.005
 SEAMLESS_MAX_BOUND = 0.05
-# Old private names, kept for callers that still use them.
-_round_up, MIN_SIDE, _overlapping_starts, _ramp_weights = round_up, MIN_SIDE, overlapping_starts, ramp_weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +87,7 @@ def translate(
                       memory_cap=memory_cap)[0]
 
 
-def translate_with_base(model: StyleModel, image: np.ndarray, **options) -> tuple[np.ndarray, np.ndarray]:
+def translate_with_base(model: StyleModel, image: np.ndarray, **options: Any) -> tuple[np.ndarray, np.ndarray]:
     """:func:`translate`'s output and its *base*: what the model's global stage (its tone
     filter, ``engine.tone_filter``) made of the image, or the image itself when it has none.
 
@@ -165,7 +164,8 @@ def translate_naive(
                 wt = wy[:, None] * wx[None, :]
                 acc[0, 0, y0:y0 + th, x0:x0 + tw] += out[0, 0] * wt
                 wsum[0, 0, y0:y0 + th, x0:x0 + tw] += wt
-    return (acc / wsum)[0, 0, :h, :w].cpu().numpy().copy()
+    result: np.ndarray = (acc / wsum)[0, 0, :h, :w].cpu().numpy().copy()
+    return result
 
 
 def seam_lines(n: int, tile: int, overlap: float = DEFAULT_OVERLAP) -> list[tuple[float, int]]:
@@ -210,7 +210,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     The names accepted are :func:`.devices.device_problem`'s, the config's rule too; ``mps`` is
     Apple's GPU (when this machine has one)."""
-    if is_auto_device(device):
+    if device is None or is_auto_device(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, str) and device_problem(device):
         raise UserError(f"unsupported device {device!r} (use {DEVICE_CHOICES})")
@@ -243,9 +243,11 @@ def _whole_pass(gen: nn.Module, x: torch.Tensor, dev: torch.device, cdtype: torc
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     if cdtype == torch.float32:
-        return gen(x)
+        out: torch.Tensor = gen(x)
+        return out
     with torch.autocast(dev.type, dtype=cdtype):
-        return gen(x).float()
+        out = gen(x)
+        return out.float()
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -298,7 +300,8 @@ def _compute_dtype(dev: torch.device, precision: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-_DEVICE_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_DEVICE_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple[int, ...], nn.Module]]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def _generator_on(gen: nn.Module, dev: torch.device) -> nn.Module:
@@ -311,12 +314,17 @@ def _generator_on(gen: nn.Module, dev: torch.device) -> nn.Module:
     try:
         version = tuple(p._version for p in gen.parameters())
     except RuntimeError:  # inference tensors have no version counter: copy every time
-        return copy.deepcopy(gen).to(dev).eval().to(memory_format=torch.channels_last)
+        return _device_copy(gen, dev)
     per_dev = _DEVICE_COPIES.setdefault(gen, {})
     hit = per_dev.get(str(dev))
     if hit is None or hit[0] != version:
-        g = copy.deepcopy(gen).to(dev).eval()
-        g = g.to(memory_format=torch.channels_last)
-        per_dev[str(dev)] = (version, g)
+        per_dev[str(dev)] = (version, _device_copy(gen, dev))
         hit = per_dev[str(dev)]
     return hit[1]
+
+
+def _device_copy(gen: nn.Module, dev: torch.device) -> nn.Module:
+    """A copy of ``gen`` on ``dev`` in eval mode, its weights channels-last (faster convolutions)."""
+    g = copy.deepcopy(gen).to(dev).eval()
+    moved: nn.Module = g.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's stubs omit it
+    return moved

@@ -86,13 +86,13 @@ def load_yaml_text(text: str) -> tuple[Any, list[str]]:
             try:
                 if self.nesting > MAX_NESTING:
                     raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
-                                                      self.peek_event().start_mark)
+                                                      self.peek_event().start_mark)  # type: ignore[no-untyped-call]  # types-PyYAML leaves Parser.peek_event unannotated
                 return super().compose_node(parent, index)
             finally:
                 self.nesting -= 1
 
-    def construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
+    def construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=True)
             try:

@@ -9,11 +9,22 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, SecondaryCaptureImageStorage
 
 from dicom_node.engine import new_style_model, save_style_model, load_style_model
-from dicom_node.engine.pipeline import translate_dataset, translate_file
-from dicom_node.engine.pixels import decode_dataset, output_window
+from dicom_node.engine.pipeline import save_translation, translate_radiograph
+from dicom_node.engine.pixels import decode_dataset, output_window, read_dicom
 from dicom_node.engine.secondary_capture import derived_uid, make_secondary_capture
 from tests.conftest import require_tool
 from tests.factory import DX_PRESENTATION, PATIENT_ID, PATIENT_NAME, encode_as, make_dataset, phantom, write
+
+
+def translate_dataset(model, ds):
+    """The Secondary Capture dataset for one source dataset, as the node makes it."""
+    return translate_radiograph(model, ds, decode_dataset(ds)).sc
+
+
+def translate_file(model, path, outdir):
+    """One DICOM file translated into ``outdir/<SOP Instance UID>.dcm``, as ``dicom-node translate`` does."""
+    ds, img = read_dicom(path)
+    return save_translation(translate_radiograph(model, ds, img), outdir)
 
 
 def dciodvfy_errors(path) -> list[str]:
