@@ -17,7 +17,7 @@ def bundled_model_path(name: str = "default") -> Path:
     return _package_models_dir() / f"{name}.safetensors"
 
 
-def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
+def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
     """``default`` (or another bundled name) resolves to the model shipped with the package."""
     p = Path(path_or_name)
     if not p.exists() and p.suffix == "" and len(p.parts) == 1:
@@ -28,6 +28,6 @@ def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
 
 
 def _package_models_dir() -> Path:
-    import dicom_node
-
-    return Path(dicom_node.__file__).resolve().parent / "models"
+    """The engine's own package data (``engine/models``): the engine loads what it ships, and
+    asks nothing of the node above it (tests/test_layering.py)."""
+    return Path(__file__).resolve().parent / "models"

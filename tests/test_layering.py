@@ -2,9 +2,11 @@
 
 The engine (``engine/``, installed as ``dicom_node.engine``) imports nothing from the node
 (``dicom_node.*``) or the trainer; the trainer (``train/``, ``dicom_node.train``) imports
-nothing from the node.  Checked twice: by reading every import statement (including the
-ones inside functions), and by importing every engine and trainer module in a fresh
-interpreter where the node's modules cannot be imported at all.
+nothing from the node, not even the package root ``dicom_node`` itself (its folder is the
+node's: an engine that reads ``dicom_node.__file__`` depends on the node's layout).  Checked
+twice: by reading every import statement (including the ones inside functions, which the
+second check cannot see: they run only when called), and by importing every engine and
+trainer module in a fresh interpreter where the node's modules cannot be imported at all.
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"engine": "dicom_node.engine", "train": "dicom_node.train"}
-NODE_MODULES = {p.stem for p in (ROOT / "dicom_node").glob("*.py")} | {
-    p.name for p in (ROOT / "dicom_node").iterdir() if (p / "__init__.py").is_file()}
 
 
 def _modules(folder: str) -> list[Path]:
@@ -38,10 +38,10 @@ def _imports(path: Path, package: str) -> list[tuple[int, str]]:
                 module = f"{base}.{node.module}" if node.module else base
             else:
                 module = node.module or ""
-            out.append((node.lineno, module))
-            for alias in node.names:  # from dicom_node import config  ->  dicom_node.config
-                if module == "dicom_node" and alias.name in NODE_MODULES:
-                    out.append((node.lineno, f"dicom_node.{alias.name}"))
+            if module != "dicom_node":
+                out.append((node.lineno, module))
+            else:  # from dicom_node import config  ->  dicom_node.config (engine, train: their packages)
+                out += [(node.lineno, f"dicom_node.{alias.name}") for alias in node.names]
     return out
 
 
@@ -52,13 +52,13 @@ def _layer(module: str) -> str | None:
     if module == "dicom_node.train" or module.startswith("dicom_node.train."):
         return "train"
     if module == "dicom_node":
-        return None  # the package root: kept free of node imports (checked below)
+        return "root"  # the node's package root (kept free of node imports itself: checked below)
     if module.startswith("dicom_node."):
         return "node"
     return None
 
 
-FORBIDDEN = {"engine": {"node", "train"}, "train": {"node"}}
+FORBIDDEN = {"engine": {"node", "root", "train"}, "train": {"node", "root"}}
 
 
 @pytest.mark.parametrize("folder", sorted(PACKAGES))
@@ -98,6 +98,17 @@ leaked = sorted(m for m in sys.modules
 assert not leaked, leaked
 print("ok")
 """
+
+
+def test_an_import_of_the_node_inside_a_function_is_caught(tmp_path: Path) -> None:
+    """The static check sees imports at any depth, and the package root counts as the node's
+    (engine/model_paths.py once found the bundled models through ``import dicom_node`` in a
+    function: the import check below never runs a function, so only this one can see it)."""
+    path = tmp_path / "models.py"
+    path.write_text("def folder():\n    if True:\n        import dicom_node\n        from dicom_node import config\n"
+                    "        return dicom_node.__file__\n")
+    found = [(line, m) for line, m in _imports(path, "dicom_node.engine") if _layer(m) in FORBIDDEN["engine"]]
+    assert found == [(3, "dicom_node"), (4, "dicom_node.config")]
 
 
 def test_engine_and_trainer_import_with_the_node_blocked() -> None:
