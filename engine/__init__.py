@@ -1,6 +1,6 @@
 """The translation engine: style models, the pixel pipeline, seamless tiled inference, SC output.
 
-Public API (stable, see docs/ and the README): :func:`load_style_model`, :func:`translate`.
+Public API (stable, see docs/architecture.md and docs/seamless.md): :func:`load_style_model`, :func:`translate`.
 
 The engine is the ground floor: it imports nothing from the node (``dicom_node.*``) or the
 trainer (``dicom_node.train``); both import it (tests/test_layering.py checks this).

@@ -164,7 +164,7 @@ def pinned_digest(path: Path) -> str | None:
     (no :data:`DIGESTS_FILE`), "" when it pins other files but not this one.
 
     Why a file beside the models: a model's own ``weights_sha256`` is written by whoever wrote
-    the model, so altered weights with a recomputed header pass it.  The package's ``models/``
+    the model, so altered weights with a recomputed header pass it.  The engine's ``models/``
     folder ships its digests (``make default-model`` writes them), so the bundled model is
     checked against what was released; any folder of models can be pinned the same way.
     """

@@ -23,7 +23,7 @@ overlapping predictions agree to rounding error and the blend is numerically a n
 kept because it is cheap (the last layer is the cheapest: ~0.3 % of the FLOPs at ngf 64) and
 feathers any rounding-level difference between tiles on reduced-precision devices.
 
-Public API: :func:`translate` (stable, see the README), :func:`translate_with_base` (the output
+Public API: :func:`translate` (stable, see docs/seamless.md), :func:`translate_with_base` (the output
 and the model's global stage, for the fidelity guard) and :func:`translate_naive` (the
 classic per-tile sliding window, kept as the baseline that benchmarks and tests compare to),
 :func:`seam_lines`, :func:`planned_tile`, :func:`resolve_device` and the SEAMLESS_* bounds.

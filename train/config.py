@@ -1,4 +1,4 @@
-"""The trainer's configuration: typed settings parsed from YAML (shape: README "Training a style model").
+"""The trainer's configuration: typed settings parsed from YAML (shape: docs/training.md).
 
 Every problem is collected with its YAML path (``train.steps: must be an integer >= 1``) and
 reported at once as a :class:`~dicom_node.engine.yaml_config.ConfigError` (a UserError: one line, exit 1),
