@@ -100,13 +100,29 @@ def pixel_data_problem(ds: Any, raw: Any, file_size: int) -> str | None:
 
 
 def content_digest(path: Path) -> str:
-    """SHA-256 of a received file: a resend with the same SOP Instance UID and another digest is
-    a correction (processed again), with the same digest a duplicate.  (The same data set in
-    another transfer syntax also counts as a correction: processing it again changes nothing.)"""
+    """SHA-256 of the data set in a received file: a resend with the same SOP Instance UID and
+    another digest is a correction (processed again), with the same digest a duplicate.  (The
+    same data set in another transfer syntax also counts as a correction: processing it again
+    changes nothing.)
+
+    Without the File Meta Information: whoever wrote the file wrote it (pynetdicom for a C-STORE,
+    the client for a STOW-RS part), so the same data set over the other protocol, or from another
+    STOW-RS client, would otherwise count as a correction and be translated again.
+    """
     import hashlib
 
+    try:
+        from pynetdicom.dsutils import split_dataset
+
+        _, offset = split_dataset(path)
+    except Exception:  # noqa: BLE001 - no readable meta: the whole file (read_header judges it)
+        offset = 0
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        f.seek(offset)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def budget_problem(attrs: dict[str, Any], max_bytes: int | None) -> str | None:

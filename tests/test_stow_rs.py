@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -51,8 +52,9 @@ def multipart(parts: list[bytes], part_type: str = "application/dicom", close: b
 
 
 def post(port: int, body: bytes, *, called: str = CALLED, token: str | None = TOKEN,
-         content_type: str = RELATED) -> tuple[int, str, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+         content_type: str = RELATED, tls: ssl.SSLContext | None = None) -> tuple[int, str, bytes]:
+    conn = (http.client.HTTPConnection("127.0.0.1", port, timeout=60) if tls is None else
+            http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=tls))
     headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -84,7 +86,7 @@ def make_study(n: int, size: int = 64) -> list:
 
 
 def _node(tmp_path: Path, model: Path, pacs_port: int, token_hash: str | None, **extra) -> Node:
-    web: dict = {"port": 0}
+    web: dict = {"port": 0, **extra.pop("web", {})}
     if token_hash is not None:
         web["stow_rs"] = {"tokens": [hash_password("another-token"), token_hash]}
     raw = node_config(tmp_path, port=free_port(), model_path=model,
@@ -232,6 +234,36 @@ def test_a_full_spool_refuses_every_instance_while_it_arrives(tmp_path, tiny_mod
         failed = sop_items(answer, "00081198")
         assert [(i["uid"], i["reason"]) for i in failed] == [(str(ds.SOPInstanceUID), 0xA700) for ds in study]
         _stored_nothing(node)
+
+
+def test_stow_rs_over_tls_and_wrong_tokens_are_limited(tmp_path, tiny_model_path, token_hash):
+    """With web.tls the ingest is HTTPS like the console; after MAX_FAILURES wrong tokens from
+    one address even the right one waits (429), as a console login does; a DIMSE resend of an
+    instance STOW-RS brought (the same data set) is a duplicate."""
+    from tests.certs import make_pki
+    from tests.nodeproc import send
+    from dicom_node.web.auth import MAX_FAILURES
+
+    pki = make_pki(tmp_path / "pki")
+    study = make_study(2)
+    with Receiver("PACS") as pacs, _node(tmp_path, tiny_model_path, pacs.port, token_hash,
+                                         web={"tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)}}) as node:
+        port, trust = node.web.address[1], ssl.create_default_context(cafile=str(pki.ca))
+        assert node.web.url.startswith("https://")
+        with pytest.raises(ssl.SSLError):
+            post(port, multipart([encoded(study[0])]), tls=ssl.create_default_context())  # untrusted certificate
+        status, _, answer = post(port, multipart([encoded(ds) for ds in study]), tls=trust)
+        assert status == 200, answer
+        # the same data set over DIMSE (its file meta written by pynetdicom, not the client): a duplicate
+        assert send(node.port, study[:1], called=CALLED, native_only=True) == [0]
+        for _ in range(MAX_FAILURES):
+            assert post(port, multipart([encoded(study[0])]), token="guess", tls=trust)[0] == 401
+        status, _, answer = post(port, multipart([encoded(study[0])]), tls=trust)
+        assert status == 429, answer
+        inst, _ = node.db.counts()
+        assert sum(inst.values()) == 2
+        received = {tuple(sorted(labels.items())): n for labels, n in node.db.counters.values()["received"]}
+        assert received == {(("called_ae", CALLED), ("protocol", "stow-rs")): 2}  # duplicates are not counted
 
 
 def _process_config(tmp_path: Path, model: Path, destinations: dict, token_hash: str, web_port: int) -> dict:
