@@ -8,7 +8,8 @@ stay in memory (:mod:`dicom_node.metrics`): a restart may reset those.
 
 Counters (``metric`` -> labels):
 
-    received     called_ae                 instances acknowledged (duplicates not counted)
+    received     called_ae, protocol       instances acknowledged (duplicates not counted); protocol
+                                           dimse or stow-rs (rows from before it: dimse)
     translated   model                     outputs written (the config's model name)
     flagged      model                     outputs the fidelity guard flagged
     deliveries   destination, outcome      attempts: delivered | retry | failed (gave up)
