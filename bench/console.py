@@ -148,9 +148,9 @@ def load(base: str, interval: float, stop_at: mp.Event, counts) -> None:
 
 def send(port: int, files: list[Path]) -> list[float]:
     """Seconds per C-STORE (request sent to answer received), one association."""
+    from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
     from pynetdicom.sop_class import ComputedRadiographyImageStorage
-    from pydicom.uid import ExplicitVRLittleEndian
 
     ae = AE(ae_title="BENCHSCU")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)

@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flops import conv_flops  # noqa: E402  (bench/ is on sys.path when run as a script)
 from machine import machine_info  # noqa: E402  (bench/ is on sys.path when run as a script)
-from tests.factory import trained_like_generator  # noqa: E402
+
 from dicom_node.engine import new_style_model, translate  # noqa: E402
 from dicom_node.engine.model_file import StyleModel  # noqa: E402
 from dicom_node.engine.tiling import (  # noqa: E402
@@ -41,7 +42,7 @@ from dicom_node.engine.tiling import (  # noqa: E402
     resolve_device,
     translate_naive,
 )
-from flops import conv_flops  # noqa: E402  (bench/ is on sys.path when run as a script)
+from tests.factory import trained_like_generator  # noqa: E402
 
 RANGE = 2.0
 FLOOR_TFLOP_NGF64 = 6.2  # per 2048^2 image, ngf 64 / 9 blocks (docs/seamless.md "Measurements")

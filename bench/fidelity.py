@@ -170,8 +170,8 @@ def cost(args: argparse.Namespace) -> list[dict]:
     guard as a calibrated model runs it (with network, ood, noise and saturated), and as the
     uncalibrated bundled model runs it (structure scores only).  The translation keeps its
     global stage for the network score, as the node's does (``translate_with_base``)."""
-    from dicom_node.engine import load_style_model
     from dicom_node.engine import fidelity as fd
+    from dicom_node.engine import load_style_model
     from dicom_node.engine.model_file import StyleModel
     from dicom_node.engine.tiling import translate_with_base
 

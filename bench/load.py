@@ -69,7 +69,7 @@ class Recorder:
     """A pynetdicom storage SCP standing in for the PACS: arrival time per referenced source."""
 
     def __init__(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
         self.arrivals: dict[str, list[float]] = {}
         self._lock = threading.Lock()

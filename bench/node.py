@@ -113,9 +113,9 @@ def send_files(port: int, called_ae: str, files: list[Path], info: dict | None =
     Returns (seconds from association start to the last response, time.time() of the last
     response, statuses); ``info['peer_max_pdu']`` gets the receiver's advertised max PDU.
     """
+    from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE, _config
     from pynetdicom.sop_class import ComputedRadiographyImageStorage
-    from pydicom.uid import ExplicitVRLittleEndian
 
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title="BENCHSCU")

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from dicom_node.cli import main as cli  # noqa: E402
 from dicom_node.engine import load_style_model, translate  # noqa: E402
 from dicom_node.engine.pixels import normalize, read_dicom  # noqa: E402

@@ -55,9 +55,9 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-
 from machine import machine_info  # bench/ is on sys.path when run as a script
-from dicom_node.train.cpu_speed import cpu_features, cpu_fast_settings
+
+from dicom_node.train.cpu_speed import cpu_fast_settings, cpu_features
 from dicom_node.train.cyclegan import CycleGAN
 from dicom_node.train.losses import ImagePool
 

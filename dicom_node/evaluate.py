@@ -41,8 +41,7 @@ import numpy as np
 from dicom_node.engine.defaults import DEFAULT_OVERLAP
 from dicom_node.engine.pixels import rewindow, target_normalization
 from dicom_node.engine.preview import save_png, to_u8
-from dicom_node.engine.quality import (DATA_RANGE, SeamCheck, compare_seams, psnr, seam_energy, seam_summary,
-                                       ssim)
+from dicom_node.engine.quality import DATA_RANGE, SeamCheck, compare_seams, psnr, seam_energy, seam_summary, ssim
 from dicom_node.errors import UserError
 
 __all__ = ["DATA_RANGE", "psnr", "ssim", "seam_energy", "SeamCheck", "compare_seams", "seam_summary", "find_pairs",

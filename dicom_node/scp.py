@@ -63,7 +63,7 @@ class StoreSCP:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
         """Start listening (non-blocking); returns the bound (host, port)."""
-        from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt)
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import Verification
 
         _config.STORE_RECV_CHUNKED_DATASET = True

@@ -99,7 +99,6 @@ def read(path) -> Dataset:
 # (libjpeg-turbo 3, which writes 8/12-bit DCT and 2..16-bit lossless streams).
 def _jpeg_stream(pixels: np.ndarray, syntax: str, bits_stored: int) -> bytes:
     import imagecodecs
-
     from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1
 
     if syntax == JPEGBaseline8Bit:
@@ -120,8 +119,15 @@ def encode_as(ds: Dataset, syntax: str, **kwargs) -> Dataset:
     import copy
 
     from pydicom.encaps import encapsulate
-    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian,
-                             JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
+    from pydicom.uid import (
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        ImplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+    )
 
     out = copy.deepcopy(ds)
     if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):

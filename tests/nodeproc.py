@@ -140,7 +140,7 @@ class Receiver:
         return self.status
 
     def start(self) -> "Receiver":
-        from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:

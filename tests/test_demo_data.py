@@ -10,16 +10,25 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import INTEROP, require_tool
+
 from dicom_node.cli import main
-from dicom_node.demo.nonlinear_styles import (NONLINEAR_PAIRS, PHANTOM_FULL_SCALE, NonlinearStyle, bilateral, clahe,
-                                              compand, limited_unsharp, multiscale_equalise, phantom_scale,
-                                              process_nonlinear)
-from dicom_node.demo.writer import _uid, case_dataset, render_case, write_demo_data
-from dicom_node.errors import UserError
+from dicom_node.demo.nonlinear_styles import (
+    NONLINEAR_PAIRS,
+    PHANTOM_FULL_SCALE,
+    NonlinearStyle,
+    bilateral,
+    clahe,
+    compand,
+    limited_unsharp,
+    multiscale_equalise,
+    phantom_scale,
+    process_nonlinear,
+)
 from dicom_node.demo.phantoms import MU_SOFT, Phantom, gaussian_blur, make_phantom, render, smooth_noise
 from dicom_node.demo.vendor_processing import STYLE_PAIRS, VendorStyle, process, to_stored
+from dicom_node.demo.writer import _uid, case_dataset, render_case, write_demo_data
+from dicom_node.errors import UserError
 
 SIZE = 128
 

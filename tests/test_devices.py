@@ -9,8 +9,8 @@ import torch
 from dicom_node.cli import main
 from dicom_node.config.schema import parse_schema
 from dicom_node.engine import new_style_model, translate
-from dicom_node.engine.model_file import StyleModel
 from dicom_node.engine.devices import MIN_TILE, MIN_USER_TILE, device_problem, tile_problem
+from dicom_node.engine.model_file import StyleModel
 from dicom_node.engine.tiling import resolve_device
 from dicom_node.errors import UserError
 

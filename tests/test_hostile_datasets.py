@@ -17,7 +17,6 @@ from tests.factory import make_dataset
 from tests.nodeproc import node_config, send
 from tests.test_hostile_input import CALLED, make_node
 
-
 # -- items 1 and 2: Deflated Explicit VR Little Endian ---------------------------------------------
 
 
@@ -124,7 +123,7 @@ def test_deflate_bomb_is_refused_with_bounded_memory(tmp_path, tiny_model_path):
     the node's peak memory grows by less than 64 MiB (pydicom inflated it whole: +512 MiB)."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from tests.peers import NodeProcess, echoscu, tiny_node_config
+    from tests.peers import NodeProcess, tiny_node_config
 
     config = tiny_node_config(tiny_model_path, {"outbox": {"type": "folder", "path": str(tmp_path / "outbox")}})
     config["node"]["max_instance_bytes"] = 16 * 1024 * 1024

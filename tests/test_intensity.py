@@ -11,16 +11,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from factory import make_dataset, phantom
 
 from dicom_node.engine import load_style_model, new_style_model, save_style_model
 from dicom_node.engine.fidelity import assess
 from dicom_node.engine.pipeline import translate_radiograph
-from dicom_node.engine.pixels import (FULL_RANGE, OUTPUT_MAX, Radiograph, decode_dataset, normalize, output_scale,
-                                      rewindow, to_output_pixels)
+from dicom_node.engine.pixels import (
+    FULL_RANGE,
+    OUTPUT_MAX,
+    Radiograph,
+    decode_dataset,
+    normalize,
+    output_scale,
+    rewindow,
+    to_output_pixels,
+)
 from dicom_node.engine.tiling import translate_with_base
 from dicom_node.train.intensity import pooled_percentiles
-
-from factory import make_dataset, phantom
 
 WINDOW_A = {"method": "fixed", "low": 400.0, "high": 3600.0}
 

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
 
 from tests.conftest import require_tool
 from tests.factory import make_dataset, phantom, write
@@ -25,7 +26,6 @@ from tests.peers import (
     tiny_node_config,
     wait_until,
 )
-from pydicom.uid import generate_uid
 
 pytestmark = pytest.mark.interop
 

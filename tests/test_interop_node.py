@@ -10,8 +10,8 @@ import pydicom
 import pytest
 
 from tests.certs import make_pki
-from tests.mixed_study import build_mixed_study
 from tests.factory import make_dataset, write
+from tests.mixed_study import build_mixed_study
 from tests.peers import (
     NodeProcess,
     Orthanc,

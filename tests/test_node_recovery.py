@@ -15,10 +15,9 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.state import StateDB
-from tests.factory import CR_STORAGE as CR_STORAGE_UID, PATIENT_ID, PATIENT_NAME, make_dataset
+from tests.factory import CR_STORAGE as CR_STORAGE_UID
+from tests.factory import PATIENT_ID, PATIENT_NAME, make_dataset
 from tests.nodeproc import NodeProcess, Receiver, free_port, node_config, send, wait_for, write_config
-
-
 from tests.postgres import both_backends, postgres_server  # noqa: E402,F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("both_backends")  # every test on SQLite and on PostgreSQL

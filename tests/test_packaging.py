@@ -6,8 +6,9 @@ Why: the editable install used by the tests finds every folder, so a package mis
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,32 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
-                         JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-                         RLELossless)
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
-from dicom_node.engine.pixels import (OUTPUT_MAX, Radiograph, decode_dataset, normalize, output_window,
-                                      read_dicom, read_image_file, to_output_pixels)
+from dicom_node.engine.pixels import (
+    OUTPUT_MAX,
+    Radiograph,
+    decode_dataset,
+    normalize,
+    output_window,
+    read_dicom,
+    read_image_file,
+    to_output_pixels,
+)
 from dicom_node.errors import UnsupportedImage, UserError
 from tests.factory import encode_as, make_dataset, make_non_image, phantom, write
 

@@ -13,10 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.nodeproc import NodeProcess, Receiver, associate_result, free_port, node_config, send, wait_for, \
-    write_config
+from tests.nodeproc import NodeProcess, Receiver, associate_result, free_port, node_config, send, wait_for, write_config
 from tests.test_node import study
 
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 from pydicom.multival import MultiValue
 
 from dicom_node.config import RouteSettings
-from dicom_node.routing import (ACCEPT, REJECT_CALLED_AE, REJECT_CALLING_AE, RouteChoice, association_verdict,
-                                fallback_route, match_keywords, matches, select_route)
+from dicom_node.routing import (
+    ACCEPT,
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    RouteChoice,
+    association_verdict,
+    fallback_route,
+    match_keywords,
+    matches,
+    select_route,
+)
 
 ROUTES = [
     RouteSettings(called_ae="KIM", model="soft", destinations=["pacs"], calling_ae=["CR_ROOM1", "DX_ROOM2"],

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 
 from dicom_node.state import StateDB
-from tests.nodeproc import free_port, send, write_config
+from tests.nodeproc import send
 from tests.peers import NodeProcess, StoreSCP, acknowledged_sop_uids, storescu, wait_until
 from tests.postgres import PostgresServer
 from tests.test_node_recovery import assert_no_phi, make_study, slow_model_path  # noqa: F401 - fixture

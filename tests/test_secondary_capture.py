@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, SecondaryCaptureImageStorage
 
-from dicom_node.engine import new_style_model, save_style_model, load_style_model
+from dicom_node.engine import load_style_model, new_style_model, save_style_model
 from dicom_node.engine.pipeline import save_translation, translate_radiograph
 from dicom_node.engine.pixels import decode_dataset, output_window, read_dicom
 from dicom_node.engine.secondary_capture import derived_uid, make_secondary_capture

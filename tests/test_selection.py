@@ -13,14 +13,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from factory import phantom
+from test_intensity import _train, _train_data
 
 from dicom_node.engine import load_style_model, translate
 from dicom_node.engine.generator import ResnetGenerator
 from dicom_node.train.export import _network_or_first_stage, load_checkpoint
 from dicom_node.train.selection import first_stage, network_gain, pseudo_pairs, zero_network
-
-from factory import phantom
-from test_intensity import _train, _train_data
 
 
 def _toned(seed: int = 0) -> ResnetGenerator:

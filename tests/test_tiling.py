@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.flops import conv_flops
 from dicom_node.engine import new_style_model, translate
 from dicom_node.engine.model_file import StyleModel
 from dicom_node.engine.tiling import (
@@ -21,7 +22,6 @@ from dicom_node.engine.tiling import (
     seam_lines,
     translate_naive,
 )
-from bench.flops import conv_flops
 from dicom_node.errors import UserError
 from tests.factory import phantom, trained_like_generator
 

@@ -9,8 +9,8 @@ from dicom_node.engine import load_style_model, save_style_model, translate
 from dicom_node.engine.generator import ResnetGenerator
 from dicom_node.engine.model_file import StyleModel, bundled_model_path
 from dicom_node.engine.style_stats import style_distance, style_statistics
-from dicom_node.engine.tone_filter import ToneFilter, band_split, gaussian_blur
 from dicom_node.engine.tiling import SEAMLESS_MAX_BOUND, SEAMLESS_MEAN_BOUND
+from dicom_node.engine.tone_filter import ToneFilter, band_split, gaussian_blur
 from dicom_node.train.tone_fit import fit_tone_filter
 
 

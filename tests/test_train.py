@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from factory import PATIENT_ID, PATIENT_NAME, make_dataset, phantom, write
 from PIL import Image
 
 from dicom_node.cli import main
@@ -21,8 +22,6 @@ from dicom_node.engine import load_style_model, translate
 from dicom_node.engine.pixels import normalize, read_image_file
 from dicom_node.train.config import load_train_config
 from dicom_node.train.export import latest_checkpoint, load_checkpoint
-
-from factory import PATIENT_ID, PATIENT_NAME, make_dataset, phantom, write
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
@@ -242,8 +241,8 @@ def test_overrides_and_missing_config(tmp_path, data, capsys):
     cfg = write_config(tmp_path, data, val=None)
     assert main(["train", "--config", str(cfg), "--set", "train.lr", "--no-progress"]) == 1
     assert "SECTION.KEY=VALUE" in capsys.readouterr().err
-    from dicom_node.commands.train import overrides_from_args
     from dicom_node.cli import build_parser
+    from dicom_node.commands.train import overrides_from_args
 
     args = build_parser().parse_args(["train", "--config", str(cfg), "--steps", "3", "--set", "train.lr=0.001",
                                       "--out", "somewhere"])

@@ -18,8 +18,14 @@ from PIL import Image
 
 from dicom_node.cli import main
 from dicom_node.commands.translate import collect_inputs
-from dicom_node.engine.pixels import (DEFAULT_NORMALIZATION, Radiograph, normalize, read_dicom, read_image_file,
-                                      sniff_format)
+from dicom_node.engine.pixels import (
+    DEFAULT_NORMALIZATION,
+    Radiograph,
+    normalize,
+    read_dicom,
+    read_image_file,
+    sniff_format,
+)
 from dicom_node.errors import UserError
 from dicom_node.train.data import find_image_files, load_domain
 from tests.factory import make_dataset, phantom, write

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import yaml
+from factory import make_dataset, phantom, write
 
 from dicom_node.engine import load_style_model
 from dicom_node.train.export import load_checkpoint
-
-from factory import make_dataset, phantom, write
 
 
 def free_port() -> int:

@@ -24,8 +24,18 @@ from dicom_node.engine.yaml_config import ConfigError, load_config_file
 from .environment import STYLE_MODEL_FORMAT, check_environment, style_model_file_problem
 from .fields import ae_title_problem
 from .schema import parse_schema
-from .settings import (DestinationSettings, ModelSettings, NodeConfig, NodeSettings, RetrySettings, RouteSettings,
-                       StorageSettings, TLSSettings, WebhookSettings, WebSettings)
+from .settings import (
+    DestinationSettings,
+    ModelSettings,
+    NodeConfig,
+    NodeSettings,
+    RetrySettings,
+    RouteSettings,
+    StorageSettings,
+    TLSSettings,
+    WebhookSettings,
+    WebSettings,
+)
 
 __all__ = [
     "ConfigError", "TLSSettings", "NodeSettings", "StorageSettings", "ModelSettings", "DestinationSettings",

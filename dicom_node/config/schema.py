@@ -16,11 +16,30 @@ from dicom_node.engine.defaults import DEFAULT_OVERLAP
 from dicom_node.engine.devices import device_problem, tile_problem
 from dicom_node.engine.yaml_config import ConfigError, Problems, join_path, type_name
 
-from .fields import (MISSING, ae_title_field, folder_path, integer, mapping, number, resolve, retry_settings, string,
-                     string_list, tls_settings)
+from .fields import (
+    MISSING,
+    ae_title_field,
+    folder_path,
+    integer,
+    mapping,
+    number,
+    resolve,
+    retry_settings,
+    string,
+    string_list,
+    tls_settings,
+)
 from .routes import parse_routes
-from .settings import (DestinationSettings, ModelSettings, NodeConfig, NodeSettings, RetrySettings, StorageSettings,
-                       TLSSettings, WebSettings)
+from .settings import (
+    DestinationSettings,
+    ModelSettings,
+    NodeConfig,
+    NodeSettings,
+    RetrySettings,
+    StorageSettings,
+    TLSSettings,
+    WebSettings,
+)
 from .webhooks import parse_notifications
 
 __all__ = ["parse_schema"]

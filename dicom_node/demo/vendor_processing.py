@@ -35,10 +35,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dicom_node.errors import UserError
 from dicom_node.demo.nonlinear_styles import NONLINEAR_PAIRS, NonlinearStyle
 from dicom_node.demo.phantoms import gaussian_blur
-from dicom_node.demo.tone import BITS, PHOTOMETRICS, TONE_CURVES, StoredOutput, tone_curve
+from dicom_node.demo.tone import BITS, TONE_CURVES, StoredOutput, tone_curve
+from dicom_node.errors import UserError
 
 __all__ = ["VendorStyle", "NonlinearStyle", "StylePair", "STYLE_A", "STYLE_B", "STYLES", "STYLE_PAIRS", "DEFAULT_STYLE_PAIR",
            "TONE_CURVES", "get_style_pair", "process", "to_stored"]

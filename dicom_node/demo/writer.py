@@ -39,11 +39,17 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.errors import UserError
-from dicom_node.demo.phantoms import Phantom, make_phantom, render
 from dicom_node.demo.nonlinear_styles import NonlinearStyle, phantom_scale, process_nonlinear
-from dicom_node.demo.vendor_processing import (DEFAULT_STYLE_PAIR, STYLES, VendorStyle, get_style_pair, process,
-                                               to_stored)
+from dicom_node.demo.phantoms import Phantom, make_phantom, render
+from dicom_node.demo.vendor_processing import (
+    DEFAULT_STYLE_PAIR,
+    STYLES,
+    VendorStyle,
+    get_style_pair,
+    process,
+    to_stored,
+)
+from dicom_node.errors import UserError
 
 __all__ = ["CR_IMAGE_STORAGE", "SOURCES", "DemoCase", "render_case", "render_real_case", "case_dataset",
            "write_demo_data"]

@@ -42,11 +42,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .base import KINDS, DeliveryResult, DestinationKind, register, unregister, valid_uid
-
 # The kinds: importing a kind's module registers it (its last line).  A new kind: one more name here.
 from . import dicom, dicomweb, folder  # noqa: E402,I001
-
+from .base import KINDS, DeliveryResult, DestinationKind, register, unregister, valid_uid
 from .dicom import DicomDestination, deliver_dicom  # noqa: E402
 from .folder import FolderDestination, deliver_folder  # noqa: E402
 
