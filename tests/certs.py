@@ -42,12 +42,14 @@ def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def make_cert(folder: Path, name: str, ca: tuple[Path, Path], *, server: bool) -> tuple[Path, Path]:
-    """A leaf certificate signed by ``ca``: server (SAN 127.0.0.1, localhost) or client."""
+def make_cert(folder: Path, name: str, ca: tuple[Path, Path], *, server: bool,
+              subject: str | None = None) -> tuple[Path, Path]:
+    """A leaf certificate signed by ``ca``: server (SAN 127.0.0.1, localhost) or client;
+    ``subject`` in openssl's ``-subj`` form (default ``/CN=NAME``)."""
     cert, key, csr, ext = (folder / f"{name}.pem", folder / f"{name}.key", folder / f"{name}.csr",
                            folder / f"{name}.ext")
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key.name, "-out", csr.name, "-subj", f"/CN={name}", cwd=folder)
+             "-keyout", key.name, "-out", csr.name, "-subj", subject or f"/CN={name}", cwd=folder)
     usage = "serverAuth" if server else "clientAuth"
     lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature", f"extendedKeyUsage={usage}"]
     if server:

@@ -30,6 +30,8 @@ def check_environment(cfg: NodeConfig, base_dir: Path = Path(".")) -> list[str]:
         check_tls(cfg.node.tls, "node.tls", problems, server=True)
     if cfg.web is not None and cfg.web.tls is not None and cfg.web.tls is not cfg.node.tls:
         check_tls(cfg.web.tls, "web.tls", problems, server=True)
+    if cfg.web is not None and cfg.web.stow_rs_client_ca is not None:
+        _check_client_ca(cfg.web.stow_rs_client_ca, problems)
     check_writable(cfg.storage.spool_dir, "storage.spool_dir", problems)
     if cfg.storage.database is not None:
         _check_database(cfg.storage.database, problems)
@@ -40,6 +42,22 @@ def check_environment(cfg: NodeConfig, base_dir: Path = Path(".")) -> list[str]:
         if kind is not None:
             kind.check(dest, join_path("destinations", name), problems)
     return problems.items
+
+
+def _check_client_ca(ca: Path, problems: Problems) -> None:
+    """``web.stow_rs.client_ca`` exists and loads as the web server will load it."""
+    import ssl
+
+    from dicom_node.errors import UserError
+    from dicom_node.tls import _load_ca
+
+    if not ca.is_file():
+        problems.add("web.stow_rs.client_ca", f"file not found: {ca}")
+        return
+    try:
+        _load_ca(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), ca)
+    except UserError as exc:
+        problems.add("web.stow_rs.client_ca", str(exc).removeprefix("tls: "))
 
 
 def _check_database(url: str, problems: Problems) -> None:

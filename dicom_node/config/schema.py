@@ -19,6 +19,7 @@ from dicom_node.engine.yaml_config import ConfigError, Problems, join_path, type
 from .fields import (
     MISSING,
     ae_title_field,
+    file_path,
     folder_path,
     integer,
     mapping,
@@ -196,6 +197,11 @@ def _web(raw: Any, node: NodeSettings, problems: Problems, base_dir: Path) -> We
         tls = tls_settings(m["tls"], "web.tls", problems, base_dir, server=True)
         if tls is not None and tls.require_client_cert:
             problems.add("web.tls.require_client_cert", "not supported for the console (log in with a password)")
+    tokens, client_ca, subjects = _stow_rs(m.get("stow_rs"), problems, base_dir)
+    if client_ca is not None and tls is None and "tls" not in m:
+        problems.add("web.stow_rs.client_ca", "needs web.tls (client certificates come with HTTPS)")
+    if client_ca is not None and tls is not None and tls.ca is not None:
+        problems.add("web.tls.ca", "the CA of STOW-RS client certificates is web.stow_rs.client_ca: set that one only")
     return WebSettings(
         host=string(m, "host", "web", problems, d.host),
         port=integer(m, "port", "web", problems, d.port, 0, 65535),
@@ -204,24 +210,46 @@ def _web(raw: Any, node: NodeSettings, problems: Problems, base_dir: Path) -> We
         session_minutes=number(m, "session_minutes", "web", problems, d.session_minutes, 0, False),
         refresh_seconds=number(m, "refresh_seconds", "web", problems, d.refresh_seconds, 0, False),
         trusted_proxies=_networks(m.get("trusted_proxies"), "web.trusted_proxies", problems),
-        stow_rs_tokens=_stow_rs(m.get("stow_rs"), problems),
+        stow_rs_tokens=tokens,
+        stow_rs_client_ca=client_ca,
+        stow_rs_subjects=subjects,
     )
 
 
-def _stow_rs(raw: Any, problems: Problems) -> list[str] | None:
-    """``web.stow_rs: {tokens: [argon2id hashes]}``: STOW-RS ingest for every called AE (None: off)."""
+def _stow_rs(raw: Any, problems: Problems, base_dir: Path) -> tuple[list[str] | None, Path | None, list[str] | None]:
+    """``web.stow_rs: {tokens: [argon2id hashes], client_ca: FILE, subjects: [RFC 4514 names]}``:
+    STOW-RS ingest for every called AE, by bearer token, by client certificate, or either.
+    Returns (tokens, client_ca, subjects); tokens None: ingest off, [] with a client_ca: by
+    certificate only."""
     if raw is None:
-        return None
-    m = mapping(raw, "web.stow_rs", {"tokens"}, {"tokens"}, problems)
-    tokens = string_list(m.get("tokens"), "web.stow_rs.tokens", problems) if m and m.get("tokens") is not None else None
-    if m is not None and "tokens" in m and not tokens:
+        return None, None, None
+    m = mapping(raw, "web.stow_rs", {"tokens", "client_ca", "subjects"}, set(), problems)
+    if m is None:
+        return [], None, None
+    if "tokens" not in m and "client_ca" not in m:
+        problems.add("web.stow_rs.tokens", "required key missing (tokens, client_ca or both)")
+    tokens = string_list(m.get("tokens"), "web.stow_rs.tokens", problems) if m.get("tokens") is not None else None
+    if "tokens" in m and not tokens:
         problems.add("web.stow_rs.tokens",
                      "at least one token hash is required (make one with `dicom-node hash-password`)")
     for i, hashed in enumerate(tokens or []):
         if not hashed.startswith("$argon2"):
             problems.add(join_path("web.stow_rs.tokens", i),
                          "must be an Argon2 hash ($argon2id$...; make one with `dicom-node hash-password`)")
-    return [t for t in tokens or [] if t.startswith("$argon2")]
+    client_ca = file_path(m, "client_ca", "web.stow_rs", problems, base_dir) if "client_ca" in m else None
+    subjects = None
+    if m.get("subjects") is not None:
+        subjects = [s.strip() for s in string_list(m["subjects"], "web.stow_rs.subjects", problems) or []]
+        for i, subject in enumerate(subjects):
+            if "=" not in subject:
+                problems.add(join_path("web.stow_rs.subjects", i),
+                             "must be a certificate subject as RFC 4514 writes it (CN=name,O=organisation)")
+        if not subjects:
+            problems.add("web.stow_rs.subjects", "at least one subject (or leave the key out: any certificate "
+                         "that client_ca signed)")
+        if client_ca is None:
+            problems.add("web.stow_rs.subjects", "needs web.stow_rs.client_ca")
+    return [t for t in tokens or [] if t.startswith("$argon2")], client_ca, subjects
 
 
 def _networks(raw: Any, path: str, problems: Problems) -> list[str]:

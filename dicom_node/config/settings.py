@@ -222,6 +222,11 @@ class WebSettings:
     # web.stow_rs.tokens: Argon2id hashes of the bearer tokens that may POST to STOW-RS ingest
     # (dicom_node.web.stow); None: no STOW-RS ingest (the default)
     stow_rs_tokens: list[str] | None = None
+    # web.stow_rs.client_ca: the CA whose client certificates may POST to STOW-RS without a token
+    # (needs web.tls; dicom_node.web.client_certs); web.stow_rs.subjects: only these RFC 4514
+    # subjects (None: any certificate that CA signed)
+    stow_rs_client_ca: Path | None = None
+    stow_rs_subjects: list[str] | None = None
 
 
 @dataclass

@@ -44,6 +44,7 @@ class WebServer:
         import uvicorn
 
         from dicom_node.errors import UserError
+        from dicom_node.web.client_certs import TLSScopeProtocol, web_context
 
         host, port = self.settings.host, self.settings.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -64,13 +65,14 @@ class WebServer:
         # proxy_headers off: uvicorn would believe X-Forwarded-For from 127.0.0.1 (its default),
         # which lets anyone on the host pick an address per login; the app believes it only from
         # web.trusted_proxies (dicom_node.web.auth.client_address)
+        # http: uvicorn's h11 protocol that also puts the client certificate into the scope (ASGI
+        # TLS extension), for STOW-RS clients that authenticate by certificate (web.stow_rs.client_ca)
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, server_header=False, proxy_headers=False)
+                                timeout_graceful_shutdown=2, server_header=False, proxy_headers=False,
+                                http=TLSScopeProtocol)
         config.load()
         if self.settings.tls is not None:
-            from dicom_node.tls import server_context
-
-            config.ssl = server_context(self.settings.tls)
+            config.ssl = web_context(self.settings)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="web",
                                         daemon=True)

@@ -25,6 +25,7 @@ Why these choices:
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -37,7 +38,7 @@ from typing import Any
 
 __all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token", "same",
            "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW", "HASHES_AT_ONCE", "HASH_WAIT",
-           "HASH_QUEUE", "BUSY_PAUSE", "hash_executor", "HashTurns", "client_address", "proxy_networks"]
+           "HASH_QUEUE", "BUSY_PAUSE", "hash_executor", "HashTurns", "BearerTokens", "client_address", "proxy_networks"]
 
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"  # binds the login form's CSRF token to this browser
@@ -122,6 +123,36 @@ class HashTurns:
             return await asyncio.wrap_future(self._threads.submit(verify_password, hashed, secret))
         finally:
             self._slots.release()
+
+
+class BearerTokens:
+    """Checks STOW-RS bearer tokens against the configured Argon2 hashes.
+
+    A token that verified once is remembered as an HMAC (with a key of this process) so that a
+    client posting study after study costs one Argon2 verification, not one per request; the
+    memory is dropped when the configured hashes change (a reload that removes a token)."""
+
+    def __init__(self, turns: HashTurns) -> None:
+        self.turns = turns
+        self._key = secrets.token_bytes(32)
+        self._hashes: tuple[str, ...] = ()
+        self._known: set[bytes] = set()
+
+    async def check(self, hashes: list[str], token: str) -> bool | None:
+        """True when ``token`` matches one of ``hashes``; None: the node is too busy to check."""
+        if tuple(hashes) != self._hashes:
+            self._hashes, self._known = tuple(hashes), set()
+        digest = hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+        if digest in self._known:
+            return True
+        for hashed in hashes:
+            ok = await self.turns.verify(hashed, token)
+            if ok is None:
+                return None
+            if ok:
+                self._known.add(digest)
+                return True
+        return False
 
 
 def new_token() -> str:

@@ -9,16 +9,19 @@ supported: what the listener would not have negotiated).  The sender of a STOW-R
 recorded with the calling AE title :data:`CALLING_AE`, so a route's ``calling_ae`` allow-list
 takes STOW-RS instances only when it names it.
 
-Off unless ``web.stow_rs: {tokens: [argon2id hashes]}`` is configured; the client sends
-``Authorization: Bearer TOKEN``.  A token is verified with Argon2 once (a few at a time, shared
-with the console's logins: :class:`dicom_node.web.auth.HashTurns`) and then known by an HMAC of
-it for as long as the node runs and the configured hashes stay the same; wrong tokens are
-limited per client address as wrong logins are.
+Off unless ``web.stow_rs`` is configured: ``tokens`` (Argon2id hashes; the client sends
+``Authorization: Bearer TOKEN``) and/or ``client_ca`` (with web.tls: a client certificate that CA
+signed, its subject in ``subjects`` when that is set, needs no token; :mod:`.client_certs`,
+:func:`client_subject`).  A token is verified with Argon2 once (a few at a time, shared with the
+console's logins: :class:`dicom_node.web.auth.BearerTokens`) and then known by an HMAC of it for
+as long as the node runs and the configured hashes stay the same; wrong tokens are limited per
+client address as wrong logins are.
 
 Answers: 200 and a ``ReferencedSOPSequence`` when every instance was stored; 202 with a
 ``FailedSOPSequence`` when some failed; 409 when all failed (``application/dicom+json``);
-401 without or with a wrong token, 404 for a called AE title no route has (or STOW-RS off),
-403 when no route of it allows :data:`CALLING_AE`, 415 for a request that is not
+401 without or with a wrong token (and no allowed certificate), 404 for a called AE title no
+route has (or STOW-RS off), 403 when no route of it allows :data:`CALLING_AE` or a client
+certificate's subject is not in ``subjects`` (and no token came), 415 for a request that is not
 ``multipart/related; type="application/dicom"``, 400 for a malformed multipart body, 408 when
 the body stops arriving for ``node.network_timeout`` seconds.
 
@@ -31,11 +34,8 @@ so memory holds at most :data:`FEED_BYTES` per request whatever the body's size.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +45,9 @@ from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES,
 from dicom_node.received import ArrivalWatch
 from dicom_node.routing import REJECT_CALLED_AE, REJECT_CALLING_AE, association_verdict
 from dicom_node.untrusted import invalid_ae_title
-from dicom_node.web.auth import HashTurns, LoginLimiter
+from dicom_node.web.auth import BearerTokens, HashTurns, LoginLimiter
 
-__all__ = ["stow_endpoint", "receiving", "CALLING_AE", "PATH", "STATUS_SOP_CLASS_NOT_SUPPORTED", "BearerTokens",
+__all__ = ["stow_endpoint", "receiving", "CALLING_AE", "PATH", "STATUS_SOP_CLASS_NOT_SUPPORTED", "client_subject",
            "FEED_BYTES", "MAX_TOKEN_LENGTH"]
 
 log = logging.getLogger("dicom_node.web.stow")
@@ -64,36 +64,6 @@ MAX_TOKEN_LENGTH = 4096  # longer bearer tokens are wrong without hashing them
 
 class Malformed(ValueError):
     """The body is not a complete multipart/related body: 400, nothing stored."""
-
-
-class BearerTokens:
-    """Checks STOW-RS bearer tokens against the configured Argon2 hashes.
-
-    A token that verified once is remembered as an HMAC (with a key of this process) so that a
-    client posting study after study costs one Argon2 verification, not one per request; the
-    memory is dropped when the configured hashes change (a reload that removes a token)."""
-
-    def __init__(self, turns: HashTurns) -> None:
-        self.turns = turns
-        self._key = secrets.token_bytes(32)
-        self._hashes: tuple[str, ...] = ()
-        self._known: set[bytes] = set()
-
-    async def check(self, hashes: list[str], token: str) -> bool | None:
-        """True when ``token`` matches one of ``hashes``; None: the node is too busy to check."""
-        if tuple(hashes) != self._hashes:
-            self._hashes, self._known = tuple(hashes), set()
-        digest = hmac.new(self._key, token.encode(), hashlib.sha256).digest()
-        if digest in self._known:
-            return True
-        for hashed in hashes:
-            ok = await self.turns.verify(hashed, token)
-            if ok is None:
-                return None
-            if ok:
-                self._known.add(digest)
-                return True
-        return False
 
 
 @dataclass
@@ -275,6 +245,15 @@ def _uids(path: Path) -> tuple[str, str]:
         return "", ""
 
 
+def client_subject(scope: dict) -> str | None:
+    """The RFC 4514 subject of the request's client certificate, from the ASGI TLS extension
+    (:mod:`.client_certs`: only a certificate the handshake verified is there); None: none."""
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    if tls.get("client_cert_error") or not tls.get("client_cert_chain"):
+        return None
+    return tls.get("client_cert_name")
+
+
 def _storage_classes() -> frozenset[str]:
     """The SOP classes the DICOM listener negotiates (what a C-STORE could bring)."""
     from pynetdicom import AllStoragePresentationContexts
@@ -364,13 +343,23 @@ def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str
     tokens = BearerTokens(turns)
     limiter = LoginLimiter()
 
-    async def authorized(request: Any, hashes: list[str]) -> Any:
-        """None when the request carries a configured token, else the response to give."""
+    async def authorized(request: Any, web: Any) -> Any:
+        """None when the request carries a configured token or came with an allowed client
+        certificate (:mod:`.client_certs`), else the response to give."""
         challenge = {"www-authenticate": 'Bearer realm="dicom-node STOW-RS"'}
+        subject = client_subject(request.scope) if web.stow_rs_client_ca is not None else None
+        if subject is not None and (web.stow_rs_subjects is None or subject in web.stow_rs_subjects):
+            return None  # the handshake verified it against web.stow_rs.client_ca (and no other CA)
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return _error(401, "a bearer token is required (Authorization: Bearer TOKEN)", challenge)
+            if subject is not None:
+                log.warning("STOW-RS from %s refused: client certificate %s is not in web.stow_rs.subjects",
+                            client_of(request), subject[:200])
+                return _error(403, "this client certificate's subject is not in web.stow_rs.subjects")
+            return _error(401, "a bearer token is required (Authorization: Bearer TOKEN)"
+                          + (" or a client certificate" if web.stow_rs_client_ca is not None else ""), challenge)
+        hashes = web.stow_rs_tokens
         client = client_of(request)
         wait = limiter.attempt(client)  # counts as failed until it succeeds
         if wait:
@@ -393,7 +382,7 @@ def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str
         if hashes is None or console.ingest is None:
             return _error(404, "STOW-RS ingest is off on this node (web.stow_rs)" if hashes is None
                           else "this node does not receive (serve --role worker)")
-        refusal = await authorized(request, hashes)
+        refusal = await authorized(request, config.web)
         if refusal is not None:
             return refusal
         called = str(request.path_params["called_ae"]).strip()
