@@ -44,7 +44,7 @@ def _escape(value: str) -> str:
     return out
 
 
-def rfc4514(subject: tuple) -> str:
+def rfc4514(subject: tuple[tuple[tuple[str, str], ...], ...]) -> str:
     """A subject of ``SSLSocket.getpeercert()`` as an RFC 4514 string (``CN=gw,O=Hospital``):
     the last RDN first, as ``openssl x509 -noout -subject -nameopt RFC2253`` prints it."""
     return ",".join("+".join(f"{SHORT_NAMES.get(name, name)}={_escape(value)}" for name, value in rdn)
@@ -72,14 +72,14 @@ def tls_extension(transport: Any) -> dict[str, Any] | None:
 class TLSScopeProtocol(H11Protocol):
     """uvicorn's h11 protocol with the ASGI TLS extension in each request's scope (see the module)."""
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         tls = tls_extension(transport)
         if tls is None:
             return
         app = self.app
 
-        async def with_tls(scope: dict, receive: Any, send: Any) -> None:
+        async def with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:
             scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
             await app(scope, receive, send)
 
