@@ -42,6 +42,7 @@ __all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "DEFAULT_BAND_KNOTS"
 DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.4, 2.8, 5.6, 11.2, 22.4, 44.8)
 DEFAULT_KNOTS = 257
 DEFAULT_BAND_KNOTS = 129  # knots of a band curve, at quantiles of |c|: dense where coefficients are
+BAND_TABLE = 16384  # even samples of a band curve that inference reads (odd_curve)
 
 
 def _fast_length(n: int) -> int:
@@ -114,16 +115,27 @@ def uniform_curve(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, values: t
     return values[i0] + frac * (values[i0 + 1] - values[i0])
 
 
+def _piecewise(a: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """The piecewise-linear curve through ``(xs, ys)`` at ``a`` (in ``[xs[0], xs[-1]]``)."""
+    slope = (ys[1:] - ys[:-1]) / (xs[1:] - xs[:-1]).clamp_min(1e-12)
+    i = (torch.searchsorted(xs, a.contiguous()) - 1).clamp(0, xs.shape[0] - 2)
+    return torch.addcmul(ys[i], a - xs[i], slope[i])
+
+
 def odd_curve(c: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """``sign(c) f(|c|)``, ``f`` piecewise linear through ``(xs, ys)`` (``xs`` increasing from 0);
     beyond ``xs[-1]`` the gain of the last knot, ``ys[-1] / xs[-1]``, goes on (a straight line
-    through 0: the rare coefficients larger than any seen in training keep their proportion)."""
+    through 0: the rare coefficients larger than any seen in training keep their proportion).
+
+    Why a table: a search among the knots for each of a radiograph's millions of coefficients
+    took 0.3 s per band at 2048^2 on one core; ``f`` is sampled once on :data:`BAND_TABLE`
+    even steps (finer than the knots, which are densest near the median coefficient) and read
+    like the tone curves, in a quarter of the time."""
     a = c.abs()
-    i = torch.searchsorted(xs, a.reshape(-1).contiguous()).reshape(a.shape).clamp(1, xs.shape[0] - 1)
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    inside = y0 + (a - x0) * (y1 - y0) / (x1 - x0).clamp_min(1e-12)
-    beyond = a * (ys[-1] / xs[-1].clamp_min(1e-12))
-    return torch.sign(c) * torch.where(a > xs[-1], beyond, inside)
+    end = xs[-1].clamp_min(1e-12)
+    table = _piecewise(torch.linspace(0.0, 1.0, BAND_TABLE, device=c.device) * end, xs, ys)
+    inside = uniform_curve(a, torch.zeros_like(end), end, table)
+    return torch.where(a > end, a * (ys[-1] / end), inside).copysign(c)
 
 
 class ToneFilter(nn.Module):
