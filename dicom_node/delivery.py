@@ -41,6 +41,8 @@ class Deliverer(Loop):
     BATCH = 50
     PURGE_IDLE_SECONDS = 2.0
     logger = log
+    config: NodeConfig
+    wake: threading.Event  # always given: the node broadcasts to every deliverer's
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, wake: threading.Event,
                  stop: threading.Event, only: str | None) -> None:
@@ -108,7 +110,8 @@ class Deliverer(Loop):
         dest = self.config.destinations.get(name)
         retry = self.config.retry
         if dest is None:
-            outcomes = [(r, False, f"destination {name!r} is not configured") for r in rows]
+            outcomes: list[tuple[DeliveryRow, bool, str | None]] = [
+                (r, False, f"destination {name!r} is not configured") for r in rows]
         else:
             try:
                 results = deliver(dest, [Path(r.path) for r in rows], calling_ae=self.config.node.ae_title)

@@ -34,9 +34,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 from dicom_node.engine.defaults import DEFAULT_OVERLAP
 from dicom_node.engine.pixels import rewindow, target_normalization
@@ -89,7 +92,7 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
     return to_u8(np.asarray(img, np.float64))  # the panels compute in float64
 
 
-def panel(inp: np.ndarray, out: np.ndarray, target: np.ndarray, max_side: int = 512):
+def panel(inp: np.ndarray, out: np.ndarray, target: np.ndarray, max_side: int = 512) -> PILImage:
     """A PIL image: input | output | target | |output - target| (x4, so 0.25 is white).
 
     Model space -1..1 is shown as black..white; each view is shrunk to ``max_side``.
@@ -101,7 +104,7 @@ def panel(inp: np.ndarray, out: np.ndarray, target: np.ndarray, max_side: int = 
     h, w = inp.shape
     scale = min(1.0, max_side / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    views = [v.resize(size, Image.BILINEAR) if v.size != size else v for v in views]
+    views = [v.resize(size, Image.Resampling.BILINEAR) if v.size != size else v for v in views]
     gap = 4
     canvas = Image.new("L", (4 * size[0] + 3 * gap, size[1]), 255)
     for i, v in enumerate(views):
@@ -109,14 +112,14 @@ def panel(inp: np.ndarray, out: np.ndarray, target: np.ndarray, max_side: int = 
     return canvas
 
 
-def preview(inp: np.ndarray, out: np.ndarray, max_side: int = 320):
+def preview(inp: np.ndarray, out: np.ndarray, max_side: int = 320) -> PILImage:
     """A small PIL image: input | output (for the README), model space shown black..white."""
     from PIL import Image
 
     h, w = inp.shape
     scale = min(1.0, max_side / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    views = [Image.fromarray(_to_u8(v)).resize(size, Image.LANCZOS) for v in (inp, out)]
+    views = [Image.fromarray(_to_u8(v)).resize(size, Image.Resampling.LANCZOS) for v in (inp, out)]
     gap = 4
     canvas = Image.new("L", (2 * size[0] + gap, size[1]), 255)
     for i, v in enumerate(views):

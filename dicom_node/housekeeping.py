@@ -28,6 +28,8 @@ class Housekeeper(Loop):
     WAIT_FIRST = True
     logger = log
 
+    config: NodeConfig
+
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, stop: threading.Event) -> None:
         super().__init__("housekeeper", stop, config=config)
         self.spool, self.db = spool, db

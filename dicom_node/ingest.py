@@ -196,16 +196,17 @@ class Ingest:
             return refused
         fallback = fallback_route(config.routes, choice)
         forward = list(fallback.destinations) if fallback else []
+        route = None if choice.index is None else config.routes[choice.index]
         _, new = self.db.record_received(
             called_ae=called, calling_ae=calling, sop_uid=sop_uid, sop_class=attrs["SOPClassUID"],
             study_uid=attrs["StudyInstanceUID"], series_uid=attrs["SeriesInstanceUID"],
-            route=None if choice.index is None else config.routes[choice.index].name,
+            route=None if route is None else route.name,
             matched=choice.matched, path=str(final), size=size, forward=forward, content_sha256=digest,
             study={col: _text(attrs.get(kw)) for kw, col in STUDY_INFO_KEYWORDS.items()}, protocol=protocol)
-        if choice.matched:
+        if choice.matched and route is not None:  # a match always names its route
             log.info("received sop %s study %s %s from %s to %s over %s (route %s, %d bytes)", abbreviate(sop_uid),
                      abbreviate(attrs["StudyInstanceUID"]), attrs.get("Modality") or "-", calling, called, protocol,
-                     config.routes[choice.index].name, size)
+                     route.name, size)
         else:
             log.info("received sop %s %s from %s to %s: no route matches, kept%s", abbreviate(sop_uid),
                      attrs.get("Modality") or "-", calling, called,

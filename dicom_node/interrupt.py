@@ -30,7 +30,7 @@ def stop_between_operations(stop: threading.Event) -> Any:
     from torch.overrides import TorchFunctionMode
 
     class _StopMode(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
             if stop.is_set():
                 raise TranslationStopped()
             return func(*args, **(kwargs or {}))

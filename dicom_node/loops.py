@@ -15,9 +15,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dicom_node.database import first_line
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 __all__ = ["Loop", "Broadcast", "POLL_SECONDS", "ERROR_PAUSE"]
 
@@ -44,11 +47,12 @@ class Loop(threading.Thread):
     logger = log
 
     def __init__(self, name: str, stop: threading.Event, wake: threading.Event | None = None,
-                 config: Any = None) -> None:
+                 config: NodeConfig | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.stop_event = stop
         self.wake = wake
-        self.config = config  # dicom_node.config.NodeConfig (None for a loop that needs none)
+        # None for a loop that needs none; a loop that reads it declares ``config: NodeConfig``
+        self.config = config
         self.error_pause = ERROR_PAUSE
         self.retired = False  # a reload removed what this loop serves: finish the step, then end
         self.failing = False
@@ -73,7 +77,7 @@ class Loop(threading.Thread):
     def recovered(self) -> None:
         """A step succeeded after one or more failed."""
 
-    def configure(self, config: Any) -> None:
+    def configure(self, config: NodeConfig) -> None:
         """Take a reloaded config (dicom_node.reload has kept what needs a restart as it runs)."""
         self.config = config
 

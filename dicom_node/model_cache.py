@@ -10,12 +10,18 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import NodeConfig
 from dicom_node.engine.devices import is_auto_device
 from dicom_node.errors import UserError
 from dicom_node.spool import Spool
+
+if TYPE_CHECKING:
+    from dicom_node.engine.model_file import StyleModel
+
+# What identifies a loaded model's settings and file: a reload reloads it when this changes.
+Fingerprint = tuple[object, ...]
 
 __all__ = ["ModelCache", "engine_device", "device_text"]
 
@@ -33,14 +39,14 @@ class ModelCache:
     def __init__(self, config: NodeConfig, spool: Spool) -> None:
         self.config = config
         self.spool = spool
-        self._models: dict[str, Any] = {}
-        self._fingerprints: dict[str, tuple] = {}
-        self._inverses: dict[str, Any] = {}
+        self._models: dict[str, StyleModel] = {}
+        self._fingerprints: dict[str, Fingerprint] = {}
+        self._inverses: dict[str, StyleModel | None] = {}
         self._lock = threading.Lock()
         self.errors: dict[str, str] = {}  # name -> why it could not be loaded (for the console)
         self.loaded: dict[str, dict[str, Any]] = {}  # name -> what the console shows of it
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str) -> StyleModel:
         with self._lock:
             if name not in self._models:
                 try:
@@ -54,7 +60,7 @@ class ModelCache:
         """Take a reloaded config's models: load the routed ones that are new or changed (settings,
         or the file's size or time), then swap all at once; returns their names.  Raises (and
         changes nothing) when one cannot be loaded: the node then refuses the whole reload."""
-        fresh = {}
+        fresh: dict[str, tuple[StyleModel, Fingerprint, dict[str, Any]]] = {}
         for name in dict.fromkeys(r.model for r in config.routes):
             with self._lock:
                 current = self._fingerprints.get(name) if name in self._models else None
@@ -70,21 +76,21 @@ class ModelCache:
                     table.pop(name, None)
         return list(fresh)
 
-    def _fingerprint(self, config: NodeConfig, name: str) -> tuple:
+    def _fingerprint(self, config: NodeConfig, name: str) -> Fingerprint:
         from dicom_node.engine.model_file import resolve_model_path
 
         settings = config.models[name]
         path = resolve_model_path(settings.path)
         try:
             st = path.stat()
-            stamp = (st.st_size, st.st_mtime_ns)
+            stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
         except OSError:
             stamp = None
         return settings.path, settings.device, settings.inverse, str(path), stamp
 
-    def _timed_load(self, config: NodeConfig, name: str) -> tuple[Any, tuple, dict[str, Any]]:
+    def _timed_load(self, config: NodeConfig, name: str) -> tuple[StyleModel, Fingerprint, dict[str, Any]]:
         t0 = time.perf_counter()
-        fingerprint = self._fingerprint(config, name) if name in config.models else ()
+        fingerprint: Fingerprint = self._fingerprint(config, name) if name in config.models else ()
         model = self._load(name, config)
         settings = config.models.get(name)
         info = {"name": model.name, "version": model.version, "weights_sha256": model.weights_sha256,
@@ -92,7 +98,7 @@ class ModelCache:
                 "loaded_at": time.time(), "load_seconds": time.perf_counter() - t0}
         return model, fingerprint, info
 
-    def _keep(self, name: str, model: Any, fingerprint: tuple, info: dict[str, Any]) -> None:
+    def _keep(self, name: str, model: StyleModel, fingerprint: Fingerprint, info: dict[str, Any]) -> None:
         self._models[name], self._fingerprints[name], self.loaded[name] = model, fingerprint, info
         self.errors.pop(name, None)
 
@@ -100,7 +106,7 @@ class ModelCache:
         with self._lock:
             return name in self._models
 
-    def inverse(self, name: str) -> Any:
+    def inverse(self, name: str) -> StyleModel | None:
         """The reverse model of ``name`` (config ``inverse``: a file, or ``auto``: the file next to
         the model that its metadata names by weight digest), or None.  A broken inverse only
         costs the cycle check (logged once), never the translation."""
@@ -110,7 +116,7 @@ class ModelCache:
                 self._inverses[name] = self._load_inverse(name, model)
             return self._inverses[name]
 
-    def _load_inverse(self, name: str, model: Any) -> Any:
+    def _load_inverse(self, name: str, model: StyleModel) -> StyleModel | None:
         from dicom_node.engine.model_file import load_inverse
 
         settings = self.config.models.get(name)
@@ -124,7 +130,7 @@ class ModelCache:
         log.info("model %s: inverse %s loaded for the fidelity cycle check", name, inverse.name)
         return inverse
 
-    def _load(self, name: str, config: NodeConfig) -> Any:
+    def _load(self, name: str, config: NodeConfig) -> StyleModel:
         from dicom_node.engine import load_style_model
         from dicom_node.engine.model_file import resolve_model_path
 

@@ -138,6 +138,7 @@ class Node:
         return self.address
 
     def _deliverer(self, name: str | None) -> Deliverer:
+        assert self.db is not None, "node not started"
         return Deliverer(self.config, self.spool, self.db, threading.Event(), self._stop, only=name)
 
     # -- live reconfiguration -------------------------------------------------------------
@@ -202,6 +203,7 @@ class Node:
         from dicom_node.web.auth import Sessions, new_token
 
         web = self.config.web
+        assert web is not None, "the console is configured"
         self._web_db = StateDB.for_config(self.config, self.spool.database(self.config.storage.database),
                                           events=self.events)
         self.metrics.watch(self._web_db, self.spool, self.config)

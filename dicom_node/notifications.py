@@ -33,11 +33,15 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from dicom_node.database import first_line
 from dicom_node.loops import POLL_SECONDS, Loop
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig, WebhookSettings
+    from dicom_node.state import StateDB
 
 __all__ = ["Notifier", "WebhookSender", "post", "receiver", "sign", "SIGNATURE_HEADER"]
 
@@ -58,14 +62,15 @@ class Notifier(Loop):
     SUPERVISE_SECONDS = 1.0
     JOIN_SECONDS = 2.0  # per sender at stop: one mid-POST is abandoned (daemon), its lease runs out
     logger = log
+    config: NodeConfig
 
-    def __init__(self, config: Any, db: Any, stop: threading.Event) -> None:
+    def __init__(self, config: NodeConfig, db: StateDB, stop: threading.Event) -> None:
         super().__init__("notifier", stop, config=config)
         self.db = db
         self.senders: dict[str, WebhookSender] = {}
         self.error_pause = self.SUPERVISE_SECONDS
 
-    def hook(self, name: str) -> Any:
+    def hook(self, name: str) -> WebhookSettings | None:
         """The webhook's settings as configured now (None: removed by a reload)."""
         return next((w for w in self.config.notifications if w.name == name), None)
 
@@ -159,7 +164,7 @@ def _cut(conn: http.client.HTTPConnection) -> None:
             pass
 
 
-def post(hook: Any, event: str, nid: int, body: bytes) -> str | None:
+def post(hook: WebhookSettings, event: str, nid: int, body: bytes) -> str | None:
     """POST ``body`` to ``hook.url`` within ``hook.timeout`` seconds in all; None when the
     receiver answered 2xx, else why not (never raises: any failure is a failed attempt)."""
     headers = {**hook.headers, "Content-Type": "application/json", "User-Agent": "dicom-node",
@@ -173,6 +178,9 @@ def post(hook: Any, event: str, nid: int, body: bytes) -> str | None:
     try:
         parts = urlsplit(hook.url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.hostname
+        if host is None:  # the config check refuses such a URL already
+            raise ValueError("the webhook URL names no host")
         if parts.scheme == "https":
             ctx = ssl.create_default_context(cafile=str(hook.ca) if hook.ca else None)
             if not hook.verify:
@@ -180,9 +188,9 @@ def post(hook: Any, event: str, nid: int, body: bytes) -> str | None:
                 ctx.verify_mode = ssl.CERT_NONE
             if hook.cert is not None:
                 ctx.load_cert_chain(str(hook.cert), str(hook.key) if hook.key else None)
-            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=hook.timeout, context=ctx)
+            conn = http.client.HTTPSConnection(host, parts.port, timeout=hook.timeout, context=ctx)
         else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=hook.timeout)
+            conn = http.client.HTTPConnection(host, parts.port, timeout=hook.timeout)
         deadline = threading.Timer(hook.timeout, _cut, (conn,))
         deadline.daemon = True
         deadline.start()

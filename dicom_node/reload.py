@@ -153,7 +153,7 @@ def write_node_file(spool_root: Path, config_path: str | None) -> None:
 def read_node_file(spool_root: Path) -> dict[str, Any] | None:
     """The running node's {pid, config} or None (no file, or its process is gone)."""
     try:
-        info = json.loads((Path(spool_root) / NODE_FILE).read_text())
+        info: dict[str, Any] = json.loads((Path(spool_root) / NODE_FILE).read_text())
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -183,7 +183,7 @@ def request_reload(spool_root: Path, pid: int, timeout: float = 120.0) -> dict[s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            result = json.loads((Path(spool_root) / RESULT_FILE).read_text())
+            result: dict[str, Any] = json.loads((Path(spool_root) / RESULT_FILE).read_text())
             if result.get("id") == rid:
                 return result
         except (OSError, ValueError):

@@ -25,7 +25,7 @@ Semantics (documented in docs/operations.md "Routing", tested in tests/test_rout
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from dicom_node.config.settings import RouteSettings
 
@@ -93,7 +93,7 @@ def _values(element_value: Any) -> list[str]:
     return [text.upper()] if text else []
 
 
-def matches(match: dict[str, Iterable[str]], attributes: dict[str, Any]) -> bool:
+def matches(match: Mapping[str, Iterable[str]], attributes: dict[str, Any]) -> bool:
     """True when every keyword in ``match`` has one of its accepted values in ``attributes``."""
     for keyword, accepted in match.items():
         wanted = {_norm(v).upper() for v in accepted}

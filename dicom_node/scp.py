@@ -63,8 +63,15 @@ class StoreSCP:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
         """Start listening (non-blocking); returns the bound (host, port)."""
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom import (
+            AE,
+            ALL_TRANSFER_SYNTAXES,
+            AllStoragePresentationContexts,
+            VerificationPresentationContexts,
+            _config,
+            evt,
+        )
+        from pynetdicom.events import EventHandlerType
 
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False  # pynetdicom would log patient identifiers otherwise
@@ -77,15 +84,15 @@ class StoreSCP:
         ae.dimse_timeout = node.dimse_timeout
         ae.acse_timeout = node.acse_timeout
         ae.maximum_pdu_size = MAX_PDU_BYTES
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in [*AllStoragePresentationContexts, *VerificationPresentationContexts]:
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's lists (typed Optional)
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ssl_context = None
         if node.tls is not None:
             from dicom_node.tls import server_context
 
             ssl_context = server_context(node.tls)
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
+        handlers: list[EventHandlerType] = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended),
                     (evt.EVT_CONN_OPEN, self._on_opened), (evt.EVT_CONN_CLOSE, self._on_closed),
                     (evt.EVT_PDU_RECV, self._on_pdu)]

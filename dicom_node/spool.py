@@ -124,7 +124,7 @@ class Spool:
     def unlock(self) -> None:
         for fd in getattr(self, "_lock_fds", None) or []:
             os.close(fd)  # closing releases the flock
-        self._lock_fds: list[int] = []
+        self._lock_fds = []
 
     def open(self) -> "Spool":
         """Create the layout (0700) and drop partial writes left by a crash."""

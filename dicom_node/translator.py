@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.cluster import LeaseLost
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, RouteSettings
 from dicom_node.engine.defaults import DEFAULT_OVERLAP, MANUFACTURER
 from dicom_node.errors import UnsupportedImage
 from dicom_node.interrupt import TranslationStopped, stop_between_operations
@@ -30,6 +30,10 @@ from dicom_node.loops import POLL_SECONDS, Broadcast, Loop
 from dicom_node.model_cache import ModelCache, engine_device
 from dicom_node.spool import Spool
 from dicom_node.state import InstanceRow, NewDelivery, OutputRecord, StateDB, abbreviate
+
+if TYPE_CHECKING:
+    from dicom_node.engine.fidelity import FidelityReport
+    from dicom_node.engine.model_file import StyleModel
 
 __all__ = ["Translator", "ENGINE_LOCK", "is_own_output"]
 
@@ -42,6 +46,8 @@ class Translator(Loop):
     """Releases stable studies and translates ready instances."""
 
     PREVIEW_HEIGHT = 384  # pixels: the console's thumbnails (source | restyled)
+
+    config: NodeConfig
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, models: ModelCache,
                  wake: threading.Event, stop: threading.Event, deliver_wake: Broadcast, name: str,
@@ -158,6 +164,7 @@ class Translator(Loop):
             log.error("sop %s translation failed: %s", abbreviate(row.sop_uid), exc.__class__.__name__)
             return
         sc, report = result.sc, result.fidelity
+        assert report is not None  # translate_radiograph's guard (on by default) always reports
         out_uid = str(sc.SOPInstanceUID)
         out_path = self.spool.store_dataset(sc, self.spool.output_dir(row.id) / f"{out_uid}.dcm")
         self._save_preview(row, result)
@@ -200,7 +207,7 @@ def _series_naming(route: Any, ds: Any, version: int) -> Any:
         numbers=series_numbers(route.name, ds.get("SeriesNumber")), key=f"route {route.name}", version=version)
 
 
-def _output_record(row: InstanceRow, out_uid: str, model: Any, report: Any, route: Any, version: int = 1,
+def _output_record(row: InstanceRow, out_uid: str, model: StyleModel, report: FidelityReport, route: RouteSettings, version: int = 1,
                    requested_by: str | None = None) -> OutputRecord:
     from dicom_node.engine.secondary_capture import device_uid
 

@@ -9,7 +9,12 @@ Names are imported lazily, so ``dicom_node.engine.errors`` and friends stay ligh
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ hands out, as mypy should see it (nothing imported at run time)
+    from .generator import ResnetGenerator
+    from .model_file import StyleModel, load_style_model, new_style_model, save_style_model
+    from .tiling import translate
 
 __all__ = ["ResnetGenerator", "StyleModel", "load_style_model", "save_style_model", "new_style_model", "translate"]
 

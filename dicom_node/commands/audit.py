@@ -15,7 +15,7 @@ from dicom_node.errors import UserError
 from . import add_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("audit", help="the audit trail: source -> model -> output -> fidelity verdict",
                        description="Print the node's audit trail, oldest first.")
     p.add_argument("--study", metavar="UID", help="only this Study Instance UID")

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from . import add_config
 
+if TYPE_CHECKING:
+    from dicom_node.config import DestinationSettings, NodeConfig
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check-config", help="validate a node config and print every problem",
                        description="Validate a node config before deploying it: every problem on its own line "
                                    "with its YAML path (exit 1), or what the node would do: called AE -> model -> "
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reach(cfg) -> list[str]:
+def _reach(cfg: NodeConfig) -> list[str]:
     """Peers that do not answer now (each kind decides what reaching means; see DestinationKind.reach)."""
     from dicom_node.destinations import KINDS
     from dicom_node.engine.yaml_config import Problems, join_path
@@ -53,7 +57,7 @@ def _reach(cfg) -> list[str]:
     return problems.items
 
 
-def summary(cfg) -> list[str]:
+def summary(cfg: NodeConfig) -> list[str]:
     """Human-readable lines describing a valid config (no secrets, no patient data)."""
     node = cfg.node
     tls = " TLS" + (" (client certificates required)" if node.tls.require_client_cert else "") if node.tls else ""
@@ -97,7 +101,7 @@ def summary(cfg) -> list[str]:
     return lines
 
 
-def _describe_destination(dest) -> str:
+def _describe_destination(dest: DestinationSettings) -> str:
     """``pacs (dicom PACS@10.0.0.5:104)``: the name, the kind and the kind's own description."""
     from dicom_node.destinations import describe
 

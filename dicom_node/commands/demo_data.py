@@ -6,7 +6,7 @@ import argparse
 from . import add_output
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo-data",
         help="write synthetic radiographs in two styles, paired or --unpaired (A/, B/, test/A, test/B)",
@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.epilog = f"style pairs (--style-pair):\n{pairs}"
         return argparse.ArgumentParser.format_help(p)
 
-    p.format_help = format_help
+    # argparse has no hook for help text made on demand: this one parser's method is replaced
+    p.format_help = format_help  # type: ignore[method-assign]  # argparse (stdlib) offers no other way
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from . import add_output
 PREVIEW_NAME = "preview.png"  # evaluate --preview without a path: OUTPUT/preview.png
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "evaluate",
         help="PSNR/SSIM against the true style, identity baseline, seam metric; JSON + PNG panels",

@@ -9,7 +9,7 @@ from dicom_node.errors import UserError
 MIN_LENGTH = 12
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("hash-password", help="hash a console password for web.users in the config",
                        description="Prints an Argon2id hash to put under web.users.NAME in the node config. "
                                    "Asks twice on a terminal; reads one line from standard input otherwise.")

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, Any
 
 from . import add_output
 
+if TYPE_CHECKING:
+    from dicom_node.engine.model_file import StyleModel
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("model", help="inspect or create style model files",
                        description="Style model files: 'model info' prints one's metadata, 'model init' writes an "
                                    "untrained one (for tests, benchmarks and hardware checks).")
@@ -36,13 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.set_defaults(func=run_init)
 
 
-def _fidelity_summary(model) -> dict:
+def _fidelity_summary(model: StyleModel) -> dict[str, Any]:
     """The guard's thresholds (calibrated or the defaults), its calibration and the inverse; the
     training domain's statistics are summarised by their count (they are long)."""
     from dicom_node.engine.fidelity import thresholds_of
     from dicom_node.engine.secondary_capture import device_uid
 
-    stored = model.metadata.get("fidelity") if isinstance(model.metadata.get("fidelity"), dict) else {}
+    fidelity = model.metadata.get("fidelity")
+    stored: dict[str, Any] = fidelity if isinstance(fidelity, dict) else {}
     thresholds, calibrated = thresholds_of(model)
     return {"thresholds": thresholds,
             "calibrated": calibrated,

@@ -17,7 +17,7 @@ from . import add_config
 ANSWER_TIMEOUT = 120.0  # seconds: loading a changed model on a slow disk may take a while
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("reload", help="make the running node re-read its config (systemctl reload)",
                        description="Validates the config, asks the node on its spool to re-read it (SIGHUP) and "
                                    "prints what changed and what needs a restart.")

@@ -16,7 +16,7 @@ from dicom_node.errors import UserError
 from . import add_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("reprocess", help="translate a delivered study again (after a model change)",
                        description="Translate a delivered study again from its sources kept in the spool and "
                                    "deliver the new outputs (same series, new SOP Instance UIDs), e.g. after a "

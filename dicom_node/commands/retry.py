@@ -10,7 +10,7 @@ import argparse
 from . import add_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = sub.add_parser("retry", help="requeue failed translations and deliveries",
                        description="Requeue every failed translation and every delivery given up (recorded in the "
                                    "operator log); the running node picks them up within a second.")

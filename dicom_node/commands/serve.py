@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from . import add_config
 
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the DICOM node (receive, translate, forward)",
                        description="Run the node until SIGTERM or SIGINT (SIGHUP or 'dicom-node reload' re-reads "
                                    "the config). Without --config: the embedded default (DICOM on "
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embedded_ports(config, args: argparse.Namespace) -> None:
+def _embedded_ports(config: NodeConfig, args: argparse.Namespace) -> None:
     """``--port``/``--web-port`` (``make run PORT=... WEB_PORT=...``): other ports for the embedded
     config.  Not for a config file: a reload re-reads the file, whose ports would then differ."""
     from dicom_node.errors import UserError
@@ -69,6 +73,7 @@ def _embedded_ports(config, args: argparse.Namespace) -> None:
     for flag, value in given.items():
         if not 1 <= value <= 65535:
             raise UserError(f"{flag} {value}: not a port (1-65535)")
+    assert config.web is not None  # the embedded config serves the console
     config.node.port = given.get("--port", config.node.port)
     config.web.port = given.get("--web-port", config.web.port)
     if config.node.port == config.web.port:

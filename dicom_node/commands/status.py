@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
 from . import add_config
+
+if TYPE_CHECKING:
+    from dicom_node.state import StateDB
 
 FLAGGED_LISTED = 50  # the newest flagged outputs that status --json lists
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="counts per state, the oldest waiting item, flagged and withheld outputs, "
                                       "the nodes and what each holds",
                        description="What the node holds: instances and deliveries per state, backlog per "
@@ -25,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_status)
 
 
-def open_state(config_path: str | None):
+def open_state(config_path: str | None) -> StateDB:
     """The state database of the spool that ``config_path`` (None: the embedded config) names,
     opened with the config's webhooks and lease length (as the node opens it)."""
     from dicom_node.config import load_config

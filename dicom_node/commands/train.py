@@ -22,7 +22,7 @@ _OVERRIDES = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train a CycleGAN style model pair (A->B, B->A) from two image folders",
                        description="Train from a YAML config (see config/train.example.yaml); flags override it.")
     p.add_argument("--config", help="trainer YAML config")

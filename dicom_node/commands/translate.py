@@ -16,11 +16,16 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.engine.defaults import CAUTION_LABEL, DEFAULT_FIDELITY_ACTION, DEFAULT_OVERLAP, FIDELITY_ACTIONS
 from dicom_node.engine.devices import is_auto_device, tile_problem
 
 from . import add_output
+
+if TYPE_CHECKING:
+    from dicom_node.engine.model_file import StyleModel
+    from dicom_node.engine.pipeline import Translation
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,7 @@ log = logging.getLogger(__name__)
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("translate", help="translate DICOM files or folders into Secondary Capture files",
                        description="Translate radiographs with a style model into Secondary Capture files "
                                    "named by their SOP Instance UID. Folders are searched recursively.")
@@ -110,7 +115,7 @@ def collect_inputs(inputs: list[str], outdir: Path | None = None) -> tuple[list[
     return [by_resolved[u] for u in unique], skipped
 
 
-def _load_model(name: str):
+def _load_model(name: str) -> StyleModel:
     from dicom_node.engine import load_style_model
     from dicom_node.engine.model_file import bundled_model_path, resolve_model_path
     from dicom_node.errors import UserError
@@ -122,12 +127,13 @@ def _load_model(name: str):
     return load_style_model(path)
 
 
-def fidelity_record(result, model, *, source_file: Path | None = None, output_file: Path | None = None,
-                    action: str = DEFAULT_FIDELITY_ACTION) -> dict:
+def fidelity_record(result: Translation, model: StyleModel, *, source_file: Path | None = None,
+                    output_file: Path | None = None, action: str = DEFAULT_FIDELITY_ACTION) -> dict[str, Any]:
     """One line of ``fidelity.jsonl`` (the contract's keys first, then extras)."""
     from dicom_node.engine.secondary_capture import device_uid
 
     report = result.fidelity
+    assert report is not None  # translate_radiograph's guard (on by default) always reports
     return {
         "source_sop_uid": str(result.sc.SourceImageSequence[0].ReferencedSOPInstanceUID),
         "output_sop_uid": str(result.sc.SOPInstanceUID),
@@ -192,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
             ds, img = read_dicom(path, max_pixels=max_pixels)
             result = translate_radiograph(model, ds, img, tile=tile, overlap=args.overlap, device=device,
                                           inverse=inverse, label=args.label, show_flag=args.fidelity != "record")
-            held = args.fidelity == "withhold" and result.fidelity.flagged
+            fidelity = result.fidelity
+            assert fidelity is not None  # translate_radiograph's guard (on by default) always reports
+            held = args.fidelity == "withhold" and fidelity.flagged
             out = save_translation(result, outdir / "withheld" if held else outdir, preview=args.preview)
         except UserError as exc:
             refused += 1
@@ -205,10 +213,10 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"{path}: internal error ({exc.__class__.__name__}: {exc})", file=sys.stderr)
             continue
         done += 1
-        if result.fidelity.flagged:
+        if fidelity.flagged:
             flagged += 1
             tqdm.write(f"{path}: fidelity guard flagged the output{' (withheld)' if held else ''}: "
-                       f"{'; '.join(result.fidelity.reasons)}", file=sys.stderr)
+                       f"{'; '.join(fidelity.reasons)}", file=sys.stderr)
         report.write(json.dumps(fidelity_record(result, model, source_file=path, output_file=out,
                                                 action=args.fidelity)) + "\n")
         report.flush()

@@ -16,7 +16,7 @@ from dicom_node.errors import UserError
 from . import add_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, verb in (("release", "send withheld outputs after all"),
                        ("discard", "drop withheld outputs (never sent)")):
         p = sub.add_parser(name, help=verb, description=f"{verb[0].upper()}{verb[1:]}: outputs the fidelity guard "

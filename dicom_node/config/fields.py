@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from dicom_node.engine.yaml_config import Problems, join_path, type_name
 
@@ -34,7 +34,7 @@ def mapping(raw: Any, path: str, allowed: set[str], required: set[str], problems
     return raw
 
 
-def integer(raw: dict, key: str, path: str, problems: Problems, default: Any, lo: int | None = None,
+def integer(raw: dict[str, Any], key: str, path: str, problems: Problems, default: Any, lo: int | None = None,
          hi: int | None = None) -> Any:
     p = join_path(path, key)
     value = raw.get(key, MISSING)
@@ -52,7 +52,7 @@ def integer(raw: dict, key: str, path: str, problems: Problems, default: Any, lo
     return value
 
 
-def number(raw: dict, key: str, path: str, problems: Problems, default: Any, lo: float = 0.0,
+def number(raw: dict[str, Any], key: str, path: str, problems: Problems, default: Any, lo: float = 0.0,
             lo_inclusive: bool = True, hi: float | None = None, hi_inclusive: bool = True) -> Any:
     p = join_path(path, key)
     value = raw.get(key, MISSING)
@@ -76,7 +76,7 @@ def check_number(value: Any, p: str, problems: Problems, default: Any, lo: float
     return float(value)
 
 
-def boolean(raw: dict, key: str, path: str, problems: Problems, default: bool) -> bool:
+def boolean(raw: dict[str, Any], key: str, path: str, problems: Problems, default: bool) -> bool:
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
@@ -86,7 +86,12 @@ def boolean(raw: dict, key: str, path: str, problems: Problems, default: bool) -
     return value
 
 
-def string(raw: dict, key: str, path: str, problems: Problems, default: Any = None) -> Any:
+@overload
+def string(raw: dict[str, Any], key: str, path: str, problems: Problems, default: str) -> str: ...
+@overload
+def string(raw: dict[str, Any], key: str, path: str, problems: Problems, default: None = None) -> str | None: ...
+def string(raw: dict[str, Any], key: str, path: str, problems: Problems, default: str | None = None) -> str | None:
+    """``raw[key]`` when it is a non-empty string, else ``default`` (a problem when present but not one)."""
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
@@ -118,7 +123,7 @@ def ae_title_problem(value: Any) -> str | None:
     return None
 
 
-def ae_title_field(raw: dict, key: str, path: str, problems: Problems, default: Any = None) -> Any:
+def ae_title_field(raw: dict[str, Any], key: str, path: str, problems: Problems, default: Any = None) -> Any:
     value = raw.get(key, MISSING)
     if value is MISSING:
         return default
@@ -150,7 +155,7 @@ def string_list(value: Any, path: str, problems: Problems) -> list[str] | None:
     return out
 
 
-def folder_path(raw: dict, key: str, path: str, problems: Problems, base_dir: Path,
+def folder_path(raw: dict[str, Any], key: str, path: str, problems: Problems, base_dir: Path,
                 default: Path | None) -> Path | None:
     """A folder path (relative to ``base_dir``), normalised; whether it can be written is checked
     with the environment (:mod:`.probes`)."""
@@ -167,7 +172,7 @@ def folder_path(raw: dict, key: str, path: str, problems: Problems, base_dir: Pa
     return Path(os.path.normpath(p))
 
 
-def file_path(raw: dict, key: str, path: str, problems: Problems, base_dir: Path) -> Path | None:
+def file_path(raw: dict[str, Any], key: str, path: str, problems: Problems, base_dir: Path) -> Path | None:
     """A file path relative to ``base_dir`` (whether it exists: :mod:`.probes`)."""
     value = string(raw, key, path, problems)
     return None if value is None else resolve(base_dir, value)

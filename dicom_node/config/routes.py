@@ -15,7 +15,7 @@ from .settings import ON_MAX_WAIT, RouteSettings, derive_route_name
 __all__ = ["parse_routes"]
 
 
-def parse_routes(raw: Any, problems: Problems, model_keys: set, dest_keys: set) -> list[RouteSettings]:
+def parse_routes(raw: Any, problems: Problems, model_keys: set[str], dest_keys: set[str]) -> list[RouteSettings]:
     """``routes:``, a list; ``model_keys``/``dest_keys``: the names a route may refer to."""
     out: list[RouteSettings] = []
     if not isinstance(raw, list):
@@ -73,7 +73,7 @@ def parse_routes(raw: Any, problems: Problems, model_keys: set, dest_keys: set) 
     return out
 
 
-def _route_name(s: dict, path: str, problems: Problems, called: str, model: str, earlier: list[RouteSettings]) -> str:
+def _route_name(s: dict[str, Any], path: str, problems: Problems, called: str, model: str, earlier: list[RouteSettings]) -> str:
     """The route's stable name: given, or ``<called AE>-<model>`` (``-2``, ``-3``... when taken)."""
     taken = {r.name for r in earlier}
     if "name" in s:
@@ -90,7 +90,7 @@ def _route_name(s: dict, path: str, problems: Problems, called: str, model: str,
     return name
 
 
-def _series_description(s: dict, path: str, problems: Problems) -> dict[str, str]:
+def _series_description(s: dict[str, Any], path: str, problems: Problems) -> dict[str, str]:
     """``series_description``: a template with {route}, {model}, {source} (absent: the default)."""
     if "series_description" not in s:
         return {}
@@ -115,12 +115,12 @@ def _series_number_clashes(routes: list[RouteSettings], problems: Problems) -> N
                              "give one of them another name")
 
 
-def _choice(s: dict, key: str, path: str, problems: Problems, choices: tuple[str, ...], default: str) -> str:
+def _choice(s: dict[str, Any], key: str, path: str, problems: Problems, choices: tuple[str, ...], default: str) -> str:
     value = s.get(key, default)
     if value not in choices:
         problems.add(join_path(path, key), f"must be {' or '.join(choices)}, not {value!r}")
         return default
-    return value
+    return str(value)  # one of ``choices``
 
 
 def _fidelity_action(raw: Any, path: str, problems: Problems) -> str:
@@ -137,7 +137,7 @@ def _fidelity_action(raw: Any, path: str, problems: Problems) -> str:
     return action
 
 
-def _label(s: dict, path: str, problems: Problems) -> str | None:
+def _label(s: dict[str, Any], path: str, problems: Problems) -> str | None:
     """``label``: the caution text (absent: the default; null, false or "": none)."""
     if "label" not in s:
         return CAUTION_LABEL

@@ -113,13 +113,15 @@ def _models(raw: Any, problems: Problems, base_dir: Path) -> dict[str, ModelSett
             continue
         model_path = _model_path(s, path, problems, base_dir)
         device = string(s, "device", path, problems, "auto")
-        if device_problem(device):
-            problems.add(join_path(path, "device"), device_problem(device))
+        bad_device = device_problem(device)
+        if bad_device:
+            problems.add(join_path(path, "device"), bad_device)
         tile = None
         if s.get("tile") is not None:
             tile = integer(s, "tile", path, problems, None, 0)
-            if tile is not None and tile_problem(tile):
-                problems.add(join_path(path, "tile"), tile_problem(tile))
+            bad_tile = None if tile is None else tile_problem(tile)
+            if bad_tile:
+                problems.add(join_path(path, "tile"), bad_tile)
         inverse = string(s, "inverse", path, problems, "auto")
         if inverse not in (None, "auto", "none"):
             inverse = str(resolve(base_dir, inverse))
@@ -133,7 +135,7 @@ def _models(raw: Any, problems: Problems, base_dir: Path) -> dict[str, ModelSett
     return out
 
 
-def _model_path(s: dict, path: str, problems: Problems, base_dir: Path) -> str | None:
+def _model_path(s: dict[str, Any], path: str, problems: Problems, base_dir: Path) -> str | None:
     """A model file (relative to the config's folder) or a bundled model name such as ``default``
     (kept as given: :mod:`.environment` looks for a file of that name first)."""
     value = string(s, "path", path, problems)

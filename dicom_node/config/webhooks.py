@@ -40,7 +40,7 @@ def parse_notifications(raw: Any, problems: Problems, base_dir: Path) -> list[We
                                  f"unknown event {e!r} (one of {', '.join(NOTIFICATION_EVENTS)})")
         secret = string(m, "secret", path, problems, None)
         headers = _headers(m.get("headers"), join_path(path, "headers"), problems)
-        tls: dict = {}
+        tls: dict[str, Any] = {}
         if m.get("tls") is not None:
             tls = mapping(m["tls"], join_path(path, "tls"), {"ca", "verify", "cert", "key"}, set(), problems) or {}
         tpath = join_path(path, "tls")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -80,14 +81,14 @@ class NonlinearStyle(StoredOutput):
     tone_param: float = 1.0
     bits: int = BITS
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """The parameters as a plain dict (for the manifest), the family named."""
         return {"family": "nonlinear", **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
 
 # --------------------------------------------------------------------------- filters
 
-def _shifts(img: np.ndarray, radius: int):
+def _shifts(img: np.ndarray, radius: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(dy, dx, view) for every offset within ``radius`` (square), reflected borders."""
     h, w = img.shape
     p = np.pad(img, radius, mode="reflect")
@@ -166,16 +167,18 @@ def clahe(u: np.ndarray, tile_px: int, clip: float, bins: int = 256) -> np.ndarr
     y0, y1, wy = y0[:, None], y1[:, None], wy[:, None]
 
     def at(ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
-        return (1.0 - fb) * lut[ty, tx, b0] + fb * lut[ty, tx, b0 + 1]
+        mapped: np.ndarray = (1.0 - fb) * lut[ty, tx, b0] + fb * lut[ty, tx, b0 + 1]  # numpy's operators: Any
+        return mapped
 
     top = (1.0 - wx) * at(y0, x0) + wx * at(y0, x1)
     bottom = (1.0 - wx) * at(y1, x0) + wx * at(y1, x1)
-    return (1.0 - wy) * top + wy * bottom
+    blended: np.ndarray = (1.0 - wy) * top + wy * bottom
+    return blended
 
 
 def _local_extremes(u: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Minimum and maximum over the (2 radius + 1)² neighbourhood (separable, reflected borders)."""
-    def run(img: np.ndarray, fn, ax: int) -> np.ndarray:
+    def run(img: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], ax: int) -> np.ndarray:
         pad = [(0, 0), (0, 0)]
         pad[ax] = (radius, radius)
         p = np.pad(img, pad, mode="reflect")
@@ -195,7 +198,8 @@ def limited_unsharp(u: np.ndarray, sigma_px: float, gain: float, halo: float, ov
     detail = u - gaussian_blur(u, sigma_px)
     v = u + halo * np.tanh(gain * detail / halo)
     lo, hi = _local_extremes(u, radius_px)
-    return np.clip(v, lo - overshoot, hi + overshoot)
+    clipped: np.ndarray = np.clip(v, lo - overshoot, hi + overshoot)  # numpy's operators are typed Any
+    return clipped
 
 
 def process_nonlinear(u: np.ndarray, style: NonlinearStyle) -> np.ndarray:
@@ -214,12 +218,13 @@ def process_nonlinear(u: np.ndarray, style: NonlinearStyle) -> np.ndarray:
         v = limited_unsharp(v, style.usm_sigma_px, style.usm_gain, style.usm_halo, style.usm_overshoot,
                             style.usm_radius_px)
     v = np.clip(v, 0.0, 1.0)
-    return np.clip(tone_curve(v, style.tone, style.tone_param), 0.0, 1.0)
+    shown: np.ndarray = np.clip(tone_curve(v, style.tone, style.tone_param), 0.0, 1.0)  # np.clip is typed Any
+    return shown
 
 
 # --------------------------------------------------------------------------- pairs
 
-def _plain(name: str, manufacturer: str, model: str, **kw) -> NonlinearStyle:
+def _plain(name: str, manufacturer: str, model: str, **kw: Any) -> NonlinearStyle:
     """An A style: the same absolute window, only a tone curve (what the B styles add is theirs)."""
     return NonlinearStyle(key="A", name=name, manufacturer=manufacturer, model_name=model,
                           photometric=kw.pop("photometric", "MONOCHROME2"), **kw)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class Phantom:
     view: str = "PA"
     dose: float = 40000.0  # unattenuated quanta per pixel
     scatter_fraction: float = 0.4
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- filters
@@ -101,7 +102,8 @@ def _ellipsoid(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
     t = np.clip(t, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    smooth: np.ndarray = t * t * (3.0 - 2.0 * t)  # numpy's operators are typed Any
+    return smooth
 
 
 def _rows(y: np.ndarray, lo: float, hi: float) -> slice:

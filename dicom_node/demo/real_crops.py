@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -85,14 +86,14 @@ def _region(source: RealSource, split: str) -> tuple[int, int, int, int]:
     return {"a": (0, top, c0, mid), "b": (0, top, mid, c1), "test": (top, h, c0, c1)}[split]
 
 
-def _collimate(crop: np.ndarray, full_scale: float, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+def _collimate(crop: np.ndarray, full_scale: float, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, int]]]:
     """Collimator borders on 1..4 sides (each 4-15 % of the side, a 3 px soft edge), returned
     with their (side, width) list."""
     h, w = crop.shape
     sides = [s for s in ("top", "bottom", "left", "right") if rng.random() < 0.6] or ["left"]
     inside = np.ones_like(crop, dtype=np.float64)
     ys, xs = np.arange(h)[:, None] + 0.5, np.arange(w)[None, :] + 0.5
-    borders = []
+    borders: list[tuple[str, int]] = []
     for side in sides:
         n = h if side in ("top", "bottom") else w
         width = int(rng.integers(max(2, int(0.04 * n)), max(3, int(0.15 * n)) + 1))
@@ -105,7 +106,7 @@ def _collimate(crop: np.ndarray, full_scale: float, rng: np.random.Generator) ->
     return out.astype(np.float32), borders
 
 
-def real_crop(source: RealSource, split: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def real_crop(source: RealSource, split: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
     """A crop of ``source`` from ``split``'s region (module docstring): modality values, and a dict
     saying where it came from (for the manifest's reader: box, mirrored, collimator borders)."""
     r0, r1, c0, c1 = _region(source, split)
@@ -119,7 +120,7 @@ def real_crop(source: RealSource, split: str, size: int, rng: np.random.Generato
     if mirrored:
         crop = crop[:, ::-1]
     crop = np.ascontiguousarray(crop, dtype=np.float32)
-    borders: list = []
+    borders: list[tuple[str, int]] = []
     if rng.random() < 0.5:
         crop, borders = _collimate(crop, source.full_scale, rng)
     return crop, {"source": source.file, "box": [y0, x0, rows, cols], "mirrored": mirrored,

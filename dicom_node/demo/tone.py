@@ -19,13 +19,16 @@ def tone_curve(u: np.ndarray, tone: str, k: float) -> np.ndarray:
     """``tone`` applied to ``u`` in [0, 1] (not clipped): ``gamma`` ``u**k``; ``sigmoid`` a
     logistic of gain ``k`` rescaled so 0 -> 0 and 1 -> 1 (an S-curve); ``log``
     ``log(1 + k u) / log(1 + k)`` (a logarithmic shoulder, dark tones lifted)."""
+    curve: np.ndarray  # numpy's operators are typed Any
     if tone == "sigmoid":
         f = 1.0 / (1.0 + np.exp(-k * (u - 0.5)))
         f0, f1 = 1.0 / (1.0 + np.exp(k * 0.5)), 1.0 / (1.0 + np.exp(-k * 0.5))
-        return (f - f0) / (f1 - f0)
-    if tone == "log":
-        return np.log1p(k * u) / np.log1p(k)
-    return u ** k
+        curve = (f - f0) / (f1 - f0)
+    elif tone == "log":
+        curve = np.log1p(k * u) / np.log1p(k)
+    else:
+        curve = u ** k
+    return curve
 
 
 class StoredOutput:

@@ -31,7 +31,7 @@ destroyed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class VendorStyle(StoredOutput):
     tone_param: float = 1.0  # gamma exponent, sigmoid gain, or log k
     bits: int = BITS  # BitsStored; values 0 .. 2**bits - 1
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """The parameters as a plain dict (for docs and provenance).
 
         ``bits`` is listed only when it differs from the 12-bit default, so the manifest of
@@ -219,10 +219,11 @@ def process(raw: np.ndarray, style: VendorStyle) -> np.ndarray:
     for sigma, gain in style.edges:
         detail += gain * (u - gaussian_blur(u, sigma))
     u = np.clip(u + detail, 0.0, 1.0)
-    return np.clip(tone_curve(u, style.tone, style.tone_param), 0.0, 1.0)
+    shown: np.ndarray = np.clip(tone_curve(u, style.tone, style.tone_param), 0.0, 1.0)  # np.clip is typed Any
+    return shown
 
 
-def to_stored(display: np.ndarray, style: VendorStyle) -> np.ndarray:
+def to_stored(display: np.ndarray, style: StoredOutput) -> np.ndarray:
     """``style.bits``-bit stored values: MONOCHROME1 stores the inverse (low values display white)."""
     v = display if style.photometric == "MONOCHROME2" else 1.0 - display
     return np.round(v * style.max_value).astype(np.uint16)

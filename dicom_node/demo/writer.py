@@ -34,10 +34,11 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicom_node.demo.nonlinear_styles import NonlinearStyle, phantom_scale, process_nonlinear
 from dicom_node.demo.phantoms import Phantom, make_phantom, render
@@ -79,15 +80,15 @@ def _uid(seed: int, index: int, *parts: str) -> str:
     return f"2.25.{uuid.UUID(bytes=digest[:16]).int}"
 
 
-def render_case(index: int, size: int, seed: int, styles: dict[str, VendorStyle] | None = None, *,
+def render_case(index: int, size: int, seed: int, styles: Mapping[str, VendorStyle | NonlinearStyle] | None = None, *,
                 tag: str = "", namespace: tuple[str, ...] = ()) -> DemoCase:
     """Render phantom ``index`` once and process the raw image with each style (default: the classic pair)."""
-    styles = STYLES if styles is None else styles
+    chosen: Mapping[str, VendorStyle | NonlinearStyle] = STYLES if styles is None else styles
     ph = make_phantom(index, size, seed)
     raw = render(ph, np.random.default_rng([seed, index, 1]))
     stored = {key: to_stored(process_nonlinear(phantom_scale(raw, ph.body_part), style)
                              if isinstance(style, NonlinearStyle) else process(raw, style), style)
-              for key, style in styles.items()}
+              for key, style in chosen.items()}
     name = f"{tag}{index:04d}_{ph.body_part.lower()}.dcm"
     return DemoCase(index=index, name=name, phantom=ph, stored=stored, tag=tag, namespace=namespace)
 
@@ -112,7 +113,7 @@ def render_real_case(index: int, size: int, seed: int, styles: dict[str, VendorS
     return DemoCase(index=index, name=name, phantom=ph, stored=stored, tag=tag, namespace=namespace)
 
 
-def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
+def case_dataset(case: DemoCase, style: VendorStyle | NonlinearStyle, seed: int) -> Dataset:
     """A CR Image Storage dataset with synthetic, plausible headers (no real person)."""
     ph = case.phantom
     pixels = case.stored[style.key]
@@ -122,8 +123,8 @@ def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = _uid(seed, i, *ns, "instance", style.key)
+    ds.file_meta.MediaStorageSOPClassUID = UID(CR_IMAGE_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(_uid(seed, i, *ns, "instance", style.key))
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = CR_IMAGE_STORAGE
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
@@ -189,7 +190,7 @@ def case_dataset(case: DemoCase, style: VendorStyle, seed: int) -> Dataset:
 
 def write_demo_data(outdir: str | Path, *, count: int = 24, test_count: int = 6, size: int = 1024,
                     seed: int = 0, progress: bool = False, unpaired: bool = False,
-                    style_pair: str = DEFAULT_STYLE_PAIR, source: str = "phantom") -> dict:
+                    style_pair: str = DEFAULT_STYLE_PAIR, source: str = "phantom") -> dict[str, Any]:
     """Write ``count`` training pairs (or, ``unpaired``, ``count`` images per style from disjoint
     phantoms) and ``test_count`` held-out pairs in the two styles of ``style_pair``; returns the manifest.
 
@@ -219,19 +220,20 @@ def write_demo_data(outdir: str | Path, *, count: int = 24, test_count: int = 6,
     # (split, phantom index, style keys, tag): paired cases get both styles, unpaired ones one.
     if unpaired:
         a_key, b_key = pair.a.key, pair.b.key
-        jobs = ([("train", i, (a_key,), "a") for i in range(count)]
+        jobs: list[tuple[str, int, tuple[str, ...], str]] = (
+                [("train", i, (a_key,), "a") for i in range(count)]
                 + [("train", count + i, (b_key,), "b") for i in range(count)]
                 + [("test", 2 * count + i, (a_key, b_key), "") for i in range(test_count)])
     else:
         jobs = ([("train", i, tuple(styles), "") for i in range(count)]
                 + [("test", count + i, tuple(styles), "") for i in range(test_count)])
-    iterator = jobs
+    iterator: Iterable[tuple[str, int, tuple[str, ...], str]] = jobs
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(jobs, desc="demo-data", unit="case" if unpaired else "pair")
     files: dict[str, list[str]] = {"A": [], "B": [], "test": []} if unpaired else {"train": [], "test": []}
-    crops: dict[str, dict] = {}
+    crops: dict[str, dict[str, Any]] = {}
     for split, index, keys, tag in iterator:
         chosen = {k: styles[k] for k in keys}
         if real:  # region: A's crops (and paired training) left, B's right, test/ the bottom band
