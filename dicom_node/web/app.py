@@ -19,14 +19,35 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
 
-from dicom_node.web.auth import LOGIN_COOKIE, SESSION_COOKIE, HashTurns, LoginLimiter, Session, Sessions, \
-    client_address, new_token, proxy_networks, same
+from dicom_node.web.auth import (
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    HashTurns,
+    LoginLimiter,
+    Session,
+    Sessions,
+    client_address,
+    new_token,
+    proxy_networks,
+    same,
+)
 from dicom_node.web.health import readiness
 from dicom_node.web.stow import PATH as STOW_PATH
 from dicom_node.web.stow import receiving, stow_endpoint
+
+if TYPE_CHECKING:  # the node's parts, imported by the node itself; the console only holds them
+    from jinja2 import Environment
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from dicom_node.config import NodeConfig
+    from dicom_node.ingest import Ingest
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.model_cache import ModelCache
+    from dicom_node.spool import Spool
+    from dicom_node.state import StateDB
 
 __all__ = ["Console", "build_app", "BadRequest"]
 
@@ -51,11 +72,11 @@ SECURITY_HEADERS = {
 class Console:
     """What the console needs of a running node."""
 
-    config: Any  # NodeConfig
-    spool: Any  # Spool
-    db: Any  # StateDB: the console's own connection
-    models: Any  # worker.ModelCache
-    metrics: Any  # metrics.NodeMetrics
+    config: NodeConfig
+    spool: Spool
+    db: StateDB  # the console's own connection
+    models: ModelCache
+    metrics: NodeMetrics
     listening: Callable[[], bool]
     wake: Callable[[], None]  # the node's workers look for work now (after a requeue or release)
     token: str | None = None  # the start-up login token (no users configured)
@@ -64,13 +85,18 @@ class Console:
     started_at: float = field(default_factory=time.time)
     role: str = "all"  # serve --role: what readiness checks (a worker has no listener, a receiver no models)
     node_id: str | None = None  # this node's row in the nodes table
-    ingest: Any = None  # dicom_node.ingest.Ingest: the store path STOW-RS shares with C-STORE (None: no receiving)
+    ingest: Ingest | None = None  # the store path STOW-RS shares with C-STORE (None: no receiving)
 
     @property
     def secure(self) -> bool:
         return self.config.web is not None and self.config.web.tls is not None
 
-    def configure(self, config: Any) -> None:
+    @property
+    def users(self) -> dict[str, str]:
+        """``web.users`` (login name -> Argon2id hash); none: the start-up token logs in."""
+        return self.config.web.users if self.config.web is not None else {}
+
+    def configure(self, config: NodeConfig) -> None:
         """Take a reloaded config (the console's own settings, ``web``, need a restart)."""
         self.config = config
 
@@ -78,7 +104,7 @@ class Console:
 # ----------------------------------------------------------------------------- templates
 
 
-def _templates():
+def _templates() -> Environment:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=select_autoescape(["html"]))
@@ -145,7 +171,7 @@ def _chart(series: dict[str, list[int]], width: int = 600, height: int = 120) ->
 # ----------------------------------------------------------------------------- helpers
 
 
-def _route_label(config: Any, name: str | None) -> str:
+def _route_label(config: NodeConfig, name: str | None) -> str:
     r = config.route(name)
     if r is None:
         return "no route" if name is None else f"{name} (no longer configured)"
@@ -181,7 +207,7 @@ def _form_id(value: Any, what: str) -> int:
 # ----------------------------------------------------------------------------- the app
 
 
-def build_app(console: Console):
+def build_app(console: Console) -> ASGIApp:
     """The Starlette application of one node's console."""
     from prometheus_client import CONTENT_TYPE_LATEST
     from starlette.applications import Starlette
@@ -211,7 +237,7 @@ def build_app(console: Console):
     def session_of(request: Any) -> Session | None:
         return console.sessions.get(request.cookies.get(SESSION_COOKIE))
 
-    def page(fn: Callable) -> Callable:
+    def page(fn: Callable[[Any, Session], Any]) -> Callable[[Any], Any]:
         """A page behind the login (HTML: to the login page; anything else: 401)."""
         @functools.wraps(fn)
         def wrapper(request: Any) -> Any:
@@ -224,7 +250,7 @@ def build_app(console: Console):
             return fn(request, session)
         return wrapper
 
-    def action(fn: Callable) -> Callable:
+    def action(fn: Callable[[Session, Any], str | None]) -> Callable[[Any], Any]:
         """A state-changing POST: a session and its CSRF token, or 401/403 and nothing done."""
         async def wrapper(request: Any) -> Any:
             session = session_of(request)
@@ -261,7 +287,7 @@ def build_app(console: Console):
     def login_form(request: Any, status: int = 200, error: str | None = None, nxt: str = "/") -> Any:
         binding = new_token()
         response = render("login.html", request, None, status=status, error=error, csrf_token=binding,
-                          next=nxt, with_users=bool(console.config.web.users))
+                          next=nxt, with_users=bool(console.users))
         response.set_cookie(LOGIN_COOKIE, binding, httponly=True, samesite="strict", secure=console.secure,
                             max_age=3600)
         return response
@@ -279,7 +305,7 @@ def build_app(console: Console):
     def login_get(request: Any) -> Any:
         nxt = _local_path(request.query_params.get("next"))
         token = request.query_params.get("token")
-        if token is not None and not console.config.web.users:
+        if token is not None and not console.users:
             # the link printed at start (as Jupyter's): log in and drop the token from the address bar
             if console.limiter.attempt(_client(request)):
                 return login_form(request, 429, "too many failed logins: wait a few minutes", nxt)
@@ -298,7 +324,7 @@ def build_app(console: Console):
         if wait:
             log.warning("console: login from %s refused: too many failures", client)
             return login_form(request, 429, f"too many failed logins: try again in {wait:.0f} s", nxt)
-        users = console.config.web.users
+        users = console.users
         user = str(form.get("user") or "").strip()[:100] if users else "token"
         secret = str(form.get("password") or "")
         ok = (await checked(users.get(user), secret)) if users else same(secret, console.token)
@@ -364,7 +390,7 @@ def build_app(console: Console):
             inst["route_label"] = _route_label(console.config, inst["route"])
             inst["preview"] = console.spool.preview_path(inst["id"]).is_file()
         # routes whose outputs were all delivered: "Reprocess" (dicom_node.reprocessing says the rest)
-        states: dict[str, set] = {}
+        states: dict[str, set[str]] = {}
         for inst in found["instances"]:
             if inst["route"] is not None and inst.get("output"):
                 states.setdefault(inst["route"], set()).add("purged" if inst.get("purged") else inst["state"])
@@ -419,7 +445,7 @@ def build_app(console: Console):
         return "queued for translation again: " + ", ".join(f"{n} instance(s) of route {r}"
                                                             for r, n in sorted(queued.items()))
 
-    def _withheld_action(verb: str) -> Callable:
+    def _withheld_action(verb: str) -> Callable[[Any], Any]:
         def run(session: Session, form: Any) -> str:
             uid = str(form.get("uid") or "").strip()
             everything = form.get("all") == "1"
@@ -449,14 +475,15 @@ def build_app(console: Console):
 class _SecurityHeaders:
     """ASGI middleware: :data:`SECURITY_HEADERS` on every response, ``no-store`` on pages."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
 
-        async def with_headers(message: dict) -> None:
+        async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}

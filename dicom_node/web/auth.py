@@ -31,10 +31,18 @@ import ipaddress
 import os
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import anyio
+    from argon2 import PasswordHasher
+
+# An address of web.trusted_proxies (a network) or of a peer
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["hash_password", "verify_password", "Sessions", "Session", "LoginLimiter", "new_token", "same",
            "SESSION_COOKIE", "LOGIN_COOKIE", "MAX_FAILURES", "FAILURE_WINDOW", "HASHES_AT_ONCE", "HASH_WAIT",
@@ -50,7 +58,7 @@ HASH_QUEUE = 20  # logins waiting at most; beyond that 503 ...
 BUSY_PAUSE = 1.0  # ... after this many seconds
 
 
-def _hasher():
+def _hasher() -> PasswordHasher:
     from argon2 import PasswordHasher
 
     return PasswordHasher()  # argon2-cffi's defaults: RFC 9106 low-memory profile (Argon2id, 64 MiB)
@@ -99,7 +107,7 @@ class HashTurns:
     ingest tokens share the bound.  Made on the web thread's event loop at first use."""
 
     def __init__(self) -> None:
-        self._slots: Any = None
+        self._slots: anyio.CapacityLimiter | None = None
         self._threads: ThreadPoolExecutor | None = None
 
     async def verify(self, hashed: str | None, secret: str) -> bool | None:
@@ -108,21 +116,22 @@ class HashTurns:
 
         import anyio
 
-        if self._slots is None:
+        if self._slots is None or self._threads is None:  # both made together, at first use
             self._slots, self._threads = anyio.CapacityLimiter(HASHES_AT_ONCE), hash_executor()
-        if self._slots.statistics().tasks_waiting >= HASH_QUEUE:
+        slots, threads = self._slots, self._threads
+        if slots.statistics().tasks_waiting >= HASH_QUEUE:
             await anyio.sleep(BUSY_PAUSE)
             return None
         turn = False
         with anyio.move_on_after(HASH_WAIT):
-            await self._slots.acquire()
+            await slots.acquire()
             turn = True
         if not turn:
             return None
         try:
-            return await asyncio.wrap_future(self._threads.submit(verify_password, hashed, secret))
+            return await asyncio.wrap_future(threads.submit(verify_password, hashed, secret))
         finally:
-            self._slots.release()
+            slots.release()
 
 
 class BearerTokens:
@@ -251,19 +260,19 @@ class LoginLimiter:
             self._failures.pop(client, None)
 
 
-def proxy_networks(trusted: list[str] | tuple[str, ...]) -> tuple:
+def proxy_networks(trusted: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
     """``web.trusted_proxies`` (addresses or CIDRs, checked by the config) as networks."""
     return tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
 
 
-def _address(text: str):
+def _address(text: str) -> Address | None:
     try:
         return ipaddress.ip_address(text.strip())
     except ValueError:
         return None
 
 
-def client_address(peer: str, forwarded_for: str | None, trusted: tuple) -> str:
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
     """Who is asking: the TCP peer, or, when the peer is a trusted proxy, the nearest address
     in ``X-Forwarded-For`` that is not itself a trusted proxy (the entries further left are
     whatever the client wrote, so they are never believed)."""

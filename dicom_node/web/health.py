@@ -13,7 +13,10 @@ what is wrong:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.web.app import Console
 
 __all__ = ["Check", "readiness", "DB_TIMEOUT"]
 
@@ -27,7 +30,7 @@ class Check:
     detail: str
 
 
-def readiness(console: Any) -> list[Check]:
+def readiness(console: Console) -> list[Check]:
     """Every readiness check of the node behind ``console`` (a :class:`dicom_node.web.app.Console`)."""
     config, spool = console.config, console.spool
     role = getattr(console, "role", "all")

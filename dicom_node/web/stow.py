@@ -39,13 +39,20 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from dicom_node.received import ArrivalWatch
 from dicom_node.routing import REJECT_CALLED_AE, REJECT_CALLING_AE, association_verdict
 from dicom_node.untrusted import invalid_ae_title
 from dicom_node.web.auth import BearerTokens, HashTurns, LoginLimiter
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from dicom_node.config import NodeConfig, WebSettings
+    from dicom_node.web.app import Console
 
 __all__ = ["stow_endpoint", "receiving", "CALLING_AE", "PATH", "STATUS_SOP_CLASS_NOT_SUPPORTED", "client_subject",
            "FEED_BYTES", "MAX_TOKEN_LENGTH"]
@@ -72,7 +79,7 @@ class _Part:
 
     headers: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
-    file: Any = None
+    file: IO[bytes] | None = None
     size: int = 0
     refused: str | None = None  # why it was dropped while arriving (0xA700)
     uids: tuple[str, str] = ("", "")  # (SOP class, instance) of a refused part, read before it was dropped
@@ -168,6 +175,7 @@ class _BodyParts:
         part = self.parts[-1]
         if part.refused is not None:
             return  # dropped: the rest of it is read and not kept
+        assert part.file is not None  # made when its headers ended, else it was refused there
         part.size += end - start
         try:
             part.file.write(data[start:end])  # at most FEED_BYTES past a limit, dropped at once
@@ -178,7 +186,7 @@ class _BodyParts:
             part.refused = why
             try:
                 part.file.flush()
-                part.uids = _uids(part.path)  # its header arrived: the answer names the instance
+                part.uids = _uids(part.path) if part.path is not None else ("", "")  # its header arrived: the answer names the instance
                 part.file.truncate(0)
                 part.file.close()
             except OSError:
@@ -208,7 +216,7 @@ def _content_type(header: str) -> tuple[str, dict[str, str]]:
     return message.get_content_type().lower(), params
 
 
-async def _chunks(request: Any, idle: float) -> Any:
+async def _chunks(request: Request, idle: float) -> AsyncIterator[bytes]:
     """The request body's chunks; TimeoutError when none arrives for ``idle`` seconds.
 
     Why: a client that stops sending mid-body (gone without a FIN, or trickling on purpose)
@@ -226,7 +234,7 @@ async def _chunks(request: Any, idle: float) -> Any:
         yield chunk
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     from starlette.responses import JSONResponse
 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -245,7 +253,7 @@ def _uids(path: Path) -> tuple[str, str]:
         return "", ""
 
 
-def client_subject(scope: dict) -> str | None:
+def client_subject(scope: Mapping[str, Any]) -> str | None:
     """The RFC 4514 subject of the request's client certificate, from the ASGI TLS extension
     (:mod:`.client_certs`: only a certificate the handshake verified is there); None: none."""
     tls = (scope.get("extensions") or {}).get("tls") or {}
@@ -261,13 +269,15 @@ def _storage_classes() -> frozenset[str]:
     return frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 
-def _store_parts(console: Any, called: str, parts: list[_Part]) -> tuple[list[tuple[str, str]],
+def _store_parts(console: Console, called: str, parts: list[_Part]) -> tuple[list[tuple[str, str]],
                                                                           list[tuple[str, str, int]]]:
     """Each part through the store path (in a worker thread): (stored, failed) as
     [(sop class, sop instance)] and [(sop class, sop instance, failure reason)]."""
     stored: list[tuple[str, str]] = []
     failed: list[tuple[str, str, int]] = []
     supported = _storage_classes()
+    ingest = console.ingest
+    assert ingest is not None  # endpoint() answers 404 on a node that does not receive
     for part in parts:
         sop_class, sop_uid = part.uids if part.refused is not None or part.path is None else _uids(part.path)
         if part.refused is not None:
@@ -283,7 +293,8 @@ def _store_parts(console: Any, called: str, parts: list[_Part]) -> tuple[list[tu
             status = STATUS_SOP_CLASS_NOT_SUPPORTED
         else:
             # the part's own SOP Instance UID stands for the C-STORE request's (the same file: for the log)
-            status = console.ingest.store(part.path, called, CALLING_AE, affected_sop=sop_uid, protocol="stow-rs")
+            assert part.path is not None  # a part without a file was refused when its headers ended
+            status = ingest.store(part.path, called, CALLING_AE, affected_sop=sop_uid, protocol="stow-rs")
         if part.path is not None:
             part.path.unlink(missing_ok=True)  # moved into the spool when it was kept
         if status == STATUS_SUCCESS:
@@ -293,7 +304,7 @@ def _store_parts(console: Any, called: str, parts: list[_Part]) -> tuple[list[tu
     return stored, failed
 
 
-def _response(stored: list[tuple[str, str]], failed: list[tuple[str, str, int]]) -> Any:
+def _response(stored: list[tuple[str, str]], failed: list[tuple[str, str, int]]) -> Response:
     """The Store Instances Response (PS3.18 10.5.3) as DICOM JSON."""
     import json
 
@@ -317,7 +328,7 @@ def _response(stored: list[tuple[str, str]], failed: list[tuple[str, str, int]])
     return Response(json.dumps(ds.to_json_dict()), status_code=status, media_type=RESPONSE_TYPE)
 
 
-def receiving(config: Any, counters: dict[str, list[tuple[dict[str, str], int]]]) -> list[dict[str, Any]]:
+def receiving(config: NodeConfig, counters: dict[str, list[tuple[dict[str, str], int]]]) -> list[dict[str, Any]]:
     """Per called AE title: the STOW-RS path it takes (None: STOW-RS off) and the instances it
     received over each protocol (``counters``: ``StateDB.counters.values()``), for the console."""
     from urllib.parse import quote
@@ -333,7 +344,8 @@ def receiving(config: Any, counters: dict[str, list[tuple[dict[str, str], int]]]
             for ae in sorted(routed | set(counts))]
 
 
-def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str]) -> Callable:
+def stow_endpoint(console: Console, turns: HashTurns,
+                  client_of: Callable[[Request], str]) -> Callable[[Request], Awaitable[Response]]:
     """The Starlette endpoint of ``POST`` :data:`PATH` for the node behind ``console``
     (a :class:`dicom_node.web.app.Console`); ``client_of``: who a request comes from."""
     import anyio
@@ -343,7 +355,7 @@ def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str
     tokens = BearerTokens(turns)
     limiter = LoginLimiter()
 
-    async def authorized(request: Any, web: Any) -> Any:
+    async def authorized(request: Request, web: WebSettings) -> Response | None:
         """None when the request carries a configured token or came with an allowed client
         certificate (:mod:`.client_certs`), else the response to give."""
         challenge = {"www-authenticate": 'Bearer realm="dicom-node STOW-RS"'}
@@ -359,7 +371,7 @@ def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str
                 return _error(403, "this client certificate's subject is not in web.stow_rs.subjects")
             return _error(401, "a bearer token is required (Authorization: Bearer TOKEN)"
                           + (" or a client certificate" if web.stow_rs_client_ca is not None else ""), challenge)
-        hashes = web.stow_rs_tokens
+        hashes = web.stow_rs_tokens or []  # endpoint() answers 404 when web.stow_rs has none
         client = client_of(request)
         wait = limiter.attempt(client)  # counts as failed until it succeeds
         if wait:
@@ -376,13 +388,14 @@ def stow_endpoint(console: Any, turns: HashTurns, client_of: Callable[[Any], str
         limiter.succeeded(client)
         return None
 
-    async def endpoint(request: Any) -> Any:
+    async def endpoint(request: Request) -> Response:
         config = console.config
-        hashes = config.web.stow_rs_tokens if config.web is not None else None
-        if hashes is None or console.ingest is None:
+        web = config.web
+        hashes = web.stow_rs_tokens if web is not None else None
+        if web is None or hashes is None or console.ingest is None:
             return _error(404, "STOW-RS ingest is off on this node (web.stow_rs)" if hashes is None
                           else "this node does not receive (serve --role worker)")
-        refusal = await authorized(request, config.web)
+        refusal = await authorized(request, web)
         if refusal is not None:
             return refusal
         called = str(request.path_params["called_ae"]).strip()
