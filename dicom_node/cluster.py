@@ -25,10 +25,13 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from dicom_node.database import Connection, Database, first_line
 from dicom_node.loops import Loop
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 __all__ = ["NODES_SCHEMA", "LEASED_TABLES", "LEASE_COLUMNS", "ROLES", "LeaseLost", "Cluster", "Heartbeat", "node_name",
            "new_node_id"]
@@ -61,9 +64,9 @@ class LeaseLost(Exception):
     """The item's lease passed to another node (this one was too slow or cut off): its result is dropped."""
 
 
-def node_name(config: Any) -> str:
+def node_name(config: NodeConfig) -> str:
     """``node.name``, or the host name: what the node's spool lock, temp folder and status row are called."""
-    name = getattr(config.node, "name", "") or socket.gethostname().split(".")[0]
+    name = config.node.name or socket.gethostname().split(".")[0]
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "node"
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from dicom_node.cluster import Cluster
 from dicom_node.counters import bump
 from dicom_node.database import Connection, Database
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig, WebhookSettings
 
 __all__ = ["NOTIFICATIONS_SCHEMA", "Events", "NotificationOutbox", "BATCH"]
 
@@ -49,14 +52,14 @@ class Events:
     :meth:`configure`.  Without a config (tests, benchmarks) no webhook wants anything.
     """
 
-    def __init__(self, webhooks: Iterable[Any] = (), node_ae: str = "") -> None:
+    def __init__(self, webhooks: Iterable[WebhookSettings] = (), node_ae: str = "") -> None:
         self.webhooks, self.node_ae = list(webhooks), node_ae
 
     @classmethod
-    def from_config(cls, config: Any) -> "Events":
+    def from_config(cls, config: NodeConfig) -> Events:
         return cls(config.notifications, config.node.ae_title)
 
-    def configure(self, config: Any) -> None:
+    def configure(self, config: NodeConfig) -> None:
         self.webhooks, self.node_ae = list(config.notifications), config.node.ae_title
 
     def emit(self, c: Connection, event: str, payload: dict[str, Any], study_uid: str | None = None,

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pydicom at run time only where a dataset is made: status and retry start without it
     from pydicom.dataset import Dataset
 
+    from dicom_node.config import NodeConfig
+
 from dicom_node.engine.atomic import fsync_dir
 
 __all__ = ["Spool", "node_spool"]
@@ -49,12 +51,12 @@ def safe_name(text: str) -> str:
     return cleaned or "_"
 
 
-def node_spool(config: "object") -> "Spool":
+def node_spool(config: NodeConfig) -> Spool:
     """The spool of a node config: with a PostgreSQL database, shared, with this node's own
     lock and temp folder (named ``node.name``, default the host name)."""
     from dicom_node.cluster import node_name
 
-    storage = config.storage  # type: ignore[attr-defined]
+    storage = config.storage
     return Spool(storage.spool_dir, node=node_name(config) if storage.database else None)
 
 
@@ -268,11 +270,12 @@ class Spool:
         """
         import zlib
 
-        from pydicom.dataset import Dataset
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.filebase import DicomFileLike
         from pydicom.filewriter import write_file_meta_info
         from pydicom.uid import ExplicitVRLittleEndian
 
-        meta = Dataset()
+        meta = FileMetaDataset()
         for elem in file_meta:
             meta.add(elem)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -282,7 +285,7 @@ class Spool:
         try:
             with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
                 out.write(b"\x00" * 128 + b"DICM")
-                write_file_meta_info(out, meta)  # type: ignore[arg-type]
+                write_file_meta_info(DicomFileLike(out), meta)
                 inp.seek(offset)
                 while not inflater.eof:
                     pending = inp.read(INFLATE_STEP // 16)

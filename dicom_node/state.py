@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from dicom_node.audit_trail import AuditTrail
 from dicom_node.cluster import Cluster, LeaseLost
@@ -51,6 +51,9 @@ from dicom_node.outbox import Events, NotificationOutbox
 from dicom_node.records import INSTANCE_COLS, DeliveryRow, InstanceRow, NewDelivery, OutputRecord
 from dicom_node.reprocessing import SourceKeeping
 from dicom_node.state_schema import create_schema
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 __all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "OutputRecord", "INSTANCE_STATES",
            "DELIVERY_STATES", "STUDY_INFO_KEYWORDS", "abbreviate"]
@@ -104,7 +107,7 @@ class StateDB:
         self.sources = SourceKeeping(self.database)
 
     @classmethod
-    def for_config(cls, config: Any, target: Path | str, *, events: Events | None = None) -> "StateDB":
+    def for_config(cls, config: NodeConfig, target: Path | str, *, events: Events | None = None) -> StateDB:
         """The state database ``target`` as ``config`` uses it: its webhooks (``events``: a sink
         to share, else one from the config) and its lease length."""
         return cls(target, events=events if events is not None else Events.from_config(config),
