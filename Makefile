@@ -30,9 +30,8 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-# ruff on engine/ and train/, mypy --strict on engine/ (pyproject.toml [tool.mypy]); dicom_node/
-# joins once its remaining findings are fixed.
-LINT_PATHS ?= engine train
+# ruff on everything Python; mypy --strict on dicom_node/ and engine/ (pyproject.toml [tool.mypy]).
+LINT_PATHS ?= dicom_node engine train tests bench
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy

@@ -240,9 +240,9 @@ def test_stow_rs_over_tls_and_wrong_tokens_are_limited(tmp_path, tiny_model_path
     """With web.tls the ingest is HTTPS like the console; after MAX_FAILURES wrong tokens from
     one address even the right one waits (429), as a console login does; a DIMSE resend of an
     instance STOW-RS brought (the same data set) is a duplicate."""
+    from dicom_node.web.auth import MAX_FAILURES
     from tests.certs import make_pki
     from tests.nodeproc import send
-    from dicom_node.web.auth import MAX_FAILURES
 
     pki = make_pki(tmp_path / "pki")
     study = make_study(2)
