@@ -34,18 +34,20 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
 
 from dicom_node.engine.defaults import DEFAULT_OVERLAP
 from dicom_node.engine.pixels import rewindow, target_normalization
 from dicom_node.engine.preview import save_png, to_u8
 from dicom_node.engine.quality import DATA_RANGE, SeamCheck, compare_seams, psnr, seam_energy, seam_summary, ssim
 from dicom_node.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+    from dicom_node.engine.model_file import StyleModel
 
 __all__ = ["DATA_RANGE", "psnr", "ssim", "seam_energy", "SeamCheck", "compare_seams", "seam_summary", "find_pairs",
            "panel", "preview", "evaluate_model"]  # the metrics live in dicom_node.engine.quality (shared with training)
@@ -129,7 +131,7 @@ def preview(inp: np.ndarray, out: np.ndarray, max_side: int = 320) -> PILImage:
 
 # --------------------------------------------------------------------------- evaluation
 
-def _effective_tile(model: Any, shape: tuple[int, int], tile: int | None, device: str | None) -> int:
+def _effective_tile(model: StyleModel, shape: tuple[int, int], tile: int | None, device: str | None) -> int:
     """The tile size the engine uses for this image (0 = whole image)."""
     if tile is not None:
         return int(tile)
@@ -218,7 +220,8 @@ def evaluate_model(model_path: str | Path, pairs_dir: str | Path, out_dir: str |
     return summary
 
 
-def _read_pair(name: str, src: Path, dst: Path, normalization: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+def _read_pair(name: str, src: Path, dst: Path, normalization: Mapping[str, Any] | None,
+               target: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
     """Input and target of one pair in model space (the model's input and target windows); same size."""
     from dicom_node.engine.pixels import normalize, read_dicom
 
@@ -230,7 +233,7 @@ def _read_pair(name: str, src: Path, dst: Path, normalization: Any, target: Any)
     return x, t
 
 
-def _seam_pass(model: Any, x: np.ndarray, y: np.ndarray, tile: int, seam_tile: int, overlap: float,
+def _seam_pass(model: StyleModel, x: np.ndarray, y: np.ndarray, tile: int, seam_tile: int, overlap: float,
                device: str | None) -> tuple[SeamCheck, int]:
     """Seams of the scored output ``y`` (tiled with ``tile``, or whole when 0) against a second
     pass the other way (whole image, or ``seam_tile`` px tiles); also returns the tile compared."""

@@ -15,7 +15,10 @@ the tiled executor ~5,600 for 1024 x 1024 in 256 px tiles (~30 ms of a 4 s trans
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch only at run time, inside the function (status and retry start without it)
+    from torch.overrides import TorchFunctionMode
 
 __all__ = ["TranslationStopped", "stop_between_operations"]
 
@@ -24,7 +27,7 @@ class TranslationStopped(Exception):
     """The node is stopping: the translation was abandoned; its item stays for the next start."""
 
 
-def stop_between_operations(stop: threading.Event) -> Any:
+def stop_between_operations(stop: threading.Event) -> TorchFunctionMode:
     """A context manager: inside it, this thread's next torch operation after ``stop`` is set
     raises :class:`TranslationStopped`."""
     from torch.overrides import TorchFunctionMode

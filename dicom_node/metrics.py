@@ -12,7 +12,14 @@ outcomes only.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from dicom_node.config import NodeConfig
+    from dicom_node.spool import Spool
+    from dicom_node.state import StateDB
 
 __all__ = ["NodeMetrics", "METRIC_PREFIX", "received_by_protocol"]
 
@@ -67,12 +74,12 @@ class NodeMetrics:
             METRIC_PREFIX + "translation_seconds", "Time to translate one instance (model, guard, writing the SC)",
             ["model"], buckets=TRANSLATION_BUCKETS, registry=self.registry)
 
-    def watch(self, db: Any, spool: Any, config: Any) -> None:
+    def watch(self, db: StateDB, spool: Spool, config: NodeConfig) -> None:
         """Report the state database ``db`` (the console's own connection) and ``spool``."""
         self._state = _StateCollector(db, spool, config)
         self.registry.register(self._state)
 
-    def configure(self, config: Any) -> None:
+    def configure(self, config: NodeConfig) -> None:
         """Take a reloaded config: new routes, models and destinations are reported (from 0),
         ``spool_min_free_bytes`` is the new watermark."""
         if self._state is not None:
@@ -87,10 +94,10 @@ class NodeMetrics:
 class _StateCollector:
     """Counters, queue gauges and disk space, read at scrape time."""
 
-    def __init__(self, db: Any, spool: Any, config: Any) -> None:
+    def __init__(self, db: StateDB, spool: Spool, config: NodeConfig) -> None:
         self.db, self.spool, self.config = db, spool, config
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         values = self.db.counters.values()

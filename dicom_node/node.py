@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dicom_node import reload
 from dicom_node.cluster import ROLES, Heartbeat, new_node_id, node_name
@@ -37,6 +37,16 @@ from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool, node_spool
 from dicom_node.state import StateDB
 from dicom_node.translator import Translator
+
+if TYPE_CHECKING:
+    from dicom_node.web import WebServer
+    from dicom_node.web.app import Console
+
+
+class Configurable(Protocol):
+    """A part of the node that takes a reloaded config."""
+
+    def configure(self, config: NodeConfig) -> object: ...
 
 __all__ = ["Node"]
 
@@ -68,9 +78,9 @@ class Node:
         self._deliver_wake: Broadcast = Broadcast([])
         self._threads: list[Loop] = []
         self.metrics = NodeMetrics()
-        self.web: Any = None  # dicom_node.web.WebServer while the console runs
+        self.web: WebServer | None = None  # while the console runs
         self._web_db: StateDB | None = None
-        self._console: Any = None
+        self._console: Console | None = None
         self._models: ModelCache | None = None
         self._deliverers: dict[str | None, Deliverer] = {}
         self._reload_lock = threading.Lock()
@@ -173,11 +183,11 @@ class Node:
             log.info("reloaded %s: %s", self.config_path, "; ".join(done) or "nothing changed")
             return {"ok": True, "problems": [], "changes": done, "restart_needed": plan.restart_needed}
 
-    def _parts(self) -> list[Any]:
+    def _parts(self) -> list[Configurable]:
         """Every part that takes a reloaded config, each by ``configure(config)`` (the model cache
         goes first, in :meth:`reload`, since it may refuse; a retired deliverer finishes its batch
         with the config it had)."""
-        parts: list[Any] = [t for t in self._threads if not t.retired]
+        parts: list[Configurable] = [t for t in self._threads if not t.retired]
         return parts + [p for p in (self.scp, self._console, self.metrics, self.events) if p is not None]
 
     def _apply(self, config: NodeConfig) -> None:

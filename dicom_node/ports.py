@@ -11,9 +11,12 @@ taken between the probe and their bind.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dicom_node.errors import UserError
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 __all__ = ["check_ports", "port_problem"]
 
@@ -39,7 +42,7 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def check_ports(config: Any, role: str = "all") -> None:
+def check_ports(config: NodeConfig, role: str = "all") -> None:
     """Raise one ``UserError`` naming every port of ``config`` that cannot be listened on.
 
     The DICOM port unless the node is a ``worker`` (no listener), the console's unless

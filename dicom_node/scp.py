@@ -12,10 +12,12 @@ What is checked and kept, and the status codes returned to the sender: :mod:`dic
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dicom_node.config import NodeConfig
 from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Ingest
@@ -24,6 +26,11 @@ from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict
 from dicom_node.spool import Spool
 from dicom_node.state import StateDB, abbreviate
 from dicom_node.untrusted import escaped, install_guards, invalid_ae_title
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    from dicom_node.metrics import NodeMetrics
 
 __all__ = ["StoreSCP", "STATUS_OUT_OF_RESOURCES", "STATUS_CANNOT_UNDERSTAND"]
 
@@ -39,14 +46,14 @@ class StoreSCP:
     """Builds the pynetdicom AE from the config and serves it in the background."""
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, on_received: Callable[[], None],
-                 metrics: Any = None, ingest: Ingest | None = None) -> None:
+                 metrics: NodeMetrics | None = None, ingest: Ingest | None = None) -> None:
         self.config = config
         self.spool = spool
         self.db = db
-        self.metrics = metrics  # dicom_node.metrics.NodeMetrics, or None
+        self.metrics = metrics
         # the store path, shared with STOW-RS ingest when the node passes its own
         self.ingest = ingest or Ingest(config, spool, db, on_received)
-        self._server: Any = None
+        self._server: ThreadedAssociationServer | None = None
         self._sessions: dict[int, _Session] = {}  # per association, for the association log
         self._sessions_lock = threading.Lock()
 
@@ -97,15 +104,17 @@ class StoreSCP:
                     (evt.EVT_CONN_OPEN, self._on_opened), (evt.EVT_CONN_CLOSE, self._on_closed),
                     (evt.EVT_PDU_RECV, self._on_pdu)]
         try:
-            self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
-                                           ssl_context=ssl_context)
+            server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                     ssl_context=ssl_context)
         except OSError as exc:
             from dicom_node.errors import UserError
 
             raise UserError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
+        assert server is not None  # block=False: pynetdicom returns the server it started
+        self._server = server
         if ssl_context is not None:
-            _handshake_in_association_thread(self._server, ssl_context)
-        host, port = self._server.server_address[:2]
+            _handshake_in_association_thread(server, ssl_context)
+        host, port = server.server_address[:2]
         log.info("listening on %s:%d (%s, %d routes, called AEs %s)", host, port,
                  "TLS" if ssl_context else "plain", len(self.config.routes),
                  ",".join(sorted({r.called_ae for r in self.config.routes})))
@@ -238,7 +247,7 @@ class StoreSCP:
                                  affected_class=str(req.AffectedSOPClassUID or ""), protocol="dimse")
 
 
-def _handshake_in_association_thread(server: Any, ssl_context: Any) -> None:
+def _handshake_in_association_thread(server: Any, ssl_context: ssl.SSLContext) -> None:
     """TLS handshakes happen in each association's own thread, not in the accept loop.
 
     Why: pynetdicom wraps each accepted socket with the handshake done at once, in the one
@@ -246,9 +255,11 @@ def _handshake_in_association_thread(server: Any, ssl_context: Any) -> None:
     never speaks stopped the TLS listener for everyone (measured: a real sender waited out its
     own 15 s timeout).  Wrapped without the handshake, OpenSSL performs it on the first read,
     in the association's thread, under node.request_timeout like any silent connection.
+    ``server`` (pynetdicom's ThreadedAssociationServer) is Any here: its socketserver method
+    ``get_request`` is replaced on this one object, which a typed method may not be.
     """
 
-    def get_request() -> tuple[Any, Any]:
+    def get_request() -> tuple[socket.socket, Any]:
         sock, address = server.socket.accept()
         return ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 

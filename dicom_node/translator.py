@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dicom_node.cluster import LeaseLost
 from dicom_node.config import NodeConfig, RouteSettings
@@ -32,8 +32,13 @@ from dicom_node.spool import Spool
 from dicom_node.state import InstanceRow, NewDelivery, OutputRecord, StateDB, abbreviate
 
 if TYPE_CHECKING:
+    from pydicom import Dataset
+
     from dicom_node.engine.fidelity import FidelityReport
     from dicom_node.engine.model_file import StyleModel
+    from dicom_node.engine.pipeline import Translation
+    from dicom_node.engine.secondary_capture import SeriesNaming
+    from dicom_node.metrics import NodeMetrics
 
 __all__ = ["Translator", "ENGINE_LOCK", "is_own_output"]
 
@@ -51,7 +56,7 @@ class Translator(Loop):
 
     def __init__(self, config: NodeConfig, spool: Spool, db: StateDB, models: ModelCache,
                  wake: threading.Event, stop: threading.Event, deliver_wake: Broadcast, name: str,
-                 metrics: Any = None) -> None:
+                 metrics: NodeMetrics | None = None) -> None:
         super().__init__(name, stop, wake, config)
         self.spool, self.db, self.models = spool, db, models
         self.deliver_wake = deliver_wake
@@ -184,7 +189,7 @@ class Translator(Loop):
                         ("forwarded, marked" if route.fidelity_action == "flag" else "forwarded, recorded"),
                         "; ".join(report.reasons))
 
-    def _save_preview(self, row: InstanceRow, result: Any) -> None:
+    def _save_preview(self, row: InstanceRow, result: Translation) -> None:
         """The console's thumbnail (source | restyled, with the verdict); never fails the item."""
         from dicom_node.engine.pipeline import save_preview
 
@@ -195,7 +200,7 @@ class Translator(Loop):
             log.warning("sop %s: no preview (%s: %s)", abbreviate(row.sop_uid), exc.__class__.__name__, exc)
 
 
-def _series_naming(route: Any, ds: Any, version: int) -> Any:
+def _series_naming(route: RouteSettings, ds: Dataset, version: int) -> SeriesNaming:
     """The route's output series: its description template, its block of SeriesNumbers and the
     route as the series' identity (a retrained model's outputs stay in the series)."""
     from dicom_node.engine.secondary_capture import SeriesNaming
@@ -218,7 +223,7 @@ def _output_record(row: InstanceRow, out_uid: str, model: StyleModel, report: Fi
                         requested_by=requested_by)
 
 
-def is_own_output(ds: Any) -> bool:
+def is_own_output(ds: Dataset) -> bool:
     """True for a Secondary Capture written by dicom-node (its SC equipment names it)."""
     return str(ds.get("SecondaryCaptureDeviceManufacturer", "") or "").strip() == MANUFACTURER
 
