@@ -348,7 +348,8 @@ class _Run:
                             f"{k[4:]} {v:.4f}" for k, v in self.validation.items() if k.startswith("val_")))
                     self._write_metrics({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
                                          **self.validation})
-                    meta = {**self.meta_base, "losses": self.last_losses, "validation": self.validation}
+                    meta = {**self.meta_base, "losses": self.last_losses, "validation": self.validation,
+                            "gain_by": self.selector.criterion}
                     path = save_checkpoint(self.run_dir, step, model.state_dict(), sampler.state(), meta)
                     self.selector.keep_best(path, step, self.validation.get("gain_a2b"))
                 barrier(info)
