@@ -163,3 +163,79 @@ def test_the_readme_config_example_passes_check_config(tmp_path, tiny_model_path
             shutil.copy(tiny_model_path, config.parent / spec["path"])
     assert main(["check-config", str(config)]) == 0, capsys.readouterr().out
     assert "DR_KIM_STYLE" in capsys.readouterr().out
+
+
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+_DOTTED = re.compile(r"`(dicom_node(?:\.\w+)+)(?:\(\))?`")
+_PY_PATH = re.compile(r"`((?:dicom_node|engine|train|tests|bench)/[\w/]+\.py)`")
+_LAYER_FOLDERS = {"dicom_node.engine": "engine", "dicom_node.train": "train"}
+
+
+def _module_file(dotted: list[str]) -> Path | None:
+    """The source file of a module given as name parts (dicom_node.engine.x -> engine/x.py)."""
+    name = ".".join(dotted)
+    for package, folder in _LAYER_FOLDERS.items():
+        if name == package or name.startswith(package + "."):
+            rest = name[len(package):].lstrip(".").split(".") if name != package else []
+            base = REPO / folder / Path(*rest) if rest else REPO / folder
+            break
+    else:
+        base = REPO / Path(*dotted)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _defines(body: list, name: str):
+    """The class or function ``name`` defined (or the constant assigned) directly in ``body``."""
+    import ast
+
+    for node in body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return node
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return node
+    return None
+
+
+def missing_code_names(text: str) -> list[str]:
+    """Dotted names (``dicom_node.mod.Class.method``) and paths in ``text`` that the code lacks."""
+    import ast
+
+    missing = []
+    for path in sorted(set(_PY_PATH.findall(text))):
+        if not (REPO / path).is_file():
+            missing.append(path)
+    for dotted in sorted(set(_DOTTED.findall(text))):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest prefix that is a module
+            source = _module_file(parts[:cut])
+            if source is not None:
+                break
+        if source is None:
+            missing.append(dotted)
+            continue
+        body = ast.parse(source.read_text()).body
+        for name in parts[cut:]:
+            node = _defines(body, name)
+            if node is None:
+                missing.append(dotted)
+                break
+            body = getattr(node, "body", [])
+    return missing
+
+
+def test_every_module_and_function_the_architecture_names_exists():
+    """docs/architecture.md follows one image through the code by name: a rename must update it."""
+    text = ARCHITECTURE.read_text()
+    assert len(_DOTTED.findall(text)) >= 15  # the path is written in names the check can resolve
+    assert missing_code_names(text) == []
+
+
+def test_the_name_check_reports_what_the_code_lacks():
+    text = ("`dicom_node.ingest.Ingest.store` `dicom_node.engine.tiling.translate` `dicom_node/spool.py`\n"
+            "`dicom_node.ingest.Ingest.no_such_method` `dicom_node.no_such_module.f` `engine/no_such_file.py`")
+    assert missing_code_names(text) == ["engine/no_such_file.py", "dicom_node.ingest.Ingest.no_such_method",
+                                        "dicom_node.no_such_module.f"]
