@@ -37,9 +37,9 @@ from dicom_node.web.auth import (
 from dicom_node.web.health import readiness
 from dicom_node.web.stow import PATH as STOW_PATH
 from dicom_node.web.stow import receiving, stow_endpoint
+from dicom_node.web.templating import bar_chart, templates
 
 if TYPE_CHECKING:  # the node's parts, imported by the node itself; the console only holds them
-    from jinja2 import Environment
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from dicom_node.config import NodeConfig
@@ -101,73 +101,6 @@ class Console:
         self.config = config
 
 
-# ----------------------------------------------------------------------------- templates
-
-
-def _templates() -> Environment:
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-    env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=select_autoescape(["html"]))
-    env.filters.update(when=_when, ago=_ago, size=_size, short=_short, person=_person)
-    return env
-
-
-def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
-
-
-def _ago(t: float | None) -> str:
-    if t is None:
-        return "never"
-    s = max(0.0, time.time() - float(t))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if s >= size:
-            return f"{s / size:.0f} {unit} ago"
-    return f"{s:.0f} s ago"
-
-
-def _size(n: float | None) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _person(name: str | None) -> str:
-    """A DICOM person name (``Family^Given^Middle``) as people read it: ``Family, Given Middle``."""
-    parts = [p for p in str(name or "").split("=")[0].split("^")]
-    if not any(parts):
-        return "(no name)"
-    family, rest = parts[0], " ".join(p for p in parts[1:] if p)
-    return f"{family}, {rest}" if family and rest else family or rest
-
-
-def _short(uid: str | None, keep: int = 12) -> str:
-    uid = str(uid or "")
-    return uid if len(uid) <= keep + 3 else "..." + uid[-keep:]
-
-
-def _chart(series: dict[str, list[int]], width: int = 600, height: int = 120) -> dict[str, Any]:
-    """Grouped bars (received, translated, delivered per time bin) as SVG rectangles."""
-    names = list(series)
-    bins = len(next(iter(series.values()))) if series else 0
-    top = max([1] + [v for values in series.values() for v in values])
-    group = width / max(1, bins)
-    bar = group * 0.8 / max(1, len(names))
-    bars = []
-    for b in range(bins):
-        for k, name in enumerate(names):
-            value = series[name][b]
-            h = (height - 14) * value / top
-            bars.append({"x": round(b * group + group * 0.1 + k * bar, 1), "y": round(height - h, 1),
-                         "w": round(bar * 0.9, 1), "h": round(h, 1), "cls": name,
-                         "title": f"{name}: {value} ({(bins - b) * 5} to {(bins - b - 1) * 5} min ago)"})
-    return {"width": width, "height": height, "bars": bars, "top": top, "names": names,
-            "totals": {n: sum(v) for n, v in series.items()}}
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -216,7 +149,7 @@ def build_app(console: Console) -> ASGIApp:
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    env = _templates()
+    env = templates(HERE / "templates")
     refresh = console.config.web.refresh_seconds if console.config.web else 5.0
     proxies = proxy_networks(console.config.web.trusted_proxies if console.config.web else ())
     turns = HashTurns()  # Argon2, a few at a time (logins and STOW-RS tokens)
@@ -366,7 +299,7 @@ def build_app(console: Console) -> ASGIApp:
             for name, d in config.destinations.items()]
         oldest = db.oldest_waiting()
         return render("overview.html", request, session, instances=instances, deliveries=deliveries,
-                      chart=_chart(db.console.throughput()), disk=disk, watermark=config.storage.min_free_bytes,
+                      chart=bar_chart(db.console.throughput()), disk=disk, watermark=config.storage.min_free_bytes,
                       used_share=(disk.total - disk.free) / disk.total if disk.total else 0.0,
                       models=models, destinations=destinations, checks=readiness(console),
                       fidelity=db.audit.fidelity_counts(), oldest=oldest, started_at=console.started_at,
