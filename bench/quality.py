@@ -50,9 +50,7 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +58,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
+from quality_methods import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    checkpoint_fn,
+    engine_fn,
+    histogram_lut,
+    reference_fn,
+    run_trainer,
+    tone_filter_only,
+    train_reference,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_RANGE = 2.0  # model space [-1, 1]
@@ -124,138 +131,6 @@ def score(translate_fn, pairs, style_ref=None) -> dict:
         a_images, b_stats = style_ref
         out["style_distance"] = style_distance(style_statistics([translate_fn(a) for a in a_images]), b_stats)
     return out
-
-
-# ----------------------------------------------------------------------------- methods
-
-def histogram_lut(a_arrays: list[np.ndarray], b_arrays: list[np.ndarray]):
-    q = np.linspace(0, 1, 1025)
-    xs = np.quantile(np.concatenate([x.ravel() for x in a_arrays]), q) + np.arange(q.size) * 1e-9
-    ys = np.quantile(np.concatenate([x.ravel() for x in b_arrays]), q)
-    return lambda img: np.interp(img, xs, ys).astype(np.float32)
-
-
-def tone_filter_only(a_arrays, b_arrays, seed: int, band_curves: bool = True):
-    import torch
-
-    from dicom_node.train.tone_fit import fit_tone_filter
-
-    tf = fit_tone_filter(a_arrays, b_arrays, band_curves=band_curves, seed=seed)
-
-    def run(img: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return tf(torch.from_numpy(img)[None, None])[0, 0].numpy()
-    return run
-
-
-def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespace, seed: int) -> dict:
-    budget = {"patch_size": args.patch, "batch_size": args.batch, "steps": args.steps, "seed": seed,
-              "device": args.device, "threads": args.threads}
-    every = max(1, args.steps // max(1, args.checkpoints))
-    cfg = {"data": {"a": str(data / "A"), "b": str(data / "B")},
-           "model": {"ngf": args.ngf, "n_blocks": args.blocks, "ndf": args.ndf},
-           "train": budget,
-           "output": {"dir": str(run_dir), "sample_every": args.steps, "checkpoint_every": every,
-                      "log_every": max(1, args.steps // 10)}}
-    if getattr(args, "normalization", None):  # bench/fidelity_faults.py: images normalised each on its own
-        cfg["data"]["normalization"] = args.normalization
-    if method == "default":  # true pairs watched, never used: selection by pseudo-pairs, as without them
-        cfg["data"]["val"] = str(data / "test")
-        cfg["train"]["select_by"] = "pseudo"
-    if method == "paired":  # the ceiling: data_paired() holds true training pairs of the same styles
-        cfg["train"].update(paired="on")
-    if method == "classic":
-        cfg["model"].update(residual=False, tone_filter=False)
-        cfg["train"].update(lambda_identity=0.5, decay_from=args.steps)
-    return cfg
-
-
-def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, seed: int) -> Path:
-    import yaml
-
-    run_dir = work / f"{method}-seed{seed}"
-    model = run_dir / "models" / f"{run_dir.name}_A2B.safetensors"
-    if model.exists() and not args.retrain:
-        return model
-    if args.no_train:  # scoring pass: another process may still be training this run
-        deadline = time.monotonic() + 3600
-        while not model.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"--no-train: {model} did not appear within an hour")
-            time.sleep(10)
-        return model
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(train_config(method, data, run_dir, args, seed)))
-    cmd = [sys.executable, "-m", "dicom_node", "train", "--config", str(cfg_path), "--no-progress"]
-    t0 = time.perf_counter()
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f"  trained {method} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return model
-
-
-def checkpoint_fn(run_dir: Path, device: str, *, best: bool = False):
-    """A->B of a run's newest (or best) checkpoint as trained: its network, whatever the export
-    decided.  The paired ceiling is what the network learned with the answer; ``default_network``
-    shows what the export's fallback to the tone filter kept out."""
-    from dicom_node.engine import translate
-    from dicom_node.engine.model_file import StyleModel, generator_from_architecture
-    from dicom_node.train.export import best_checkpoint_path, latest_checkpoint, load_checkpoint
-
-    payload = load_checkpoint(best_checkpoint_path(run_dir) if best else latest_checkpoint(run_dir))
-    gen = generator_from_architecture(payload["meta"]["architecture"])
-    gen.load_state_dict(payload["state"]["g_ab"])
-    model = StyleModel(generator=gen.eval(), metadata={"name": "checkpoint"})
-    return lambda img: translate(model, img, device=device)
-
-
-def engine_fn(model_path: Path, device: str):
-    from dicom_node.engine import load_style_model, translate
-
-    model = load_style_model(model_path)
-    return lambda img: translate(model, img, device=device)
-
-
-def train_reference(data: Path, work: Path, args: argparse.Namespace, seed: int) -> Path:
-    """Train the reference implementation itself via bench/reference_cyclegan.py (same budget)."""
-    script = Path(__file__).resolve().parent / "reference_cyclegan.py"
-    out = work / f"reference-seed{seed}.pt"
-    if not out.exists() or args.retrain:
-        cmd = [sys.executable, str(script), "--reference", str(args.reference), "--data", str(data),
-               "--out", str(out), "--steps", str(args.steps), "--ngf", str(args.ngf), "--blocks", str(args.blocks),
-               "--ndf", str(args.ndf), "--patch", str(args.patch), "--seed", str(seed)]
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-        t0 = time.perf_counter()
-        with open(work / f"reference-seed{seed}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-        print(f"  trained reference seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return out
-
-
-def reference_fn(data: Path, work: Path, args: argparse.Namespace, seed: int):
-    """The reference's A->B generator, as trained by :func:`train_reference`."""
-    out = train_reference(data, work, args, seed)
-    import torch
-
-    sys.path.insert(0, str(args.reference))
-    from models import networks  # type: ignore  # the reference's own module
-
-    net = networks.define_G(1, 1, args.ngf, f"resnet_{args.blocks}blocks", "instance", False, "normal", 0.02)
-    net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True))
-    net.eval()
-
-    def run(img: np.ndarray) -> np.ndarray:
-        h, w = img.shape
-        x = torch.from_numpy(np.pad(img, ((0, -h % 4), (0, -w % 4)), mode="reflect"))[None, None]
-        with torch.no_grad():
-            return net(x)[0, 0, :h, :w].numpy()
-    return run
 
 
 # ----------------------------------------------------------------------------- driver
