@@ -87,7 +87,7 @@ def affine_fit(out: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def affine_scores(out: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    from dicom_node.evaluate import psnr, ssim
+    from dicom_node.evaluation import psnr, ssim
 
     fitted = affine_fit(out, target)
     return psnr(fitted, target, DATA_RANGE), ssim(fitted, target, DATA_RANGE)

@@ -11,7 +11,7 @@ three tiled translations of the same model are scored with evaluate's two seam m
 * a naive sliding window with raised-cosine blending (``translate_naive``, overlap 0.25),
 * naive hard tiles (``translate_naive``, overlap 0: tiles abut where they can).
 
-``seam_ratio`` is :func:`dicom_node.evaluate.seam_energy` of the tiled output over that of the
+``seam_ratio`` is :func:`dicom_node.evaluation.seam_energy` of the tiled output over that of the
 whole-image pass, pooled over the images (1 without seams); the deviation is |tiled -
 whole-image pass| in % of the range (the exact check, bound 0.5 % mean / 5 % max).  Prints a table last and writes
 bench/results/seams.json.
@@ -33,7 +33,7 @@ from dicom_node.cli import main as cli  # noqa: E402
 from dicom_node.engine import load_style_model, translate  # noqa: E402
 from dicom_node.engine.pixels import normalize, read_dicom  # noqa: E402
 from dicom_node.engine.tiling import translate_naive  # noqa: E402
-from dicom_node.evaluate import compare_seams, seam_summary  # noqa: E402
+from dicom_node.evaluation import compare_seams, seam_summary  # noqa: E402
 
 METHODS = {
     "seamless executor": lambda m, x, t: (translate(m, x, tile=t, overlap=0.25), 0.25),

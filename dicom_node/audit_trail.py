@@ -36,12 +36,12 @@ class AuditTrail:
         self.database, self.deliveries = database, deliveries
 
     @staticmethod
-    def write(c: Connection, instance_id: int, output: OutputRecord, disposition: str, now: float) -> None:
+    def write(conn: Connection, instance_id: int, output: OutputRecord, disposition: str, now: float) -> None:
         """The audit row of a new output (a resend of the same output updates it), inside the
         transaction that queues the output's deliveries."""
-        called_ae, _, study_uid = place(c, instance_id)
-        revision = c.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0]
-        c.execute(
+        called_ae, _, study_uid = place(conn, instance_id)
+        revision = conn.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0]
+        conn.execute(
             "INSERT INTO outputs (instance_id, called_ae, study_uid, source_sop_uid, output_sop_uid, model, "
             "model_version, model_digest, device_uid, verdict, reasons, scores, thresholds, action, "
             "disposition, created_at, updated_at, source_revision, output_version, requested_by) "
@@ -104,10 +104,10 @@ class AuditTrail:
         return out
 
     @staticmethod
-    def _withheld_ids(c: Connection, uids: Iterable[str], everything: bool) -> list[tuple[int, str]]:
+    def _withheld_ids(conn: Connection, uids: Iterable[str], everything: bool) -> list[tuple[int, str]]:
         """(instance id, output SOP UID) of withheld outputs named by source or output SOP UID,
         or by Study Instance UID; every one with ``everything``."""
-        rows = c.execute("SELECT o.instance_id, o.output_sop_uid, o.source_sop_uid, o.study_uid FROM outputs o "
+        rows = conn.execute("SELECT o.instance_id, o.output_sop_uid, o.source_sop_uid, o.study_uid FROM outputs o "
                          "JOIN instances i ON i.id=o.instance_id WHERE i.state='withheld' "
                          "AND o.disposition='withheld' ORDER BY o.id").fetchall()
         wanted = set(uids)
@@ -117,36 +117,36 @@ class AuditTrail:
                 user: str | None = None) -> list[str]:
         """Send withheld outputs after all; returns the released output SOP UIDs."""
         now = time.time() if now is None else now
-        with self.database.tx() as c:
-            chosen = self._withheld_ids(c, uids, everything)
+        with self.database.tx() as conn:
+            chosen = self._withheld_ids(conn, uids, everything)
             for iid, out_uid in chosen:
-                c.execute("UPDATE deliveries SET state='pending', next_attempt_at=?, updated_at=? "
+                conn.execute("UPDATE deliveries SET state='pending', next_attempt_at=?, updated_at=? "
                           "WHERE instance_id=? AND state='held'", (now, now, iid))
-                c.execute("UPDATE instances SET state='translated', updated_at=? WHERE id=?", (now, iid))
-                c.execute("UPDATE outputs SET disposition='released', updated_at=? WHERE instance_id=? "
+                conn.execute("UPDATE instances SET state='translated', updated_at=? WHERE id=?", (now, iid))
+                conn.execute("UPDATE outputs SET disposition='released', updated_at=? WHERE instance_id=? "
                           "AND output_sop_uid=?", (now, iid, out_uid))
-                self.deliveries.finish_if_done(c, [iid], now)
-            self._record(c, user, "release", uids, everything, chosen)
+                self.deliveries.finish_if_done(conn, [iid], now)
+            self._record(conn, user, "release", uids, everything, chosen)
         return [u for _, u in chosen]
 
     def discard(self, uids: Iterable[str] = (), *, everything: bool = False, now: float | None = None,
                 user: str | None = None) -> list[str]:
         """Drop withheld outputs (never sent); returns the discarded output SOP UIDs."""
         now = time.time() if now is None else now
-        with self.database.tx() as c:
-            chosen = self._withheld_ids(c, uids, everything)
+        with self.database.tx() as conn:
+            chosen = self._withheld_ids(conn, uids, everything)
             for iid, out_uid in chosen:
-                c.execute("DELETE FROM deliveries WHERE instance_id=? AND state='held'", (iid,))
-                c.execute("UPDATE instances SET state='discarded', updated_at=? WHERE id=?", (now, iid))
-                c.execute("UPDATE outputs SET disposition='discarded', updated_at=? WHERE instance_id=? "
+                conn.execute("DELETE FROM deliveries WHERE instance_id=? AND state='held'", (iid,))
+                conn.execute("UPDATE instances SET state='discarded', updated_at=? WHERE id=?", (now, iid))
+                conn.execute("UPDATE outputs SET disposition='discarded', updated_at=? WHERE instance_id=? "
                           "AND output_sop_uid=?", (now, iid, out_uid))
-            self._record(c, user, "discard", uids, everything, chosen)
+            self._record(conn, user, "discard", uids, everything, chosen)
         return [u for _, u in chosen]
 
     @staticmethod
-    def _record(c: Connection, user: str | None, action: str, uids: Iterable[str], everything: bool,
+    def _record(conn: Connection, user: str | None, action: str, uids: Iterable[str], everything: bool,
                 chosen: list[tuple[int, str]]) -> None:
         """An operator's release or discard, in the operator log (``user`` None: not recorded)."""
         if user is not None:
-            OperationsLog.write_action(c, user, action, "all withheld" if everything else ",".join(uids),
+            OperationsLog.write_action(conn, user, action, "all withheld" if everything else ",".join(uids),
                                        f"{len(chosen)} output(s): " + ",".join(u for _, u in chosen))

@@ -110,16 +110,16 @@ class Cluster:
         self.owner = node_id
         freed = 0
         params: tuple[str, ...] = ()
-        with self.database.tx() as c:
+        with self.database.tx() as conn:
             if exclusive:
                 gone, params = "lease_owner IS NOT NULL", ()
             else:
                 gone, params = "lease_owner IN (SELECT id FROM nodes WHERE name=?)", (name,)
             for table in LEASED_TABLES:
-                freed += c.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE {gone}",
+                freed += conn.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE {gone}",
                                    params).rowcount
-            c.execute("UPDATE nodes SET stopped_at=? WHERE stopped_at IS NULL AND name=?", (now, name))
-            c.execute("INSERT INTO nodes (id, name, role, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?,?,?)",
+            conn.execute("UPDATE nodes SET stopped_at=? WHERE stopped_at IS NULL AND name=?", (now, name))
+            conn.execute("INSERT INTO nodes (id, name, role, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?,?,?)",
                       (node_id, name, role, socket.gethostname(), os.getpid(), now, now))
         return freed
 
@@ -129,13 +129,13 @@ class Cluster:
         with self._held_lock:
             in_hand = {t: sorted(ids) for t, ids in self._held.items()}
         renewed = 0
-        with self.database.tx() as c:
-            c.execute("UPDATE nodes SET heartbeat_at=?, models=? WHERE id=?",
+        with self.database.tx() as conn:
+            conn.execute("UPDATE nodes SET heartbeat_at=?, models=? WHERE id=?",
                       (now, json.dumps(sorted(models)), self.owner))
             for table, ids in in_hand.items():
                 for start in range(0, len(ids), 500):
                     chunk = ids[start:start + 500]
-                    renewed += c.execute(f"UPDATE {table} SET lease_until=? WHERE lease_owner=? AND id IN "
+                    renewed += conn.execute(f"UPDATE {table} SET lease_until=? WHERE lease_owner=? AND id IN "
                                          f"({','.join('?' * len(chunk))})",
                                          (now + self.lease_seconds, self.owner, *chunk)).rowcount
         return renewed
@@ -147,13 +147,13 @@ class Cluster:
         "stopped" node is listed.
         """
         now = time.time() if now is None else now
-        with self.database.tx() as c:
+        with self.database.tx() as conn:
             for table in LEASED_TABLES:
-                c.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (self.owner,))
+                conn.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (self.owner,))
             if forget:
-                c.execute("DELETE FROM nodes WHERE id=?", (self.owner,))
+                conn.execute("DELETE FROM nodes WHERE id=?", (self.owner,))
             else:
-                c.execute("UPDATE nodes SET stopped_at=?, heartbeat_at=? WHERE id=?", (now, now, self.owner))
+                conn.execute("UPDATE nodes SET stopped_at=?, heartbeat_at=? WHERE id=?", (now, now, self.owner))
         with self._held_lock:
             for ids in self._held.values():
                 ids.clear()
@@ -181,18 +181,18 @@ class Cluster:
         return out
 
     # -- leases --------------------------------------------------------------------------
-    def claim(self, c: Connection, table: str, where: str, params: Iterable[Any], order: str, limit: int,
+    def claim(self, conn: Connection, table: str, where: str, params: Iterable[Any], order: str, limit: int,
               now: float) -> list[int]:
         """Lease up to ``limit`` free rows of ``table`` matching ``where`` to this node, inside the
         caller's transaction; their ids.  Claims of a transaction that does not commit are let go
         at once: never kept in hand, or the heartbeat would go on renewing them."""
         sql = (f"SELECT id FROM {table} WHERE {where} AND (lease_until IS NULL OR lease_until < ?) "
                f"ORDER BY {order} LIMIT ?")
-        if c.dialect == "postgresql":
+        if conn.dialect == "postgresql":
             sql += " FOR UPDATE SKIP LOCKED"  # another node's claim in progress: take the next rows
-        ids = [int(r[0]) for r in c.execute(sql, (*params, now, int(limit))).fetchall()]
+        ids = [int(r[0]) for r in conn.execute(sql, (*params, now, int(limit))).fetchall()]
         if ids and self.owner is not None:
-            c.execute(f"UPDATE {table} SET lease_owner=?, lease_until=? WHERE id IN ({','.join('?' * len(ids))})",
+            conn.execute(f"UPDATE {table} SET lease_owner=?, lease_until=? WHERE id IN ({','.join('?' * len(ids))})",
                       (self.owner, now + self.lease_seconds, *ids))
             with self._held_lock:
                 new = [i for i in ids if i not in self._held[table]]
@@ -215,15 +215,15 @@ class Cluster:
         if not ids or self.owner is None:
             return
         try:
-            with self.database.tx() as c:
-                c.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=? "
+            with self.database.tx() as conn:
+                conn.execute(f"UPDATE {table} SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=? "
                           f"AND id IN ({','.join('?' * len(ids))})", (self.owner, *ids))
         except Exception as exc:  # noqa: BLE001 - see above
             log.warning("could not give back %d claimed %s (%s): they pass on after %gs", len(ids), table,
                         exc.__class__.__name__, self.lease_seconds)
 
-    def forget_nodes(self, c: Connection, cutoff: float) -> None:
-        c.execute("DELETE FROM nodes WHERE heartbeat_at < ? AND id != ?", (cutoff, self.owner or ""))
+    def forget_nodes(self, conn: Connection, cutoff: float) -> None:
+        conn.execute("DELETE FROM nodes WHERE heartbeat_at < ? AND id != ?", (cutoff, self.owner or ""))
 
 
 class Heartbeat(Loop):

@@ -35,10 +35,10 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-def bump(c: Connection, metric: str, n: int = 1, **labels: str) -> None:
+def bump(conn: Connection, metric: str, n: int = 1, **labels: str) -> None:
     """Add ``n`` to a counter inside the caller's transaction."""
     if n:
-        c.execute("INSERT INTO counters (metric, labels, value) VALUES (?,?,?) ON CONFLICT (metric, labels) "
+        conn.execute("INSERT INTO counters (metric, labels, value) VALUES (?,?,?) ON CONFLICT (metric, labels) "
                   "DO UPDATE SET value=counters.value+excluded.value", (metric, json.dumps(labels, sort_keys=True), int(n)))
 
 
@@ -57,9 +57,9 @@ class Counters:
         return out
 
     @staticmethod
-    def seed(c: Connection) -> None:
+    def seed(conn: Connection) -> None:
         """A database from before the counters: start them from what its rows still say."""
-        if c.execute("SELECT 1 FROM counters LIMIT 1").fetchone():
+        if conn.execute("SELECT 1 FROM counters LIMIT 1").fetchone():
             return
         seeds: list[tuple[str, str, Any]] = [
             ("received", "SELECT called_ae, COUNT(*) FROM instances GROUP BY called_ae", "called_ae"),
@@ -67,8 +67,8 @@ class Counters:
             ("flagged", "SELECT model, COUNT(*) FROM outputs WHERE verdict='flagged' GROUP BY model", "model"),
         ]
         for metric, sql, key in seeds:
-            for value, n in c.execute(sql).fetchall():
-                bump(c, metric, int(n), **{key: str(value)})
-        for dest, state, n in c.execute("SELECT destination, state, COUNT(*) FROM deliveries "
+            for value, n in conn.execute(sql).fetchall():
+                bump(conn, metric, int(n), **{key: str(value)})
+        for dest, state, n in conn.execute("SELECT destination, state, COUNT(*) FROM deliveries "
                                         "WHERE state IN ('delivered','failed') GROUP BY destination, state"):
-            bump(c, "deliveries", int(n), destination=str(dest), outcome=str(state))
+            bump(conn, "deliveries", int(n), destination=str(dest), outcome=str(state))

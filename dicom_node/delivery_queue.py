@@ -23,9 +23,9 @@ __all__ = ["DeliveryQueue", "place"]
 _DELIVERY_COLS = "id, instance_id, destination, kind, sop_uid, path, attempts"
 
 
-def place(c: Connection, instance_id: int) -> tuple[str, str | None, str]:
+def place(conn: Connection, instance_id: int) -> tuple[str, str | None, str]:
     """(called AE, route name, Study Instance UID) of an instance: what events report."""
-    called_ae, route, study_uid = c.execute("SELECT called_ae, route, study_uid FROM instances WHERE id=?",
+    called_ae, route, study_uid = conn.execute("SELECT called_ae, route, study_uid FROM instances WHERE id=?",
                                             (instance_id,)).fetchone()
     return called_ae, route, study_uid
 
@@ -37,11 +37,11 @@ class DeliveryQueue:
         self.database, self.cluster, self.events = database, cluster, events
 
     @staticmethod
-    def add(c: Connection, instance_id: int, deliveries: Iterable[NewDelivery], now: float,
+    def add(conn: Connection, instance_id: int, deliveries: Iterable[NewDelivery], now: float,
             state: str = "pending") -> None:
         """Queue deliveries of an instance, inside the caller's transaction (a repeat is ignored)."""
         for d in deliveries:
-            c.execute("INSERT OR IGNORE INTO deliveries (instance_id, destination, kind, sop_uid, path, state, "
+            conn.execute("INSERT OR IGNORE INTO deliveries (instance_id, destination, kind, sop_uid, path, state, "
                       "next_attempt_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
                       (instance_id, d.destination, d.kind, d.sop_uid, d.path, state, now, now))
 
@@ -69,12 +69,12 @@ class DeliveryQueue:
         """Lease due deliveries no node holds, the longest due first."""
         now = time.time() if now is None else now
         where, params = self._destination_filter(only, exclude)
-        with self.database.tx() as c:
-            ids = self.cluster.claim(c, "deliveries", f"state='pending' AND next_attempt_at <= ?{where}",
+        with self.database.tx() as conn:
+            ids = self.cluster.claim(conn, "deliveries", f"state='pending' AND next_attempt_at <= ?{where}",
                                      [now, *params], "next_attempt_at, id", limit, now)  # index deliveries_claim
             if not ids:
                 return []
-            rows = c.execute(f"SELECT {_DELIVERY_COLS} FROM deliveries "
+            rows = conn.execute(f"SELECT {_DELIVERY_COLS} FROM deliveries "
                              f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()
         return [DeliveryRow(*r) for r in rows]
 
@@ -101,7 +101,7 @@ class DeliveryQueue:
         fence, mine = self.cluster.fence()
         results = list(results)
         self.cluster.let_go("deliveries", [row.id for row, _, _ in results])
-        with self.database.tx() as c:
+        with self.database.tx() as conn:
             for row, ok, error in results:
                 attempts = row.attempts + 1
                 outcome = "delivered" if ok else ("failed" if attempts >= max_attempts else "retry")
@@ -112,48 +112,48 @@ class DeliveryQueue:
                     "retry": ("attempts=?, last_error=?, next_attempt_at=?",
                               (attempts, error, now + float(delay_for(attempts)))),
                 }[outcome]
-                changed = c.execute(f"UPDATE deliveries SET {sets}, updated_at=?, lease_owner=NULL, lease_until=NULL "
+                changed = conn.execute(f"UPDATE deliveries SET {sets}, updated_at=?, lease_owner=NULL, lease_until=NULL "
                                     f"WHERE id=?{fence}", (*values, now, row.id, *mine)).rowcount
                 if not changed:
                     continue  # another node took it over: its outcome counts
                 touched.add(row.instance_id)
-                bump(c, "deliveries", destination=row.destination, outcome=outcome)
+                bump(conn, "deliveries", destination=row.destination, outcome=outcome)
                 if ok:
                     counts[0] += 1
                     continue
                 if attempts >= max_attempts:
                     counts[2] += 1
-                    called_ae, route, study_uid = place(c, row.instance_id)
-                    self.events.emit(c, "delivery.failed", {
+                    called_ae, route, study_uid = place(conn, row.instance_id)
+                    self.events.emit(conn, "delivery.failed", {
                         "called_ae": called_ae, "route": route, "study_uid": study_uid, "destination": row.destination,
                         "kind": row.kind, "sop_uid": row.sop_uid, "attempts": attempts, "error": error[:300]},
                                      study_uid, now)
                 else:
                     counts[1] += 1
-            self.finish_if_done(c, touched, now)
+            self.finish_if_done(conn, touched, now)
         return counts[0], counts[1], counts[2]
 
-    def finish_if_done(self, c: Connection, instance_ids: Iterable[int], now: float) -> None:
+    def finish_if_done(self, conn: Connection, instance_ids: Iterable[int], now: float) -> None:
         """A translated instance becomes delivered (all ok) or failed (any gave up, none pending);
         a study whose every instance is now delivered is announced (``study.delivered``)."""
         finished: set[tuple[str, str | None, str]] = set()
         for iid in instance_ids:
-            st = dict(c.execute("SELECT state, COUNT(*) FROM deliveries WHERE instance_id=? GROUP BY state",
+            st = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries WHERE instance_id=? GROUP BY state",
                                 (iid,)).fetchall())
             if st.get("pending"):
                 continue
             new = "failed" if st.get("failed") else "delivered"
-            if c.execute("UPDATE instances SET state=?, updated_at=? WHERE id=? AND state='translated'",
+            if conn.execute("UPDATE instances SET state=?, updated_at=? WHERE id=? AND state='translated'",
                          (new, now, iid)).rowcount and new == "delivered":
-                finished.add(place(c, iid))
+                finished.add(place(conn, iid))
         for called_ae, route, study_uid in finished:
-            states = dict(c.execute("SELECT state, COUNT(*) FROM instances WHERE called_ae=? AND route=? AND "
+            states = dict(conn.execute("SELECT state, COUNT(*) FROM instances WHERE called_ae=? AND route=? AND "
                                     "study_uid=? GROUP BY state", (called_ae, route, study_uid)).fetchall())
             if any(states.get(s) for s in ("received", "ready", "translated", "withheld", "failed")):
                 continue  # more of this study to come, or something needs an operator
-            destinations = [d for (d,) in c.execute(
+            destinations = [d for (d,) in conn.execute(
                 "SELECT DISTINCT d.destination FROM deliveries d JOIN instances i ON i.id=d.instance_id WHERE "
                 "i.called_ae=? AND i.route=? AND i.study_uid=? AND d.kind='output'", (called_ae, route, study_uid))]
-            self.events.emit(c, "study.delivered", {"called_ae": called_ae, "route": route, "study_uid": study_uid,
+            self.events.emit(conn, "study.delivered", {"called_ae": called_ae, "route": route, "study_uid": study_uid,
                                                     "instances": int(states.get("delivered", 0)),
                                                     "destinations": sorted(destinations)}, study_uid, now)

@@ -61,12 +61,12 @@ class OperationsLog:
                            started_at: float, outcome: str, reason: str | None = None,
                            ended_at: float | None = None) -> None:
         ended_at = time.time() if ended_at is None else ended_at
-        with self.database.tx() as c:
-            c.execute("INSERT INTO associations (calling_ae, called_ae, peer, stored, refused, started_at, ended_at, "
+        with self.database.tx() as conn:
+            conn.execute("INSERT INTO associations (calling_ae, called_ae, peer, stored, refused, started_at, ended_at, "
                       "outcome, reason) VALUES (?,?,?,?,?,?,?,?,?)",
                       (calling_ae, called_ae, peer, int(stored), int(refused), started_at, ended_at, outcome,
                        (reason or None) and reason[:200]))
-            bump(c, "associations", outcome=outcome)
+            bump(conn, "associations", outcome=outcome)
 
     def associations(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest associations, newest first."""
@@ -75,13 +75,13 @@ class OperationsLog:
         return [dict(zip(ASSOCIATION_COLS, r)) for r in rows]
 
     def record_action(self, user: str, action: str, target: str, result: str) -> None:
-        with self.database.tx() as c:
-            self.write_action(c, user, action, target, result)
+        with self.database.tx() as conn:
+            self.write_action(conn, user, action, target, result)
 
     @staticmethod
-    def write_action(c: Connection, user: str, action: str, target: str, result: str) -> None:
+    def write_action(conn: Connection, user: str, action: str, target: str, result: str) -> None:
         """An operator action, inside the caller's transaction (the change it records)."""
-        c.execute("INSERT INTO operator_actions (at, who, action, target, result) VALUES (?,?,?,?,?)",
+        conn.execute("INSERT INTO operator_actions (at, who, action, target, result) VALUES (?,?,?,?,?)",
                   (time.time(), user[:100], action, target[:500], result[:500]))
 
     def actions(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -91,5 +91,5 @@ class OperationsLog:
         return [dict(zip(ACTION_KEYS, r)) for r in rows]
 
     @staticmethod
-    def forget(c: Connection, cutoff: float) -> None:
-        c.execute("DELETE FROM associations WHERE ended_at < ?", (cutoff,))
+    def forget(conn: Connection, cutoff: float) -> None:
+        conn.execute("DELETE FROM associations WHERE ended_at < ?", (cutoff,))

@@ -62,7 +62,7 @@ class Events:
     def configure(self, config: NodeConfig) -> None:
         self.webhooks, self.node_ae = list(config.notifications), config.node.ae_title
 
-    def emit(self, c: Connection, event: str, payload: dict[str, Any], study_uid: str | None = None,
+    def emit(self, conn: Connection, event: str, payload: dict[str, Any], study_uid: str | None = None,
              now: float | None = None) -> None:
         """Queue ``event`` for every webhook that wants it, inside the caller's transaction."""
         wanted = [w for w in self.webhooks if event in w.events]
@@ -76,11 +76,11 @@ class Events:
             body = dict(base)
             if w.include_phi and study_uid:
                 if phi is None:
-                    row = c.execute("SELECT patient_name, patient_id, accession FROM study_info WHERE study_uid=?",
+                    row = conn.execute("SELECT patient_name, patient_id, accession FROM study_info WHERE study_uid=?",
                                     (study_uid,)).fetchone()
                     phi = dict(zip(("patient_name", "patient_id", "accession_number"), row or ("", "", "")))
                 body.update(phi)
-            c.execute("INSERT INTO notifications (webhook, event, body, state, next_attempt_at, created_at, "
+            conn.execute("INSERT INTO notifications (webhook, event, body, state, next_attempt_at, created_at, "
                       "updated_at) VALUES (?,?,?, 'pending', ?,?,?)", (w.name, event, json.dumps(body), now, now, now))
 
 
@@ -115,12 +115,12 @@ class NotificationOutbox:
         ``webhook`` only, or of webhooks not among ``others_than`` (no longer configured)."""
         now = time.time() if now is None else now
         which, params = self._of_webhooks(webhook, others_than)
-        with self.database.tx() as c:
-            ids = self.cluster.claim(c, "notifications", "state='pending' AND next_attempt_at<=?" + which,
+        with self.database.tx() as conn:
+            ids = self.cluster.claim(conn, "notifications", "state='pending' AND next_attempt_at<=?" + which,
                                      (now, *params), "id", limit, now)
             if not ids:
                 return []
-            return [(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in c.execute(
+            return [(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in conn.execute(
                 "SELECT id, webhook, event, body, attempts FROM notifications "
                 f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()]
 
@@ -140,13 +140,13 @@ class NotificationOutbox:
         state = "sent" if ok else ("failed" if attempts >= max_attempts else "pending")
         fence, mine = self.cluster.fence()
         self.cluster.let_go("notifications", [nid])
-        with self.database.tx() as c:
-            if not c.execute("UPDATE notifications SET state=?, attempts=?, last_error=?, next_attempt_at=?, "
+        with self.database.tx() as conn:
+            if not conn.execute("UPDATE notifications SET state=?, attempts=?, last_error=?, next_attempt_at=?, "
                              f"updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id=?{fence}",
                              (state, attempts, None if ok else (error or "")[:300], now + delay, now, nid,
                               *mine)).rowcount:
                 return "taken"
-            bump(c, "notifications", webhook=webhook, outcome={"sent": "sent", "pending": "retry"}.get(state, state))
+            bump(conn, "notifications", webhook=webhook, outcome={"sent": "sent", "pending": "retry"}.get(state, state))
         return state
 
     def recent(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -157,5 +157,5 @@ class NotificationOutbox:
         return [dict(zip(cols, r)) for r in rows]
 
     @staticmethod
-    def forget(c: Connection, cutoff: float) -> None:
-        c.execute("DELETE FROM notifications WHERE state='sent' AND updated_at < ?", (cutoff,))
+    def forget(conn: Connection, cutoff: float) -> None:
+        conn.execute("DELETE FROM notifications WHERE state='sent' AND updated_at < ?", (cutoff,))

@@ -57,8 +57,8 @@ class SourceKeeping:
             where += " AND route=?"
             params.append(route)
         what = f"study {study_uid}" + (f" on route {route!r}" if route else "")
-        with self.database.tx() as c:
-            rows = c.execute(f"SELECT id, route, state, purged FROM instances WHERE {where}", params).fetchall()
+        with self.database.tx() as conn:
+            rows = conn.execute(f"SELECT id, route, state, purged FROM instances WHERE {where}", params).fetchall()
             translated = [r for r in rows if r[2] in (REPROCESSABLE, *_BUSY)]
             if not translated:
                 raise UserError(f"{what}: nothing translated on this node to reprocess"
@@ -74,13 +74,13 @@ class SourceKeeping:
                 raise UserError(f"{what}: its sources are no longer kept (removed after storage.keep_sources_days)")
             ids = [int(r[0]) for r in translated]
             marks = ",".join("?" * len(ids))
-            c.execute(f"UPDATE instances SET state='ready', error=NULL, output_version=output_version+1, "
+            conn.execute(f"UPDATE instances SET state='ready', error=NULL, output_version=output_version+1, "
                       f"reprocess_by=?, updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id IN ({marks})",
                       (user[:100], now, *ids))
             queued: dict[str, int] = {}
             for r in translated:
                 queued[str(r[1])] = queued.get(str(r[1]), 0) + 1
-            OperationsLog.write_action(c, user, "reprocess", what,
+            OperationsLog.write_action(conn, user, "reprocess", what,
                                        ", ".join(f"{n} instance(s) on {name}" for name, n in sorted(queued.items())))
         return queued
 
@@ -118,5 +118,5 @@ class SourceKeeping:
             "AND d.state!='delivered'))) ORDER BY id LIMIT ?", (*params, limit))]
 
     def mark_purged(self, instance_ids: Iterable[int]) -> None:
-        with self.database.tx() as c:
-            c.executemany("UPDATE instances SET purged=1 WHERE id=?", [(int(i),) for i in instance_ids])
+        with self.database.tx() as conn:
+            conn.executemany("UPDATE instances SET purged=1 WHERE id=?", [(int(i),) for i in instance_ids])

@@ -140,30 +140,30 @@ class StateDB:
         now = time.time() if now is None else now
 
         def once() -> tuple[int, bool]:
-            with self.database.tx() as c:
-                row = c.execute("SELECT id, state, route FROM instances WHERE called_ae=? AND sop_uid=?",
+            with self.database.tx() as conn:
+                row = conn.execute("SELECT id, state, route FROM instances WHERE called_ae=? AND sop_uid=?",
                                 (called_ae, sop_uid)).fetchone()
                 if row is not None:
                     if row[1] == "received" and row[2] is not None:
-                        c.execute("UPDATE studies SET last_received_at=? WHERE called_ae=? AND route=? "
+                        conn.execute("UPDATE studies SET last_received_at=? WHERE called_ae=? AND route=? "
                                   "AND study_uid=? AND state='pending'", (now, called_ae, row[2], study_uid))
                     return int(row[0]), False
                 state = "received" if matched else "unmatched"
-                iid = c.insert_id(
+                iid = conn.insert_id(
                     "INSERT INTO instances (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, "
                     "route, path, size, state, received_at, updated_at, content_sha256) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (called_ae, calling_ae, sop_uid, sop_class, study_uid, series_uid, route, path, size,
                      state, now, now, content_sha256))
-                bump(c, "received", called_ae=called_ae, protocol=protocol)
+                bump(conn, "received", called_ae=called_ae, protocol=protocol)
                 if study is not None:
                     info = {col: str(study.get(col) or "")[:200] for col in STUDY_INFO_KEYWORDS.values()}
-                    c.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
+                    conn.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
                               f"VALUES (?{',?' * len(info)})", (study_uid, *info.values()))
                 if matched:
-                    self._join_study(c, called_ae, route, study_uid, now)
+                    self._join_study(conn, called_ae, route, study_uid, now)
                 else:
-                    DeliveryQueue.add(c, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
+                    DeliveryQueue.add(conn, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
                 return iid, True
 
         try:
@@ -176,11 +176,11 @@ class StateDB:
             return once()
 
     @staticmethod
-    def _join_study(c: Connection, called_ae: str, route: str | None, study_uid: str, now: float) -> None:
+    def _join_study(conn: Connection, called_ae: str, route: str | None, study_uid: str, now: float) -> None:
         """An instance to translate joins its study's quiet period.  A study released before
         (translated) opens a new round: a follow-up, translated into the same output series
         after its own quiet period."""
-        c.execute(
+        conn.execute(
             "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state, first_received_at) "
             "VALUES (?,?,?,?, 'pending', ?) ON CONFLICT (called_ae, route, study_uid) "
             "DO UPDATE SET last_received_at=excluded.last_received_at, first_received_at=CASE "
@@ -205,25 +205,25 @@ class StateDB:
         PACS replaces the old one; its audit row records the revision.  An unmatched instance forwards the new original again.
         """
         now = time.time() if now is None else now
-        with self.database.tx() as c:
-            called_ae, route, study_uid, sop_uid, state = c.execute(
+        with self.database.tx() as conn:
+            called_ae, route, study_uid, sop_uid, state = conn.execute(
                 "SELECT called_ae, route, study_uid, sop_uid, state FROM instances WHERE id=?",
                 (instance_id,)).fetchone()
             matched = route is not None and state != "unmatched"
-            c.execute("UPDATE instances SET calling_ae=?, path=?, size=?, content_sha256=?, revision=revision+1, "
+            conn.execute("UPDATE instances SET calling_ae=?, path=?, size=?, content_sha256=?, revision=revision+1, "
                       "state=?, error=NULL, purged=0, updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id=?",
                       (calling_ae, path, size, content_sha256, "received" if matched else "unmatched", now,
                        instance_id))
             self.cluster.let_go("instances", [instance_id])
             # The old content's deliveries (sent, pending, or in flight: a deliverer's result for a
             # row that is gone is dropped) make way for the new output's, which reuse their keys.
-            c.execute("DELETE FROM deliveries WHERE instance_id=?", (instance_id,))
-            bump(c, "received", called_ae=called_ae, protocol=protocol)
+            conn.execute("DELETE FROM deliveries WHERE instance_id=?", (instance_id,))
+            bump(conn, "received", called_ae=called_ae, protocol=protocol)
             if matched:
-                self._join_study(c, called_ae, route, study_uid, now)
+                self._join_study(conn, called_ae, route, study_uid, now)
             else:
-                DeliveryQueue.add(c, instance_id, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
-            return int(c.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0])
+                DeliveryQueue.add(conn, instance_id, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
+            return int(conn.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0])
 
     # -- grouping ----------------------------------------------------------------------
     def name_routes(self, names: list[str]) -> int:
@@ -231,20 +231,20 @@ class StateDB:
         name of the route at that position in the config the node starts with."""
         if self.database.dialect != "sqlite":
             return 0  # PostgreSQL databases were made with route names
-        with self.database.tx() as c:
+        with self.database.tx() as conn:
             n = 0
             for table in ("instances", "studies"):
                 for index, name in enumerate(names):
-                    n += c.execute(f"UPDATE {table} SET route=? WHERE typeof(route)='integer' AND route=?",
+                    n += conn.execute(f"UPDATE {table} SET route=? WHERE typeof(route)='integer' AND route=?",
                                    (name, index)).rowcount
         return n
 
-    def _pending_studies(self, c: Connection, lock: bool = False) -> list[tuple[Any, ...]]:
+    def _pending_studies(self, conn: Connection, lock: bool = False) -> list[tuple[Any, ...]]:
         """``lock``: PostgreSQL row locks for a release (two workers never release one study twice;
         a study another worker is releasing right now is skipped)."""
         sql = ("SELECT id, called_ae, route, study_uid, last_received_at, "
                "COALESCE(first_received_at, last_received_at) FROM studies WHERE state='pending'")
-        rows: list[tuple[Any, ...]] = c.execute(sql + (" FOR UPDATE SKIP LOCKED" if lock and c.dialect == "postgresql"
+        rows: list[tuple[Any, ...]] = conn.execute(sql + (" FOR UPDATE SKIP LOCKED" if lock and conn.dialect == "postgresql"
                                                        else "")).fetchall()
         return rows
 
@@ -264,16 +264,16 @@ class StateDB:
         (stable seconds, max wait seconds or None, on_max_wait).  Returns (route, study, why)."""
         now = time.time() if now is None else now
         done = []
-        with self.database.tx() as c:
-            for sid, called_ae, route, study_uid, last, first in self._pending_studies(c, lock=True):
+        with self.database.tx() as conn:
+            for sid, called_ae, route, study_uid, last, first in self._pending_studies(conn, lock=True):
                 due, why = self._due(timers, route, last, first)
                 if due > now:
                     continue
                 state, error = ("discarded", "study discarded: max_wait_seconds reached") if why == "discard" \
                     else ("ready", None)
-                c.execute("UPDATE instances SET state=?, error=?, updated_at=? WHERE called_ae=? AND route=? "
+                conn.execute("UPDATE instances SET state=?, error=?, updated_at=? WHERE called_ae=? AND route=? "
                           "AND study_uid=? AND state='received'", (state, error, now, called_ae, route, study_uid))
-                c.execute("UPDATE studies SET state='released' WHERE id=?", (sid,))
+                conn.execute("UPDATE studies SET state='released' WHERE id=?", (sid,))
                 done.append((str(route), str(study_uid), why))
         return done
 
@@ -297,22 +297,22 @@ class StateDB:
         """
         now = time.time() if now is None else now
         prefer = None if prefer is None else list(prefer)
-        with self.database.tx() as c:
+        with self.database.tx() as conn:
             ids: list[int] = []
             if prefer:
-                ids = self.cluster.claim(c, "instances", f"state='ready' AND route IN ({','.join('?' * len(prefer))})",
+                ids = self.cluster.claim(conn, "instances", f"state='ready' AND route IN ({','.join('?' * len(prefer))})",
                                          prefer, "id", 1, now)
             if not ids:
-                ids = self.cluster.claim(c, "instances", "state='ready'", (), "id", 1, now)
+                ids = self.cluster.claim(conn, "instances", "state='ready'", (), "id", 1, now)
             if not ids:
                 return None
-            return InstanceRow(*c.execute(f"SELECT {INSTANCE_COLS} FROM instances WHERE id=?", (ids[0],)).fetchone())
+            return InstanceRow(*conn.execute(f"SELECT {INSTANCE_COLS} FROM instances WHERE id=?", (ids[0],)).fetchone())
 
-    def _finish_claim(self, c: Connection, instance_id: int, state: str, error: str | None, now: float) -> None:
+    def _finish_claim(self, conn: Connection, instance_id: int, state: str, error: str | None, now: float) -> None:
         """Move a claimed instance on and give back its lease; LeaseLost when it is no longer ours."""
         fence, params = self.cluster.fence()
         self.cluster.let_go("instances", [instance_id])
-        if not c.execute(f"UPDATE instances SET state=?, error=?, updated_at=?, lease_owner=NULL, lease_until=NULL "
+        if not conn.execute(f"UPDATE instances SET state=?, error=?, updated_at=?, lease_owner=NULL, lease_until=NULL "
                          f"WHERE id=?{fence}", (state, error, now, instance_id, *params)).rowcount:
             raise LeaseLost(f"instance {instance_id} is no longer this node's")
 
@@ -328,24 +328,24 @@ class StateDB:
         """
         now = time.time() if now is None else now
         deliveries = list(deliveries)
-        with self.database.tx() as c:
-            self._finish_claim(c, instance_id, "withheld" if withhold else "translated", None, now)
-            DeliveryQueue.add(c, instance_id, [d for d in deliveries if not (withhold and d.kind == "output")], now)
+        with self.database.tx() as conn:
+            self._finish_claim(conn, instance_id, "withheld" if withhold else "translated", None, now)
+            DeliveryQueue.add(conn, instance_id, [d for d in deliveries if not (withhold and d.kind == "output")], now)
             if withhold:
-                DeliveryQueue.add(c, instance_id, [d for d in deliveries if d.kind == "output"], now, state="held")
+                DeliveryQueue.add(conn, instance_id, [d for d in deliveries if d.kind == "output"], now, state="held")
             if output is not None:
-                AuditTrail.write(c, instance_id, output, "withheld" if withhold else "forwarded", now)
-                called_ae, route, study_uid = place(c, instance_id)
+                AuditTrail.write(conn, instance_id, output, "withheld" if withhold else "forwarded", now)
+                called_ae, route, study_uid = place(conn, instance_id)
             counted = model or (output.model if output is not None else "unknown")
-            bump(c, "translated", model=counted)
+            bump(conn, "translated", model=counted)
             if output is not None and output.verdict == "flagged":
-                bump(c, "flagged", model=counted)
-                self.events.emit(c, "output.withheld" if withhold else "output.flagged", {
+                bump(conn, "flagged", model=counted)
+                self.events.emit(conn, "output.withheld" if withhold else "output.flagged", {
                     "called_ae": called_ae, "route": route, "study_uid": study_uid, "model": output.model,
                     "model_version": output.model_version, "source_sop_uid": output.source_sop_uid,
                     "output_sop_uid": output.output_sop_uid, "reasons": output.reasons, "action": output.action},
                                  study_uid, now)
-            self.deliveries.finish_if_done(c, [instance_id], now)
+            self.deliveries.finish_if_done(conn, [instance_id], now)
 
     def mark_not_translated(self, instance_id: int, state: str, error: str,
                             deliveries: Iterable[NewDelivery] = (), now: float | None = None) -> None:
@@ -355,9 +355,9 @@ class StateDB:
         node's claim on the instance passed to another node."""
         assert state in ("unsupported", "failed")
         now = time.time() if now is None else now
-        with self.database.tx() as c:
-            self._finish_claim(c, instance_id, state, error[:500], now)
-            DeliveryQueue.add(c, instance_id, deliveries, now)
+        with self.database.tx() as conn:
+            self._finish_claim(conn, instance_id, state, error[:500], now)
+            DeliveryQueue.add(conn, instance_id, deliveries, now)
 
     # -- spool clean-up: finished_unpurged, mark_purged in dicom_node.reprocessing ------
     def forget_older_than(self, seconds: float, now: float | None = None) -> int:
@@ -368,22 +368,22 @@ class StateDB:
         """
         now = time.time() if now is None else now
         cutoff = now - seconds
-        with self.database.tx() as c:
-            ids = [r[0] for r in c.execute("SELECT id FROM instances INDEXED BY instances_state WHERE "
+        with self.database.tx() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM instances INDEXED BY instances_state WHERE "
                                            "state IN ('delivered','unmatched','unsupported','discarded') AND purged=1 "
                                            "AND updated_at < ?", (cutoff,))]
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
-                c.execute(f"DELETE FROM deliveries WHERE instance_id IN ({marks})", chunk)
-                c.execute(f"DELETE FROM instances WHERE id IN ({marks})", chunk)
-            c.execute("DELETE FROM studies WHERE state='released' AND last_received_at < ?", (cutoff,))
+                conn.execute(f"DELETE FROM deliveries WHERE instance_id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", chunk)
+            conn.execute("DELETE FROM studies WHERE state='released' AND last_received_at < ?", (cutoff,))
             if ids:
-                c.execute("DELETE FROM study_info WHERE NOT EXISTS "
+                conn.execute("DELETE FROM study_info WHERE NOT EXISTS "
                           "(SELECT 1 FROM instances i WHERE i.study_uid=study_info.study_uid)")
-            OperationsLog.forget(c, cutoff)
-            self.cluster.forget_nodes(c, cutoff)
-            NotificationOutbox.forget(c, cutoff)
+            OperationsLog.forget(conn, cutoff)
+            self.cluster.forget_nodes(conn, cutoff)
+            NotificationOutbox.forget(conn, cutoff)
         return len(ids)
 
     # -- operator commands -------------------------------------------------------------
@@ -396,19 +396,19 @@ class StateDB:
         if instance_ids is not None:
             ids = [int(i) for i in instance_ids]
             only, params = f" AND instance_id IN ({','.join('?' * len(ids)) or 'NULL'})", ids
-        with self.database.tx() as c:
-            nd = c.execute("UPDATE deliveries SET state='pending', attempts=0, next_attempt_at=?, updated_at=? "
+        with self.database.tx() as conn:
+            nd = conn.execute("UPDATE deliveries SET state='pending', attempts=0, next_attempt_at=?, updated_at=? "
                            f"WHERE state='failed'{only}", (now, now, *params)).rowcount
             mine = only.replace("instance_id", "id")
             # failed with deliveries: delivery gave up -> back to translated; else translation failed -> ready
-            c.execute("UPDATE instances SET state='translated', updated_at=? WHERE state='failed' AND EXISTS "
+            conn.execute("UPDATE instances SET state='translated', updated_at=? WHERE state='failed' AND EXISTS "
                       "(SELECT 1 FROM deliveries d WHERE d.instance_id=instances.id AND d.kind='output')"
                       f"{mine}", (now, *params))
-            ni = c.execute(f"UPDATE instances SET state='ready', error=NULL, updated_at=? WHERE state='failed'{mine}",
+            ni = conn.execute(f"UPDATE instances SET state='ready', error=NULL, updated_at=? WHERE state='failed'{mine}",
                            (now, *params)).rowcount
             if user is not None:
                 target = "all failed" if instance_ids is None else "instances " + ",".join(map(str, params))
-                OperationsLog.write_action(c, user, "requeue", target, f"{nd} deliveries, {ni} translations")
+                OperationsLog.write_action(conn, user, "requeue", target, f"{nd} deliveries, {ni} translations")
         return nd, ni
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:

@@ -138,5 +138,5 @@ def create_schema(database: Database) -> None:
             conn.script(f"CREATE INDEX IF NOT EXISTS {table}_leased ON {table} (lease_owner) "
                         "WHERE lease_owner IS NOT NULL")
     if not had_counters:
-        with database.tx() as c:
-            Counters.seed(c)
+        with database.tx() as conn:
+            Counters.seed(conn)

@@ -1,7 +1,7 @@
 """Preview images: model space -> 8-bit grey, written as PNG.
 
 The one conversion used by ``translate --preview`` (engine.pipeline), the evaluation panels
-(``dicom_node.evaluate``) and the trainer's sample images (``train/loop.py``).
+(``dicom_node.evaluation``) and the trainer's sample images (``train/loop.py``).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dicom_node.cli import main
-from dicom_node.evaluate import psnr, seam_energy, ssim
+from dicom_node.evaluation import psnr, seam_energy, ssim
 
 SIZE = 128
 

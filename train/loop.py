@@ -110,11 +110,11 @@ class _Run:
     # ------------------------------------------------------------------ set-up
 
     def _load_data(self, write: bool) -> tuple[DomainData, DomainData]:
-        c = self.cfg
+        cfg = self.cfg
         cache = self.run_dir / "cache"
-        kw = dict(patch_size=c.train.patch_size, write_cache=write, min_images=c.data.min_images)
-        a = load_domain(c.data.a, "A", cache, self.norms["A"], **kw)
-        b = load_domain(c.data.b, "B", cache, self.norms["B"], **kw)
+        kw = dict(patch_size=cfg.train.patch_size, write_cache=write, min_images=cfg.data.min_images)
+        a = load_domain(cfg.data.a, "A", cache, self.norms["A"], **kw)
+        b = load_domain(cfg.data.b, "B", cache, self.norms["B"], **kw)
         return a, b
 
     def _decide_normalizations(self) -> dict[str, dict[str, Any]]:
@@ -124,8 +124,8 @@ class _Run:
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         if ckpt is not None:
             return checkpoint_normalizations(load_checkpoint(ckpt)["meta"])
-        c = self.cfg
-        a, b = run_normalizations(c.data.normalization, c.data.a, c.data.b, self.run_dir / "cache")
+        cfg = self.cfg
+        a, b = run_normalizations(cfg.data.normalization, cfg.data.a, cfg.data.b, self.run_dir / "cache")
         return {"A": a, "B": b}
 
     def _setup_main(self) -> None:
@@ -145,7 +145,7 @@ class _Run:
             log.info("validation: %d pairs from %s", len(self.val_pairs), self.cfg.data.val)
 
     def run(self) -> TrainResult:
-        c, info = self.cfg, self.info
+        cfg, info = self.cfg, self.info
         error = None
         if info.is_main:
             try:
@@ -165,37 +165,37 @@ class _Run:
         val_pairs = self.val_pairs
 
         model = self._build_model(paired)
-        sampler = PatchSampler(a, b, c.train.patch_size, c.train.batch_size, seed=c.train.seed, rank=info.rank,
+        sampler = PatchSampler(a, b, cfg.train.patch_size, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
                                pairs=pairs if paired else None)
         start, resumed = self._resume(model, sampler)
-        if not resumed and c.model.tone_filter:  # every rank fits the same (deterministic) filters
+        if not resumed and cfg.model.tone_filter:  # every rank fits the same (deterministic) filters
             from .tone_fit import fit_tone_filter
 
-            curves = c.model.band_curves
-            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, band_curves=curves, seed=c.train.seed),
-                                   fit_tone_filter(b.arrays, a.arrays, band_curves=curves, seed=c.train.seed))
+            curves = cfg.model.band_curves
+            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, band_curves=curves, seed=cfg.train.seed),
+                                   fit_tone_filter(b.arrays, a.arrays, band_curves=curves, seed=cfg.train.seed))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
 
         self.meta_base = self._meta_base(model, a, b, len(pairs) if paired else 0, paired)
         if info.is_main:
             self._init_metrics(start)
-            fixed = PatchSampler(a, b, c.train.patch_size, min(4, max(1, c.train.batch_size)),
-                                 seed=c.train.seed + 7919, pairs=pairs if paired else None)
+            fixed = PatchSampler(a, b, cfg.train.patch_size, min(4, max(1, cfg.train.batch_size)),
+                                 seed=cfg.train.seed + 7919, pairs=pairs if paired else None)
             self.sample_batch = fixed.sample()
         self._loop(model, sampler, start, paired, val_pairs)
         return self._finish(model, start)
 
     def _pairing(self, a: DomainData, b: DomainData) -> tuple[list, bool]:
         """The (A, B) pairs sharing a file name, and whether to train in paired mode."""
-        c, info = self.cfg, self.info
+        cfg, info = self.cfg, self.info
         pairs = paired_indices(a, b)
-        paired = c.train.paired == "on" or (c.train.paired == "auto" and len(pairs) == len(a) == len(b))
-        if c.train.paired == "on" and not pairs:
+        paired = cfg.train.paired == "on" or (cfg.train.paired == "auto" and len(pairs) == len(a) == len(b))
+        if cfg.train.paired == "on" and not pairs:
             raise UserError("train.paired is on but A and B share no file names (with equal image sizes)")
-        if info.is_main and c.train.decay_from >= c.train.steps:
+        if info.is_main and cfg.train.decay_from >= cfg.train.steps:
             log.warning("train.decay_from %d >= train.steps %d: the learning rate stays constant (no decay)",
-                        c.train.decay_from, c.train.steps)
+                        cfg.train.decay_from, cfg.train.steps)
         if info.is_main:
             log.info("data: A %d images, B %d images (%d/%d unreadable skipped)%s", len(a), len(b),
                      a.skipped_unreadable, b.skipped_unreadable,
@@ -204,15 +204,15 @@ class _Run:
 
     def _step_settings(self) -> tuple[bool, bool]:
         """(bf16 autocast, channels_last) for this device: train.amp/channels_last, 'auto' decided here."""
-        c = self.cfg
-        amp = c.train.amp == "bf16" or (c.train.amp == "auto" and self.device.type == "cuda"
+        cfg = self.cfg
+        amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda"
                                         and torch.cuda.is_bf16_supported())
-        channels_last = c.train.channels_last == "on" or (c.train.channels_last == "auto"
+        channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto"
                                                           and self.device.type == "cuda")
         if self.device.type == "cpu":  # what pays depends on the CPU's instructions (bench/train.py)
             from .cpu_speed import cpu_fast_settings
 
-            fast = cpu_fast_settings(c.train.amp, c.train.channels_last)
+            fast = cpu_fast_settings(cfg.train.amp, cfg.train.channels_last)
             amp, channels_last = fast["amp"], fast["channels_last"]
             if self.info.is_main:
                 log.info("CPU step: %s, %s", "bf16 autocast" if amp else "fp32",
@@ -222,14 +222,14 @@ class _Run:
         return amp, channels_last
 
     def _build_model(self, paired: bool) -> CycleGAN:
-        c = self.cfg
+        cfg = self.cfg
         amp, channels_last = self._step_settings()
-        return CycleGAN(ngf=c.model.ngf, n_blocks=c.model.n_blocks, ndf=c.model.ndf, residual=c.model.residual,
-                        tone_filter=tone_filter_arguments(c.model.tone_filter, c.model.band_curves),
-                        lr=c.train.lr, betas=(c.train.beta1, c.train.beta2), lambda_cycle=c.train.lambda_cycle,
-                        lambda_identity=c.train.lambda_identity,
-                        lambda_paired=c.train.lambda_paired if paired else 0.0, pool_size=c.train.pool_size,
-                        device=self.device, amp=amp, seed=c.train.seed,
+        return CycleGAN(ngf=cfg.model.ngf, n_blocks=cfg.model.n_blocks, ndf=cfg.model.ndf, residual=cfg.model.residual,
+                        tone_filter=tone_filter_arguments(cfg.model.tone_filter, cfg.model.band_curves),
+                        lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), lambda_cycle=cfg.train.lambda_cycle,
+                        lambda_identity=cfg.train.lambda_identity,
+                        lambda_paired=cfg.train.lambda_paired if paired else 0.0, pool_size=cfg.train.pool_size,
+                        device=self.device, amp=amp, seed=cfg.train.seed,
                         channels_last=channels_last,
                         rank=self.info.rank)
 
@@ -238,7 +238,7 @@ class _Run:
 
         Returns (the step to start from, whether a checkpoint was loaded).
         """
-        c, info = self.cfg, self.info
+        cfg, info = self.cfg, self.info
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         if ckpt is None:
             if self.resume and info.is_main:
@@ -247,15 +247,15 @@ class _Run:
         payload = load_checkpoint(ckpt)
         # older runs had no tone filter, then no band curves
         saved_model = {"tone_filter": False, "band_curves": False, **payload["meta"]["config"]["model"]}
-        if saved_model != c.to_dict()["model"]:
+        if saved_model != cfg.to_dict()["model"]:
             raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
-                            f"{c.to_dict()['model']}; resume with the same model settings")
+                            f"{cfg.to_dict()['model']}; resume with the same model settings")
         model.load_state_dict(payload["state"])
         start = payload["step"]
         if info.rank == 0:
             sampler.set_state(payload["sampler"])
         else:  # only rank 0's stream was saved; the others continue on a fresh, distinct one
-            sampler.rng = np.random.default_rng([c.train.seed, info.rank, start])
+            sampler.rng = np.random.default_rng([cfg.train.seed, info.rank, start])
         self.last_losses = payload["meta"].get("losses", {})
         self.validation = payload["meta"].get("validation", {})
         if info.is_main:
@@ -265,11 +265,11 @@ class _Run:
     def _meta_base(self, model: CycleGAN, a: DomainData, b: DomainData, n_pairs: int,
                    paired: bool) -> dict[str, Any]:
         """What every checkpoint and exported model records about the run."""
-        c = self.cfg
+        cfg = self.cfg
         return {
-            "name": c.model_name,
+            "name": cfg.model_name,
             "trainer": _trainer_version(),
-            "config": c.to_dict(),
+            "config": cfg.to_dict(),
             "normalization": self.norms["A"],  # G_ab's input (as before per-domain windows)
             "normalizations": self.norms,
             "architecture": model.module("g_ab").architecture(),
@@ -280,8 +280,8 @@ class _Run:
 
     def _finish(self, model: CycleGAN, start: int) -> TrainResult:
         """The result of the run; rank 0 exports the models."""
-        c, info = self.cfg, self.info
-        result = TrainResult(run_dir=self.run_dir, steps=c.train.steps, losses=self.last_losses,
+        cfg, info = self.cfg, self.info
+        result = TrainResult(run_dir=self.run_dir, steps=cfg.train.steps, losses=self.last_losses,
                              validation=self.validation, resumed_from=start, weights_sha256=_digest(model))
         if info.enabled:  # every rank says what it ended with: DDP must keep them identical
             log.info("rank %d/%d: final weights sha256 %s", info.rank, info.world_size, result.weights_sha256)
@@ -295,8 +295,8 @@ class _Run:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self, model: CycleGAN, sampler: PatchSampler, start: int, paired: bool, val_pairs: list) -> None:
-        c, info = self.cfg, self.info
-        steps = c.train.steps
+        cfg, info = self.cfg, self.info
+        steps = cfg.train.steps
         bar = None
         if info.is_main and self.progress:
             from tqdm import tqdm
@@ -309,7 +309,7 @@ class _Run:
         if step >= steps and info.is_main:
             log.info("already at step %d of %d: nothing to train", step, steps)
         while step < steps:
-            lr = c.train.lr * lr_factor(step, steps, c.train.decay_from)
+            lr = cfg.train.lr * lr_factor(step, steps, cfg.train.decay_from)
             model.set_lr(lr)
             batch_a, batch_b = sampler.sample()
             losses = model.step(torch.from_numpy(batch_a), torch.from_numpy(batch_b), paired=paired)
@@ -320,10 +320,10 @@ class _Run:
             if bar is not None:
                 bar.update(1)
             last = step == steps
-            if info.is_main and (step % c.output.log_every == 0 or last):
+            if info.is_main and (step % cfg.output.log_every == 0 or last):
                 now = time.perf_counter()
                 means = {k: float(v) / n_sum for k, v in sums.items()}
-                rate = n_sum * c.train.batch_size * info.world_size / max(now - t_last, 1e-9)
+                rate = n_sum * cfg.train.batch_size * info.world_size / max(now - t_last, 1e-9)
                 self.last_losses = means
                 self._write_metrics({"step": step, "elapsed_s": round(now - t0, 3), "lr": lr, **means,
                                      "patches_per_s": round(rate, 3)})
@@ -335,9 +335,9 @@ class _Run:
                              step, steps, means["g_total"], means["d_a"], means["d_b"],
                              means["cycle_a"] + means["cycle_b"], lr, rate)
                 sums, n_sum, t_last = {}, 0, time.perf_counter()
-            if info.is_main and (step % c.output.sample_every == 0 or last):
+            if info.is_main and (step % cfg.output.sample_every == 0 or last):
                 self._write_sample(model, step)
-            if step % c.output.checkpoint_every == 0 or last:
+            if step % cfg.output.checkpoint_every == 0 or last:
                 if info.is_main:
                     self.validation = self._style_check(model)
                     self.validation.update(self.selector.gains(model.module("g_ab"), model.module("g_ba"),

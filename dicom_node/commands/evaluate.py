@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from dicom_node.errors import UserError
-    from dicom_node.evaluate import evaluate_model
+    from dicom_node.evaluation import evaluate_model
 
     if args.tile is not None and args.tile < 0:
         raise UserError("--tile must be >= 0")
