@@ -125,3 +125,105 @@ def test_engine_errors_are_the_nodes() -> None:
 
     assert node_errors.UserError is engine_errors.UserError
     assert node_errors.UnsupportedImage is engine_errors.UnsupportedImage
+
+
+# ----------------------------------------------------------------------------- cycles
+
+FOLDERS = {"dicom_node": "dicom_node", "engine": "dicom_node.engine", "train": "dicom_node.train"}
+
+
+def _all_modules() -> dict[str, Path]:
+    """Every module of the three packages by its installed name (``engine/x.py`` is
+    ``dicom_node.engine.x``; a package is its ``__init__.py``)."""
+    out: dict[str, Path] = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    return out
+
+
+def _runtime_imports(path: Path, package: str, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``path`` imports when it runs, inside functions too, but
+    not under ``if TYPE_CHECKING:`` (annotations only: they cannot close a cycle at run time).
+    ``from pkg import name`` counts as ``pkg.name`` when that is a module, else as ``pkg``."""
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name in known)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            for alias in node.names:
+                target = f"{module}.{alias.name}"
+                if target in known:
+                    out.add(target)
+                elif module in known:
+                    out.add(module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return sorted(found)
+
+
+def test_no_import_cycle_anywhere_even_inside_functions() -> None:
+    """A cycle works or breaks depending on which module is imported first (config -> routing
+    -> config did, until it was found); a test run that happens to import in the lucky order
+    cannot catch it, so the graph is read from the source."""
+    modules = _all_modules()
+    known = set(modules)
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = _runtime_imports(path, package, known) - {name}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    module = ROOT / "tests" / "test_layering.py"  # this file: its own imports are all third-party or stdlib
+    assert _runtime_imports(module, "tests", {"ast", "pytest"}) == {"ast", "pytest"}
