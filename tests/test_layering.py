@@ -25,6 +25,15 @@ def _modules(folder: str) -> list[Path]:
     return sorted((ROOT / folder).glob("*.py"))
 
 
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute name of the module a ``from ... import`` in ``package`` reads from."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    base = ".".join(parts[:len(parts) - node.level + 1])
+    return f"{base}.{node.module}" if node.module else base
+
+
 def _imports(path: Path, package: str) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in ``path`` (a module of ``package``)."""
     out: list[tuple[int, str]] = []
@@ -32,12 +41,7 @@ def _imports(path: Path, package: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             out += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
+            module = _from_module(node, package)
             if module != "dicom_node":
                 out.append((node.lineno, module))
             else:  # from dicom_node import config  ->  dicom_node.config (engine, train: their packages)
@@ -158,12 +162,7 @@ def _runtime_imports(path: Path, package: str, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name in known)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
+            module = _from_module(node, package)
             for alias in node.names:
                 target = f"{module}.{alias.name}"
                 if target in known:
