@@ -75,6 +75,17 @@ def routes_for(routes: Sequence[RouteSettings], called_ae: str, calling_ae: str)
     return [i for i, r in enumerate(routes) if _norm(r.called_ae) == called and _allows(r, calling_ae)]
 
 
+def stow_rs_unlisted(routes: Sequence[RouteSettings], called_ae: str, calling_ae: str, client: str) -> str | None:
+    """The name of a route of ``called_ae`` taking ``calling_ae`` whose ``stow_rs_clients`` does not
+    list ``client`` (a STOW-RS client's identity), else None.  Why every route, not one: each route
+    of the called AE gets what is posted to it, so each must admit the client."""
+    for i in routes_for(routes, called_ae, calling_ae):
+        clients = routes[i].stow_rs_clients
+        if clients is not None and client not in clients:
+            return routes[i].name
+    return None
+
+
 def association_verdict(routes: Sequence[RouteSettings], called_ae: str, calling_ae: str) -> str:
     """ACCEPT, or why an association request must be rejected."""
     if _norm(called_ae) not in called_aes(routes):

@@ -23,12 +23,13 @@ def yaml_examples(text: str) -> list[str]:
 
 def schema_problems(example: str) -> list[str]:
     """The problems of a config made of ``example`` (destinations and/or web) plus a route to each
-    destination it defines."""
+    destination it defines (or the example's own routes, to its destinations or an ``outbox``)."""
     raw = yaml.safe_load(example)
     destinations = raw.get("destinations") or {"outbox": {"type": "folder", "path": "outbox"}}
     config = {"storage": {"spool_dir": "spool"}, "models": {"soft": {"path": "soft.safetensors"}},
               "destinations": destinations,
-              "routes": [{"called_ae": "DR_KIM_STYLE", "model": "soft", "destinations": list(destinations)}],
+              "routes": raw.get("routes") or [{"called_ae": "DR_KIM_STYLE", "model": "soft",
+                                                "destinations": list(destinations)}],
               **({"web": raw["web"]} if "web" in raw else {})}
     _, problems = parse_schema(config, base_dir=Path("/etc/dicom-node"))
     return problems
@@ -36,8 +37,8 @@ def schema_problems(example: str) -> list[str]:
 
 def test_every_config_example_passes_the_schema():
     examples = yaml_examples(DOC.read_text())
-    assert len(examples) >= 7  # the key table's, Orthanc, dcm4chee (2), Google, Azure, web.stow_rs
-    assert {k for e in examples for k in yaml.safe_load(e)} == {"destinations", "web"}
+    assert len(examples) >= 8  # the key table's, Orthanc, dcm4chee (2), Google, Azure, web.stow_rs (2)
+    assert {k for e in examples for k in yaml.safe_load(e)} == {"destinations", "web", "routes"}
     for example in examples:
         assert schema_problems(example) == [], example
 
@@ -52,5 +53,5 @@ def test_the_page_names_every_key():
     spans = " ".join(re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", DOC.read_text(), flags=re.DOTALL)))
     for key in sorted(KIND.keys) + ["basic", "user", "password_file", "bearer_file", "bearer_env", "ca", "verify",
                                     "cert", "key", "web.stow_rs.tokens", "web.stow_rs.client_ca",
-                                    "web.stow_rs.subjects"]:
+                                    "web.stow_rs.subjects", "stow_rs_clients"]:
         assert re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", spans), key

@@ -15,6 +15,7 @@ from dicom_node.config import ConfigError, parse_config
 from tests.certs import make_cert, make_pki
 from tests.nodeproc import Receiver, free_port, node_config
 from tests.test_stow_rs import CALLED, _node, _stored_nothing, encoded, make_study, multipart, post, sop_items
+from tests.test_stow_rs_clients import OTHER, routed_node
 from tests.test_web import Browserless, _token
 
 # openssl's -subj form: a subject with a comma in a value, so the RFC 4514 escaping is exercised
@@ -80,6 +81,27 @@ def test_a_client_certificate_of_the_configured_ca_posts_without_a_token(tmp_pat
         assert browser.get("/health/live")[0] == 200
         browser.login_with_token(_token(node))
         assert browser.get("/")[0] == 200
+
+
+def test_a_certificate_subject_posts_only_to_the_routes_that_list_it(tmp_path, tiny_model_path, pki):
+    from dicom_node.web.auth import hash_password
+
+    subject = _rfc2253(pki.listed[0])
+    web = {"tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)},
+           "stow_rs": {"tokens": {"gateway-a": hash_password("gateway-a-token")}, "client_ca": str(pki.ca)}}
+    study = make_study(2)
+    with Receiver("PACS") as pacs, routed_node(tmp_path, tiny_model_path, pacs.port, web,
+                                               {CALLED: [subject], OTHER: ["gateway-a"]}) as node:
+        port = node.web.address[1]
+        status, _, answer = post(port, multipart([encoded(study[0])]), called=OTHER, token=None,
+                                 tls=_client(pki, *pki.listed))
+        assert status == 403 and b"stow_rs_clients" in answer, answer
+        assert post(port, multipart([encoded(study[0])]), token=None, tls=_client(pki, *pki.unlisted))[0] == 403
+        assert post(port, multipart([encoded(study[0])]), token="gateway-a-token", tls=_client(pki))[0] == 403
+        _stored_nothing(node)
+        assert post(port, multipart([encoded(study[0])]), token=None, tls=_client(pki, *pki.listed))[0] == 200
+        assert post(port, multipart([encoded(study[1])]), called=OTHER, token="gateway-a-token",
+                    tls=_client(pki))[0] == 200
 
 
 def test_client_ca_alone_takes_any_certificate_it_signed_and_no_token(tmp_path, tiny_model_path, pki):

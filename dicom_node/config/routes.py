@@ -27,7 +27,7 @@ def parse_routes(raw: Any, problems: Problems, model_keys: set[str], dest_keys: 
         path = join_path("routes", i)
         s = mapping(spec, path, {"name", "called_ae", "model", "destinations", "calling_ae", "match",
                                  "forward_original", "fidelity", "label", "study_stable_seconds", "max_wait_seconds",
-                                 "on_max_wait", "series_description"},
+                                 "on_max_wait", "series_description", "stow_rs_clients"},
                      {"called_ae", "model", "destinations"}, problems)
         if s is None:
             continue
@@ -51,9 +51,17 @@ def parse_routes(raw: Any, problems: Problems, model_keys: set[str], dest_keys: 
                 if problem:
                     problems.add(join_path(join_path(path, "calling_ae"), j), problem)
             calling = [ae.strip() for ae in calling or []]
+        clients = None
+        if s.get("stow_rs_clients") is not None:
+            clients = [c.strip() for c in string_list(s["stow_rs_clients"], join_path(path, "stow_rs_clients"),
+                                                      problems) or []]
+            if not clients:
+                problems.add(join_path(path, "stow_rs_clients"), "at least one client (or leave the key out: "
+                             "every STOW-RS client)")
         match = _match(s.get("match"), join_path(path, "match"), problems) if s.get("match") is not None else {}
         route = RouteSettings(
             called_ae=called or "", model=model or "", destinations=dests, calling_ae=calling, match=match,
+            stow_rs_clients=clients,
             forward_original=boolean(s, "forward_original", path, problems, False),
             fidelity_action=_fidelity_action(s.get("fidelity"), join_path(path, "fidelity"), problems),
             label=_label(s, path, problems),

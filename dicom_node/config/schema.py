@@ -199,7 +199,7 @@ def _web(raw: Any, node: NodeSettings, problems: Problems, base_dir: Path) -> We
         tls = tls_settings(m["tls"], "web.tls", problems, base_dir, server=True)
         if tls is not None and tls.require_client_cert:
             problems.add("web.tls.require_client_cert", "not supported for the console (log in with a password)")
-    tokens, client_ca, subjects = _stow_rs(m.get("stow_rs"), problems, base_dir)
+    tokens, client_ca, subjects, token_names = _stow_rs(m.get("stow_rs"), problems, base_dir)
     if client_ca is not None and tls is None and "tls" not in m:
         problems.add("web.stow_rs.client_ca", "needs web.tls (client certificates come with HTTPS)")
     if client_ca is not None and tls is not None and tls.ca is not None:
@@ -215,29 +215,42 @@ def _web(raw: Any, node: NodeSettings, problems: Problems, base_dir: Path) -> We
         stow_rs_tokens=tokens,
         stow_rs_client_ca=client_ca,
         stow_rs_subjects=subjects,
+        stow_rs_token_names=token_names,
     )
 
 
-def _stow_rs(raw: Any, problems: Problems, base_dir: Path) -> tuple[list[str] | None, Path | None, list[str] | None]:
-    """``web.stow_rs: {tokens: [argon2id hashes], client_ca: FILE, subjects: [RFC 4514 names]}``:
-    STOW-RS ingest for every called AE, by bearer token, by client certificate, or either.
-    Returns (tokens, client_ca, subjects); tokens None: ingest off, [] with a client_ca: by
-    certificate only."""
+def _stow_rs(raw: Any, problems: Problems,
+             base_dir: Path) -> tuple[list[str] | None, Path | None, list[str] | None, dict[str, str]]:
+    """``web.stow_rs: {tokens: [argon2id hashes] | {NAME: hash}, client_ca: FILE, subjects: [RFC 4514
+    names]}``: STOW-RS ingest for every called AE, by bearer token, by client certificate, or either.
+    Returns (tokens, client_ca, subjects, token names); tokens None: ingest off, [] with a
+    client_ca: by certificate only; token names: NAME -> hash when tokens is a mapping."""
     if raw is None:
-        return None, None, None
+        return None, None, None, {}
     m = mapping(raw, "web.stow_rs", {"tokens", "client_ca", "subjects"}, set(), problems)
     if m is None:
-        return [], None, None
+        return [], None, None, {}
     if "tokens" not in m and "client_ca" not in m:
         problems.add("web.stow_rs.tokens", "required key missing (tokens, client_ca or both)")
-    tokens = string_list(m.get("tokens"), "web.stow_rs.tokens", problems) if m.get("tokens") is not None else None
+    names: dict[str, str] = {}
+    if isinstance(m.get("tokens"), dict):
+        for name, hashed in m["tokens"].items():
+            if not isinstance(name, str) or not name.strip() or "=" in name or not isinstance(hashed, str):
+                problems.add(join_path("web.stow_rs.tokens", str(name)), "must be NAME: ARGON2-HASH (a name "
+                             "without '=', which certificate subjects have)")
+            else:
+                names[name.strip()] = hashed
+        tokens: list[str] | None = list(names.values())
+        where = {hashed: join_path("web.stow_rs.tokens", name) for name, hashed in names.items()}
+    else:
+        tokens = string_list(m.get("tokens"), "web.stow_rs.tokens", problems) if m.get("tokens") is not None else None
+        where = {hashed: join_path("web.stow_rs.tokens", i) for i, hashed in enumerate(tokens or [])}
     if "tokens" in m and not tokens:
         problems.add("web.stow_rs.tokens",
                      "at least one token hash is required (make one with `dicom-node hash-password`)")
-    for i, hashed in enumerate(tokens or []):
+    for hashed in tokens or []:
         if not hashed.startswith("$argon2"):
-            problems.add(join_path("web.stow_rs.tokens", i),
-                         "must be an Argon2 hash ($argon2id$...; make one with `dicom-node hash-password`)")
+            problems.add(where[hashed], "must be an Argon2 hash ($argon2id$...; make one with `dicom-node hash-password`)")
     client_ca = file_path(m, "client_ca", "web.stow_rs", problems, base_dir) if "client_ca" in m else None
     subjects = None
     if m.get("subjects") is not None:
@@ -251,7 +264,27 @@ def _stow_rs(raw: Any, problems: Problems, base_dir: Path) -> tuple[list[str] | 
                          "that client_ca signed)")
         if client_ca is None:
             problems.add("web.stow_rs.subjects", "needs web.stow_rs.client_ca")
-    return [t for t in tokens or [] if t.startswith("$argon2")], client_ca, subjects
+    return ([t for t in tokens or [] if t.startswith("$argon2")], client_ca, subjects,
+            {n: h for n, h in names.items() if h.startswith("$argon2")})
+
+
+def _stow_rs_clients(cfg: NodeConfig, problems: Problems) -> None:
+    """Each route's ``stow_rs_clients`` names a client web.stow_rs knows: a token's name, or a
+    certificate subject that ``subjects`` lists (any subject when only ``client_ca`` is set)."""
+    web = cfg.web
+    for i, route in enumerate(cfg.routes):
+        for j, client in enumerate(route.stow_rs_clients or []):
+            if web is None or web.stow_rs_tokens is None:
+                known = False
+            elif "=" in client:
+                known = web.stow_rs_client_ca is not None and (web.stow_rs_subjects is None
+                                                              or client in web.stow_rs_subjects)
+            else:
+                known = client in web.stow_rs_token_names
+            if not known:
+                problems.add(join_path(join_path(join_path("routes", i), "stow_rs_clients"), j),
+                             f"unknown STOW-RS client {client!r}: not a name of web.stow_rs.tokens nor a "
+                             "certificate subject web.stow_rs.subjects/client_ca allows")
 
 
 def _networks(raw: Any, path: str, problems: Problems) -> list[str]:
@@ -278,6 +311,7 @@ def _check_cross(cfg: NodeConfig, problems: Problems) -> None:
     if web is not None and web.port == cfg.node.port and web.port and (
             web.host == cfg.node.host or {web.host, cfg.node.host} & {"0.0.0.0", "::"}):
         problems.add("web.port", f"the DICOM listener already uses port {web.port}")
+    _stow_rs_clients(cfg, problems)
 
 
 _TOP_KEYS = {"node", "storage", "study_stable_seconds", "models", "destinations", "routes", "retry", "workers",

@@ -134,6 +134,9 @@ class RouteSettings:
     model: str
     destinations: list[str]
     calling_ae: list[str] | None = None  # allow-list; None allows any
+    # STOW-RS clients (web.stow_rs.tokens names, certificate subjects) that may post to this
+    # route's called AE; None: every authenticated STOW-RS client
+    stow_rs_clients: list[str] | None = None
     match: dict[str, list[str]] = field(default_factory=dict)  # DICOM keyword -> accepted values
     forward_original: bool = False
     fidelity_action: str = DEFAULT_FIDELITY_ACTION  # record | flag | withhold (YAML: fidelity: {action: ...})
@@ -222,6 +225,9 @@ class WebSettings:
     # web.stow_rs.tokens: Argon2id hashes of the bearer tokens that may POST to STOW-RS ingest
     # (dicom_node.web.stow); None: no STOW-RS ingest (the default)
     stow_rs_tokens: list[str] | None = None
+    # the hashes of web.stow_rs.tokens given as a mapping: client name -> hash (the name is the
+    # client's identity for routes' stow_rs_clients and the log; a list's clients are anonymous)
+    stow_rs_token_names: dict[str, str] = field(default_factory=dict)
     # web.stow_rs.client_ca: the CA whose client certificates may POST to STOW-RS without a token
     # (needs web.tls; dicom_node.web.client_certs); web.stow_rs.subjects: only these RFC 4514
     # subjects (None: any certificate that CA signed)

@@ -145,13 +145,16 @@ class BearerTokens:
         self.turns = turns
         self._key = secrets.token_bytes(32)
         self._hashes: tuple[str, ...] = ()
-        self._known: set[bytes] = set()
+        self._known: dict[bytes, str] = {}  # HMAC of a token -> the hash it matched
+
+    def _digest(self, token: str) -> bytes:
+        return hmac.new(self._key, token.encode(), hashlib.sha256).digest()
 
     async def check(self, hashes: list[str], token: str) -> bool | None:
         """True when ``token`` matches one of ``hashes``; None: the node is too busy to check."""
         if tuple(hashes) != self._hashes:
-            self._hashes, self._known = tuple(hashes), set()
-        digest = hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+            self._hashes, self._known = tuple(hashes), {}
+        digest = self._digest(token)
         if digest in self._known:
             return True
         for hashed in hashes:
@@ -159,9 +162,13 @@ class BearerTokens:
             if ok is None:
                 return None
             if ok:
-                self._known.add(digest)
+                self._known[digest] = hashed
                 return True
         return False
+
+    def matched(self, token: str) -> str | None:
+        """The hash a token that :meth:`check` accepted matched (its name is the client's identity)."""
+        return self._known.get(self._digest(token))
 
 
 def new_token() -> str:

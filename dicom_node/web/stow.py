@@ -7,7 +7,8 @@ refused with the same status codes, which STOW-RS reports as each failed instanc
 ``FailureReason`` (0xA700 out of resources, 0xC000 cannot understand, 0x0122 SOP class not
 supported: what the listener would not have negotiated).  The sender of a STOW-RS instance is
 recorded with the calling AE title :data:`CALLING_AE`, so a route's ``calling_ae`` allow-list
-takes STOW-RS instances only when it names it.
+takes STOW-RS instances only when it names it; a route's ``stow_rs_clients`` narrows that to
+named clients (a token's name in ``web.stow_rs.tokens``, a certificate's subject), logged.
 
 Off unless ``web.stow_rs`` is configured: ``tokens`` (Argon2id hashes; the client sends
 ``Authorization: Bearer TOKEN``) and/or ``client_ca`` (with web.tls: a client certificate that CA
@@ -20,8 +21,9 @@ client address as wrong logins are.
 Answers: 200 and a ``ReferencedSOPSequence`` when every instance was stored; 202 with a
 ``FailedSOPSequence`` when some failed; 409 when all failed (``application/dicom+json``);
 401 without or with a wrong token (and no allowed certificate), 404 for a called AE title no
-route has (or STOW-RS off), 403 when no route of it allows :data:`CALLING_AE` or a client
-certificate's subject is not in ``subjects`` (and no token came), 415 for a request that is not
+route has (or STOW-RS off), 403 when no route of it allows :data:`CALLING_AE`, a route of it has
+``stow_rs_clients`` without this client, or a client certificate's subject is not in
+``subjects`` (and no token came), 415 for a request that is not
 ``multipart/related; type="application/dicom"``, 400 for a malformed multipart body, 408 when
 the body stops arriving for ``node.network_timeout`` seconds.
 
@@ -43,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, M
 
 from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from dicom_node.received import ArrivalWatch
-from dicom_node.routing import REJECT_CALLED_AE, REJECT_CALLING_AE, association_verdict
+from dicom_node.routing import REJECT_CALLED_AE, REJECT_CALLING_AE, association_verdict, stow_rs_unlisted
 from dicom_node.untrusted import invalid_ae_title
 from dicom_node.web.auth import BearerTokens, HashTurns, LoginLimiter
 
@@ -355,38 +357,39 @@ def stow_endpoint(console: Console, turns: HashTurns,
     tokens = BearerTokens(turns)
     limiter = LoginLimiter()
 
-    async def authorized(request: Request, web: WebSettings) -> Response | None:
-        """None when the request carries a configured token or came with an allowed client
-        certificate (:mod:`.client_certs`), else the response to give."""
+    async def authorized(request: Request, web: WebSettings) -> tuple[Response | None, str]:
+        """(None, who: a certificate's subject, a token's name, "" for a token of a list) for a configured
+        token or an allowed client certificate (:mod:`.client_certs`), else (the response to give, "")."""
         challenge = {"www-authenticate": 'Bearer realm="dicom-node STOW-RS"'}
         subject = client_subject(request.scope) if web.stow_rs_client_ca is not None else None
         if subject is not None and (web.stow_rs_subjects is None or subject in web.stow_rs_subjects):
-            return None  # the handshake verified it against web.stow_rs.client_ca (and no other CA)
+            return None, subject  # the handshake verified it against web.stow_rs.client_ca (and no other CA)
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             if subject is not None:
                 log.warning("STOW-RS from %s refused: client certificate %s is not in web.stow_rs.subjects",
                             client_of(request), subject[:200])
-                return _error(403, "this client certificate's subject is not in web.stow_rs.subjects")
+                return _error(403, "this client certificate's subject is not in web.stow_rs.subjects"), ""
             return _error(401, "a bearer token is required (Authorization: Bearer TOKEN)"
-                          + (" or a client certificate" if web.stow_rs_client_ca is not None else ""), challenge)
+                          + (" or a client certificate" if web.stow_rs_client_ca is not None else ""), challenge), ""
         hashes = web.stow_rs_tokens or []  # endpoint() answers 404 when web.stow_rs has none
         client = client_of(request)
         wait = limiter.attempt(client)  # counts as failed until it succeeds
         if wait:
             log.warning("STOW-RS from %s refused: too many wrong tokens", client)
             return _error(429, f"too many wrong tokens: try again in {wait:.0f} s",
-                          {"retry-after": str(int(wait) + 1)})
+                          {"retry-after": str(int(wait) + 1)}), ""
         ok = await tokens.check(hashes, token) if len(token) <= MAX_TOKEN_LENGTH else False
         if ok is None:
             limiter.undo(client)
-            return _error(503, "too many token checks at once: try again in a few seconds", {"retry-after": "5"})
+            return _error(503, "too many token checks at once: try again in a few seconds", {"retry-after": "5"}), ""
         if not ok:
             log.warning("STOW-RS from %s refused: wrong bearer token", client)
-            return _error(401, "wrong bearer token", challenge)
+            return _error(401, "wrong bearer token", challenge), ""
         limiter.succeeded(client)
-        return None
+        hashed = tokens.matched(token)
+        return None, next((n for n, h in web.stow_rs_token_names.items() if h == hashed), "")
 
     async def endpoint(request: Request) -> Response:
         config = console.config
@@ -395,7 +398,7 @@ def stow_endpoint(console: Console, turns: HashTurns,
         if web is None or hashes is None or console.ingest is None:
             return _error(404, "STOW-RS ingest is off on this node (web.stow_rs)" if hashes is None
                           else "this node does not receive (serve --role worker)")
-        refusal = await authorized(request, web)
+        refusal, who = await authorized(request, web)
         if refusal is not None:
             return refusal
         called = str(request.path_params["called_ae"]).strip()
@@ -405,6 +408,10 @@ def stow_endpoint(console: Console, turns: HashTurns,
             return _error(404, "no route has this called AE title")
         if verdict == REJECT_CALLING_AE:
             return _error(403, f"no route of this called AE title allows {CALLING_AE} (its calling_ae list)")
+        unlisted = stow_rs_unlisted(config.routes, called, CALLING_AE, who)
+        if unlisted is not None:
+            log.warning("STOW-RS to %s refused: %s is not in route %s's stow_rs_clients", called, who[:200] or "a token", unlisted)
+            return _error(403, f"route {unlisted!r} does not list this client in its stow_rs_clients")
         media, params = _content_type(request.headers.get("content-type", ""))
         if media != "multipart/related" or params.get("type", DICOM_TYPE).lower() != DICOM_TYPE:
             return _error(415, f'send multipart/related; type="{DICOM_TYPE}" (got {media[:60]!r})')
@@ -437,7 +444,8 @@ def stow_endpoint(console: Console, turns: HashTurns,
             return _error(408, f"no body bytes for {node.network_timeout:g} s")
         finally:
             await anyio.to_thread.run_sync(body.discard)
-        log.info("STOW-RS to %s: %d instance(s) stored, %d failed", called, len(stored), len(failed))
+        log.info("STOW-RS to %s: %d instance(s) stored, %d failed (client %s)", called, len(stored), len(failed),
+                 who[:200] or "with a token")
         return _response(stored, failed)
 
     return endpoint
