@@ -126,9 +126,8 @@ def _fit_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.nda
         per_band: list[list[np.ndarray]] = [[] for _ in tf.sigmas]
         for im in images:
             for k, band in enumerate(band_split(im, tf.sigmas)[:-1]):
-                c = band.numpy().ravel()
-                per_band[k].append(c[rng.choice(c.size, min(c.size, PIXELS_PER_IMAGE), replace=False)])
-        return [np.concatenate(cs).astype(np.float64) for cs in per_band]
+                per_band[k].append(sample_pixels([band.numpy()], PIXELS_PER_IMAGE, rng))
+        return [np.concatenate(cs) for cs in per_band]
 
     src_bands = coefficients(toned)
     dst_bands = coefficients([torch.from_numpy(im)[None, None] for im in dst])
