@@ -182,16 +182,13 @@ class ToneFilter(nn.Module):
         dtype, x = x.dtype, x.float()
         one = torch.ones((), dtype=x.dtype, device=x.device)
         t = uniform_curve(x, -one, one, self.tone_in.float())
-        if self.band_curves and not torch.equal(self.band_x, self.band_y):
+        curves = self.band_curves and not torch.equal(self.band_x, self.band_y)  # else the gains, if any
+        if curves or bool((self.gains != 1).any()):
             bands = band_split(t, self.sigmas)
             t = bands[-1]
-            for xs, ys, b in zip(self.band_x.float(), self.band_y.float(), bands[:-1]):
-                t = t + odd_curve(b, xs, ys)
-        elif bool((self.gains != 1).any()):
-            bands = band_split(t, self.sigmas)
-            t = bands[-1]
-            for g, b in zip(self.gains.float(), bands[:-1]):
-                t = t + g * b
+            for k, b in enumerate(bands[:-1]):
+                t = t + (odd_curve(b, self.band_x[k].float(), self.band_y[k].float()) if curves
+                         else self.gains[k].float() * b)
         lo, hi = self.out_range.float()
         return uniform_curve(t, lo, hi, self.tone_out.float()).to(dtype)
 
