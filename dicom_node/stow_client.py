@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
+from dicom_node.config.fields import http_url_problem
 from dicom_node.engine.errors import first_line
 
 __all__ = ["StowAuth", "StowTLS", "StowTarget", "StowResult", "store", "probe", "url_problem", "where",
@@ -141,17 +142,11 @@ def where(url: str) -> str:
 
 
 def url_problem(url: str) -> str | None:
-    """Why ``url`` cannot be a DICOMweb base URL, or None.  Credentials in it are refused
-    (they would be logged, stored and shown with it), as for webhooks; so is a query."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL with a host"  # never echoed: it may hold a token
-    if parts.username is not None or parts.password is not None:
-        return "credentials in the URL are not allowed (they would end up in logs): use auth"
+    """Why ``url`` cannot be a DICOMweb base URL, or None: an http(s) URL without credentials, as
+    for webhooks (``config.fields.http_url_problem``), and without a query or fragment."""
+    if problem := http_url_problem(url, "use auth"):
+        return problem
+    parts = urlsplit(url)
     if parts.query or parts.fragment:
         return "must be the DICOMweb base URL, without a query or fragment"
     return None

@@ -216,3 +216,22 @@ def retry_settings(raw: Any, problems: Problems, path: str = "retry",
             backoff = [check_number(v, f"{path}.backoff_seconds[{i}]", problems, 0.0) for i, v in enumerate(value)]
     return RetrySettings(max_attempts=integer(m, "max_attempts", path, problems, default.max_attempts, 1),
                          backoff_seconds=backoff)
+
+
+def http_url_problem(url: str, use_instead: str) -> str | None:
+    """Why ``url`` cannot be an endpoint the node calls over HTTP (a webhook receiver, a DICOMweb
+    archive), or None: it must be http(s) with a host, without credentials (they would be
+    logged, stored and shown with it; ``use_instead`` says where they belong).  The message
+    never echoes the URL: it may hold a token."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        return "must be an http:// or https:// URL with a host"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.username is not None or parts.password is not None:
+        return f"credentials in the URL are not allowed (they would end up in logs): {use_instead}"
+    return None

@@ -12,7 +12,7 @@ from typing import Any
 
 from dicom_node.engine.yaml_config import Problems, join_path, type_name
 
-from .fields import boolean, file_path, mapping, number, retry_settings, string, string_list
+from .fields import boolean, file_path, http_url_problem, mapping, number, retry_settings, string, string_list
 from .settings import NOTIFICATION_EVENTS, WebhookSettings, webhook_retry
 
 __all__ = ["parse_notifications"]
@@ -61,18 +61,8 @@ def parse_notifications(raw: Any, problems: Problems, base_dir: Path) -> list[We
 
 def _webhook_url(url: str, path: str, problems: Problems) -> str:
     """An http(s) URL without credentials (they would be logged, stored and shown with it)."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError:
-        parts = None
-    if url and (parts is None or parts.scheme not in ("http", "https") or not parts.hostname):
-        problems.add(path, "must be an http:// or https:// URL with a host")  # never echoed: it may hold a token
-    elif parts is not None and (parts.username is not None or parts.password is not None):
-        problems.add(path, "credentials in the URL are not allowed (they would end up in logs): "
-                     "use the webhook's secret or headers (e.g. Authorization)")
+    if url and (problem := http_url_problem(url, "use the webhook's secret or headers (e.g. Authorization)")):
+        problems.add(path, problem)
     return url
 
 
