@@ -29,7 +29,8 @@ from dicom_node.routing import fallback_route, match_keywords, select_route
 from dicom_node.spool import Spool
 from dicom_node.state import STUDY_INFO_KEYWORDS, StateDB, abbreviate
 
-__all__ = ["Ingest", "STATUS_SUCCESS", "STATUS_OUT_OF_RESOURCES", "STATUS_CANNOT_UNDERSTAND", "PROTOCOLS"]
+__all__ = ["Ingest", "STATUS_SUCCESS", "STATUS_OUT_OF_RESOURCES", "STATUS_CANNOT_UNDERSTAND", "PROTOCOLS",
+           "storage_classes"]
 
 log = logging.getLogger("dicom_node.ingest")
 
@@ -41,6 +42,14 @@ PROTOCOLS = ("dimse", "stow-rs")  # the ``protocol`` label of dicom_node_instanc
 
 _HEADER_KEYWORDS = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
                     *IMAGE_SIZE_KEYWORDS}
+
+
+def storage_classes() -> tuple[str, ...]:
+    """The SOP classes the node accepts for storage, over either protocol: the DICOM listener
+    negotiates them (``scp``), STOW-RS refuses a part of any other class (``web.stow``)."""
+    from pynetdicom import AllStoragePresentationContexts
+
+    return tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax is not None)
 
 
 class Ingest:

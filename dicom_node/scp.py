@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from dicom_node.config import NodeConfig
-from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Ingest
+from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Ingest, storage_classes
 from dicom_node.received import RefusedWhileReceiving, watch_arriving
 from dicom_node.routing import ACCEPT, REJECT_CALLED_AE, association_verdict
 from dicom_node.spool import Spool
@@ -73,7 +73,6 @@ class StoreSCP:
         from pynetdicom import (
             AE,
             ALL_TRANSFER_SYNTAXES,
-            AllStoragePresentationContexts,
             VerificationPresentationContexts,
             _config,
             evt,
@@ -91,9 +90,9 @@ class StoreSCP:
         ae.dimse_timeout = node.dimse_timeout
         ae.acse_timeout = node.acse_timeout
         ae.maximum_pdu_size = MAX_PDU_BYTES
-        for cx in [*AllStoragePresentationContexts, *VerificationPresentationContexts]:
-            if cx.abstract_syntax is not None:  # always set in pynetdicom's lists (typed Optional)
-                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        verification = [str(cx.abstract_syntax) for cx in VerificationPresentationContexts if cx.abstract_syntax]
+        for sop_class in [*storage_classes(), *verification]:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         ssl_context = None
         if node.tls is not None:
             from dicom_node.tls import server_context

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
-from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from dicom_node.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, storage_classes
 from dicom_node.received import ArrivalWatch
 from dicom_node.routing import REJECT_CALLED_AE, REJECT_CALLING_AE, association_verdict, stow_rs_unlisted
 from dicom_node.untrusted import invalid_ae_title
@@ -264,20 +264,13 @@ def client_subject(scope: Mapping[str, Any]) -> str | None:
     return tls.get("client_cert_name")
 
 
-def _storage_classes() -> frozenset[str]:
-    """The SOP classes the DICOM listener negotiates (what a C-STORE could bring)."""
-    from pynetdicom import AllStoragePresentationContexts
-
-    return frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
-
-
 def _store_parts(console: Console, called: str, parts: list[_Part]) -> tuple[list[tuple[str, str]],
                                                                           list[tuple[str, str, int]]]:
     """Each part through the store path (in a worker thread): (stored, failed) as
     [(sop class, sop instance)] and [(sop class, sop instance, failure reason)]."""
     stored: list[tuple[str, str]] = []
     failed: list[tuple[str, str, int]] = []
-    supported = _storage_classes()
+    supported = frozenset(storage_classes())
     ingest = console.ingest
     assert ingest is not None  # endpoint() answers 404 on a node that does not receive
     for part in parts:
