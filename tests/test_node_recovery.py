@@ -84,6 +84,37 @@ def outputs_by_source(folder: Path) -> dict[str, set[str]]:
     return out
 
 
+def kill_while_sending(node: NodeProcess, tmp_path: Path, acked: list[str], done: threading.Event, total: int,
+                       *, acked_within: float, sender_within: float, settled_within: float) -> set[str]:
+    """kill -9 ``node`` once a sender thread has had 12 of ``total`` instances acknowledged (into
+    ``acked``; ``done`` set when it stops), check that the kill cut the sending short and that
+    nothing was processed yet, restart it and wait until everything settled.  Returns the
+    instances acknowledged before the kill."""
+    assert wait_for(lambda: len(acked) >= 12, acked_within, interval=0.005)
+    node.kill9()  # in the middle of the sending
+    done.wait(sender_within)
+    assert 12 <= len(acked) < total, "the kill must interrupt the sending"
+    acked_at_kill = set(acked)
+    inst, _ = db_counts(tmp_path)
+    assert inst["delivered"] == 0  # killed before the study was quiet: nothing processed yet
+    node.start()
+    assert wait_for(lambda: settled(tmp_path), settled_within), node.log()[-3000:]
+    return acked_at_kill
+
+
+def assert_each_acknowledged_delivered_once(tmp_path: Path, pacs: Receiver, acked_at_kill: set[str],
+                                            sources: list) -> dict[str, set[str]]:
+    """Every instance acknowledged before the kill was translated and delivered, each source
+    once, and the PACS got no duplicate; returns the outputs by source."""
+    by_source = outputs_by_source(tmp_path / "outbox")
+    assert acked_at_kill <= set(by_source)  # every acknowledged instance translated and delivered
+    assert set(by_source) <= {str(ds.SOPInstanceUID) for ds in sources}
+    assert all(len(v) == 1 for v in by_source.values())  # one SC per source, one file each
+    uids = pacs.uids()
+    assert sorted(uids) == sorted(set(uids)), "no duplicate sends"
+    return by_source
+
+
 def assert_no_phi(log: str) -> None:
     assert PATIENT_NAME not in log and "SECRET" not in log
     assert PATIENT_ID not in log
@@ -119,25 +150,12 @@ def test_kill9_while_receiving_then_restart_delivers_every_acknowledged_once(tmp
 
             t = threading.Thread(target=sender, daemon=True)
             t.start()
-            assert wait_for(lambda: len(acked) >= 12, 30, interval=0.005)
-            node.kill9()  # in the middle of an association
-            done.wait(20)
-            assert 12 <= len(acked) < len(sources), "the kill must interrupt the sending"
-            acked_at_kill = set(acked)
-            inst, _ = db_counts(tmp_path)
-            assert inst["delivered"] == 0  # killed before the study was quiet: nothing processed yet
-
-            node.start()
-            assert wait_for(lambda: settled(tmp_path), 60)
+            acked_at_kill = kill_while_sending(node, tmp_path, acked, done, len(sources),
+                                               acked_within=30, sender_within=20, settled_within=60)
         finally:
             node.kill9()
-        by_source = outputs_by_source(tmp_path / "outbox")
-        assert acked_at_kill <= set(by_source)  # every acknowledged instance translated and delivered
-        assert set(by_source) <= {str(ds.SOPInstanceUID) for ds in sources}
-        assert all(len(v) == 1 for v in by_source.values())  # one SC per source, one file each
-        uids = pacs.uids()
-        assert sorted(uids) == sorted(set(uids)), "no duplicate sends"
-        assert set(uids) == {u for v in by_source.values() for u in v}
+        by_source = assert_each_acknowledged_delivered_once(tmp_path, pacs, acked_at_kill, sources)
+        assert set(pacs.uids()) == {u for v in by_source.values() for u in v}
         assert_no_phi(node.log())
 
 

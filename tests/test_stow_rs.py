@@ -25,7 +25,7 @@ from dicom_node.node import Node
 from dicom_node.web.auth import hash_password
 from tests.factory import PATIENT_ID, PATIENT_NAME, make_dataset
 from tests.nodeproc import NodeProcess, Receiver, free_port, node_config, wait_for, write_config
-from tests.test_node_recovery import db_counts, outputs_by_source, settled
+from tests.test_node_recovery import assert_each_acknowledged_delivered_once, kill_while_sending
 from tests.test_web import Browserless, _token, metric_samples
 
 TOKEN = "stow-test-token-0123456789"
@@ -342,23 +342,11 @@ def test_kill9_during_stow_rs_ingest_loses_no_acknowledged_instance(tmp_path, ti
             node.start()
             t = threading.Thread(target=sender, daemon=True)
             t.start()
-            assert wait_for(lambda: len(acked) >= 12, 60, interval=0.005)
-            node.kill9()  # in the middle of the posting
-            done.wait(30)
-            assert 12 <= len(acked) < len(sources), "the kill must interrupt the posting"
-            acked_at_kill = set(acked)
-            inst, _ = db_counts(tmp_path)
-            assert inst["delivered"] == 0  # killed before the study was quiet: nothing processed yet
-            node.start()
-            assert wait_for(lambda: settled(tmp_path), 90), node.log()[-3000:]
+            acked_at_kill = kill_while_sending(node, tmp_path, acked, done, len(sources),
+                                               acked_within=60, sender_within=30, settled_within=90)
         finally:
             node.kill9()
-        by_source = outputs_by_source(tmp_path / "outbox")
-        assert acked_at_kill <= set(by_source)  # every acknowledged instance translated and delivered
-        assert set(by_source) <= {str(ds.SOPInstanceUID) for ds in sources}
-        assert all(len(v) == 1 for v in by_source.values())
-        uids = pacs.uids()
-        assert sorted(uids) == sorted(set(uids)), "no duplicate sends"
+        assert_each_acknowledged_delivered_once(tmp_path, pacs, acked_at_kill, sources)
 
 
 def test_stow_rs_config_keys(tmp_path, tiny_model_path, token_hash):
