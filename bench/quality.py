@@ -9,9 +9,11 @@ held-out true pairs in ``test/``, for each style pair and seed:
 * ``histogram``: global histogram matching of A's intensities onto B's (training domains);
 * ``tone_filter``: the trainer's fitted tone filter alone (no network): the first stage that
   every trained model must beat (the trainer exports it alone when its network does not); with
-  band curves (amplitude-dependent band gains, ``model.band_curves``, the default);
-* ``tone_gains``: the same stage with one gain per band (``model.band_curves: false``, the
-  first stage before band curves), to show what the curves add in the same run;
+  band curves per brightness bin (band gains that depend on the amplitude and the local
+  brightness, ``model.band_curves`` and ``model.brightness_bins``, the defaults);
+* ``tone_curves``: the same stage with one band curve per band (``model.brightness_bins: 1``),
+  and ``tone_gains`` with one gain per band (``model.band_curves: false``), the first stages
+  before, to show what each step adds in the same run;
 * ``classic``: the classic CycleGAN recipe through ``dicom-node train`` (no residual, no
   tone filter, identity loss 0.5, constant learning rate);
 * ``default``: ``dicom-node train`` with its default config (only the budget set);
@@ -70,7 +72,9 @@ from quality_methods import (  # noqa: E402  (bench/ is on sys.path when run as 
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_RANGE = 2.0  # model space [-1, 1]
-ALL_METHODS = ("identity", "histogram", "tone_gains", "tone_filter", "classic", "default", "default_network", "paired", "reference")
+# the first stage alone, as fitted by dicom-node train: its default, and the versions before it
+FIRST_STAGES = {"tone_filter": {}, "tone_curves": {"brightness_bins": 1}, "tone_gains": {"band_curves": False}}
+ALL_METHODS = ("identity", "histogram", "tone_gains", "tone_curves", "tone_filter", "classic", "default", "default_network", "paired", "reference")
 TRAINED = ("classic", "default", "paired")
 
 
@@ -276,8 +280,8 @@ def main() -> int:
                     fn = lambda img: img  # noqa: E731
                 elif method == "histogram":
                     fn = histogram_lut(a_arr, b_arr)
-                elif method in ("tone_filter", "tone_gains"):
-                    fn = tone_filter_only(a_arr, b_arr, seed, band_curves=method == "tone_filter")
+                elif method in FIRST_STAGES:
+                    fn = tone_filter_only(a_arr, b_arr, seed, **FIRST_STAGES[method])
                 elif method == "reference":
                     fn = reference_fn(data, work, args, seed)
                 elif method == "paired":  # its own data set of true pairs; scored on the same test pairs

@@ -21,12 +21,15 @@ def histogram_lut(a_arrays: list[np.ndarray], b_arrays: list[np.ndarray]):
     return lambda img: np.interp(img, xs, ys).astype(np.float32)
 
 
-def tone_filter_only(a_arrays, b_arrays, seed: int, band_curves: bool = True):
+def tone_filter_only(a_arrays, b_arrays, seed: int, band_curves: bool = True, brightness_bins: int | None = None):
+    """The first stage as ``dicom-node train`` fits it (its defaults unless told otherwise)."""
     import torch
 
+    from dicom_node.engine.tone_filter import DEFAULT_BRIGHTNESS_BINS
     from dicom_node.train.tone_fit import fit_tone_filter
 
-    tf = fit_tone_filter(a_arrays, b_arrays, band_curves=band_curves, seed=seed)
+    bins = DEFAULT_BRIGHTNESS_BINS if brightness_bins is None else brightness_bins
+    tf = fit_tone_filter(a_arrays, b_arrays, band_curves=band_curves, brightness_bins=bins, seed=seed)
 
     def run(img: np.ndarray) -> np.ndarray:
         with torch.no_grad():

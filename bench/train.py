@@ -23,7 +23,9 @@ Variants, all in the same run, interleaved step by step (a busy machine slows th
   (``torch.backends.mkldnn.conv.fp32_precision = "bf16"``; set only around that variant's step;
   on the AMD EPYC with avx512_bf16 it changed nothing: bit-identical outputs, same time),
 * ``--classic``: the classic step order re-created with dicom-node's networks (historical),
-* ``--threads-compare``: the reference and dicom-node fp32 / bf16 with one torch thread.
+* ``--threads-compare``: the reference and dicom-node fp32 / bf16 with one torch thread,
+* ``--first-stages``: the default recipe's residual generators with each kind of tone filter in
+  front (one gain per band, band curves, band curves per brightness bin), fp32.
 
 The variant ``train.amp: auto`` / ``train.channels_last: auto`` pick on this machine
 (:func:`dicom_node.train.cpu_speed.cpu_fast_settings`) is marked ``*`` and is the headline
@@ -175,6 +177,19 @@ class ClassicStep:
         return {"g_total": float(loss_g), "d_a": d_losses[1], "d_b": d_losses[0]}
 
 
+# --first-stages: the tone filter in front of the generators, as model.band_curves and
+# model.brightness_bins build it (engine/tone_filter.py)
+FIRST_STAGES = {"gains": True, "curves": {"band_knots": 129}, "curves x4 bins": {"band_knots": 129, "brightness_bins": 4}}
+
+
+def _not_identity(tone_filter: torch.nn.Module) -> None:
+    """Curves and gains away from the identity (which the filter skips), as after a fit."""
+    with torch.no_grad():
+        tone_filter.gains.mul_(1.3)
+        if tone_filter.band_curves:
+            tone_filter.band_y.mul_(torch.linspace(1.6, 0.7, tone_filter.band_y.shape[-1]))
+
+
 def versions() -> dict:
     import numpy
 
@@ -210,6 +225,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reference", default=None,
                     help=f"checkout of junyanz/pytorch-CycleGAN-and-pix2pix (default {DEFAULT_REFERENCE} if present)")
+    ap.add_argument("--first-stages", action="store_true",
+                    help="also time residual generators with each kind of tone filter in front")
     ap.add_argument("--variants", default="",
                     help="comma-separated subset of variant names to run (default: all that apply)")
     ap.add_argument("--classic", action="store_true", help="also time the classic step order re-created")
@@ -258,6 +275,13 @@ def main() -> int:
         if args.threads_compare:
             variants["dicom-node fp32 1 thread"] = WithSettings(DicomNodeStep(make(False, False)), threads=1)
             variants["dicom-node bf16 1 thread"] = WithSettings(DicomNodeStep(make(True, False)), threads=1)
+    if args.first_stages:  # the default recipe's generators: residual, a fitted-looking tone filter in front
+        for label, tone in FIRST_STAGES.items():
+            model = CycleGAN(ngf=args.ngf, n_blocks=args.blocks, ndf=args.ndf, device=device, amp=False,
+                             channels_last=False, seed=0, residual=True, tone_filter=tone)
+            for name in ("g_ab", "g_ba"):
+                _not_identity(model.module(name).tone_filter)
+            variants[f"fp32 residual + {label}"] = DicomNodeStep(model)
     if args.classic:
         variants["classic (re-created)"] = ClassicStep(make(False, False))
     if args.variants:

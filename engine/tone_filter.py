@@ -20,6 +20,16 @@ equalisation (small coefficients lifted, large ones compressed), and coring (the
 mostly noise, lowered) of wavelet noise reduction.  A curve is fitted like the tone curves, by
 matching the distributions of ``|c|`` in the two domains, so it needs no pairs either.
 
+With brightness bins (``brightness_bins = M > 1``) a band has M curves, one per band of local
+brightness (the rank of the low-pass ``G_{s(K)} t`` among the source domain's), blended
+linearly between the bins' centres: a detail's gain then depends on its amplitude *and* on
+where it sits on the grey scale.  Why: the detail processing seen through the model's grey
+scale is not the same everywhere on it.  A vendor's amplitude-dependent processing acts in its
+own grey scale, whose slope against the one the bands are split in varies with brightness, so
+the same detail is lifted differently in dense and in thin regions; noise and texture differ
+between them too, and one curve per band matches only their mixture (``bench/quality.py``:
++0.3 to +1.9 dB on 8 of 13 style pairs over one curve per band, at most -0.3 dB on the others).
+
 ``G_s`` is a Gaussian blur of sigma ``s`` detector pixels with reflected borders, computed by
 FFT.  With gains 1 and identity curves the stage is exactly the identity.
 
@@ -35,14 +45,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "DEFAULT_BAND_KNOTS", "gaussian_blur", "band_split",
-           "uniform_curve", "odd_curve"]
+__all__ = ["ToneFilter", "DEFAULT_SIGMAS", "DEFAULT_KNOTS", "DEFAULT_BAND_KNOTS", "DEFAULT_BRIGHTNESS_BINS",
+           "BRIGHTNESS_KNOTS", "gaussian_blur", "band_split", "uniform_curve", "odd_curve", "binned_odd_curve"]
 
 # Band edges in detector pixels: octaves from the finest texture to the scale of the lungs.
 DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.4, 2.8, 5.6, 11.2, 22.4, 44.8)
 DEFAULT_KNOTS = 257
 DEFAULT_BAND_KNOTS = 129  # knots of a band curve, at quantiles of |c|: dense where coefficients are
 BAND_TABLE = 16384  # even samples of a band curve that inference reads (odd_curve)
+DEFAULT_BRIGHTNESS_BINS = 4  # band curves per band, by local brightness (8 lost up to 1.2 dB on denoising styles)
+BRIGHTNESS_KNOTS = 65  # quantiles of the source domain's low-pass that give a pixel its brightness rank
+MAX_BRIGHTNESS_BINS = 64
 
 
 def _fast_length(n: int) -> int:
@@ -131,11 +144,58 @@ def odd_curve(c: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tens
     took 0.3 s per band at 2048^2 on one core; ``f`` is sampled once on :data:`BAND_TABLE`
     even steps (finer than the knots, which are densest near the median coefficient) and read
     like the tone curves, in a quarter of the time."""
-    a = c.abs()
+    return _read_odd(c, *_odd_table(xs, ys))
+
+
+def _odd_table(xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`odd_curve`'s table of ``f`` on [0, end], ``end``, and the gain beyond it."""
     end = xs[-1].clamp_min(1e-12)
-    table = _piecewise(torch.linspace(0.0, 1.0, BAND_TABLE, device=c.device) * end, xs, ys)
+    table = _piecewise(torch.linspace(0.0, 1.0, BAND_TABLE, device=xs.device) * end, xs, ys)
+    return table, end, ys[-1] / end
+
+
+def _read_odd(c: torch.Tensor, table: torch.Tensor, end: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    a = c.abs()
     inside = uniform_curve(a, torch.zeros_like(end), end, table)
-    return torch.where(a > end, a * (ys[-1] / end), inside).copysign(c)
+    return torch.where(a > end, a * gain, inside).copysign(c)
+
+
+def binned_odd_curve(c: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Like :func:`odd_curve` with one curve per brightness bin (``xs``, ``ys``: ``(M, knots)``,
+    ``M >= 2``), blended linearly at each pixel's fractional bin ``position`` in ``[0, M - 1]``.
+
+    All bins are sampled on one common even grid up to the largest last knot (beyond its own
+    last knot a bin keeps its last gain, as :func:`odd_curve` does), so each coefficient is read
+    with one bilinear lookup in an ``(M, BAND_TABLE)`` table instead of M curve evaluations."""
+    return _read_binned(c, position, *_binned_table(xs, ys))
+
+
+def _binned_table(xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`binned_odd_curve`'s ``(M * BAND_TABLE,)`` table, its ``end``, each bin's last gain."""
+    last_x = xs[:, -1].clamp_min(1e-12)
+    last_gain = ys[:, -1] / last_x
+    end = last_x.max()
+    grid = torch.linspace(0.0, 1.0, BAND_TABLE, device=xs.device) * end
+    table = torch.stack([torch.where(grid > lx, grid * g, _piecewise(grid.clamp(max=lx), x, y))
+                         for x, y, lx, g in zip(xs, ys, last_x, last_gain)])
+    return table.reshape(-1), end, last_gain
+
+
+def _read_binned(c: torch.Tensor, position: torch.Tensor, table: torch.Tensor, end: torch.Tensor,
+                 last_gain: torch.Tensor) -> torch.Tensor:
+    a = c.abs()
+    bins, n = last_gain.shape[0], BAND_TABLE
+    u = (a / end).clamp(max=1.0) * (n - 1)
+    i0 = u.floor().clamp(max=n - 2).long()
+    frac = u - i0.to(u.dtype)
+    m0 = position.floor().clamp(0, bins - 2).long()
+    w = position - m0.to(position.dtype)
+    idx = m0 * n + i0
+    low = torch.lerp(table[idx], table[idx + 1], frac)
+    high = torch.lerp(table[idx + n], table[idx + n + 1], frac)
+    inside = torch.lerp(low, high, w)
+    beyond = a * torch.lerp(last_gain[m0], last_gain[m0 + 1], w)
+    return torch.where(a > end, beyond, inside).copysign(c)
 
 
 class ToneFilter(nn.Module):
@@ -145,21 +205,25 @@ class ToneFilter(nn.Module):
     by gradient descent, and saved in the style model file with the generator's weights.
     """
 
-    # the buffers (registered in __init__; band_x, band_y only with band curves)
+    # the buffers (registered in __init__; band_x, band_y only with band curves, brightness
+    # only with brightness bins)
     tone_in: torch.Tensor
     gains: torch.Tensor
     out_range: torch.Tensor
     tone_out: torch.Tensor
     band_x: torch.Tensor
     band_y: torch.Tensor
+    brightness: torch.Tensor
 
     def __init__(self, sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
-                 band_knots: int = 0) -> None:
+                 band_knots: int = 0, brightness_bins: int = 1) -> None:
         super().__init__()
         if knots < 2:
             raise ValueError("a tone curve needs at least 2 knots")
         if band_knots == 1 or band_knots < 0:
             raise ValueError("band curves need at least 2 knots (0: one gain per band)")
+        if not 1 <= brightness_bins <= MAX_BRIGHTNESS_BINS or (brightness_bins > 1 and not band_knots):
+            raise ValueError(f"brightness_bins must be 1..{MAX_BRIGHTNESS_BINS}, and above 1 only with band curves")
         self.sigmas = tuple(float(s) for s in sigmas)
         grid = torch.linspace(-1.0, 1.0, knots)
         self.register_buffer("tone_in", grid.clone())
@@ -168,10 +232,16 @@ class ToneFilter(nn.Module):
         self.register_buffer("tone_out", grid.clone())
         # Absent (not empty) without band curves, so files written before them load unchanged.
         self.band_curves = band_knots > 0
+        # Without brightness bins the curves are (bands, knots), as in files written before them.
+        self.brightness_bins = brightness_bins
+        self._tables: tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
         if self.band_curves:
-            identity = torch.linspace(0.0, 1.0, band_knots).repeat(len(self.sigmas), 1)
+            shape = (len(self.sigmas), brightness_bins) if brightness_bins > 1 else (len(self.sigmas),)
+            identity = torch.linspace(0.0, 1.0, band_knots).repeat(*shape, 1)
             self.register_buffer("band_x", identity.clone())
             self.register_buffer("band_y", identity.clone())
+        if brightness_bins > 1:  # the source domain's low-pass at even quantile levels (tone_fit)
+            self.register_buffer("brightness", torch.linspace(-1.0, 1.0, BRIGHTNESS_KNOTS))
 
     @property
     def knots(self) -> int:
@@ -186,17 +256,45 @@ class ToneFilter(nn.Module):
         if curves or bool((self.gains != 1).any()):
             bands = band_split(t, self.sigmas)
             t = bands[-1]
-            for k, b in enumerate(bands[:-1]):
-                t = t + (odd_curve(b, self.band_x[k].float(), self.band_y[k].float()) if curves
-                         else self.gains[k].float() * b)
+            if not curves:
+                for k, b in enumerate(bands[:-1]):
+                    t = t + self.gains[k].float() * b
+            elif self.brightness_bins == 1:
+                for b, table in zip(bands[:-1], self._band_tables()):
+                    t = t + _read_odd(b, *table)
+            else:
+                position = self.brightness_position(t)
+                for b, table in zip(bands[:-1], self._band_tables()):
+                    t = t + _read_binned(b, position, *table)
         lo, hi = self.out_range.float()
         return uniform_curve(t, lo, hi, self.tone_out.float()).to(dtype)
+
+    def _band_tables(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each band's curve table, built once per set of curves: rebuilding the tables took
+        more time than reading them on a training patch (7 bands x 16384 samples a call)."""
+        key = (self.band_x._version, self.band_y._version, self.band_x.data_ptr(), self.band_y.data_ptr(),
+               self.band_x.device, torch.is_inference_mode_enabled())
+        if self._tables is None or self._tables[0] != key:
+            build = _binned_table if self.brightness_bins > 1 else _odd_table
+            self._tables = (key, [build(x.float(), y.float()) for x, y in zip(self.band_x, self.band_y)])
+        return self._tables[1]
 
     def architecture(self) -> dict[str, Any]:
         arch: dict[str, Any] = {"sigmas": list(self.sigmas), "knots": self.knots}
         if self.band_curves:  # absent in files written before band curves: they load as before
-            arch["band_knots"] = int(self.band_x.shape[1])
+            arch["band_knots"] = int(self.band_x.shape[-1])
+        if self.brightness_bins > 1:  # likewise
+            arch["brightness_bins"] = self.brightness_bins
         return arch
+
+    def brightness_position(self, low: torch.Tensor) -> torch.Tensor:
+        """Each pixel's fractional brightness bin in ``[0, M - 1]`` from the low-pass ``low``: its
+        rank among the source domain's low-pass values (:attr:`brightness`, at even quantile
+        levels), bin ``m`` centred on rank ``(m + 1/2) / M``."""
+        q = self.brightness.float()
+        levels = torch.linspace(0.0, 1.0, q.shape[0], device=low.device)
+        rank = _piecewise(low.clamp(float(q[0]), float(q[-1])), q, levels)
+        return (rank * self.brightness_bins - 0.5).clamp(0.0, self.brightness_bins - 1.0)
 
     def describe(self) -> dict[str, Any]:
         """Human-readable summary (``dicom-node model info``): with band curves, each band's gain
@@ -204,8 +302,16 @@ class ToneFilter(nn.Module):
         out: dict[str, Any] = {"band_sigmas_px": list(self.sigmas)}
         if not self.band_curves:
             return out | {"band_gains": [round(float(g), 3) for g in self.gains]}
-        mid = self.band_x.shape[1] // 2
-        small = self.band_y[:, mid] / self.band_x[:, mid].clamp_min(1e-12)
-        large = self.band_y[:, -1] / self.band_x[:, -1].clamp_min(1e-12)
-        return out | {"band_gains_small": [round(float(g), 3) for g in small],
-                      "band_gains_large": [round(float(g), 3) for g in large]}
+        xs, ys = self.band_x, self.band_y  # (bands, knots), or (bands, bins, knots)
+        mid = xs.shape[-1] // 2
+        small = ys[..., mid] / xs[..., mid].clamp_min(1e-12)
+        large = ys[..., -1] / xs[..., -1].clamp_min(1e-12)
+        if self.brightness_bins > 1:  # per band and bin (dark to bright), then each band's mean
+            out |= {"brightness_bins": self.brightness_bins,
+                    "band_gains_small_by_brightness": [_rounded(row) for row in small]}
+            small, large = small.mean(-1), large.mean(-1)
+        return out | {"band_gains_small": _rounded(small), "band_gains_large": _rounded(large)}
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 3) for v in values]

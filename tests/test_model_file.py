@@ -132,7 +132,12 @@ def test_a_small_file_claiming_a_huge_architecture_is_refused_before_allocating(
                                   '{"type": "resnet_generator", "ngf": 8, "n_blocks": 100000000}',
                                   '{"type": "resnet_generator", "ngf": 8, "n_blocks": 2, "tone_filter": {"knots": 1}}',
                                   '{"type": "resnet_generator", "ngf": 8, "n_blocks": 2, "tone_filter": {"band_knots": 1}}',
-                                  '{"type": "resnet_generator", "ngf": 8, "n_blocks": 2, "tone_filter": {"band_knots": 100000000}}'])
+                                  '{"type": "resnet_generator", "ngf": 8, "n_blocks": 2, "tone_filter": {"band_knots": 100000000}}',
+                                  '{"type": "resnet_generator", "ngf": 8, "n_blocks": 2, "tone_filter": {"brightness_bins": 4}}',
+                                  '{"type": "resnet_generator", "ngf": 8, "n_blocks": 2, '
+                                  '"tone_filter": {"band_knots": 9, "brightness_bins": 100000000}}',
+                                  '{"type": "resnet_generator", "ngf": 8, "n_blocks": 2, '
+                                  '"tone_filter": {"band_knots": 9, "brightness_bins": "4"}}'])
 def test_malformed_architectures_are_one_line_user_errors(tmp_path, arch):
     honest = tmp_path / "honest.safetensors"
     save_style_model(new_style_model(ngf=8, n_blocks=2), honest, name="small")

@@ -204,21 +204,103 @@ def test_identity_band_curves_are_the_identity_and_odd_curves_keep_the_last_gain
         ToneFilter(band_knots=1)
 
 
-def test_band_curves_round_trip_through_a_model_file_and_tile_seamlessly(tmp_path):
+@pytest.mark.parametrize("bins", [1, 4])
+def test_band_curves_round_trip_through_a_model_file_and_tile_seamlessly(tmp_path, bins):
     from dicom_node.engine import new_style_model
 
     a_train = [smooth_field(s) for s in range(10, 13)]
-    fitted = fit_tone_filter(a_train, [vendor_multiscale(smooth_field(s)) for s in range(20, 23)], band_curves=True)
+    fitted = fit_tone_filter(a_train, [vendor_multiscale(smooth_field(s)) for s in range(20, 23)], band_curves=True,
+                             brightness_bins=bins)
     gen = ResnetGenerator(ngf=4, n_blocks=1, residual=True, tone_filter=fitted.architecture())
     gen.load_state_dict({**new_style_model(ngf=4, n_blocks=1, residual=True, seed=1).state_dict(),
                          **{f"tone_filter.{k}": v for k, v in fitted.state_dict().items()}})
     gen.eval()
     path = save_style_model(gen, tmp_path / "curves.safetensors", name="curves")
     model = load_style_model(path)
-    assert model.metadata["architecture"]["tone_filter"]["band_knots"] == fitted.band_x.shape[1]
+    assert model.metadata["architecture"]["tone_filter"]["band_knots"] == fitted.band_x.shape[-1]
+    assert model.metadata["architecture"]["tone_filter"].get("brightness_bins", 1) == bins
     img = smooth_field(3, size=200)[:, :184]
     whole = translate(model, img, tile=0)
     assert np.array_equal(whole, translate(StyleModel(generator=gen, metadata={}), img, tile=0))
     assert np.abs(whole - img).mean() > 0.05  # the curves really change the image
     diff = np.abs(translate(model, img, tile=64) - whole)
     assert diff.mean() < SEAMLESS_MEAN_BOUND * 2 / 100 and diff.max() < SEAMLESS_MAX_BOUND * 2 / 100
+
+
+# ----------------------------------------------------------------------------- brightness bins
+
+def test_brightness_bins_fit_a_demo_vendor_style_better_than_one_curve_per_band(tmp_path):
+    """The demo's edge-enhancement pair (phantoms with dose-dependent noise, processed on a fixed
+    window, then a tone curve): one band curve per brightness bin is closer to the truth on
+    held-out pairs than one curve per band (measured 0.96 dB at 384 px, 6 images a domain)."""
+    import sys
+    from pathlib import Path
+
+    from dicom_node.demo.writer import write_demo_data
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import quality
+
+    data = tmp_path / "demo"
+    write_demo_data(data, count=6, test_count=3, size=384, seed=0, unpaired=True, style_pair="edges")
+    norms = quality.domain_windows(data)
+    pairs = quality.load_test_pairs(data, norms)
+    a, b = (quality.load_domain_arrays(data / d, norms[d]) for d in ("A", "B"))
+    fits = {bins: fit_tone_filter(a, b, band_curves=True, brightness_bins=bins) for bins in (1, 4)}
+    with torch.no_grad():
+        psnr = {bins: np.mean([quality.affine_scores(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)[0]
+                               for _, x, y in pairs]) for bins, tf in fits.items()}
+    assert psnr[4] > psnr[1] + 0.5, psnr
+    described = fits[4].describe()
+    assert described["brightness_bins"] == 4 and len(described["band_gains_small_by_brightness"][0]) == 4
+
+
+def test_brightness_bins_are_the_identity_until_fitted_and_blend_between_the_bins_curves():
+    from dicom_node.engine.tone_filter import binned_odd_curve, odd_curve
+
+    x = torch.from_numpy(smooth_field(0))[None, None]
+    assert torch.allclose(ToneFilter(band_knots=9, brightness_bins=4)(x), x, atol=1e-6)
+    xs = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 4.0]])
+    ys = torch.tensor([[0.0, 2.0, 3.0], [0.0, 0.5, 2.0]])
+    c = torch.tensor([-5.0, -0.5, 0.0, 0.5, 1.5, 3.0, 5.0])
+    for m in (0, 1):  # at a bin's centre: that bin's own curve (beyond its last knot, its last gain)
+        assert torch.allclose(binned_odd_curve(c, xs, ys, torch.full_like(c, float(m))), odd_curve(c, xs[m], ys[m]),
+                              atol=1e-3)
+    halfway = binned_odd_curve(c, xs, ys, torch.full_like(c, 0.5))
+    assert torch.allclose(halfway, (odd_curve(c, xs[0], ys[0]) + odd_curve(c, xs[1], ys[1])) / 2, atol=1e-3)
+    with pytest.raises(ValueError):
+        ToneFilter(band_knots=0, brightness_bins=4)  # bins of band curves, not of gains
+    with pytest.raises(ValueError):
+        ToneFilter(band_knots=9, brightness_bins=0)
+
+
+def test_the_band_curve_tables_follow_the_curves_they_were_built_from():
+    """The tables are built once per set of curves: loading other curves into the same filter (a
+    checkpoint, a DDP broadcast) must not leave it reading the old ones."""
+    a_train = [smooth_field(s) for s in range(10, 13)]
+    first = fit_tone_filter(a_train, [vendor_multiscale(smooth_field(s)) for s in range(20, 23)], band_curves=True,
+                            brightness_bins=4)
+    second = fit_tone_filter(a_train, [vendor_b(smooth_field(s)) for s in range(20, 23)], band_curves=True,
+                             brightness_bins=4)
+    x = torch.from_numpy(smooth_field(5))[None, None]
+    with torch.no_grad():
+        before, expected = first(x), second(x)
+        first.load_state_dict(second.state_dict())
+        assert torch.equal(first(x), expected) and not torch.equal(before, expected)
+
+
+def test_one_curve_per_band_computes_exactly_what_it_did_before_brightness_bins():
+    """Files with band curves and no brightness bins translate bit for bit as before: the forward
+    pass (cached tables) equals the stage written out with :func:`odd_curve`, as it was."""
+    from dicom_node.engine.tone_filter import odd_curve, uniform_curve
+
+    a_train = [smooth_field(s) for s in range(10, 13)]
+    tf = fit_tone_filter(a_train, [vendor_multiscale(smooth_field(s)) for s in range(20, 23)], band_curves=True)
+    x = torch.from_numpy(smooth_field(6))[None, None]
+    one = torch.ones(())
+    with torch.no_grad():
+        bands = band_split(uniform_curve(x, -one, one, tf.tone_in), tf.sigmas)
+        t = bands[-1]
+        for k, b in enumerate(bands[:-1]):
+            t = t + odd_curve(b, tf.band_x[k], tf.band_y[k])
+        lo, hi = tf.out_range
+        assert torch.equal(tf(x), uniform_curve(t, lo, hi, tf.tone_out))

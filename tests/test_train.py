@@ -87,6 +87,10 @@ def test_config_problems_are_listed_with_their_paths(tmp_path):
     text = str(exc.value)
     for where in ("data.b", "train.steps", "train.patch_size", "train.amp", "model.ngf", "extra"):
         assert where in text
+    for bins, problem in ((0, "model.brightness_bins: must be >= 1"), (65, "model.brightness_bins: 65 is more than 64")):
+        bad.write_text(yaml.safe_dump({"data": {"a": str(tmp_path), "b": str(tmp_path)}, "model": {"brightness_bins": bins}}))
+        with pytest.raises(ConfigError, match=problem):
+            load_train_config(bad)
 
 
 def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, capsys, caplog):
@@ -130,7 +134,7 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
         assert prov["data"]["A"]["images"] == 3 and prov["data"]["B"]["images"] == 3
         assert prov["data"]["B"]["skipped_unreadable"] == 1  # broken.dcm skipped and counted
         assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False, "tone_filter": True,
-                                             "band_curves": True}
+                                             "band_curves": True, "brightness_bins": 4}
         assert model.generator.tone_filter is not None  # the default: fitted from the two domains
         assert model.metadata["architecture"]["tone_filter"]["knots"] > 1
         assert model.metadata["architecture"]["tone_filter"]["band_knots"] > 1

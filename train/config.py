@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_node.engine.tone_filter import MAX_BRIGHTNESS_BINS
 from dicom_node.engine.yaml_config import ConfigError, load_config_file
 
 __all__ = [
@@ -41,6 +42,10 @@ class ModelSettings:
     # in that stage, one curve per band (amplitude-dependent gains: multiscale contrast
     # equalisation, coring) instead of one gain; false: one gain per band, as before
     band_curves: bool = True
+    # band curves per band of local brightness (the gain may depend on where a detail sits on the
+    # grey scale: a vendor's gradation curve applied after its multiscale processing); 1: one
+    # curve per band, as before
+    brightness_bins: int = 4
 
 
 @dataclass
@@ -113,7 +118,7 @@ _CHOICES = {("data", "normalization"): ("domain", "image"), ("train", "amp"): ("
 _PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}
 _POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("train", "batch_size"),
              ("train", "steps"), ("output", "sample_every"), ("output", "checkpoint_every"),
-             ("output", "log_every"), ("data", "min_images")}
+             ("output", "log_every"), ("data", "min_images"), ("model", "brightness_bins")}
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -168,6 +173,9 @@ def parse_train_config(raw: Any, base_dir: Path = Path("."), source: str = "conf
     steps, decay = t.get("steps", TrainSettings.steps), t.get("decay_from")
     if decay is None and "steps" in t:
         t["decay_from"] = steps // 2
+    bins = values["model"].get("brightness_bins", 1)
+    if isinstance(bins, int) and bins > MAX_BRIGHTNESS_BINS:
+        problems.append(f"model.brightness_bins: {bins} is more than {MAX_BRIGHTNESS_BINS}")
     ps = t.get("patch_size", TrainSettings.patch_size)
     if isinstance(ps, int) and ps % 4:
         problems.append(f"train.patch_size: {ps} must be a multiple of 4 (the generator downsamples twice)")

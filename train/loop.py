@@ -171,9 +171,9 @@ class _Run:
         if not resumed and cfg.model.tone_filter:  # every rank fits the same (deterministic) filters
             from .tone_fit import fit_tone_filter
 
-            curves = cfg.model.band_curves
-            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, band_curves=curves, seed=cfg.train.seed),
-                                   fit_tone_filter(b.arrays, a.arrays, band_curves=curves, seed=cfg.train.seed))
+            stage = {"band_curves": cfg.model.band_curves, "brightness_bins": cfg.model.brightness_bins,
+                     "seed": cfg.train.seed}
+            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, **stage), fit_tone_filter(b.arrays, a.arrays, **stage))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
 
@@ -225,7 +225,8 @@ class _Run:
         cfg = self.cfg
         amp, channels_last = self._step_settings()
         return CycleGAN(ngf=cfg.model.ngf, n_blocks=cfg.model.n_blocks, ndf=cfg.model.ndf, residual=cfg.model.residual,
-                        tone_filter=tone_filter_arguments(cfg.model.tone_filter, cfg.model.band_curves),
+                        tone_filter=tone_filter_arguments(cfg.model.tone_filter, cfg.model.band_curves,
+                                                          cfg.model.brightness_bins),
                         lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), lambda_cycle=cfg.train.lambda_cycle,
                         lambda_identity=cfg.train.lambda_identity,
                         lambda_paired=cfg.train.lambda_paired if paired else 0.0, pool_size=cfg.train.pool_size,
@@ -245,8 +246,9 @@ class _Run:
                 log.info("no checkpoint in %s: starting a new run", self.run_dir)
             return 0, False
         payload = load_checkpoint(ckpt)
-        # older runs had no tone filter, then no band curves
-        saved_model = {"tone_filter": False, "band_curves": False, **payload["meta"]["config"]["model"]}
+        # older runs had no tone filter, then no band curves, then no brightness bins
+        saved_model = {"tone_filter": False, "band_curves": False, "brightness_bins": 1,
+                       **payload["meta"]["config"]["model"]}
         if saved_model != cfg.to_dict()["model"]:
             raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
                             f"{cfg.to_dict()['model']}; resume with the same model settings")

@@ -41,12 +41,15 @@ class PatchDiscriminator(nn.Module):
         return self.model(x)
 
 
-def tone_filter_arguments(tone_filter: bool, band_curves: bool) -> bool | dict:
-    """The generator's ``tone_filter`` argument for the config's ``model.tone_filter`` and
-    ``model.band_curves``: off, one gain per band (``True``), or one curve per band."""
+def tone_filter_arguments(tone_filter: bool, band_curves: bool, brightness_bins: int = 1) -> bool | dict:
+    """The generator's ``tone_filter`` argument for the config's ``model.tone_filter``,
+    ``model.band_curves`` and ``model.brightness_bins``: off, one gain per band (``True``), or
+    band curves (per brightness bin)."""
     if not tone_filter:
         return False
-    return {"band_knots": DEFAULT_BAND_KNOTS} if band_curves else True
+    if not band_curves:
+        return True
+    return {"band_knots": DEFAULT_BAND_KNOTS, **({"brightness_bins": brightness_bins} if brightness_bins > 1 else {})}
 
 
 def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool | dict = False) -> ResnetGenerator:

@@ -11,7 +11,10 @@ target domain's:
    or (``band_curves``, the default of ``dicom-node train``) a band curve: the distribution of
    the coefficients' magnitudes matched, so the gain may depend on the amplitude (multiscale
    contrast equalisation lifts small coefficients and compresses large ones; noise reduction
-   lowers the smallest);
+   lowers the smallest); with ``brightness_bins`` (4, the default of ``dicom-node train``) one
+   such curve per band of local brightness, each fitted on the coefficients whose low-pass
+   ranks near that bin's in their own domain (ranks, so the tone curves need not be right
+   first), so the gain may also depend on where the detail sits on the grey scale;
 3. ``tone_out``: histogram matching again, of the filtered source onto the target, so the
    output's intensity distribution is the target's whatever the gains did to it.
 
@@ -27,7 +30,14 @@ import numpy as np
 import torch
 
 from dicom_node.engine.style_stats import band_energies, sample_pixels
-from dicom_node.engine.tone_filter import DEFAULT_BAND_KNOTS, DEFAULT_KNOTS, DEFAULT_SIGMAS, ToneFilter, band_split
+from dicom_node.engine.tone_filter import (
+    BRIGHTNESS_KNOTS,
+    DEFAULT_BAND_KNOTS,
+    DEFAULT_KNOTS,
+    DEFAULT_SIGMAS,
+    ToneFilter,
+    band_split,
+)
 
 from .data import pick_images
 
@@ -79,12 +89,14 @@ def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.nd
 @torch.no_grad()
 def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
-                    band_curves: bool = False, seed: int = 0) -> ToneFilter:
+                    band_curves: bool = False, brightness_bins: int = 1, seed: int = 0) -> ToneFilter:
     """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``; with
-    ``band_curves`` one curve per band (amplitude-dependent gains) instead of one gain."""
+    ``band_curves`` one curve per band (amplitude-dependent gains) instead of one gain, and with
+    ``brightness_bins`` > 1 one per band and brightness bin."""
     rng = np.random.default_rng(seed)
     a, b = pick_images(src, MAX_IMAGES), pick_images(dst, MAX_IMAGES)
-    tf = ToneFilter(sigmas=sigmas, knots=knots, band_knots=DEFAULT_BAND_KNOTS if band_curves else 0)
+    tf = ToneFilter(sigmas=sigmas, knots=knots, band_knots=DEFAULT_BAND_KNOTS if band_curves else 0,
+                    brightness_bins=brightness_bins if band_curves else 1)
     grid = np.linspace(-1.0, 1.0, knots)
     tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, PIXELS_PER_IMAGE, rng),
                                                          sample_pixels(b, PIXELS_PER_IMAGE, rng), grid)))
@@ -92,7 +104,9 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     def toned(images: list[np.ndarray]) -> list[torch.Tensor]:
         return [tf(torch.from_numpy(im)[None, None]) for im in images]
 
-    if band_curves:
+    if band_curves and tf.brightness_bins > 1:
+        _fit_binned_band_curves(tf, toned(a), b, rng)
+    elif band_curves:
         _fit_band_curves(tf, toned(a), b, rng)
     else:  # energies of the toned source (gains still 1) against the target
         e_src = np.mean([band_energies(t, tf.sigmas) for t in toned(a)], axis=0)
@@ -136,3 +150,41 @@ def _fit_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.nda
         xs, ys = _band_curve(s, d, knots)
         tf.band_x[k].copy_(torch.from_numpy(xs))
         tf.band_y[k].copy_(torch.from_numpy(ys))
+
+
+def _band_samples(images: list[torch.Tensor], sigmas: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """``(bands + 1, pixels)``: each band's coefficient and the low-pass at the same random pixels
+    (up to :data:`PIXELS_PER_IMAGE` of each image), pooled."""
+    parts = []
+    for im in images:
+        flat = torch.stack([band.reshape(-1) for band in band_split(im, sigmas)]).numpy()
+        k = min(PIXELS_PER_IMAGE, flat.shape[1])
+        parts.append(flat[:, rng.choice(flat.shape[1], k, replace=False)] if k < flat.shape[1] else flat)
+    return np.concatenate(parts, axis=1).astype(np.float64)
+
+
+def _ranks(low: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Brightness ranks in [0, 1] as the engine computes them: through the domain's quantiles."""
+    return np.interp(low, quantiles + np.arange(quantiles.size) * 1e-9, np.linspace(0.0, 1.0, quantiles.size))
+
+
+def _fit_binned_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.ndarray],
+                            rng: np.random.Generator) -> None:
+    """Each band's curve per brightness bin (in place).  Bin ``m`` of M is centred on brightness
+    rank ``(m + 1/2) / M`` and fitted on the coefficients within one bin width of it in each
+    domain (neighbouring bins overlap, so the blend between their centres is smooth).  Ranks
+    pair the domains' grey scales as histogram matching does, whatever the content shown."""
+    bins, knots = tf.brightness_bins, tf.band_x.shape[-1]
+    src = _band_samples(toned, tf.sigmas, rng)
+    tgt = _band_samples([torch.from_numpy(im)[None, None] for im in dst], tf.sigmas, rng)
+    levels = np.linspace(0.0, 1.0, BRIGHTNESS_KNOTS)
+    q_src, q_tgt = np.quantile(src[-1], levels), np.quantile(tgt[-1], levels)
+    tf.brightness.copy_(torch.from_numpy(q_src.astype(np.float32)))
+    r_src, r_tgt = _ranks(src[-1], q_src), _ranks(tgt[-1], q_tgt)
+    for m in range(bins):
+        lo, hi = (m - 0.5) / bins, (m + 1.5) / bins
+        in_src, in_tgt = (r_src >= lo) & (r_src <= hi), (r_tgt >= lo) & (r_tgt <= hi)
+        for k in range(len(tf.sigmas)):
+            xs, ys = _band_curve(src[k][in_src], tgt[k][in_tgt], knots)
+            tf.band_x[k, m].copy_(torch.from_numpy(xs))
+            tf.band_y[k, m].copy_(torch.from_numpy(ys))
