@@ -28,7 +28,7 @@ scale is not the same everywhere on it.  A vendor's amplitude-dependent processi
 own grey scale, whose slope against the one the bands are split in varies with brightness, so
 the same detail is lifted differently in dense and in thin regions; noise and texture differ
 between them too, and one curve per band matches only their mixture (``bench/quality.py``:
-+0.3 to +1.9 dB on 8 of 13 style pairs over one curve per band, at most -0.3 dB on the others).
++0.2 to +1.9 dB on 8 of 13 style pairs over one curve per band, -0.05 to -0.4 dB on the others).
 
 ``G_s`` is a Gaussian blur of sigma ``s`` detector pixels with reflected borders, computed by
 FFT.  With gains 1 and identity curves the stage is exactly the identity.
