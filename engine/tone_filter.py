@@ -27,8 +27,10 @@ where it sits on the grey scale.  Why: the detail processing seen through the mo
 scale is not the same everywhere on it.  A vendor's amplitude-dependent processing acts in its
 own grey scale, whose slope against the one the bands are split in varies with brightness, so
 the same detail is lifted differently in dense and in thin regions; noise and texture differ
-between them too, and one curve per band matches only their mixture (``bench/quality.py``:
-+0.2 to +1.9 dB on 8 of 13 style pairs over one curve per band, -0.05 to -0.4 dB on the others).
+between them too, and one curve per band matches only their mixture (``bench/quality.py``,
+over one curve per band: +0.35 to +1.9 dB on 6 of the 8 phantom style pairs, -0.1 and -0.4
+on the other 2; -0.2 to -0.6 dB on the 5 pairs of crops of real radiographs, where A and B
+show different anatomy and more curves fit more of that difference).
 
 ``G_s`` is a Gaussian blur of sigma ``s`` detector pixels with reflected borders, computed by
 FFT.  With gains 1 and identity curves the stage is exactly the identity.

@@ -5,8 +5,8 @@ collimated border is a flat band of unexposed detector whose share of an image d
 the radiographer set the collimator, not on the vendor's processing.  Crops with and without
 borders in different proportions in A and B moved the fitted tone curves: on the demo's crops
 of real radiographs (``demo-data --source real``, half of them collimated) leaving the borders
-out (from the crops' own records) gained +1.7 to +3.8 dB, and detected as below +1.0 to +3.7 dB
-(``bench/quality.py``).  Vendors' exposure recognition leaves them out of their histogram
+out (from the crops' own records) gained +1.7 to +3.8 dB on seed 0, and detected as below +0.6
+to +3.8 dB, 3 seeds (``bench/quality.py``, ``bench/results/quality-first-stage-real.json``).  Vendors' exposure recognition leaves them out of their histogram
 analysis for the same reason.
 
 The rule, in model space (bone and unexposed detector bright): from each side inwards, rows
