@@ -59,9 +59,11 @@ import torch
 import torch.nn.functional as F
 from machine import machine_info  # bench/ is on sys.path when run as a script
 
+from dicom_node.engine.tone_filter import DEFAULT_BRIGHTNESS_BINS
 from dicom_node.train.cpu_speed import cpu_fast_settings, cpu_features
 from dicom_node.train.cyclegan import CycleGAN
 from dicom_node.train.losses import ImagePool
+from dicom_node.train.networks import tone_filter_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = Path("/work/ref/cyclegan")
@@ -178,8 +180,9 @@ class ClassicStep:
 
 
 # --first-stages: the tone filter in front of the generators, as model.band_curves and
-# model.brightness_bins build it (engine/tone_filter.py)
-FIRST_STAGES = {"gains": True, "curves": {"band_knots": 129}, "curves x4 bins": {"band_knots": 129, "brightness_bins": 4}}
+# model.brightness_bins build it (train/networks.py)
+FIRST_STAGES = {"gains": tone_filter_arguments(True, False), "curves": tone_filter_arguments(True, True, 1),
+                "curves x4 bins": tone_filter_arguments(True, True, DEFAULT_BRIGHTNESS_BINS)}
 
 
 def _not_identity(tone_filter: torch.nn.Module) -> None:

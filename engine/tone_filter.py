@@ -42,7 +42,7 @@ and the tiled paths therefore see the same bits (``engine.tiling``).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -258,18 +258,20 @@ class ToneFilter(nn.Module):
         if curves or bool((self.gains != 1).any()):
             bands = band_split(t, self.sigmas)
             t = bands[-1]
-            if not curves:
-                for k, b in enumerate(bands[:-1]):
-                    t = t + self.gains[k].float() * b
-            elif self.brightness_bins == 1:
-                for b, table in zip(bands[:-1], self._band_tables()):
-                    t = t + _read_odd(b, *table)
-            else:
-                position = self.brightness_position(t)
-                for b, table in zip(bands[:-1], self._band_tables()):
-                    t = t + _read_binned(b, position, *table)
+            curve = self._band_curve(t) if curves else None
+            for k, b in enumerate(bands[:-1]):
+                t = t + (curve(k, b) if curve else self.gains[k].float() * b)
         lo, hi = self.out_range.float()
         return uniform_curve(t, lo, hi, self.tone_out.float()).to(dtype)
+
+    def _band_curve(self, low: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Band ``k``'s curve as a function of its coefficients; with brightness bins, at the
+        bins given by the low-pass ``low`` of the same image."""
+        tables = self._band_tables()
+        if self.brightness_bins == 1:
+            return lambda k, c: _read_odd(c, *tables[k])
+        position = self.brightness_position(low)
+        return lambda k, c: _read_binned(c, position, *tables[k])
 
     def _band_tables(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Each band's curve table, built once per set of curves: rebuilding the tables took
@@ -295,7 +297,7 @@ class ToneFilter(nn.Module):
         levels), bin ``m`` centred on rank ``(m + 1/2) / M``."""
         q = self.brightness.float()
         levels = torch.linspace(0.0, 1.0, q.shape[0], device=low.device)
-        rank = _piecewise(low.clamp(float(q[0]), float(q[-1])), q, levels)
+        rank = _piecewise(low.clamp(q[0], q[-1]), q, levels)  # tensor bounds: no device-to-host sync
         return (rank * self.brightness_bins - 0.5).clamp(0.0, self.brightness_bins - 1.0)
 
     def describe(self) -> dict[str, Any]:

@@ -6,8 +6,8 @@ the radiographer set the collimator, not on the vendor's processing.  Crops with
 borders in different proportions in A and B moved the fitted tone curves: on the demo's crops
 of real radiographs (``demo-data --source real``, half of them collimated) leaving the borders
 out (from the crops' own records) gained +1.7 to +3.8 dB on seed 0, and detected as below +0.6
-to +3.8 dB, 3 seeds (``bench/quality.py``, ``bench/results/quality-first-stage-real.json``).  Vendors' exposure recognition leaves them out of their histogram
-analysis for the same reason.
+to +3.8 dB, 3 seeds (``bench/quality.py``, ``bench/results/quality-first-stage-real.json``).
+Vendors' exposure recognition leaves them out of their histogram analysis for the same reason.
 
 The rule, in model space (bone and unexposed detector bright): from each side inwards, rows
 (columns) whose values are flat (standard deviation under :data:`FLAT` of the image's

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.engine.tone_filter import MAX_BRIGHTNESS_BINS
+from dicom_node.engine.tone_filter import DEFAULT_BRIGHTNESS_BINS, MAX_BRIGHTNESS_BINS
 from dicom_node.engine.yaml_config import ConfigError, load_config_file
 
 __all__ = [
@@ -45,7 +45,7 @@ class ModelSettings:
     # band curves per band of local brightness (the gain may depend on where a detail sits on the
     # grey scale: a vendor's gradation curve applied after its multiscale processing); 1: one
     # curve per band, as before
-    brightness_bins: int = 4
+    brightness_bins: int = DEFAULT_BRIGHTNESS_BINS
 
 
 @dataclass
