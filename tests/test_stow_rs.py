@@ -52,10 +52,11 @@ def multipart(parts: list[bytes], part_type: str = "application/dicom", close: b
 
 
 def post(port: int, body: bytes, *, called: str = CALLED, token: str | None = TOKEN,
-         content_type: str = RELATED, tls: ssl.SSLContext | None = None) -> tuple[int, str, bytes]:
+         content_type: str = RELATED, tls: ssl.SSLContext | None = None,
+         accept: str = "application/dicom+json") -> tuple[int, str, bytes]:
     conn = (http.client.HTTPConnection("127.0.0.1", port, timeout=60) if tls is None else
             http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=tls))
-    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+    headers = {"Content-Type": content_type, "Accept": accept}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     try:
@@ -121,6 +122,8 @@ def test_refused_requests_get_the_standard_status_and_store_nothing(tmp_path, ti
         assert post(port, good, content_type='multipart/related; type="application/dicom+xml"; '
                                              f'boundary={BOUNDARY}')[0] == 415
         assert post(port, good, content_type='multipart/related; type="application/dicom"')[0] == 400  # no boundary
+        assert post(port, good, accept="application/dicom+xml")[0] == 406  # the XML answer only
+        assert post(port, good, accept="application/dicom+json;q=0, application/dicom+xml")[0] == 406
         cut = good[:len(good) // 2]  # the second instance never arrives
         status, _, answer = post(port, cut)
         assert status == 400, answer
@@ -128,8 +131,8 @@ def test_refused_requests_get_the_standard_status_and_store_nothing(tmp_path, ti
         assert post(port, b"this is not multipart at all")[0] == 400
         assert post(port, multipart([]))[0] == 400  # no parts
         _stored_nothing(node)
-        # the node keeps serving: the same study is then taken whole
-        status, ctype, answer = post(port, good)
+        # the node keeps serving: the same study is then taken whole (XML preferred, JSON acceptable)
+        status, ctype, answer = post(port, good, accept="application/dicom+xml, application/dicom+json;q=0.5")
         assert status == 200, answer
         assert ctype.startswith("application/dicom+json")
         assert {i["uid"] for i in sop_items(answer, "00081199")} == {str(ds.SOPInstanceUID) for ds in study}
@@ -368,3 +371,14 @@ def test_stow_rs_config_keys(tmp_path, tiny_model_path, token_hash):
             parse_config(web(bad), base_dir=tmp_path)
         assert where in str(err.value), str(err.value)
         assert "plain-text-token" not in str(err.value)  # a token pasted in the wrong place is not echoed
+
+
+@pytest.mark.parametrize("header, ok", [
+    ("", True), ("*/*", True), ("application/*", True), ("application/json", True),
+    ("Application/DICOM+JSON; q=0.9", True), ("application/dicom+xml, */*;q=0.1", True),
+    ("application/dicom+xml", False), ("text/html", False), ("application/dicom+json;q=0", False),
+    ("application/dicom+json;q=junk", False)])
+def test_accept_header_rules(header, ok):
+    from dicom_node.web.stow import accepts_json
+
+    assert accepts_json(header) is ok

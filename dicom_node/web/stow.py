@@ -24,7 +24,8 @@ Answers: 200 and a ``ReferencedSOPSequence`` when every instance was stored; 202
 route has (or STOW-RS off), 403 when no route of it allows :data:`CALLING_AE`, a route of it has
 ``stow_rs_clients`` without this client, or a client certificate's subject is not in
 ``subjects`` (and no token came), 415 for a request that is not
-``multipart/related; type="application/dicom"``, 400 for a malformed multipart body, 408 when
+``multipart/related; type="application/dicom"``, 406 when the Accept header rules out
+``application/dicom+json`` (:func:`accepts_json`), 400 for a malformed multipart body, 408 when
 the body stops arriving for ``node.network_timeout`` seconds.
 
 Why the whole body is read before anything is stored: a body cut short or malformed must store
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     from dicom_node.web.app import Console
 
 __all__ = ["stow_endpoint", "receiving", "CALLING_AE", "PATH", "STATUS_SOP_CLASS_NOT_SUPPORTED", "client_subject",
-           "FEED_BYTES", "MAX_TOKEN_LENGTH"]
+           "FEED_BYTES", "MAX_TOKEN_LENGTH", "accepts_json"]
 
 log = logging.getLogger("dicom_node.web.stow")
 
@@ -65,6 +66,7 @@ PATH = "/dicomweb/{called_ae}/studies"
 CALLING_AE = "STOW-RS"  # the sender of a STOW-RS instance, for routes' calling_ae allow-lists and the logs
 DICOM_TYPE = "application/dicom"
 RESPONSE_TYPE = "application/dicom+json"
+JSON_RANGES = frozenset({RESPONSE_TYPE, "application/json", "application/*", "*/*"})  # Accept ranges it answers
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 FEED_BYTES = 1 << 20  # body bytes collected in memory before the parser writes them to disk (in a thread)
 PREAMBLE_BYTES = 64 * 1024  # what may come before the first boundary (RFC 2046 preamble)
@@ -216,6 +218,31 @@ def _content_type(header: str) -> tuple[str, dict[str, str]]:
     message["content-type"] = header
     params = {k.lower(): v for k, v in message.get_params(header="content-type", failobj=[])[1:]}
     return message.get_content_type().lower(), params
+
+
+def accepts_json(header: str) -> bool:
+    """Whether an Accept header lets the answer be ``application/dicom+json``: no header, or a
+    media range that matches it (``application/dicom+json``, ``application/json``,
+    ``application/*``, ``*/*``) with a quality above 0.
+
+    Why: PS3.18 lets a STOW-RS client ask for the XML answer (Accept) only; this node writes the
+    JSON one, so such a request is refused with 406 before its body is read rather than answered
+    in a type the client said it cannot parse."""
+    if not header.strip():
+        return True
+    for item in header.split(","):
+        media, _, params = item.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value.strip())
+                except ValueError:
+                    quality = 0.0
+        if quality > 0 and media.strip().lower() in JSON_RANGES:
+            return True
+    return False
 
 
 async def _chunks(request: Request, idle: float) -> AsyncIterator[bytes]:
@@ -408,6 +435,9 @@ def stow_endpoint(console: Console, turns: HashTurns,
         media, params = _content_type(request.headers.get("content-type", ""))
         if media != "multipart/related" or params.get("type", DICOM_TYPE).lower() != DICOM_TYPE:
             return _error(415, f'send multipart/related; type="{DICOM_TYPE}" (got {media[:60]!r})')
+        if not accepts_json(request.headers.get("accept", "")):
+            return _error(406, f"this node answers STOW-RS in {RESPONSE_TYPE} only "
+                               f"(Accept: {request.headers.get('accept', '')[:80]!r})")
         boundary = params.get("boundary", "")
         if not boundary or len(boundary) > 70:
             return _error(400, "the multipart/related content type has no valid boundary")
