@@ -22,7 +22,7 @@ The layer list is kept flat and explicit on purpose: the seamless tiled executor
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -30,6 +30,8 @@ from torch import nn
 from .tone_filter import ToneFilter
 
 __all__ = ["ResnetBlock", "ResnetGenerator", "init_weights"]
+
+_Net = TypeVar("_Net", bound=nn.Module)
 
 
 class ResnetBlock(nn.Module):
@@ -115,7 +117,7 @@ class ResnetGenerator(nn.Module):
         return arch
 
 
-def init_weights(net: nn.Module, gain: float = 0.02, zero_last: bool = False) -> nn.Module:
+def init_weights(net: _Net, gain: float = 0.02, zero_last: bool = False) -> _Net:
     """The standard CycleGAN init: conv weights ~ N(0, gain), biases 0.
 
     ``zero_last`` zeroes the final convolution so a residual generator starts as the identity.

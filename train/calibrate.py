@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from dicom_node.engine.model_file import StyleModel, weights_digest
 
 from .data import pick_images
 
+if TYPE_CHECKING:
+    from dicom_node.engine.generator import ResnetGenerator
+
 __all__ = ["fidelity_metadata", "DOMAIN_IMAGES", "CALIBRATION_IMAGES", "FIDELITY_VERSION"]
 
 log = logging.getLogger("dicom_node.train")
@@ -44,7 +47,7 @@ DOMAIN_IMAGES = 64
 CALIBRATION_IMAGES = 32
 
 
-def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None, domain_images: Sequence[np.ndarray],
+def fidelity_metadata(forward: ResnetGenerator, reverse: ResnetGenerator | None, domain_images: Sequence[np.ndarray],
                       held_out: Sequence[np.ndarray] | None = None, *, device: Any = None) -> dict[str, Any]:
     """The ``fidelity`` metadata of the model ``forward`` (its inverse ``reverse`` may be None).
 
@@ -63,7 +66,7 @@ def fidelity_metadata(forward: torch.nn.Module, reverse: torch.nn.Module | None,
     from_training = not held_out
     # Held-out images first; training images too, for more samples of the normal variation
     # (they can only raise a threshold: a false alarm costs a radiologist's time every day).
-    held = [] if from_training else pick_images(list(held_out), CALIBRATION_IMAGES)
+    held = [] if from_training or held_out is None else pick_images(list(held_out), CALIBRATION_IMAGES)
     calib = held + pick_images(domain_imgs, CALIBRATION_IMAGES)
     g = StyleModel(generator=forward.eval(), metadata={"name": "calibration"})
     samples: dict[str, list[float]] = {s.name: [] for s in fidelity.TABLE}

@@ -108,10 +108,12 @@ class TrainConfig:
                 return {k: conv(x) for k, x in v.items()}
             return v
 
-        return conv(out)
+        converted: dict[str, Any] = conv(out)
+        return converted
 
 
-_SECTIONS = {"data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
+_SECTIONS: dict[str, type[DataSettings | ModelSettings | TrainSettings | OutputSettings]] = {
+    "data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
 _CHOICES = {("data", "normalization"): ("domain", "image"), ("train", "amp"): ("auto", "bf16", "off"),
             ("train", "paired"): ("auto", "on", "off"), ("train", "select_by"): ("auto", "pairs", "pseudo"),
             ("train", "channels_last"): ("auto", "on", "off")}

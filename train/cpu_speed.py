@@ -66,7 +66,8 @@ def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     except Exception:  # very old torch
         capability = "unknown"
     try:
-        onednn_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn_bf16 = bool(torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+                           and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
         onednn_bf16 = False
     return {
@@ -74,7 +75,7 @@ def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
         "capability": capability,
         "bf16_flags": sorted(f for f in flags if f in BF16_FLAGS),
         "avx512": "avx512f" in flags,
-        "onednn": bool(torch.backends.mkldnn.is_available()),
+        "onednn": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]  # as above
         "onednn_bf16": onednn_bf16,
         "torch": torch.__version__,
     }
@@ -111,7 +112,7 @@ def _block(channels: int) -> torch.nn.Module:
 def _time_block(amp: bool, channels_last: bool, channels: int, size: int, repeats: int) -> float:
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = _block(channels).to(memory_format=fmt)
+    net = _block(channels).to(memory_format=fmt)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's stubs omit it
     x = torch.randn(2, channels, size, size).contiguous(memory_format=fmt).requires_grad_(True)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     best = float("inf")
@@ -138,7 +139,7 @@ def measure_settings(candidates: list[tuple[bool, bool]], *, channels: int = 256
     for _ in range(repeats):
         for c in candidates:
             times[c] = min(times[c], _time_block(c[0], c[1], channels, size, 1))
-    best = min(times, key=times.get)
+    best = min(times, key=times.__getitem__)
     return {"amp": best[0], "channels_last": best[1],
             "times_s": {f"{'bf16' if a else 'fp32'}{' NHWC' if cl else ''}": t for (a, cl), t in times.items()}}
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dicom_node.engine.generator import ResnetGenerator
+
 from .losses import ImagePool, lsgan_loss
 from .networks import build_discriminator, build_generator
 
@@ -44,7 +46,7 @@ class CycleGAN:
     """Networks, optimisers and pools of one CycleGAN run, with a checkpointable state."""
 
     def __init__(self, *, ngf: int = 64, n_blocks: int = 9, ndf: int = 64, residual: bool = False,
-                 tone_filter: bool | dict = False,
+                 tone_filter: bool | dict[str, Any] = False,
                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), lambda_cycle: float = 10.0,
                  lambda_identity: float = 0.5, lambda_paired: float = 0.0, pool_size: int = 50,
                  device: torch.device | str = "cpu", amp: bool = False, channels_last: bool = True,
@@ -62,7 +64,7 @@ class CycleGAN:
             "d_b": build_discriminator(ndf),
         }
         for net in nets.values():
-            net.to(self.device, memory_format=self.memory_format)
+            net.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's stubs omit it
         self.nets: dict[str, nn.Module] = nets
         self.opt_g = torch.optim.Adam(list(nets["g_ab"].parameters()) + list(nets["g_ba"].parameters()),
                                       lr=lr, betas=betas)
@@ -74,7 +76,7 @@ class CycleGAN:
     def set_tone_filters(self, ab: nn.Module, ba: nn.Module) -> None:
         """Load fitted tone filters (:mod:`.tone_fit`) into the two generators (before DDP wrapping)."""
         for name, fitted in (("g_ab", ab), ("g_ba", ba)):
-            own = self.module(name).tone_filter
+            own = self.generator(name).tone_filter
             if own is None:
                 raise ValueError("the generators were built without a tone filter")
             own.load_state_dict(fitted.state_dict())
@@ -92,6 +94,13 @@ class CycleGAN:
         """The plain network (without a DDP wrapper)."""
         return _unwrap(self.nets[name])
 
+    def generator(self, name: str) -> ResnetGenerator:
+        """The plain generator ``g_ab`` or ``g_ba`` (without a DDP wrapper)."""
+        gen = self.module(name)
+        if not isinstance(gen, ResnetGenerator):
+            raise TypeError(f"{name} is not a generator")
+        return gen
+
     # ------------------------------------------------------------------ training
 
     def set_lr(self, lr: float) -> None:
@@ -99,7 +108,7 @@ class CycleGAN:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -143,7 +152,7 @@ class CycleGAN:
         else:
             paired_l1 = zero
         loss_g = gan_ab + gan_ba + cycle_a + cycle_b + idt_a + idt_b + paired_l1
-        loss_g.backward()
+        loss_g.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         self.opt_g.step()
 
         # ---- discriminator step (real and pooled fake in one call each, loss halved)
@@ -157,7 +166,7 @@ class CycleGAN:
             score_a = d_a(torch.cat([real_a, pooled_a.contiguous(memory_format=self.memory_format)]))
         loss_d_b = 0.5 * (lsgan_loss(score_b[:n], True) + lsgan_loss(score_b[n:], False))
         loss_d_a = 0.5 * (lsgan_loss(score_a[:n], True) + lsgan_loss(score_a[n:], False))
-        (loss_d_a + loss_d_b).backward()
+        (loss_d_a + loss_d_b).backward()  # type: ignore[no-untyped-call]  # as above
         self.opt_d.step()
         values = (loss_g, gan_ab, gan_ba, cycle_a, cycle_b, idt_a, idt_b, paired_l1, loss_d_a, loss_d_b)
         return {k: v.detach() for k, v in zip(LOSS_NAMES, values)}
@@ -177,7 +186,7 @@ class CycleGAN:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to resume, as tensors and plain values (``torch.load(weights_only=True)``)."""
-        def cpu(sd: dict) -> dict:
+        def cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
         return {
@@ -191,7 +200,7 @@ class CycleGAN:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in self.nets:
             self.module(name).load_state_dict(state[name])
-            self.module(name).to(self.device, memory_format=self.memory_format)
+            self.module(name).to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # as above
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.pool_a.load_state_dict(state["pool_a"], self.device)

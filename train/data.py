@@ -89,14 +89,14 @@ def _content_map(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     blocks = image[:h, :w].astype(np.float32).reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK)
     mean = blocks.mean(axis=(1, 3))
     std = blocks.std(axis=(1, 3))
-    ok = (std > 0.01) & (np.abs(mean) < 0.97)
+    ok: np.ndarray = (std > 0.01) & (np.abs(mean) < 0.97)
     if valid is not None:
         vb = valid[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).all(axis=(1, 3))
         ok &= vb
     return ok.astype(np.uint8)
 
 
-def _decode(path: Path, normalization: dict) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
     from dicom_node.engine.pixels import normalize, read_image_file
 
     radiograph = read_image_file(path)
@@ -106,7 +106,7 @@ def _decode(path: Path, normalization: dict) -> tuple[np.ndarray, np.ndarray | N
     return image, radiograph.valid
 
 
-def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict, *, patch_size: int = 0,
+def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[str, Any], *, patch_size: int = 0,
                 write_cache: bool = True, min_images: int = 1) -> DomainData:
     """Decode (or reuse the cache of) every image under ``folder``.
 
@@ -187,7 +187,7 @@ def _domain_files(folder: Path, label: str) -> list[Path]:
     return files
 
 
-def _read_index(index_path: Path, normalization: dict) -> dict[str, Any]:
+def _read_index(index_path: Path, normalization: dict[str, Any]) -> dict[str, Any]:
     """The cache index, or a fresh one when it is missing, unreadable, of another cache version
     or made with another normalisation."""
     index: dict[str, Any] = {}
@@ -201,7 +201,7 @@ def _read_index(index_path: Path, normalization: dict) -> dict[str, Any]:
     return index
 
 
-def _decode_entry(path: Path, stem: str, key: dict[str, int], normalization: dict, cache: Path,
+def _decode_entry(path: Path, stem: str, key: dict[str, int], normalization: dict[str, Any], cache: Path,
                   write_cache: bool) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     """Decode one file into its index entry (``ok`` False with the reason when unreadable).
 
@@ -266,7 +266,7 @@ def paired_indices(a: DomainData, b: DomainData) -> list[tuple[int, int]]:
     return pairs
 
 
-def load_pairs(folder: Path, normalization: dict, normalization_b: dict | None = None,
+def load_pairs(folder: Path, normalization: dict[str, Any], normalization_b: dict[str, Any] | None = None,
                limit: int = 16) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Validation pairs: ``folder/A/NAME`` and ``folder/B/NAME`` (any suffix) of the same image.
 

@@ -14,12 +14,17 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dicom_node.engine.atomic import atomic_write
 from dicom_node.engine.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from dicom_node.engine.generator import ResnetGenerator
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
            "save_checkpoint", "load_checkpoint", "export_models", "checkpoint_normalizations",
@@ -116,7 +121,7 @@ def _output_metadata(target_norm: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _calibration_images(meta: dict[str, Any], run_dir: Path,
-                        norms: dict[str, dict[str, Any]]) -> dict[str, list] | None:
+                        norms: dict[str, dict[str, Any]]) -> dict[str, list[np.ndarray]] | None:
     """Training images of both domains (from the run's cache, read through ``norms``) and
     validation images, if any; None (with a warning) when the data is no longer where the run
     found it."""
@@ -135,7 +140,8 @@ def _calibration_images(meta: dict[str, Any], run_dir: Path,
     return out
 
 
-def _network_or_first_stage(gen: torch.nn.Module, meta: dict[str, Any], key: str) -> tuple[torch.nn.Module, dict]:
+def _network_or_first_stage(gen: ResnetGenerator, meta: dict[str, Any],
+                            key: str) -> tuple[ResnetGenerator, dict[str, Any]]:
     """``gen``, or its first stage alone when its network did not beat it (module doc), with
     what was exported and why (provenance ``exported``)."""
     from .networks import has_first_stage, zero_network

@@ -107,10 +107,10 @@ def run_normalizations(mode: str, a: Path, b: Path, cache_dir: Path) -> tuple[di
     measured over each domain (``domain``) or each image's own percentiles (``image``)."""
     if mode == "image":
         return dict(DEFAULT_NORMALIZATION), dict(DEFAULT_NORMALIZATION)
-    windows = [domain_window(a, "A", cache_dir), domain_window(b, "B", cache_dir)]
-    if None in windows:  # a domain without readable images: load_domain reports it in one line
+    window_a, window_b = domain_window(a, "A", cache_dir), domain_window(b, "B", cache_dir)
+    if window_a is None or window_b is None:  # a domain without readable images: load_domain reports it in one line
         return dict(DEFAULT_NORMALIZATION), dict(DEFAULT_NORMALIZATION)
-    for label, w in zip("AB", windows):
+    for label, w in zip("AB", (window_a, window_b)):
         log.info("domain %s: intensity window %.6g..%.6g (%g-%g percentiles of %d images together)", label,
                  w["low"], w["high"], *w["measured"]["percentiles"], w["measured"]["images"])
-    return windows[0], windows[1]
+    return window_a, window_b

@@ -105,14 +105,14 @@ class _Run:
         self.validation: dict[str, float] = {}
         self.selector = CheckpointSelector(cfg.train.select_by, self.run_dir, device)
         self.last_losses: dict[str, float] = {}
-        self.val_pairs: list = []
+        self.val_pairs: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     # ------------------------------------------------------------------ set-up
 
     def _load_data(self, write: bool) -> tuple[DomainData, DomainData]:
         cfg = self.cfg
         cache = self.run_dir / "cache"
-        kw = dict(patch_size=cfg.train.patch_size, write_cache=write, min_images=cfg.data.min_images)
+        kw: dict[str, Any] = dict(patch_size=cfg.train.patch_size, write_cache=write, min_images=cfg.data.min_images)
         a = load_domain(cfg.data.a, "A", cache, self.norms["A"], **kw)
         b = load_domain(cfg.data.b, "B", cache, self.norms["B"], **kw)
         return a, b
@@ -171,8 +171,8 @@ class _Run:
         if not resumed and cfg.model.tone_filter:  # every rank fits the same (deterministic) filters
             from .tone_fit import fit_tone_filter
 
-            stage = {"band_curves": cfg.model.band_curves, "brightness_bins": cfg.model.brightness_bins,
-                     "seed": cfg.train.seed}
+            stage: dict[str, Any] = {"band_curves": cfg.model.band_curves,
+                                     "brightness_bins": cfg.model.brightness_bins, "seed": cfg.train.seed}
             model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, **stage), fit_tone_filter(b.arrays, a.arrays, **stage))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
@@ -186,7 +186,7 @@ class _Run:
         self._loop(model, sampler, start, paired, val_pairs)
         return self._finish(model, start)
 
-    def _pairing(self, a: DomainData, b: DomainData) -> tuple[list, bool]:
+    def _pairing(self, a: DomainData, b: DomainData) -> tuple[list[tuple[int, int]], bool]:
         """The (A, B) pairs sharing a file name, and whether to train in paired mode."""
         cfg, info = self.cfg, self.info
         pairs = paired_indices(a, b)
@@ -274,7 +274,7 @@ class _Run:
             "config": cfg.to_dict(),
             "normalization": self.norms["A"],  # G_ab's input (as before per-domain windows)
             "normalizations": self.norms,
-            "architecture": model.module("g_ab").architecture(),
+            "architecture": model.generator("g_ab").architecture(),
             "data": {"A": a.summary(), "B": b.summary(), "pairs": n_pairs,
                      "world_size": self.info.world_size},
             "paired": paired,
@@ -296,7 +296,8 @@ class _Run:
 
     # ------------------------------------------------------------------ the loop
 
-    def _loop(self, model: CycleGAN, sampler: PatchSampler, start: int, paired: bool, val_pairs: list) -> None:
+    def _loop(self, model: CycleGAN, sampler: PatchSampler, start: int, paired: bool,
+              val_pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
         cfg, info = self.cfg, self.info
         steps = cfg.train.steps
         bar = None
@@ -342,7 +343,7 @@ class _Run:
             if step % cfg.output.checkpoint_every == 0 or last:
                 if info.is_main:
                     self.validation = self._style_check(model)
-                    self.validation.update(self.selector.gains(model.module("g_ab"), model.module("g_ba"),
+                    self.validation.update(self.selector.gains(model.generator("g_ab"), model.generator("g_ba"),
                                                                self.data, val_pairs or self.train_pairs))
                     if val_pairs:
                         self.validation.update(self._validate(model, val_pairs))
@@ -371,14 +372,14 @@ class _Run:
             b_stats = style_statistics(pick_images(b.arrays, STYLE_IMAGES))
             self._style_ref = (a_images, b_stats, style_distance(style_statistics(a_images), b_stats)["total"])
         a_images, b_stats, identity = self._style_ref
-        result = style_check(model.module("g_ab"), a_images, b_stats, identity, device=self.device)
+        result = style_check(model.generator("g_ab"), a_images, b_stats, identity, device=self.device)
         log.info("style distance of G(A) from B: %.3f (A itself: %.3f)", result["style_distance"], identity)
         return result
 
-    def _validate(self, model: CycleGAN, val_pairs: list) -> dict[str, float]:
+    def _validate(self, model: CycleGAN, val_pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, float]:
         from .validate import validate
 
-        return validate(model.module("g_ab"), model.module("g_ba"), val_pairs, device=self.device, norms=self.norms)
+        return validate(model.generator("g_ab"), model.generator("g_ba"), val_pairs, device=self.device, norms=self.norms)
 
     # ------------------------------------------------------------------ outputs
 

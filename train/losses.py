@@ -6,6 +6,7 @@ autocast, so bf16 rounding does not bias the squared error.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ class ImagePool:
                 out.append(image)
         return torch.cat(out, 0)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Tensors and RNG state, loadable with ``torch.load(weights_only=True)``."""
         state = self.rng.getstate()
         return {
@@ -60,7 +61,7 @@ class ImagePool:
             "rng_gauss": state[2],
         }
 
-    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
         imgs = state["images"]
         self.images = [imgs[i : i + 1].to(device) for i in range(imgs.shape[0])] if imgs.numel() else []
         self.rng.setstate((state["rng_version"], tuple(int(v) for v in state["rng_state"].tolist()),

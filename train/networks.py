@@ -8,6 +8,7 @@ but the first and the last, LeakyReLU(0.2).
 from __future__ import annotations
 
 import copy
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from dicom_node.engine.tone_filter import DEFAULT_BAND_KNOTS
 
 __all__ = ["PatchDiscriminator", "build_generator", "build_discriminator", "has_first_stage", "tone_filter_arguments",
            "zero_network"]
+
+_Net = TypeVar("_Net", bound=nn.Module)
 
 
 class PatchDiscriminator(nn.Module):
@@ -38,10 +41,11 @@ class PatchDiscriminator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        out: torch.Tensor = self.model(x)
+        return out
 
 
-def tone_filter_arguments(tone_filter: bool, band_curves: bool, brightness_bins: int = 1) -> bool | dict:
+def tone_filter_arguments(tone_filter: bool, band_curves: bool, brightness_bins: int = 1) -> bool | dict[str, Any]:
     """The generator's ``tone_filter`` argument for the config's ``model.tone_filter``,
     ``model.band_curves`` and ``model.brightness_bins``: off, one gain per band (``True``), or
     band curves (per brightness bin)."""
@@ -52,7 +56,7 @@ def tone_filter_arguments(tone_filter: bool, band_curves: bool, brightness_bins:
     return {"band_knots": DEFAULT_BAND_KNOTS, **({"brightness_bins": brightness_bins} if brightness_bins > 1 else {})}
 
 
-def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool | dict = False) -> ResnetGenerator:
+def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool | dict[str, Any] = False) -> ResnetGenerator:
     """The engine's generator with the standard N(0, 0.02) init (identity start when residual).
 
     ``tone_filter`` adds the global stage in front, as the identity until it is fitted
@@ -75,7 +79,7 @@ def has_first_stage(gen: torch.nn.Module) -> bool:
     return bool(getattr(gen, "residual", False))
 
 
-def zero_network(gen: torch.nn.Module) -> torch.nn.Module:
+def zero_network(gen: _Net) -> _Net:
     """A copy of residual ``gen`` whose network adds nothing: ``clamp(T(x) + tanh(0))`` = its first stage."""
     if not has_first_stage(gen):
         raise ValueError("only a residual generator has a first stage to fall back to")

@@ -31,15 +31,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from dicom_node.engine.errors import UserError
 from dicom_node.engine.quality import psnr
 
 from .networks import has_first_stage, zero_network
+
+if TYPE_CHECKING:
+    from dicom_node.engine.generator import ResnetGenerator
+
+    from .data import DomainData
 
 log = logging.getLogger("dicom_node.train")
 
@@ -51,7 +55,7 @@ PSEUDO_IMAGES = 4  # target-domain images per direction made into pseudo-pairs
 GAIN_KEYS = ("gain_a2b", "gain_b2a")  # dB over the first stage, per direction (metrics.csv, checkpoint meta)
 
 
-def first_stage(gen: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+def first_stage(gen: ResnetGenerator) -> Callable[[np.ndarray], np.ndarray]:
     """``gen``'s first stage alone as a function of one model-space image: its tone filter
     (``engine.fidelity.base_of``, clamped as the generator clamps), or the identity for a
     residual generator without one."""
@@ -62,7 +66,7 @@ def first_stage(gen: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     return lambda img: np.clip(base_of(model, img), -1.0, 1.0)
 
 
-def pseudo_pairs(reverse: torch.nn.Module, targets: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def pseudo_pairs(reverse: ResnetGenerator, targets: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, input, target) pairs from target-domain images: the input is the reverse
     generator's first stage applied to the target (module doc)."""
     back = first_stage(reverse)
@@ -74,7 +78,7 @@ def _psnr(x: np.ndarray, y: np.ndarray) -> float:
     return min(psnr(x, y), EXACT_DB)
 
 
-def network_gain(gen: torch.nn.Module, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]],
+def network_gain(gen: ResnetGenerator, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]],
                  device: Any = None) -> float:
     """Mean ``PSNR(G(x), y) - PSNR(first stage(x), y)`` over ``pairs`` (dB; whole images through
     the engine, as the node runs them)."""
@@ -93,11 +97,12 @@ class CheckpointSelector:
 
     def __init__(self, select_by: str, run_dir: Path, device: Any = None) -> None:
         self.select_by, self.run_dir, self.device = select_by, Path(run_dir), device
-        self._pairs: tuple[list, list] | None = None
+        self._pairs: tuple[list[tuple[str, np.ndarray, np.ndarray]], list[tuple[str, np.ndarray, np.ndarray]]] | None = None
         self.criterion = ""
         self._best: float | None = None
 
-    def gains(self, g_ab: torch.nn.Module, g_ba: torch.nn.Module, data: tuple, val_pairs: list) -> dict[str, float]:
+    def gains(self, g_ab: ResnetGenerator, g_ba: ResnetGenerator, data: tuple[DomainData, DomainData],
+              val_pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, float]:
         """``{"gain_a2b", "gain_b2a"}`` in dB (empty for generators without a first stage);
         ``val_pairs``: the validation pairs, or a paired run's training pairs (module doc)."""
         if not has_first_stage(g_ab):

@@ -87,7 +87,8 @@ def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.nd
     xs, ys = np.quantile(src, q), np.quantile(dst, q)
     # np.interp needs increasing knots: ties (clipped or padded pixels) get a vanishing slope.
     xs = xs + np.arange(xs.size) * 1e-9
-    return np.interp(grid, xs, ys).astype(np.float32)
+    curve: np.ndarray = np.interp(grid, xs, ys).astype(np.float32)
+    return curve
 
 
 @torch.no_grad()
@@ -178,7 +179,8 @@ def _band_samples(images: list[torch.Tensor], sigmas: Sequence[float], rng: np.r
 
 def _ranks(low: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     """Brightness ranks in [0, 1] as the engine computes them: through the domain's quantiles."""
-    return np.interp(low, quantiles + np.arange(quantiles.size) * 1e-9, np.linspace(0.0, 1.0, quantiles.size))
+    ranks: np.ndarray = np.interp(low, quantiles + np.arange(quantiles.size) * 1e-9, np.linspace(0.0, 1.0, quantiles.size))
+    return ranks
 
 
 def _fit_binned_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.ndarray],

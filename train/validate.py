@@ -9,16 +9,22 @@ The metric definitions are ``dicom-node evaluate``'s, so the numbers compare dir
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from dicom_node.engine.quality import psnr, ssim  # the same definitions as ``dicom-node evaluate``
 
+if TYPE_CHECKING:
+    from dicom_node.engine.generator import ResnetGenerator
+    from dicom_node.engine.model_file import StyleModel
+    from dicom_node.engine.style_stats import StyleStats
+
 __all__ = ["validate", "frozen_model"]
 
 
-def frozen_model(gen: torch.nn.Module, name: str):
+def frozen_model(gen: ResnetGenerator, name: str) -> StyleModel:
     """A frozen copy of a training generator as a StyleModel (eval mode, no gradients), to run
     through the engine as the node does without touching the one being trained."""
     from dicom_node.engine.model_file import StyleModel
@@ -28,8 +34,8 @@ def frozen_model(gen: torch.nn.Module, name: str):
     return StyleModel(generator=g, metadata={"name": name})
 
 
-def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str, np.ndarray, np.ndarray]],
-             device: torch.device | str | None = None, norms: dict | None = None) -> dict[str, float]:
+def validate(g_ab: ResnetGenerator, g_ba: ResnetGenerator, pairs: list[tuple[str, np.ndarray, np.ndarray]],
+             device: torch.device | str | None = None, norms: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
     """Mean PSNR/SSIM of A->B against B and B->A against A, plus the identity baselines.
 
     ``norms``: each domain's window (``{"A": ..., "B": ...}``); the identity baseline is A's
@@ -57,7 +63,7 @@ def validate(g_ab: torch.nn.Module, g_ba: torch.nn.Module, pairs: list[tuple[str
 STYLE_IMAGES = 4  # training images of each domain whose style statistics are compared
 
 
-def style_check(g_ab: torch.nn.Module, a_images: list[np.ndarray], b_stats, identity: float | None = None,
+def style_check(g_ab: ResnetGenerator, a_images: list[np.ndarray], b_stats: StyleStats, identity: float | None = None,
                 device: torch.device | str | None = None) -> dict[str, float]:
     """Validation without pairs: style distance of G(A) from B, next to A's own (the baseline).
 
