@@ -30,7 +30,7 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-# ruff on everything Python; mypy --strict on dicom_node/ and engine/ (pyproject.toml [tool.mypy]).
+# ruff on everything Python; mypy --strict on dicom_node/, engine/ and train/ (pyproject.toml [tool.mypy]).
 LINT_PATHS ?= dicom_node engine train tests bench
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
