@@ -132,3 +132,40 @@ def test_paired_training_is_judged_on_its_own_pairs_and_unpaired_on_pseudo_pairs
     with caplog.at_level(logging.INFO, logger="dicom_node.train"):
         assert _train(tmp_path / "u", _train_data(tmp_path / "data", n=2), 2) == 0
     assert "network over its first stage (pseudo-pairs)" in caplog.text
+
+
+def test_with_true_pairs_the_first_stage_is_scored_against_the_input_and_a_loss_is_warned(tmp_path, caplog):
+    """Only pairs can show a first stage worse than changing nothing (domains that differ in
+    content: docs/training.md); the selector scores it once and says so."""
+    import logging
+
+    from dicom_node.train.selection import OVER_INPUT_KEYS, CheckpointSelector, first_stage_over_input
+
+    gen = zero_network(_toned())
+    xs = _images(2)
+    styled = [(f"s{i}", x, first_stage(gen)(x)) for i, x in enumerate(xs)]  # the stage is the style
+    unchanged = [(f"u{i}", x, x) for i, x in enumerate(xs)]  # the style is no change at all
+    assert first_stage_over_input(gen, styled) > 10
+    assert first_stage_over_input(gen, unchanged) < -10
+    selector = CheckpointSelector("pairs", tmp_path)
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        out = selector.gains(gen, gen, (None, None), unchanged)
+    assert out[OVER_INPUT_KEYS[0]] == pytest.approx(first_stage_over_input(gen, unchanged))
+    assert "A->B: the first stage is" in caplog.text and "worse than the input" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        again = selector.gains(gen, gen, (None, None), unchanged)  # scored once, kept in every checkpoint's meta
+    assert again[OVER_INPUT_KEYS[1]] == out[OVER_INPUT_KEYS[1]] and "worse than the input" not in caplog.text
+    pseudo = CheckpointSelector("pseudo", tmp_path).gains(gen, gen, (type("D", (), {"arrays": xs})(),) * 2, [])
+    assert not set(OVER_INPUT_KEYS) & set(pseudo)  # without pairs there is nothing to tell
+
+
+@pytest.mark.parametrize("gain, first, over", [(0.4, -1.0, -0.6), (-1.2, -1.0, -1.0), (0.4, 2.0, 2.4), (0.4, None, None)])
+def test_export_says_how_the_exported_model_compares_with_the_input(gain, first, over, caplog):
+    import logging
+
+    validation = {"gain_a2b": gain, **({} if first is None else {"first_stage_over_input_a2b": first})}
+    with caplog.at_level(logging.WARNING, logger="dicom_node.train"):
+        _, note = _network_or_first_stage(_toned(), {"validation": validation, "gain_by": "true pairs"}, "g_ab")
+    assert note.get("over_input_db") == (None if over is None else pytest.approx(over))
+    assert ("worse than the input" in caplog.text) is (over is not None and over < 0)

@@ -152,15 +152,31 @@ def _network_or_first_stage(gen: ResnetGenerator, meta: dict[str, Any],
         return gen, {"stage": "network", "gain_db": None}
     # checkpoints from before gain_by were scored without a margin
     margin = PSEUDO_PAIR_MARGIN_DB if meta.get("gain_by") == "pseudo-pairs" else 0.0
+    label = direction.upper().replace("2", "->")
     if gain > margin:
-        return gen, {"stage": "network", "gain_db": round(float(gain), 3)}
+        return gen, _over_input({"stage": "network", "gain_db": round(float(gain), 3)}, meta, direction, gain)
     first = "tone filter" if getattr(gen, "tone_filter", None) is not None else "identity"
     log.warning("%s: the network does not beat its first stage (%+.2f dB%s): exporting the %s alone",
-                direction.upper().replace("2", "->"), gain,
-                f" on pseudo-pairs, {margin:.1f} dB needed" if margin else "", first)
-    return zero_network(gen), {"stage": f"{first} alone", "gain_db": round(float(gain), 3),
-                               "reason": "the network did not beat its first stage at the chosen checkpoint"
-                               + (f" by the {margin:.1f} dB pseudo-pairs need" if margin else "")}
+                label, gain, f" on pseudo-pairs, {margin:.1f} dB needed" if margin else "", first)
+    return zero_network(gen), _over_input({"stage": f"{first} alone", "gain_db": round(float(gain), 3),
+                                           "reason": "the network did not beat its first stage at the chosen checkpoint"
+                                           + (f" by the {margin:.1f} dB pseudo-pairs need" if margin else "")},
+                                          meta, direction, 0.0)
+
+
+def _over_input(note: dict[str, Any], meta: dict[str, Any], direction: str, gain: float) -> dict[str, Any]:
+    """``note`` with ``over_input_db``, the exported model against the input on the true pairs
+    (its first stage's ``first_stage_over_input`` plus the network's ``gain`` when the network is
+    kept; ``train/selection.py``), and a warning when that is below 0 dB; unchanged without pairs."""
+    first = (meta.get("validation") or {}).get(f"first_stage_over_input_{direction}")
+    if first is None:
+        return note
+    over = float(first) + gain
+    if over < 0:
+        log.warning("%s: the exported model is %.2f dB worse than the input on the true pairs: check that both "
+                    "domains show the same body part and field of view (docs/training.md)",
+                    direction.upper().replace("2", "->"), -over)
+    return {**note, "over_input_db": round(over, 3)}
 
 
 def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> list[Path]:

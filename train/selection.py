@@ -21,6 +21,12 @@ alone on the same images, in dB of PSNR:
   even this conservative test says it wins; a few validation pairs (``data.val``) are what
   let a good network through.
 
+With true pairs the trainer also scores each first stage against the input itself
+(``first_stage_over_input_*``: ``PSNR(T(a), b) - PSNR(a, b)``, the input as a model that changes
+nothing would write it, in the target's window), once, and warns when it is below 0 dB: a
+distribution-matching first stage takes any content difference between the domains for the style
+(docs/training.md, "What the two domains must share"), and only pairs can show it.
+
 The gain of the A->B direction picks the best checkpoint (kept as ``checkpoints/best.pt``);
 a direction whose network does not beat its first stage there is exported as the first stage
 alone (the network's last convolution zeroed: the residual generator is then exactly its tone
@@ -47,12 +53,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dicom_node.train")
 
-__all__ = ["first_stage", "has_first_stage", "network_gain", "pseudo_pairs", "zero_network", "CheckpointSelector",
-           "PSEUDO_IMAGES", "GAIN_KEYS"]
+__all__ = ["first_stage", "has_first_stage", "network_gain", "first_stage_over_input", "pseudo_pairs", "zero_network",
+           "CheckpointSelector", "PSEUDO_IMAGES", "GAIN_KEYS", "OVER_INPUT_KEYS"]
 
 EXACT_DB = 100.0  # PSNR of images equal to float32 rounding
 PSEUDO_IMAGES = 4  # target-domain images per direction made into pseudo-pairs
 GAIN_KEYS = ("gain_a2b", "gain_b2a")  # dB over the first stage, per direction (metrics.csv, checkpoint meta)
+OVER_INPUT_KEYS = ("first_stage_over_input_a2b", "first_stage_over_input_b2a")  # dB, true pairs only (checkpoint meta)
 
 
 def first_stage(gen: ResnetGenerator) -> Callable[[np.ndarray], np.ndarray]:
@@ -92,6 +99,13 @@ def network_gain(gen: ResnetGenerator, pairs: Sequence[tuple[str, np.ndarray, np
     return float(np.mean(gains))
 
 
+def first_stage_over_input(gen: ResnetGenerator, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> float:
+    """Mean ``PSNR(first stage(x), y) - PSNR(x, y)`` over true ``pairs`` (dB): what ``gen``'s first
+    stage does against changing nothing."""
+    stage = first_stage(gen)
+    return float(np.mean([_psnr(stage(x), y) - _psnr(np.asarray(x, np.float32), y) for _, x, y in pairs]))
+
+
 class CheckpointSelector:
     """A run's gains over the first stage at each checkpoint, and its best checkpoint so far."""
 
@@ -100,6 +114,7 @@ class CheckpointSelector:
         self._pairs: tuple[list[tuple[str, np.ndarray, np.ndarray]], list[tuple[str, np.ndarray, np.ndarray]]] | None = None
         self.criterion = ""
         self._best: float | None = None
+        self._over_input: dict[str, float] = {}
 
     def gains(self, g_ab: ResnetGenerator, g_ba: ResnetGenerator, data: tuple[DomainData, DomainData],
               val_pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -118,11 +133,29 @@ class CheckpointSelector:
                            (pseudo_pairs(g_ba, pick_images(b.arrays, PSEUDO_IMAGES)),
                             pseudo_pairs(g_ab, pick_images(a.arrays, PSEUDO_IMAGES))))
             self.criterion = "true pairs" if by_pairs else "pseudo-pairs"
+            if by_pairs:
+                self._over_input = self._first_stages_over_input(g_ab, g_ba, *self._pairs)
         pairs_ab, pairs_ba = self._pairs
         out = {"gain_a2b": network_gain(g_ab, pairs_ab, self.device),
                "gain_b2a": network_gain(g_ba, pairs_ba, self.device)}
         log.info("network over its first stage (%s): A->B %+.2f dB, B->A %+.2f dB", self.criterion,
                  out["gain_a2b"], out["gain_b2a"])
+        return {**out, **self._over_input}
+
+    @staticmethod
+    def _first_stages_over_input(g_ab: ResnetGenerator, g_ba: ResnetGenerator, pairs_ab: list[tuple[str, np.ndarray, np.ndarray]],
+                                 pairs_ba: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """Each first stage against the input on the true pairs (module doc), logged; a warning
+        when one is worse than changing nothing."""
+        out = {}
+        for key, label, gen, pairs in zip(OVER_INPUT_KEYS, ("A->B", "B->A"), (g_ab, g_ba), (pairs_ab, pairs_ba)):
+            out[key] = first_stage_over_input(gen, pairs)
+            if out[key] < 0:
+                log.warning("%s: the first stage is %.2f dB worse than the input on the %d true pairs: the domains "
+                            "differ in more than the style (body part, field of view, collimation?)", label,
+                            -out[key], len(pairs))
+            else:
+                log.info("%s: the first stage is %+.2f dB over the input on the %d true pairs", label, out[key], len(pairs))
         return out
 
     def keep_best(self, checkpoint: Path, step: int, gain: float | None) -> None:
