@@ -379,6 +379,6 @@ def test_stow_rs_config_keys(tmp_path, tiny_model_path, token_hash):
     ("application/dicom+xml", False), ("text/html", False), ("application/dicom+json;q=0", False),
     ("application/dicom+json;q=junk", False)])
 def test_accept_header_rules(header, ok):
-    from dicom_node.web.stow import accepts_json
+    from dicom_node.web.media_types import accepts_json
 
     assert accepts_json(header) is ok

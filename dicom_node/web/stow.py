@@ -25,7 +25,7 @@ route has (or STOW-RS off), 403 when no route of it allows :data:`CALLING_AE`, a
 ``stow_rs_clients`` without this client, or a client certificate's subject is not in
 ``subjects`` (and no token came), 415 for a request that is not
 ``multipart/related; type="application/dicom"``, 406 when the Accept header rules out
-``application/dicom+json`` (:func:`accepts_json`), 400 for a malformed multipart body, 408 when
+``application/dicom+json`` (:func:`dicom_node.web.media_types.accepts_json`), 400 for a malformed multipart body, 408 when
 the body stops arriving for ``node.network_timeout`` seconds.
 
 Why the whole body is read before anything is stored: a body cut short or malformed must store
@@ -49,6 +49,7 @@ from dicom_node.received import ArrivalWatch
 from dicom_node.routing import REJECT_CALLED_AE, REJECT_CALLING_AE, association_verdict, stow_rs_unlisted
 from dicom_node.untrusted import invalid_ae_title
 from dicom_node.web.auth import BearerTokens, HashTurns, LoginLimiter
+from dicom_node.web.media_types import DICOM_JSON, accepts_json, content_type
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -58,15 +59,14 @@ if TYPE_CHECKING:
     from dicom_node.web.app import Console
 
 __all__ = ["stow_endpoint", "receiving", "CALLING_AE", "PATH", "STATUS_SOP_CLASS_NOT_SUPPORTED", "client_subject",
-           "FEED_BYTES", "MAX_TOKEN_LENGTH", "accepts_json"]
+           "FEED_BYTES", "MAX_TOKEN_LENGTH"]
 
 log = logging.getLogger("dicom_node.web.stow")
 
 PATH = "/dicomweb/{called_ae}/studies"
 CALLING_AE = "STOW-RS"  # the sender of a STOW-RS instance, for routes' calling_ae allow-lists and the logs
 DICOM_TYPE = "application/dicom"
-RESPONSE_TYPE = "application/dicom+json"
-JSON_RANGES = frozenset({RESPONSE_TYPE, "application/json", "application/*", "*/*"})  # Accept ranges it answers
+RESPONSE_TYPE = DICOM_JSON
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 FEED_BYTES = 1 << 20  # body bytes collected in memory before the parser writes them to disk (in a thread)
 PREAMBLE_BYTES = 64 * 1024  # what may come before the first boundary (RFC 2046 preamble)
@@ -208,41 +208,6 @@ class _BodyParts:
 
     def _end(self) -> None:
         self.ended = True
-
-
-def _content_type(header: str) -> tuple[str, dict[str, str]]:
-    """A Content-Type header's media type (lower case) and parameters (names lower case)."""
-    from email.message import Message
-
-    message = Message()
-    message["content-type"] = header
-    params = {k.lower(): v for k, v in message.get_params(header="content-type", failobj=[])[1:]}
-    return message.get_content_type().lower(), params
-
-
-def accepts_json(header: str) -> bool:
-    """Whether an Accept header lets the answer be ``application/dicom+json``: no header, or a
-    media range that matches it (``application/dicom+json``, ``application/json``,
-    ``application/*``, ``*/*``) with a quality above 0.
-
-    Why: PS3.18 lets a STOW-RS client ask for the XML answer (Accept) only; this node writes the
-    JSON one, so such a request is refused with 406 before its body is read rather than answered
-    in a type the client said it cannot parse."""
-    if not header.strip():
-        return True
-    for item in header.split(","):
-        media, _, params = item.strip().partition(";")
-        quality = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value.strip())
-                except ValueError:
-                    quality = 0.0
-        if quality > 0 and media.strip().lower() in JSON_RANGES:
-            return True
-    return False
 
 
 async def _chunks(request: Request, idle: float) -> AsyncIterator[bytes]:
@@ -432,7 +397,7 @@ def stow_endpoint(console: Console, turns: HashTurns,
         if unlisted is not None:
             log.warning("STOW-RS to %s refused: %s is not in route %s's stow_rs_clients", called, who[:200] or "a token", unlisted)
             return _error(403, f"route {unlisted!r} does not list this client in its stow_rs_clients")
-        media, params = _content_type(request.headers.get("content-type", ""))
+        media, params = content_type(request.headers.get("content-type", ""))
         if media != "multipart/related" or params.get("type", DICOM_TYPE).lower() != DICOM_TYPE:
             return _error(415, f'send multipart/related; type="{DICOM_TYPE}" (got {media[:60]!r})')
         if not accepts_json(request.headers.get("accept", "")):
