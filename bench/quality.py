@@ -139,6 +139,15 @@ def score(translate_fn, pairs, style_ref=None) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """The demo-data arguments :func:`make_data` reads (``--size``, ``--count``, ``--test-count``,
+    ``--data-seed``), for every script that shares its data folders."""
+    ap.add_argument("--size", type=int, default=512, help="demo image side (default 512)")
+    ap.add_argument("--count", type=int, default=12, help="training images per domain")
+    ap.add_argument("--test-count", type=int, default=6)
+    ap.add_argument("--data-seed", type=int, default=0)
+
+
 def make_data(pair: str, work: Path, args: argparse.Namespace, *, paired: bool = False) -> Path:
     """``demo-data`` for ``pair`` (``NAME`` or ``NAME@real``): unpaired domains with true test
     pairs, or (``paired``) true training pairs of the same styles for the paired ceiling."""
@@ -194,10 +203,7 @@ def main() -> int:
     ap.add_argument("--ndf", type=int, default=16)
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--size", type=int, default=512, help="demo image side (default 512)")
-    ap.add_argument("--count", type=int, default=12, help="training images per domain")
-    ap.add_argument("--test-count", type=int, default=6)
-    ap.add_argument("--data-seed", type=int, default=0)
+    add_data_arguments(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: torch's default)")
     ap.add_argument("--reference", type=Path, default=Path("/work/ref/cyclegan"),

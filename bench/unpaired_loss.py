@@ -149,8 +149,10 @@ def run(pair: str, method: str, args: argparse.Namespace, seed: int) -> dict:
     def crops(images: list[np.ndarray], where: list[tuple[int, int, int]] | None = None):
         p, out, spots = args.patch, [], []
         for k in range(args.batch):
-            i, y, x = where[k] if where else (int(rng.integers(len(images))), -1, -1)
-            if not where:
+            if where:
+                i, y, x = where[k]
+            else:
+                i = int(rng.integers(len(images)))
                 y, x = int(rng.integers(images[i].shape[0] - p + 1)), int(rng.integers(images[i].shape[1] - p + 1))
             out.append(images[i][y:y + p, x:x + p])
             spots.append((i, y, x))
@@ -207,10 +209,7 @@ def main() -> int:
     ap.add_argument("--ngf", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--count", type=int, default=12)
-    ap.add_argument("--test-count", type=int, default=6)
-    ap.add_argument("--data-seed", type=int, default=0)
+    Q.add_data_arguments(ap)
     ap.add_argument("--work", type=Path, default=Path("runs/bench-quality"), help="demo data (shared with quality.py)")
     ap.add_argument("--out", type=Path, default=Q.RESULTS / "unpaired-loss.json")
     args = ap.parse_args()

@@ -154,17 +154,17 @@ def _network_or_first_stage(gen: ResnetGenerator, meta: dict[str, Any],
     margin = PSEUDO_PAIR_MARGIN_DB if meta.get("gain_by") == "pseudo-pairs" else 0.0
     label = direction.upper().replace("2", "->")
     if gain > margin:
-        return gen, _over_input({"stage": "network", "gain_db": round(float(gain), 3)}, meta, direction, gain)
+        return gen, _over_input({"stage": "network", "gain_db": round(float(gain), 3)}, meta, direction, label, gain)
     first = "tone filter" if getattr(gen, "tone_filter", None) is not None else "identity"
     log.warning("%s: the network does not beat its first stage (%+.2f dB%s): exporting the %s alone",
                 label, gain, f" on pseudo-pairs, {margin:.1f} dB needed" if margin else "", first)
     return zero_network(gen), _over_input({"stage": f"{first} alone", "gain_db": round(float(gain), 3),
                                            "reason": "the network did not beat its first stage at the chosen checkpoint"
                                            + (f" by the {margin:.1f} dB pseudo-pairs need" if margin else "")},
-                                          meta, direction, 0.0)
+                                          meta, direction, label, 0.0)
 
 
-def _over_input(note: dict[str, Any], meta: dict[str, Any], direction: str, gain: float) -> dict[str, Any]:
+def _over_input(note: dict[str, Any], meta: dict[str, Any], direction: str, label: str, gain: float) -> dict[str, Any]:
     """``note`` with ``over_input_db``, the exported model against the input on the true pairs
     (its first stage's ``first_stage_over_input`` plus the network's ``gain`` when the network is
     kept; ``train/selection.py``), and a warning when that is below 0 dB; unchanged without pairs."""
@@ -174,8 +174,7 @@ def _over_input(note: dict[str, Any], meta: dict[str, Any], direction: str, gain
     over = float(first) + gain
     if over < 0:
         log.warning("%s: the exported model is %.2f dB worse than the input on the true pairs: check that both "
-                    "domains show the same body part and field of view (docs/training.md)",
-                    direction.upper().replace("2", "->"), -over)
+                    "domains show the same body part and field of view (docs/training.md)", label, -over)
     return {**note, "over_input_db": round(over, 3)}
 
 
