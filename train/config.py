@@ -65,8 +65,9 @@ class TrainSettings:
     paired: str = "auto"  # auto: supervised L1 when A and B hold the same file names; "on"/"off"
     lambda_paired: float = 10.0
     # What picks the exported checkpoint and decides whether its network beats the first stage
-    # (train/selection.py): the validation pairs (auto, when data.val is set) or pseudo-pairs
-    # made from the target domain (auto without data.val; "pseudo" also with it, to compare)
+    # (train/selection.py): the validation pairs (auto, when data.val is set), how much closer
+    # to the target domain's band distribution the network brings its outputs ("distribution",
+    # auto without data.val), or pseudo-pairs made from the target domain ("pseudo", to compare)
     select_by: str = "auto"
     amp: str = "auto"  # auto: bf16 autocast on CUDA where supported, and on CPUs with native bf16; "bf16"; "off"
     seed: int = 0
@@ -115,7 +116,7 @@ class TrainConfig:
 _SECTIONS: dict[str, type[DataSettings | ModelSettings | TrainSettings | OutputSettings]] = {
     "data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
 _CHOICES = {("data", "normalization"): ("domain", "image"), ("train", "amp"): ("auto", "bf16", "off"),
-            ("train", "paired"): ("auto", "on", "off"), ("train", "select_by"): ("auto", "pairs", "pseudo"),
+            ("train", "paired"): ("auto", "on", "off"), ("train", "select_by"): ("auto", "pairs", "distribution", "pseudo"),
             ("train", "channels_last"): ("auto", "on", "off")}
 _PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}
 _POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("train", "batch_size"),

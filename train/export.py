@@ -21,6 +21,8 @@ import torch
 from dicom_node.engine.atomic import atomic_write
 from dicom_node.engine.errors import UserError
 
+from .criteria import MARGIN_DB
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -35,12 +37,6 @@ log = logging.getLogger("dicom_node.train")
 CHECKPOINT_FORMAT = "dicom-node-train-checkpoint"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 KEEP_CHECKPOINTS = 3
-# What a network must beat its first stage by on pseudo-pairs (train/selection.py) to be
-# exported.  Pseudo-pairs are made by the reverse first stage, so their gain is biased either
-# way: bench/quality.py measured +0.65 dB on pseudo-pairs for a network 1.9 dB *below* its tone
-# filter on true pairs (multiscale@real), and -5..-9 dB for paired-trained networks 2.6..3.3 dB
-# above it.  True pairs (data.val, a paired run's own pairs) need only beat it (> 0 dB).
-PSEUDO_PAIR_MARGIN_DB = 1.0
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -151,16 +147,17 @@ def _network_or_first_stage(gen: ResnetGenerator, meta: dict[str, Any],
     if gain is None or not has_first_stage(gen):
         return gen, {"stage": "network", "gain_db": None}
     # checkpoints from before gain_by were scored without a margin
-    margin = PSEUDO_PAIR_MARGIN_DB if meta.get("gain_by") == "pseudo-pairs" else 0.0
+    by = str(meta.get("gain_by", ""))
+    margin = MARGIN_DB.get(by, 0.0)
     label = direction.upper().replace("2", "->")
     if gain > margin:
         return gen, _over_input({"stage": "network", "gain_db": round(float(gain), 3)}, meta, direction, label, gain)
     first = "tone filter" if getattr(gen, "tone_filter", None) is not None else "identity"
     log.warning("%s: the network does not beat its first stage (%+.2f dB%s): exporting the %s alone",
-                label, gain, f" on pseudo-pairs, {margin:.1f} dB needed" if margin else "", first)
+                label, gain, f" by {by}, {margin:.1f} dB needed" if margin else "", first)
     return zero_network(gen), _over_input({"stage": f"{first} alone", "gain_db": round(float(gain), 3),
                                            "reason": "the network did not beat its first stage at the chosen checkpoint"
-                                           + (f" by the {margin:.1f} dB pseudo-pairs need" if margin else "")},
+                                           + (f" by the {margin:.1f} dB {by} needs" if margin else "")},
                                           meta, direction, label, 0.0)
 
 
@@ -183,8 +180,8 @@ def export_models(run_dir: Path, checkpoint: Path | None = None, out_dir: Path |
     ``checkpoints/best.pt``, else the newest).
 
     A direction whose network did not beat its first stage at that checkpoint (its recorded
-    ``gain_*`` is not above 0 dB on true pairs, or :data:`PSEUDO_PAIR_MARGIN_DB` on
-    pseudo-pairs, ``train/selection.py``) is exported as the first stage alone,
+    ``gain_*`` is not above 0 dB on true pairs, or its criterion's ``criteria.MARGIN_DB`` without
+    them, ``train/selection.py``) is exported as the first stage alone,
     and its provenance says so.  Each model names the other as its inverse (by weight digest)
     and carries the fidelity guard's calibration (:mod:`.calibrate`), computed here.
     """

@@ -4,11 +4,19 @@ Why: a CycleGAN's network can end *worse* than the global stage in front of it (
 filter: tone curves and band gains fitted from the domains' distributions), and the style
 distance cannot see it (it rated a model 3 dB worse than its input as far closer to B).  So at
 every checkpoint the trainer scores each direction's whole generator against its first stage
-alone on the same images, in dB of PSNR:
+alone on the same images, in dB (of PSNR, or of a distance):
 
 * with validation pairs (``data.val``): the true pairs, ``PSNR(G(a), b) - PSNR(T(a), b)``;
 * paired training without ``data.val``: up to :data:`PSEUDO_IMAGES` of its own training pairs;
-* without any pairs (the usual unpaired case): *pseudo-pairs* made from the target domain's
+* without any pairs, by distribution (``select_by: distribution``, the unpaired default since
+  it was measured against the pseudo-pairs, ``bench/selection.py``): how much closer to the
+  target domain's joint band distribution (``train/band_distance.py``) the whole generator's
+  outputs on :data:`DISTRIBUTION_IMAGES` source images are than its first stage's, ``10
+  log10(d(T(A), B) / d(G(A), B))`` in dB of that distance.  It made the right call where the
+  pseudo-pairs did not (networks trained on true pairs, which beat their first stage), and the
+  same call on every unpaired network measured; like the first stage, it cannot see a content
+  difference between the domains.
+* without any pairs, on *pseudo-pairs* (``select_by: pseudo``) made from the target domain's
   own images by the reverse direction's first stage, ``a~ = T_ba(b)``: a content-preserving
   global map, so ``b`` is the right answer for ``a~`` up to what a global stage cannot
   express.  ``PSNR(G(a~), b) - PSNR(T_ab(a~), b)``.  This criterion leans toward the first
@@ -17,9 +25,8 @@ alone on the same images, in dB of PSNR:
   on real crops): it ranked an unpaired run's checkpoints like their true-pair PSNR, and
   agreed with the truth that those networks lost to their first stage (-2.7 / -0.1 dB against
   -2.9 / -0.5 dB on true pairs), but it rated networks trained *with* true pairs -5 to -9 dB
-  where they gained +2.6 to +3.3 dB.  So without pairs the trainer keeps the network only when
-  even this conservative test says it wins; a few validation pairs (``data.val``) are what
-  let a good network through.
+  where they gained +2.6 to +3.3 dB.  So a network it scores is kept only when even this
+  conservative test says it wins by a margin.
 
 With true pairs the trainer also scores each first stage against the input itself
 (``first_stage_over_input_*``: ``PSNR(T(a), b) - PSNR(a, b)``, the input as a model that changes
@@ -30,8 +37,8 @@ distribution-matching first stage takes any content difference between the domai
 The gain of the A->B direction picks the best checkpoint (kept as ``checkpoints/best.pt``);
 a direction whose network does not beat its first stage there is exported as the first stage
 alone (the network's last convolution zeroed: the residual generator is then exactly its tone
-filter), and the log and the model's provenance say so.  ``bench/quality.py`` measures how the
-criteria rank checkpoints against true-pair PSNR.
+filter), and the log and the model's provenance say so.  ``bench/selection.py`` measures how the
+criteria rank checkpoints and methods against true-pair PSNR, and what each would export.
 """
 from __future__ import annotations
 
@@ -44,6 +51,8 @@ import numpy as np
 from dicom_node.engine.errors import UserError
 from dicom_node.engine.quality import psnr
 
+from .band_distance import BandDistance, distance_gain_db
+from .criteria import BAND_DISTRIBUTION, PSEUDO_PAIRS, TRUE_PAIRS
 from .networks import has_first_stage, zero_network
 
 if TYPE_CHECKING:
@@ -54,10 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicom_node.train")
 
 __all__ = ["first_stage", "has_first_stage", "network_gain", "first_stage_over_input", "pseudo_pairs", "zero_network",
-           "CheckpointSelector", "PSEUDO_IMAGES", "GAIN_KEYS", "OVER_INPUT_KEYS"]
+           "CheckpointSelector", "PSEUDO_IMAGES", "DISTRIBUTION_IMAGES", "GAIN_KEYS", "OVER_INPUT_KEYS"]
 
 EXACT_DB = 100.0  # PSNR of images equal to float32 rounding
 PSEUDO_IMAGES = 4  # target-domain images per direction made into pseudo-pairs
+DISTRIBUTION_IMAGES = 6  # source images per direction translated for the band distribution
+DISTRIBUTION_TARGET_IMAGES = 24  # target images it is measured against, once
 GAIN_KEYS = ("gain_a2b", "gain_b2a")  # dB over the first stage, per direction (metrics.csv, checkpoint meta)
 OVER_INPUT_KEYS = ("first_stage_over_input_a2b", "first_stage_over_input_b2a")  # dB, true pairs only (checkpoint meta)
 
@@ -112,6 +123,7 @@ class CheckpointSelector:
     def __init__(self, select_by: str, run_dir: Path, device: Any = None) -> None:
         self.select_by, self.run_dir, self.device = select_by, Path(run_dir), device
         self._pairs: tuple[list[tuple[str, np.ndarray, np.ndarray]], list[tuple[str, np.ndarray, np.ndarray]]] | None = None
+        self._by_distribution: tuple[tuple[list[np.ndarray], BandDistance, float], ...] | None = None
         self.criterion = ""
         self._best: float | None = None
         self._over_input: dict[str, float] = {}
@@ -122,25 +134,55 @@ class CheckpointSelector:
         ``val_pairs``: the validation pairs, or a paired run's training pairs (module doc)."""
         if not has_first_stage(g_ab):
             return {}
-        if self._pairs is None:  # the first stages are fitted once and never trained: made once
-            from .data import pick_images
-
-            by_pairs = self.select_by == "pairs" or (self.select_by == "auto" and bool(val_pairs))
-            if by_pairs and not val_pairs:
-                raise UserError("train.select_by is pairs but the run has no pairs (data.val, or paired training)")
-            a, b = data
-            self._pairs = ((val_pairs, [(n, y, x) for n, x, y in val_pairs]) if by_pairs else
-                           (pseudo_pairs(g_ba, pick_images(b.arrays, PSEUDO_IMAGES)),
-                            pseudo_pairs(g_ab, pick_images(a.arrays, PSEUDO_IMAGES))))
-            self.criterion = "true pairs" if by_pairs else "pseudo-pairs"
-            if by_pairs:
-                self._over_input = self._first_stages_over_input(g_ab, g_ba, *self._pairs)
-        pairs_ab, pairs_ba = self._pairs
-        out = {"gain_a2b": network_gain(g_ab, pairs_ab, self.device),
-               "gain_b2a": network_gain(g_ba, pairs_ba, self.device)}
+        if not self.criterion:  # the first stages are fitted once and never trained: scored once
+            self._prepare(g_ab, g_ba, data, val_pairs)
+        if self._by_distribution is not None:
+            out = {key: self._distribution_gain(gen, *prepared)
+                   for key, gen, prepared in zip(GAIN_KEYS, (g_ab, g_ba), self._by_distribution)}
+        else:
+            assert self._pairs is not None
+            out = {key: network_gain(gen, pairs, self.device) for key, gen, pairs in zip(GAIN_KEYS, (g_ab, g_ba), self._pairs)}
         log.info("network over its first stage (%s): A->B %+.2f dB, B->A %+.2f dB", self.criterion,
                  out["gain_a2b"], out["gain_b2a"])
         return {**out, **self._over_input}
+
+    def _prepare(self, g_ab: ResnetGenerator, g_ba: ResnetGenerator, data: tuple[DomainData, DomainData],
+                 val_pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Pick the criterion (module doc) and make what it needs, once."""
+        from .data import pick_images
+
+        by_pairs = self.select_by == "pairs" or (self.select_by == "auto" and bool(val_pairs))
+        if by_pairs and not val_pairs:
+            raise UserError("train.select_by is pairs but the run has no pairs (data.val, or paired training)")
+        a, b = data
+        if by_pairs:
+            self._pairs = (val_pairs, [(n, y, x) for n, x, y in val_pairs])
+            self._over_input = self._first_stages_over_input(g_ab, g_ba, *self._pairs)
+            self.criterion = TRUE_PAIRS
+        elif self.select_by == "pseudo":
+            self._pairs = (pseudo_pairs(g_ba, pick_images(b.arrays, PSEUDO_IMAGES)),
+                           pseudo_pairs(g_ab, pick_images(a.arrays, PSEUDO_IMAGES)))
+            self.criterion = PSEUDO_PAIRS
+        else:
+            prepared = []
+            for gen, source, target in ((g_ab, a, b), (g_ba, b, a)):
+                images = pick_images(source.arrays, DISTRIBUTION_IMAGES)
+                distance = BandDistance(pick_images(target.arrays, DISTRIBUTION_TARGET_IMAGES))
+                stage = first_stage(gen)
+                prepared.append((images, distance, distance([stage(x) for x in images])))
+            self._by_distribution = (prepared[0], prepared[1])
+            self.criterion = BAND_DISTRIBUTION
+
+    def _distribution_gain(self, gen: ResnetGenerator, images: list[np.ndarray], distance: BandDistance,
+                           first: float) -> float:
+        """How much closer to the target's band distribution ``gen`` brings ``images`` than its
+        first stage (``first``, that stage's distance), in dB of the distance."""
+        from dicom_node.engine import translate
+
+        from .validate import frozen_model
+
+        model = frozen_model(gen, "selection")
+        return distance_gain_db(first, distance([translate(model, x, device=self.device) for x in images]))
 
     @staticmethod
     def _first_stages_over_input(g_ab: ResnetGenerator, g_ba: ResnetGenerator, pairs_ab: list[tuple[str, np.ndarray, np.ndarray]],
