@@ -33,9 +33,10 @@ view of pydicom-data's real CR radiographs, ``demo-data --source real``): the no
 them: each domain through its own fixed window (``train/intensity.py``).
 
 Unpaired checkpoint selection (``train/selection.py``): the ``default`` runs keep the test
-pairs as monitored validation (``data.val``) but select by pseudo-pairs (``select_by: pseudo``),
-so each checkpoint has both its pseudo-pair gain and its true-pair PSNR; ``selection`` reports
-their Spearman rank correlation over every checkpoint of every run of a pair.
+pairs as monitored validation (``data.val``) but select as without them (``select_by:
+distribution``, the unpaired default), so each checkpoint has both its unpaired gain and its
+true-pair PSNR; ``selection`` reports their Spearman rank correlation over every checkpoint of
+every run of a pair (``bench/selection.py`` compares the criteria on the stored checkpoints).
 
 Score: PSNR and SSIM of A->B on every held-out pair after a least-squares gain/offset fit of the
 output onto the true target ("affine", so a normalisation difference does not count), in model
@@ -168,7 +169,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def selection_check(work: Path, seeds: list[int]) -> dict:
-    """How the unpaired criterion (pseudo-pair gain over the first stage) ranks the ``default``
+    """How the unpaired criterion (its gain over the first stage) ranks the ``default``
     runs' checkpoints against their true-pair PSNR (both in each run's metrics.csv)."""
     import csv
 

@@ -48,9 +48,9 @@ def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespac
                       "log_every": max(1, args.steps // 10)}}
     if getattr(args, "normalization", None):  # bench/fidelity_faults.py: images normalised each on its own
         cfg["data"]["normalization"] = args.normalization
-    if method == "default":  # true pairs watched, never used: selection by pseudo-pairs, as without them
+    if method == "default":  # true pairs watched, never used: selected as without them (bench/selection.py)
         cfg["data"]["val"] = str(data / "test")
-        cfg["train"]["select_by"] = "pseudo"
+        cfg["train"]["select_by"] = "distribution"
     if method == "paired":  # the ceiling: data_paired() holds true training pairs of the same styles
         cfg["train"].update(paired="on")
     if method == "classic":
