@@ -311,3 +311,18 @@ def test_one_curve_per_band_computes_exactly_what_it_did_before_brightness_bins(
             t = t + odd_curve(b, tf.band_x[k], tf.band_y[k])
         lo, hi = tf.out_range
         assert torch.equal(tf(x), uniform_curve(t, lo, hi, tf.tone_out))
+
+
+def test_the_fit_reads_every_image_of_a_domain_up_to_its_limit():
+    """Which images a domain holds moves the distributions the fit matches (content, not look):
+    two domains of the same 24 images, listed in another order and in no look at all, must give
+    the identity.  A fit that read an evenly spread 12 of each would see other images in each
+    (the even ones in A, the odd ones in B) and find a tone curve that is not there."""
+    from dicom_node.train.tone_fit import MAX_IMAGES
+
+    images = [np.clip(smooth_field(i, 64) * 0.5 + (i - 12) * 0.04, -1, 1).astype(np.float32) for i in range(24)]
+    assert len(images) <= MAX_IMAGES
+    tf = fit_tone_filter(images, images[1:] + images[:1], band_curves=True, brightness_bins=4)
+    with torch.no_grad():
+        out = [tf(torch.from_numpy(x)[None, None])[0, 0].numpy() for x in images]
+    assert max(float(np.abs(o - x).max()) for o, x in zip(out, images)) < 0.02
