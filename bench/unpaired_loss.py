@@ -44,14 +44,9 @@ POPULATION = 200_000  # pixels per domain for the population quantiles
 
 def features(x, sigmas: list[float]):
     """``(pixels, bands + 1)``: each pixel's band coefficients and low-pass, away from the border."""
-    import torch
+    from dicom_node.train.band_distance import pixel_features
 
-    from dicom_node.engine.tone_filter import band_split
-
-    f = torch.cat(band_split(x, sigmas), dim=1)
-    m = int(2 * sigmas[-1])
-    f = f[:, :, m:-m, m:-m]
-    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    return pixel_features(x, sigmas, int(2 * sigmas[-1]))
 
 
 def population(images: list[np.ndarray], sigmas: list[float], rng: np.random.Generator):

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SIGMAS", "BandDistance", "band_features", "distance_gain_db"]
+__all__ = ["SIGMAS", "BandDistance", "band_features", "pixel_features", "distance_gain_db"]
 
 SIGMAS = (0.7, 1.4, 2.8, 5.6, 11.2, 22.4)  # the first stage's octave bands (px) and the widest it sees
 SAMPLES = 60_000  # pixels per side, spread evenly over the images
@@ -37,21 +37,27 @@ PROJECTIONS = 256  # fixed random directions in the (bands + low-pass) feature s
 QUANTILES = torch.linspace(0.005, 0.995, 199)
 
 
-def band_features(images: Sequence[np.ndarray], samples: int = SAMPLES, seed: int = 0) -> torch.Tensor:
-    """``(pixels, len(SIGMAS) + 1)``: the band coefficients and low-pass of up to ``samples``
-    pixels drawn evenly from ``images`` (model-space 2-D arrays), away from each image's border
-    (whose blur is a reflection, not the image)."""
+def pixel_features(x: torch.Tensor, sigmas: Sequence[float], margin: int) -> torch.Tensor:
+    """``(pixels, len(sigmas) + 1)``: each pixel's band coefficients and low-pass for a batch
+    ``x`` of shape ``(N, 1, H, W)``, ``margin`` pixels away from the border (whose blur is a
+    reflection, not the image); differentiable, for losses on the same features."""
     from dicom_node.engine.tone_filter import band_split
 
+    f = torch.cat(band_split(x, sigmas), dim=1)
+    f = f[:, :, margin:f.shape[2] - margin, margin:f.shape[3] - margin]
+    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+
+
+def band_features(images: Sequence[np.ndarray], samples: int = SAMPLES, seed: int = 0) -> torch.Tensor:
+    """``(pixels, len(SIGMAS) + 1)``: :func:`pixel_features` of up to ``samples`` pixels drawn
+    evenly from ``images`` (model-space 2-D arrays)."""
     rng = np.random.default_rng(seed)
     per_image = max(1, samples // max(1, len(images)))
     out = []
     with torch.no_grad():
         for img in images:
             x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-            margin = min(int(2 * SIGMAS[-1]), min(x.shape[-2:]) // 4)
-            f = torch.cat(band_split(x, SIGMAS), dim=1)[0]
-            f = f[:, margin:f.shape[1] - margin, margin:f.shape[2] - margin].reshape(f.shape[0], -1).T
+            f = pixel_features(x, SIGMAS, min(int(2 * SIGMAS[-1]), min(x.shape[-2:]) // 4))
             keep = rng.choice(f.shape[0], min(per_image, f.shape[0]), replace=False)
             out.append(f[torch.from_numpy(keep)])
     return torch.cat(out)
