@@ -50,35 +50,38 @@ PARTS = {"input tone curve": ("tone_in",), "band curves": ("gains", "band_x", "b
          "output tone curve": ("tone_out", "out_range")}
 
 
-def score_pair(pair: str, args: argparse.Namespace) -> dict:
-    import torch
-
+def fit(src: list[np.ndarray], dst: list[np.ndarray]):
+    """The first stage as ``dicom-node train`` fits it by default."""
     from dicom_node.train.tone_fit import fit_tone_filter
 
+    return fit_tone_filter(src, dst, band_curves=True, brightness_bins=4, seed=0)
+
+
+def score(tf, tests) -> float:
+    """Affine PSNR of the first stage ``tf`` on the held-out pairs (mean over images)."""
+    import torch
+
+    with torch.no_grad():
+        return float(np.mean([affine_scores(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)[0] for _, x, y in tests]))
+
+
+def score_pair(pair: str, args: argparse.Namespace) -> dict:
     data, paired = make_data(pair, args.work, args), make_data(pair, args.work, args, paired=True)
     norms = domain_windows(data)
     tests = load_test_pairs(data, norms)
     a, b = load_domain_arrays(data / "A", norms["A"]), load_domain_arrays(data / "B", norms["B"])
     pa, pb = load_domain_arrays(paired / "A", norms["A"]), load_domain_arrays(paired / "B", norms["B"])
 
-    def fit(src, dst):
-        return fit_tone_filter(src, dst, band_curves=True, brightness_bins=4, seed=0)
-
-    def score(tf) -> float:
-        with torch.no_grad():
-            return float(np.mean([affine_scores(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)[0]
-                                  for _, x, y in tests]))
-
     unpaired, same = fit(a, b), fit(pa, pb)
     half = len(pa) // 2
-    out = {"unpaired": score(unpaired), "same content": score(same),
-           "same half": score(fit(pa[:half], pb[:half])), "disjoint halves": score(fit(pa[:half], pb[half:]))}
+    out = {"unpaired": score(unpaired, tests), "same content": score(same, tests),
+           "same half": score(fit(pa[:half], pb[:half]), tests), "disjoint halves": score(fit(pa[:half], pb[half:]), tests)}
     for part, keys in PARTS.items():
         hybrid = copy.deepcopy(unpaired)
         for key in keys:
             if hasattr(hybrid, key):
                 getattr(hybrid, key).copy_(getattr(same, key))
-        out[f"unpaired + same-content {part}"] = score(hybrid)
+        out[f"unpaired + same-content {part}"] = score(hybrid, tests)
     out["identity"] = float(np.mean([affine_scores(x, y)[0] for _, x, y in tests]))
     return out
 
@@ -86,10 +89,7 @@ def score_pair(pair: str, args: argparse.Namespace) -> dict:
 def by_count(pair: str, counts: list[int], args: argparse.Namespace) -> dict[str, list[float]]:
     """The unpaired first stage's score fitted on each disjoint set of N images per domain, for
     each N (module doc)."""
-    import torch
-
     from dicom_node.demo.writer import write_demo_data
-    from dicom_node.train.tone_fit import fit_tone_filter
 
     data = args.work / f"data-{pair}-count{max(counts)}"
     if not (data / "manifest.json").exists():
@@ -102,10 +102,7 @@ def by_count(pair: str, counts: list[int], args: argparse.Namespace) -> dict[str
     for n in counts:
         out[str(n)] = []
         for first in range(0, len(a) - n + 1, n):
-            tf = fit_tone_filter(a[first:first + n], b[first:first + n], band_curves=True, brightness_bins=4, seed=0)
-            with torch.no_grad():
-                out[str(n)].append(float(np.mean([affine_scores(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)[0]
-                                                  for _, x, y in tests])))
+            out[str(n)].append(score(fit(a[first:first + n], b[first:first + n]), tests))
     return out
 
 

@@ -89,18 +89,30 @@ def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, s
     return model
 
 
+def load_generators(path: Path):
+    """(G_ab, G_ba) of a checkpoint file, as trained, in eval mode."""
+    from dicom_node.engine.model_file import generator_from_architecture
+    from dicom_node.train.export import load_checkpoint
+
+    payload = load_checkpoint(path)
+    out = []
+    for key in ("g_ab", "g_ba"):
+        gen = generator_from_architecture(payload["meta"]["architecture"])
+        gen.load_state_dict(payload["state"][key])
+        out.append(gen.eval())
+    return out
+
+
 def checkpoint_fn(run_dir: Path, device: str, *, best: bool = False):
     """A->B of a run's newest (or best) checkpoint as trained: its network, whatever the export
     decided.  The paired ceiling is what the network learned with the answer; ``default_network``
     shows what the export's fallback to the tone filter kept out."""
     from dicom_node.engine import translate
-    from dicom_node.engine.model_file import StyleModel, generator_from_architecture
-    from dicom_node.train.export import best_checkpoint_path, latest_checkpoint, load_checkpoint
+    from dicom_node.engine.model_file import StyleModel
+    from dicom_node.train.export import best_checkpoint_path, latest_checkpoint
 
-    payload = load_checkpoint(best_checkpoint_path(run_dir) if best else latest_checkpoint(run_dir))
-    gen = generator_from_architecture(payload["meta"]["architecture"])
-    gen.load_state_dict(payload["state"]["g_ab"])
-    model = StyleModel(generator=gen.eval(), metadata={"name": "checkpoint"})
+    g_ab, _ = load_generators(best_checkpoint_path(run_dir) if best else latest_checkpoint(run_dir))
+    model = StyleModel(generator=g_ab, metadata={"name": "checkpoint"})
     return lambda img: translate(model, img, device=device)
 
 

@@ -45,23 +45,9 @@ from quality import (  # noqa: E402  (bench/ is on sys.path when run as a script
     load_test_pairs,
     spearman,
 )
-from quality_methods import histogram_lut  # noqa: E402
+from quality_methods import histogram_lut, load_generators  # noqa: E402
 
 CLEAR_GAIN_DB = 0.5  # a true gain over the first stage that an export should not miss
-
-
-def load_generators(path: Path):
-    """(G_ab, G_ba) of a checkpoint, as trained."""
-    from dicom_node.engine.model_file import generator_from_architecture
-    from dicom_node.train.export import load_checkpoint
-
-    payload = load_checkpoint(path)
-    out = []
-    for key in ("g_ab", "g_ba"):
-        gen = generator_from_architecture(payload["meta"]["architecture"])
-        gen.load_state_dict(payload["state"][key])
-        out.append(gen.eval())
-    return out
 
 
 def stored_models(works: list[Path], pair: str) -> dict[str, tuple]:
