@@ -66,7 +66,6 @@ log = logging.getLogger("dicom_node.web.stow")
 PATH = "/dicomweb/{called_ae}/studies"
 CALLING_AE = "STOW-RS"  # the sender of a STOW-RS instance, for routes' calling_ae allow-lists and the logs
 DICOM_TYPE = "application/dicom"
-RESPONSE_TYPE = DICOM_JSON
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 FEED_BYTES = 1 << 20  # body bytes collected in memory before the parser writes them to disk (in a thread)
 PREAMBLE_BYTES = 64 * 1024  # what may come before the first boundary (RFC 2046 preamble)
@@ -312,7 +311,7 @@ def _response(stored: list[tuple[str, str]], failed: list[tuple[str, str, int]])
             item.FailureReason = reason
             ds.FailedSOPSequence.append(item)
     status = 200 if not failed else 202 if stored else 409
-    return Response(json.dumps(ds.to_json_dict()), status_code=status, media_type=RESPONSE_TYPE)
+    return Response(json.dumps(ds.to_json_dict()), status_code=status, media_type=DICOM_JSON)
 
 
 def receiving(config: NodeConfig, counters: dict[str, list[tuple[dict[str, str], int]]]) -> list[dict[str, Any]]:
@@ -401,7 +400,7 @@ def stow_endpoint(console: Console, turns: HashTurns,
         if media != "multipart/related" or params.get("type", DICOM_TYPE).lower() != DICOM_TYPE:
             return _error(415, f'send multipart/related; type="{DICOM_TYPE}" (got {media[:60]!r})')
         if not accepts_json(request.headers.get("accept", "")):
-            return _error(406, f"this node answers STOW-RS in {RESPONSE_TYPE} only "
+            return _error(406, f"this node answers STOW-RS in {DICOM_JSON} only "
                                f"(Accept: {request.headers.get('accept', '')[:80]!r})")
         boundary = params.get("boundary", "")
         if not boundary or len(boundary) > 70:
