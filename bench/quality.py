@@ -169,8 +169,9 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def selection_check(work: Path, seeds: list[int]) -> dict:
-    """How the unpaired criterion (its gain over the first stage) ranks the ``default``
-    runs' checkpoints against their true-pair PSNR (both in each run's metrics.csv)."""
+    """How the unpaired criterion (its gain over the first stage: band distribution, as the
+    ``default`` runs select) ranks their checkpoints against their true-pair PSNR (both in
+    each run's metrics.csv)."""
     import csv
 
     gains, psnrs, runs = [], [], {}
@@ -180,13 +181,13 @@ def selection_check(work: Path, seeds: list[int]) -> dict:
             continue
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("gain_a2b") and r.get("val_psnr_a2b")]
-        runs[str(seed)] = [{"step": int(r["step"]), "pseudo_gain_db": float(r["gain_a2b"]),
+        runs[str(seed)] = [{"step": int(r["step"]), "gain_db": float(r["gain_a2b"]),
                             "val_psnr": float(r["val_psnr_a2b"])} for r in rows]
         gains += [float(r["gain_a2b"]) for r in rows]
         psnrs += [float(r["val_psnr_a2b"]) for r in rows]
     out: dict = {"checkpoints": len(gains), "runs": runs}
     if len(gains) >= 3:
-        out["spearman_pseudo_gain_vs_psnr"] = spearman(gains, psnrs)
+        out["spearman_gain_vs_psnr"] = spearman(gains, psnrs)
     return out
 
 
@@ -414,9 +415,9 @@ def _table(results, pairs, methods) -> None:
             print(f"{pair:<10} paired ceiling over the tone filter: {gap['ceiling_over_tone_db']:+.2f} dB; gap closed: "
                   + ", ".join(f"{m} {v:+.0%}" for m, v in gap.items() if m != "ceiling_over_tone_db"))
         sel = res.get("_selection", {})
-        if "spearman_pseudo_gain_vs_psnr" in sel:
-            print(f"{pair:<10} pseudo-pair gain ranks {sel['checkpoints']} checkpoints like true-pair PSNR: "
-                  f"Spearman {sel['spearman_pseudo_gain_vs_psnr']:+.2f}")
+        if "spearman_gain_vs_psnr" in sel:
+            print(f"{pair:<10} the unpaired gain ranks {sel['checkpoints']} checkpoints like true-pair PSNR: "
+                  f"Spearman {sel['spearman_gain_vs_psnr']:+.2f}")
         rank = res.get("_ranking", {})
         if "spearman_distance_vs_psnr" in rank:
             print(f"{pair:<10} style distance ranks {rank['models']} models like PSNR: "
