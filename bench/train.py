@@ -179,10 +179,11 @@ class ClassicStep:
         return {"g_total": float(loss_g), "d_a": d_losses[1], "d_b": d_losses[0]}
 
 
-# --first-stages: the tone filter in front of the generators, as model.band_curves and
-# model.brightness_bins build it (train/networks.py)
+# --first-stages: the tone filter in front of the generators, as model.band_curves,
+# model.brightness_bins and model.local_tone_bins build it (train/networks.py)
 FIRST_STAGES = {"gains": tone_filter_arguments(True, False), "curves": tone_filter_arguments(True, True, 1),
-                "curves x4 bins": tone_filter_arguments(True, True, DEFAULT_BRIGHTNESS_BINS)}
+                "curves x4 bins": tone_filter_arguments(True, True, DEFAULT_BRIGHTNESS_BINS),
+                "curves x4 bins + local x8": tone_filter_arguments(True, True, DEFAULT_BRIGHTNESS_BINS, 8)}
 
 
 def _not_identity(tone_filter: torch.nn.Module) -> None:

@@ -55,10 +55,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def write_config(tmp_path: Path, data: Path, *, a: str = "A", b: str = "B", val: str | None = "val",
-                 residual: bool = False, **train) -> Path:
+                 residual: bool = False, model: dict | None = None, **train) -> Path:
     cfg = {
         "data": {"a": str(data / a), "b": str(data / b), **({"val": str(data / val)} if val else {})},
-        "model": {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": residual},
+        "model": {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": residual, **(model or {})},
         "train": {"patch_size": 64, "batch_size": 1, "steps": 20, "pool_size": 4, "threads": 1, **train},
         "output": {"dir": str(tmp_path / "run"), "sample_every": 10, "checkpoint_every": 10, "log_every": 5},
     }
@@ -87,8 +87,11 @@ def test_config_problems_are_listed_with_their_paths(tmp_path):
     text = str(exc.value)
     for where in ("data.b", "train.steps", "train.patch_size", "train.amp", "model.ngf", "extra"):
         assert where in text
-    for bins, problem in ((0, "model.brightness_bins: must be >= 1"), (65, "model.brightness_bins: 65 is more than 64")):
-        bad.write_text(yaml.safe_dump({"data": {"a": str(tmp_path), "b": str(tmp_path)}, "model": {"brightness_bins": bins}}))
+    for model, problem in (({"brightness_bins": 0}, "model.brightness_bins: must be >= 1"),
+                           ({"brightness_bins": 65}, "model.brightness_bins: 65 is more than 64"),
+                           ({"local_tone_bins": 65}, "model.local_tone_bins: 65 is more than 64"),
+                           ({"local_tone_bins": 8, "tone_filter": False}, "model.local_tone_bins: needs model.tone_filter")):
+        bad.write_text(yaml.safe_dump({"data": {"a": str(tmp_path), "b": str(tmp_path)}, "model": model}))
         with pytest.raises(ConfigError, match=problem):
             load_train_config(bad)
 
@@ -134,7 +137,7 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
         assert prov["data"]["A"]["images"] == 3 and prov["data"]["B"]["images"] == 3
         assert prov["data"]["B"]["skipped_unreadable"] == 1  # broken.dcm skipped and counted
         assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False, "tone_filter": True,
-                                             "band_curves": True, "brightness_bins": 4}
+                                             "band_curves": True, "brightness_bins": 4, "local_tone_bins": 1}
         assert model.generator.tone_filter is not None  # the default: fitted from the two domains
         assert model.metadata["architecture"]["tone_filter"]["knots"] > 1
         assert model.metadata["architecture"]["tone_filter"]["band_knots"] > 1
@@ -165,14 +168,18 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
 
 
 def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):
-    """8 steps at once == 4 steps, then --resume to 8 (bit for bit), and export from the checkpoint."""
+    """8 steps at once == 4 steps, then --resume to 8 (bit for bit), and export from the checkpoint;
+    with local tone curves, which the checkpoint keeps and the exported model carries."""
+    local = {"local_tone_bins": 4}
     straight = tmp_path / "straight"
     straight.mkdir()
-    cfg = write_config(straight, data, a="paired/A", b="paired/B", val=None, residual=True, steps=8, decay_from=8)
+    cfg = write_config(straight, data, a="paired/A", b="paired/B", val=None, residual=True, steps=8, decay_from=8,
+                       model=local)
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     split = tmp_path / "split"
     split.mkdir()
-    cfg = write_config(split, data, a="paired/A", b="paired/B", val=None, residual=True, steps=4, decay_from=8)
+    cfg = write_config(split, data, a="paired/A", b="paired/B", val=None, residual=True, steps=4, decay_from=8,
+                       model=local)
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     # Without --resume an existing run is refused rather than overwritten.
     assert main(["train", "--config", str(cfg), "--steps", "8", "--no-progress"]) == 1
@@ -203,6 +210,8 @@ def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):
     model = load_style_model(out / "run_A2B.safetensors")
     assert model.metadata["version"] == "8" and model.metadata["provenance"]["steps"] == 8
     assert model.metadata["architecture"]["residual"] is True
+    assert model.metadata["architecture"]["tone_filter"]["local_bins"] == 4
+    assert not torch.equal(model.generator.tone_filter.local_curves, torch.linspace(-1, 1, 257).repeat(4, 1))  # fitted
     # the weights of step 8, but a network that lost to its first stage is exported without it
     zeroed = model.metadata["provenance"]["exported"]["stage"] != "network"
     last = [k for k in model.generator.state_dict() if k.startswith("model.")][-2:]  # the last conv

@@ -172,7 +172,8 @@ class _Run:
             from .tone_fit import fit_tone_filter
 
             stage: dict[str, Any] = {"band_curves": cfg.model.band_curves,
-                                     "brightness_bins": cfg.model.brightness_bins, "seed": cfg.train.seed}
+                                     "brightness_bins": cfg.model.brightness_bins,
+                                     "local_bins": cfg.model.local_tone_bins, "seed": cfg.train.seed}
             model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, **stage), fit_tone_filter(b.arrays, a.arrays, **stage))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
@@ -226,7 +227,7 @@ class _Run:
         amp, channels_last = self._step_settings()
         return CycleGAN(ngf=cfg.model.ngf, n_blocks=cfg.model.n_blocks, ndf=cfg.model.ndf, residual=cfg.model.residual,
                         tone_filter=tone_filter_arguments(cfg.model.tone_filter, cfg.model.band_curves,
-                                                          cfg.model.brightness_bins),
+                                                          cfg.model.brightness_bins, cfg.model.local_tone_bins),
                         lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), lambda_cycle=cfg.train.lambda_cycle,
                         lambda_identity=cfg.train.lambda_identity,
                         lambda_paired=cfg.train.lambda_paired if paired else 0.0, pool_size=cfg.train.pool_size,
@@ -247,7 +248,7 @@ class _Run:
             return 0, False
         payload = load_checkpoint(ckpt)
         # older runs had no tone filter, then no band curves, then no brightness bins
-        saved_model = {"tone_filter": False, "band_curves": False, "brightness_bins": 1,
+        saved_model = {"tone_filter": False, "band_curves": False, "brightness_bins": 1, "local_tone_bins": 1,
                        **payload["meta"]["config"]["model"]}
         if saved_model != cfg.to_dict()["model"]:
             raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "

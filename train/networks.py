@@ -45,15 +45,18 @@ class PatchDiscriminator(nn.Module):
         return out
 
 
-def tone_filter_arguments(tone_filter: bool, band_curves: bool, brightness_bins: int = 1) -> bool | dict[str, Any]:
+def tone_filter_arguments(tone_filter: bool, band_curves: bool, brightness_bins: int = 1,
+                          local_tone_bins: int = 1) -> bool | dict[str, Any]:
     """The generator's ``tone_filter`` argument for the config's ``model.tone_filter``,
-    ``model.band_curves`` and ``model.brightness_bins``: off, one gain per band (``True``), or
-    band curves (per brightness bin)."""
+    ``model.band_curves``, ``model.brightness_bins`` and ``model.local_tone_bins``: off, one gain
+    per band (``True``), or band curves (per brightness bin), each with local tone curves or not."""
     if not tone_filter:
         return False
+    local = {"local_bins": local_tone_bins} if local_tone_bins > 1 else {}
     if not band_curves:
-        return True
-    return {"band_knots": DEFAULT_BAND_KNOTS, **({"brightness_bins": brightness_bins} if brightness_bins > 1 else {})}
+        return local or True
+    return {"band_knots": DEFAULT_BAND_KNOTS, **({"brightness_bins": brightness_bins} if brightness_bins > 1 else {}),
+            **local}
 
 
 def build_generator(ngf: int, n_blocks: int, residual: bool, tone_filter: bool | dict[str, Any] = False) -> ResnetGenerator:

@@ -16,7 +16,11 @@ target domain's:
    ranks near that bin's in their own domain (ranks, so the tone curves need not be right
    first), so the gain may also depend on where the detail sits on the grey scale;
 3. ``tone_out``: histogram matching again, of the filtered source onto the target, so the
-   output's intensity distribution is the target's whatever the gains did to it.
+   output's intensity distribution is the target's whatever the gains did to it;
+4. with ``local_bins`` > 1 (off by default): one more such curve per bin of local brightness
+   (the rank of the neighbourhood's mean in its own domain), each fitted on the pixels whose
+   neighbourhood ranks near that bin's in each domain, so a value may map differently in dark
+   and bright surroundings (adaptive equalisation, strong dynamic-range compression).
 
 Collimated borders are left out of every image first (:mod:`.collimation`): their share of an
 image is the radiographer's choice, not the vendor's processing.
@@ -40,6 +44,7 @@ from dicom_node.engine.tone_filter import (
     DEFAULT_SIGMAS,
     ToneFilter,
     band_split,
+    gaussian_blur,
 )
 
 from .collimation import without_collimation
@@ -104,14 +109,16 @@ def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.nd
 @torch.no_grad()
 def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
-                    band_curves: bool = False, brightness_bins: int = 1, seed: int = 0) -> ToneFilter:
+                    band_curves: bool = False, brightness_bins: int = 1, local_bins: int = 1,
+                    seed: int = 0) -> ToneFilter:
     """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``; with
-    ``band_curves`` one curve per band (amplitude-dependent gains) instead of one gain, and with
-    ``brightness_bins`` > 1 one per band and brightness bin."""
+    ``band_curves`` one curve per band (amplitude-dependent gains) instead of one gain, with
+    ``brightness_bins`` > 1 one per band and brightness bin, with ``local_bins`` > 1 local tone
+    curves after the output tone curve."""
     rng = np.random.default_rng(seed)
     a, b = (_without_borders(pick_images(images, MAX_IMAGES), name) for images, name in ((src, "source"), (dst, "target")))
     tf = ToneFilter(sigmas=sigmas, knots=knots, band_knots=DEFAULT_BAND_KNOTS if band_curves else 0,
-                    brightness_bins=brightness_bins if band_curves else 1)
+                    brightness_bins=brightness_bins if band_curves else 1, local_bins=local_bins)
     grid = np.linspace(-1.0, 1.0, knots)
     per_a, per_b = _pixels_per_image(len(a)), _pixels_per_image(len(b))
     tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, per_a, rng),
@@ -142,6 +149,8 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     tf.tone_out.copy_(torch.from_numpy(_matching_curve(f_sample.astype(np.float64),
                                                           sample_pixels(b, per_b, rng), out_grid)))
     tf.out_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
+    if tf.local_bins > 1:
+        _fit_local_tone(tf, [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in a], b, rng, (per_a, per_b))
     described = tf.describe()
     log.info("tone filter fitted: band gains %s (sigmas %s px)",
              " ".join(f"{g:.2f}" for g in described.get("band_gains", described.get("band_gains_small", []))),
@@ -216,3 +225,35 @@ def _fit_binned_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list
             xs, ys = _band_curve(src[k][in_src], tgt[k][in_tgt], knots)
             tf.band_x[k, m].copy_(torch.from_numpy(xs))
             tf.band_y[k, m].copy_(torch.from_numpy(ys))
+
+
+def _fit_local_tone(tf: ToneFilter, filtered: list[torch.Tensor], dst: list[np.ndarray],
+                    rng: np.random.Generator, per_image: tuple[int, int]) -> None:
+    """The local tone curves (in place): curve ``l`` of L matches the values of the filtered
+    source onto the target's, each taken where the neighbourhood's mean ``G_sigma`` ranks within
+    one bin width of rank ``(l + 1/2) / L`` in its own domain (as the brightness bins of
+    :func:`_fit_binned_band_curves`: overlapping, so the blend is smooth; ranks, so the
+    domains' grey scales need not agree first)."""
+    def values_and_surroundings(images: list[torch.Tensor], count: int) -> np.ndarray:
+        parts = []
+        for im in images:
+            flat = torch.stack([im.reshape(-1), gaussian_blur(im, tf.local_sigma).reshape(-1)]).numpy()
+            k = min(count, flat.shape[1])
+            parts.append(flat[:, rng.choice(flat.shape[1], k, replace=False)] if k < flat.shape[1] else flat)
+        return np.concatenate(parts, axis=1).astype(np.float64)
+
+    src = values_and_surroundings(filtered, per_image[0])
+    tgt = values_and_surroundings([torch.from_numpy(im)[None, None] for im in dst], per_image[1])
+    levels = np.linspace(0.0, 1.0, tf.local_levels.shape[0])
+    q_src, q_tgt = np.quantile(src[1], levels), np.quantile(tgt[1], levels)
+    tf.local_levels.copy_(torch.from_numpy(q_src.astype(np.float32)))
+    r_src, r_tgt = _ranks(src[1], q_src), _ranks(tgt[1], q_tgt)
+    lo, hi = float(tf.tone_out.min()), float(tf.tone_out.max())  # all the values the curves can see
+    hi = max(hi, lo + 1e-6)
+    tf.local_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
+    grid = np.linspace(lo, hi, tf.local_curves.shape[1])
+    bins = tf.local_bins
+    for m in range(bins):
+        in_src = (r_src >= (m - 0.5) / bins) & (r_src <= (m + 1.5) / bins)
+        in_tgt = (r_tgt >= (m - 0.5) / bins) & (r_tgt <= (m + 1.5) / bins)
+        tf.local_curves[m].copy_(torch.from_numpy(_matching_curve(src[0][in_src], tgt[0][in_tgt], grid)))
