@@ -43,6 +43,9 @@ output onto the true target ("affine", so a normalisation difference does not co
 space (data range 2).  Per method: mean over images, and the worst image's margin over its own
 identity score.
 
+``--local-tone-bins 8`` turns on the first stage's local tone curves (``model.local_tone_bins``)
+for ``tone_filter`` and the trained methods (``classic`` has no first stage).
+
 Budget (defaults as in issue 10): ngf 16, 6 blocks, ndf 16, patch 128, batch 1, 1500 steps,
 CPU.  Prints a table last and writes ``bench/results/quality.json`` with the raw numbers.
 ``--steps 200 --pairs classic --seeds 0`` is a quick smoke run.
@@ -205,6 +208,8 @@ def main() -> int:
     ap.add_argument("--ndf", type=int, default=16)
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--local-tone-bins", type=int, default=1,
+                    help="model.local_tone_bins for the trained methods and tone_filter (default 1: off)")
     add_data_arguments(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: torch's default)")
@@ -289,7 +294,7 @@ def main() -> int:
                 elif method == "histogram":
                     fn = histogram_lut(a_arr, b_arr)
                 elif method in FIRST_STAGES:
-                    fn = tone_filter_only(a_arr, b_arr, seed, **FIRST_STAGES[method])
+                    fn = tone_filter_only(a_arr, b_arr, seed, local_bins=args.local_tone_bins, **FIRST_STAGES[method])
                 elif method == "reference":
                     fn = reference_fn(data, work, args, seed)
                 elif method == "paired":  # its own data set of true pairs; scored on the same test pairs

@@ -21,7 +21,8 @@ def histogram_lut(a_arrays: list[np.ndarray], b_arrays: list[np.ndarray]):
     return lambda img: np.interp(img, xs, ys).astype(np.float32)
 
 
-def tone_filter_only(a_arrays, b_arrays, seed: int, band_curves: bool = True, brightness_bins: int | None = None):
+def tone_filter_only(a_arrays, b_arrays, seed: int, band_curves: bool = True, brightness_bins: int | None = None,
+                     local_bins: int = 1):
     """The first stage as ``dicom-node train`` fits it (its defaults unless told otherwise)."""
     import torch
 
@@ -29,7 +30,8 @@ def tone_filter_only(a_arrays, b_arrays, seed: int, band_curves: bool = True, br
     from dicom_node.train.tone_fit import fit_tone_filter
 
     bins = DEFAULT_BRIGHTNESS_BINS if brightness_bins is None else brightness_bins
-    tf = fit_tone_filter(a_arrays, b_arrays, band_curves=band_curves, brightness_bins=bins, seed=seed)
+    tf = fit_tone_filter(a_arrays, b_arrays, band_curves=band_curves, brightness_bins=bins, local_bins=local_bins,
+                         seed=seed)
 
     def run(img: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -46,6 +48,8 @@ def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespac
            "train": budget,
            "output": {"dir": str(run_dir), "sample_every": args.steps, "checkpoint_every": every,
                       "log_every": max(1, args.steps // 10)}}
+    if getattr(args, "local_tone_bins", 1) > 1 and method != "classic":  # bench/quality.py --local-tone-bins
+        cfg["model"]["local_tone_bins"] = args.local_tone_bins
     if getattr(args, "normalization", None):  # bench/fidelity_faults.py: images normalised each on its own
         cfg["data"]["normalization"] = args.normalization
     if method == "default":  # true pairs watched, never used: selected as without them (bench/selection.py)

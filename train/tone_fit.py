@@ -152,9 +152,11 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     if tf.local_bins > 1:
         _fit_local_tone(tf, [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in a], b, rng, (per_a, per_b))
     described = tf.describe()
-    log.info("tone filter fitted: band gains %s (sigmas %s px)",
+    log.info("tone filter fitted: band gains %s (sigmas %s px)%s",
              " ".join(f"{g:.2f}" for g in described.get("band_gains", described.get("band_gains_small", []))),
-             " ".join(f"{s:g}" for s in tf.sigmas))
+             " ".join(f"{s:g}" for s in tf.sigmas),
+             f"; local tone curves in {tf.local_bins} bins of local brightness (sigma {tf.local_sigma:g} px)"
+             if tf.local_bins > 1 else "")
     return tf
 
 
