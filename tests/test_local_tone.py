@@ -113,3 +113,15 @@ def test_local_tone_curves_round_trip_through_a_model_file_and_tile_seamlessly(t
     assert diff.mean() < SEAMLESS_MEAN_BOUND * 2 / 100 and diff.max() < SEAMLESS_MAX_BOUND * 2 / 100
     assert model.generator.tone_filter is not None
     assert model.generator.tone_filter.describe()["local_tone"] == {"bins": 8, "sigma_px": fitted.local_sigma}
+
+
+def test_flat_domains_leave_the_local_curves_at_the_identity():
+    """Images without a spread of neighbourhoods (flat, or tiny) give bins with no pixels in them:
+    those curves stay the identity instead of failing the run."""
+    flat = [np.full((64, 64), 0.1 * i, np.float32) for i in range(3)]
+    tf = fit_tone_filter(flat, flat, band_curves=True, brightness_bins=4, local_bins=8)
+    tiny = [np.random.default_rng(i).random((5, 9)).astype(np.float32) for i in range(3)]
+    for fitted in (tf, fit_tone_filter(tiny, tiny, band_curves=True, brightness_bins=4, local_bins=8)):
+        with torch.no_grad():
+            for shape in ((1, 1), (3, 7), (64, 64)):
+                assert torch.isfinite(fitted(torch.rand(1, 1, *shape) * 2 - 1)).all()

@@ -67,6 +67,7 @@ BAND_CURVE_LIMITS = (1.0 / 16.0, 16.0)
 MAX_IMAGES = 48
 PIXELS_PER_IMAGE = 200_000  # sampled for the quantiles, at most, from each image ...
 PIXELS_PER_DOMAIN = 2_400_000  # ... and from all a domain's images together
+MIN_BIN_PIXELS = 1000  # a local tone curve fitted on fewer pixels in either domain stays the identity
 
 
 def _pixels_per_image(count: int) -> int:
@@ -258,4 +259,7 @@ def _fit_local_tone(tf: ToneFilter, filtered: list[torch.Tensor], dst: list[np.n
     for m in range(bins):
         in_src = (r_src >= (m - 0.5) / bins) & (r_src <= (m + 1.5) / bins)
         in_tgt = (r_tgt >= (m - 0.5) / bins) & (r_tgt <= (m + 1.5) / bins)
+        if min(in_src.sum(), in_tgt.sum()) < MIN_BIN_PIXELS:  # no neighbourhood like it (flat images): no change
+            tf.local_curves[m].copy_(torch.from_numpy(grid.astype(np.float32)))
+            continue
         tf.local_curves[m].copy_(torch.from_numpy(_matching_curve(src[0][in_src], tgt[0][in_tgt], grid)))
