@@ -1,6 +1,8 @@
 """Local tone curves (``model.local_tone_bins``): a value mapped by its surroundings' brightness."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,7 @@ def run(tf: ToneFilter, x: np.ndarray) -> np.ndarray:
         return tf(torch.from_numpy(x)[None, None])[0, 0].numpy()
 
 
-def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unpaired_domains(tmp_path):
+def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unpaired_domains(tmp_path, caplog):
     """The demo's multiscale pair (phantoms, MUSICA-like equalisation with a compressed low-pass,
     on a fixed window): fitted on disjoint phantoms of the two looks, the stage with local tone
     curves comes closer to the true look of held-out phantoms than the stage without them, after
@@ -57,6 +59,26 @@ def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unp
         tf = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=bins)
         scores[bins] = np.mean([affine_psnr(run(tf, x), y) for _, x, y in pairs])
     assert scores[8] > scores[1] + 2.0, scores  # measured +3.7 dB
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):  # validation pairs confirm them: kept
+        checked = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8,
+                                  pairs=[(x, y) for _, x, y in pairs])
+    assert torch.equal(checked.local_curves, tf.local_curves) and "local tone curves kept" in caplog.text
+
+
+def test_local_tone_curves_that_validation_pairs_show_worse_are_left_out(caplog):
+    """Pairs whose truth is the stage without local curves: any curve but the identity is worse
+    on them, so the fit resets the curves and says why."""
+    a, b = [field(s) for s in range(4)], [equalised(field(s)) for s in range(10, 14)]
+    tf = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8)
+    tests = [field(s) for s in range(20, 22)]
+    with torch.no_grad():
+        pairs = [(x, tf.before_local_tone(torch.from_numpy(x)[None, None])[0, 0].numpy()) for x in tests]
+        assert min(float(np.abs(run(tf, x) - y).mean()) for x, y in pairs) > 0.005  # the curves change them
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        checked = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8, pairs=pairs)
+    assert "local tone curves left out" in caplog.text
+    for x, y in pairs:
+        assert np.abs(run(checked, x) - y).max() < 1e-5
 
 
 def affine_psnr(out: np.ndarray, target: np.ndarray) -> float:

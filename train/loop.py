@@ -174,7 +174,9 @@ class _Run:
             stage: dict[str, Any] = {"band_curves": cfg.model.band_curves,
                                      "brightness_bins": cfg.model.brightness_bins,
                                      "local_bins": cfg.model.local_tone_bins, "seed": cfg.train.seed}
-            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, **stage), fit_tone_filter(b.arrays, a.arrays, **stage))
+            ab, ba = [(x, y) for _, x, y in val_pairs], [(y, x) for _, x, y in val_pairs]  # local curves checked on them
+            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, pairs=ab, **stage),
+                                   fit_tone_filter(b.arrays, a.arrays, pairs=ba, **stage))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
 
