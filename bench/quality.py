@@ -44,7 +44,9 @@ space (data range 2).  Per method: mean over images, and the worst image's margi
 identity score.
 
 ``--local-tone-bins 8`` turns on the first stage's local tone curves (``model.local_tone_bins``)
-for ``tone_filter`` and the trained methods (``classic`` has no first stage).
+for ``tone_filter`` and the trained methods (``classic`` has no first stage).  The trainer keeps
+them only where its validation pairs show a gain, and the ``default`` runs watch the test pairs
+as theirs: with this option their first stage has seen the test pairs (``tone_filter`` has not).
 
 Budget (defaults as in issue 10): ngf 16, 6 blocks, ndf 16, patch 128, batch 1, 1500 steps,
 CPU.  Prints a table last and writes ``bench/results/quality.json`` with the raw numbers.
