@@ -156,6 +156,8 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
         _fit_local_tone(tf, [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in a], b, rng, (per_a, per_b))
         if pairs:
             _keep_local_tone(tf, pairs)
+        else:
+            log.info("local tone curves not checked: no validation pairs (data.val) to show whether they help")
     described = tf.describe()
     log.info("tone filter fitted: band gains %s (sigmas %s px)%s",
              " ".join(f"{g:.2f}" for g in described.get("band_gains", described.get("band_gains_small", []))),
