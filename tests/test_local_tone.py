@@ -150,3 +150,16 @@ def test_flat_domains_leave_the_local_curves_at_the_identity():
         with torch.no_grad():
             for shape in ((1, 1), (3, 7), (64, 64)):
                 assert torch.isfinite(fitted(torch.rand(1, 1, *shape) * 2 - 1)).all()
+
+
+def test_the_stage_before_the_local_curves_is_fitted_as_without_them():
+    """The local curves are fitted last, on the finished stage before them: its tone curves and
+    band curves are those of the same fit without local curves (the output tone curve's fit
+    once read the unfitted local curves, which clip to [-1, 1], and came out otherwise)."""
+    a, b = [field(s) for s in range(4)], [np.clip(1.6 * equalised(field(s)), -1, 1) for s in range(10, 14)]
+    fits = [fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=bins) for bins in (1, 8)]
+    with torch.no_grad():
+        toned = fits[1].before_local_tone(torch.from_numpy(a[0])[None, None])
+    for key, value in fits[0].state_dict().items():
+        assert torch.equal(value, fits[1].state_dict()[key]), key
+    assert torch.equal(toned, fits[0](torch.from_numpy(a[0])[None, None]))

@@ -127,8 +127,8 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, per_a, rng),
                                                          sample_pixels(b, per_b, rng), grid)))
 
-    def toned(images: list[np.ndarray]) -> list[torch.Tensor]:
-        return [tf(torch.from_numpy(im)[None, None]) for im in images]
+    def toned(images: list[np.ndarray]) -> list[torch.Tensor]:  # local tone curves, if any, not yet fitted
+        return [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in images]
 
     if band_curves and tf.brightness_bins > 1:
         _fit_binned_band_curves(tf, toned(a), b, rng, (per_a, per_b))
@@ -153,7 +153,7 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                                                           sample_pixels(b, per_b, rng), out_grid)))
     tf.out_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
     if tf.local_bins > 1:
-        _fit_local_tone(tf, [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in a], b, rng, (per_a, per_b))
+        _fit_local_tone(tf, toned(a), b, rng, (per_a, per_b))
         if pairs:
             _keep_local_tone(tf, pairs)
         else:
