@@ -31,7 +31,7 @@ matching by several dB; the residual network trained after it learns the rest.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -196,22 +196,43 @@ def _without_borders(images: list[np.ndarray], name: str) -> list[np.ndarray]:
     return out
 
 
+def _pooled_samples(maps: Iterable[torch.Tensor], rng: np.random.Generator, per_image: int) -> np.ndarray:
+    """``(rows, pixels)``: each image's ``(rows, its pixels)`` map at up to ``per_image`` of its
+    pixels, drawn at random (the same pixels for every row), pooled over the images."""
+    parts = []
+    for flat in maps:
+        k = min(per_image, flat.shape[1])
+        parts.append(flat[:, rng.choice(flat.shape[1], k, replace=False)] if k < flat.shape[1] else flat)
+    return np.concatenate([p.numpy() for p in parts], axis=1).astype(np.float64)
+
+
 def _band_samples(images: list[torch.Tensor], sigmas: Sequence[float], rng: np.random.Generator,
                   per_image: int) -> np.ndarray:
     """``(bands + 1, pixels)``: each band's coefficient and the low-pass at the same random pixels
     (up to ``per_image`` of each image), pooled."""
-    parts = []
-    for im in images:
-        flat = torch.stack([band.reshape(-1) for band in band_split(im, sigmas)]).numpy()
-        k = min(per_image, flat.shape[1])
-        parts.append(flat[:, rng.choice(flat.shape[1], k, replace=False)] if k < flat.shape[1] else flat)
-    return np.concatenate(parts, axis=1).astype(np.float64)
+    return _pooled_samples((torch.stack([band.reshape(-1) for band in band_split(im, sigmas)]) for im in images),
+                           rng, per_image)
 
 
 def _ranks(low: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     """Brightness ranks in [0, 1] as the engine computes them: through the domain's quantiles."""
     ranks: np.ndarray = np.interp(low, quantiles + np.arange(quantiles.size) * 1e-9, np.linspace(0.0, 1.0, quantiles.size))
     return ranks
+
+
+def _ranked(src_low: np.ndarray, tgt_low: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The source's quantiles at :data:`BRIGHTNESS_KNOTS` even levels (what the engine ranks a
+    pixel through, stored in the filter) and each sample's rank in its own domain."""
+    levels = np.linspace(0.0, 1.0, BRIGHTNESS_KNOTS)
+    q_src, q_tgt = np.quantile(src_low, levels), np.quantile(tgt_low, levels)
+    return q_src, _ranks(src_low, q_src), _ranks(tgt_low, q_tgt)
+
+
+def _in_bin(ranks: np.ndarray, m: int, bins: int) -> np.ndarray:
+    """The samples that bin ``m`` of ``bins`` is fitted on: ranks within one bin width of its
+    centre ``(m + 1/2) / bins`` (neighbouring bins overlap, so the blend between centres is smooth)."""
+    in_bin: np.ndarray = (ranks >= (m - 0.5) / bins) & (ranks <= (m + 1.5) / bins)
+    return in_bin
 
 
 def _fit_binned_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.ndarray],
@@ -223,13 +244,10 @@ def _fit_binned_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list
     bins, knots = tf.brightness_bins, tf.band_x.shape[-1]
     src = _band_samples(toned, tf.sigmas, rng, per_image[0])
     tgt = _band_samples([torch.from_numpy(im)[None, None] for im in dst], tf.sigmas, rng, per_image[1])
-    levels = np.linspace(0.0, 1.0, BRIGHTNESS_KNOTS)
-    q_src, q_tgt = np.quantile(src[-1], levels), np.quantile(tgt[-1], levels)
+    q_src, r_src, r_tgt = _ranked(src[-1], tgt[-1])
     tf.brightness.copy_(torch.from_numpy(q_src.astype(np.float32)))
-    r_src, r_tgt = _ranks(src[-1], q_src), _ranks(tgt[-1], q_tgt)
     for m in range(bins):
-        lo, hi = (m - 0.5) / bins, (m + 1.5) / bins
-        in_src, in_tgt = (r_src >= lo) & (r_src <= hi), (r_tgt >= lo) & (r_tgt <= hi)
+        in_src, in_tgt = _in_bin(r_src, m, bins), _in_bin(r_tgt, m, bins)
         for k in range(len(tf.sigmas)):
             xs, ys = _band_curve(src[k][in_src], tgt[k][in_tgt], knots)
             tf.band_x[k, m].copy_(torch.from_numpy(xs))
@@ -244,27 +262,20 @@ def _fit_local_tone(tf: ToneFilter, filtered: list[torch.Tensor], dst: list[np.n
     :func:`_fit_binned_band_curves`: overlapping, so the blend is smooth; ranks, so the
     domains' grey scales need not agree first)."""
     def values_and_surroundings(images: list[torch.Tensor], count: int) -> np.ndarray:
-        parts = []
-        for im in images:
-            flat = torch.stack([im.reshape(-1), gaussian_blur(im, tf.local_sigma).reshape(-1)]).numpy()
-            k = min(count, flat.shape[1])
-            parts.append(flat[:, rng.choice(flat.shape[1], k, replace=False)] if k < flat.shape[1] else flat)
-        return np.concatenate(parts, axis=1).astype(np.float64)
+        return _pooled_samples((torch.stack([im.reshape(-1), gaussian_blur(im, tf.local_sigma).reshape(-1)])
+                                for im in images), rng, count)
 
     src = values_and_surroundings(filtered, per_image[0])
     tgt = values_and_surroundings([torch.from_numpy(im)[None, None] for im in dst], per_image[1])
-    levels = np.linspace(0.0, 1.0, tf.local_levels.shape[0])
-    q_src, q_tgt = np.quantile(src[1], levels), np.quantile(tgt[1], levels)
+    q_src, r_src, r_tgt = _ranked(src[1], tgt[1])
     tf.local_levels.copy_(torch.from_numpy(q_src.astype(np.float32)))
-    r_src, r_tgt = _ranks(src[1], q_src), _ranks(tgt[1], q_tgt)
     lo, hi = float(tf.tone_out.min()), float(tf.tone_out.max())  # all the values the curves can see
     hi = max(hi, lo + 1e-6)
     tf.local_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
     grid = np.linspace(lo, hi, tf.local_curves.shape[1])
     bins = tf.local_bins
     for m in range(bins):
-        in_src = (r_src >= (m - 0.5) / bins) & (r_src <= (m + 1.5) / bins)
-        in_tgt = (r_tgt >= (m - 0.5) / bins) & (r_tgt <= (m + 1.5) / bins)
+        in_src, in_tgt = _in_bin(r_src, m, bins), _in_bin(r_tgt, m, bins)
         if min(in_src.sum(), in_tgt.sum()) < MIN_BIN_PIXELS:  # no neighbourhood like it (flat images): no change
             tf.local_curves[m].copy_(torch.from_numpy(grid.astype(np.float32)))
             continue
