@@ -12,6 +12,7 @@ from dicom_node.engine.generator import ResnetGenerator
 from dicom_node.engine.model_file import StyleModel
 from dicom_node.engine.tone_filter import ToneFilter, binned_uniform_curve, gaussian_blur, uniform_curve
 from dicom_node.train.tone_fit import fit_tone_filter
+from tests.style_data import affine_psnr, demo_domains
 
 
 def field(seed: int, size: int = 192) -> np.ndarray:
@@ -43,17 +44,7 @@ def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unp
     curves comes closer to the true look of held-out phantoms than the stage without them, after
     the best gain and offset, as bench/quality.py scores it (bench/local_tone.py: +0.5 to +3.4 dB
     on three data seeds at 512 px)."""
-    from dicom_node.demo.writer import write_demo_data
-    from dicom_node.engine.pixels import normalize, read_image_file
-    from dicom_node.train.data import find_image_files, load_pairs
-    from dicom_node.train.intensity import run_normalizations
-
-    data = tmp_path / "demo"
-    write_demo_data(data, count=12, test_count=3, size=256, seed=0, unpaired=True, style_pair="multiscale")
-    norm_a, norm_b = run_normalizations("domain", data / "A", data / "B", data / ".windows")
-    a, b = ([np.asarray(normalize(read_image_file(f), norm), np.float32) for f in find_image_files(data / d)]
-            for d, norm in (("A", norm_a), ("B", norm_b)))
-    pairs = load_pairs(data / "test", norm_a, norm_b, limit=1000)
+    a, b, pairs = demo_domains(tmp_path / "demo", "multiscale", count=12, test_count=3, size=256)
     scores = {}
     with caplog.at_level(logging.INFO, logger="dicom_node.train"):
         for bins in (1, 8):
@@ -66,6 +57,22 @@ def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unp
         checked = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8,
                                   pairs=[(x, y) for _, x, y in pairs])
     assert torch.equal(checked.local_curves, tf.local_curves) and "local tone curves kept" in caplog.text
+
+
+def test_local_tone_curves_that_validation_pairs_show_worse_are_left_out(caplog):
+    """Pairs whose truth is the stage without local curves: any curve but the identity is worse
+    on them, so the fit resets the curves and says why."""
+    a, b = [field(s) for s in range(4)], [equalised(field(s)) for s in range(10, 14)]
+    tf = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8)
+    tests = [field(s) for s in range(20, 22)]
+    with torch.no_grad():
+        pairs = [(x, tf.before_local_tone(torch.from_numpy(x)[None, None])[0, 0].numpy()) for x in tests]
+        assert min(float(np.abs(run(tf, x) - y).mean()) for x, y in pairs) > 0.005  # the curves change them
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        checked = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8, pairs=pairs)
+    assert "local tone curves left out" in caplog.text
+    for x, y in pairs:
+        assert np.abs(run(checked, x) - y).max() < 1e-5
 
 
 def test_local_tone_curves_that_validation_pairs_show_worse_are_left_out(caplog):

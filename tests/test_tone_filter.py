@@ -12,6 +12,7 @@ from dicom_node.engine.style_stats import style_distance, style_statistics
 from dicom_node.engine.tiling import SEAMLESS_MAX_BOUND, SEAMLESS_MEAN_BOUND
 from dicom_node.engine.tone_filter import ToneFilter, band_split, gaussian_blur
 from dicom_node.train.tone_fit import fit_tone_filter
+from tests.style_data import affine_psnr, demo_domains
 
 
 def smooth_field(seed: int, size: int = 160) -> np.ndarray:
@@ -234,27 +235,12 @@ def test_brightness_bins_fit_a_demo_vendor_style_better_than_one_curve_per_band(
     window, then a tone curve): one band curve per brightness bin is closer to the truth on
     held-out pairs than one curve per band (measured 0.97 dB at 384 px, 6 images a domain; the
     error after the best gain and offset, as bench/quality.py scores it)."""
-    from dicom_node.demo.writer import write_demo_data
-    from dicom_node.engine.pixels import normalize, read_image_file
-    from dicom_node.train.data import find_image_files, load_pairs
-    from dicom_node.train.intensity import run_normalizations
-
-    data = tmp_path / "demo"
-    write_demo_data(data, count=6, test_count=3, size=384, seed=0, unpaired=True, style_pair="edges")
-    norm_a, norm_b = run_normalizations("domain", data / "A", data / "B", data / ".windows")
-    a, b = ([np.asarray(normalize(read_image_file(f), norm), np.float32) for f in find_image_files(data / d)]
-            for d, norm in (("A", norm_a), ("B", norm_b)))
-    pairs = load_pairs(data / "test", norm_a, norm_b, limit=1000)
+    a, b, pairs = demo_domains(tmp_path / "demo", "edges", count=6, test_count=3, size=384)
     assert len(pairs) == 3
-
-    def affine_mse(out: np.ndarray, target: np.ndarray) -> float:
-        design = np.stack([out.ravel(), np.ones(out.size)], 1).astype(np.float64)
-        coef = np.linalg.lstsq(design, target.ravel().astype(np.float64), rcond=None)[0]
-        return float(np.mean((design @ coef - target.ravel()) ** 2))
 
     fits = {bins: fit_tone_filter(a, b, band_curves=True, brightness_bins=bins) for bins in (1, 4)}
     with torch.no_grad():
-        db = {bins: np.mean([-10 * np.log10(affine_mse(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y))
+        db = {bins: np.mean([affine_psnr(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)
                              for _, x, y in pairs]) for bins, tf in fits.items()}
     assert db[4] > db[1] + 0.5, db
     described = fits[4].describe()
