@@ -50,7 +50,7 @@ def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unp
         for bins in (1, 8):
             tf = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=bins)
             scores[bins] = np.mean([affine_psnr(run(tf, x), y) for _, x, y in pairs])
-    assert scores[8] > scores[1] + 2.0, scores  # measured +3.7 dB
+    assert scores[8] > scores[1] + 2.0, scores  # measured +3.8 dB
     assert caplog.text.count("local tone curves not checked: no validation pairs") == 1  # bins 8 only
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dicom_node.train"):  # validation pairs confirm them: kept
