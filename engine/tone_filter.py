@@ -42,10 +42,10 @@ Why: adaptive equalisation and strong dynamic-range compression map the same val
 differently in a dark and in a bright neighbourhood, and an odd band curve cannot shift a
 region's level.  Each curve matches the distribution of values whose neighbourhood ranks near
 its bin in each domain.  Measured on demo data of 3 seeds (``bench/local_tone.py``, 8 bins,
-mean over seeds): +2.3 dB on ``multiscale``, +0.6 on ``combined``, +0.3 on ``clahe`` over the
-stage without them, -0.1 to +0.3 on the linear and denoising pairs (worst image -0.5), but
--0.1 to -1.7 on the 5 pairs of crops of real radiographs, whose domains show different
-anatomy (worst image -3.5): a conditional distribution holds more of the content than a
+mean over seeds): +2.4 dB on ``multiscale``, +0.8 on ``combined``, +0.4 on ``clahe`` over the
+stage without them, -0.03 to +0.4 on the linear and denoising pairs (worst image -0.5), but
+-0.1 to -1.3 on the 5 pairs of crops of real radiographs, whose domains show different
+anatomy (worst image -2.3): a conditional distribution holds more of the content than a
 marginal one.  Hence an option, off by default, for domains that show the same exams.
 
 ``G_s`` is a Gaussian blur of sigma ``s`` detector pixels with reflected borders, computed by

@@ -42,7 +42,7 @@ def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unp
     """The demo's multiscale pair (phantoms, MUSICA-like equalisation with a compressed low-pass,
     on a fixed window): fitted on disjoint phantoms of the two looks, the stage with local tone
     curves comes closer to the true look of held-out phantoms than the stage without them, after
-    the best gain and offset, as bench/quality.py scores it (bench/local_tone.py: +0.5 to +3.4 dB
+    the best gain and offset, as bench/quality.py scores it (bench/local_tone.py: +0.5 to +3.5 dB
     on three data seeds at 512 px)."""
     a, b, pairs = demo_domains(tmp_path / "demo", "multiscale", count=12, test_count=3, size=256)
     scores = {}

@@ -48,7 +48,7 @@ class ModelSettings:
     brightness_bins: int = DEFAULT_BRIGHTNESS_BINS
     # local tone curves after that stage, one per bin of local brightness (a value may map
     # differently in dark and in bright surroundings: adaptive equalisation); 1: off.  For
-    # domains that show the same exams: on crops of different anatomy they cost 1.7 dB (with
+    # domains that show the same exams: on crops of different anatomy they cost up to 1.3 dB (with
     # data.val pairs the fit keeps them only where the pairs show a gain, train/tone_fit.py).
     local_tone_bins: int = 1
 

@@ -287,7 +287,7 @@ def _keep_local_tone(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarra
     ``pairs``' mean PSNR both as written (what the node sends) and after each image's best gain
     and offset (its look, whatever the display window; bench/quality.py's score).  Why: they
     match a distribution per neighbourhood, which holds more of the domains' content than a
-    whole image's; on crops of different anatomy they cost 1.7 dB after gain and offset
+    whole image's; on crops of different anatomy they cost up to 1.3 dB after gain and offset
     (bench/local_tone.py) while the values as written gained, and pairs are the one way to see it."""
     def gains(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         before = tf.before_local_tone(torch.from_numpy(np.asarray(x, np.float32))[None, None])
