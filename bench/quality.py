@@ -47,6 +47,10 @@ identity score.
 for ``tone_filter`` and the trained methods (``classic`` has no first stage).  The trainer keeps
 them only where its validation pairs show a gain, and the ``default`` runs watch the test pairs
 as theirs: with this option their first stage has seen the test pairs (``tone_filter`` has not).
+The same holds for how many quantiles the trainer's tone curves match, which its validation
+pairs choose (``train/tone_fit.py``, ``choose_tone_detail``).  ``--val-half`` gives the
+``default`` runs the first half of the test pairs as ``data.val`` and scores every method on the
+second half only: nothing a run read from its pairs is scored on them.
 
 Budget (defaults as in issue 10): ngf 16, 6 blocks, ndf 16, patch 128, batch 1, 1500 steps,
 CPU.  Prints a table last and writes ``bench/results/quality.json`` with the raw numbers.
@@ -230,6 +234,9 @@ def main() -> int:
                     help="train the classic recipe and the reference on the first N style pairs only (0: all)")
     ap.add_argument("--full-pairs", type=int, default=0,
                     help="all seeds for the first N style pairs only, the first seed for the others (0: all)")
+    ap.add_argument("--val-half", action="store_true",
+                    help="the default run's validation pairs (data.val) are the first half of the test pairs, "
+                         "and every method is scored on the other half (else on all, which the default run read)")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     ap.add_argument("--panel", type=Path, default=None,
                     help="also write a PNG: per style pair, input | each method | target")
@@ -279,6 +286,8 @@ def main() -> int:
         data = make_data(pair, args.work, args)
         norms = domain_windows(data)
         test = load_test_pairs(data, norms)
+        if args.val_half:  # the first half is the default run's data.val
+            test = test[len(test) // 2:]
         a_arr, b_arr = load_domain_arrays(data / "A", norms["A"]), load_domain_arrays(data / "B", norms["B"])
         from dicom_node.engine.style_stats import style_statistics
         from dicom_node.train.data import pick_images

@@ -53,7 +53,7 @@ def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespac
     if getattr(args, "normalization", None):  # bench/fidelity_faults.py: images normalised each on its own
         cfg["data"]["normalization"] = args.normalization
     if method == "default":  # true pairs watched, never used: selected as without them (bench/selection.py)
-        cfg["data"]["val"] = str(data / "test")
+        cfg["data"]["val"] = str(val_half(data) if getattr(args, "val_half", False) else data / "test")
         cfg["train"]["select_by"] = "distribution"
     if method == "paired":  # the ceiling: data_paired() holds true training pairs of the same styles
         cfg["train"].update(paired="on")
@@ -61,6 +61,22 @@ def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespac
         cfg["model"].update(residual=False, tone_filter=False)
         cfg["train"].update(lambda_identity=0.5, decay_from=args.steps)
     return cfg
+
+
+def val_half(data: Path) -> Path:
+    """``data/val-half``: the first half of ``data/test``'s true pairs (``--val-half``), so that what
+    the trainer reads from its validation pairs is scored on pairs it never saw."""
+    import shutil
+
+    from dicom_node.train.data import find_image_files
+
+    out = data / "val-half"
+    for side in ("A", "B"):
+        files = find_image_files(data / "test" / side)
+        (out / side).mkdir(parents=True, exist_ok=True)
+        for f in files[:len(files) // 2]:
+            shutil.copy2(f, out / side / f.name)
+    return out
 
 
 def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, seed: int) -> Path:

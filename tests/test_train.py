@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,7 @@ def test_config_problems_are_listed_with_their_paths(tmp_path):
 
 
 def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="dicom_node.train")
     cfg = write_config(tmp_path, data)
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
@@ -165,6 +168,8 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     assert np.asarray(Image.open(panels[-1])).shape == (2 * 64, 3 * 64)
     assert (run / "config.yaml").exists() and (run / "cache" / "A" / "index.json").exists()
     assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
+    # The validation pairs chose, per direction, how many quantiles the first stage's tone curves match.
+    assert len(re.findall(r"chosen on the 2 validation pairs|left out \(the identity\): every fit", caplog.text)) == 2
 
 
 def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):

@@ -4,7 +4,8 @@ No pairs are needed because every step matches a *distribution* of the source do
 target domain's:
 
 1. ``tone_in``: histogram matching (1-D optimal transport of the intensity distributions), the
-   exact answer for the tone part of a style;
+   exact answer for the tone part of a style, through a few matched quantiles
+   (:data:`TONE_QUANTILES`: the fine shape of a domain's histogram is mostly its content);
 2. band gains: for each band of the multi-scale split, the square root of the ratio of the
    domains' mean band energy (the target's power spectrum over the source's, per octave), so
    edge enhancement, dynamic-range compression and noise reduction are matched scale by scale;
@@ -51,7 +52,7 @@ from dicom_node.engine.tone_filter import (
 from .collimation import without_collimation
 from .data import pick_images
 
-__all__ = ["fit_tone_filter", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
+__all__ = ["fit_tone_filter", "choose_tone_detail", "detail_name", "TONE_QUANTILES", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
 
 log = logging.getLogger("dicom_node.train")
 
@@ -69,6 +70,19 @@ MAX_IMAGES = 48
 PIXELS_PER_IMAGE = 200_000  # sampled for the quantiles, at most, from each image ...
 PIXELS_PER_DOMAIN = 2_400_000  # ... and from all a domain's images together
 MIN_BIN_PIXELS = 1000  # a local tone curve fitted on fewer pixels in either domain stays the identity
+# Quantiles a tone curve matches: every one (FULL_DETAIL), or only a few, so that it keeps the
+# look's overall contrast and leaves the shape of each domain's histogram, much of which is its
+# content, alone.  bench/tone_detail.py, first stage alone, 11 demo pairs x 3 data seeds:
+# - on crops of real radiographs (other anatomy in each domain) full curves ended 3.5 to 7.9 dB
+#   below the input; 9 quantiles gained +2.1 to +4.7 dB over them, 3 quantiles +4.8 to +10.6;
+# - on the phantoms (alike in both domains) 9 quantiles were within -0.6 to +0.3 dB of full
+#   curves; 3 lost 5.5 dB on the strong tone curve of the linear `classic` look.
+# So 9 without pairs (DEFAULT_TONE_QUANTILES); with validation pairs they choose among all of
+# these (:func:`choose_tone_detail`), 0 being no first stage at all (the identity), for when
+# every fit lands below the input.
+FULL_DETAIL = 1025
+DEFAULT_TONE_QUANTILES = 9
+TONE_QUANTILES = (FULL_DETAIL, 9, 3, 2, 0)
 
 
 def _pixels_per_image(count: int) -> int:
@@ -98,41 +112,85 @@ def _band_curve(src: np.ndarray, dst: np.ndarray, knots: int) -> tuple[np.ndarra
     return xs.astype(np.float32), np.maximum.accumulate(ys).astype(np.float32)
 
 
-def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Monotone curve on ``grid`` taking the distribution of ``src`` to that of ``dst``."""
-    q = np.linspace(0.0, 1.0, 1025)
+def _matching_curve(src: np.ndarray, dst: np.ndarray, grid: np.ndarray, quantiles: int = FULL_DETAIL) -> np.ndarray:
+    """Monotone curve on ``grid`` taking the distribution of ``src`` to that of ``dst``: through
+    ``quantiles`` matched quantiles, every one from 0 to 1 at :data:`FULL_DETAIL`, else evenly
+    from 1 % to 99 %, straight beyond them (a coarse curve: :data:`TONE_QUANTILES`)."""
+    if quantiles >= FULL_DETAIL:
+        q = np.linspace(0.0, 1.0, FULL_DETAIL)
+    else:
+        q = np.linspace(0.01, 0.99, max(2, quantiles))
     xs, ys = np.quantile(src, q), np.quantile(dst, q)
     # np.interp needs increasing knots: ties (clipped or padded pixels) get a vanishing slope.
     xs = xs + np.arange(xs.size) * 1e-9
-    curve: np.ndarray = np.interp(grid, xs, ys).astype(np.float32)
-    return curve
+    curve: np.ndarray = np.interp(grid, xs, ys)
+    if quantiles < FULL_DETAIL:  # the end segments' slopes carried on
+        first, last = (ys[1] - ys[0]) / (xs[1] - xs[0]), (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        curve = np.where(grid < xs[0], ys[0] + first * (grid - xs[0]), curve)
+        curve = np.where(grid > xs[-1], ys[-1] + last * (grid - xs[-1]), curve)
+    return curve.astype(np.float32)
 
 
 @torch.no_grad()
 def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
                     band_curves: bool = False, brightness_bins: int = 1, local_bins: int = 1,
-                    pairs: Sequence[tuple[np.ndarray, np.ndarray]] = (), seed: int = 0) -> ToneFilter:
+                    pairs: Sequence[tuple[np.ndarray, np.ndarray]] = (), tone_quantiles: int = DEFAULT_TONE_QUANTILES,
+                    seed: int = 0) -> ToneFilter:
     """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``; with
     ``band_curves`` one curve per band (amplitude-dependent gains) instead of one gain, with
     ``brightness_bins`` > 1 one per band and brightness bin, with ``local_bins`` > 1 local tone
-    curves after the output tone curve, kept only if they bring the true ``pairs`` (source,
-    target), when given, closer (:func:`_keep_local_tone`)."""
-    rng = np.random.default_rng(seed)
+    curves after the output tone curve.  Given the true ``pairs`` (source, target), they choose
+    how many quantiles the tone curves match (:func:`choose_tone_detail`; else ``tone_quantiles``)
+    and whether the local tone curves stay (:func:`_keep_local_tone`)."""
     a, b = (_without_borders(pick_images(images, MAX_IMAGES), name) for images, name in ((src, "source"), (dst, "target")))
-    tf = ToneFilter(sigmas=sigmas, knots=knots, band_knots=DEFAULT_BAND_KNOTS if band_curves else 0,
-                    brightness_bins=brightness_bins if band_curves else 1, local_bins=local_bins)
+
+    rngs: dict[int, np.random.Generator] = {}  # each stage's, carried on to its local tone curves
+
+    def stage(quantiles: int) -> ToneFilter:
+        rngs[quantiles] = np.random.default_rng(seed)
+        tf = ToneFilter(sigmas=sigmas, knots=knots, band_knots=DEFAULT_BAND_KNOTS if band_curves else 0,
+                        brightness_bins=brightness_bins if band_curves else 1, local_bins=local_bins)
+        return _fit_stage(a, b, tf, quantiles, rngs[quantiles]) if quantiles else tf  # unfitted: the identity
+
+    stages = {q: stage(q) for q in (TONE_QUANTILES if pairs else (tone_quantiles,))}
+    tf = choose_tone_detail(list(stages.values()), pairs) if pairs else stages[tone_quantiles]
+    if not pairs:
+        log.info("tone curves through %s quantiles (no validation pairs, data.val, to choose how many)",
+                 detail_name(tone_quantiles))
+    if tf.local_bins > 1:
+        rng = rngs[next(q for q, t in stages.items() if t is tf)]
+        _fit_local_tone(tf, [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in a], b, rng,
+                        (_pixels_per_image(len(a)), _pixels_per_image(len(b))))
+        if pairs:
+            _keep_local_tone(tf, pairs)
+        else:
+            log.info("local tone curves not checked: no validation pairs (data.val) to show whether they help")
+    described = tf.describe()
+    log.info("tone filter fitted: band gains %s (sigmas %s px)%s",
+             " ".join(f"{g:.2f}" for g in described.get("band_gains", described.get("band_gains_small", []))),
+             " ".join(f"{s:g}" for s in tf.sigmas),
+             f"; local tone curves in {tf.local_bins} bins of local brightness (sigma {tf.local_sigma:g} px)"
+             if tf.local_bins > 1 else "")
+    return tf
+
+
+def _fit_stage(a: list[np.ndarray], b: list[np.ndarray], tf: ToneFilter, quantiles: int,
+               rng: np.random.Generator) -> ToneFilter:
+    """``tf`` (in place) fitted up to its output tone curve, the tone curves through ``quantiles``
+    matched quantiles (module doc, steps 1 to 3)."""
+    knots = tf.tone_in.numel()
     grid = np.linspace(-1.0, 1.0, knots)
     per_a, per_b = _pixels_per_image(len(a)), _pixels_per_image(len(b))
-    tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, per_a, rng),
-                                                         sample_pixels(b, per_b, rng), grid)))
+    tf.tone_in.copy_(torch.from_numpy(_matching_curve(sample_pixels(a, per_a, rng), sample_pixels(b, per_b, rng),
+                                                      grid, quantiles)))
 
-    def toned(images: list[np.ndarray]) -> list[torch.Tensor]:  # local tone curves, if any, not yet fitted
+    def toned(images: list[np.ndarray]) -> list[torch.Tensor]:
         return [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in images]
 
-    if band_curves and tf.brightness_bins > 1:
+    if tf.band_curves and tf.brightness_bins > 1:
         _fit_binned_band_curves(tf, toned(a), b, rng, (per_a, per_b))
-    elif band_curves:
+    elif tf.band_curves:
         _fit_band_curves(tf, toned(a), b, rng, (per_a, per_b))
     else:  # energies of the toned source (gains still 1) against the target
         e_src = np.mean([band_energies(t, tf.sigmas) for t in toned(a)], axis=0)
@@ -149,22 +207,38 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     lo, hi = lo - pad, hi + pad
     out_grid = np.linspace(lo, hi, knots)
     f_sample = filtered[rng.choice(filtered.size, min(filtered.size, per_a * len(a)), replace=False)]
-    tf.tone_out.copy_(torch.from_numpy(_matching_curve(f_sample.astype(np.float64),
-                                                          sample_pixels(b, per_b, rng), out_grid)))
+    tf.tone_out.copy_(torch.from_numpy(_matching_curve(f_sample.astype(np.float64), sample_pixels(b, per_b, rng),
+                                                       out_grid, quantiles)))
     tf.out_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
-    if tf.local_bins > 1:
-        _fit_local_tone(tf, toned(a), b, rng, (per_a, per_b))
-        if pairs:
-            _keep_local_tone(tf, pairs)
-        else:
-            log.info("local tone curves not checked: no validation pairs (data.val) to show whether they help")
-    described = tf.describe()
-    log.info("tone filter fitted: band gains %s (sigmas %s px)%s",
-             " ".join(f"{g:.2f}" for g in described.get("band_gains", described.get("band_gains_small", []))),
-             " ".join(f"{s:g}" for s in tf.sigmas),
-             f"; local tone curves in {tf.local_bins} bins of local brightness (sigma {tf.local_sigma:g} px)"
-             if tf.local_bins > 1 else "")
     return tf
+
+
+def choose_tone_detail(stages: Sequence[ToneFilter], pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> ToneFilter:
+    """Of ``stages`` (one per entry of :data:`TONE_QUANTILES`, up to their output tone curves), the
+    one whose output is closest to the true ``pairs``' targets: the PSNR of the mean of each
+    output's squared error as written (what the node sends) and after its best gain and offset
+    (its look, whatever the display window), so that one near-perfect score cannot hide the
+    other; averaged over the pairs.  Why: a tone curve fitted without pairs cannot tell a look
+    from the content that differs between the domains (:data:`TONE_QUANTILES`)."""
+    def score(tf: ToneFilter) -> float:
+        both = np.array([_psnrs(tf.before_local_tone(_tensor(x)), y) for x, y in pairs])
+        return float(np.mean(-10 * np.log10(np.mean(10 ** (-both / 10), axis=1))))
+
+    scores = [score(tf) for tf in stages]
+    best = int(np.argmax(scores))
+    said = ", ".join(f"{detail_name(q)}: {v:.2f} dB" for q, v in zip(TONE_QUANTILES, scores))
+    if TONE_QUANTILES[best]:
+        log.info("tone curves through %s quantiles, chosen on the %d validation pairs (%s)",
+                 detail_name(TONE_QUANTILES[best]), len(pairs), said)
+    else:
+        log.warning("first stage left out (the identity): every fit scored below the input on the %d validation "
+                    "pairs (%s); the two domains may show different anatomy (docs/training.md)", len(pairs), said)
+    return stages[best]
+
+
+def detail_name(quantiles: int) -> str:
+    """An entry of :data:`TONE_QUANTILES` as the log and the bench say it."""
+    return "all" if quantiles >= FULL_DETAIL else "none" if quantiles == 0 else str(quantiles)
 
 
 def _fit_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.ndarray],
@@ -289,13 +363,10 @@ def _keep_local_tone(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarra
     match a distribution per neighbourhood, which holds more of the domains' content than a
     whole image's; on crops of different anatomy they cost up to 1.3 dB after gain and offset
     (bench/local_tone.py) while the values as written gained, and pairs are the one way to see it."""
-    def gains(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        before = tf.before_local_tone(torch.from_numpy(np.asarray(x, np.float32))[None, None])
-        outs = [t[0, 0].numpy().astype(np.float64) for t in (tf.local_tone(before), before)]
-        target = np.asarray(y, np.float64)
-        plain = [psnr(o, target) for o in outs]
-        affine = [psnr(_affine(o, target), target) for o in outs]
-        return plain[0] - plain[1], affine[0] - affine[1]
+    def gains(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        before = tf.before_local_tone(_tensor(x))
+        gained: np.ndarray = _psnrs(tf.local_tone(before), y) - _psnrs(before, y)
+        return gained
 
     plain, affine = np.mean([gains(x, y) for x, y in pairs], axis=0)
     said = f"{plain:+.2f} dB as written, {affine:+.2f} dB after gain and offset on the {len(pairs)} validation pairs"
@@ -306,6 +377,17 @@ def _keep_local_tone(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarra
                 "(docs/training.md)", said)
     lo, hi = (float(v) for v in tf.local_range)
     tf.local_curves.copy_(torch.linspace(lo, hi, tf.local_curves.shape[1]).repeat(tf.local_bins, 1))
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, np.float32))[None, None]
+
+
+def _psnrs(out: torch.Tensor, target: np.ndarray) -> np.ndarray:
+    """PSNR of the model's output ``out`` against the true ``target``: as written (what the node
+    sends) and after the best gain and offset (its look, whatever the display window)."""
+    o, t = out[0, 0].numpy().astype(np.float64), np.asarray(target, np.float64)
+    return np.array([psnr(o, t), psnr(_affine(o, t), t)])
 
 
 def _affine(out: np.ndarray, target: np.ndarray) -> np.ndarray:

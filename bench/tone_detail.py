@@ -1,0 +1,115 @@
+"""How many quantiles the first stage's tone curves should match, and whether validation pairs choose well.
+
+Why: matched at every quantile (the trainer's fit without pairs) a tone curve copies the whole
+shape of the target domain's histogram, and on crops of other anatomy in each domain much of
+that shape is content: the first stage ended below the input there (``first-stage-content-real.json``).
+Matched at a few quantiles it keeps the look's overall contrast only.  For each style pair and
+data seed this script fits the first stage as ``dicom-node train`` does (band curves, 4
+brightness bins) with its tone curves through each number of quantiles in
+``train/tone_fit.py``'s ``TONE_QUANTILES`` (0: no first stage, the identity), and scores each on the held-out true pairs (affine
+PSNR, as ``bench/quality.py``).  Then the trainer's own choice (``choose_tone_detail``), made on
+half of the test pairs as validation pairs and scored on the other half, both ways round: a
+choice never scored on the pairs that made it.
+
+``python bench/tone_detail.py``; writes ``bench/results/tone-detail.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+from quality import (  # noqa: E402
+    RESULTS,
+    add_data_arguments,
+    affine_scores,
+    domain_windows,
+    load_domain_arrays,
+    load_test_pairs,
+    make_data,
+)
+
+
+def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
+    """Per held-out image: identity, each number of quantiles, and the cross-validated choice."""
+    import torch
+
+    from dicom_node.train.tone_fit import TONE_QUANTILES, choose_tone_detail, fit_tone_filter
+
+    data = make_data(pair, args.work / f"seed{seed}", argparse.Namespace(**{**vars(args), "data_seed": seed}))
+    norms = domain_windows(data)
+    tests = [(x, y) for _, x, y in load_test_pairs(data, norms)]
+    a, b = load_domain_arrays(data / "A", norms["A"]), load_domain_arrays(data / "B", norms["B"])
+    stages = [fit_tone_filter(a, b, band_curves=True, brightness_bins=4, tone_quantiles=q, seed=0) for q in TONE_QUANTILES]
+
+    def scores(tf, pairs) -> list[float]:
+        with torch.no_grad():
+            return [affine_scores(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)[0] for x, y in pairs]
+
+    per_image = {"identity": [affine_scores(x, y)[0] for x, y in tests]}
+    for q, tf in zip(TONE_QUANTILES, stages):
+        per_image[str(q)] = scores(tf, tests)
+    half = len(tests) // 2
+    folds = [(tests[:half], tests[half:]), (tests[half:], tests[:half])]  # (validation, held out)
+    chosen, picks = [], []
+    for val, held in folds:
+        tf = choose_tone_detail(stages, val)
+        picks.append(TONE_QUANTILES[stages.index(tf)])
+        chosen += scores(tf, held)
+    per_image["chosen"] = chosen[len(tests) - half:] + chosen[:len(tests) - half]  # back in test order
+    out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
+    out["picks"] = picks
+    out["worst_chosen_vs_identity"] = float(min(c - i for c, i in zip(per_image["chosen"], per_image["identity"])))
+    out["images"] = per_image
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", default="multiscale,combined,clahe,denoise,unsharp,classic,"
+                                        "multiscale@real,combined@real,clahe@real,denoise@real,unsharp@real")
+    ap.add_argument("--seeds", default="0,1,2", help="data seeds: other phantoms or crops in each")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-local-tone"), help="demo data, one folder per seed")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS / "tone-detail.json")
+    add_data_arguments(ap)
+    args = ap.parse_args()
+    import torch
+
+    from dicom_node.train.tone_fit import TONE_QUANTILES, detail_name
+
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cols = [str(q) for q in TONE_QUANTILES]
+    results: dict = {}
+    for pair in args.pairs.split(","):
+        results[pair] = {}
+        for seed in seeds:
+            r = results[pair][str(seed)] = score_seed(pair, seed, args)
+            print(f"{pair} seed {seed}: identity {r['identity']:.2f}, " + ", ".join(f"{c} {r[c]:.2f}" for c in cols)
+                  + f", chosen {r['chosen']:.2f} (picks {r['picks']}, worst image vs identity {r['worst_chosen_vs_identity']:+.2f})",
+                  flush=True)
+        args.out.write_text(json.dumps({"benchmark": "tone-detail", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                        "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                                        "results": results}, indent=1))
+    names = [detail_name(q) for q in TONE_QUANTILES]
+    print("\nMean over seeds of the held-out images' affine PSNR (dB); columns: quantiles matched.")
+    print("| style pair | identity | " + " | ".join(names) + " | chosen on half, scored on the other | worst image: chosen − identity |")
+    print("| --- |" + " ---: |" * (len(names) + 3))
+    for pair, rs in results.items():
+        mean = {k: np.mean([rs[str(s)][k] for s in seeds]) for k in ["identity", *cols, "chosen"]}
+        worst = min(rs[str(s)]["worst_chosen_vs_identity"] for s in seeds)
+        print(f"| {pair} | {mean['identity']:.2f} | " + " | ".join(f"{mean[c]:.2f}" for c in cols)
+              + f" | {mean['chosen']:.2f} | {worst:+.2f} |")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""How many quantiles the tone curves match, chosen on validation pairs (train/tone_fit.py)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.engine.tone_filter import ToneFilter, gaussian_blur
+from dicom_node.train.tone_fit import DEFAULT_TONE_QUANTILES, FULL_DETAIL, _matching_curve, fit_tone_filter
+from tests.style_data import affine_psnr
+
+SIZE = 128
+
+
+def anatomy(seed: int, region: float) -> np.ndarray:
+    """Detail over a smooth background, with a large flat region at level ``region`` (lung
+    fields dark, bone or a collimated border bright) over about a third of the image: content,
+    whose share of a histogram has nothing to do with a vendor's look."""
+    rng = np.random.default_rng(seed)
+    noise = torch.from_numpy(rng.standard_normal((2, SIZE, SIZE)).astype(np.float32))[:, None]
+    back = gaussian_blur(noise[:1], 16.0)[0, 0].numpy() * 16 * 0.9
+    detail = gaussian_blur(noise[1:], 1.5)[0, 0].numpy() * 1.5 * 0.1
+    yy, xx = np.mgrid[:SIZE, :SIZE] / SIZE
+    cy, cx = rng.uniform(0.35, 0.65, 2)
+    blob = 1 / (1 + np.exp(-((0.33 - np.hypot(yy - cy, xx - cx)) * 40)))
+    return np.clip(back * (1 - blob) + region * blob + detail, -1, 1).astype(np.float32)
+
+
+def fit(a: list[np.ndarray], b: list[np.ndarray], **kw: object) -> ToneFilter:
+    return fit_tone_filter(a, b, seed=0, **kw)  # type: ignore[arg-type]  # one gain per band: fast, and the curves are the point
+
+
+def scores(tf: ToneFilter, pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    with torch.no_grad():
+        return float(np.mean([affine_psnr(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y) for x, y in pairs]))
+
+
+def picked(log: str) -> str:
+    """How many quantiles the trainer said it chose ("all" or a number)."""
+    return log.split("tone curves through ")[1].split(" ")[0]
+
+
+def test_a_coarse_curve_is_exact_for_a_gain_and_offset_and_the_full_one_is_unchanged() -> None:
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal(50_000) * 0.3
+    grid = np.linspace(-1, 1, 257)
+    for q in (2, 3, 9):
+        assert np.allclose(_matching_curve(src, 0.5 * src + 0.1, grid, q), 0.5 * grid + 0.1, atol=2e-3), q
+    full = _matching_curve(src, np.tanh(2 * src), grid)
+    assert np.array_equal(full, _matching_curve(src, np.tanh(2 * src), grid, FULL_DETAIL))
+    assert np.abs(full[128 + 40] - np.tanh(2 * grid[128 + 40])) < 0.02  # every quantile: the curve itself
+
+
+def content_domains(look) -> tuple[list[np.ndarray], list[np.ndarray], list, list]:  # type: ignore[no-untyped-def]
+    """A's images show a large dark region, B's a bright one; pairs and held-out pairs show both."""
+    a = [anatomy(s, -0.5) for s in range(4)]
+    b = [look(anatomy(s, 0.5)) for s in range(10, 14)]
+    pairs, held_out = ([(x, look(x)) for x in (anatomy(s + first, region) for s, region in enumerate((-0.5, 0.5, 0.0)))]
+                       for first in (20, 30))
+    return a, b, pairs, held_out
+
+
+def test_pairs_choose_coarse_curves_when_the_domains_differ_in_content_more_than_look(
+        caplog: pytest.LogCaptureFixture) -> None:
+    a, b, pairs, held_out = content_domains(lambda x: (0.8 * x + 0.1).astype(np.float32))  # less contrast, brighter
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        tf = fit(a, b, pairs=pairs)
+    assert "chosen on the 3 validation pairs" in caplog.text
+    assert picked(caplog.text) in ("2", "3")
+    # Full matching maps A's dark region onto B's bright one's levels.
+    assert scores(tf, held_out) > scores(fit(a, b, tone_quantiles=FULL_DETAIL), held_out) + 3
+
+
+def test_pairs_leave_the_first_stage_out_when_every_fit_is_worse_than_the_input(caplog: pytest.LogCaptureFixture) -> None:
+    a, b, pairs, held_out = content_domains(lambda x: x)  # no look at all: only the content differs
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        tf = fit(a, b, pairs=pairs)
+    assert "first stage left out (the identity): every fit scored below the input on the 3 validation pairs" in caplog.text
+    x = held_out[0][0]
+    with torch.no_grad():
+        assert np.allclose(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), x, atol=1e-5)  # the identity
+
+
+def test_pairs_keep_full_curves_for_a_strongly_nonlinear_look_on_alike_content(caplog: pytest.LogCaptureFixture) -> None:
+    def look(x: np.ndarray) -> np.ndarray:  # a strong S-curve: no gain and offset comes near it
+        return np.tanh(3.0 * x).astype(np.float32)
+
+    a = [anatomy(s, (-0.5, 0.5)[s % 2]) for s in range(4)]
+    b = [look(anatomy(s, (-0.5, 0.5)[s % 2])) for s in range(10, 14)]
+    pairs = [(x, look(x)) for x in (anatomy(s, (-0.5, 0.5)[s % 2]) for s in range(20, 23))]
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        tf = fit(a, b, pairs=pairs)
+    assert picked(caplog.text) in ("all", "9")
+    held_out = [(x, look(x)) for x in (anatomy(s, (-0.5, 0.5)[s % 2]) for s in range(30, 34))]
+    assert scores(tf, held_out) > scores(fit(a, b, tone_quantiles=2), held_out) + 3
+
+
+def test_without_pairs_the_curves_match_the_default_quantiles(caplog: pytest.LogCaptureFixture) -> None:
+    a, b, _, _ = content_domains(lambda x: x)
+    with caplog.at_level(logging.INFO, logger="dicom_node.train"):
+        default = fit(a, b)
+    assert f"tone curves through {DEFAULT_TONE_QUANTILES} quantiles (no validation pairs" in caplog.text
+    assert torch.equal(default.tone_in, fit(a, b, tone_quantiles=DEFAULT_TONE_QUANTILES).tone_in)
+    assert not torch.equal(default.tone_in, fit(a, b, tone_quantiles=FULL_DETAIL).tone_in)
