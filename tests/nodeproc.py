@@ -28,6 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def refusing_port() -> socket.socket:
+    """A socket bound to a loopback port and not listening: a connection to its port is refused,
+    and no one else (the node's own listener on port 0 included) can take that port until it is
+    closed.  A port from :func:`free_port` left unused can be taken by anyone meanwhile."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
 DATABASE_URL: str | None = None  # set by tests.postgres.both_backends: storage.database of node_config
 
 

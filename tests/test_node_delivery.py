@@ -46,9 +46,10 @@ def test_gives_up_after_max_attempts_then_retry_command(tmp_path, tiny_model_pat
     import yaml
 
     from dicom_node.cli import main
-    from tests.nodeproc import free_port
+    from tests.nodeproc import free_port, refusing_port
 
-    port = free_port()
+    down = refusing_port()  # the PACS is down: refused, and its port not taken by anyone else meanwhile
+    port = down.getsockname()[1]
     raw = node_config(tmp_path, port=free_port(), model_path=tiny_model_path,
                       destinations={"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
                                              "port": port, "timeout": 3}},
@@ -73,6 +74,7 @@ def test_gives_up_after_max_attempts_then_retry_command(tmp_path, tiny_model_pat
         assert report["instances"]["failed"] == 1 and report["destinations"]["pacs"]["failed"] == 1
         kept = node.db.database.query("SELECT path FROM deliveries")[0][0]
         assert Path(kept).is_file()
+        down.close()
         with Receiver("PACS", port=port) as pacs:
             assert main(["retry", "--config", str(cfg_path)]) == 0
             assert "requeued 1 failed deliveries" in capsys.readouterr().out
