@@ -426,6 +426,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.parametrize("both_backends", ["sqlite"], indirect=True)  # memory of hashing: no database's part
 def test_login_flood_hashes_a_few_at_a_time(tmp_path, tiny_model_path):
     """40 logins at once from 40 addresses (through a trusted proxy, so the limiter lets each
     try): the node's memory grows by at most a few Argon2 hashes (64 MiB each), not 40 of them,
