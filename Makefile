@@ -45,7 +45,7 @@ clean:
 
 # The bundled style model engine/models/default.safetensors (docs/training.md "The bundled model").
 # Data: demo data seed 0 (24 training + 6 held-out 1024^2 pairs), a validation set (seed 2,
-# 3 pairs: only watched, never used to pick anything) and an unseen set (seed 1, 6 pairs).
+# 3 pairs: they pick the exported checkpoint, below) and an unseen set (seed 1, 6 pairs).
 # `dicom-node train` (paired L1 x100 + CycleGAN, residual ngf 16 / 4 blocks) in three phases,
 # each --resume of the same run, coarse to fine in what the network sees:
 #   1. steps 0-500:   4 patches of 96^2, lr 3e-4 constant (local texture, fast; one thread)
