@@ -46,22 +46,21 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     norms = domain_windows(data)
     tests = [(x, y) for _, x, y in load_test_pairs(data, norms)]
     a, b = load_domain_arrays(data / "A", norms["A"]), load_domain_arrays(data / "B", norms["B"])
-    stages = [fit_tone_filter(a, b, band_curves=True, brightness_bins=4, tone_quantiles=q, seed=0) for q in TONE_QUANTILES]
+    stages = {q: fit_tone_filter(a, b, band_curves=True, brightness_bins=4, tone_quantiles=q, seed=0) for q in TONE_QUANTILES}
 
     def scores(tf, pairs) -> list[float]:
         with torch.no_grad():
             return [affine_scores(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)[0] for x, y in pairs]
 
     per_image = {"identity": [affine_scores(x, y)[0] for x, y in tests]}
-    for q, tf in zip(TONE_QUANTILES, stages):
+    for q, tf in stages.items():
         per_image[str(q)] = scores(tf, tests)
     half = len(tests) // 2
     folds = [(tests[:half], tests[half:]), (tests[half:], tests[:half])]  # (validation, held out)
     chosen, picks = [], []
     for val, held in folds:
-        tf = choose_tone_detail(stages, val)
-        picks.append(TONE_QUANTILES[stages.index(tf)])
-        chosen += scores(tf, held)
+        picks.append(choose_tone_detail(stages, val))
+        chosen += scores(stages[picks[-1]], held)
     per_image["chosen"] = chosen[len(tests) - half:] + chosen[:len(tests) - half]  # back in test order
     out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
     out["picks"] = picks

@@ -32,7 +32,7 @@ matching by several dB; the residual network trained after it learns the rest.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -145,22 +145,23 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     and whether the local tone curves stay (:func:`_keep_local_tone`)."""
     a, b = (_without_borders(pick_images(images, MAX_IMAGES), name) for images, name in ((src, "source"), (dst, "target")))
 
-    rngs: dict[int, np.random.Generator] = {}  # each stage's, carried on to its local tone curves
-
-    def stage(quantiles: int) -> ToneFilter:
-        rngs[quantiles] = np.random.default_rng(seed)
+    def stage(quantiles: int) -> tuple[ToneFilter, np.random.Generator]:
+        """The stage fitted through ``quantiles`` (0: unfitted, the identity) and its random
+        stream, which the local tone curves carry on."""
+        rng = np.random.default_rng(seed)
         tf = ToneFilter(sigmas=sigmas, knots=knots, band_knots=DEFAULT_BAND_KNOTS if band_curves else 0,
                         brightness_bins=brightness_bins if band_curves else 1, local_bins=local_bins)
-        return _fit_stage(a, b, tf, quantiles, rngs[quantiles]) if quantiles else tf  # unfitted: the identity
+        return (_fit_stage(a, b, tf, quantiles, rng) if quantiles else tf), rng
 
-    stages = {q: stage(q) for q in (TONE_QUANTILES if pairs else (tone_quantiles,))}
-    tf = choose_tone_detail(list(stages.values()), pairs) if pairs else stages[tone_quantiles]
-    if not pairs:
+    if pairs:
+        stages = {q: stage(q) for q in TONE_QUANTILES}
+        tf, rng = stages[choose_tone_detail({q: fitted for q, (fitted, _) in stages.items()}, pairs)]
+    else:
+        tf, rng = stage(tone_quantiles)
         log.info("tone curves through %s quantiles (no validation pairs, data.val, to choose how many)",
                  detail_name(tone_quantiles))
     if tf.local_bins > 1:
-        rng = rngs[next(q for q, t in stages.items() if t is tf)]
-        _fit_local_tone(tf, [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in a], b, rng,
+        _fit_local_tone(tf, [tf.before_local_tone(_tensor(im)) for im in a], b, rng,
                         (_pixels_per_image(len(a)), _pixels_per_image(len(b))))
         if pairs:
             _keep_local_tone(tf, pairs)
@@ -186,7 +187,7 @@ def _fit_stage(a: list[np.ndarray], b: list[np.ndarray], tf: ToneFilter, quantil
                                                       grid, quantiles)))
 
     def toned(images: list[np.ndarray]) -> list[torch.Tensor]:
-        return [tf.before_local_tone(torch.from_numpy(im)[None, None]) for im in images]
+        return [tf.before_local_tone(_tensor(im)) for im in images]
 
     if tf.band_curves and tf.brightness_bins > 1:
         _fit_binned_band_curves(tf, toned(a), b, rng, (per_a, per_b))
@@ -213,27 +214,27 @@ def _fit_stage(a: list[np.ndarray], b: list[np.ndarray], tf: ToneFilter, quantil
     return tf
 
 
-def choose_tone_detail(stages: Sequence[ToneFilter], pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> ToneFilter:
-    """Of ``stages`` (one per entry of :data:`TONE_QUANTILES`, up to their output tone curves), the
-    one whose output is closest to the true ``pairs``' targets: the PSNR of the mean of each
-    output's squared error as written (what the node sends) and after its best gain and offset
-    (its look, whatever the display window), so that one near-perfect score cannot hide the
-    other; averaged over the pairs.  Why: a tone curve fitted without pairs cannot tell a look
-    from the content that differs between the domains (:data:`TONE_QUANTILES`)."""
+def choose_tone_detail(stages: Mapping[int, ToneFilter], pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> int:
+    """Which of ``stages`` (by the quantiles their tone curves match, :data:`TONE_QUANTILES`; each
+    up to its output tone curve) comes closest to the true ``pairs``' targets: the PSNR of the
+    mean of each output's squared error as written (what the node sends) and after its best gain
+    and offset (its look, whatever the display window), so that one near-perfect score cannot
+    hide the other; averaged over the pairs.  Why: a tone curve fitted without pairs cannot tell
+    a look from the content that differs between the domains (:data:`TONE_QUANTILES`)."""
     def score(tf: ToneFilter) -> float:
         both = np.array([_psnrs(tf.before_local_tone(_tensor(x)), y) for x, y in pairs])
         return float(np.mean(-10 * np.log10(np.mean(10 ** (-both / 10), axis=1))))
 
-    scores = [score(tf) for tf in stages]
-    best = int(np.argmax(scores))
-    said = ", ".join(f"{detail_name(q)}: {v:.2f} dB" for q, v in zip(TONE_QUANTILES, scores))
-    if TONE_QUANTILES[best]:
+    scores = {q: score(tf) for q, tf in stages.items()}
+    best = max(scores, key=scores.__getitem__)
+    said = ", ".join(f"{detail_name(q)}: {v:.2f} dB" for q, v in scores.items())
+    if best:
         log.info("tone curves through %s quantiles, chosen on the %d validation pairs (%s)",
-                 detail_name(TONE_QUANTILES[best]), len(pairs), said)
+                 detail_name(best), len(pairs), said)
     else:
         log.warning("first stage left out (the identity): every fit scored below the input on the %d validation "
                     "pairs (%s); the two domains may show different anatomy (docs/training.md)", len(pairs), said)
-    return stages[best]
+    return best
 
 
 def detail_name(quantiles: int) -> str:
