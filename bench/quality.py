@@ -265,8 +265,9 @@ def main() -> int:
         return chosen
 
     # Train first, --jobs runs at a time (each with --threads torch threads), then score.
-    jobs = [(m, p, s) for p in pairs for m in methods if m in (*TRAINED, "reference")
-            for s in seeds_for(m, p)]
+    runs_of = {"default_network": "default"}  # the network kept out of the default run's export
+    jobs = list(dict.fromkeys((runs_of.get(m, m), p, s) for p in pairs for m in methods
+                              if runs_of.get(m, m) in (*TRAINED, "reference") for s in seeds_for(m, p)))
     if jobs:
         from concurrent.futures import ThreadPoolExecutor
         from functools import partial
@@ -280,6 +281,7 @@ def main() -> int:
                                   (datas_paired if m == "paired" else datas)[p], args.work / p, args, s)
                       for m, p, s in jobs]:
                 f.result()
+    args.retrain = False  # --retrain trained each run once, above; scoring reads those runs
     results: dict = {}
     panels: dict = {}
     for pair in pairs:
