@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 from quality import (  # noqa: E402
+    DATA_RANGE,
     RESULTS,
     add_data_arguments,
     affine_scores,
@@ -40,6 +41,7 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     """Per held-out image: identity, each number of quantiles, and the cross-validated choice."""
     import torch
 
+    from dicom_node.evaluation import psnr
     from dicom_node.train.tone_fit import TONE_QUANTILES, choose_tone_detail, fit_tone_filter
 
     data = make_data(pair, args.work / f"seed{seed}", argparse.Namespace(**{**vars(args), "data_seed": seed}))
@@ -48,24 +50,31 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     a, b = load_domain_arrays(data / "A", norms["A"]), load_domain_arrays(data / "B", norms["B"])
     stages = {q: fit_tone_filter(a, b, band_curves=True, brightness_bins=4, tone_quantiles=q, seed=0) for q in TONE_QUANTILES}
 
-    def scores(tf, pairs) -> list[float]:
+    def scores(tf, pairs, score=lambda o, y: affine_scores(o, y)[0]) -> list[float]:
         with torch.no_grad():
-            return [affine_scores(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y)[0] for x, y in pairs]
+            return [score(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y) for x, y in pairs]
+
+    def as_written(o: np.ndarray, y: np.ndarray) -> float:  # no gain and offset: what the node sends
+        return psnr(np.asarray(o, np.float64), np.asarray(y, np.float64), DATA_RANGE)
 
     per_image = {"identity": [affine_scores(x, y)[0] for x, y in tests]}
+    written = {"identity": [as_written(x, y) for x, y in tests]}
     for q, tf in stages.items():
-        per_image[str(q)] = scores(tf, tests)
+        per_image[str(q)], written[str(q)] = scores(tf, tests), scores(tf, tests, as_written)
     half = len(tests) // 2
     folds = [(tests[:half], tests[half:]), (tests[half:], tests[:half])]  # (validation, held out)
-    chosen, picks = [], []
+    chosen, chosen_written, picks = [], [], []
     for val, held in folds:
         picks.append(choose_tone_detail(stages, val))
         chosen += scores(stages[picks[-1]], held)
-    per_image["chosen"] = chosen[len(tests) - half:] + chosen[:len(tests) - half]  # back in test order
+        chosen_written += scores(stages[picks[-1]], held, as_written)
+    back = len(tests) - half  # back in test order
+    per_image["chosen"], written["chosen"] = chosen[back:] + chosen[:back], chosen_written[back:] + chosen_written[:back]
     out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
+    out["as_written"] = {k: float(np.mean(v)) for k, v in written.items()}
     out["picks"] = picks
     out["worst_chosen_vs_identity"] = float(min(c - i for c, i in zip(per_image["chosen"], per_image["identity"])))
-    out["images"] = per_image
+    out["images"], out["images_as_written"] = per_image, written
     return out
 
 
@@ -99,13 +108,15 @@ def main() -> int:
                                         "results": results}, indent=1))
     names = [detail_name(q) for q in TONE_QUANTILES]
     print("\nMean over seeds of the held-out images' affine PSNR (dB); columns: quantiles matched.")
-    print("| style pair | identity | " + " | ".join(names) + " | chosen on half, scored on the other | worst image: chosen − identity |")
-    print("| --- |" + " ---: |" * (len(names) + 3))
+    print("| style pair | identity | " + " | ".join(names) + " | chosen on half, scored on the other"
+          " | worst image: chosen − identity | as written: identity, chosen |")
+    print("| --- |" + " ---: |" * (len(names) + 4))
     for pair, rs in results.items():
         mean = {k: np.mean([rs[str(s)][k] for s in seeds]) for k in ["identity", *cols, "chosen"]}
+        written = {k: np.mean([rs[str(s)]["as_written"][k] for s in seeds]) for k in ("identity", "chosen")}
         worst = min(rs[str(s)]["worst_chosen_vs_identity"] for s in seeds)
         print(f"| {pair} | {mean['identity']:.2f} | " + " | ".join(f"{mean[c]:.2f}" for c in cols)
-              + f" | {mean['chosen']:.2f} | {worst:+.2f} |")
+              + f" | {mean['chosen']:.2f} | {worst:+.2f} | {written['identity']:.2f}, {written['chosen']:.2f} |")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -217,13 +217,16 @@ def _fit_stage(a: list[np.ndarray], b: list[np.ndarray], tf: ToneFilter, quantil
 def choose_tone_detail(stages: Mapping[int, ToneFilter], pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> int:
     """Which of ``stages`` (by the quantiles their tone curves match, :data:`TONE_QUANTILES`; each
     up to its output tone curve) comes closest to the true ``pairs``' targets: the PSNR of the
-    mean of each output's squared error as written (what the node sends) and after its best gain
-    and offset (its look, whatever the display window), so that one near-perfect score cannot
-    hide the other; averaged over the pairs.  Why: a tone curve fitted without pairs cannot tell
-    a look from the content that differs between the domains (:data:`TONE_QUANTILES`)."""
+    mean squared error over every pair, each output's error taken as written (what the node
+    sends) and after its best gain and offset (its look, whatever the display window).  One
+    pooled error, not a mean of PSNRs, so that a near-perfect score hides neither a bad one of
+    the same image nor a pair that the stage spoils: the worst pairs weigh most, and a stage
+    that helps most images but ruins one loses to the identity.  Why choose at all: a tone curve
+    fitted without pairs cannot tell a look from the content that differs between the domains
+    (:data:`TONE_QUANTILES`)."""
     def score(tf: ToneFilter) -> float:
         both = np.array([_psnrs(tf.before_local_tone(_tensor(x)), y) for x, y in pairs])
-        return float(np.mean(-10 * np.log10(np.mean(10 ** (-both / 10), axis=1))))
+        return float(-10 * np.log10(np.mean(10 ** (-both / 10))))
 
     scores = {q: score(tf) for q, tf in stages.items()}
     best = max(scores, key=scores.__getitem__)
