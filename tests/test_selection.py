@@ -70,6 +70,27 @@ def test_a_damaging_network_loses_to_its_first_stage_on_true_and_on_pseudo_pairs
         assert network_gain(good, pairs) == 0.0
 
 
+def test_a_network_that_wins_two_pairs_and_ruins_one_does_not_beat_its_first_stage():
+    """The pairs' squared errors are pooled, not their PSNR differences averaged: a network exact
+    on two pairs and 3 times further off than its first stage on the third scored +60 dB as a
+    mean of differences (each exact pair counts up to the 100 dB cap), but what a patient's image
+    risks is the third pair."""
+    from dicom_node.engine.model_file import StyleModel
+
+    gen = _toned(seed=3)
+    with torch.no_grad():  # a network that clearly changes its first stage's output
+        [m for m in gen.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.mul_(5)
+    xs = _images()
+    outs = [translate(StyleModel(generator=gen), x, tile=0) for x in xs]
+    stages = [first_stage(gen)(x) for x in xs]
+    assert all(np.abs(o - t).mean() > 0.01 for o, t in zip(outs, stages))
+    pairs = [("t0", xs[0], outs[0]), ("t1", xs[1], outs[1]),
+             ("t2", xs[2], stages[2] - 2 * (outs[2] - stages[2]))]  # the style moves the other way
+    gain = network_gain(gen, pairs)
+    assert -2.5 < gain < -1.0  # about 10 log10(2/3): 3² against 2² + 1 + 1 of the residual's energy
+    assert network_gain(gen, pairs[:2]) > 40  # where it is right, by far
+
+
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     from dicom_node.engine.tone_filter import band_split
 

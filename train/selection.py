@@ -4,9 +4,10 @@ Why: a CycleGAN's network can end *worse* than the global stage in front of it (
 filter: tone curves and band gains fitted from the domains' distributions), and the style
 distance cannot see it (it rated a model 3 dB worse than its input as far closer to B).  So at
 every checkpoint the trainer scores each direction's whole generator against its first stage
-alone on the same images, in dB (of PSNR, or of a distance):
+alone on the same images, in dB (of the squared error pooled over the pairs, or of a distance):
 
-* with validation pairs (``data.val``): the true pairs, ``PSNR(G(a), b) - PSNR(T(a), b)``;
+* with validation pairs (``data.val``): the true pairs, ``10 log10(E|T(a) - b|² / E|G(a) - b|²)``
+  (each squared error's mean over the pairs, so that a ruined pair is not hidden by the others);
 * paired training without ``data.val``: up to :data:`PSEUDO_IMAGES` of its own training pairs;
 * without any pairs, by distribution (``select_by: distribution``, the unpaired default since
   it was measured against the pseudo-pairs, ``bench/selection.py``): how much closer to the
@@ -19,8 +20,8 @@ alone on the same images, in dB (of PSNR, or of a distance):
 * without any pairs, on *pseudo-pairs* (``select_by: pseudo``) made from the target domain's
   own images by the reverse direction's first stage, ``a~ = T_ba(b)``: a content-preserving
   global map, so ``b`` is the right answer for ``a~`` up to what a global stage cannot
-  express.  ``PSNR(G(a~), b) - PSNR(T_ab(a~), b)``.  This criterion leans toward the first
-  stage: ``a~`` lacks the A style's local character that the network learned to change, and
+  express; the same ratio with ``G(a~)`` and ``T_ab(a~)``.  This criterion leans toward the
+  first stage: ``a~`` lacks the A style's local character that the network learned to change, and
   ``T_ab(T_ba(b))`` is nearly ``b`` already.  Measured (``bench/quality.py``, multiscale style
   on real crops): it ranked an unpaired run's checkpoints like their true-pair PSNR, and
   agreed with the truth that those networks lost to their first stage (-2.7 / -0.1 dB against
@@ -29,8 +30,8 @@ alone on the same images, in dB (of PSNR, or of a distance):
   conservative test says it wins by a margin.
 
 With true pairs the trainer also scores each first stage against the input itself
-(``first_stage_over_input_*``: ``PSNR(T(a), b) - PSNR(a, b)``, the input as a model that changes
-nothing would write it, in the target's window), once, and warns when it is below 0 dB: a
+(``first_stage_over_input_*``: ``10 log10(E|a - b|² / E|T(a) - b|²)``, the input as a model
+that changes nothing would write it, in the target's window), once, and warns when it is below 0 dB: a
 distribution-matching first stage takes any content difference between the domains for the style
 (docs/training.md, "What the two domains must share"), and only pairs can show it.
 
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from dicom_node.engine.errors import UserError
-from dicom_node.engine.quality import psnr
+from dicom_node.engine.quality import DATA_RANGE
 
 from .band_distance import BandDistance, distance_gain_db
 from .criteria import BAND_DISTRIBUTION, PSEUDO_PAIRS, TRUE_PAIRS
@@ -91,30 +92,43 @@ def pseudo_pairs(reverse: ResnetGenerator, targets: Sequence[np.ndarray]) -> lis
     return [(f"pseudo{i}", back(t), np.asarray(t, dtype=np.float32)) for i, t in enumerate(targets)]
 
 
-def _psnr(x: np.ndarray, y: np.ndarray) -> float:
-    """PSNR capped at :data:`EXACT_DB` (an exact match is infinite, and inf - inf is no gain)."""
-    return min(psnr(x, y), EXACT_DB)
+def _pooled_db(better: Sequence[tuple[np.ndarray, np.ndarray]], worse: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """How much closer the ``better`` (output, target) pairs come than the ``worse`` ones, in dB:
+    the ratio of their mean squared errors pooled over every image, each floored at
+    :data:`EXACT_DB` (an exact match would be an infinite PSNR, and inf - inf is no gain).  Pooled,
+    not a mean of each pair's PSNR difference, so that large gains on some pairs cannot hide one
+    pair that is ruined: the worst pairs weigh most (the first stage's tone detail is chosen the
+    same way, ``tone_fit.choose_tone_detail``).  Additive: input -> first stage plus first stage
+    -> network is input -> network."""
+    floor = DATA_RANGE ** 2 * 10 ** (-EXACT_DB / 10)
+
+    def error(outs: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+        return float(np.mean([max(float(np.mean((np.asarray(o, np.float64) - np.asarray(y, np.float64)) ** 2)), floor)
+                              for o, y in outs]))
+
+    return float(10 * np.log10(error(worse) / error(better)))
 
 
 def network_gain(gen: ResnetGenerator, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]],
                  device: Any = None) -> float:
-    """Mean ``PSNR(G(x), y) - PSNR(first stage(x), y)`` over ``pairs`` (dB; whole images through
-    the engine, as the node runs them)."""
+    """How much closer to the ``pairs``' targets the whole generator comes than its first stage
+    alone, in dB of their pooled squared error (:func:`_pooled_db`; whole images through the
+    engine, as the node runs them)."""
     from dicom_node.engine import translate
 
     from .validate import frozen_model
 
     model = frozen_model(gen, "selection")
     stage = first_stage(model.generator)
-    gains = [_psnr(translate(model, x, device=device), y) - _psnr(stage(x), y) for _, x, y in pairs]
-    return float(np.mean(gains))
+    return _pooled_db([(translate(model, x, device=device), y) for _, x, y in pairs],
+                      [(stage(x), y) for _, x, y in pairs])
 
 
 def first_stage_over_input(gen: ResnetGenerator, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> float:
-    """Mean ``PSNR(first stage(x), y) - PSNR(x, y)`` over true ``pairs`` (dB): what ``gen``'s first
-    stage does against changing nothing."""
+    """How much closer to the true ``pairs``' targets ``gen``'s first stage comes than changing
+    nothing, in dB of their pooled squared error (:func:`_pooled_db`)."""
     stage = first_stage(gen)
-    return float(np.mean([_psnr(stage(x), y) - _psnr(np.asarray(x, np.float32), y) for _, x, y in pairs]))
+    return _pooled_db([(stage(x), y) for _, x, y in pairs], [(np.asarray(x, np.float32), y) for _, x, y in pairs])
 
 
 class CheckpointSelector:
