@@ -177,23 +177,39 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def selection_check(work: Path, seeds: list[int]) -> dict:
+def selection_check(work: Path, seeds: list[int], test: list, device: str) -> dict:
     """How the unpaired criterion (its gain over the first stage: band distribution, as the
-    ``default`` runs select) ranks their checkpoints against their true-pair PSNR (both in
-    each run's metrics.csv)."""
+    ``default`` runs select) ranks their checkpoints against their true-pair PSNR: both from each
+    run's metrics.csv where it had validation pairs (``--val-half``), else the gain from each
+    checkpoint still on disk (the newest few and the best) and the PSNR of its network on the
+    ``test`` pairs, scored here (as the trainer scores ``val_psnr_a2b``: plain PSNR, mean)."""
     import csv
+
+    from dicom_node.engine.quality import psnr
+    from dicom_node.train.export import best_checkpoint_path, list_checkpoints, load_checkpoint
 
     gains, psnrs, runs = [], [], {}
     for seed in seeds:
-        path = work / f"default-seed{seed}" / "metrics.csv"
+        run_dir = work / f"default-seed{seed}"
+        path = run_dir / "metrics.csv"
         if not path.exists():
             continue
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("gain_a2b") and r.get("val_psnr_a2b")]
-        runs[str(seed)] = [{"step": int(r["step"]), "gain_db": float(r["gain_a2b"]),
-                            "val_psnr": float(r["val_psnr_a2b"])} for r in rows]
-        gains += [float(r["gain_a2b"]) for r in rows]
-        psnrs += [float(r["val_psnr_a2b"]) for r in rows]
+        found = [{"step": int(r["step"]), "gain_db": float(r["gain_a2b"]), "val_psnr": float(r["val_psnr_a2b"])}
+                 for r in rows]
+        if not found:  # no validation pairs: score the checkpoints kept
+            kept = dict(list_checkpoints(run_dir))
+            best = best_checkpoint_path(run_dir)
+            if best.exists():
+                kept.setdefault(int(load_checkpoint(best)["step"]), best)
+            for step, ckpt in sorted(kept.items()):
+                fn = checkpoint_fn(run_dir, device, path=ckpt)
+                found.append({"step": step, "gain_db": float(load_checkpoint(ckpt)["meta"]["validation"]["gain_a2b"]),
+                              "val_psnr": float(np.mean([psnr(fn(x), y) for _, x, y in test]))})
+        runs[str(seed)] = found
+        gains += [r["gain_db"] for r in found]
+        psnrs += [r["val_psnr"] for r in found]
     out: dict = {"checkpoints": len(gains), "runs": runs}
     if len(gains) >= 3:
         out["spearman_gain_vs_psnr"] = spearman(gains, psnrs)
@@ -324,7 +340,7 @@ def main() -> int:
         res["_ranking"] = ranking(res)
         res["_gap"] = gap_closed(res)
         if "default" in methods:
-            res["_selection"] = selection_check(work, seeds_for("default", pair))
+            res["_selection"] = selection_check(work, seeds_for("default", pair), test, args.device)
         _write(args, results, pairs, seeds, methods)
     if args.panel:
         write_panel(args.panel, panels, methods)

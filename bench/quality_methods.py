@@ -52,9 +52,12 @@ def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespac
         cfg["model"]["local_tone_bins"] = args.local_tone_bins
     if getattr(args, "normalization", None):  # bench/fidelity_faults.py: images normalised each on its own
         cfg["data"]["normalization"] = args.normalization
-    if method == "default":  # true pairs watched, never used: selected as without them (bench/selection.py)
-        cfg["data"]["val"] = str(val_half(data) if getattr(args, "val_half", False) else data / "test")
+    if method == "default":  # selected as without pairs (bench/selection.py)
         cfg["train"]["select_by"] = "distribution"
+        if getattr(args, "val_half", False):  # half of the test pairs, which choose the tone detail
+            cfg["data"]["val"] = str(val_half(data))
+        # else no data.val: validation pairs choose the first stage's tone detail (train/tone_fit.py),
+        # so the test pairs would choose what they score; the checkpoints are scored afterwards.
     if method == "paired":  # the ceiling: data_paired() holds true training pairs of the same styles
         cfg["train"].update(paired="on")
     if method == "classic":
@@ -123,15 +126,15 @@ def load_generators(path: Path):
     return out
 
 
-def checkpoint_fn(run_dir: Path, device: str, *, best: bool = False):
-    """A->B of a run's newest (or best) checkpoint as trained: its network, whatever the export
-    decided.  The paired ceiling is what the network learned with the answer; ``default_network``
-    shows what the export's fallback to the tone filter kept out."""
+def checkpoint_fn(run_dir: Path, device: str, *, best: bool = False, path: Path | None = None):
+    """A->B of a run's newest (or best, or that ``path``) checkpoint as trained: its network,
+    whatever the export decided.  The paired ceiling is what the network learned with the answer;
+    ``default_network`` shows what the export's fallback to the tone filter kept out."""
     from dicom_node.engine import translate
     from dicom_node.engine.model_file import StyleModel
     from dicom_node.train.export import best_checkpoint_path, latest_checkpoint
 
-    g_ab, _ = load_generators(best_checkpoint_path(run_dir) if best else latest_checkpoint(run_dir))
+    g_ab, _ = load_generators(path or (best_checkpoint_path(run_dir) if best else latest_checkpoint(run_dir)))
     model = StyleModel(generator=g_ab, metadata={"name": "checkpoint"})
     return lambda img: translate(model, img, device=device)
 
