@@ -252,7 +252,10 @@ def main() -> int:
                     help="all seeds for the first N style pairs only, the first seed for the others (0: all)")
     ap.add_argument("--val-half", action="store_true",
                     help="the default run's validation pairs (data.val) are the first half of the test pairs, "
-                         "and every method is scored on the other half (else on all, which the default run read)")
+                         "and every method is scored on the other half (else on all; the default run has no data.val)")
+    ap.add_argument("--select-by", default="distribution", choices=("distribution", "auto"),
+                    help="the default run's train.select_by: distribution (as without pairs, the default) or auto "
+                         "(what dicom-node train does: the validation pairs, with --val-half)")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     ap.add_argument("--panel", type=Path, default=None,
                     help="also write a PNG: per style pair, input | each method | target")

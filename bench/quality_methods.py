@@ -53,7 +53,7 @@ def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespac
     if getattr(args, "normalization", None):  # bench/fidelity_faults.py: images normalised each on its own
         cfg["data"]["normalization"] = args.normalization
     if method == "default":  # selected as without pairs (bench/selection.py)
-        cfg["train"]["select_by"] = "distribution"
+        cfg["train"]["select_by"] = getattr(args, "select_by", "distribution")
         if getattr(args, "val_half", False):  # half of the test pairs, which choose the tone detail
             cfg["data"]["val"] = str(val_half(data))
         # else no data.val: validation pairs choose the first stage's tone detail (train/tone_fit.py),

@@ -239,3 +239,25 @@ def test_export_says_how_the_exported_model_compares_with_the_input(gain, first,
         _, note = _network_or_first_stage(_toned(), {"validation": validation, "gain_by": "true pairs"}, "g_ab")
     assert note.get("over_input_db") == (None if over is None else pytest.approx(over))
     assert ("worse than the input" in caplog.text) is (over is not None and over < 0)
+
+
+def test_a_better_level_does_not_hide_a_worse_look_nor_the_reverse():
+    """The gain is the lesser of the pooled gain as written and after gain and offset: a network
+    that moves a first stage's wrong level right but adds structure of its own is no better
+    (bench/README.md, "Unpaired quality": with pairs the network was exported on the real crops
+    for its level and lost 2.9 dB of look to its first stage).  A level fixed and the look kept
+    exactly gains nothing: a network must not be worse in either to be kept."""
+    from dicom_node.train.pair_scores import pooled_gain_db
+
+    rng = np.random.default_rng(0)
+    xs = _images()
+    targets = [x * 0.8 + 0.3 for x in xs]  # B: less contrast, and brighter
+    stage = [x * 0.8 for x in xs]  # the look right, the level 0.3 too dark
+    network = [y + rng.standard_normal(y.shape) * 0.05 for y in targets]  # the level right, noise added
+    as_written = 10 * np.log10(0.3 ** 2 / 0.05 ** 2)  # +15.6 dB
+    assert pooled_gain_db(list(zip(network, targets)), list(zip(stage, targets))) < -20  # the look: exact against noisy
+    assert pooled_gain_db(list(zip(stage, targets)), list(zip(network, targets))) < -as_written + 1  # the reverse
+    assert pooled_gain_db(list(zip(targets, targets)), list(zip(stage, targets))) == 0.0  # the level alone: no gain
+    rough = [s + rng.standard_normal(s.shape) * 0.05 for s in stage]  # a stage off in both
+    fine = [y + rng.standard_normal(y.shape) * 0.01 for y in targets]  # the level right, little noise
+    assert pooled_gain_db(list(zip(fine, targets)), list(zip(rough, targets))) > 10  # better in both: a gain

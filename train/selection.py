@@ -50,11 +50,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from dicom_node.engine.errors import UserError
-from dicom_node.engine.quality import DATA_RANGE
 
 from .band_distance import BandDistance, distance_gain_db
 from .criteria import BAND_DISTRIBUTION, PSEUDO_PAIRS, TRUE_PAIRS
 from .networks import has_first_stage, zero_network
+from .pair_scores import pooled_gain_db
 
 if TYPE_CHECKING:
     from dicom_node.engine.generator import ResnetGenerator
@@ -66,7 +66,6 @@ log = logging.getLogger("dicom_node.train")
 __all__ = ["first_stage", "has_first_stage", "network_gain", "first_stage_over_input", "pseudo_pairs", "zero_network",
            "CheckpointSelector", "PSEUDO_IMAGES", "DISTRIBUTION_IMAGES", "GAIN_KEYS", "OVER_INPUT_KEYS"]
 
-EXACT_DB = 100.0  # PSNR of images equal to float32 rounding
 PSEUDO_IMAGES = 4  # target-domain images per direction made into pseudo-pairs
 DISTRIBUTION_IMAGES = 6  # source images per direction translated for the band distribution
 DISTRIBUTION_TARGET_IMAGES = 24  # target images it is measured against, once
@@ -92,43 +91,26 @@ def pseudo_pairs(reverse: ResnetGenerator, targets: Sequence[np.ndarray]) -> lis
     return [(f"pseudo{i}", back(t), np.asarray(t, dtype=np.float32)) for i, t in enumerate(targets)]
 
 
-def _pooled_db(better: Sequence[tuple[np.ndarray, np.ndarray]], worse: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
-    """How much closer the ``better`` (output, target) pairs come than the ``worse`` ones, in dB:
-    the ratio of their mean squared errors pooled over every image, each floored at
-    :data:`EXACT_DB` (an exact match would be an infinite PSNR, and inf - inf is no gain).  Pooled,
-    not a mean of each pair's PSNR difference, so that large gains on some pairs cannot hide one
-    pair that is ruined: the worst pairs weigh most (the first stage's tone detail is chosen the
-    same way, ``tone_fit.choose_tone_detail``).  Additive: input -> first stage plus first stage
-    -> network is input -> network."""
-    floor = DATA_RANGE ** 2 * 10 ** (-EXACT_DB / 10)
-
-    def error(outs: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
-        return float(np.mean([max(float(np.mean((np.asarray(o, np.float64) - np.asarray(y, np.float64)) ** 2)), floor)
-                              for o, y in outs]))
-
-    return float(10 * np.log10(error(worse) / error(better)))
-
-
 def network_gain(gen: ResnetGenerator, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]],
                  device: Any = None) -> float:
     """How much closer to the ``pairs``' targets the whole generator comes than its first stage
-    alone, in dB of their pooled squared error (:func:`_pooled_db`; whole images through the
-    engine, as the node runs them)."""
+    alone, in dB of their pooled squared errors (:func:`pair_scores.pooled_gain_db`: as written and
+    as a look, whichever gains less; whole images through the engine, as the node runs them)."""
     from dicom_node.engine import translate
 
     from .validate import frozen_model
 
     model = frozen_model(gen, "selection")
     stage = first_stage(model.generator)
-    return _pooled_db([(translate(model, x, device=device), y) for _, x, y in pairs],
-                      [(stage(x), y) for _, x, y in pairs])
+    return pooled_gain_db([(translate(model, x, device=device), y) for _, x, y in pairs],
+                          [(stage(x), y) for _, x, y in pairs])
 
 
 def first_stage_over_input(gen: ResnetGenerator, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> float:
     """How much closer to the true ``pairs``' targets ``gen``'s first stage comes than changing
-    nothing, in dB of their pooled squared error (:func:`_pooled_db`)."""
+    nothing, in dB of their pooled squared errors (:func:`pair_scores.pooled_gain_db`)."""
     stage = first_stage(gen)
-    return _pooled_db([(stage(x), y) for _, x, y in pairs], [(np.asarray(x, np.float32), y) for _, x, y in pairs])
+    return pooled_gain_db([(stage(x), y) for _, x, y in pairs], [(np.asarray(x, np.float32), y) for _, x, y in pairs])
 
 
 class CheckpointSelector:

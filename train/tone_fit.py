@@ -51,6 +51,7 @@ from dicom_node.engine.tone_filter import (
 
 from .collimation import without_collimation
 from .data import pick_images
+from .pair_scores import affine_fit
 
 __all__ = ["fit_tone_filter", "choose_tone_detail", "detail_name", "TONE_QUANTILES", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
 
@@ -391,12 +392,4 @@ def _psnrs(out: torch.Tensor, target: np.ndarray) -> np.ndarray:
     """PSNR of the model's output ``out`` against the true ``target``: as written (what the node
     sends) and after the best gain and offset (its look, whatever the display window)."""
     o, t = out[0, 0].numpy().astype(np.float64), np.asarray(target, np.float64)
-    return np.array([psnr(o, t), psnr(_affine(o, t), t)])
-
-
-def _affine(out: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """``out`` after the least-squares gain and offset onto ``target``."""
-    design = np.stack([out.ravel(), np.ones(out.size)], 1)
-    coef = np.linalg.lstsq(design, target.ravel(), rcond=None)[0]
-    fitted: np.ndarray = (design @ coef).reshape(out.shape)
-    return fitted
+    return np.array([psnr(o, t), psnr(affine_fit(o, t), t)])
