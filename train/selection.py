@@ -7,7 +7,9 @@ every checkpoint the trainer scores each direction's whole generator against its
 alone on the same images, in dB (of the squared error pooled over the pairs, or of a distance):
 
 * with validation pairs (``data.val``): the true pairs, ``10 log10(E|T(a) - b|² / E|G(a) - b|²)``
-  (each squared error's mean over the pairs, so that a ruined pair is not hidden by the others);
+  (each squared error's mean over the pairs, so that a ruined pair is not hidden by the others),
+  as written and after each output's best gain and offset, whichever gains less
+  (:mod:`.pair_scores`: a better level must not hide a worse look);
 * paired training without ``data.val``: up to :data:`PSEUDO_IMAGES` of its own training pairs;
 * without any pairs, by distribution (``select_by: distribution``, the unpaired default since
   it was measured against the pseudo-pairs, ``bench/selection.py``): how much closer to the
