@@ -15,7 +15,7 @@ import numpy as np
 
 from dicom_node.engine.quality import DATA_RANGE
 
-__all__ = ["EXACT_DB", "affine_fit", "pooled_gain_db"]
+__all__ = ["EXACT_DB", "affine_fit", "pooled_error", "pooled_gain_db"]
 
 EXACT_DB = 100.0  # PSNR of images equal to float32 rounding: the floor of every error
 
@@ -28,7 +28,7 @@ def affine_fit(out: np.ndarray, target: np.ndarray) -> np.ndarray:
     return fitted
 
 
-def _pooled_error(outs: Sequence[tuple[np.ndarray, np.ndarray]], *, look: bool) -> float:
+def pooled_error(outs: Sequence[tuple[np.ndarray, np.ndarray]], *, look: bool) -> float:
     """The mean over (output, target) pairs of each squared error, as written or after
     :func:`affine_fit` (``look``), each floored at :data:`EXACT_DB`."""
     errors = []
@@ -45,5 +45,5 @@ def pooled_gain_db(better: Sequence[tuple[np.ndarray, np.ndarray]], worse: Seque
     gains less.  Pooled, not a mean of each pair's PSNR difference, so that large gains on some
     pairs cannot hide one that is ruined; the lesser of the two kinds, so that a better level
     cannot hide a worse look, nor the reverse."""
-    return min(float(10 * np.log10(_pooled_error(worse, look=look) / _pooled_error(better, look=look)))
+    return min(float(10 * np.log10(pooled_error(worse, look=look) / pooled_error(better, look=look)))
                for look in (False, True))

@@ -37,7 +37,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from dicom_node.engine.quality import psnr
+from dicom_node.engine.quality import DATA_RANGE, psnr
 from dicom_node.engine.style_stats import band_energies, sample_pixels
 from dicom_node.engine.tone_filter import (
     BRIGHTNESS_KNOTS,
@@ -51,7 +51,7 @@ from dicom_node.engine.tone_filter import (
 
 from .collimation import without_collimation
 from .data import pick_images
-from .pair_scores import affine_fit
+from .pair_scores import affine_fit, pooled_error
 
 __all__ = ["fit_tone_filter", "choose_tone_detail", "detail_name", "TONE_QUANTILES", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
 
@@ -226,8 +226,9 @@ def choose_tone_detail(stages: Mapping[int, ToneFilter], pairs: Sequence[tuple[n
     fitted without pairs cannot tell a look from the content that differs between the domains
     (:data:`TONE_QUANTILES`)."""
     def score(tf: ToneFilter) -> float:
-        both = np.array([_psnrs(tf.before_local_tone(_tensor(x)), y) for x, y in pairs])
-        return float(-10 * np.log10(np.mean(10 ** (-both / 10))))
+        outs = [(tf.before_local_tone(_tensor(x))[0, 0].numpy(), y) for x, y in pairs]
+        error = np.mean([pooled_error(outs, look=look) for look in (False, True)])
+        return float(10 * np.log10(DATA_RANGE ** 2 / error))
 
     scores = {q: score(tf) for q, tf in stages.items()}
     best = max(scores, key=scores.__getitem__)
