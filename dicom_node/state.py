@@ -28,8 +28,8 @@ Deliveries and their states: :mod:`dicom_node.delivery_queue`.  Every output als
 in ``outputs``, the audit trail (:mod:`dicom_node.audit_trail`), kept when old instance rows
 are forgotten.  The tables: :mod:`dicom_node.state_schema`.
 
-Study timers live in the ``studies`` table (per route name and Study Instance UID), so a
-restart does not lose or prematurely release a pending study.  Rows name their route by its
+Study timers live in the ``studies`` table (:mod:`dicom_node.study_timers`), so a restart
+does not lose or prematurely release a pending study.  Rows name their route by its
 ``name`` (never by its position in the config), so editing or reordering routes never
 misroutes queued work; databases from before route names are migrated at start
 (:meth:`StateDB.name_routes`).
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from dicom_node.audit_trail import AuditTrail
 from dicom_node.cluster import Cluster, LeaseLost
@@ -51,15 +51,13 @@ from dicom_node.outbox import Events, NotificationOutbox
 from dicom_node.records import INSTANCE_COLS, DeliveryRow, InstanceRow, NewDelivery, OutputRecord
 from dicom_node.reprocessing import SourceKeeping
 from dicom_node.state_schema import create_schema
+from dicom_node.study_timers import Studies
 
 if TYPE_CHECKING:
     from dicom_node.config import NodeConfig
 
 __all__ = ["StateDB", "InstanceRow", "DeliveryRow", "NewDelivery", "OutputRecord", "INSTANCE_STATES",
            "DELIVERY_STATES", "STUDY_INFO_KEYWORDS", "abbreviate"]
-
-# route name -> (study_stable_seconds, max_wait_seconds or None, on_max_wait)
-StudyTimers = Callable[[str], "tuple[float, float | None, str]"]
 
 INSTANCE_STATES = ("received", "ready", "translated", "delivered", "failed", "unmatched", "unsupported", "withheld",
                    "discarded")
@@ -78,7 +76,8 @@ class StateDB:
     (the association and operator logs, :mod:`dicom_node.operations_log`), ``console`` (the
     console's reads, :mod:`dicom_node.console_queries`), ``outbox`` (the webhook outbox,
     :mod:`dicom_node.outbox`), ``cluster`` (nodes and leases, :mod:`dicom_node.cluster`),
-    ``sources`` (reprocessing and the spool's clean-up, :mod:`dicom_node.reprocessing`).
+    ``sources`` (reprocessing and the spool's clean-up, :mod:`dicom_node.reprocessing`),
+    ``studies`` (the studies' quiet periods, :mod:`dicom_node.study_timers`).
     ``events`` (the config's webhooks, :class:`~dicom_node.outbox.Events`) is what a change
     raises; open the database of a config with :meth:`for_config`, so the node, the console and
     every CLI command raise events alike.
@@ -105,6 +104,7 @@ class StateDB:
         self.deliveries = DeliveryQueue(self.database, self.cluster, self.events)
         self.audit = AuditTrail(self.database, self.deliveries)
         self.sources = SourceKeeping(self.database)
+        self.studies = Studies(self.database)
 
     @classmethod
     def for_config(cls, config: NodeConfig, target: Path | str, *, events: Events | None = None) -> StateDB:
@@ -161,7 +161,7 @@ class StateDB:
                     conn.execute(f"INSERT OR IGNORE INTO study_info (study_uid, {', '.join(info)}) "
                               f"VALUES (?{',?' * len(info)})", (study_uid, *info.values()))
                 if matched:
-                    self._join_study(conn, called_ae, route, study_uid, now)
+                    Studies.join(conn, called_ae, route, study_uid, now)
                 else:
                     DeliveryQueue.add(conn, iid, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
                 return iid, True
@@ -174,19 +174,6 @@ class StateDB:
             # another receiver stored the same instance at this very moment (two nodes of one
             # site): it is a duplicate now
             return once()
-
-    @staticmethod
-    def _join_study(conn: Connection, called_ae: str, route: str | None, study_uid: str, now: float) -> None:
-        """An instance to translate joins its study's quiet period.  A study released before
-        (translated) opens a new round: a follow-up, translated into the same output series
-        after its own quiet period."""
-        conn.execute(
-            "INSERT INTO studies (called_ae, route, study_uid, last_received_at, state, first_received_at) "
-            "VALUES (?,?,?,?, 'pending', ?) ON CONFLICT (called_ae, route, study_uid) "
-            "DO UPDATE SET last_received_at=excluded.last_received_at, first_received_at=CASE "
-            "WHEN studies.state='pending' THEN COALESCE(studies.first_received_at, studies.last_received_at) "
-            "ELSE excluded.first_received_at END, state='pending'",
-            (called_ae, route, study_uid, now, now))
 
     def content_digest(self, instance_id: int) -> str | None:
         """The SHA-256 of the data set an instance holds (None: received before digests were kept)."""
@@ -220,7 +207,7 @@ class StateDB:
             conn.execute("DELETE FROM deliveries WHERE instance_id=?", (instance_id,))
             bump(conn, "received", called_ae=called_ae, protocol=protocol)
             if matched:
-                self._join_study(conn, called_ae, route, study_uid, now)
+                Studies.join(conn, called_ae, route, study_uid, now)
             else:
                 DeliveryQueue.add(conn, instance_id, [NewDelivery(d, "original", sop_uid, path) for d in forward], now)
             return int(conn.execute("SELECT revision FROM instances WHERE id=?", (instance_id,)).fetchone()[0])
@@ -238,49 +225,6 @@ class StateDB:
                     n += conn.execute(f"UPDATE {table} SET route=? WHERE typeof(route)='integer' AND route=?",
                                    (name, index)).rowcount
         return n
-
-    def _pending_studies(self, conn: Connection, lock: bool = False) -> list[tuple[Any, ...]]:
-        """``lock``: PostgreSQL row locks for a release (two workers never release one study twice;
-        a study another worker is releasing right now is skipped)."""
-        sql = ("SELECT id, called_ae, route, study_uid, last_received_at, "
-               "COALESCE(first_received_at, last_received_at) FROM studies WHERE state='pending'")
-        rows: list[tuple[Any, ...]] = conn.execute(sql + (" FOR UPDATE SKIP LOCKED" if lock and conn.dialect == "postgresql"
-                                                       else "")).fetchall()
-        return rows
-
-    @staticmethod
-    def _due(timers: StudyTimers, route: str, last: float, first: float) -> tuple[float, str]:
-        """When a pending study is due, and what happens then (quiet | proceed | discard)."""
-        stable, max_wait, on_max_wait = timers(route)
-        quiet_at = last + stable
-        if max_wait is not None and first + max_wait < quiet_at:
-            return first + max_wait, on_max_wait
-        return quiet_at, "quiet"
-
-    def release_stable_studies(self, timers: StudyTimers, now: float | None = None) -> list[tuple[str, str, str]]:
-        """Release every study that is due: quiet for its route's ``study_stable_seconds``
-        (instances -> ``ready``), or waiting for ``max_wait_seconds`` since its first instance
-        (``proceed``: -> ``ready``; ``discard``: -> ``discarded``).  ``timers(route name)`` gives
-        (stable seconds, max wait seconds or None, on_max_wait).  Returns (route, study, why)."""
-        now = time.time() if now is None else now
-        done = []
-        with self.database.tx() as conn:
-            for sid, called_ae, route, study_uid, last, first in self._pending_studies(conn, lock=True):
-                due, why = self._due(timers, route, last, first)
-                if due > now:
-                    continue
-                state, error = ("discarded", "study discarded: max_wait_seconds reached") if why == "discard" \
-                    else ("ready", None)
-                conn.execute("UPDATE instances SET state=?, error=?, updated_at=? WHERE called_ae=? AND route=? "
-                          "AND study_uid=? AND state='received'", (state, error, now, called_ae, route, study_uid))
-                conn.execute("UPDATE studies SET state='released' WHERE id=?", (sid,))
-                done.append((str(route), str(study_uid), why))
-        return done
-
-    def next_study_deadline(self, timers: StudyTimers) -> float | None:
-        with self.database.lock:
-            due = [self._due(timers, r[2], r[4], r[5])[0] for r in self._pending_studies(self.database.conn)]
-        return min(due) if due else None
 
     # -- translating -------------------------------------------------------------------
     def ready_instances(self, limit: int) -> list[InstanceRow]:

@@ -79,13 +79,13 @@ class Translator(Loop):
                 log.error("model %s cannot be loaded: %s", name, exc)
 
     def idle_seconds(self) -> float:
-        deadline = self.db.next_study_deadline(self.config.study_timers)
+        deadline = self.db.studies.next_deadline(self.config.study_timers)
         if deadline is None:
             return POLL_SECONDS
         return max(0.01, min(POLL_SECONDS, deadline - time.time() + 0.01))
 
     def step(self) -> bool:
-        for route, study_uid, why in self.db.release_stable_studies(self.config.study_timers):
+        for route, study_uid, why in self.db.studies.release_due(self.config.study_timers):
             if why == "quiet":
                 log.info("study %s on route %s quiet for %gs: ready for translation", abbreviate(study_uid), route,
                          self.config.study_timers(route)[0])

@@ -31,7 +31,7 @@ def ready(db: StateDB, n: int, route: str = "kim") -> list[int]:
                               sop_class="1.2.840.10008.5.1.4.1.1.1", study_uid=f"2.{route}", series_uid="3",
                               route=route, matched=True, path=f"/spool/{route}{i}.dcm", size=1, now=T - 100)[0]
            for i in range(n)]
-    db.release_stable_studies(fixed(1.0), now=T - 50)
+    db.studies.release_due(fixed(1.0), now=T - 50)
     return ids
 
 

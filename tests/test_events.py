@@ -29,7 +29,7 @@ def _withheld_study(db: StateDB) -> None:
     db.record_received(called_ae="KIM", calling_ae="CR1", sop_uid="1.2.3.4.5", sop_class="1.2.840.10008.5.1.4.1.1.1",
                        study_uid="1.2.3", series_uid="1.2.3.4", route="kim", matched=True, path="/spool/x.dcm",
                        size=10, now=1.0)
-    db.release_stable_studies(lambda route: (0.0, None, "proceed"), now=2.0)
+    db.studies.release_due(lambda route: (0.0, None, "proceed"), now=2.0)
     row = db.claim_ready(now=3.0)
     assert row is not None
     db.mark_translated(row.id, [], now=4.0, withhold=True, output=OutputRecord(

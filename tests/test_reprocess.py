@@ -257,7 +257,7 @@ def test_sources_are_kept_until_the_whole_study_is_delivered_and_old_enough(data
     db = StateDB(database)
     a, _ = receive(db, "1.1", now=0.0)
     b, _ = receive(db, "1.2", now=0.0)
-    db.release_stable_studies(fixed(1.0), now=5.0)
+    db.studies.release_due(fixed(1.0), now=5.0)
     _deliver(db, a, "9.1", 6.0)
     assert [i for i, _ in db.sources.finished_unpurged()] == [a]  # keep 0: at once, as before the setting
     assert db.sources.finished_unpurged(keep_seconds=100.0, now=1000.0) == []  # its sibling is not delivered
@@ -276,7 +276,7 @@ def test_sources_are_kept_until_the_whole_study_is_delivered_and_old_enough(data
     with pytest.raises(UserError, match="nothing translated on this node to reprocess .unknown study"):
         db.sources.reprocess("1.2.999", user="alice")
     c, _ = receive(db, "2.1", "1.2.4", now=200.0)
-    db.release_stable_studies(fixed(1.0), now=205.0)
+    db.studies.release_due(fixed(1.0), now=205.0)
     _deliver(db, c, "9.3", 206.0)
     db.sources.mark_purged([c])
     with pytest.raises(UserError, match="its sources are no longer kept"):

@@ -47,23 +47,23 @@ def test_study_quiet_period_and_duplicates(database):
     assert receive(db, "1.1", now=100.0)[1] is True
     receive(db, "1.2", now=104.0)
     assert receive(db, "1.1", now=108.0)[1] is False  # duplicate: not new, restarts the quiet period
-    assert len(db.release_stable_studies(fixed(5.0), now=112.0)) == 0  # 4 s after the duplicate
+    assert len(db.studies.release_due(fixed(5.0), now=112.0)) == 0  # 4 s after the duplicate
     assert set(states(db).values()) == {"received"}
-    assert db.next_study_deadline(fixed(5.0)) == 113.0
-    assert len(db.release_stable_studies(fixed(5.0), now=113.0)) == 1
+    assert db.studies.next_deadline(fixed(5.0)) == 113.0
+    assert len(db.studies.release_due(fixed(5.0), now=113.0)) == 1
     assert set(states(db).values()) == {"ready"}
     # a late instance of a released study waits for its own quiet period; the others are untouched
     receive(db, "1.3", now=200.0)
     assert states(db) == {"1.1": "ready", "1.2": "ready", "1.3": "received"}
-    assert len(db.release_stable_studies(fixed(5.0), now=202.0)) == 0
-    assert len(db.release_stable_studies(fixed(5.0), now=205.0)) == 1
+    assert len(db.studies.release_due(fixed(5.0), now=202.0)) == 0
+    assert len(db.studies.release_due(fixed(5.0), now=205.0)) == 1
     assert states(db)["1.3"] == "ready"
 
 
 def test_deliveries_retry_then_fail_then_requeue(database):
     db = StateDB(database)
     iid, _ = receive(db, "1.1", now=0.0)
-    db.release_stable_studies(fixed(1.0), now=5.0)
+    db.studies.release_due(fixed(1.0), now=5.0)
     assert [r.sop_uid for r in db.ready_instances(limit=64)] == ["1.1"]  # what the translator asks
     db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm"),
                              NewDelivery("outbox", "output", "9.9", "/out/9.9.dcm")], now=10.0)
@@ -95,7 +95,7 @@ def test_deliveries_retry_then_fail_then_requeue(database):
 def test_failed_translation_is_requeued_as_ready(database):
     db = StateDB(database)
     iid, _ = receive(db, "1.1", now=0.0)
-    db.release_stable_studies(fixed(1.0), now=5.0)
+    db.studies.release_due(fixed(1.0), now=5.0)
     db.mark_not_translated(iid, "failed", "model missing")
     assert db.retry_failed() == (0, 1)
     assert states(db)["1.1"] == "ready"
@@ -107,7 +107,7 @@ def test_unmatched_instance_forwards_original(database):
     assert states(db)["1.1"] == "unmatched"
     (d,) = db.deliveries.due(now=0.0)
     assert (d.destination, d.kind, d.sop_uid) == ("pacs", "original", "1.1")
-    assert len(db.release_stable_studies(fixed(0.0), now=100.0)) == 0  # unmatched instances join no study
+    assert len(db.studies.release_due(fixed(0.0), now=100.0)) == 0  # unmatched instances join no study
 
 
 def test_state_survives_reopen_without_clean_close(tmp_path):
@@ -126,7 +126,7 @@ def test_finished_instances_are_listed_for_purge_once(database):
     iid, _ = receive(db, "1.1", now=0.0)
     kept, _ = receive(db, "1.2", now=0.0, matched=False)  # unmatched, not forwarded: kept on purpose
     fwd, _ = receive(db, "1.3", now=0.0, matched=False, forward=["pacs"])
-    db.release_stable_studies(fixed(1.0), now=5.0)
+    db.studies.release_due(fixed(1.0), now=5.0)
     db.mark_translated(iid, [NewDelivery("pacs", "output", "9.9", "/out/9.9.dcm")], now=6.0)
     assert db.sources.finished_unpurged() == []  # nothing delivered yet
     for d in db.deliveries.due(now=6.0):
@@ -156,7 +156,7 @@ def test_old_finished_rows_are_forgotten(database):
     db = StateDB(database)
     old_id, _ = receive(db, "1.1", study="7.1", now=0.0)
     new_id, _ = receive(db, "1.2", study="7.2", now=0.0)
-    db.release_stable_studies(fixed(1.0), now=5.0)
+    db.studies.release_due(fixed(1.0), now=5.0)
     for iid, sop in ((old_id, "9.1"), (new_id, "9.2")):
         db.mark_translated(iid, [NewDelivery("pacs", "output", sop, f"/out/{sop}.dcm")], now=6.0)
     (d_old, d_new) = db.deliveries.due(now=6.0)
@@ -176,16 +176,16 @@ def test_max_wait_proceeds_or_discards_a_study_that_never_pauses(database):
     db = StateDB(database)
     for t in range(0, 12, 2):  # every 2 s, quiet period 5 s: never quiet
         receive(db, f"1.{t}", now=100.0 + t)
-    assert db.next_study_deadline(fixed(5.0, 8.0)) == 108.0  # first instance + max_wait, before quiet
-    assert db.release_stable_studies(fixed(5.0, 8.0), now=107.9) == []
-    assert db.release_stable_studies(fixed(5.0, 8.0), now=108.0) == [("kim", "1.2.3", "proceed")]
+    assert db.studies.next_deadline(fixed(5.0, 8.0)) == 108.0  # first instance + max_wait, before quiet
+    assert db.studies.release_due(fixed(5.0, 8.0), now=107.9) == []
+    assert db.studies.release_due(fixed(5.0, 8.0), now=108.0) == [("kim", "1.2.3", "proceed")]
     assert set(states(db).values()) == {"ready"}
     receive(db, "1.20", now=120.0)  # a follow-up: its own round, max_wait counted from now
-    assert db.next_study_deadline(fixed(5.0, 8.0)) == 125.0
-    assert db.release_stable_studies(fixed(5.0, 8.0), now=125.0) == [("kim", "1.2.3", "quiet")]
+    assert db.studies.next_deadline(fixed(5.0, 8.0)) == 125.0
+    assert db.studies.release_due(fixed(5.0, 8.0), now=125.0) == [("kim", "1.2.3", "quiet")]
     receive(db, "2.1", "2.9", now=200.0)
     receive(db, "2.2", "2.9", now=204.0)
-    assert db.release_stable_studies(fixed(5.0, 8.0, "discard"), now=208.0) == [("kim", "2.9", "discard")]
+    assert db.studies.release_due(fixed(5.0, 8.0, "discard"), now=208.0) == [("kim", "2.9", "discard")]
     assert states(db)["2.1"] == states(db)["2.2"] == "discarded"
     db.close()
 
@@ -212,7 +212,7 @@ def test_rows_naming_their_route_by_position_are_migrated(tmp_path):
     db = StateDB(path)
     assert db.name_routes(["lee-soft", "kim-sharp"]) == 2
     assert [r.route for r in db.instances()] == ["kim-sharp"]
-    assert db.release_stable_studies(fixed(5.0), now=106.0) == [("kim-sharp", "1.2.3", "quiet")]
+    assert db.studies.release_due(fixed(5.0), now=106.0) == [("kim-sharp", "1.2.3", "quiet")]
     assert db.name_routes(["kim-sharp"]) == 0  # once only
     db.close()
 
