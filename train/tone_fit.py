@@ -37,7 +37,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from dicom_node.engine.quality import DATA_RANGE, psnr
+from dicom_node.engine.quality import DATA_RANGE
 from dicom_node.engine.style_stats import band_energies, sample_pixels
 from dicom_node.engine.tone_filter import (
     BRIGHTNESS_KNOTS,
@@ -51,7 +51,7 @@ from dicom_node.engine.tone_filter import (
 
 from .collimation import without_collimation
 from .data import pick_images
-from .pair_scores import affine_fit, pooled_error
+from .pair_scores import pooled_error, pooled_gain_db
 
 __all__ = ["fit_tone_filter", "choose_tone_detail", "detail_name", "TONE_QUANTILES", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
 
@@ -363,20 +363,18 @@ def _fit_local_tone(tf: ToneFilter, filtered: list[torch.Tensor], dst: list[np.n
 
 
 def _keep_local_tone(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Reset the local tone curves to the identity (in place) unless they raise the true
-    ``pairs``' mean PSNR both as written (what the node sends) and after each image's best gain
-    and offset (its look, whatever the display window; bench/quality.py's score).  Why: they
-    match a distribution per neighbourhood, which holds more of the domains' content than a
-    whole image's; on crops of different anatomy they cost up to 1.3 dB after gain and offset
-    (bench/local_tone.py) while the values as written gained, and pairs are the one way to see it."""
-    def gains(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        before = tf.before_local_tone(_tensor(x))
-        gained: np.ndarray = _psnrs(tf.local_tone(before), y) - _psnrs(before, y)
-        return gained
-
-    plain, affine = np.mean([gains(x, y) for x, y in pairs], axis=0)
-    said = f"{plain:+.2f} dB as written, {affine:+.2f} dB after gain and offset on the {len(pairs)} validation pairs"
-    if plain > 0 and affine > 0:
+    """Reset the local tone curves to the identity (in place) unless they bring the true
+    ``pairs``' outputs closer to their targets, by :func:`~.pair_scores.pooled_gain_db` (the
+    squared errors pooled over the pairs, as written and as a look, whichever gains less: the
+    rule the checkpoint selection applies to the network).  Why: they match a distribution per
+    neighbourhood, which holds more of the domains' content than a whole image's; on crops of
+    different anatomy they cost up to 1.3 dB after gain and offset (bench/local_tone.py) while
+    the values as written gained, and pairs are the one way to see it."""
+    before = [(tf.before_local_tone(_tensor(x)), y) for x, y in pairs]
+    gain = pooled_gain_db([(tf.local_tone(t)[0, 0].numpy(), y) for t, y in before],
+                          [(t[0, 0].numpy(), y) for t, y in before])
+    said = f"{gain:+.2f} dB (as written or as a look, whichever gains less) on the {len(pairs)} validation pairs"
+    if gain > 0:
         log.info("local tone curves kept: %s", said)
         return
     log.warning("local tone curves left out (the identity): %s; the two domains may show different anatomy "
@@ -388,9 +386,3 @@ def _keep_local_tone(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarra
 def _tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, np.float32))[None, None]
 
-
-def _psnrs(out: torch.Tensor, target: np.ndarray) -> np.ndarray:
-    """PSNR of the model's output ``out`` against the true ``target``: as written (what the node
-    sends) and after the best gain and offset (its look, whatever the display window)."""
-    o, t = out[0, 0].numpy().astype(np.float64), np.asarray(target, np.float64)
-    return np.array([psnr(o, t), psnr(affine_fit(o, t), t)])
