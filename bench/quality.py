@@ -39,18 +39,18 @@ true-pair PSNR; ``selection`` reports their Spearman rank correlation over every
 every run of a pair (``bench/selection.py`` compares the criteria on the stored checkpoints).
 
 Score: PSNR and SSIM of A->B on every held-out pair after a least-squares gain/offset fit of the
-output onto the true target ("affine", so a normalisation difference does not count), in model
+output onto the true target ("affine", so a normalisation difference does not count; also
+recorded as written, ``psnr_as_written``: what the node sends, in B's window), in model
 space (data range 2).  Per method: mean over images, and the worst image's margin over its own
 identity score.
 
 ``--local-tone-bins 8`` turns on the first stage's local tone curves (``model.local_tone_bins``)
 for ``tone_filter`` and the trained methods (``classic`` has no first stage).  The trainer keeps
-them only where its validation pairs show a gain, and the ``default`` runs watch the test pairs
-as theirs: with this option their first stage has seen the test pairs (``tone_filter`` has not).
-The same holds for how many quantiles the trainer's tone curves match, which its validation
-pairs choose (``train/tone_fit.py``, ``choose_tone_detail``).  ``--val-half`` gives the
-``default`` runs the first half of the test pairs as ``data.val`` and scores every method on the
-second half only: nothing a run read from its pairs is scored on them.
+them only where its validation pairs show a gain; with them it also chooses how many quantiles
+its tone curves match and fits their output level (``train/tone_fit.py``).  The ``default`` runs
+get validation pairs only with ``--val-half``: the first half of the test pairs as ``data.val``,
+every method then scored on the second half only, so nothing a run read from its pairs is
+scored on them.
 
 Budget (defaults as in issue 10): ngf 16, 6 blocks, ndf 16, patch 128, batch 1, 1500 steps,
 CPU.  Prints a table last and writes ``bench/results/quality.json`` with the raw numbers.
@@ -131,13 +131,18 @@ def load_domain_arrays(folder: Path, norm: dict) -> list[np.ndarray]:
 def score(translate_fn, pairs, style_ref=None) -> dict:
     """Affine PSNR/SSIM on the held-out pairs; with ``style_ref`` = (A training images, B's
     StyleStats) also the style distance of G(A) from B, which needs no pairs."""
+    from dicom_node.evaluation import psnr
+
     rows = []
     for name, a, b in pairs:
-        p, s = affine_scores(translate_fn(a), b)
+        out_a = translate_fn(a)
+        p, s = affine_scores(out_a, b)
         pi, si = affine_scores(a, b)
-        rows.append({"image": name, "psnr": p, "ssim": s, "identity_psnr": pi, "identity_ssim": si})
+        rows.append({"image": name, "psnr": p, "ssim": s, "identity_psnr": pi, "identity_ssim": si,
+                     "psnr_as_written": psnr(np.asarray(out_a, np.float64), np.asarray(b, np.float64), DATA_RANGE)})
     out = {"images": rows, "psnr": float(np.mean([r["psnr"] for r in rows])),
            "ssim": float(np.mean([r["ssim"] for r in rows])),
+           "psnr_as_written": float(np.mean([r["psnr_as_written"] for r in rows])),
            "worst_margin_db": float(min(r["psnr"] - r["identity_psnr"] for r in rows))}
     if style_ref is not None:
         from dicom_node.engine.style_stats import style_distance, style_statistics
@@ -431,7 +436,7 @@ def _write(args, results, pairs, seeds, methods) -> None:
 def _table(results, pairs, methods) -> None:
     print()
     print(f"{'style pair':<10} {'method':<12} {'affine PSNR dB (per seed)':<28} {'mean':>6} {'SSIM':>6} "
-          f"{'vs hist':>8} {'vs id':>7} {'worst img vs id':>15} {'style dist':>9}")
+          f"{'vs hist':>8} {'vs id':>7} {'worst img vs id':>15} {'style dist':>9} {'as written':>10}")
     for pair in pairs:
         res = results.get(pair, {})
         hist = np.mean([r["psnr"] for r in res.get("histogram", {}).values()]) if "histogram" in res else math.nan
@@ -445,8 +450,9 @@ def _table(results, pairs, methods) -> None:
             mean = float(np.mean([r["psnr"] for r in runs.values()]))
             ss = float(np.mean([r["ssim"] for r in runs.values()]))
             worst = min(r["worst_margin_db"] for r in runs.values())
+            written = np.mean([r.get("psnr_as_written", math.nan) for r in runs.values()])
             print(f"{pair:<10} {method:<12} {per:<28} {mean:6.2f} {ss:6.3f} {mean - hist:+8.2f} {mean - ident:+7.2f} "
-                  f"{worst:+15.2f} {sd:9.3f}")
+                  f"{worst:+15.2f} {sd:9.3f} {written:10.2f}")
         gap = res.get("_gap", {})
         if gap:
             print(f"{pair:<10} paired ceiling over the tone filter: {gap['ceiling_over_tone_db']:+.2f} dB; gap closed: "

@@ -9,7 +9,8 @@ brightness bins) with its tone curves through each number of quantiles in
 ``train/tone_fit.py``'s ``TONE_QUANTILES`` (0: no first stage, the identity), and scores each on the held-out true pairs (affine
 PSNR, as ``bench/quality.py``).  Then the trainer's own choice (``choose_tone_detail``), made on
 half of the test pairs as validation pairs and scored on the other half, both ways round: a
-choice never scored on the pairs that made it.
+choice never scored on the pairs that made it; each option's output level fitted on those
+pairs first (``fit_level``), as the trainer does, and the choice without it for comparison.
 
 ``python bench/tone_detail.py``; writes ``bench/results/tone-detail.json``.
 """
@@ -42,7 +43,7 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     import torch
 
     from dicom_node.evaluation import psnr
-    from dicom_node.train.tone_fit import TONE_QUANTILES, choose_tone_detail, fit_tone_filter
+    from dicom_node.train.tone_fit import TONE_QUANTILES, choose_tone_detail, fit_level, fit_tone_filter
 
     data = make_data(pair, args.work / f"seed{seed}", argparse.Namespace(**{**vars(args), "data_seed": seed}))
     norms = domain_windows(data)
@@ -52,7 +53,7 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
 
     def scores(tf, pairs, score=lambda o, y: affine_scores(o, y)[0]) -> list[float]:
         with torch.no_grad():
-            return [score(tf(torch.from_numpy(x)[None, None])[0, 0].numpy(), y) for x, y in pairs]
+            return [score(tf(torch.from_numpy(x)[None, None])[0, 0].clamp(-1, 1).numpy(), y) for x, y in pairs]
 
     def as_written(o: np.ndarray, y: np.ndarray) -> float:  # no gain and offset: what the node sends
         return psnr(np.asarray(o, np.float64), np.asarray(y, np.float64), DATA_RANGE)
@@ -63,16 +64,19 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
         per_image[str(q)], written[str(q)] = scores(tf, tests), scores(tf, tests, as_written)
     half = len(tests) // 2
     folds = [(tests[:half], tests[half:]), (tests[half:], tests[:half])]  # (validation, held out)
-    chosen, chosen_written, picks = [], [], []
-    for val, held in folds:
-        picks.append(choose_tone_detail(stages, val))
-        chosen += scores(stages[picks[-1]], held)
-        chosen_written += scores(stages[picks[-1]], held, as_written)
     back = len(tests) - half  # back in test order
-    per_image["chosen"], written["chosen"] = chosen[back:] + chosen[:back], chosen_written[back:] + chosen_written[:back]
+    picks: dict[str, list[int]] = {}
+    for name, level in (("chosen", True), ("chosen_unleveled", False)):  # the trainer's; before fit_level
+        chosen, chosen_written, picks[name] = [], [], []
+        for val, held in folds:
+            options = {q: fit_level(tf, val) if level else tf for q, tf in stages.items()}
+            picks[name].append(choose_tone_detail(options, val))
+            chosen += scores(options[picks[name][-1]], held)
+            chosen_written += scores(options[picks[name][-1]], held, as_written)
+        per_image[name], written[name] = chosen[back:] + chosen[:back], chosen_written[back:] + chosen_written[:back]
     out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
     out["as_written"] = {k: float(np.mean(v)) for k, v in written.items()}
-    out["picks"] = picks
+    out["picks"], out["picks_unleveled"] = picks["chosen"], picks["chosen_unleveled"]
     out["worst_chosen_vs_identity"] = float(min(c - i for c, i in zip(per_image["chosen"], per_image["identity"])))
     out["images"], out["images_as_written"] = per_image, written
     return out
@@ -101,22 +105,26 @@ def main() -> int:
         for seed in seeds:
             r = results[pair][str(seed)] = score_seed(pair, seed, args)
             print(f"{pair} seed {seed}: identity {r['identity']:.2f}, " + ", ".join(f"{c} {r[c]:.2f}" for c in cols)
-                  + f", chosen {r['chosen']:.2f} (picks {r['picks']}, worst image vs identity {r['worst_chosen_vs_identity']:+.2f})",
+                  + f", chosen {r['chosen']:.2f} (picks {r['picks']}, worst image vs identity {r['worst_chosen_vs_identity']:+.2f}; "
+                  f"as written {r['as_written']['chosen']:.2f}, before the level {r['chosen_unleveled']:.2f} / "
+                  f"{r['as_written']['chosen_unleveled']:.2f})",
                   flush=True)
         args.out.write_text(json.dumps({"benchmark": "tone-detail", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                         "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
                                         "results": results}, indent=1))
     names = [detail_name(q) for q in TONE_QUANTILES]
     print("\nMean over seeds of the held-out images' affine PSNR (dB); columns: quantiles matched.")
-    print("| style pair | identity | " + " | ".join(names) + " | chosen on half, scored on the other"
-          " | worst image: chosen − identity | as written: identity, chosen |")
+    print("| style pair | identity | " + " | ".join(names) + " | chosen on half, scored on the other (before the level)"
+          " | worst image: chosen − identity | as written: identity, chosen (before the level) |")
     print("| --- |" + " ---: |" * (len(names) + 4))
+    keys = ("identity", "chosen", "chosen_unleveled")
     for pair, rs in results.items():
-        mean = {k: np.mean([rs[str(s)][k] for s in seeds]) for k in ["identity", *cols, "chosen"]}
-        written = {k: np.mean([rs[str(s)]["as_written"][k] for s in seeds]) for k in ("identity", "chosen")}
+        mean = {k: np.mean([rs[str(s)][k] for s in seeds]) for k in ["identity", *cols, "chosen", "chosen_unleveled"]}
+        written = {k: np.mean([rs[str(s)]["as_written"][k] for s in seeds]) for k in keys}
         worst = min(rs[str(s)]["worst_chosen_vs_identity"] for s in seeds)
         print(f"| {pair} | {mean['identity']:.2f} | " + " | ".join(f"{mean[c]:.2f}" for c in cols)
-              + f" | {mean['chosen']:.2f} | {worst:+.2f} | {written['identity']:.2f}, {written['chosen']:.2f} |")
+              + f" | {mean['chosen']:.2f} ({mean['chosen_unleveled']:.2f}) | {worst:+.2f} | {written['identity']:.2f}, "
+              f"{written['chosen']:.2f} ({written['chosen_unleveled']:.2f}) |")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from dicom_node.engine.quality import DATA_RANGE
 
-__all__ = ["EXACT_DB", "affine_fit", "pooled_error", "pooled_gain_db"]
+__all__ = ["EXACT_DB", "affine_fit", "pooled_affine", "pooled_error", "pooled_gain_db"]
 
 EXACT_DB = 100.0  # PSNR of images equal to float32 rounding: the floor of every error
 
@@ -26,6 +26,20 @@ def affine_fit(out: np.ndarray, target: np.ndarray) -> np.ndarray:
     coef = np.linalg.lstsq(design, target.ravel(), rcond=None)[0]
     fitted: np.ndarray = (design @ coef).reshape(out.shape)
     return fitted
+
+
+def pooled_affine(outs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """The one gain and offset that bring the outputs of every (output, target) pair closest to
+    their targets: least squares with each pair weighing the same, as in :func:`pooled_error`
+    (a large image does not outweigh the others)."""
+    moments = np.zeros(5)  # E[o], E[t], E[o o], E[o t], per pair, then their mean
+    for out, target in outs:
+        o, t = np.asarray(out, np.float64).ravel(), np.asarray(target, np.float64).ravel()
+        moments += [o.mean(), t.mean(), (o * o).mean(), (o * t).mean(), 1.0]
+    mo, mt, moo, mot, n = moments
+    mo, mt, moo, mot = mo / n, mt / n, moo / n, mot / n
+    gain = (mot - mo * mt) / max(moo - mo * mo, 1e-12)
+    return float(gain), float(mt - gain * mo)
 
 
 def pooled_error(outs: Sequence[tuple[np.ndarray, np.ndarray]], *, look: bool) -> float:
