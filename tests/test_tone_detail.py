@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node.engine.quality import DATA_RANGE, psnr
 from dicom_node.engine.tone_filter import ToneFilter, gaussian_blur
 from dicom_node.train.tone_fit import (
     DEFAULT_TONE_QUANTILES,
@@ -16,7 +17,6 @@ from dicom_node.train.tone_fit import (
     fit_level,
     fit_tone_filter,
 )
-from dicom_node.engine.quality import DATA_RANGE, psnr
 from tests.style_data import affine_psnr
 
 SIZE = 128
