@@ -10,7 +10,7 @@ brightness bins) with its tone curves through each number of quantiles in
 PSNR, as ``bench/quality.py``).  Then the trainer's own choice (``choose_tone_detail``), made on
 half of the test pairs as validation pairs and scored on the other half, both ways round: a
 choice never scored on the pairs that made it; each option's output level fitted on those
-pairs first (``fit_level``), as the trainer does, and the choice without it for comparison.
+pairs then (``fit_level``), as the trainer does, and the choice without it for comparison.
 
 ``python bench/tone_detail.py``; writes ``bench/results/tone-detail.json``.
 """
@@ -69,10 +69,10 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     for name, level in (("chosen", True), ("chosen_unleveled", False)):  # the trainer's; before fit_level
         chosen, chosen_written, picks[name] = [], [], []
         for val, held in folds:
-            options = {q: fit_level(tf, val) if level else tf for q, tf in stages.items()}
-            picks[name].append(choose_tone_detail(options, val))
-            chosen += scores(options[picks[name][-1]], held)
-            chosen_written += scores(options[picks[name][-1]], held, as_written)
+            picks[name].append(choose_tone_detail(stages, val))
+            stage = fit_level(stages[picks[name][-1]], val) if level else stages[picks[name][-1]]
+            chosen += scores(stage, held)
+            chosen_written += scores(stage, held, as_written)
         per_image[name], written[name] = chosen[back:] + chosen[:back], chosen_written[back:] + chosen_written[:back]
     out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
     out["as_written"] = {k: float(np.mean(v)) for k, v in written.items()}

@@ -153,6 +153,18 @@ def test_a_level_fitted_on_pairs_is_exact_for_a_gain_and_offset_and_refuses_an_i
     stage = ToneFilter()
     assert fit_level(stage, inverted) is stage
     assert fit_level(stage, [(x, x) for x in xs]) is stage  # already exact: nothing to fit
+    assert fit_level(stage, pairs[:1]) is stage  # one pair cannot show that its level holds for another
+
+
+def test_a_level_that_differs_from_pair_to_pair_is_not_fitted() -> None:
+    """Offsets of +0.3, -0.3 and +0.3: fitted on all three, +0.1 would lower their pooled error
+    (0.08 against 0.09), but fitted on any two it misses the third by more than leaving it
+    alone: that level is each image's content, not the look."""
+    xs = [anatomy(s, 0.0) * 0.6 for s in range(3)]
+    pairs = [(x, (x + d).astype(np.float32)) for x, d in zip(xs, (0.3, -0.3, 0.3))]
+    stage = ToneFilter()
+    assert fit_level(stage, pairs) is stage
+    assert fit_level(stage, [(x, (x + 0.3).astype(np.float32)) for x in xs]) is not stage  # the same offset: fitted
 
 
 def test_pairs_put_back_the_output_level_that_a_content_difference_moved(caplog: pytest.LogCaptureFixture) -> None:
