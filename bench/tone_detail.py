@@ -65,18 +65,17 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     half = len(tests) // 2
     folds = [(tests[:half], tests[half:]), (tests[half:], tests[:half])]  # (validation, held out)
     back = len(tests) - half  # back in test order
-    picks: dict[str, list[int]] = {}
+    picks = [choose_tone_detail(stages, val) for val, _ in folds]
     for name, level in (("chosen", True), ("chosen_unleveled", False)):  # the trainer's; before fit_level
-        chosen, chosen_written, picks[name] = [], [], []
-        for val, held in folds:
-            picks[name].append(choose_tone_detail(stages, val))
-            stage = fit_level(stages[picks[name][-1]], val) if level else stages[picks[name][-1]]
+        chosen, chosen_written = [], []
+        for (val, held), pick in zip(folds, picks):
+            stage = fit_level(stages[pick], val) if level else stages[pick]
             chosen += scores(stage, held)
             chosen_written += scores(stage, held, as_written)
         per_image[name], written[name] = chosen[back:] + chosen[:back], chosen_written[back:] + chosen_written[:back]
     out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
     out["as_written"] = {k: float(np.mean(v)) for k, v in written.items()}
-    out["picks"], out["picks_unleveled"] = picks["chosen"], picks["chosen_unleveled"]
+    out["picks"] = out["picks_unleveled"] = picks  # the level is fitted after the choice
     out["worst_chosen_vs_identity"] = float(min(c - i for c, i in zip(per_image["chosen"], per_image["identity"])))
     out["images"], out["images_as_written"] = per_image, written
     return out

@@ -169,8 +169,8 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
             log.info("output level fitted on the %d validation pairs: %.2f dB as written, %.2f before", len(pairs),
                      *(_written_psnr(t, pairs) for t in (tf, stages[best][0])))
         else:
-            log.info("output level left as fitted: on the %d validation pairs a level fitted on the others did not "
-                     "bring each pair closer as written", len(pairs))
+            log.info("output level left as fitted: the %d validation pairs do not agree on one level (a level "
+                     "fitted on the others must bring each pair closer as written)", len(pairs))
     else:
         tf, rng = stage(tone_quantiles)
         log.info("tone curves through %s quantiles (no validation pairs, data.val, to choose how many)",
@@ -262,8 +262,9 @@ def fit_level(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) ->
     its outputs on the true ``pairs`` closest to their targets as written
     (:func:`~.pair_scores.pooled_affine`); ``tf`` itself when the gain is beyond
     :data:`LEVEL_GAIN_LIMITS`, or unless a level fitted on all pairs but one brings the pair left
-    out closer as written, for each pair left out in turn (fewer than 2 pairs cannot show it).  Why: the tone curves match the two domains' distributions, so content that differs
-    between them (other anatomy, field of view) moves where the output level lands.  On the
+    out closer as written, for each pair left out in turn (fewer than 2 pairs cannot show it).
+    Why: the tone curves match the two domains' distributions, so content that differs between
+    them (other anatomy, field of view) moves where the output level lands.  On the
     demo's crops of real radiographs it landed about 0.09 (of the model's range of 2) too high,
     some 8 dB as written on held-out pairs; a look score (after each image's best gain and
     offset) cannot see that, the node writes it and the display window shows it.  Why the
