@@ -14,7 +14,6 @@ samples, validates, checkpoints and exports, and the others wait for it at barri
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -28,22 +27,17 @@ import torch
 from dicom_node.engine.errors import UserError
 
 from .config import TrainConfig
-from .cyclegan import LOSS_NAMES, CycleGAN
+from .cyclegan import CycleGAN
 from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indices
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from .networks import tone_filter_arguments
+from .run_log import RunLog
 from .selection import PSEUDO_IMAGES, CheckpointSelector
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
 log = logging.getLogger("dicom_node.train")
-
-VAL_KEYS = ("val_psnr_a2b", "val_ssim_a2b", "val_psnr_b2a", "val_ssim_b2a", "val_psnr_identity", "val_ssim_identity",
-            "style_distance", "style_distance_identity", "style_intensity", "style_contrast", "style_noise",
-            "gain_a2b", "gain_b2a")
-CSV_COLUMNS = ("step", "elapsed_s", "lr", *LOSS_NAMES, "patches_per_s", *VAL_KEYS)
-
 
 @dataclass
 class TrainResult:
@@ -182,7 +176,7 @@ class _Run:
 
         self.meta_base = self._meta_base(model, a, b, len(pairs) if paired else 0, paired)
         if info.is_main:
-            self._init_metrics(start)
+            self.run_log = RunLog(self.run_dir, start)
             fixed = PatchSampler(a, b, cfg.train.patch_size, min(4, max(1, cfg.train.batch_size)),
                                  seed=cfg.train.seed + 7919, pairs=pairs if paired else None)
             self.sample_batch = fixed.sample()
@@ -233,6 +227,7 @@ class _Run:
                         lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), lambda_cycle=cfg.train.lambda_cycle,
                         lambda_identity=cfg.train.lambda_identity,
                         lambda_paired=cfg.train.lambda_paired if paired else 0.0, pool_size=cfg.train.pool_size,
+                        lambda_coarse=cfg.train.lambda_coarse, coarse_size=cfg.train.coarse_size,
                         device=self.device, amp=amp, seed=cfg.train.seed,
                         channels_last=channels_last,
                         rank=self.info.rank)
@@ -331,7 +326,7 @@ class _Run:
                 means = {k: float(v) / n_sum for k, v in sums.items()}
                 rate = n_sum * cfg.train.batch_size * info.world_size / max(now - t_last, 1e-9)
                 self.last_losses = means
-                self._write_metrics({"step": step, "elapsed_s": round(now - t0, 3), "lr": lr, **means,
+                self.run_log.write({"step": step, "elapsed_s": round(now - t0, 3), "lr": lr, **means,
                                      "patches_per_s": round(rate, 3)})
                 if bar is not None:
                     bar.set_postfix(G=f"{means['g_total']:.3f}", D=f"{means['d_a'] + means['d_b']:.3f}",
@@ -342,7 +337,7 @@ class _Run:
                              means["cycle_a"] + means["cycle_b"], lr, rate)
                 sums, n_sum, t_last = {}, 0, time.perf_counter()
             if info.is_main and (step % cfg.output.sample_every == 0 or last):
-                self._write_sample(model, step)
+                self.run_log.write_sample(model, self.sample_batch, step)
             if step % cfg.output.checkpoint_every == 0 or last:
                 if info.is_main:
                     self.validation = self._style_check(model)
@@ -352,7 +347,7 @@ class _Run:
                         self.validation.update(self._validate(model, val_pairs))
                         log.info("validation at step %d: %s", step, "  ".join(
                             f"{k[4:]} {v:.4f}" for k, v in self.validation.items() if k.startswith("val_")))
-                    self._write_metrics({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
+                    self.run_log.write({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
                                          **self.validation})
                     meta = {**self.meta_base, "losses": self.last_losses, "validation": self.validation,
                             "gain_by": self.selector.criterion}
@@ -383,53 +378,6 @@ class _Run:
         from .validate import validate
 
         return validate(model.generator("g_ab"), model.generator("g_ba"), val_pairs, device=self.device, norms=self.norms)
-
-    # ------------------------------------------------------------------ outputs
-
-    @property
-    def _metrics_path(self) -> Path:
-        return self.run_dir / "metrics.csv"
-
-    def _init_metrics(self, start: int) -> None:
-        """Start metrics.csv, or on resume drop the rows logged after the checkpoint."""
-        rows = []
-        if start > 0 and self._metrics_path.exists():
-            with open(self._metrics_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= start]
-        with open(self._metrics_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        self.tb = None
-        try:  # TensorBoard when installed; the CSV is always written
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
-
-    def _write_metrics(self, row: dict[str, Any]) -> None:
-        with open(self._metrics_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "elapsed_s") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def _write_sample(self, model: CycleGAN, step: int) -> None:
-        from dicom_node.engine.preview import save_png, to_u8
-
-        a, b = self.sample_batch
-        out = model.translate_both(torch.from_numpy(a), torch.from_numpy(b))
-        rows = []
-        for i in range(a.shape[0]):
-            rows.append(np.concatenate([out[k][i, 0].numpy() for k in ("a", "g_a", "f_g_a")], axis=1))
-            rows.append(np.concatenate([out[k][i, 0].numpy() for k in ("b", "f_b", "g_f_b")], axis=1))
-        panel = np.concatenate(rows, axis=0)
-        path = self.run_dir / "samples" / f"step_{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(to_u8(panel), path)
 
 
 def _digest(model: CycleGAN) -> str:
