@@ -261,6 +261,8 @@ def main() -> int:
     ap.add_argument("--select-by", default="distribution", choices=("distribution", "auto"),
                     help="the default run's train.select_by: distribution (as without pairs, the default) or auto "
                          "(what dicom-node train does: the validation pairs, with --val-half)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a training setting for the default and paired runs (repeatable), e.g. train.lambda_coarse=10")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     ap.add_argument("--panel", type=Path, default=None,
                     help="also write a PNG: per style pair, input | each method | target")

@@ -58,6 +58,13 @@ def train_config(method: str, data: Path, run_dir: Path, args: argparse.Namespac
             cfg["data"]["val"] = str(val_half(data))
         # else no data.val: validation pairs choose the first stage's tone detail (train/tone_fit.py),
         # so the test pairs would choose what they score; the checkpoints are scored afterwards.
+    if method in ("default", "paired"):  # bench/quality.py --set train.KEY=VALUE: a setting to measure
+        import yaml
+
+        for item in getattr(args, "set", None) or []:
+            dotted, _, value = item.partition("=")
+            section, _, key = dotted.partition(".")
+            cfg.setdefault(section, {})[key] = yaml.safe_load(value)
     if method == "paired":  # the ceiling: data_paired() holds true training pairs of the same styles
         cfg["train"].update(paired="on")
     if method == "classic":

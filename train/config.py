@@ -69,6 +69,11 @@ class TrainSettings:
     pool_size: int = 50
     paired: str = "auto"  # auto: supervised L1 when A and B hold the same file names; "on"/"off"
     lambda_paired: float = 10.0
+    # The network's change over its first stage, averaged over coarse_size-px blocks, times this
+    # (train/losses.coarse_change_loss): level and large-scale contrast stay the tone filter's.
+    # 0 (off) by default: it limits a drift but gained nothing measured (bench/README.md).
+    lambda_coarse: float = 0.0
+    coarse_size: int = 16
     # What picks the exported checkpoint and decides whether its network beats the first stage
     # (train/selection.py): the validation pairs (auto, when data.val is set), how much closer
     # to the target domain's band distribution the network brings its outputs ("distribution",
@@ -127,7 +132,7 @@ _PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}
 _POSITIVE = {("model", "ngf"), ("model", "ndf"), ("train", "patch_size"), ("train", "batch_size"),
              ("train", "steps"), ("output", "sample_every"), ("output", "checkpoint_every"),
              ("output", "log_every"), ("data", "min_images"), ("model", "brightness_bins"),
-             ("model", "local_tone_bins")}
+             ("model", "local_tone_bins"), ("train", "coarse_size")}
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

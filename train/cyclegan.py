@@ -1,7 +1,8 @@
 """The CycleGAN training step: two generators, two PatchGAN discriminators, their optimisers.
 
 One :meth:`CycleGAN.step` is the classic update (Zhu et al. 2017): generator step (LSGAN +
-cycle x lambda_cycle + identity x lambda_identity x lambda_cycle [+ paired L1]), then
+cycle x lambda_cycle + identity x lambda_identity x lambda_cycle [+ paired L1] [+ the network's
+coarse change x lambda_coarse, :func:`.losses.coarse_change_loss`]), then
 discriminator step on real vs. history-pool fakes with the loss halved.
 
 What makes it cheaper than the reference implementation without changing the maths:
@@ -30,12 +31,12 @@ from torch import nn
 
 from dicom_node.engine.generator import ResnetGenerator
 
-from .losses import ImagePool, lsgan_loss
+from .losses import ImagePool, coarse_change_loss, lsgan_loss
 from .networks import build_discriminator, build_generator
 
 __all__ = ["CycleGAN", "LOSS_NAMES"]
 
-LOSS_NAMES = ("g_total", "gan_ab", "gan_ba", "cycle_a", "cycle_b", "idt_a", "idt_b", "paired", "d_a", "d_b")
+LOSS_NAMES = ("g_total", "gan_ab", "gan_ba", "cycle_a", "cycle_b", "idt_a", "idt_b", "paired", "coarse", "d_a", "d_b")
 
 
 def _unwrap(net: nn.Module) -> nn.Module:
@@ -48,13 +49,15 @@ class CycleGAN:
     def __init__(self, *, ngf: int = 64, n_blocks: int = 9, ndf: int = 64, residual: bool = False,
                  tone_filter: bool | dict[str, Any] = False,
                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), lambda_cycle: float = 10.0,
-                 lambda_identity: float = 0.5, lambda_paired: float = 0.0, pool_size: int = 50,
+                 lambda_identity: float = 0.5, lambda_paired: float = 0.0, lambda_coarse: float = 0.0,
+                 coarse_size: int = 16, pool_size: int = 50,
                  device: torch.device | str = "cpu", amp: bool = False, channels_last: bool = True,
                  seed: int = 0, rank: int = 0) -> None:
         self.device = torch.device(device)
         self.amp = amp
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.lambda_cycle, self.lambda_identity, self.lambda_paired = lambda_cycle, lambda_identity, lambda_paired
+        self.lambda_coarse, self.coarse_size = lambda_coarse, coarse_size
         self.base_lr = lr
         torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         nets = {
@@ -151,7 +154,8 @@ class CycleGAN:
             paired_l1 = (F.l1_loss(fake_b.float(), real_b) + F.l1_loss(fake_a.float(), real_a)) * self.lambda_paired
         else:
             paired_l1 = zero
-        loss_g = gan_ab + gan_ba + cycle_a + cycle_b + idt_a + idt_b + paired_l1
+        coarse = self._coarse_change(real_a, fake_b, "g_ab") + self._coarse_change(real_b, fake_a, "g_ba")
+        loss_g = gan_ab + gan_ba + cycle_a + cycle_b + idt_a + idt_b + paired_l1 + coarse
         loss_g.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         self.opt_g.step()
 
@@ -168,8 +172,17 @@ class CycleGAN:
         loss_d_a = 0.5 * (lsgan_loss(score_a[:n], True) + lsgan_loss(score_a[n:], False))
         (loss_d_a + loss_d_b).backward()  # type: ignore[no-untyped-call]  # as above
         self.opt_d.step()
-        values = (loss_g, gan_ab, gan_ba, cycle_a, cycle_b, idt_a, idt_b, paired_l1, loss_d_a, loss_d_b)
+        values = (loss_g, gan_ab, gan_ba, cycle_a, cycle_b, idt_a, idt_b, paired_l1, coarse, loss_d_a, loss_d_b)
         return {k: v.detach() for k, v in zip(LOSS_NAMES, values)}
+
+    def _coarse_change(self, real: torch.Tensor, fake: torch.Tensor, name: str) -> torch.Tensor:
+        """``lambda_coarse`` x the network's change over its first stage, in ``coarse_size`` blocks."""
+        tone = self.generator(name).tone_filter
+        if self.lambda_coarse <= 0 or tone is None:
+            return torch.zeros((), device=self.device)
+        with torch.no_grad():
+            first = tone(real.float())
+        return coarse_change_loss(fake, first, self.coarse_size) * self.lambda_coarse
 
     @torch.no_grad()
     def translate_both(self, a: Any, b: Any) -> dict[str, torch.Tensor]:
