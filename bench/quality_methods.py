@@ -119,12 +119,12 @@ def run_trainer(method: str, data: Path, work: Path, args: argparse.Namespace, s
     return model
 
 
-def load_generators(path: Path):
-    """(G_ab, G_ba) of a checkpoint file, as trained, in eval mode."""
+def load_generators(path: Path | dict):
+    """(G_ab, G_ba) of a checkpoint file (or its loaded payload), as trained, in eval mode."""
     from dicom_node.engine.model_file import generator_from_architecture
     from dicom_node.train.export import load_checkpoint
 
-    payload = load_checkpoint(path)
+    payload = path if isinstance(path, dict) else load_checkpoint(path)
     out = []
     for key in ("g_ab", "g_ba"):
         gen = generator_from_architecture(payload["meta"]["architecture"])
@@ -133,8 +133,8 @@ def load_generators(path: Path):
     return out
 
 
-def checkpoint_fn(run_dir: Path, device: str, *, best: bool = False, path: Path | None = None):
-    """A->B of a run's newest (or best, or that ``path``) checkpoint as trained: its network,
+def checkpoint_fn(run_dir: Path, device: str, *, best: bool = False, path: Path | dict | None = None):
+    """A->B of a run's newest (or best, or that ``path``, or that loaded payload) checkpoint as trained: its network,
     whatever the export decided.  The paired ceiling is what the network learned with the answer;
     ``default_network`` shows what the export's fallback to the tone filter kept out."""
     from dicom_node.engine import translate
