@@ -185,17 +185,17 @@ def spearman(x: list[float], y: list[float]) -> float:
 def selection_check(work: Path, seeds: list[int], test: list, device: str) -> dict:
     """How the ``default`` runs' criterion (their network's gain over the first stage: the
     validation pairs' with ``--val-half``, else the band distribution's) ranks their checkpoints
-    against the PSNR of each checkpoint's network on the held-out ``test`` pairs (plain PSNR,
-    mean, as the trainer scores ``val_psnr_a2b``).  Only the checkpoints still on disk (the
+    against the PSNR of each checkpoint's network on the held-out ``test`` pairs, as written
+    (``test_psnr``: plain PSNR, mean, as the trainer scores ``val_psnr_a2b``) and in look
+    (``test_look``: after each image's best gain and offset).  Only the checkpoints still on disk (the
     newest few and the best) can be scored; with ``--val-half`` the validation pairs' own PSNR
     (``val_psnr``, from metrics.csv) is kept beside it, but a criterion measured on the pairs it
     is ranked against would rank them by construction, so it is not what the Spearman uses."""
     import csv
 
-    from dicom_node.engine.quality import psnr
     from dicom_node.train.export import best_checkpoint_path, list_checkpoints, load_checkpoint
 
-    gains, psnrs, runs, criteria = [], [], {}, set()
+    gains, psnrs, looks, runs, criteria = [], [], [], {}, set()
     for seed in seeds:
         run_dir = work / f"default-seed{seed}"
         path = run_dir / "metrics.csv"
@@ -213,18 +213,20 @@ def selection_check(work: Path, seeds: list[int], test: list, device: str) -> di
             step = int(payload["step"])
             if any(r["step"] == step for r in found):
                 continue  # best.pt is also one of the newest
-            fn = checkpoint_fn(run_dir, device, path=payload)
+            scored = score(checkpoint_fn(run_dir, device, path=payload), test)
             row = {"step": step, "gain_db": float(payload["meta"]["validation"]["gain_a2b"]),
-                   "test_psnr": float(np.mean([psnr(fn(x), y) for _, x, y in test]))}
+                   "test_psnr": scored["psnr_as_written"], "test_look": scored["psnr"]}
             if step in val:
                 row["val_psnr"] = val[step]
             found.append(row)
         runs[str(seed)] = sorted(found, key=lambda r: r["step"])
         gains += [r["gain_db"] for r in found]
         psnrs += [r["test_psnr"] for r in found]
+        looks += [r["test_look"] for r in found]
     out: dict = {"checkpoints": len(gains), "criterion": " and ".join(sorted(criteria)), "runs": runs}
     if len(gains) >= 3:
         out["spearman_gain_vs_psnr"] = spearman(gains, psnrs)
+        out["spearman_gain_vs_look"] = spearman(gains, looks)
     return out
 
 
@@ -469,7 +471,8 @@ def _table(results, pairs, methods) -> None:
         sel = res.get("_selection", {})
         if "spearman_gain_vs_psnr" in sel:
             print(f"{pair:<10} the gain by {sel.get('criterion', 'band distribution')} ranks {sel['checkpoints']} "
-                  f"checkpoints like their PSNR on held-out pairs: Spearman {sel['spearman_gain_vs_psnr']:+.2f}")
+                  f"checkpoints like their PSNR on held-out pairs: Spearman {sel['spearman_gain_vs_psnr']:+.2f} "
+                  f"as written, {sel.get('spearman_gain_vs_look', float('nan')):+.2f} in look")
         rank = res.get("_ranking", {})
         if "spearman_distance_vs_psnr" in rank:
             print(f"{pair:<10} style distance ranks {rank['models']} models like PSNR: "
