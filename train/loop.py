@@ -327,7 +327,7 @@ class _Run:
                 rate = n_sum * cfg.train.batch_size * info.world_size / max(now - t_last, 1e-9)
                 self.last_losses = means
                 self.run_log.write({"step": step, "elapsed_s": round(now - t0, 3), "lr": lr, **means,
-                                     "patches_per_s": round(rate, 3)})
+                                    "patches_per_s": round(rate, 3)})
                 if bar is not None:
                     bar.set_postfix(G=f"{means['g_total']:.3f}", D=f"{means['d_a'] + means['d_b']:.3f}",
                                     cyc=f"{means['cycle_a'] + means['cycle_b']:.3f}", pps=f"{rate:.1f}")
@@ -348,7 +348,7 @@ class _Run:
                         log.info("validation at step %d: %s", step, "  ".join(
                             f"{k[4:]} {v:.4f}" for k, v in self.validation.items() if k.startswith("val_")))
                     self.run_log.write({"step": step, "elapsed_s": round(time.perf_counter() - t0, 3),
-                                         **self.validation})
+                                        **self.validation})
                     meta = {**self.meta_base, "losses": self.last_losses, "validation": self.validation,
                             "gain_by": self.selector.criterion}
                     path = save_checkpoint(self.run_dir, step, model.state_dict(), sampler.state(), meta)
