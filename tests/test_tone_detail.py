@@ -167,6 +167,21 @@ def test_a_level_that_differs_from_pair_to_pair_is_not_fitted() -> None:
     assert fit_level(stage, [(x, (x + 0.3).astype(np.float32)) for x in xs]) is not stage  # the same offset: fitted
 
 
+def test_the_log_line_of_the_level_names_the_reason_it_was_left_as_fitted() -> None:
+    from dicom_node.train.tone_fit import _fit_level
+
+    xs = [anatomy(s, 0.0) * 0.6 for s in range(3)]
+    stage = ToneFilter()
+    reasons = {"one validation pair cannot show": [(xs[0], xs[0] + 0.3)],
+               "its gain, -1.00, is beyond 0.5 to 2.0": [(x, -x) for x in xs],
+               "does not bring pair 1 closer as written": [(x, x + d) for x, d in zip(xs, (0.3, -0.3, 0.3))]}
+    for reason, pairs in reasons.items():
+        leveled, said = _fit_level(stage, pairs)
+        assert leveled is stage and said.startswith("output level left as fitted") and reason in said, said
+    leveled, said = _fit_level(stage, [(x, x + 0.3) for x in xs])
+    assert leveled is not stage and said.startswith("output level fitted on the 3 validation pairs"), said
+
+
 def test_pairs_put_back_the_output_level_that_a_content_difference_moved(caplog: pytest.LogCaptureFixture) -> None:
     """A's images show a dark region, B's a bright one, in a softer, brighter look: matching the two
     domains' distributions reads B's bright content as a brighter look, so the output level lands

@@ -164,13 +164,8 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     if pairs:
         stages = {q: stage(q) for q in TONE_QUANTILES}
         best = choose_tone_detail({q: fitted for q, (fitted, _) in stages.items()}, pairs)
-        tf, rng = fit_level(stages[best][0], pairs), stages[best][1]
-        if tf is not stages[best][0]:
-            log.info("output level fitted on the %d validation pairs: %.2f dB as written, %.2f before", len(pairs),
-                     *(_written_psnr(t, pairs) for t in (tf, stages[best][0])))
-        else:
-            log.info("output level left as fitted: the %d validation pairs do not agree on one level (a level "
-                     "fitted on the others must bring each pair closer as written)", len(pairs))
+        (tf, said), rng = _fit_level(stages[best][0], pairs), stages[best][1]
+        log.info("%s", said)
     else:
         tf, rng = stage(tone_quantiles)
         log.info("tone curves through %s quantiles (no validation pairs, data.val, to choose how many)",
@@ -241,8 +236,7 @@ def choose_tone_detail(stages: Mapping[int, ToneFilter], pairs: Sequence[tuple[n
     (:data:`TONE_QUANTILES`)."""
     def score(tf: ToneFilter) -> float:
         outs = [(_stage_output(tf, x), y) for x, y in pairs]
-        error = np.mean([pooled_error(outs, look=look) for look in (False, True)])
-        return float(10 * np.log10(DATA_RANGE ** 2 / error))
+        return _error_db(float(np.mean([pooled_error(outs, look=look) for look in (False, True)])))
 
     scores = {q: score(tf) for q, tf in stages.items()}
     best = max(scores, key=scores.__getitem__)
@@ -264,26 +258,38 @@ def fit_level(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) ->
     :data:`LEVEL_GAIN_LIMITS`, or unless a level fitted on all pairs but one brings the pair left
     out closer as written, for each pair left out in turn (fewer than 2 pairs cannot show it).
     Why: the tone curves match the two domains' distributions, so content that differs between
-    them (other anatomy, field of view) moves where the output level lands.  On the
-    demo's crops of real radiographs it landed about 0.09 (of the model's range of 2) too high,
+    them (other anatomy, field of view) moves where the output level lands.  On the demo's
+    crops of real radiographs it landed about 0.09 (of the model's range of 2) too high,
     some 8 dB as written on held-out pairs; a look score (after each image's best gain and
     offset) cannot see that, the node writes it and the display window shows it.  Why the
-    check: a level that differs from image to image is content, not the look.  On the demo's
-    real crops (bench/tone_detail.py, 3 validation pairs) a level that passed when the left-out
-    pairs' errors were pooled made 3 other pairs worse as written by up to 14 dB on one image;
-    pair by pair, none of 12 checked folds that it passed did."""
+    check: a level that differs from image to image is content.  On the demo's real crops
+    (bench/tone_detail.py) one that passed with the left-out pairs' errors pooled made 3 other
+    pairs up to 14 dB worse as written on one image; pair by pair, none of 12 folds it passed did."""
+    return _fit_level(tf, pairs)[0]
+
+
+def _fit_level(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[ToneFilter, str]:
+    """:func:`fit_level`'s result, and the log line that says what it did, or why not."""
+    n = len(pairs)
+    if n < 2:
+        return tf, "output level left as fitted: one validation pair cannot show that its level holds for another"
+    left = f"output level left as fitted on the {n} validation pairs: "
     outs = [(_stage_output(tf, x), y) for x, y in pairs]
     gain, offset = pooled_affine(outs)
-    if not LEVEL_GAIN_LIMITS[0] <= gain <= LEVEL_GAIN_LIMITS[1] or len(outs) < 2:
-        return tf
+    if not LEVEL_GAIN_LIMITS[0] <= gain <= LEVEL_GAIN_LIMITS[1]:
+        return tf, left + f"its gain, {gain:.2f}, is beyond {LEVEL_GAIN_LIMITS[0]} to {LEVEL_GAIN_LIMITS[1]}"
     for i, (out, target) in enumerate(outs):
         g, o = pooled_affine(outs[:i] + outs[i + 1:])
         if pooled_error([(np.clip(g * out + o, -1.0, 1.0), target)], look=False) >= pooled_error([outs[i]], look=False):
-            return tf
+            return tf, left + f"fitted on the others, it does not bring pair {i + 1} closer as written"
     leveled = copy.deepcopy(tf)
     leveled.tone_out.mul_(gain).add_(offset)
-    after = [(_stage_output(leveled, x), y) for x, y in pairs]
-    return leveled if pooled_error(after, look=False) < pooled_error(outs, look=False) else tf
+    before = pooled_error(outs, look=False)
+    after = pooled_error([(_stage_output(leveled, x), y) for x, y in pairs], look=False)
+    if after >= before:
+        return tf, left + "it does not bring them closer as written"
+    return leveled, (f"output level fitted on the {n} validation pairs: {_error_db(after):.2f} dB as written, "
+                     f"{_error_db(before):.2f} before")
 
 
 def _stage_output(tf: ToneFilter, x: np.ndarray) -> np.ndarray:
@@ -292,9 +298,9 @@ def _stage_output(tf: ToneFilter, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _written_psnr(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
-    """The PSNR of ``tf``'s pooled squared error as written on ``pairs``, for the log."""
-    return float(10 * np.log10(DATA_RANGE ** 2 / pooled_error([(_stage_output(tf, x), y) for x, y in pairs], look=False)))
+def _error_db(error: float) -> float:
+    """A pooled squared error (:func:`~.pair_scores.pooled_error`) as PSNR."""
+    return float(10 * np.log10(DATA_RANGE ** 2 / error))
 
 
 def detail_name(quantiles: int) -> str:
