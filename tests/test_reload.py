@@ -228,7 +228,9 @@ def test_a_config_nested_20000_deep_is_refused_in_one_line_and_the_node_serves_o
             refused = [line for line in node.log().splitlines() if "reload refused" in line]
             assert len(refused) == 1 and "nested more than 50 levels deep" in refused[0], refused
             assert "Traceback" not in node.log()
-            result = json.loads((tmp_path / "spool" / "reload-result.json").read_text())
+            result_file = tmp_path / "spool" / "reload-result.json"  # written after the log line
+            assert wait_for(result_file.exists, 30), node.log()[-2000:]
+            result = json.loads(result_file.read_text())
             assert result["ok"] is False and len(result["problems"]) == 1
 
             done = _reload(cfg_path)
