@@ -43,7 +43,8 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     import torch
 
     from dicom_node.evaluation import psnr
-    from dicom_node.train.tone_fit import TONE_QUANTILES, choose_tone_detail, fit_level, fit_tone_filter
+    from dicom_node.train.stage_choice import TONE_QUANTILES, choose_shape, choose_tone_detail, fit_level
+    from dicom_node.train.tone_fit import fit_tone_filter
 
     data = make_data(pair, args.work / f"seed{seed}", argparse.Namespace(**{**vars(args), "data_seed": seed}))
     norms = domain_windows(data)
@@ -66,17 +67,23 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     folds = [(tests[:half], tests[half:]), (tests[half:], tests[:half])]  # (validation, held out)
     back = len(tests) - half  # back in test order
     picks = [choose_tone_detail(stages, val) for val, _ in folds]
-    for name, level in (("chosen", True), ("chosen_unleveled", False)):  # the trainer's; before fit_level
-        chosen, chosen_written = [], []
+    kept = []
+    for name, level, shape in (("chosen_shaped", True, True), ("chosen", True, False), ("chosen_unleveled", False, False)):
+        chosen, chosen_written = [], []  # the trainer's (the quantiles, the level, the shape); before each
         for (val, held), pick in zip(folds, picks):
             stage = fit_level(stages[pick], val) if level else stages[pick]
+            if shape:
+                stage, share, _ = choose_shape(stage, val)
+                kept.append(share)
             chosen += scores(stage, held)
             chosen_written += scores(stage, held, as_written)
         per_image[name], written[name] = chosen[back:] + chosen[:back], chosen_written[back:] + chosen_written[:back]
     out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
     out["as_written"] = {k: float(np.mean(v)) for k, v in written.items()}
     out["picks"] = out["picks_unleveled"] = picks  # the level is fitted after the choice
-    out["worst_chosen_vs_identity"] = float(min(c - i for c, i in zip(per_image["chosen"], per_image["identity"])))
+    out["shape_kept"] = kept  # per fold, the share of the chosen stage's shape kept
+    for name in ("chosen", "chosen_shaped"):
+        out[f"worst_{name}_vs_identity"] = float(min(c - i for c, i in zip(per_image[name], per_image["identity"])))
     out["images"], out["images_as_written"] = per_image, written
     return out
 
@@ -93,7 +100,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from dicom_node.train.tone_fit import TONE_QUANTILES, detail_name
+    from dicom_node.train.stage_choice import TONE_QUANTILES, detail_name
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -106,7 +113,8 @@ def main() -> int:
             print(f"{pair} seed {seed}: identity {r['identity']:.2f}, " + ", ".join(f"{c} {r[c]:.2f}" for c in cols)
                   + f", chosen {r['chosen']:.2f} (picks {r['picks']}, worst image vs identity {r['worst_chosen_vs_identity']:+.2f}; "
                   f"as written {r['as_written']['chosen']:.2f}, before the level {r['chosen_unleveled']:.2f} / "
-                  f"{r['as_written']['chosen_unleveled']:.2f})",
+                  f"{r['as_written']['chosen_unleveled']:.2f}; shape kept {r['shape_kept']}: {r['chosen_shaped']:.2f} / "
+                  f"{r['as_written']['chosen_shaped']:.2f}, worst {r['worst_chosen_shaped_vs_identity']:+.2f})",
                   flush=True)
         args.out.write_text(json.dumps({"benchmark": "tone-detail", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                         "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
@@ -114,16 +122,18 @@ def main() -> int:
     names = [detail_name(q) for q in TONE_QUANTILES]
     print("\nMean over seeds of the held-out images' affine PSNR (dB); columns: quantiles matched.")
     print("| style pair | identity | " + " | ".join(names) + " | chosen on half, scored on the other (before the level)"
-          " | worst image: chosen − identity | as written: identity, chosen (before the level) |")
-    print("| --- |" + " ---: |" * (len(names) + 4))
-    keys = ("identity", "chosen", "chosen_unleveled")
+          " | worst image: chosen − identity | as written: identity, chosen (before the level) |"
+          " with the shape chosen too: look, as written, worst image − identity |")
+    print("| --- |" + " ---: |" * (len(names) + 5))
+    keys = ("identity", "chosen", "chosen_unleveled", "chosen_shaped")
     for pair, rs in results.items():
-        mean = {k: np.mean([rs[str(s)][k] for s in seeds]) for k in ["identity", *cols, "chosen", "chosen_unleveled"]}
+        mean = {k: np.mean([rs[str(s)][k] for s in seeds]) for k in ["identity", *cols, *keys[1:]]}
         written = {k: np.mean([rs[str(s)]["as_written"][k] for s in seeds]) for k in keys}
-        worst = min(rs[str(s)]["worst_chosen_vs_identity"] for s in seeds)
+        worst, worst_shaped = (min(rs[str(s)][f"worst_{k}_vs_identity"] for s in seeds) for k in ("chosen", "chosen_shaped"))
         print(f"| {pair} | {mean['identity']:.2f} | " + " | ".join(f"{mean[c]:.2f}" for c in cols)
               + f" | {mean['chosen']:.2f} ({mean['chosen_unleveled']:.2f}) | {worst:+.2f} | {written['identity']:.2f}, "
-              f"{written['chosen']:.2f} ({written['chosen_unleveled']:.2f}) |")
+              f"{written['chosen']:.2f} ({written['chosen_unleveled']:.2f}) | {mean['chosen_shaped']:.2f}, "
+              f"{written['chosen_shaped']:.2f}, {worst_shaped:+.2f} |")
     print(f"\nwrote {args.out}")
     return 0
 

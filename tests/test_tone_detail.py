@@ -9,14 +9,8 @@ import torch
 
 from dicom_node.engine.quality import DATA_RANGE, psnr
 from dicom_node.engine.tone_filter import ToneFilter, gaussian_blur
-from dicom_node.train.tone_fit import (
-    DEFAULT_TONE_QUANTILES,
-    FULL_DETAIL,
-    _matching_curve,
-    choose_tone_detail,
-    fit_level,
-    fit_tone_filter,
-)
+from dicom_node.train.stage_choice import DEFAULT_TONE_QUANTILES, FULL_DETAIL, choose_tone_detail, fit_level
+from dicom_node.train.tone_fit import _matching_curve, fit_tone_filter
 from tests.style_data import affine_psnr
 
 SIZE = 128
@@ -168,7 +162,7 @@ def test_a_level_that_differs_from_pair_to_pair_is_not_fitted() -> None:
 
 
 def test_the_log_line_of_the_level_names_the_reason_it_was_left_as_fitted() -> None:
-    from dicom_node.train.tone_fit import _fit_level
+    from dicom_node.train.stage_choice import _fit_level
 
     xs = [anatomy(s, 0.0) * 0.6 for s in range(3)]
     stage = ToneFilter()

@@ -168,8 +168,11 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     assert np.asarray(Image.open(panels[-1])).shape == (2 * 64, 3 * 64)
     assert (run / "config.yaml").exists() and (run / "cache" / "A" / "index.json").exists()
     assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
-    # The validation pairs chose, per direction, how many quantiles the first stage's tone curves match.
-    assert len(re.findall(r"chosen on the 2 validation pairs|left out \(the identity\): every fit", caplog.text)) == 2
+    # The validation pairs chose, per direction, how many quantiles the first stage's tone curves
+    # match, and how much of its shape to keep.
+    assert len(re.findall(r"quantiles, chosen on the 2 validation pairs|left out \(the identity\): every fit",
+                          caplog.text)) == 2
+    assert len(re.findall(r"first stage's shape kept (whole|at \d+%).*chosen on the 2 validation pairs", caplog.text)) == 2
 
 
 def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):

@@ -23,8 +23,8 @@ target domain's:
    neighbourhood ranks near that bin's in each domain, so a value may map differently in dark
    and bright surroundings (adaptive equalisation, strong dynamic-range compression).
 
-With validation pairs (``data.val``) they also choose how many quantiles the tone curves match
-(:func:`choose_tone_detail`), and then fit the chosen stage's output level (:func:`fit_level`).
+With validation pairs (``data.val``) they also choose how many quantiles the tone curves match,
+the chosen stage's output level and how much of its fitted shape to keep (:mod:`.stage_choice`).
 
 Collimated borders are left out of every image first (:mod:`.collimation`): their share of an
 image is the radiographer's choice, not the vendor's processing.
@@ -34,14 +34,12 @@ matching by several dB; the residual network trained after it learns the rest.
 """
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from dicom_node.engine.quality import DATA_RANGE
 from dicom_node.engine.style_stats import band_energies, sample_pixels
 from dicom_node.engine.tone_filter import (
     BRIGHTNESS_KNOTS,
@@ -55,9 +53,19 @@ from dicom_node.engine.tone_filter import (
 
 from .collimation import without_collimation
 from .data import pick_images
-from .pair_scores import pooled_affine, pooled_error, pooled_gain_db
+from .pair_scores import pooled_gain_db
+from .stage_choice import (
+    DEFAULT_TONE_QUANTILES,
+    FULL_DETAIL,
+    TONE_QUANTILES,
+    _fit_level,
+    as_batch,
+    choose_shape,
+    choose_tone_detail,
+    detail_name,
+)
 
-__all__ = ["fit_tone_filter", "choose_tone_detail", "fit_level", "detail_name", "TONE_QUANTILES", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
+__all__ = ["fit_tone_filter", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
 
 log = logging.getLogger("dicom_node.train")
 
@@ -75,24 +83,6 @@ MAX_IMAGES = 48
 PIXELS_PER_IMAGE = 200_000  # sampled for the quantiles, at most, from each image ...
 PIXELS_PER_DOMAIN = 2_400_000  # ... and from all a domain's images together
 MIN_BIN_PIXELS = 1000  # a local tone curve fitted on fewer pixels in either domain stays the identity
-# Quantiles a tone curve matches: every one (FULL_DETAIL), or only a few, so that it keeps the
-# look's overall contrast and leaves the shape of each domain's histogram, much of which is its
-# content, alone.  bench/tone_detail.py, first stage alone, 11 demo pairs x 3 data seeds:
-# - on crops of real radiographs (other anatomy in each domain) full curves ended 3.5 to 7.9 dB
-#   below the input; 9 quantiles gained +2.1 to +4.7 dB over them, 3 quantiles +4.8 to +10.6;
-# - on the phantoms (alike in both domains) 9 quantiles were within -0.6 to +0.3 dB of full
-#   curves; 3 lost 5.5 dB on the strong tone curve of the linear `classic` look.
-# So 9 without pairs (DEFAULT_TONE_QUANTILES); with validation pairs they choose among all of
-# these (:func:`choose_tone_detail`), 0 being no first stage at all (the identity), for when
-# every fit lands below the input.
-FULL_DETAIL = 1025
-DEFAULT_TONE_QUANTILES = 9
-TONE_QUANTILES = (FULL_DETAIL, 9, 3, 2, 0)
-# The gain a level fitted on validation pairs (:func:`fit_level`) may add to a stage: beyond it
-# the pairs say more than "the level is off", and the stage stays as the distributions fitted it.
-LEVEL_GAIN_LIMITS = (0.5, 2.0)
-
-
 def _pixels_per_image(count: int) -> int:
     """Pixels sampled from each of ``count`` images: the same total whatever the count."""
     return min(PIXELS_PER_IMAGE, PIXELS_PER_DOMAIN // max(1, count))
@@ -166,12 +156,14 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
         best = choose_tone_detail({q: fitted for q, (fitted, _) in stages.items()}, pairs)
         (tf, said), rng = _fit_level(stages[best][0], pairs), stages[best][1]
         log.info("%s", said)
+        tf, _, said = choose_shape(tf, pairs)
+        log.info("%s", said)
     else:
         tf, rng = stage(tone_quantiles)
         log.info("tone curves through %s quantiles (no validation pairs, data.val, to choose how many)",
                  detail_name(tone_quantiles))
     if tf.local_bins > 1:
-        _fit_local_tone(tf, [tf.before_local_tone(_tensor(im)) for im in a], b, rng,
+        _fit_local_tone(tf, [tf.before_local_tone(as_batch(im)) for im in a], b, rng,
                         (_pixels_per_image(len(a)), _pixels_per_image(len(b))))
         if pairs:
             _keep_local_tone(tf, pairs)
@@ -197,7 +189,7 @@ def _fit_stage(a: list[np.ndarray], b: list[np.ndarray], tf: ToneFilter, quantil
                                                       grid, quantiles)))
 
     def toned(images: list[np.ndarray]) -> list[torch.Tensor]:
-        return [tf.before_local_tone(_tensor(im)) for im in images]
+        return [tf.before_local_tone(as_batch(im)) for im in images]
 
     if tf.band_curves and tf.brightness_bins > 1:
         _fit_binned_band_curves(tf, toned(a), b, rng, (per_a, per_b))
@@ -222,90 +214,6 @@ def _fit_stage(a: list[np.ndarray], b: list[np.ndarray], tf: ToneFilter, quantil
                                                        out_grid, quantiles)))
     tf.out_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
     return tf
-
-
-def choose_tone_detail(stages: Mapping[int, ToneFilter], pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> int:
-    """Which of ``stages`` (by the quantiles their tone curves match, :data:`TONE_QUANTILES`; each
-    up to its output tone curve) comes closest to the true ``pairs``' targets: the PSNR of the
-    mean squared error over every pair, each output's error taken as written (what the node
-    sends) and after its best gain and offset (its look, whatever the display window).  One
-    pooled error, not a mean of PSNRs, so that a near-perfect score hides neither a bad one of
-    the same image nor a pair that the stage spoils: the worst pairs weigh most, and a stage
-    that helps most images but ruins one loses to the identity.  Why choose at all: a tone curve
-    fitted without pairs cannot tell a look from the content that differs between the domains
-    (:data:`TONE_QUANTILES`)."""
-    def score(tf: ToneFilter) -> float:
-        outs = [(_stage_output(tf, x), y) for x, y in pairs]
-        return _error_db(float(np.mean([pooled_error(outs, look=look) for look in (False, True)])))
-
-    scores = {q: score(tf) for q, tf in stages.items()}
-    best = max(scores, key=scores.__getitem__)
-    said = ", ".join(f"{detail_name(q)}: {v:.2f} dB" for q, v in scores.items())
-    if best:
-        log.info("tone curves through %s quantiles, chosen on the %d validation pairs (%s)",
-                 detail_name(best), len(pairs), said)
-    else:
-        log.warning("first stage left out (the identity, with the level the pairs give it, if any): every fit scored "
-                    "below the input on the %d validation pairs (%s); the two domains may show different anatomy "
-                    "(docs/training.md)", len(pairs), said)
-    return best
-
-
-def fit_level(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> ToneFilter:
-    """A copy of ``tf`` whose output tone curve also applies the one gain and offset that bring
-    its outputs on the true ``pairs`` closest to their targets as written
-    (:func:`~.pair_scores.pooled_affine`); ``tf`` itself when the gain is beyond
-    :data:`LEVEL_GAIN_LIMITS`, or unless a level fitted on all pairs but one brings the pair left
-    out closer as written, for each pair left out in turn (fewer than 2 pairs cannot show it).
-    Why: the tone curves match the two domains' distributions, so content that differs between
-    them (other anatomy, field of view) moves where the output level lands.  On the demo's
-    crops of real radiographs it landed about 0.09 (of the model's range of 2) too high,
-    some 8 dB as written on held-out pairs; a look score (after each image's best gain and
-    offset) cannot see that, the node writes it and the display window shows it.  Why the
-    check: a level that differs from image to image is content.  On the demo's real crops
-    (bench/tone_detail.py) one that passed with the left-out pairs' errors pooled made 3 other
-    pairs up to 14 dB worse as written on one image; pair by pair, none of 12 folds it passed did."""
-    return _fit_level(tf, pairs)[0]
-
-
-def _fit_level(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[ToneFilter, str]:
-    """:func:`fit_level`'s result, and the log line that says what it did, or why not."""
-    n = len(pairs)
-    if n < 2:
-        return tf, "output level left as fitted: one validation pair cannot show that its level holds for another"
-    left = f"output level left as fitted on the {n} validation pairs: "
-    outs = [(_stage_output(tf, x), y) for x, y in pairs]
-    gain, offset = pooled_affine(outs)
-    if not LEVEL_GAIN_LIMITS[0] <= gain <= LEVEL_GAIN_LIMITS[1]:
-        return tf, left + f"its gain, {gain:.2f}, is beyond {LEVEL_GAIN_LIMITS[0]} to {LEVEL_GAIN_LIMITS[1]}"
-    for i, (out, target) in enumerate(outs):
-        g, o = pooled_affine(outs[:i] + outs[i + 1:])
-        if pooled_error([(np.clip(g * out + o, -1.0, 1.0), target)], look=False) >= pooled_error([outs[i]], look=False):
-            return tf, left + f"fitted on the others, it does not bring pair {i + 1} closer as written"
-    leveled = copy.deepcopy(tf)
-    leveled.tone_out.mul_(gain).add_(offset)
-    before = pooled_error(outs, look=False)
-    after = pooled_error([(_stage_output(leveled, x), y) for x, y in pairs], look=False)
-    if after >= before:
-        return tf, left + "it does not bring them closer as written"
-    return leveled, (f"output level fitted on the {n} validation pairs: {_error_db(after):.2f} dB as written, "
-                     f"{_error_db(before):.2f} before")
-
-
-def _stage_output(tf: ToneFilter, x: np.ndarray) -> np.ndarray:
-    """``tf`` up to its output tone curve on one image, clamped as the generator clamps."""
-    out: np.ndarray = tf.before_local_tone(_tensor(x))[0, 0].clamp(-1.0, 1.0).numpy()
-    return out
-
-
-def _error_db(error: float) -> float:
-    """A pooled squared error (:func:`~.pair_scores.pooled_error`) as PSNR."""
-    return float(10 * np.log10(DATA_RANGE ** 2 / error))
-
-
-def detail_name(quantiles: int) -> str:
-    """An entry of :data:`TONE_QUANTILES` as the log and the bench say it."""
-    return "all" if quantiles >= FULL_DETAIL else "none" if quantiles == 0 else str(quantiles)
 
 
 def _fit_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.ndarray],
@@ -431,7 +339,7 @@ def _keep_local_tone(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarra
     neighbourhood, which holds more of the domains' content than a whole image's; on crops of
     different anatomy they cost up to 1.3 dB after gain and offset (bench/local_tone.py) while
     the values as written gained, and pairs are the one way to see it."""
-    before = [(tf.before_local_tone(_tensor(x)), y) for x, y in pairs]
+    before = [(tf.before_local_tone(as_batch(x)), y) for x, y in pairs]
     gain = pooled_gain_db([(tf.local_tone(t)[0, 0].numpy(), y) for t, y in before],
                           [(t[0, 0].numpy(), y) for t, y in before])
     said = f"{gain:+.2f} dB (as written or as a look, whichever gains less) on the {len(pairs)} validation pairs"
@@ -442,8 +350,3 @@ def _keep_local_tone(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarra
                 "(docs/training.md)", said)
     lo, hi = (float(v) for v in tf.local_range)
     tf.local_curves.copy_(torch.linspace(lo, hi, tf.local_curves.shape[1]).repeat(tf.local_bins, 1))
-
-
-def _tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, np.float32))[None, None]
-
