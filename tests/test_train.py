@@ -172,7 +172,7 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     # match, and how much of its shape to keep.
     assert len(re.findall(r"quantiles, chosen on the 2 validation pairs|left out \(the identity\): every fit",
                           caplog.text)) == 2
-    assert len(re.findall(r"first stage's shape kept (whole|at \d+%).*chosen on the 2 validation pairs", caplog.text)) == 2
+    assert len(re.findall(r"first stage's shape kept [^\n]*on the 2 validation pairs", caplog.text)) == 2
 
 
 def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):
