@@ -203,5 +203,3 @@ def _error_db(error: float) -> float:
 def detail_name(quantiles: int) -> str:
     """An entry of :data:`TONE_QUANTILES` as the log and the bench say it."""
     return "all" if quantiles >= FULL_DETAIL else "none" if quantiles == 0 else str(quantiles)
-
-
