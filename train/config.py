@@ -30,6 +30,10 @@ class DataSettings:
     # absolute values: engine/radiograph.py); image: each image stretched between its own
     # percentiles (archives of mixed origin, and every model trained before this choice existed)
     normalization: str = "domain"
+    # weigh: when the domains hold other mixes of body parts (BodyPartExamined), each part weighs
+    # alike in both, in the first stage's fit and in the training patches (train/exam_mix.py);
+    # ignore: every image alike (headers whose body parts are wrong or named differently)
+    body_parts: str = "weigh"
 
 
 @dataclass
@@ -125,7 +129,7 @@ class TrainConfig:
 
 _SECTIONS: dict[str, type[DataSettings | ModelSettings | TrainSettings | OutputSettings]] = {
     "data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
-_CHOICES = {("data", "normalization"): ("domain", "image"), ("train", "amp"): ("auto", "bf16", "off"),
+_CHOICES = {("data", "normalization"): ("domain", "image"), ("data", "body_parts"): ("weigh", "ignore"), ("train", "amp"): ("auto", "bf16", "off"),
             ("train", "paired"): ("auto", "on", "off"), ("train", "select_by"): ("auto", "pairs", "distribution", "pseudo"),
             ("train", "channels_last"): ("auto", "on", "off")}
 _PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}

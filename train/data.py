@@ -23,12 +23,12 @@ import numpy as np
 from dicom_node.engine.atomic import atomic_write
 from dicom_node.engine.errors import UserError
 
-__all__ = ["DomainData", "pick_images", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
+__all__ = ["DomainData", "pick_images", "pick_indices", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
 
 log = logging.getLogger("dicom_node.train")
 
 BLOCK = 8  # content map resolution in pixels
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each entry also holds the image's body part
 _SKIP_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".npy", ".safetensors", ".pt", ".zip"}
 
 
@@ -41,6 +41,7 @@ class DomainData:
     names: list[str] = field(default_factory=list)  # relative path without suffix, for pairing
     arrays: list[np.ndarray] = field(default_factory=list)
     content: list[np.ndarray] = field(default_factory=list)  # per 8x8 block: 1 = not background
+    body_parts: list[str] = field(default_factory=list)  # BodyPartExamined, "" for none (exam_mix.body_part)
     skipped_unreadable: int = 0
     skipped_small: int = 0
 
@@ -48,14 +49,20 @@ class DomainData:
         return len(self.arrays)
 
     def summary(self) -> dict[str, Any]:
+        from .exam_mix import mix_counts
+
         return {"folder": str(self.folder), "images": len(self), "skipped_unreadable": self.skipped_unreadable,
-                "skipped_too_small": self.skipped_small}
+                "skipped_too_small": self.skipped_small, "body_parts": mix_counts(self.body_parts)}
+
+
+def pick_indices(count: int, limit: int) -> list[int]:
+    """The indices of an evenly spread, deterministic subset of at most ``limit`` of ``count`` images."""
+    return [int(i) for i in np.unique(np.linspace(0, count - 1, num=min(limit, count)).round().astype(int))]
 
 
 def pick_images(arrays: Sequence[np.ndarray], limit: int) -> list[np.ndarray]:
     """An evenly spread, deterministic subset of at most ``limit`` of a domain's images, float32."""
-    idx = np.unique(np.linspace(0, len(arrays) - 1, num=min(limit, len(arrays))).round().astype(int))
-    return [np.asarray(arrays[i], dtype=np.float32) for i in idx]
+    return [np.asarray(arrays[i], dtype=np.float32) for i in pick_indices(len(arrays), limit)]
 
 
 def find_image_files(folder: Path) -> list[Path]:
@@ -96,14 +103,22 @@ def _content_map(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return ok.astype(np.uint8)
 
 
-def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    from dicom_node.engine.pixels import normalize, read_image_file
+def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The image in model space, its valid mask and its body part (:func:`.exam_mix.body_part`;
+    a PNG or TIFF names none)."""
+    from dicom_node.engine.pixels import normalize, read_dicom, read_image_file, sniff_format
 
-    radiograph = read_image_file(path)
+    from .exam_mix import UNKNOWN, body_part
+
+    if sniff_format(path) in ("png", "tiff"):
+        radiograph, part = read_image_file(path), UNKNOWN
+    else:
+        ds, radiograph = read_dicom(path)
+        part = body_part(ds.get("BodyPartExamined"))
     image = np.asarray(normalize(radiograph, normalization), dtype=np.float32)
     if image.ndim != 2:
         raise UserError(f"not a single 2-D image (shape {image.shape})")
-    return image, radiograph.valid
+    return image, radiograph.valid, part
 
 
 def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[str, Any], *, patch_size: int = 0,
@@ -161,6 +176,7 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[s
                             label, rel, h, w, patch_size)
             continue
         data.names.append(str(Path(rel).with_suffix("")))
+        data.body_parts.append(str(entry.get("body_part", "")))
         if in_memory is not None:
             data.arrays.append(in_memory[0])
             data.content.append(in_memory[1])
@@ -210,12 +226,12 @@ def _decode_entry(path: Path, stem: str, key: dict[str, int], normalization: dic
     """
     entry: dict[str, Any] = {"key": key, "ok": False}
     try:
-        image, valid = _decode(path, normalization)
+        image, valid, part = _decode(path, normalization)
     except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped and counted
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         entry["reason"] = reason[:200]
         return entry, None
-    entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape))
+    entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape), body_part=part)
     if write_cache:
         _save_npy(cache / entry["file"], image.astype(np.float16))
         _save_npy(cache / entry["content"], _content_map(image, valid))
@@ -286,8 +302,8 @@ def load_pairs(folder: Path, normalization: dict[str, Any], normalization_b: dic
         if fb is None:
             continue
         try:
-            ia, _ = _decode(fa, normalization)
-            ib, _ = _decode(fb, normalization if normalization_b is None else normalization_b)
+            ia = _decode(fa, normalization)[0]
+            ib = _decode(fb, normalization if normalization_b is None else normalization_b)[0]
         except Exception as exc:  # noqa: BLE001 - skip and go on, as for training data
             log.warning("validation: skipping %s (%s)", name, str(exc).splitlines()[0] if str(exc) else exc)
             continue
@@ -310,12 +326,15 @@ class PatchSampler:
     """
 
     def __init__(self, a: DomainData, b: DomainData, patch_size: int, batch_size: int, *, seed: int = 0,
-                 rank: int = 0, pairs: list[tuple[int, int]] | None = None, tries: int = 8) -> None:
+                 rank: int = 0, pairs: list[tuple[int, int]] | None = None, tries: int = 8,
+                 weights: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         self.a, self.b = a, b
         self.patch, self.batch = patch_size, batch_size
         self.pairs = pairs or None
         self.tries = tries
         self.rng = np.random.default_rng([seed, rank])
+        # unpaired: how often each image of A and of B is drawn, relatively (None: alike)
+        self._cumulative = None if weights is None else tuple(np.cumsum(np.asarray(w, np.float64)) for w in weights)
 
     def _position(self, content: np.ndarray, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
         p = self.patch
@@ -352,11 +371,18 @@ class PatchSampler:
                 out_a.append(self._crop(self.a.arrays[i], y, x, fh, fv))
                 out_b.append(self._crop(self.b.arrays[j], y, x, fh, fv))
                 continue
-            for dom, out in ((self.a, out_a), (self.b, out_b)):
-                i = int(rng.integers(len(dom)))
+            for k, (dom, out) in enumerate(((self.a, out_a), (self.b, out_b))):
+                i = self._draw(len(dom), k)
                 y, x = self._position(dom.content[i], dom.arrays[i].shape, rng)
                 out.append(self._crop(dom.arrays[i], y, x, bool(rng.integers(2)), bool(rng.integers(2))))
         return np.stack(out_a)[:, None], np.stack(out_b)[:, None]
+
+    def _draw(self, count: int, domain: int) -> int:
+        """An image index of domain ``domain`` (0: A, 1: B), by its weight when there are weights."""
+        if self._cumulative is None:
+            return int(self.rng.integers(count))
+        cumulative = self._cumulative[domain]
+        return int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
 
     def state(self) -> str:
         """The RNG state as JSON text (a plain string loads under ``torch.load(weights_only=True)``)."""

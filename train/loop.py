@@ -160,7 +160,7 @@ class _Run:
 
         model = self._build_model(paired)
         sampler = PatchSampler(a, b, cfg.train.patch_size, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
-                               pairs=pairs if paired else None)
+                               pairs=pairs if paired else None, weights=None if paired else self._mix_weights(a, b))
         start, resumed = self._resume(model, sampler)
         if not resumed and cfg.model.tone_filter:  # every rank fits the same (deterministic) filters
             from .tone_fit import fit_tone_filter
@@ -169,8 +169,11 @@ class _Run:
                                      "brightness_bins": cfg.model.brightness_bins,
                                      "local_bins": cfg.model.local_tone_bins, "seed": cfg.train.seed}
             ab, ba = [(x, y) for _, x, y in val_pairs], [(y, x) for _, x, y in val_pairs]  # local curves checked on them
-            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, pairs=ab, **stage),
-                                   fit_tone_filter(b.arrays, a.arrays, pairs=ba, **stage))
+            parts_a, parts_b = (d.body_parts if cfg.data.body_parts == "weigh" else [] for d in (a, b))
+            model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, pairs=ab, src_parts=parts_a, dst_parts=parts_b,
+                                                   **stage),
+                                   fit_tone_filter(b.arrays, a.arrays, pairs=ba, src_parts=parts_b, dst_parts=parts_a,
+                                                   **stage))
         if info.enabled:
             model.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
 
@@ -182,6 +185,21 @@ class _Run:
             self.sample_batch = fixed.sample()
         self._loop(model, sampler, start, paired, val_pairs)
         return self._finish(model, start)
+
+    def _mix_weights(self, a: DomainData, b: DomainData) -> tuple[list[int], list[int]] | None:
+        """How often the unpaired patches come from each image: each body part alike in both
+        domains (:mod:`.exam_mix`, the first stage's rule), or None when the domains hold one mix.
+        Why: a discriminator shown mostly knees as B and a generator fed mostly chests from A
+        would learn to make chests look like knees, the mix read as style."""
+        from .exam_mix import describe_mix, mix_repeats
+
+        repeats = mix_repeats(a.body_parts, b.body_parts)
+        if self.cfg.data.body_parts != "weigh" or set(repeats[0]) | set(repeats[1]) == {1}:
+            return None
+        if self.info.is_main:
+            log.info("training patches weighted by body part, each alike in both domains (A: %s; B: %s)",
+                     describe_mix(a.body_parts), describe_mix(b.body_parts))
+        return repeats
 
     def _pairing(self, a: DomainData, b: DomainData) -> tuple[list[tuple[int, int]], bool]:
         """The (A, B) pairs sharing a file name, and whether to train in paired mode."""

@@ -52,7 +52,8 @@ from dicom_node.engine.tone_filter import (
 )
 
 from .collimation import without_collimation
-from .data import pick_images
+from .data import pick_indices
+from .exam_mix import describe_mix, mix_repeats, repeated, share_no_body_part
 from .pair_scores import pooled_gain_db
 from .stage_choice import (
     DEFAULT_TONE_QUANTILES,
@@ -134,14 +135,16 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
                     sigmas: Sequence[float] = DEFAULT_SIGMAS, knots: int = DEFAULT_KNOTS,
                     band_curves: bool = False, brightness_bins: int = 1, local_bins: int = 1,
                     pairs: Sequence[tuple[np.ndarray, np.ndarray]] = (), tone_quantiles: int = DEFAULT_TONE_QUANTILES,
-                    seed: int = 0) -> ToneFilter:
+                    src_parts: Sequence[str] = (), dst_parts: Sequence[str] = (), seed: int = 0) -> ToneFilter:
     """A ToneFilter taking images like ``src`` (model space) to the look of ``dst``; with
     ``band_curves`` one curve per band (amplitude-dependent gains) instead of one gain, with
     ``brightness_bins`` > 1 one per band and brightness bin, with ``local_bins`` > 1 local tone
     curves after the output tone curve.  Given the true ``pairs`` (source, target), they choose
     how many quantiles the tone curves match (:func:`choose_tone_detail`; else ``tone_quantiles``)
-    and whether the local tone curves stay (:func:`_keep_local_tone`)."""
-    a, b = (_without_borders(pick_images(images, MAX_IMAGES), name) for images, name in ((src, "source"), (dst, "target")))
+    and whether the local tone curves stay (:func:`_keep_local_tone`).  Given each image's body
+    part (``src_parts``, ``dst_parts``, in the images' order), each body part weighs alike in
+    both domains (:mod:`.exam_mix`)."""
+    a, b = _images_to_fit(src, dst, src_parts, dst_parts)
 
     def stage(quantiles: int) -> tuple[ToneFilter, np.random.Generator]:
         """The stage fitted through ``quantiles`` (0: unfitted, the identity) and its random
@@ -234,6 +237,33 @@ def _fit_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.nda
         xs, ys = _band_curve(s, d, knots)
         tf.band_x[k].copy_(torch.from_numpy(xs))
         tf.band_y[k].copy_(torch.from_numpy(ys))
+
+
+def _images_to_fit(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], src_parts: Sequence[str],
+                          dst_parts: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The images the fit reads (up to :data:`MAX_IMAGES` of each domain, evenly spread, without
+    their collimated borders), each repeated as :func:`.exam_mix.mix_repeats` says when the body
+    parts are given, and logged when that changes anything."""
+    picked = [pick_indices(len(images), MAX_IMAGES) for images in (src, dst)]
+    a, b = (_without_borders([np.asarray(images[i], np.float32) for i in idx], name)
+            for images, idx, name in ((src, picked[0], "source"), (dst, picked[1], "target")))
+    if not src_parts or not dst_parts:
+        return a, b
+    parts_a, parts_b = [src_parts[i] for i in picked[0]], [dst_parts[i] for i in picked[1]]
+    mixes = f"source: {describe_mix(parts_a)}; target: {describe_mix(parts_b)}"
+    if share_no_body_part(parts_a, parts_b):
+        log.warning("tone filter fit: the domains share no body part (%s), so the fit reads the difference in "
+                    "anatomy as style (docs/training.md)", mixes)
+        return a, b
+    rep_a, rep_b = mix_repeats(parts_a, parts_b)
+    if set(rep_a) | set(rep_b) == {1}:
+        return a, b
+    said = "; ".join(f"{name} {part or 'unknown'} x{times}" if times else f"{name} {part or 'unknown'} left out"
+                     for name, parts, reps in (("source", parts_a, rep_a), ("target", parts_b, rep_b))
+                     for part, times in sorted(set(zip(parts, reps))) if times != 1)
+    log.info("tone filter fit: the domains hold other mixes of body parts (%s), so each part weighs alike in both "
+             "(%s)", mixes, said)
+    return repeated(a, rep_a), repeated(b, rep_b)
 
 
 def _without_borders(images: list[np.ndarray], name: str) -> list[np.ndarray]:
