@@ -17,16 +17,14 @@ true pairs (affine PSNR, "look", and plain PSNR, "as written").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import write_results  # noqa: E402
 from quality import DATA_RANGE, RESULTS, affine_scores, domain_windows, load_test_pairs, make_data  # noqa: E402
 
 MIXES = {"one mix": ((8, 4), (8, 4)), "other mixes": ((12, 2), (4, 8))}  # (chests, others) in A, in B
@@ -108,9 +106,7 @@ def main() -> int:
                 f"{mix}: identity {m['look']['identity']:.2f}, as they are {m['look']['as the domains are']:.2f}, "
                 f"weighted {m['look']['weighted by body part']:.2f} (repeats A {sorted(set(m['repeats']['A']))}, "
                 f"B {sorted(set(m['repeats']['B']))})" for mix, m in r.items()), flush=True)
-        args.out.write_text(json.dumps({"benchmark": "exam-mix", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                        "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                        "results": results}, indent=1))
+        write_results(args.out, args, "exam-mix", results=results)
     print("\nMean over seeds, A→B on the 6 held-out pairs: look (affine PSNR) / as written (plain PSNR), dB; "
           "worst image − identity in look.")
     print("| style pair | identity | one mix | other mixes, as the domains are | **other mixes, weighted by body part** "

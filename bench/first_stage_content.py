@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import write_results  # noqa: E402
 from quality import (  # noqa: E402
     RESULTS,
     add_data_arguments,
@@ -124,9 +122,7 @@ def main() -> int:
         print(f"{pair}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[pair].items()), flush=True)
     counts = [int(c) for c in args.counts.split(",") if c]
     by_n = {pair: by_count(pair, counts, args) for pair in args.pairs.split(",")} if counts else {}
-    args.out.write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                    "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                    "results": results, "unpaired_by_count": by_n}, indent=1))
+    write_results(args.out, args, results=results, unpaired_by_count=by_n)
     cols = list(next(iter(results.values())))
     print("\n| style pair | " + " | ".join(cols) + " |")
     print("| --- |" + " ---: |" * len(cols))

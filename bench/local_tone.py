@@ -17,15 +17,13 @@ and seed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import write_results  # noqa: E402
 from quality import (  # noqa: E402
     RESULTS,
     add_data_arguments,
@@ -84,9 +82,7 @@ def main() -> int:
             print(f"{pair} seed {seed}: identity {r['identity']:.2f}, off {r['1']:.2f}, "
                   + ", ".join(f"{n} bins {r[str(n)]:.2f} (worst image {r[f'worst_vs_off_{n}']:+.2f})" for n in bins),
                   flush=True)
-        args.out.write_text(json.dumps({"benchmark": "local-tone", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                        "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                        "results": results}, indent=1))
+        write_results(args.out, args, "local-tone", results=results)
     print("\n| style pair | " + " | ".join(f"seed {s}: off / {' / '.join(f'{n} bins' for n in bins)}" for s in seeds)
           + " | mean gain | worst image |")
     print("| --- |" + " ---: |" * (len(seeds) + 2))

@@ -1,8 +1,11 @@
 """What every benchmark records about the machine it ran on (one place for all bench scripts)."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -34,3 +37,11 @@ def machine_info(device: "object | None" = None) -> dict:
     except OSError:
         pass
     return info
+
+
+def write_results(path: Path, args: argparse.Namespace, benchmark: str | None = None, **fields: object) -> None:
+    """A benchmark's JSON file: its name, the date, the machine, its arguments (as text) and ``fields``."""
+    head: dict = {"benchmark": benchmark} if benchmark else {}
+    path.write_text(json.dumps({**head, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                                **fields}, indent=1))

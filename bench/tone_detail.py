@@ -17,15 +17,13 @@ pairs then (``fit_level``), as the trainer does, and the choice without it for c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import write_results  # noqa: E402
 from quality import (  # noqa: E402
     DATA_RANGE,
     RESULTS,
@@ -116,9 +114,7 @@ def main() -> int:
                   f"{r['as_written']['chosen_unleveled']:.2f}; shape kept {r['shape_kept']}: {r['chosen_shaped']:.2f} / "
                   f"{r['as_written']['chosen_shaped']:.2f}, worst {r['worst_chosen_shaped_vs_identity']:+.2f})",
                   flush=True)
-        args.out.write_text(json.dumps({"benchmark": "tone-detail", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                        "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                        "results": results}, indent=1))
+        write_results(args.out, args, "tone-detail", results=results)
     names = [detail_name(q) for q in TONE_QUANTILES]
     print("\nMean over seeds of the held-out images' affine PSNR (dB); columns: quantiles matched.")
     print("| style pair | identity | " + " | ".join(names) + " | chosen on half, scored on the other (before the level)"
