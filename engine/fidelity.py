@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 import numpy as np
 
+from .body_part import UNKNOWN, unseen_body_part
 from .fidelity_measures import (
     ANALYSIS_SIDE,
     CLIPPED,
@@ -166,11 +167,14 @@ def judge(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -
 
 
 def assess(model: StyleModel, x: np.ndarray, y: np.ndarray, *, valid: np.ndarray | None = None,
-           inverse: StyleModel | None = None, device: Any = None, base: np.ndarray | None = None) -> FidelityReport:
+           inverse: StyleModel | None = None, device: Any = None, base: np.ndarray | None = None,
+           body_part: str = UNKNOWN) -> FidelityReport:
     """The guard's report for source ``x`` and output ``y`` (model space, full resolution).
 
     ``base``: the model's global stage's output for ``x`` (``tiling.translate_with_base``);
     computed here when a model calibrated for the ``network`` score comes without it.
+    ``body_part``: the source's (``engine.body_part``); one that the model's input domain never
+    held in training is flagged, whatever the scores: the model has learnt nothing of it.
     """
     thresholds, calibrated = thresholds_of(model)
     subject = Subject(x, y, valid=valid, base=base, model=model, device=device)
@@ -187,6 +191,9 @@ def assess(model: StyleModel, x: np.ndarray, y: np.ndarray, *, valid: np.ndarray
     if calibrated and calibrated_for and model.weights_sha256 and calibrated_for != model.weights_sha256:
         # The thresholds say what *these* weights normally do: others were never measured.
         verdict, reasons = FLAGGED, reasons + [STALE_CALIBRATION]
+    unseen = unseen_body_part(model.metadata, body_part)
+    if unseen:
+        verdict, reasons = FLAGGED, reasons + [unseen]
     scale = x.shape[0] / subject.xs.shape[0]
     return FidelityReport(verdict=verdict, reasons=reasons, scores={k: _round(v) for k, v in scores.items()},
                           thresholds=thresholds, calibrated=calibrated,

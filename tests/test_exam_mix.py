@@ -7,6 +7,7 @@ above the fit on the domains as they are, and two domains of one mix fit exactly
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,11 +17,11 @@ import torch
 from PIL import Image
 
 from dicom_node.engine import load_style_model
+from dicom_node.engine.body_part import body_part
 from dicom_node.engine.pixels import DEFAULT_NORMALIZATION
 from dicom_node.train.data import load_domain
 from dicom_node.train.exam_mix import (
     MAX_REPEAT,
-    body_part,
     describe_mix,
     mix_repeats,
     repeated,
@@ -169,7 +170,7 @@ def test_unpaired_patches_are_drawn_by_the_weights_and_alike_without_them():
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
-def test_dicom_node_train_weighs_other_mixes_in_the_first_stage_and_the_patches(tmp_path, caplog):
+def test_dicom_node_train_weighs_other_mixes_in_the_first_stage_and_the_patches(tmp_path, caplog, capsys):
     import yaml
 
     from dicom_node.cli import main
@@ -196,6 +197,9 @@ def test_dicom_node_train_weighs_other_mixes_in_the_first_stage_and_the_patches(
     model = load_style_model(tmp_path / "run" / "models" / "run_A2B.safetensors")
     data = model.metadata["provenance"]["data"]
     assert data["A"]["body_parts"] == {CHEST: 3, KNEE: 1} and data["B"]["body_parts"] == {KNEE: 3, CHEST: 1}
+    capsys.readouterr()
+    assert main(["model", "info", "--json", str(tmp_path / "run" / "models" / "run_A2B.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["trained_body_parts"] == [CHEST, KNEE]
     # data.body_parts: ignore (headers whose body parts are wrong): every image alike again
     caplog.clear()
     assert main(["train", "--config", str(tmp_path / "train.yaml"), "--no-progress", "-o", str(tmp_path / "run2"),

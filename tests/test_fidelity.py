@@ -313,6 +313,30 @@ def test_flagged_output_goes_to_its_own_marked_series_and_passes_dciodvfy(kit, t
         assert dciodvfy_errors(path) == []
 
 
+def test_a_body_part_the_model_never_saw_is_flagged_and_marked(kit):
+    img = kit["test"][0]  # a chest
+    ds, rad = _source(img)
+    knees_only = copy.copy(kit["ab"])
+    knees_only.metadata = {**kit["ab"].metadata, "direction": "A->B",
+                           "provenance": {"data": {"A": {"body_parts": {"KNEE": 9, "unknown": 1}},
+                                                   "B": {"body_parts": {"CHEST": 9}}}}}
+    assert str(ds.BodyPartExamined) == "CHEST"
+    seen = translate_radiograph(kit["ab"], ds, rad, tile=0, inverse=kit["ba"])
+    unseen = translate_radiograph(knees_only, ds, rad, tile=0, inverse=kit["ba"])
+    assert seen.fidelity.verdict == "ok"
+    assert unseen.fidelity.flagged
+    assert unseen.fidelity.reasons[-1] == "body part CHEST was not in the model's training data (KNEE)"
+    assert "body part CHEST was not in" in str(unseen.sc.ImageComments)
+    assert str(unseen.sc.SeriesDescription).startswith(FLAGGED_PREFIX)
+    # the B->A model reads B's parts; an image that names no part, and a model that knows none, pass
+    inverse_direction = copy.copy(knees_only)
+    inverse_direction.metadata = {**knees_only.metadata, "direction": "B->A"}
+    assert translate_radiograph(inverse_direction, ds, rad, tile=0, inverse=kit["ba"]).fidelity.verdict == "ok"
+    unnamed = copy.deepcopy(ds)
+    del unnamed.BodyPartExamined
+    assert translate_radiograph(knees_only, unnamed, rad, tile=0, inverse=kit["ba"]).fidelity.verdict == "ok"
+
+
 def test_translate_writes_fidelity_jsonl_finds_the_inverse_and_withholds(kit, tmp_path, capsys):
     models = tmp_path / "models"
     inverse = {"name": "pair_B2A", "weights_sha256": kit["ba"].weights_sha256}

@@ -41,7 +41,7 @@ class DomainData:
     names: list[str] = field(default_factory=list)  # relative path without suffix, for pairing
     arrays: list[np.ndarray] = field(default_factory=list)
     content: list[np.ndarray] = field(default_factory=list)  # per 8x8 block: 1 = not background
-    body_parts: list[str] = field(default_factory=list)  # BodyPartExamined, "" for none (exam_mix.body_part)
+    body_parts: list[str] = field(default_factory=list)  # BodyPartExamined, "" for none (engine.body_part)
     skipped_unreadable: int = 0
     skipped_small: int = 0
 
@@ -104,11 +104,10 @@ def _content_map(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
 
 
 def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The image in model space, its valid mask and its body part (:func:`.exam_mix.body_part`;
-    a PNG or TIFF names none)."""
+    """The image in model space, its valid mask and its body part (``engine.body_part``; a PNG
+    or TIFF names none)."""
+    from dicom_node.engine.body_part import UNKNOWN, body_part
     from dicom_node.engine.pixels import normalize, read_dicom, read_image_file, sniff_format
-
-    from .exam_mix import UNKNOWN, body_part
 
     if sniff_format(path) in ("png", "tiff"):
         radiograph, part = read_image_file(path), UNKNOWN

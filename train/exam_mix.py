@@ -10,10 +10,11 @@ weighted by this rule it won back 6.1 to 18.8 dB (+1.6 to +3.2 on crops of real 
 and on domains of one mix it is the same fit to the last digit (bench/README.md, "Domains with
 other mixes of body parts").
 
-The rule (pure functions; each image's body part from its DICOM header, :func:`body_part`):
+The rule (pure functions; each image's body part from its DICOM header by the engine's rule,
+:func:`dicom_node.engine.body_part.body_part`):
 
-* a body part is BodyPartExamined (0018,0015) in upper case, trimmed; an image without one
-  (absent, empty, or not DICOM) is of the unknown body part, ``""``;
+* an image without one (BodyPartExamined absent or empty, or not DICOM) is of the unknown body
+  part, ``""``;
 * when a domain names no body part at all (PNG or TIFF exports, or headers without it), the
   mixes cannot be compared and nothing is weighted; otherwise the unknown part is a part of
   its own;
@@ -38,22 +39,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence, TypeVar
 
-__all__ = ["MAX_REPEAT", "UNKNOWN", "body_part", "mix_repeats", "share_no_body_part", "repeated", "mix_counts",
+from dicom_node.engine.body_part import UNKNOWN
+
+__all__ = ["MAX_REPEAT", "mix_repeats", "share_no_body_part", "repeated", "mix_counts",
            "describe_mix"]
 
 MAX_REPEAT = 4  # an image is repeated at most this often: more would let a few images stand for a part
-UNKNOWN = ""  # the body part of an image that names none
-_NAME_LENGTH = 16  # a CS value's longest (PS3.5 6.2)
 
 _T = TypeVar("_T")
-
-
-def body_part(value: object) -> str:
-    """A BodyPartExamined value as this rule compares it: upper case, trimmed, at most 16
-    characters of letters, digits, spaces and underscores (anything else shown as ``?``, so a
-    damaged header cannot put control characters in the log); :data:`UNKNOWN` for none."""
-    text = "" if value is None else str(value).strip().upper()[:_NAME_LENGTH]
-    return "".join(c if c.isalnum() or c in " _" else "?" for c in text)
 
 
 def mix_repeats(parts_a: Sequence[str], parts_b: Sequence[str]) -> tuple[list[int], list[int]]:

@@ -59,6 +59,7 @@ def _fidelity_summary(model: StyleModel) -> dict[str, Any]:
 
 def run_info(args: argparse.Namespace) -> int:
     from dicom_node.engine import load_style_model
+    from dicom_node.engine.body_part import trained_body_parts
 
     model = load_style_model(args.model)
     n_params = sum(p.numel() for p in model.generator.parameters())
@@ -75,6 +76,9 @@ def run_info(args: argparse.Namespace) -> int:
     exported = (meta.get("provenance") or {}).get("exported")
     if exported:  # the network, or its first stage alone when the network did not beat it
         meta["exported"] = exported
+    parts = trained_body_parts(model.metadata)
+    if parts:  # the fidelity guard flags inputs of any other body part (docs/fidelity.md)
+        meta["trained_body_parts"] = sorted(parts)
     meta["fidelity"] = _fidelity_summary(model)
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
