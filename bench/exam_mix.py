@@ -12,7 +12,9 @@ with each image's body part (BodyPartExamined, read by the trainer's own loader)
 :mod:`dicom_node.train.exam_mix` weighs the parts alike, and scores A→B on the same 6 held-out
 true pairs (affine PSNR, "look", and plain PSNR, "as written").
 
-``python bench/exam_mix.py``; writes ``bench/results/exam-mix.json``.
+``python bench/exam_mix.py``; writes ``bench/results/exam-mix.json``.  ``--quality-work DIR``
+instead lays out each pair's ``other mixes`` set as ``DIR/data-PAIR`` (hard links) for
+``bench/quality.py --work DIR``, which trains on it through the product.
 """
 from __future__ import annotations
 
@@ -49,6 +51,19 @@ def cut(data: Path, out: Path, mix: tuple[tuple[int, int], tuple[int, int]]) -> 
             os.link(f, out / "test" / sub / f.name)
     (out / "done").write_text("")
     return out
+
+
+def lay_out_for_quality(args: argparse.Namespace, data_args: argparse.Namespace) -> int:
+    """Each pair's ``other mixes`` set (the first seed's) as ``data-PAIR`` under ``--quality-work``."""
+    seed = int(args.seeds.split(",")[0])
+    for pair in args.pairs.split(","):
+        full = make_data(pair, args.work / f"seed{seed}", argparse.Namespace(**vars(data_args), data_seed=seed))
+        out = args.quality_work / f"data-{pair}"
+        if not out.exists():
+            cut(full, out, MIXES["other mixes"])
+            os.link(full / "manifest.json", out / "manifest.json")  # bench/quality.py's sign of a finished set
+        print(f"{out}: A {len(list((out / 'A').glob('*.dcm')))} images, B {len(list((out / 'B').glob('*.dcm')))}")
+    return 0
 
 
 def score_mix(data: Path) -> dict:
@@ -89,11 +104,14 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/bench-exam-mix"), help="demo data, one folder per seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "exam-mix.json")
+    ap.add_argument("--quality-work", type=Path, help="only lay out the other-mixes sets for bench/quality.py")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     data_args = argparse.Namespace(count=24, test_count=6, size=512)
+    if args.quality_work:
+        return lay_out_for_quality(args, data_args)
     results: dict = {}
     for pair in args.pairs.split(","):
         results[pair] = {}
