@@ -31,10 +31,11 @@ def trained_body_parts(metadata: Mapping[str, Any]) -> set[str]:
     """The named body parts of the model's input domain in training (``A`` for an A->B model);
     empty when the model does not know them (PNG or TIFF training data, models written
     before the trainer recorded them)."""
-    data = (metadata.get("provenance") or {}).get("data") or {}
     domain = "B" if str(metadata.get("direction", "A->B")).startswith("B") else "A"
-    parts = (data.get(domain) or {}).get("body_parts") or {}
-    return {str(p) for p in parts if p != "unknown"} if isinstance(parts, dict) else set()
+    parts: object = metadata
+    for key in ("provenance", "data", domain, "body_parts"):  # any other shape: not known
+        parts = parts.get(key) if isinstance(parts, Mapping) else None
+    return {str(p) for p in parts if p != "unknown"} if isinstance(parts, Mapping) else set()
 
 
 def unseen_body_part(metadata: Mapping[str, Any], part: str) -> str | None:

@@ -205,3 +205,16 @@ def test_dicom_node_train_weighs_other_mixes_in_the_first_stage_and_the_patches(
     assert main(["train", "--config", str(tmp_path / "train.yaml"), "--no-progress", "-o", str(tmp_path / "run2"),
                  "--set", "data.body_parts=ignore"]) == 0
     assert not any("body part" in r.getMessage() for r in caplog.records)
+
+
+def test_the_guard_reads_a_model_s_body_parts_whatever_shape_its_metadata_has():
+    from dicom_node.engine.body_part import trained_body_parts, unseen_body_part
+
+    known = {"direction": "A->B", "provenance": {"data": {"A": {"body_parts": {CHEST: 2, "unknown": 1}},
+                                                          "B": {"body_parts": {KNEE: 3}}}}}
+    assert trained_body_parts(known) == {CHEST}
+    assert trained_body_parts({**known, "direction": "B->A"}) == {KNEE}
+    assert unseen_body_part(known, KNEE) == "body part KNEE was not in the model's training data (CHEST)"
+    assert unseen_body_part(known, CHEST) is None and unseen_body_part(known, "") is None
+    for odd in ({}, {"provenance": "text"}, {"provenance": {"data": {"A": {"body_parts": [CHEST]}}}}):
+        assert trained_body_parts(odd) == set() and unseen_body_part(odd, KNEE) is None

@@ -23,7 +23,8 @@ import numpy as np
 from dicom_node.engine.atomic import atomic_write
 from dicom_node.engine.errors import UserError
 
-__all__ = ["DomainData", "pick_images", "pick_indices", "find_image_files", "load_domain", "load_pairs", "PatchSampler", "paired_indices"]
+__all__ = ["DomainData", "pick_images", "pick_indices", "find_image_files", "load_domain", "load_pairs", "PatchSampler",
+           "paired_indices"]
 
 log = logging.getLogger("dicom_node.train")
 

@@ -193,8 +193,10 @@ class _Run:
         would learn to make chests look like knees, the mix read as style."""
         from .exam_mix import describe_mix, mix_repeats
 
+        if self.cfg.data.body_parts != "weigh":
+            return None
         repeats = mix_repeats(a.body_parts, b.body_parts)
-        if self.cfg.data.body_parts != "weigh" or set(repeats[0]) | set(repeats[1]) == {1}:
+        if set(repeats[0]) | set(repeats[1]) == {1}:
             return None
         if self.info.is_main:
             log.info("training patches weighted by body part, each alike in both domains (A: %s; B: %s)",

@@ -240,7 +240,7 @@ def _fit_band_curves(tf: ToneFilter, toned: list[torch.Tensor], dst: list[np.nda
 
 
 def _images_to_fit(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], src_parts: Sequence[str],
-                          dst_parts: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                   dst_parts: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The images the fit reads (up to :data:`MAX_IMAGES` of each domain, evenly spread, without
     their collimated borders), each repeated as :func:`.exam_mix.mix_repeats` says when the body
     parts are given, and logged when that changes anything."""
