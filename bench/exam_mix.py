@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import write_results  # noqa: E402
-from quality import DATA_RANGE, RESULTS, affine_scores, domain_windows, load_test_pairs, make_data  # noqa: E402
+from quality import RESULTS, domain_windows, load_test_pairs, make_data, stage_scores  # noqa: E402
 
 MIXES = {"one mix": ((8, 4), (8, 4)), "other mixes": ((12, 2), (4, 8))}  # (chests, others) in A, in B
 
@@ -68,9 +68,6 @@ def lay_out_for_quality(args: argparse.Namespace, data_args: argparse.Namespace)
 
 def score_mix(data: Path) -> dict:
     """Identity, the fit as the domains are and the fit weighted by body part, per held-out image."""
-    import torch
-
-    from dicom_node.evaluation import psnr
     from dicom_node.train.data import load_domain
     from dicom_node.train.exam_mix import mix_repeats
     from dicom_node.train.tone_fit import fit_tone_filter
@@ -83,13 +80,9 @@ def score_mix(data: Path) -> dict:
                                                      src_parts=a.body_parts, dst_parts=b.body_parts)}
     out: dict = {"body_parts": {"A": a.body_parts, "B": b.body_parts},
                  "repeats": dict(zip("AB", mix_repeats(a.body_parts, b.body_parts)))}
-    look = {"identity": [affine_scores(x, y)[0] for x, y in tests]}
-    written = {"identity": [psnr(np.float64(x), np.float64(y), DATA_RANGE) for x, y in tests]}
-    for name, tf in fits.items():
-        with torch.no_grad():
-            outs = [tf(torch.from_numpy(x)[None, None])[0, 0].clamp(-1, 1).numpy() for x, _ in tests]
-        look[name] = [affine_scores(o, y)[0] for o, (_, y) in zip(outs, tests)]
-        written[name] = [psnr(np.float64(o), np.float64(y), DATA_RANGE) for o, (_, y) in zip(outs, tests)]
+    look, written = {}, {}
+    for name, tf in {"identity": None, **fits}.items():
+        look[name], written[name] = stage_scores(tf, tests)
     out["look"] = {k: float(np.mean(v)) for k, v in look.items()}
     out["as_written"] = {k: float(np.mean(v)) for k, v in written.items()}
     out["worst_vs_identity"] = {k: float(min(np.subtract(v, look["identity"]))) for k, v in look.items() if k != "identity"}

@@ -107,6 +107,19 @@ def affine_scores(out: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return psnr(fitted, target, DATA_RANGE), ssim(fitted, target, DATA_RANGE)
 
 
+def stage_scores(tf, pairs) -> tuple[list[float], list[float]]:
+    """Per (source, target) pair, a first stage's output (clamped as the generator clamps; ``tf``
+    None: the source itself) scored in look (affine PSNR) and as written (plain PSNR, what the node sends)."""
+    import torch
+
+    from dicom_node.evaluation import psnr
+
+    with torch.no_grad():
+        outs = [x if tf is None else tf(torch.from_numpy(x)[None, None])[0, 0].clamp(-1, 1).numpy() for x, _ in pairs]
+    return ([affine_scores(o, y)[0] for o, (_, y) in zip(outs, pairs)],
+            [psnr(np.asarray(o, np.float64), np.asarray(y, np.float64), DATA_RANGE) for o, (_, y) in zip(outs, pairs)])
+
+
 def domain_windows(data: Path) -> dict[str, dict]:
     """Each training domain's fixed window, measured as ``dicom-node train`` measures it."""
     from dicom_node.train.intensity import run_normalizations

@@ -25,22 +25,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import write_results  # noqa: E402
 from quality import (  # noqa: E402
-    DATA_RANGE,
     RESULTS,
     add_data_arguments,
-    affine_scores,
     domain_windows,
     load_domain_arrays,
     load_test_pairs,
     make_data,
+    stage_scores,
 )
 
 
 def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     """Per held-out image: identity, each number of quantiles, and the cross-validated choice."""
-    import torch
-
-    from dicom_node.evaluation import psnr
     from dicom_node.train.stage_choice import TONE_QUANTILES, choose_shape, choose_tone_detail, fit_level
     from dicom_node.train.tone_fit import fit_tone_filter
 
@@ -50,17 +46,10 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
     a, b = load_domain_arrays(data / "A", norms["A"]), load_domain_arrays(data / "B", norms["B"])
     stages = {q: fit_tone_filter(a, b, band_curves=True, brightness_bins=4, tone_quantiles=q, seed=0) for q in TONE_QUANTILES}
 
-    def scores(tf, pairs, score=lambda o, y: affine_scores(o, y)[0]) -> list[float]:
-        with torch.no_grad():
-            return [score(tf(torch.from_numpy(x)[None, None])[0, 0].clamp(-1, 1).numpy(), y) for x, y in pairs]
-
-    def as_written(o: np.ndarray, y: np.ndarray) -> float:  # no gain and offset: what the node sends
-        return psnr(np.asarray(o, np.float64), np.asarray(y, np.float64), DATA_RANGE)
-
-    per_image = {"identity": [affine_scores(x, y)[0] for x, y in tests]}
-    written = {"identity": [as_written(x, y) for x, y in tests]}
+    per_image, written = {}, {}  # look (affine PSNR) and as written (plain PSNR, what the node sends)
+    per_image["identity"], written["identity"] = stage_scores(None, tests)
     for q, tf in stages.items():
-        per_image[str(q)], written[str(q)] = scores(tf, tests), scores(tf, tests, as_written)
+        per_image[str(q)], written[str(q)] = stage_scores(tf, tests)
     half = len(tests) // 2
     folds = [(tests[:half], tests[half:]), (tests[half:], tests[:half])]  # (validation, held out)
     back = len(tests) - half  # back in test order
@@ -73,8 +62,9 @@ def score_seed(pair: str, seed: int, args: argparse.Namespace) -> dict:
             if shape:
                 stage, share, _ = choose_shape(stage, val)
                 kept.append(share)
-            chosen += scores(stage, held)
-            chosen_written += scores(stage, held, as_written)
+            look, as_written = stage_scores(stage, held)
+            chosen += look
+            chosen_written += as_written
         per_image[name], written[name] = chosen[back:] + chosen[:back], chosen_written[back:] + chosen_written[:back]
     out: dict = {k: float(np.mean(v)) for k, v in per_image.items()}
     out["as_written"] = {k: float(np.mean(v)) for k, v in written.items()}
