@@ -41,7 +41,7 @@ from typing import Sequence, TypeVar
 
 from dicom_node.engine.body_part import UNKNOWN
 
-__all__ = ["MAX_REPEAT", "mix_repeats", "share_no_body_part", "repeated", "mix_counts",
+__all__ = ["MAX_REPEAT", "mix_repeats", "share_no_body_part", "repeated", "weighs_anything", "mix_counts",
            "describe_mix"]
 
 MAX_REPEAT = 4  # an image is repeated at most this often: more would let a few images stand for a part
@@ -58,6 +58,11 @@ def mix_repeats(parts_a: Sequence[str], parts_b: Sequence[str]) -> tuple[list[in
         return [1] * len(parts_a), [1] * len(parts_b)
     weight = {s: count_a[s] * count_b[s] / (count_a[s] + count_b[s]) for s in shared}
     return _repeats(parts_a, count_a, weight), _repeats(parts_b, count_b, weight)
+
+
+def weighs_anything(repeats: tuple[Sequence[int], Sequence[int]]) -> bool:
+    """Whether :func:`mix_repeats`' answer changes anything: an image repeated or left out."""
+    return any(times != 1 for domain in repeats for times in domain)
 
 
 def share_no_body_part(parts_a: Sequence[str], parts_b: Sequence[str]) -> bool:

@@ -191,12 +191,12 @@ class _Run:
         domains (:mod:`.exam_mix`, the first stage's rule), or None when the domains hold one mix.
         Why: a discriminator shown mostly knees as B and a generator fed mostly chests from A
         would learn to make chests look like knees, the mix read as style."""
-        from .exam_mix import describe_mix, mix_repeats
+        from .exam_mix import describe_mix, mix_repeats, weighs_anything
 
         if self.cfg.data.body_parts != "weigh":
             return None
         repeats = mix_repeats(a.body_parts, b.body_parts)
-        if set(repeats[0]) | set(repeats[1]) == {1}:
+        if not weighs_anything(repeats):
             return None
         if self.info.is_main:
             log.info("training patches weighted by body part, each alike in both domains (A: %s; B: %s)",

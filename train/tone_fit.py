@@ -53,7 +53,7 @@ from dicom_node.engine.tone_filter import (
 
 from .collimation import without_collimation
 from .data import pick_indices
-from .exam_mix import describe_mix, mix_repeats, repeated, share_no_body_part
+from .exam_mix import describe_mix, mix_repeats, repeated, share_no_body_part, weighs_anything
 from .pair_scores import pooled_gain_db
 from .stage_choice import (
     DEFAULT_TONE_QUANTILES,
@@ -256,7 +256,7 @@ def _images_to_fit(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], src_par
                     "anatomy as style (docs/training.md)", mixes)
         return a, b
     rep_a, rep_b = mix_repeats(parts_a, parts_b)
-    if set(rep_a) | set(rep_b) == {1}:
+    if not weighs_anything((rep_a, rep_b)):
         return a, b
     said = "; ".join(f"{name} {part or 'unknown'} x{times}" if times else f"{name} {part or 'unknown'} left out"
                      for name, parts, reps in (("source", parts_a, rep_a), ("target", parts_b, rep_b))
