@@ -90,11 +90,11 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
                                f"{'a wrong shape' if y.shape != x.shape else 'non-finite values'}")
     report = None
     if guard:
-        from .body_part import body_part
+        from .body_part import examined_body_part
         from .fidelity import assess
 
         report = assess(model, x, y, valid=img.valid, inverse=inverse, device=device, base=base,
-                        body_part=body_part(source.get("BodyPartExamined")))
+                        body_part=examined_body_part(source))
     scale = model_output_scale(model)
     out = to_output_pixels(y, scale)
     if img.valid is not None:

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from dicom_node.engine import load_style_model
-from dicom_node.engine.body_part import body_part
+from dicom_node.engine.body_part import body_part, examined_body_part
 from dicom_node.engine.pixels import DEFAULT_NORMALIZATION
 from dicom_node.train.data import load_domain
 from dicom_node.train.exam_mix import (
@@ -73,10 +74,45 @@ def test_repeats_stop_at_the_cap():
 def test_body_part_names_are_compared_in_upper_case_and_logged_safely():
     assert body_part(" chest ") == CHEST
     assert body_part(None) == "" and body_part("") == ""
-    assert body_part("L SPINE_2") == "L SPINE_2"
-    assert body_part("KNEE\x1b[31m\n") == "KNEE??31M"  # no control character reaches the log
+    assert body_part("HAND WRIST") == "HAND WRIST"  # two parts: kept as it is
+    assert body_part("KNIE\x1b[31m\n") == "KNIE??31M"  # no control character reaches the log
     assert len(body_part("X" * 64)) == 16
     assert describe_mix([KNEE, CHEST, CHEST, ""]) == "CHEST 2, KNEE 1, unknown 1"
+
+
+def test_one_part_named_in_several_ways_is_one_part():
+    # Synonyms by the SNOMED CT concept pydicom's code dictionary gives them (PS3.16 Annex L)
+    for name in ("THORAX", "Thorax", "PA CHEST", "chest pa", "816094009"):
+        assert body_part(name) == CHEST, name
+    for name in ("KNEE JOINT", "Knee joint", "49076000", "72696002"):
+        assert body_part(name) == KNEE, name
+    assert body_part("L-SPINE") == body_part("LUMBAR SPINE") == body_part("L SPINE") == "LSPINE"
+    assert body_part("C SPINE LAT") == "CSPINE" and body_part("ANKLE JOINT") == "ANKLE"
+    assert body_part("ABDOMEN_PELVIS") == "ABDOMENPELVIS"
+    assert body_part("KNIE") == "KNIE" and body_part("43") == "43"  # unknown names stay as they are
+
+
+def test_an_empty_body_part_examined_falls_back_to_the_coded_anatomic_region():
+
+    def region(**code):
+        item = Dataset()
+        for key, value in code.items():
+            setattr(item, key, value)
+        ds = Dataset()
+        ds.BodyPartExamined = ""
+        ds.AnatomicRegionSequence = [item]
+        return ds
+
+    # SRT code of older DX modalities, and the SNOMED CT code with no meaning
+    assert examined_body_part(region(CodeValue="T-D3000", CodingSchemeDesignator="SRT", CodeMeaning="Chest")) == CHEST
+    assert examined_body_part(region(CodeValue="72696002", CodingSchemeDesignator="SCT")) == KNEE
+    named = region(CodeValue="72696002", CodingSchemeDesignator="SCT", CodeMeaning="Knee")
+    named.BodyPartExamined = "THORAX"  # BodyPartExamined, when present, is what counts
+    assert examined_body_part(named) == CHEST
+    assert examined_body_part(Dataset()) == ""
+    empty = Dataset()
+    empty.AnatomicRegionSequence = []
+    assert examined_body_part(empty) == ""
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # lower case, as some headers have it
@@ -91,10 +127,19 @@ def test_the_trainer_reads_each_image_s_body_part(tmp_path):
             ds.BodyPartExamined = part
         write(ds, folder / f"{name}.dcm")
     Image.fromarray(phantom(64, 64, bits=8).astype(np.uint8)).save(folder / "d.png")
+    thorax = make_dataset(phantom(64, 64))
+    thorax.BodyPartExamined = "THORAX"
+    write(thorax, folder / "e.dcm")
+    coded = make_dataset(phantom(64, 64))
+    coded.BodyPartExamined = ""
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "72696002", "SCT", "Knee"
+    coded.AnatomicRegionSequence = [code]
+    write(coded, folder / "f.dcm")
     for _ in range(2):  # decoded, then from the cache
         domain = load_domain(folder, "A", tmp_path / "cache", dict(DEFAULT_NORMALIZATION))
-        assert domain.names == ["a", "b", "c", "d"]
-        assert domain.body_parts == [CHEST, "", KNEE, ""]
+        assert domain.names == ["a", "b", "c", "d", "e", "f"]
+        assert domain.body_parts == [CHEST, "", KNEE, "", CHEST, KNEE]
 
 
 def _part(kind: str, seed: int) -> np.ndarray:
@@ -216,5 +261,8 @@ def test_the_guard_reads_a_model_s_body_parts_whatever_shape_its_metadata_has():
     assert trained_body_parts({**known, "direction": "B->A"}) == {KNEE}
     assert unseen_body_part(known, KNEE) == "body part KNEE was not in the model's training data (CHEST)"
     assert unseen_body_part(known, CHEST) is None and unseen_body_part(known, "") is None
+    # a model written with the header's own names is read by today's rule: THORAX is CHEST
+    older = {"direction": "A->B", "provenance": {"data": {"A": {"body_parts": {"THORAX": 2}}}}}
+    assert trained_body_parts(older) == {CHEST} and unseen_body_part(older, CHEST) is None
     for odd in ({}, {"provenance": "text"}, {"provenance": {"data": {"A": {"body_parts": [CHEST]}}}}):
         assert trained_body_parts(odd) == set() and unseen_body_part(odd, KNEE) is None

@@ -335,6 +335,18 @@ def test_a_body_part_the_model_never_saw_is_flagged_and_marked(kit):
     unnamed = copy.deepcopy(ds)
     del unnamed.BodyPartExamined
     assert translate_radiograph(knees_only, unnamed, rad, tile=0, inverse=kit["ba"]).fidelity.verdict == "ok"
+    # one part named in other words is one part: a THORAX through a model that saw CHEST passes,
+    # a chest coded only in Anatomic Region Sequence is still a chest to a knees-only model
+    chest_model = copy.copy(knees_only)
+    chest_model.metadata = {**knees_only.metadata, "direction": "B->A"}
+    thorax = copy.deepcopy(ds)
+    thorax.BodyPartExamined = "THORAX"
+    assert translate_radiograph(chest_model, thorax, rad, tile=0, inverse=kit["ba"]).fidelity.verdict == "ok"
+    coded = copy.deepcopy(unnamed)
+    region = pydicom.Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "T-D3000", "SRT", "Chest"
+    coded.AnatomicRegionSequence = [region]
+    assert translate_radiograph(knees_only, coded, rad, tile=0, inverse=kit["ba"]).fidelity.flagged
 
 
 def test_translate_writes_fidelity_jsonl_finds_the_inverse_and_withholds(kit, tmp_path, capsys):

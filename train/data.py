@@ -29,7 +29,7 @@ __all__ = ["DomainData", "pick_images", "pick_indices", "find_image_files", "loa
 log = logging.getLogger("dicom_node.train")
 
 BLOCK = 8  # content map resolution in pixels
-CACHE_VERSION = 2  # 2: each entry also holds the image's body part
+CACHE_VERSION = 3  # 2: each entry also holds the image's body part; 3: named by meaning (engine.body_part)
 _SKIP_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".npy", ".safetensors", ".pt", ".zip"}
 
 
@@ -107,14 +107,14 @@ def _content_map(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
 def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The image in model space, its valid mask and its body part (``engine.body_part``; a PNG
     or TIFF names none)."""
-    from dicom_node.engine.body_part import UNKNOWN, body_part
+    from dicom_node.engine.body_part import UNKNOWN, examined_body_part
     from dicom_node.engine.pixels import normalize, read_dicom, read_image_file, sniff_format
 
     if sniff_format(path) in ("png", "tiff"):
         radiograph, part = read_image_file(path), UNKNOWN
     else:
         ds, radiograph = read_dicom(path)
-        part = body_part(ds.get("BodyPartExamined"))
+        part = examined_body_part(ds)
     image = np.asarray(normalize(radiograph, normalization), dtype=np.float32)
     if image.ndim != 2:
         raise UserError(f"not a single 2-D image (shape {image.shape})")

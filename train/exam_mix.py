@@ -11,10 +11,11 @@ and on domains of one mix it is the same fit to the last digit (bench/README.md,
 other mixes of body parts").
 
 The rule (pure functions; each image's body part from its DICOM header by the engine's rule,
-:func:`dicom_node.engine.body_part.body_part`):
+:func:`dicom_node.engine.body_part.examined_body_part`, which reads one part named in other
+words as one):
 
-* an image without one (BodyPartExamined absent or empty, or not DICOM) is of the unknown body
-  part, ``""``;
+* an image without one (BodyPartExamined and Anatomic Region Sequence absent or empty, or not
+  DICOM) is of the unknown body part, ``""``;
 * when a domain names no body part at all (PNG or TIFF exports, or headers without it), the
   mixes cannot be compared and nothing is weighted; otherwise the unknown part is a part of
   its own;
