@@ -28,6 +28,8 @@ import functools
 import re
 from typing import Any, Mapping
 
+from .training_data import input_domain
+
 __all__ = ["UNKNOWN", "body_part", "examined_body_part", "trained_body_parts", "unseen_body_part"]
 
 UNKNOWN = ""  # the body part of an image that names none
@@ -109,10 +111,7 @@ def trained_body_parts(metadata: Mapping[str, Any]) -> set[str]:
     """The named body parts of the model's input domain in training (``A`` for an A->B model),
     read by today's rule; empty when the model does not know them (PNG or TIFF training data,
     models written before the trainer recorded them)."""
-    domain = "B" if str(metadata.get("direction", "A->B")).startswith("B") else "A"
-    parts: object = metadata
-    for key in ("provenance", "data", domain, "body_parts"):  # any other shape: not known
-        parts = parts.get(key) if isinstance(parts, Mapping) else None
+    parts = input_domain(metadata).get("body_parts")
     if not isinstance(parts, Mapping):
         return set()
     return {body_part(p) for p in parts if p != "unknown"} - {UNKNOWN}

@@ -98,6 +98,7 @@ from .fidelity_measures import (
     window_share,
 )
 from .fidelity_scores import TABLE, Reference, Score, Subject
+from .pixel_spacing import unlike_pixel_spacing
 from .style_stats import StyleStats
 
 if TYPE_CHECKING:
@@ -168,13 +169,15 @@ def judge(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -
 
 def assess(model: StyleModel, x: np.ndarray, y: np.ndarray, *, valid: np.ndarray | None = None,
            inverse: StyleModel | None = None, device: Any = None, base: np.ndarray | None = None,
-           body_part: str = UNKNOWN) -> FidelityReport:
+           body_part: str = UNKNOWN, pixel_spacing: float | None = None) -> FidelityReport:
     """The guard's report for source ``x`` and output ``y`` (model space, full resolution).
 
     ``base``: the model's global stage's output for ``x`` (``tiling.translate_with_base``);
     computed here when a model calibrated for the ``network`` score comes without it.
     ``body_part``: the source's (``engine.body_part``); one that the model's input domain never
     held in training is flagged, whatever the scores: the model has learnt nothing of it.
+    ``pixel_spacing``: the source's pixel size in mm (``engine.pixel_spacing``); one far outside
+    the sizes the model was trained on is flagged too: it processes detail at another scale.
     """
     thresholds, calibrated = thresholds_of(model)
     subject = Subject(x, y, valid=valid, base=base, model=model, device=device)
@@ -191,9 +194,9 @@ def assess(model: StyleModel, x: np.ndarray, y: np.ndarray, *, valid: np.ndarray
     if calibrated and calibrated_for and model.weights_sha256 and calibrated_for != model.weights_sha256:
         # The thresholds say what *these* weights normally do: others were never measured.
         verdict, reasons = FLAGGED, reasons + [STALE_CALIBRATION]
-    unseen = unseen_body_part(model.metadata, body_part)
-    if unseen:
-        verdict, reasons = FLAGGED, reasons + [unseen]
+    for unlike in (unseen_body_part(model.metadata, body_part), unlike_pixel_spacing(model.metadata, pixel_spacing)):
+        if unlike:
+            verdict, reasons = FLAGGED, reasons + [unlike]
     scale = x.shape[0] / subject.xs.shape[0]
     return FidelityReport(verdict=verdict, reasons=reasons, scores={k: _round(v) for k, v in scores.items()},
                           thresholds=thresholds, calibrated=calibrated,

@@ -92,9 +92,10 @@ def translate_radiograph(model: "StyleModel", source: Dataset, img: Radiograph, 
     if guard:
         from .body_part import examined_body_part
         from .fidelity import assess
+        from .pixel_spacing import pixel_spacing_mm
 
         report = assess(model, x, y, valid=img.valid, inverse=inverse, device=device, base=base,
-                        body_part=examined_body_part(source))
+                        body_part=examined_body_part(source), pixel_spacing=pixel_spacing_mm(source))
     scale = model_output_scale(model)
     out = to_output_pixels(y, scale)
     if img.valid is not None:

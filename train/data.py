@@ -29,7 +29,7 @@ __all__ = ["DomainData", "pick_images", "pick_indices", "find_image_files", "loa
 log = logging.getLogger("dicom_node.train")
 
 BLOCK = 8  # content map resolution in pixels
-CACHE_VERSION = 3  # 2: each entry also holds the image's body part; 3: named by meaning (engine.body_part)
+CACHE_VERSION = 3  # 2: each entry holds the image's body part; 3: named by meaning, and its pixel size
 _SKIP_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".npy", ".safetensors", ".pt", ".zip"}
 
 
@@ -43,6 +43,7 @@ class DomainData:
     arrays: list[np.ndarray] = field(default_factory=list)
     content: list[np.ndarray] = field(default_factory=list)  # per 8x8 block: 1 = not background
     body_parts: list[str] = field(default_factory=list)  # BodyPartExamined, "" for none (engine.body_part)
+    pixel_spacings: list[float | None] = field(default_factory=list)  # mm, None for none (engine.pixel_spacing)
     skipped_unreadable: int = 0
     skipped_small: int = 0
 
@@ -50,10 +51,13 @@ class DomainData:
         return len(self.arrays)
 
     def summary(self) -> dict[str, Any]:
+        from dicom_node.engine.pixel_spacing import spacing_range
+
         from .exam_mix import mix_counts
 
         return {"folder": str(self.folder), "images": len(self), "skipped_unreadable": self.skipped_unreadable,
-                "skipped_too_small": self.skipped_small, "body_parts": mix_counts(self.body_parts)}
+                "skipped_too_small": self.skipped_small, "body_parts": mix_counts(self.body_parts),
+                "pixel_spacing_mm": spacing_range(self.pixel_spacings)}
 
 
 def pick_indices(count: int, limit: int) -> list[int]:
@@ -104,21 +108,24 @@ def _content_map(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return ok.astype(np.uint8)
 
 
-def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The image in model space, its valid mask and its body part (``engine.body_part``; a PNG
-    or TIFF names none)."""
+def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """The image in model space, its valid mask and what its header says: ``body_part``
+    (``engine.body_part``) and ``pixel_spacing`` (``engine.pixel_spacing``); a PNG or TIFF names
+    neither."""
     from dicom_node.engine.body_part import UNKNOWN, examined_body_part
+    from dicom_node.engine.pixel_spacing import pixel_spacing_mm
     from dicom_node.engine.pixels import normalize, read_dicom, read_image_file, sniff_format
 
+    header: dict[str, Any] = {"body_part": UNKNOWN, "pixel_spacing": None}
     if sniff_format(path) in ("png", "tiff"):
-        radiograph, part = read_image_file(path), UNKNOWN
+        radiograph = read_image_file(path)
     else:
         ds, radiograph = read_dicom(path)
-        part = examined_body_part(ds)
+        header.update(body_part=examined_body_part(ds), pixel_spacing=pixel_spacing_mm(ds))
     image = np.asarray(normalize(radiograph, normalization), dtype=np.float32)
     if image.ndim != 2:
         raise UserError(f"not a single 2-D image (shape {image.shape})")
-    return image, radiograph.valid, part
+    return image, radiograph.valid, header
 
 
 def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[str, Any], *, patch_size: int = 0,
@@ -177,6 +184,8 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[s
             continue
         data.names.append(str(Path(rel).with_suffix("")))
         data.body_parts.append(str(entry.get("body_part", "")))
+        spacing = entry.get("pixel_spacing")
+        data.pixel_spacings.append(float(spacing) if isinstance(spacing, (int, float)) else None)
         if in_memory is not None:
             data.arrays.append(in_memory[0])
             data.content.append(in_memory[1])
@@ -226,12 +235,12 @@ def _decode_entry(path: Path, stem: str, key: dict[str, int], normalization: dic
     """
     entry: dict[str, Any] = {"key": key, "ok": False}
     try:
-        image, valid, part = _decode(path, normalization)
+        image, valid, header = _decode(path, normalization)
     except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped and counted
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         entry["reason"] = reason[:200]
         return entry, None
-    entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape), body_part=part)
+    entry.update(ok=True, file=f"{stem}.npy", content=f"{stem}.content.npy", shape=list(image.shape), **header)
     if write_cache:
         _save_npy(cache / entry["file"], image.astype(np.float16))
         _save_npy(cache / entry["content"], _content_map(image, valid))

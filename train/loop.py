@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dicom_node.engine.errors import UserError
+from dicom_node.engine.pixel_spacing import unlike_domains
 
 from .config import TrainConfig
 from .cyclegan import CycleGAN
@@ -134,6 +135,9 @@ class _Run:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.norms = self._decide_normalizations()
         self.data = self._load_data(write=True)
+        differ = unlike_domains(*(d.summary()["pixel_spacing_mm"] for d in self.data))
+        if differ:
+            log.warning("%s", differ)
         if self.cfg.data.val is not None:
             self.val_pairs = load_pairs(self.cfg.data.val, self.norms["A"], self.norms["B"])
             log.info("validation: %d pairs from %s", len(self.val_pairs), self.cfg.data.val)

@@ -60,6 +60,7 @@ def _fidelity_summary(model: StyleModel) -> dict[str, Any]:
 def run_info(args: argparse.Namespace) -> int:
     from dicom_node.engine import load_style_model
     from dicom_node.engine.body_part import trained_body_parts
+    from dicom_node.engine.pixel_spacing import trained_pixel_spacing
 
     model = load_style_model(args.model)
     n_params = sum(p.numel() for p in model.generator.parameters())
@@ -79,6 +80,9 @@ def run_info(args: argparse.Namespace) -> int:
     parts = trained_body_parts(model.metadata)
     if parts:  # the fidelity guard flags inputs of any other body part (docs/fidelity.md)
         meta["trained_body_parts"] = sorted(parts)
+    spacing = trained_pixel_spacing(model.metadata)
+    if spacing:  # and inputs of pixels far finer or coarser than these
+        meta["trained_pixel_spacing_mm"] = spacing
     meta["fidelity"] = _fidelity_summary(model)
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
