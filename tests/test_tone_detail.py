@@ -162,7 +162,7 @@ def test_a_level_that_differs_from_pair_to_pair_is_not_fitted() -> None:
 
 
 def test_the_log_line_of_the_level_names_the_reason_it_was_left_as_fitted() -> None:
-    from dicom_node.train.stage_choice import _fit_level
+    from dicom_node.train.stage_choice import fit_level_saying
 
     xs = [anatomy(s, 0.0) * 0.6 for s in range(3)]
     stage = ToneFilter()
@@ -170,9 +170,9 @@ def test_the_log_line_of_the_level_names_the_reason_it_was_left_as_fitted() -> N
                "its gain, -1.00, is beyond 0.5 to 2.0": [(x, -x) for x in xs],
                "does not bring pair 1 closer as written": [(x, x + d) for x, d in zip(xs, (0.3, -0.3, 0.3))]}
     for reason, pairs in reasons.items():
-        leveled, said = _fit_level(stage, pairs)
+        leveled, said = fit_level_saying(stage, pairs)
         assert leveled is stage and said.startswith("output level left as fitted") and reason in said, said
-    leveled, said = _fit_level(stage, [(x, x + 0.3) for x in xs])
+    leveled, said = fit_level_saying(stage, [(x, x + 0.3) for x in xs])
     assert leveled is not stage and said.startswith("output level fitted on the 3 validation pairs"), said
 
 

@@ -28,7 +28,7 @@ from dicom_node.engine.tone_filter import ToneFilter
 from .pair_scores import pooled_affine, pooled_error
 
 __all__ = ["TONE_QUANTILES", "DEFAULT_TONE_QUANTILES", "FULL_DETAIL", "LEVEL_GAIN_LIMITS", "SHAPE_KEPT",
-           "choose_tone_detail", "fit_level", "choose_shape", "with_shape", "pair_score", "detail_name", "as_batch"]
+           "choose_tone_detail", "fit_level", "fit_level_saying", "choose_shape", "with_shape", "pair_score", "detail_name", "as_batch"]
 
 log = logging.getLogger("dicom_node.train")
 
@@ -92,11 +92,12 @@ def fit_level(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) ->
     check: a level that differs from image to image is content.  On the demo's real crops
     (bench/tone_detail.py) one that passed with the left-out pairs' errors pooled made 3 other
     pairs up to 14 dB worse as written on one image; pair by pair, none of 12 folds it passed did."""
-    return _fit_level(tf, pairs)[0]
+    return fit_level_saying(tf, pairs)[0]
 
 
-def _fit_level(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[ToneFilter, str]:
-    """:func:`fit_level`'s result, and the log line that says what it did, or why not."""
+def fit_level_saying(tf: ToneFilter, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[ToneFilter, str]:
+    """:func:`fit_level`'s result, and the log line that says what it did, or why not (the trainer
+    logs it with the first stage it chose)."""
     n = len(pairs)
     if n < 2:
         return tf, "output level left as fitted: one validation pair cannot show that its level holds for another"

@@ -59,11 +59,11 @@ from .stage_choice import (
     DEFAULT_TONE_QUANTILES,
     FULL_DETAIL,
     TONE_QUANTILES,
-    _fit_level,
     as_batch,
     choose_shape,
     choose_tone_detail,
     detail_name,
+    fit_level_saying,
 )
 
 __all__ = ["fit_tone_filter", "GAIN_LIMITS", "BAND_CURVE_LIMITS", "band_levels"]
@@ -157,7 +157,7 @@ def fit_tone_filter(src: Sequence[np.ndarray], dst: Sequence[np.ndarray], *,
     if pairs:
         stages = {q: stage(q) for q in TONE_QUANTILES}
         best = choose_tone_detail({q: fitted for q, (fitted, _) in stages.items()}, pairs)
-        (tf, said), rng = _fit_level(stages[best][0], pairs), stages[best][1]
+        (tf, said), rng = fit_level_saying(stages[best][0], pairs), stages[best][1]
         log.info("%s", said)
         tf, _, said = choose_shape(tf, pairs)
         log.info("%s", said)
