@@ -101,10 +101,10 @@ def examined_body_part(ds: Any) -> str:
         return part
     try:
         region = ds.AnatomicRegionSequence[0]
-    except (AttributeError, IndexError, KeyError, TypeError):
+        meaning = body_part(region.get("CodeMeaning"))
+        return meaning if meaning != UNKNOWN else body_part(region.get("CodeValue"))
+    except Exception:  # noqa: BLE001 - absent, empty or damaged: the header names no part
         return UNKNOWN
-    meaning = body_part(region.get("CodeMeaning"))
-    return meaning if meaning != UNKNOWN else body_part(region.get("CodeValue"))
 
 
 def trained_body_parts(metadata: Mapping[str, Any]) -> set[str]:

@@ -39,7 +39,7 @@ def pixel_spacing_mm(ds: Any) -> float | None:
     for keyword in _ATTRIBUTES:
         try:
             values = [float(v) for v in ds.get(keyword) or ()]
-        except (TypeError, ValueError, OverflowError):  # a damaged value: the next attribute
+        except Exception:  # noqa: BLE001 - a damaged value: the next attribute
             continue
         if len(values) == 2 and all(math.isfinite(v) and 0 < v <= _LARGEST_MM for v in values):
             return (values[0] + values[1]) / 2
