@@ -214,10 +214,26 @@ def test_unpaired_patches_are_drawn_by_the_weights_and_alike_without_them():
     assert first == pytest.approx([0.0, 0.1, 0.2][int(rng.integers(3))])
 
 
-@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
-def test_dicom_node_train_weighs_other_mixes_in_the_first_stage_and_the_patches(tmp_path, caplog, capsys):
+def train_tiny(tmp_path: Path, caplog, *extra: str) -> list[str]:
+    """``dicom-node train`` on ``tmp_path``'s A and B for 2 steps of a tiny model into ``run/``;
+    the trainer's log lines."""
     import yaml
 
+    from dicom_node.cli import main
+
+    cfg = {"data": {"a": str(tmp_path / "A"), "b": str(tmp_path / "B")},
+           "model": {"ngf": 4, "n_blocks": 1, "ndf": 4},
+           "train": {"patch_size": 32, "batch_size": 1, "steps": 2, "pool_size": 2, "threads": 1},
+           "output": {"dir": str(tmp_path / "run"), "sample_every": 2, "checkpoint_every": 2, "log_every": 1}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    caplog.set_level(logging.INFO, logger="dicom_node.train")
+    caplog.clear()
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--no-progress", *extra]) == 0
+    return [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
+def test_dicom_node_train_weighs_other_mixes_in_the_first_stage_and_the_patches(tmp_path, caplog, capsys):
     from dicom_node.cli import main
 
     for domain, parts in (("A", [CHEST] * 3 + [KNEE]), ("B", [CHEST] + [KNEE] * 3)):
@@ -226,14 +242,7 @@ def test_dicom_node_train_weighs_other_mixes_in_the_first_stage_and_the_patches(
             ds = make_dataset(phantom(64, 64, seed=i + (10 if domain == "B" else 0)), seed=i)
             ds.BodyPartExamined = part
             write(ds, tmp_path / domain / f"{domain.lower()}{i}.dcm")
-    cfg = {"data": {"a": str(tmp_path / "A"), "b": str(tmp_path / "B")},
-           "model": {"ngf": 4, "n_blocks": 1, "ndf": 4},
-           "train": {"patch_size": 32, "batch_size": 1, "steps": 2, "pool_size": 2, "threads": 1},
-           "output": {"dir": str(tmp_path / "run"), "sample_every": 2, "checkpoint_every": 2, "log_every": 1}}
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
-    caplog.set_level(logging.INFO, logger="dicom_node.train")
-    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--no-progress"]) == 0
-    said = [r.getMessage() for r in caplog.records]
+    said = train_tiny(tmp_path, caplog)
     assert sum("other mixes of body parts" in m for m in said) == 2  # both directions' first stage
     assert "training patches weighted by body part, each alike in both domains (A: CHEST 3, KNEE 1; B: KNEE 3, " \
            "CHEST 1)" in said

@@ -5,7 +5,6 @@ processes 0.10 mm ones at another scale (``engine/pixel_spacing.py``)."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 from pydicom.dataelem import RawDataElement
@@ -23,6 +22,7 @@ from dicom_node.engine.pixel_spacing import (
 )
 from dicom_node.engine.pixels import read_dicom
 from tests.factory import PATIENT_ID, PATIENT_NAME, make_dataset, phantom, write
+from tests.test_exam_mix import train_tiny
 
 
 def _with(**spacings: object) -> Dataset:
@@ -70,8 +70,6 @@ def test_an_input_is_judged_against_the_sizes_its_model_was_trained_on():
 
 def test_dicom_node_train_records_the_pixel_sizes_warns_when_they_differ_and_the_guard_judges_by_them(
         tmp_path, caplog, capsys):
-    import yaml
-
     from dicom_node.cli import main
     from dicom_node.engine.pipeline import translate_radiograph
 
@@ -81,14 +79,7 @@ def test_dicom_node_train_records_the_pixel_sizes_warns_when_they_differ_and_the
             ds = make_dataset(phantom(64, 64, seed=i + (10 if domain == "B" else 0)), seed=i)
             ds.ImagerPixelSpacing = ds.PixelSpacing = [spacing, spacing]
             write(ds, tmp_path / domain / f"{domain.lower()}{i}.dcm")
-    cfg = {"data": {"a": str(tmp_path / "A"), "b": str(tmp_path / "B")},
-           "model": {"ngf": 4, "n_blocks": 1, "ndf": 4},
-           "train": {"patch_size": 32, "batch_size": 1, "steps": 2, "pool_size": 2, "threads": 1},
-           "output": {"dir": str(tmp_path / "run"), "sample_every": 2, "checkpoint_every": 2, "log_every": 1}}
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
-    caplog.set_level(logging.INFO, logger="dicom_node.train")
-    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--no-progress"]) == 0
-    said = [r.getMessage() for r in caplog.records]
+    said = train_tiny(tmp_path, caplog)
     warned = [m for m in said if m.startswith("the domains' pixels differ in size")]
     assert len(warned) == 1 and "(A 0.150 mm, B 0.300 mm, 2.00x)" in warned[0], said
     assert not any(PATIENT_NAME in m or PATIENT_ID in m for m in said)
