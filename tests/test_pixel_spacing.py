@@ -100,3 +100,66 @@ def test_dicom_node_train_records_the_pixel_sizes_warns_when_they_differ_and_the
     assert flagged.fidelity.flagged
     assert "pixel size 0.100 mm is outside the model's training data (0.150 mm)" in flagged.fidelity.reasons[-1]
     assert "pixel size 0.100 mm is outside" in str(flagged.sc.ImageComments)
+
+
+def test_finer_pixels_are_averaged_to_the_target_size_and_others_left_alone():
+    import numpy as np
+
+    from dicom_node.train.pixel_pitch import needs_resampling, to_pixel_size
+
+    assert needs_resampling(0.1, 0.15) and not needs_resampling(0.13, 0.15)  # within 1.25x: alike
+    assert not needs_resampling(0.3, 0.15) and not needs_resampling(None, 0.15) and not needs_resampling(0.1, None)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(96, 120)).astype(np.float32)
+    valid = np.ones_like(image, bool)
+    valid[:, :3] = False  # a padded edge
+    out, mask = to_pixel_size(image, valid, 0.1, 0.15)
+    assert out.shape == mask.shape == (64, 80)
+    assert out.mean() == pytest.approx(image.mean(), abs=0.03) and out.std() < 0.75 * image.std()  # averaged
+    assert not mask[:, :2].any() and mask[:, 3:].all()  # a pixel stays valid where all it averages were
+    assert to_pixel_size(image, None, 0.1, 0.2)[1] is None
+
+
+def test_domain_b_of_finer_pixels_is_loaded_at_a_s_pixel_size_and_cached_as_such(tmp_path):
+    from PIL import Image
+
+    from dicom_node.engine.pixels import DEFAULT_NORMALIZATION
+    from dicom_node.train.data import load_domain
+
+    folder = tmp_path / "B"
+    folder.mkdir()
+    for name, spacing in (("fine", 0.075), ("alike", 0.14), ("none", None)):
+        ds = make_dataset(phantom(128, 128), rows=128, cols=128)
+        if spacing is None:
+            del ds.ImagerPixelSpacing, ds.PixelSpacing
+        else:
+            ds.ImagerPixelSpacing = ds.PixelSpacing = [spacing, spacing]
+        write(ds, folder / f"{name}.dcm")
+    Image.fromarray(phantom(128, 128, bits=8).astype("uint8")).save(folder / "png.png")
+    norm = dict(DEFAULT_NORMALIZATION)
+    for _ in range(2):  # decoded, then from the cache
+        b = load_domain(folder, "B", tmp_path / "cache", norm, pitch_to=0.15)
+        assert b.names == ["alike", "fine", "none", "png"]
+        assert [x.shape for x in b.arrays] == [(128, 128), (64, 64), (128, 128), (128, 128)]
+        assert b.pixel_spacings == [0.14, 0.15, None, None] and b.resampled == 1
+        assert b.content[1].shape == (8, 8)  # the content map of the averaged image
+    kept = load_domain(folder, "B", tmp_path / "cache", norm)  # another pixel size to average to: decoded again
+    assert kept.arrays[1].shape == (128, 128) and kept.pixel_spacings[1] == 0.075 and kept.resampled == 0
+
+
+def test_dicom_node_train_averages_a_finer_b_to_a_s_pixel_size_unless_told_to_keep_it(tmp_path, caplog):
+    for domain, spacing in (("A", 0.15), ("B", 0.075)):
+        (tmp_path / domain).mkdir()
+        for i in range(3):
+            ds = make_dataset(phantom(96, 96, seed=i + (10 if domain == "B" else 0)), rows=96, cols=96, seed=i)
+            ds.ImagerPixelSpacing = ds.PixelSpacing = [spacing, spacing]
+            write(ds, tmp_path / domain / f"{domain.lower()}{i}.dcm")
+    said = train_tiny(tmp_path, caplog)
+    assert "domain B: 3 of 3 images averaged to A's pixel size, 0.150 mm, from finer pixels (a vendor's processing " \
+           "works in pixels; data.pixel_spacing: keep leaves them)" in said
+    assert not any(m.startswith("the domains' pixels differ") for m in said)
+    data = load_style_model(tmp_path / "run" / "models" / "run_A2B.safetensors").metadata["provenance"]["data"]
+    assert data["B"]["pixel_spacing_mm"]["median"] == 0.15
+    said = train_tiny(tmp_path, caplog, "-o", str(tmp_path / "kept"), "--set", "data.pixel_spacing=keep")
+    assert not any("averaged to A's pixel size" in m for m in said)
+    assert any(m.startswith("the domains' pixels differ in size (A 0.150 mm, B 0.075 mm, 2.00x)") for m in said)

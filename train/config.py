@@ -34,6 +34,9 @@ class DataSettings:
     # alike in both, in the first stage's fit and in the training patches (train/exam_mix.py);
     # ignore: every image alike (headers whose body parts are wrong or named differently)
     body_parts: str = "weigh"
+    # match: B's images of pixels more than 1.25x finer than A's are averaged to A's pixel size
+    # (a vendor's processing works in pixels: train/pixel_pitch.py); keep: every image as it is
+    pixel_spacing: str = "match"
 
 
 @dataclass
@@ -129,7 +132,8 @@ class TrainConfig:
 
 _SECTIONS: dict[str, type[DataSettings | ModelSettings | TrainSettings | OutputSettings]] = {
     "data": DataSettings, "model": ModelSettings, "train": TrainSettings, "output": OutputSettings}
-_CHOICES = {("data", "normalization"): ("domain", "image"), ("data", "body_parts"): ("weigh", "ignore"), ("train", "amp"): ("auto", "bf16", "off"),
+_CHOICES = {("data", "normalization"): ("domain", "image"), ("data", "body_parts"): ("weigh", "ignore"),
+            ("data", "pixel_spacing"): ("match", "keep"), ("train", "amp"): ("auto", "bf16", "off"),
             ("train", "paired"): ("auto", "on", "off"), ("train", "select_by"): ("auto", "pairs", "distribution", "pseudo"),
             ("train", "channels_last"): ("auto", "on", "off")}
 _PATHS = {("data", "a"), ("data", "b"), ("data", "val"), ("output", "dir")}

@@ -44,6 +44,7 @@ class DomainData:
     content: list[np.ndarray] = field(default_factory=list)  # per 8x8 block: 1 = not background
     body_parts: list[str] = field(default_factory=list)  # BodyPartExamined, "" for none (engine.body_part)
     pixel_spacings: list[float | None] = field(default_factory=list)  # mm, None for none (engine.pixel_spacing)
+    resampled: int = 0  # images averaged to the other domain's pixel size (train/pixel_pitch.py)
     skipped_unreadable: int = 0
     skipped_small: int = 0
 
@@ -108,13 +109,17 @@ def _content_map(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return ok.astype(np.uint8)
 
 
-def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def _decode(path: Path, normalization: dict[str, Any], pitch_to: float | None = None
+            ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """The image in model space, its valid mask and what its header says: ``body_part``
     (``engine.body_part``) and ``pixel_spacing`` (``engine.pixel_spacing``); a PNG or TIFF names
-    neither."""
+    neither.  With ``pitch_to``, an image of finer pixels is averaged to that size by
+    :mod:`.pixel_pitch`'s rule (``resampled`` True in the header)."""
     from dicom_node.engine.body_part import UNKNOWN, examined_body_part
     from dicom_node.engine.pixel_spacing import pixel_spacing_mm
     from dicom_node.engine.pixels import normalize, read_dicom, read_image_file, sniff_format
+
+    from .pixel_pitch import needs_resampling, to_pixel_size
 
     header: dict[str, Any] = {"body_part": UNKNOWN, "pixel_spacing": None}
     if sniff_format(path) in ("png", "tiff"):
@@ -125,12 +130,17 @@ def _decode(path: Path, normalization: dict[str, Any]) -> tuple[np.ndarray, np.n
     image = np.asarray(normalize(radiograph, normalization), dtype=np.float32)
     if image.ndim != 2:
         raise UserError(f"not a single 2-D image (shape {image.shape})")
-    return image, radiograph.valid, header
+    valid = radiograph.valid
+    if pitch_to is not None and needs_resampling(header["pixel_spacing"], pitch_to):
+        image, valid = to_pixel_size(image, valid, header["pixel_spacing"], pitch_to)
+        header.update(pixel_spacing=pitch_to, resampled=True)
+    return image, valid, header
 
 
 def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[str, Any], *, patch_size: int = 0,
-                write_cache: bool = True, min_images: int = 1) -> DomainData:
-    """Decode (or reuse the cache of) every image under ``folder``.
+                write_cache: bool = True, min_images: int = 1, pitch_to: float | None = None) -> DomainData:
+    """Decode (or reuse the cache of) every image under ``folder``; with ``pitch_to`` (mm), images
+    of finer pixels are averaged to that size (:mod:`.pixel_pitch`).
 
     ``write_cache=False`` (DDP ranks other than 0) reads what rank 0 wrote and decodes into
     memory whatever it cannot find there (multi-node without a shared run directory).  Raises
@@ -142,7 +152,7 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[s
     cache = cache_dir / label
     cache.mkdir(parents=True, exist_ok=True)
     index_path = cache / "index.json"
-    index = _read_index(index_path, normalization)
+    index = _read_index(index_path, normalization, pitch_to)
     entries: dict[str, Any] = index["files"]
     data = DomainData(label=label, folder=folder)
     changed = False
@@ -158,7 +168,7 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[s
         in_memory: tuple[np.ndarray, np.ndarray] | None = None
         if entry is None or entry.get("key") != key or (
                 entry.get("ok") and not (cache / entry["file"]).exists()):
-            entry, in_memory = _decode_entry(path, f"{n:06d}", key, normalization, cache, write_cache)
+            entry, in_memory = _decode_entry(path, f"{n:06d}", key, normalization, cache, write_cache, pitch_to)
             entries[rel] = entry
             changed = True
         if not entry["ok"]:
@@ -186,6 +196,7 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[s
         data.body_parts.append(str(entry.get("body_part", "")))
         spacing = entry.get("pixel_spacing")
         data.pixel_spacings.append(float(spacing) if isinstance(spacing, (int, float)) else None)
+        data.resampled += bool(entry.get("resampled"))
         if in_memory is not None:
             data.arrays.append(in_memory[0])
             data.content.append(in_memory[1])
@@ -212,22 +223,24 @@ def _domain_files(folder: Path, label: str) -> list[Path]:
     return files
 
 
-def _read_index(index_path: Path, normalization: dict[str, Any]) -> dict[str, Any]:
+def _read_index(index_path: Path, normalization: dict[str, Any], pitch_to: float | None) -> dict[str, Any]:
     """The cache index, or a fresh one when it is missing, unreadable, of another cache version
-    or made with another normalisation."""
+    or made with another normalisation or pixel size to average to."""
     index: dict[str, Any] = {}
     if index_path.exists():
         try:
             index = json.loads(index_path.read_text())
         except json.JSONDecodeError:
             index = {}
-    if index.get("version") != CACHE_VERSION or index.get("normalization") != normalization:
-        index = {"version": CACHE_VERSION, "normalization": normalization, "files": {}}
+    if (index.get("version") != CACHE_VERSION or index.get("normalization") != normalization
+            or index.get("pitch_to") != pitch_to):
+        index = {"version": CACHE_VERSION, "normalization": normalization, "pitch_to": pitch_to, "files": {}}
     return index
 
 
 def _decode_entry(path: Path, stem: str, key: dict[str, int], normalization: dict[str, Any], cache: Path,
-                  write_cache: bool) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+                  write_cache: bool, pitch_to: float | None = None
+                  ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     """Decode one file into its index entry (``ok`` False with the reason when unreadable).
 
     With ``write_cache`` the arrays go to ``cache/<stem>.npy`` and ``<stem>.content.npy``;
@@ -235,7 +248,7 @@ def _decode_entry(path: Path, stem: str, key: dict[str, int], normalization: dic
     """
     entry: dict[str, Any] = {"key": key, "ok": False}
     try:
-        image, valid, header = _decode(path, normalization)
+        image, valid, header = _decode(path, normalization, pitch_to)
     except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped and counted
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         entry["reason"] = reason[:200]

@@ -109,7 +109,12 @@ class _Run:
         cache = self.run_dir / "cache"
         kw: dict[str, Any] = dict(patch_size=cfg.train.patch_size, write_cache=write, min_images=cfg.data.min_images)
         a = load_domain(cfg.data.a, "A", cache, self.norms["A"], **kw)
-        b = load_domain(cfg.data.b, "B", cache, self.norms["B"], **kw)
+        sizes = a.summary()["pixel_spacing_mm"] if cfg.data.pixel_spacing == "match" else None
+        pitch_to = sizes["median"] if sizes else None
+        b = load_domain(cfg.data.b, "B", cache, self.norms["B"], pitch_to=pitch_to, **kw)
+        if b.resampled and write:
+            log.info("domain B: %d of %d images averaged to A's pixel size, %.3f mm, from finer pixels (a vendor's "
+                     "processing works in pixels; data.pixel_spacing: keep leaves them)", b.resampled, len(b), pitch_to)
         return a, b
 
     def _decide_normalizations(self) -> dict[str, dict[str, Any]]:

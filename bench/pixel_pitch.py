@@ -1,0 +1,117 @@
+"""The first stage on domains from detectors of other pixel pitches.
+
+Why: a vendor's processing works at fixed sizes in pixels (the demo styles' band, unsharp and
+denoising kernels are in pixels too), and so do the first stage's band curves.  A detector of
+finer pitch puts the same anatomy into coarser bands, so two domains of other pitches differ in
+more than their look.  ``dicom-node train`` warns when the domains' pixel sizes differ by more
+than 1.25x (``engine/pixel_spacing.py``); this script measures what such a difference costs.
+
+For each style pair and data seed it makes ``demo-data --unpaired`` at 512 px (24 images per
+domain, and 6 held-out true pairs) and, with the same seed, B's images again at another size over the same
+field of view (768 px: pixels 1.5x finer; 352 px: 1.45x coarser), processed in B's style at
+that size as B's own detector would.  It fits the first stage as the trainer does without pairs
+(band curves, 4 brightness bins, 9 quantiles) from A at 512 against B at each pitch, and, as
+against B's other-pitch images resampled to A's grid: averaged down as ``dicom-node train``
+does by default (``data.pixel_spacing: match``, ``train/pixel_pitch.py``), and, for the coarser
+B, interpolated up, which the trainer does not do.  Every fit is scored A→B on the same held-out pairs: B's style
+applied to A's images on A's grid, affine PSNR ("look") and plain PSNR ("as written").
+
+``python bench/pixel_pitch.py``; writes ``bench/results/pixel-pitch.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import write_results  # noqa: E402
+from quality import RESULTS, domain_windows, load_test_pairs, make_data, stage_scores  # noqa: E402
+
+BASE = 512  # A's size, and the held-out pairs'
+
+
+def resampled(images: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """Each square image resampled to ``size`` x ``size`` over the same field of view: down as the
+    trainer averages a finer B (``train/pixel_pitch.to_pixel_size``), up by linear interpolation."""
+    import torch
+    import torch.nn.functional as F
+
+    from dicom_node.train.pixel_pitch import to_pixel_size
+
+    out = []
+    for im in images:
+        if im.shape[0] > size:  # pixel sizes in units of the field of view
+            out.append(to_pixel_size(im, None, 1.0 / im.shape[0], 1.0 / size)[0])
+            continue
+        t = torch.from_numpy(np.ascontiguousarray(im, np.float32))[None, None]
+        out.append(F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy())
+    return out
+
+
+def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -> dict:
+    from dicom_node.train.data import load_domain
+    from dicom_node.train.tone_fit import fit_tone_filter
+
+    base = make_data(pair, work / f"seed{seed}-{BASE}", argparse.Namespace(count=count, test_count=6, size=BASE,
+                                                                            data_seed=seed))
+    norms = domain_windows(base)
+    tests = [(x, y) for _, x, y in load_test_pairs(base, norms)]
+    a = load_domain(base / "A", "A", base / ".cache", norms["A"])
+    b = load_domain(base / "B", "B", base / ".cache", norms["B"])
+    domains_b = {f"B at A's pitch ({BASE} px)": [np.asarray(x, np.float32) for x in b.arrays]}
+    for size in sizes:
+        other = make_data(pair, work / f"seed{seed}-{size}", argparse.Namespace(count=count, test_count=0, size=size,
+                                                                               data_seed=seed))
+        ob = load_domain(other / "B", "B", other / ".cache", domain_windows(other)["B"])
+        arrays = [np.asarray(x, np.float32) for x in ob.arrays]
+        pitch = f"{BASE / size:.2f}x A's pitch ({size} px)"
+        domains_b[f"B at {pitch}"] = arrays
+        domains_b[f"B at {pitch}, resampled to A's grid"] = resampled(arrays, BASE)
+    look, written = {}, {}
+    look["identity"], written["identity"] = stage_scores(None, tests)
+    for name, arrays in domains_b.items():
+        tf = fit_tone_filter(a.arrays, arrays, band_curves=True, brightness_bins=4, seed=0)
+        look[name], written[name] = stage_scores(tf, tests)
+    return {"look": {k: float(np.mean(v)) for k, v in look.items()},
+            "as_written": {k: float(np.mean(v)) for k, v in written.items()},
+            "images": look, "images_as_written": written}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", default="multiscale,combined,clahe,denoise,unsharp")
+    ap.add_argument("--count", type=int, default=24, help="images per domain")
+    ap.add_argument("--seeds", default="0,1", help="data seeds: other phantoms in each")
+    ap.add_argument("--sizes", default="768,352", help="B's other sizes over the same field of view")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-pixel-pitch"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS / "pixel-pitch.json")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results: dict = {}
+    for pair in args.pairs.split(","):
+        results[pair] = {}
+        for seed in (int(s) for s in args.seeds.split(",")):
+            r = results[pair][str(seed)] = score_pair(pair, seed, args.work, sizes, args.count)
+            print(f"{pair} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["look"].items()), flush=True)
+        write_results(args.out, args, "pixel-pitch", results=results)
+    names = list(next(iter(next(iter(results.values())).values()))["look"])
+    print("\nMean over seeds, A→B on the 6 held-out pairs at A's pitch: look (affine PSNR) / as written (plain PSNR), dB.")
+    print("| style pair | " + " | ".join(names) + " |")
+    print("| --- |" + " ---: |" * len(names))
+    for pair, rs in results.items():
+        cells = [f"{np.mean([rs[s]['look'][n] for s in rs]):.2f} / {np.mean([rs[s]['as_written'][n] for s in rs]):.2f}"
+                 for n in names]
+        print(f"| {pair} | " + " | ".join(cells) + " |")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
