@@ -16,8 +16,10 @@ The rule:
   to 10 mm (PNG or TIFF, or a damaged header);
 * a domain's pixel sizes are their smallest, median and largest;
 * an input lies outside a model's sizes when it is more than :data:`SPACING_TOLERANCE` finer than
-  the finest or coarser than the coarsest image of the model's input domain; two domains differ
-  when their medians do by more than it.
+  the finest or coarser than the coarsest image of the model's input domain;
+* two domains differ when one's coarsest pixels are more than :data:`SPACING_TOLERANCE` finer
+  than the other's finest: sizes that overlap are one detector's, or one mix of detectors and
+  examinations in both (a knee on a smaller field than a chest has finer pixels in both).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from typing import Any, Mapping, Sequence
 
 from .training_data import input_domain
 
-__all__ = ["SPACING_TOLERANCE", "pixel_spacing_mm", "spacing_range", "trained_pixel_spacing", "unlike_domains",
-           "unlike_pixel_spacing"]
+__all__ = ["SPACING_TOLERANCE", "finer_domain", "pixel_spacing_mm", "spacing_range", "trained_pixel_spacing",
+           "unlike_domains", "unlike_pixel_spacing"]
 
 SPACING_TOLERANCE = 1.25  # a third of an octave: detector pitches of one class (0.139 to 0.15 mm) pass
 _LARGEST_MM = 10.0
@@ -84,14 +86,22 @@ def unlike_pixel_spacing(metadata: Mapping[str, Any], spacing: float | None) -> 
             f"it processes detail at another scale")
 
 
+def finer_domain(a: Mapping[str, float] | None, b: Mapping[str, float] | None) -> str | None:
+    """``"A"`` or ``"B"``, the domain whose pixel sizes (:func:`spacing_range`) are all finer than
+    the other's by the rule (module docstring), or None: alike, or one names none."""
+    if a is None or b is None:
+        return None
+    if b["max"] * SPACING_TOLERANCE < a["min"]:
+        return "B"
+    return "A" if a["max"] * SPACING_TOLERANCE < b["min"] else None
+
+
 def unlike_domains(a: Mapping[str, float] | None, b: Mapping[str, float] | None) -> str | None:
     """Why two domains' pixel sizes (:func:`spacing_range`) differ, or None when they are alike
     or one names none."""
-    if a is None or b is None:
+    if a is None or b is None or finer_domain(a, b) is None:
         return None
     ratio = max(a["median"], b["median"]) / min(a["median"], b["median"])
-    if ratio <= SPACING_TOLERANCE:
-        return None
     return (f"the domains' pixels differ in size (A {a['median']:.3f} mm, B {b['median']:.3f} mm, "
             f"{ratio:.2f}x): a style's detail processing works at fixed sizes in pixels, so the "
             f"model learns a change of scale as style; give it images of detectors of like pitch")

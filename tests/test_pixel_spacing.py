@@ -14,6 +14,7 @@ from pydicom.tag import Tag
 from dicom_node.engine import load_style_model
 from dicom_node.engine.pixel_spacing import (
     SPACING_TOLERANCE,
+    finer_domain,
     pixel_spacing_mm,
     spacing_range,
     trained_pixel_spacing,
@@ -62,8 +63,12 @@ def test_an_input_is_judged_against_the_sizes_its_model_was_trained_on():
     for odd in ({}, {"provenance": "x"}, {"provenance": {"data": {"A": {"pixel_spacing_mm": [0.1]}}}},
                 {"provenance": {"data": {"A": {"pixel_spacing_mm": {"min": 0, "median": 0, "max": 0}}}}}):
         assert trained_pixel_spacing(odd) is None and unlike_pixel_spacing(odd, 0.5) is None
-    # two domains differ when their medians do by more than the tolerance
+    # two domains differ when one's coarsest pixels are more than the tolerance finer than the other's finest
     assert unlike_domains(spacing_range([0.139]), spacing_range([0.148])) is None
+    chests_and_knees = spacing_range([0.84] * 8 + [0.469] * 4), spacing_range([0.84] * 4 + [0.469] * 8)
+    assert finer_domain(*chests_and_knees) is None and unlike_domains(*chests_and_knees) is None  # one mix of fields
+    assert finer_domain(spacing_range([0.15, 0.16]), spacing_range([0.1, 0.11])) == "B"
+    assert finer_domain(spacing_range([0.1]), spacing_range([0.15])) == "A"
     assert unlike_domains(spacing_range([0.1]), None) is None
     assert "(A 0.100 mm, B 0.150 mm, 1.50x)" in str(unlike_domains(spacing_range([0.1]), spacing_range([0.15])))
 
@@ -145,6 +150,13 @@ def test_domain_b_of_finer_pixels_is_loaded_at_a_s_pixel_size_and_cached_as_such
         assert b.content[1].shape == (8, 8)  # the content map of the averaged image
     kept = load_domain(folder, "B", tmp_path / "cache", norm)  # another pixel size to average to: decoded again
     assert kept.arrays[1].shape == (128, 128) and kept.pixel_spacings[1] == 0.075 and kept.resampled == 0
+    # the trainer averages B only where all its pixels are finer than A's, read from the headers alone
+    from dicom_node.train.pixel_pitch import pitch_target
+
+    assert pitch_target(spacing_range([0.15, 0.16, 0.17]), folder) is None  # B's 0.14 overlaps A's 0.15
+    (folder / "alike.dcm").unlink()
+    assert pitch_target(spacing_range([0.15, 0.16, 0.17]), folder) == 0.16  # A's median
+    assert pitch_target(None, folder) is None and pitch_target(spacing_range([0.05]), folder) is None
 
 
 def test_dicom_node_train_averages_a_finer_b_to_a_s_pixel_size_unless_told_to_keep_it(tmp_path, caplog):

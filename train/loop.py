@@ -33,6 +33,7 @@ from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indi
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from .networks import tone_filter_arguments
+from .pixel_pitch import pitch_target
 from .run_log import RunLog
 from .selection import PSEUDO_IMAGES, CheckpointSelector
 
@@ -109,8 +110,8 @@ class _Run:
         cache = self.run_dir / "cache"
         kw: dict[str, Any] = dict(patch_size=cfg.train.patch_size, write_cache=write, min_images=cfg.data.min_images)
         a = load_domain(cfg.data.a, "A", cache, self.norms["A"], **kw)
-        sizes = a.summary()["pixel_spacing_mm"] if cfg.data.pixel_spacing == "match" else None
-        pitch_to = sizes["median"] if sizes else None
+        pitch_to = pitch_target(a.summary()["pixel_spacing_mm"], cfg.data.b) if cfg.data.pixel_spacing == "match" \
+            else None
         b = load_domain(cfg.data.b, "B", cache, self.norms["B"], pitch_to=pitch_to, **kw)
         if b.resampled and write:
             log.info("domain B: %d of %d images averaged to A's pixel size, %.3f mm, from finer pixels (a vendor's "

@@ -8,19 +8,47 @@ Measured with ``bench/pixel_pitch.py`` (first stage, demo styles, B 1.5x finer t
 ``bench/README.md``. A B coarser than A is left alone: interpolating it up did not win back
 what its pitch cost.
 
-The rule: with ``data.pixel_spacing: match`` (the default), each image of B whose pixels are
-more than :data:`~dicom_node.engine.pixel_spacing.SPACING_TOLERANCE` finer than A's median is
-area-averaged to A's median pixel size (its valid mask with it: a pixel stays valid where all it
-averages were); images that name no size, and A's own, are left as they are. The model then
-records B's sizes as resampled, and the log says how many were.
+The rule: with ``data.pixel_spacing: match`` (the default), when B's pixels are all finer than
+A's (``engine.pixel_spacing.finer_domain``: B's coarsest more than
+:data:`~dicom_node.engine.pixel_spacing.SPACING_TOLERANCE` finer than A's finest), each image of
+B that names its size is area-averaged to A's median pixel size (its valid mask with it: a pixel
+stays valid where all it averages were); images that name no size, and A's own, are left as they
+are. Sizes that overlap are left alone: they are one detector's, or one mix of examinations
+whose smaller fields have finer pixels in both domains. The model then records B's sizes as
+averaged, and the log says how many were.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from dicom_node.engine.pixel_spacing import SPACING_TOLERANCE
+from dicom_node.engine.pixel_spacing import SPACING_TOLERANCE, finer_domain, pixel_spacing_mm, spacing_range
 
-__all__ = ["needs_resampling", "to_pixel_size"]
+__all__ = ["needs_resampling", "pitch_target", "to_pixel_size"]
+
+
+def pitch_target(a_sizes: dict[str, float] | None, b_folder: Path) -> float | None:
+    """The pixel size (mm) B's images are averaged to by the rule, A's median, or None; B's sizes
+    are read from the headers alone, before B is decoded."""
+    b_sizes = spacing_range([_header_spacing(f) for f in _image_files(b_folder)])
+    return a_sizes["median"] if a_sizes is not None and finer_domain(a_sizes, b_sizes) == "B" else None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from .data import find_image_files
+
+    return find_image_files(folder) if folder.is_dir() else []
+
+
+def _header_spacing(path: Path) -> float | None:
+    """One file's pixel size from its header; None for a raster or an unreadable file."""
+    from pydicom import dcmread
+
+    try:
+        return pixel_spacing_mm(dcmread(path, stop_before_pixels=True, force=True))
+    except Exception:  # noqa: BLE001 - PNG, TIFF, damaged: names no size (decoding will say why)
+        return None
 
 
 def needs_resampling(own_mm: float | None, target_mm: float | None) -> bool:
