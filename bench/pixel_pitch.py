@@ -3,24 +3,28 @@
 Why: a vendor's processing works at fixed sizes in pixels (the demo styles' band, unsharp and
 denoising kernels are in pixels too), and so do the first stage's band curves.  A detector of
 finer pitch puts the same anatomy into coarser bands, so two domains of other pitches differ in
-more than their look.  ``dicom-node train`` warns when the domains' pixel sizes differ by more
-than 1.25x (``engine/pixel_spacing.py``); this script measures what such a difference costs.
+more than their look.  ``dicom-node train`` averages a B of finer pixels to A's pixel size
+(``data.pixel_spacing: match``, ``train/pixel_pitch.py``) and warns about a coarser one; this
+script measures what a pitch difference costs and what the averaging wins back.
 
 For each style pair and data seed it makes ``demo-data --unpaired`` at 512 px (24 images per
-domain, and 6 held-out true pairs) and, with the same seed, B's images again at another size over the same
-field of view (768 px: pixels 1.5x finer; 352 px: 1.45x coarser), processed in B's style at
-that size as B's own detector would.  It fits the first stage as the trainer does without pairs
-(band curves, 4 brightness bins, 9 quantiles) from A at 512 against B at each pitch, and, as
-against B's other-pitch images resampled to A's grid: averaged down as ``dicom-node train``
-does by default (``data.pixel_spacing: match``, ``train/pixel_pitch.py``), and, for the coarser
-B, interpolated up, which the trainer does not do.  Every fit is scored A→B on the same held-out pairs: B's style
-applied to A's images on A's grid, affine PSNR ("look") and plain PSNR ("as written").
+domain, 6 held-out true pairs) and, with the same seed, B's images again at another size over
+the same field of view (768 px: pixels 1.5x finer; 352 px: 1.45x coarser), processed in B's
+style at that size, as B's own detector would.  It keeps the chests alone (one field of view,
+so one pixel size per domain, as one detector gives).  It fits the first stage as the trainer
+does without pairs (band curves, 4 brightness bins, 9 quantiles) from A at 512 against B at each
+pitch, and against B as ``dicom-node train`` loads it by default (its own decision and
+averaging: the finer B averaged to A's pixel size; the coarser B left alone, so it is shown
+interpolated up instead, which the trainer does not do).  Every fit is scored A→B on the same
+held-out chests (4 of the 6 pairs): B's style applied to A's images on A's grid, affine PSNR ("look") and plain
+PSNR ("as written").
 
 ``python bench/pixel_pitch.py``; writes ``bench/results/pixel-pitch.json``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,50 +38,72 @@ BASE = 512  # A's size, and the held-out pairs'
 
 
 def resampled(images: list[np.ndarray], size: int) -> list[np.ndarray]:
-    """Each square image resampled to ``size`` x ``size`` over the same field of view: down as the
-    trainer averages a finer B (``train/pixel_pitch.to_pixel_size``), up by linear interpolation."""
+    """Each square image interpolated up to ``size`` x ``size`` over the same field of view."""
     import torch
     import torch.nn.functional as F
 
-    from dicom_node.train.pixel_pitch import to_pixel_size
-
     out = []
     for im in images:
-        if im.shape[0] > size:  # pixel sizes in units of the field of view
-            out.append(to_pixel_size(im, None, 1.0 / im.shape[0], 1.0 / size)[0])
-            continue
         t = torch.from_numpy(np.ascontiguousarray(im, np.float32))[None, None]
         out.append(F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy())
     return out
 
 
+def chests(data: Path, out: Path) -> Path:
+    """``data``'s chest images alone (hard links: A, B and test), one field of view and so one
+    pixel size per domain, as one detector gives (the demo's knees lie on a smaller field)."""
+    if not (out / "done").exists():
+        for sub in ("A", "B", "test/A", "test/B"):
+            if (data / sub).is_dir():
+                (out / sub).mkdir(parents=True, exist_ok=True)
+                for f in sorted((data / sub).glob("*_chest.dcm")):
+                    if not (out / sub / f.name).exists():
+                        os.link(f, out / sub / f.name)
+        (out / "done").write_text("")
+    return out
+
+
 def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -> dict:
+    """Identity and the first stage fitted from A against B at each pitch, scored on the held-out chests."""
     from dicom_node.train.data import load_domain
+    from dicom_node.train.pixel_pitch import pitch_target
     from dicom_node.train.tone_fit import fit_tone_filter
 
-    base = make_data(pair, work / f"seed{seed}-{BASE}", argparse.Namespace(count=count, test_count=6, size=BASE,
-                                                                            data_seed=seed))
+    def data(size: int, test_count: int) -> Path:
+        full = make_data(pair, work / f"seed{seed}-{size}",
+                         argparse.Namespace(count=count, test_count=test_count, size=size, data_seed=seed))
+        return chests(full, work / f"seed{seed}-{size}" / f"chests-{pair}")
+
+    base = data(BASE, 6)
     norms = domain_windows(base)
     tests = [(x, y) for _, x, y in load_test_pairs(base, norms)]
     a = load_domain(base / "A", "A", base / ".cache", norms["A"])
     b = load_domain(base / "B", "B", base / ".cache", norms["B"])
-    domains_b = {f"B at A's pitch ({BASE} px)": [np.asarray(x, np.float32) for x in b.arrays]}
+    domains_b = {f"B at A's pitch ({BASE} px)": b}
+    targets: dict[str, float | None] = {}
     for size in sizes:
-        other = make_data(pair, work / f"seed{seed}-{size}", argparse.Namespace(count=count, test_count=0, size=size,
-                                                                               data_seed=seed))
-        ob = load_domain(other / "B", "B", other / ".cache", domain_windows(other)["B"])
-        arrays = [np.asarray(x, np.float32) for x in ob.arrays]
+        other = data(size, 0)
+        b_norm = domain_windows(other)["B"]
         pitch = f"{BASE / size:.2f}x A's pitch ({size} px)"
-        domains_b[f"B at {pitch}"] = arrays
-        domains_b[f"B at {pitch}, resampled to A's grid"] = resampled(arrays, BASE)
+        domains_b[f"B at {pitch}"] = load_domain(other / "B", "B", other / ".cache", b_norm)
+        # what dicom-node train does by default (data.pixel_spacing: match): its own decision and averaging
+        target = targets[pitch] = pitch_target(a.summary()["pixel_spacing_mm"], other / "B")
+        if target is not None:
+            domains_b[f"B at {pitch}, as the trainer averages it"] = load_domain(
+                other / "B", "B", other / ".cache-matched", b_norm, pitch_to=target)
+        else:  # a coarser B: the trainer leaves it; what interpolating it up would give
+            ob = domains_b[f"B at {pitch}"]
+            up = argparse.Namespace(arrays=resampled([np.asarray(x, np.float32) for x in ob.arrays], BASE))
+            domains_b[f"B at {pitch}, interpolated up (not done by the trainer)"] = up
     look, written = {}, {}
     look["identity"], written["identity"] = stage_scores(None, tests)
-    for name, arrays in domains_b.items():
-        tf = fit_tone_filter(a.arrays, arrays, band_curves=True, brightness_bins=4, seed=0)
+    for name, domain in domains_b.items():
+        tf = fit_tone_filter(a.arrays, domain.arrays, band_curves=True, brightness_bins=4, seed=0)
         look[name], written[name] = stage_scores(tf, tests)
     return {"look": {k: float(np.mean(v)) for k, v in look.items()},
             "as_written": {k: float(np.mean(v)) for k, v in written.items()},
-            "images": look, "images_as_written": written}
+            "images": look, "images_as_written": written, "pitch_target_mm": targets,
+            "images_per_domain": {"A": len(a), "B": len(b), "test": len(tests)}}
 
 
 def main() -> int:
@@ -102,7 +128,7 @@ def main() -> int:
             print(f"{pair} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["look"].items()), flush=True)
         write_results(args.out, args, "pixel-pitch", results=results)
     names = list(next(iter(next(iter(results.values())).values()))["look"])
-    print("\nMean over seeds, A→B on the 6 held-out pairs at A's pitch: look (affine PSNR) / as written (plain PSNR), dB.")
+    print("\nMean over seeds, A→B on the held-out chests at A's pitch: look (affine PSNR) / as written (plain PSNR), dB.")
     print("| style pair | " + " | ".join(names) + " |")
     print("| --- |" + " ---: |" * len(names))
     for pair, rs in results.items():
