@@ -65,7 +65,7 @@ def chests(data: Path, out: Path) -> Path:
 
 def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -> dict:
     """Identity and the first stage fitted from A against B at each pitch, scored on the held-out chests."""
-    from dicom_node.train.data import load_domain
+    from dicom_node.train.data import find_image_files, load_domain
     from dicom_node.train.pixel_pitch import pitch_target
     from dicom_node.train.tone_fit import fit_tone_filter
 
@@ -87,7 +87,7 @@ def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -
         pitch = f"{BASE / size:.2f}x A's pitch ({size} px)"
         domains_b[f"B at {pitch}"] = load_domain(other / "B", "B", other / ".cache", b_norm)
         # what dicom-node train does by default (data.pixel_spacing: match): its own decision and averaging
-        target = targets[pitch] = pitch_target(a.summary()["pixel_spacing_mm"], other / "B")
+        target = targets[pitch] = pitch_target(a.summary()["pixel_spacing_mm"], find_image_files(other / "B"))
         if target is not None:
             domains_b[f"B at {pitch}, as the trainer averages it"] = load_domain(
                 other / "B", "B", other / ".cache-matched", b_norm, pitch_to=target)

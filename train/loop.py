@@ -29,7 +29,7 @@ from dicom_node.engine.pixel_spacing import unlike_domains
 
 from .config import TrainConfig
 from .cyclegan import CycleGAN
-from .data import DomainData, PatchSampler, load_domain, load_pairs, paired_indices
+from .data import DomainData, PatchSampler, find_image_files, load_domain, load_pairs, paired_indices
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from .networks import tone_filter_arguments
@@ -110,8 +110,9 @@ class _Run:
         cache = self.run_dir / "cache"
         kw: dict[str, Any] = dict(patch_size=cfg.train.patch_size, write_cache=write, min_images=cfg.data.min_images)
         a = load_domain(cfg.data.a, "A", cache, self.norms["A"], **kw)
-        pitch_to = pitch_target(a.summary()["pixel_spacing_mm"], cfg.data.b) if cfg.data.pixel_spacing == "match" \
-            else None
+        pitch_to = None
+        if cfg.data.pixel_spacing == "match" and Path(cfg.data.b).is_dir():
+            pitch_to = pitch_target(a.summary()["pixel_spacing_mm"], find_image_files(Path(cfg.data.b)))
         b = load_domain(cfg.data.b, "B", cache, self.norms["B"], pitch_to=pitch_to, **kw)
         if b.resampled and write:
             log.info("domain B: %d of %d images averaged to A's pixel size, %.3f mm, from finer pixels (a vendor's "

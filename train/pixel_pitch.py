@@ -20,6 +20,7 @@ averaged, and the log says how many were.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -28,17 +29,11 @@ from dicom_node.engine.pixel_spacing import SPACING_TOLERANCE, finer_domain, pix
 __all__ = ["needs_resampling", "pitch_target", "to_pixel_size"]
 
 
-def pitch_target(a_sizes: dict[str, float] | None, b_folder: Path) -> float | None:
+def pitch_target(a_sizes: dict[str, float] | None, b_files: Sequence[Path]) -> float | None:
     """The pixel size (mm) B's images are averaged to by the rule, A's median, or None; B's sizes
-    are read from the headers alone, before B is decoded."""
-    b_sizes = spacing_range([_header_spacing(f) for f in _image_files(b_folder)])
+    are read from the headers of ``b_files`` alone, before B is decoded."""
+    b_sizes = spacing_range([_header_spacing(f) for f in b_files])
     return a_sizes["median"] if a_sizes is not None and finer_domain(a_sizes, b_sizes) == "B" else None
-
-
-def _image_files(folder: Path) -> list[Path]:
-    from .data import find_image_files
-
-    return find_image_files(folder) if folder.is_dir() else []
 
 
 def _header_spacing(path: Path) -> float | None:
