@@ -79,26 +79,26 @@ def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -
     tests = [(x, y) for _, x, y in load_test_pairs(base, norms)]
     a = load_domain(base / "A", "A", base / ".cache", norms["A"])
     b = load_domain(base / "B", "B", base / ".cache", norms["B"])
-    domains_b = {f"B at A's pitch ({BASE} px)": b}
+    domains_b = {f"B at A's pitch ({BASE} px)": list(b.arrays)}  # each B's images, as the fit reads them
     targets: dict[str, float | None] = {}
     for size in sizes:
         other = data(size, 0)
         b_norm = domain_windows(other)["B"]
         pitch = f"{BASE / size:.2f}x A's pitch ({size} px)"
-        domains_b[f"B at {pitch}"] = load_domain(other / "B", "B", other / ".cache", b_norm)
+        as_made = list(load_domain(other / "B", "B", other / ".cache", b_norm).arrays)
+        domains_b[f"B at {pitch}"] = as_made
         # what dicom-node train does by default (data.pixel_spacing: match): its own decision and averaging
         target = targets[pitch] = pitch_target(a.summary()["pixel_spacing_mm"], find_image_files(other / "B"))
         if target is not None:
-            domains_b[f"B at {pitch}, as the trainer averages it"] = load_domain(
-                other / "B", "B", other / ".cache-matched", b_norm, pitch_to=target)
+            domains_b[f"B at {pitch}, as the trainer averages it"] = list(load_domain(
+                other / "B", "B", other / ".cache-matched", b_norm, pitch_to=target).arrays)
         else:  # a coarser B: the trainer leaves it; what interpolating it up would give
-            ob = domains_b[f"B at {pitch}"]
-            up = argparse.Namespace(arrays=resampled([np.asarray(x, np.float32) for x in ob.arrays], BASE))
-            domains_b[f"B at {pitch}, interpolated up (not done by the trainer)"] = up
+            domains_b[f"B at {pitch}, interpolated up (not done by the trainer)"] = resampled(
+                [np.asarray(x, np.float32) for x in as_made], BASE)
     look, written = {}, {}
     look["identity"], written["identity"] = stage_scores(None, tests)
-    for name, domain in domains_b.items():
-        tf = fit_tone_filter(a.arrays, domain.arrays, band_curves=True, brightness_bins=4, seed=0)
+    for name, arrays in domains_b.items():
+        tf = fit_tone_filter(a.arrays, arrays, band_curves=True, brightness_bins=4, seed=0)
         look[name], written[name] = stage_scores(tf, tests)
     return {"look": {k: float(np.mean(v)) for k, v in look.items()},
             "as_written": {k: float(np.mean(v)) for k, v in written.items()},

@@ -24,6 +24,7 @@ The rule:
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Mapping, Sequence
 
 from .training_data import input_domain
@@ -54,8 +55,7 @@ def spacing_range(spacings: Sequence[float | None]) -> dict[str, float] | None:
     known = sorted(s for s in spacings if s is not None)
     if not known:
         return None
-    median = known[len(known) // 2] if len(known) % 2 else (known[len(known) // 2 - 1] + known[len(known) // 2]) / 2
-    return {"min": round(known[0], 4), "median": round(median, 4), "max": round(known[-1], 4)}
+    return {"min": round(known[0], 4), "median": round(statistics.median(known), 4), "max": round(known[-1], 4)}
 
 
 def trained_pixel_spacing(metadata: Mapping[str, Any]) -> dict[str, float] | None:

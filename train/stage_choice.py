@@ -28,7 +28,8 @@ from dicom_node.engine.tone_filter import ToneFilter
 from .pair_scores import pooled_affine, pooled_error
 
 __all__ = ["TONE_QUANTILES", "DEFAULT_TONE_QUANTILES", "FULL_DETAIL", "LEVEL_GAIN_LIMITS", "SHAPE_KEPT",
-           "choose_tone_detail", "fit_level", "fit_level_saying", "choose_shape", "with_shape", "pair_score", "detail_name", "as_batch"]
+           "choose_tone_detail", "fit_level", "fit_level_saying", "choose_shape", "with_shape", "pair_score",
+           "detail_name", "as_batch"]
 
 log = logging.getLogger("dicom_node.train")
 
