@@ -84,7 +84,7 @@ def test_dicom_node_train_records_the_pixel_sizes_warns_when_they_differ_and_the
             ds = make_dataset(phantom(64, 64, seed=i + (10 if domain == "B" else 0)), seed=i)
             ds.ImagerPixelSpacing = ds.PixelSpacing = [spacing, spacing]
             write(ds, tmp_path / domain / f"{domain.lower()}{i}.dcm")
-    said = train_tiny(tmp_path, caplog)
+    said = train_tiny(tmp_path, caplog, "--set", "data.pixel_spacing=keep")  # the default interpolates B (below)
     warned = [m for m in said if m.startswith("the domains' pixels differ in size")]
     assert len(warned) == 1 and "(A 0.150 mm, B 0.300 mm, 2.00x)" in warned[0], said
     assert not any(PATIENT_NAME in m or PATIENT_ID in m for m in said)
@@ -107,13 +107,14 @@ def test_dicom_node_train_records_the_pixel_sizes_warns_when_they_differ_and_the
     assert "pixel size 0.100 mm is outside" in str(flagged.sc.ImageComments)
 
 
-def test_finer_pixels_are_averaged_to_the_target_size_and_others_left_alone():
+def test_finer_pixels_are_averaged_coarser_ones_interpolated_and_alike_ones_left_alone():
     import numpy as np
 
-    from dicom_node.train.pixel_pitch import needs_resampling, to_pixel_size
+    from dicom_node.train.pixel_pitch import AVERAGED, INTERPOLATED, resampling, to_pixel_size
 
-    assert needs_resampling(0.1, 0.15) and not needs_resampling(0.13, 0.15)  # within 1.25x: alike
-    assert not needs_resampling(0.3, 0.15) and not needs_resampling(None, 0.15) and not needs_resampling(0.1, None)
+    assert resampling(0.1, 0.15) == AVERAGED and resampling(0.2, 0.15) == INTERPOLATED
+    for alike in ((0.13, 0.15), (0.18, 0.15), (None, 0.15), (0.1, None)):  # within 1.25x, or unknown
+        assert resampling(*alike) is None, alike
     rng = np.random.default_rng(0)
     image = rng.normal(size=(96, 120)).astype(np.float32)
     valid = np.ones_like(image, bool)
@@ -123,6 +124,14 @@ def test_finer_pixels_are_averaged_to_the_target_size_and_others_left_alone():
     assert out.mean() == pytest.approx(image.mean(), abs=0.03) and out.std() < 0.75 * image.std()  # averaged
     assert not mask[:, :2].any() and mask[:, 3:].all()  # a pixel stays valid where all it averages were
     assert to_pixel_size(image, None, 0.1, 0.2)[1] is None
+    # to finer pixels: bicubic, within the image's own range; valid where the source around it all was
+    out, mask = to_pixel_size(image, valid, 0.15, 0.1)
+    assert out.shape == mask.shape == (144, 180) and image.min() <= out.min() and out.max() <= image.max()
+    assert not mask[:, :7].any() and mask[:, 12:-4].all() and mask[4:-4, 12:].all()
+    ramp = np.tile(np.linspace(-1, 1, 120, dtype=np.float32), (96, 1))
+    up, _ = to_pixel_size(ramp, None, 0.15, 0.1)
+    assert np.abs(up[:, 8:-8] - np.linspace(-1, 1, 180)[None, 8:-8]).max() < 0.01  # a ramp stays a ramp
+    assert to_pixel_size(image, None, 0.2, 0.1)[1] is None
 
 
 def test_domain_b_of_finer_pixels_is_loaded_at_a_s_pixel_size_and_cached_as_such(tmp_path):
@@ -146,33 +155,42 @@ def test_domain_b_of_finer_pixels_is_loaded_at_a_s_pixel_size_and_cached_as_such
         b = load_domain(folder, "B", tmp_path / "cache", norm, pitch_to=0.15)
         assert b.names == ["alike", "fine", "none", "png"]
         assert [x.shape for x in b.arrays] == [(128, 128), (64, 64), (128, 128), (128, 128)]
-        assert b.pixel_spacings == [0.14, 0.15, None, None] and b.resampled == 1
+        assert b.pixel_spacings == [0.14, 0.15, None, None] and b.resampled == {"averaged": 1}
         assert b.content[1].shape == (8, 8)  # the content map of the averaged image
     kept = load_domain(folder, "B", tmp_path / "cache", norm)  # another pixel size to average to: decoded again
-    assert kept.arrays[1].shape == (128, 128) and kept.pixel_spacings[1] == 0.075 and kept.resampled == 0
-    # the trainer averages B only where all its pixels are finer than A's, read from the headers alone
+    assert kept.arrays[1].shape == (128, 128) and kept.pixel_spacings[1] == 0.075 and not kept.resampled
+    # the trainer resamples B only where its pixels and A's do not overlap, read from the headers alone
     from dicom_node.train.pixel_pitch import pitch_target
 
     files = sorted(folder.iterdir())
     assert pitch_target(spacing_range([0.15, 0.16, 0.17]), files) is None  # B's 0.14 overlaps A's 0.15
     files = [f for f in files if f.name != "alike.dcm"]
     assert pitch_target(spacing_range([0.15, 0.16, 0.17]), files) == 0.16  # A's median
-    assert pitch_target(None, files) is None and pitch_target(spacing_range([0.05]), files) is None
+    assert pitch_target(spacing_range([0.03, 0.04]), files) == 0.035  # B coarser: A's median too
+    assert pitch_target(None, files) is None and pitch_target(spacing_range([0.07, 0.08]), files) is None
 
 
-def test_dicom_node_train_averages_a_finer_b_to_a_s_pixel_size_unless_told_to_keep_it(tmp_path, caplog):
-    for domain, spacing in (("A", 0.15), ("B", 0.075)):
+@pytest.mark.parametrize(("spacing", "how", "size"), [(0.075, "averaged to A's pixel size, 0.150 mm, from finer", 48),
+                                                     (0.3, "interpolated to A's pixel size, 0.150 mm, from coarser", 192)])
+def test_dicom_node_train_resamples_b_to_a_s_pixel_size_unless_told_to_keep_it(tmp_path, caplog, spacing, how, size):
+    from dicom_node.train.data import load_domain
+
+    for domain, mm in (("A", 0.15), ("B", spacing)):
         (tmp_path / domain).mkdir()
         for i in range(3):
             ds = make_dataset(phantom(96, 96, seed=i + (10 if domain == "B" else 0)), rows=96, cols=96, seed=i)
-            ds.ImagerPixelSpacing = ds.PixelSpacing = [spacing, spacing]
+            ds.ImagerPixelSpacing = ds.PixelSpacing = [mm, mm]
             write(ds, tmp_path / domain / f"{domain.lower()}{i}.dcm")
     said = train_tiny(tmp_path, caplog)
-    assert "domain B: 3 of 3 images averaged to A's pixel size, 0.150 mm, from finer pixels (a vendor's processing " \
+    assert f"domain B: 3 of 3 images {how} pixels (a vendor's processing " \
            "works in pixels; data.pixel_spacing: keep leaves them)" in said
     assert not any(m.startswith("the domains' pixels differ") for m in said)
     data = load_style_model(tmp_path / "run" / "models" / "run_A2B.safetensors").metadata["provenance"]["data"]
     assert data["B"]["pixel_spacing_mm"]["median"] == 0.15
-    said = train_tiny(tmp_path, caplog, "-o", str(tmp_path / "kept"), "--set", "data.pixel_spacing=keep")
-    assert not any("averaged to A's pixel size" in m for m in said)
-    assert any(m.startswith("the domains' pixels differ in size (A 0.150 mm, B 0.075 mm, 2.00x)") for m in said)
+    norm = json.loads((tmp_path / "run" / "cache" / "B" / "index.json").read_text())["normalization"]
+    cached = load_domain(tmp_path / "B", "B", tmp_path / "run" / "cache", norm, pitch_to=0.15, write_cache=False)
+    assert [x.shape for x in cached.arrays] == [(size, size)] * 3  # what the run trained on
+    if spacing < 0.15:  # keep: as it is, with the warning (the coarser B's is the test above)
+        said = train_tiny(tmp_path, caplog, "-o", str(tmp_path / "kept"), "--set", "data.pixel_spacing=keep")
+        assert not any("to A's pixel size" in m for m in said)
+        assert any(m.startswith("the domains' pixels differ in size (A 0.150 mm, B 0.075 mm, 2.00x)") for m in said)

@@ -34,8 +34,9 @@ class DataSettings:
     # alike in both, in the first stage's fit and in the training patches (train/exam_mix.py);
     # ignore: every image alike (headers whose body parts are wrong or named differently)
     body_parts: str = "weigh"
-    # match: B's images of pixels more than 1.25x finer than A's are averaged to A's pixel size
-    # (a vendor's processing works in pixels: train/pixel_pitch.py); keep: every image as it is
+    # match: where the domains' pixel sizes do not overlap (more than 1.25x apart), B's images are
+    # resampled to A's pixel size, a finer B averaged, a coarser one interpolated (a vendor's
+    # processing works in pixels: train/pixel_pitch.py); keep: every image as it is
     pixel_spacing: str = "match"
 
 

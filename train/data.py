@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -29,7 +30,8 @@ __all__ = ["DomainData", "pick_images", "pick_indices", "find_image_files", "loa
 log = logging.getLogger("dicom_node.train")
 
 BLOCK = 8  # content map resolution in pixels
-CACHE_VERSION = 3  # 2: each entry holds the image's body part; 3: named by meaning, and its pixel size
+CACHE_VERSION = 4  # 2: each entry holds the image's body part; 3: named by meaning, and its pixel size;
+# 4: how it was resampled (train/pixel_pitch.py)
 _SKIP_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".npy", ".safetensors", ".pt", ".zip"}
 
 
@@ -44,7 +46,8 @@ class DomainData:
     content: list[np.ndarray] = field(default_factory=list)  # per 8x8 block: 1 = not background
     body_parts: list[str] = field(default_factory=list)  # BodyPartExamined, "" for none (engine.body_part)
     pixel_spacings: list[float | None] = field(default_factory=list)  # mm, None for none (engine.pixel_spacing)
-    resampled: int = 0  # images averaged to the other domain's pixel size (train/pixel_pitch.py)
+    # images resampled to the other domain's pixel size, by how (train/pixel_pitch.py)
+    resampled: Counter[str] = field(default_factory=Counter)
     skipped_unreadable: int = 0
     skipped_small: int = 0
 
@@ -113,13 +116,13 @@ def _decode(path: Path, normalization: dict[str, Any], pitch_to: float | None = 
             ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """The image in model space, its valid mask and what its header says: ``body_part``
     (``engine.body_part``) and ``pixel_spacing`` (``engine.pixel_spacing``); a PNG or TIFF names
-    neither.  With ``pitch_to``, an image of finer pixels is averaged to that size by
-    :mod:`.pixel_pitch`'s rule (``resampled`` True in the header)."""
+    neither.  With ``pitch_to``, an image of another pixel size is resampled to that size by
+    :mod:`.pixel_pitch`'s rule (``resampled`` in the header says how)."""
     from dicom_node.engine.body_part import UNKNOWN, examined_body_part
     from dicom_node.engine.pixel_spacing import pixel_spacing_mm
     from dicom_node.engine.pixels import normalize, read_dicom, read_image_file, sniff_format
 
-    from .pixel_pitch import needs_resampling, to_pixel_size
+    from .pixel_pitch import resampling, to_pixel_size
 
     header: dict[str, Any] = {"body_part": UNKNOWN, "pixel_spacing": None}
     if sniff_format(path) in ("png", "tiff"):
@@ -131,16 +134,17 @@ def _decode(path: Path, normalization: dict[str, Any], pitch_to: float | None = 
     if image.ndim != 2:
         raise UserError(f"not a single 2-D image (shape {image.shape})")
     valid = radiograph.valid
-    if pitch_to is not None and needs_resampling(header["pixel_spacing"], pitch_to):
+    how = resampling(header["pixel_spacing"], pitch_to)
+    if how is not None and pitch_to is not None:
         image, valid = to_pixel_size(image, valid, header["pixel_spacing"], pitch_to)
-        header.update(pixel_spacing=pitch_to, resampled=True)
+        header.update(pixel_spacing=pitch_to, resampled=how)
     return image, valid, header
 
 
 def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[str, Any], *, patch_size: int = 0,
                 write_cache: bool = True, min_images: int = 1, pitch_to: float | None = None) -> DomainData:
     """Decode (or reuse the cache of) every image under ``folder``; with ``pitch_to`` (mm), images
-    of finer pixels are averaged to that size (:mod:`.pixel_pitch`).
+    of another pixel size are resampled to that size (:mod:`.pixel_pitch`).
 
     ``write_cache=False`` (DDP ranks other than 0) reads what rank 0 wrote and decodes into
     memory whatever it cannot find there (multi-node without a shared run directory).  Raises
@@ -196,7 +200,8 @@ def load_domain(folder: Path, label: str, cache_dir: Path, normalization: dict[s
         data.body_parts.append(str(entry.get("body_part", "")))
         spacing = entry.get("pixel_spacing")
         data.pixel_spacings.append(float(spacing) if isinstance(spacing, (int, float)) else None)
-        data.resampled += bool(entry.get("resampled"))
+        if entry.get("resampled"):
+            data.resampled[str(entry["resampled"])] += 1
         if in_memory is not None:
             data.arrays.append(in_memory[0])
             data.content.append(in_memory[1])

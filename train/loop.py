@@ -33,7 +33,7 @@ from .data import DomainData, PatchSampler, find_image_files, load_domain, load_
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from .networks import tone_filter_arguments
-from .pixel_pitch import pitch_target
+from .pixel_pitch import AVERAGED, pitch_target
 from .run_log import RunLog
 from .selection import PSEUDO_IMAGES, CheckpointSelector
 
@@ -114,9 +114,10 @@ class _Run:
         if cfg.data.pixel_spacing == "match" and Path(cfg.data.b).is_dir():
             pitch_to = pitch_target(a.summary()["pixel_spacing_mm"], find_image_files(Path(cfg.data.b)))
         b = load_domain(cfg.data.b, "B", cache, self.norms["B"], pitch_to=pitch_to, **kw)
-        if b.resampled and write:
-            log.info("domain B: %d of %d images averaged to A's pixel size, %.3f mm, from finer pixels (a vendor's "
-                     "processing works in pixels; data.pixel_spacing: keep leaves them)", b.resampled, len(b), pitch_to)
+        for how, count in sorted(b.resampled.items()) if write else ():
+            log.info("domain B: %d of %d images %s to A's pixel size, %.3f mm, from %s pixels (a vendor's "
+                     "processing works in pixels; data.pixel_spacing: keep leaves them)", count, len(b), how, pitch_to,
+                     "finer" if how == AVERAGED else "coarser")
         return a, b
 
     def _decide_normalizations(self) -> dict[str, dict[str, Any]]:
