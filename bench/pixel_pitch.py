@@ -3,9 +3,10 @@
 Why: a vendor's processing works at fixed sizes in pixels (the demo styles' band, unsharp and
 denoising kernels are in pixels too), and so do the first stage's band curves.  A detector of
 finer pitch puts the same anatomy into coarser bands, so two domains of other pitches differ in
-more than their look.  ``dicom-node train`` averages a B of finer pixels to A's pixel size
-(``data.pixel_spacing: match``, ``train/pixel_pitch.py``) and warns about a coarser one; this
-script measures what a pitch difference costs and what the averaging wins back.
+more than their look.  ``dicom-node train`` resamples a B of other pixels to A's pixel size
+(``data.pixel_spacing: match``, ``train/pixel_pitch.py``: a finer B averaged, a coarser one
+interpolated bicubically); this script measures what a pitch difference costs and what the
+resampling wins back.
 
 For each style pair and data seed it makes ``demo-data --unpaired`` at 512 px (24 images per
 domain, 6 held-out true pairs) and, with the same seed, B's images again at another size over
@@ -13,9 +14,9 @@ the same field of view (768 px: pixels 1.5x finer; 352 px: 1.45x coarser), proce
 style at that size, as B's own detector would.  It keeps the chests alone (one field of view,
 so one pixel size per domain, as one detector gives).  It fits the first stage as the trainer
 does without pairs (band curves, 4 brightness bins, 9 quantiles) from A at 512 against B at each
-pitch, and against B as ``dicom-node train`` loads it by default (its own decision and
-averaging: the finer B averaged to A's pixel size; the coarser B left alone, so it is shown
-interpolated up instead, which the trainer does not do).  Every fit is scored A→B on the same
+pitch, against B as ``dicom-node train`` loads it by default (its own decision and
+resampling), and against the coarser B interpolated up bilinearly (the alternative to the
+trainer's bicubic).  Every fit is scored A→B on the same
 held-out chests (4 of the 6 pairs): B's style applied to A's images on A's grid, affine PSNR ("look") and plain
 PSNR ("as written").
 
@@ -38,7 +39,7 @@ BASE = 512  # A's size, and the held-out pairs'
 
 
 def resampled(images: list[np.ndarray], size: int) -> list[np.ndarray]:
-    """Each square image interpolated up to ``size`` x ``size`` over the same field of view."""
+    """Each square image interpolated up to ``size`` x ``size`` over the same field of view, bilinearly."""
     import torch
     import torch.nn.functional as F
 
@@ -90,10 +91,11 @@ def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -
         # what dicom-node train does by default (data.pixel_spacing: match): its own decision and averaging
         target = targets[pitch] = pitch_target(a.summary()["pixel_spacing_mm"], find_image_files(other / "B"))
         if target is not None:
-            domains_b[f"B at {pitch}, as the trainer averages it"] = list(load_domain(
-                other / "B", "B", other / ".cache-matched", b_norm, pitch_to=target).arrays)
-        else:  # a coarser B: the trainer leaves it; what interpolating it up would give
-            domains_b[f"B at {pitch}, interpolated up (not done by the trainer)"] = resampled(
+            matched = load_domain(other / "B", "B", other / ".cache-matched", b_norm, pitch_to=target)
+            how = " and ".join(sorted(matched.resampled))
+            domains_b[f"B at {pitch}, as the trainer {how} it"] = list(matched.arrays)
+        if size < BASE:  # what plain bilinear interpolation would give, against the trainer's bicubic
+            domains_b[f"B at {pitch}, bilinear up (not the trainer's)"] = resampled(
                 [np.asarray(x, np.float32) for x in as_made], BASE)
     look, written = {}, {}
     look["identity"], written["identity"] = stage_scores(None, tests)
