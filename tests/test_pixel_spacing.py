@@ -115,6 +115,11 @@ def test_finer_pixels_are_averaged_coarser_ones_interpolated_and_alike_ones_left
     assert resampling(0.1, 0.15) == AVERAGED and resampling(0.2, 0.15) == INTERPOLATED
     for alike in ((0.13, 0.15), (0.18, 0.15), (None, 0.15), (0.1, None)):  # within 1.25x, or unknown
         assert resampling(*alike) is None, alike
+    # a header more than 4x off is more likely wrong than a detector; nor past the decoder's limit
+    assert resampling(0.6, 0.15) == INTERPOLATED and resampling(0.61, 0.15) is None
+    assert resampling(0.0375, 0.15) == AVERAGED and resampling(0.037, 0.15) is None
+    assert resampling(0.3, 0.15, (4096, 4096)) == INTERPOLATED and resampling(0.3, 0.15, (4097, 4096)) is None
+    assert resampling(0.075, 0.15, (9000, 9000)) == AVERAGED
     rng = np.random.default_rng(0)
     image = rng.normal(size=(96, 120)).astype(np.float32)
     valid = np.ones_like(image, bool)

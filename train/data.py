@@ -134,7 +134,7 @@ def _decode(path: Path, normalization: dict[str, Any], pitch_to: float | None = 
     if image.ndim != 2:
         raise UserError(f"not a single 2-D image (shape {image.shape})")
     valid = radiograph.valid
-    how = resampling(header["pixel_spacing"], pitch_to)
+    how = resampling(header["pixel_spacing"], pitch_to, image.shape)
     if how is not None and pitch_to is not None:
         image, valid = to_pixel_size(image, valid, header["pixel_spacing"], pitch_to)
         header.update(pixel_spacing=pitch_to, resampled=how)

@@ -20,7 +20,11 @@ overshoot; a pixel stays valid where the source pixels around it all were). B's 
 its own detector's resolution is then missing, as it is in every image B's vendor made, and
 the fit softens A's finest band. Images that name no size, and A's own, are left as they are.
 Sizes that overlap are left alone: they are one detector's, or one mix of examinations whose
-smaller fields have finer pixels in both domains. The model then records B's sizes as
+smaller fields have finer pixels in both domains. So is an image more than
+:data:`MAX_RESAMPLING` from the target, or one that would pass the decoder's pixel limit
+(``engine.radiograph.DEFAULT_MAX_PIXELS``): its header is more likely wrong than its detector
+(an image interpolated 4x holds 16x the pixels), and the trainer then warns that the domains'
+pixels differ. The model then records B's sizes as
 resampled, and the log says how many were, and how.
 """
 from __future__ import annotations
@@ -32,9 +36,12 @@ import numpy as np
 
 from dicom_node.engine.pixel_spacing import SPACING_TOLERANCE, finer_domain, pixel_spacing_mm, spacing_range
 
-__all__ = ["AVERAGED", "INTERPOLATED", "pitch_target", "resampling", "to_pixel_size"]
+__all__ = ["AVERAGED", "INTERPOLATED", "MAX_RESAMPLING", "pitch_target", "resampling", "to_pixel_size"]
 
 AVERAGED, INTERPOLATED = "averaged", "interpolated"  # how an image came to the target size
+# Pixel sizes further apart than this are left alone: 0.05 mm mammography plates against 0.2 mm
+# radiography panels are 4x apart, so more is a header in error rather than a detector.
+MAX_RESAMPLING = 4.0
 
 
 def pitch_target(a_sizes: dict[str, float] | None, b_files: Sequence[Path]) -> float | None:
@@ -54,14 +61,19 @@ def _header_spacing(path: Path) -> float | None:
         return None
 
 
-def resampling(own_mm: float | None, target_mm: float | None) -> str | None:
-    """How an image of ``own_mm`` pixels comes to ``target_mm`` by the rule: :data:`AVERAGED`
-    (finer), :data:`INTERPOLATED` (coarser), or None (within the tolerance, or either unknown)."""
-    if own_mm is None or target_mm is None:
+def resampling(own_mm: float | None, target_mm: float | None, shape: tuple[int, int] = (0, 0)) -> str | None:
+    """How an image of ``own_mm`` pixels (and ``shape``) comes to ``target_mm`` by the rule:
+    :data:`AVERAGED` (finer), :data:`INTERPOLATED` (coarser), or None (left alone: within the
+    tolerance, further than :data:`MAX_RESAMPLING`, too large once interpolated, or a size unknown)."""
+    from dicom_node.engine.radiograph import DEFAULT_MAX_PIXELS
+
+    if own_mm is None or target_mm is None or max(own_mm, target_mm) > MAX_RESAMPLING * min(own_mm, target_mm):
         return None
     if own_mm * SPACING_TOLERANCE < target_mm:
         return AVERAGED
-    return INTERPOLATED if own_mm > target_mm * SPACING_TOLERANCE else None
+    if own_mm > target_mm * SPACING_TOLERANCE and shape[0] * shape[1] * (own_mm / target_mm) ** 2 <= DEFAULT_MAX_PIXELS:
+        return INTERPOLATED
+    return None
 
 
 def to_pixel_size(image: np.ndarray, valid: np.ndarray | None, own_mm: float,
