@@ -192,6 +192,7 @@ def test_dicom_node_train_resamples_b_to_a_s_pixel_size_unless_told_to_keep_it(t
     assert not any(m.startswith("the domains' pixels differ") for m in said)
     data = load_style_model(tmp_path / "run" / "models" / "run_A2B.safetensors").metadata["provenance"]["data"]
     assert data["B"]["pixel_spacing_mm"]["median"] == 0.15
+    assert data["B"]["resampled_to_pixel_spacing"] == {how.split()[0]: 3} and "resampled_to_pixel_spacing" not in data["A"]
     norm = json.loads((tmp_path / "run" / "cache" / "B" / "index.json").read_text())["normalization"]
     cached = load_domain(tmp_path / "B", "B", tmp_path / "run" / "cache", norm, pitch_to=0.15, write_cache=False)
     assert [x.shape for x in cached.arrays] == [(size, size)] * 3  # what the run trained on

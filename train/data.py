@@ -59,9 +59,10 @@ class DomainData:
 
         from .exam_mix import mix_counts
 
+        resampled = {"resampled_to_pixel_spacing": dict(sorted(self.resampled.items()))} if self.resampled else {}
         return {"folder": str(self.folder), "images": len(self), "skipped_unreadable": self.skipped_unreadable,
                 "skipped_too_small": self.skipped_small, "body_parts": mix_counts(self.body_parts),
-                "pixel_spacing_mm": spacing_range(self.pixel_spacings)}
+                "pixel_spacing_mm": spacing_range(self.pixel_spacings), **resampled}
 
 
 def pick_indices(count: int, limit: int) -> list[int]:
