@@ -110,7 +110,7 @@ def test_dicom_node_train_records_the_pixel_sizes_warns_when_they_differ_and_the
 def test_finer_pixels_are_averaged_coarser_ones_interpolated_and_alike_ones_left_alone():
     import numpy as np
 
-    from dicom_node.train.pixel_pitch import AVERAGED, INTERPOLATED, resampling, to_pixel_size
+    from dicom_node.train.pixel_pitch import AVERAGED, INTERPOLATED, left_alone, resampling, to_pixel_size
 
     assert resampling(0.1, 0.15) == AVERAGED and resampling(0.2, 0.15) == INTERPOLATED
     for alike in ((0.13, 0.15), (0.18, 0.15), (None, 0.15), (0.1, None)):  # within 1.25x, or unknown
@@ -120,6 +120,7 @@ def test_finer_pixels_are_averaged_coarser_ones_interpolated_and_alike_ones_left
     assert resampling(0.0375, 0.15) == AVERAGED and resampling(0.037, 0.15) is None
     assert resampling(0.3, 0.15, (4096, 4096)) == INTERPOLATED and resampling(0.3, 0.15, (4097, 4096)) is None
     assert resampling(0.075, 0.15, (9000, 9000)) == AVERAGED
+    assert left_alone([0.15, 0.16, None, 0.61, 0.03], 0.15) == [0.61, 0.03]  # as loaded: resampled ones are 0.15
     rng = np.random.default_rng(0)
     image = rng.normal(size=(96, 120)).astype(np.float32)
     valid = np.ones_like(image, bool)
@@ -186,16 +187,24 @@ def test_dicom_node_train_resamples_b_to_a_s_pixel_size_unless_told_to_keep_it(t
             ds = make_dataset(phantom(96, 96, seed=i + (10 if domain == "B" else 0)), rows=96, cols=96, seed=i)
             ds.ImagerPixelSpacing = ds.PixelSpacing = [mm, mm]
             write(ds, tmp_path / domain / f"{domain.lower()}{i}.dcm")
+    if spacing > 0.15:  # and one whose header is off by far more than a detector: left alone, with a warning
+        ds.ImagerPixelSpacing = ds.PixelSpacing = [5.0, 5.0]
+        write(ds, tmp_path / "B" / "b9.dcm")
     said = train_tiny(tmp_path, caplog)
-    assert f"domain B: 3 of 3 images {how} pixels (a vendor's processing " \
+    total = 3 if spacing < 0.15 else 4
+    assert f"domain B: 3 of {total} images {how} pixels (a vendor's processing " \
            "works in pixels; data.pixel_spacing: keep leaves them)" in said
+    far = [m for m in said if "left at their own pixel size" in m]
+    assert far == ([] if total == 3 else ["domain B: 1 of 4 images left at their own pixel size (5.000 to 5.000 mm): "
+                                          "more than 4x from A's 0.150 mm or too large to interpolate; check their "
+                                          "headers"])
     assert not any(m.startswith("the domains' pixels differ") for m in said)
     data = load_style_model(tmp_path / "run" / "models" / "run_A2B.safetensors").metadata["provenance"]["data"]
     assert data["B"]["pixel_spacing_mm"]["median"] == 0.15
     assert data["B"]["resampled_to_pixel_spacing"] == {how.split()[0]: 3} and "resampled_to_pixel_spacing" not in data["A"]
     norm = json.loads((tmp_path / "run" / "cache" / "B" / "index.json").read_text())["normalization"]
     cached = load_domain(tmp_path / "B", "B", tmp_path / "run" / "cache", norm, pitch_to=0.15, write_cache=False)
-    assert [x.shape for x in cached.arrays] == [(size, size)] * 3  # what the run trained on
+    assert [x.shape for x in cached.arrays] == [(size, size)] * 3 + [(96, 96)] * (total - 3)  # as the run trained
     if spacing < 0.15:  # keep: as it is, with the warning (the coarser B's is the test above)
         said = train_tiny(tmp_path, caplog, "-o", str(tmp_path / "kept"), "--set", "data.pixel_spacing=keep")
         assert not any("to A's pixel size" in m for m in said)

@@ -33,7 +33,7 @@ from .data import DomainData, PatchSampler, find_image_files, load_domain, load_
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
 from .export import checkpoint_normalizations, export_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from .networks import tone_filter_arguments
-from .pixel_pitch import AVERAGED, pitch_target
+from .pixel_pitch import AVERAGED, MAX_RESAMPLING, left_alone, pitch_target
 from .run_log import RunLog
 from .selection import PSEUDO_IMAGES, CheckpointSelector
 
@@ -118,6 +118,11 @@ class _Run:
             log.info("domain B: %d of %d images %s to A's pixel size, %.3f mm, from %s pixels (a vendor's "
                      "processing works in pixels; data.pixel_spacing: keep leaves them)", count, len(b), how, pitch_to,
                      "finer" if how == AVERAGED else "coarser")
+        far = left_alone(b.pixel_spacings, pitch_to) if pitch_to is not None and write else []
+        if far:
+            log.warning("domain B: %d of %d images left at their own pixel size (%.3f to %.3f mm): more than %gx "
+                        "from A's %.3f mm or too large to interpolate; check their headers", len(far), len(b),
+                        min(far), max(far), MAX_RESAMPLING, pitch_to)
         return a, b
 
     def _decide_normalizations(self) -> dict[str, dict[str, Any]]:

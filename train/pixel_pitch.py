@@ -23,9 +23,8 @@ Sizes that overlap are left alone: they are one detector's, or one mix of examin
 smaller fields have finer pixels in both domains. So is an image more than
 :data:`MAX_RESAMPLING` from the target, or one that would pass the decoder's pixel limit
 (``engine.radiograph.DEFAULT_MAX_PIXELS``): its header is more likely wrong than its detector
-(an image interpolated 4x holds 16x the pixels), and the trainer then warns that the domains'
-pixels differ. The model then records B's sizes as
-resampled, and the log says how many were, and how.
+(an image interpolated 4x holds 16x the pixels), and the trainer warns about it. The model
+then records B's sizes as resampled, and the log says how many were, and how.
 """
 from __future__ import annotations
 
@@ -36,7 +35,8 @@ import numpy as np
 
 from dicom_node.engine.pixel_spacing import SPACING_TOLERANCE, finer_domain, pixel_spacing_mm, spacing_range
 
-__all__ = ["AVERAGED", "INTERPOLATED", "MAX_RESAMPLING", "pitch_target", "resampling", "to_pixel_size"]
+__all__ = ["AVERAGED", "INTERPOLATED", "MAX_RESAMPLING", "left_alone", "pitch_target", "resampling",
+           "to_pixel_size"]
 
 AVERAGED, INTERPOLATED = "averaged", "interpolated"  # how an image came to the target size
 # Pixel sizes further apart than this are left alone: 0.05 mm mammography plates against 0.2 mm
@@ -74,6 +74,12 @@ def resampling(own_mm: float | None, target_mm: float | None, shape: tuple[int, 
     if own_mm > target_mm * SPACING_TOLERANCE and shape[0] * shape[1] * (own_mm / target_mm) ** 2 <= DEFAULT_MAX_PIXELS:
         return INTERPOLATED
     return None
+
+
+def left_alone(spacings: Sequence[float | None], target_mm: float) -> list[float]:
+    """The pixel sizes, after loading, of B's images that the rule left more than the tolerance
+    from ``target_mm`` (too far from it, or too large to interpolate), for a warning."""
+    return [s for s in spacings if s is not None and max(s, target_mm) > SPACING_TOLERANCE * min(s, target_mm)]
 
 
 def to_pixel_size(image: np.ndarray, valid: np.ndarray | None, own_mm: float,
