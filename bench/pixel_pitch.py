@@ -66,6 +66,7 @@ def chests(data: Path, out: Path) -> Path:
 
 def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -> dict:
     """Identity and the first stage fitted from A against B at each pitch, scored on the held-out chests."""
+    from dicom_node.engine.tone_filter import DEFAULT_SIGMAS
     from dicom_node.train.data import find_image_files, load_domain
     from dicom_node.train.pixel_pitch import pitch_target
     from dicom_node.train.tone_fit import fit_tone_filter
@@ -97,14 +98,16 @@ def score_pair(pair: str, seed: int, work: Path, sizes: list[int], count: int) -
         if size < BASE:  # what plain bilinear interpolation would give, against the trainer's bicubic
             domains_b[f"B at {pitch}, bilinear up (not the trainer's)"] = resampled(
                 [np.asarray(x, np.float32) for x in as_made], BASE)
-    look, written = {}, {}
+    look, written, gains = {}, {}, {}
     look["identity"], written["identity"] = stage_scores(None, tests)
     for name, arrays in domains_b.items():
         tf = fit_tone_filter(a.arrays, arrays, band_curves=True, brightness_bins=4, seed=0)
         look[name], written[name] = stage_scores(tf, tests)
+        gains[name] = tf.describe()["band_gains_small"]  # what each band does to small coefficients
     return {"look": {k: float(np.mean(v)) for k, v in look.items()},
             "as_written": {k: float(np.mean(v)) for k, v in written.items()},
             "images": look, "images_as_written": written, "pitch_target_mm": targets,
+            "band_gains_small": gains, "band_sigmas_px": list(DEFAULT_SIGMAS),
             "images_per_domain": {"A": len(a), "B": len(b), "test": len(tests)}}
 
 
