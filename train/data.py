@@ -30,8 +30,8 @@ __all__ = ["DomainData", "pick_images", "pick_indices", "find_image_files", "loa
 log = logging.getLogger("dicom_node.train")
 
 BLOCK = 8  # content map resolution in pixels
-CACHE_VERSION = 4  # 2: each entry holds the image's body part; 3: named by meaning, and its pixel size;
-# 4: how it was resampled (train/pixel_pitch.py)
+CACHE_VERSION = 5  # 2: each entry holds the image's body part; 3: named by meaning, and its pixel size;
+# 4: how it was resampled (train/pixel_pitch.py); 5: averaged bicubically (antialiased), not by area
 _SKIP_SUFFIXES = {".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".npy", ".safetensors", ".pt", ".zip"}
 
 

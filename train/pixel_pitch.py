@@ -6,7 +6,7 @@ same anatomy lies in coarser bands of B's pixels than of A's, and the fit reads 
 scale as style; where it is coarser, the other way round. Resampled to A's pixel size, B's
 images show anatomy at A's scale again. Measured with ``bench/pixel_pitch.py`` (first stage,
 demo styles; ``bench/README.md``): a B of 1.5x finer pixels cost 3.1 to 12.7 dB and averaging
-won back 2.4 to 11.7 on every pair and seed; a B of 1.45x coarser pixels cost the noise and
+won back 2.4 to 11.9 on every pair and seed; a B of 1.45x coarser pixels cost the noise and
 sharpness styles 9.5 to 13.3 dB, and bicubic interpolation up won back 8.5 to 14.5, at −1.1 to
 +0.1 on the contrast styles, within the spread that B at A's own pitch shows against them.
 
@@ -14,9 +14,9 @@ The rule: with ``data.pixel_spacing: match`` (the default), when the domains' pi
 not overlap (``engine.pixel_spacing.finer_domain``: one domain's coarsest more than
 :data:`~dicom_node.engine.pixel_spacing.SPACING_TOLERANCE` finer than the other's finest),
 each image of B that names its size and lies more than that tolerance from A's median pixel
-size is resampled to it: area-averaged when finer (a pixel stays valid where all it averages
-were), interpolated bicubically when coarser (clamped to the image's own range, so no
-overshoot; a pixel stays valid where the source pixels around it all were). B's detail above
+size is resampled to it bicubically: averaged when finer (antialiased), interpolated when
+coarser; clamped to the image's own range, so no overshoot, and a pixel stays valid where
+every source pixel the kernel reads was. B's detail above
 its own detector's resolution is then missing, as it is in every image B's vendor made, and
 the fit softens A's finest band. Images that name no size, and A's own, are left as they are.
 Sizes that overlap are left alone: they are one detector's, or one mix of examinations whose
@@ -28,6 +28,7 @@ then records B's sizes as resampled, and the log says how many were, and how.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -84,22 +85,23 @@ def left_alone(spacings: Sequence[float | None], target_mm: float) -> list[float
 
 def to_pixel_size(image: np.ndarray, valid: np.ndarray | None, own_mm: float,
                   target_mm: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """``image`` (and its valid mask) resampled from ``own_mm`` to ``target_mm`` pixels: to
-    coarser pixels each output pixel is the mean of the input pixels its area touches (torch's
-    adaptive average); to finer ones bicubic, clamped to the image's range, and a pixel is valid
-    where the 5x5 source pixels around it all were (bicubic reads 4x4)."""
+    """``image`` (and its valid mask) resampled from ``own_mm`` to ``target_mm`` pixels, bicubic
+    (antialiased to coarser pixels: a weighted average over the output pixel's footprint) and
+    clamped to the image's range; a pixel is valid where every source pixel the kernel reads was."""
     import torch
     import torch.nn.functional as F
 
     h, w = image.shape
     size = (max(1, round(h * own_mm / target_mm)), max(1, round(w * own_mm / target_mm)))
     t = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
-    m = None if valid is None else torch.from_numpy(np.ascontiguousarray(valid, np.float32))[None, None]
-    if own_mm < target_mm:
-        out = F.interpolate(t, size=size, mode="area")[0, 0].numpy()
-        return out, None if m is None else F.interpolate(m, size=size, mode="area")[0, 0].numpy() > 0.999
-    up = F.interpolate(t, size=size, mode="bicubic", align_corners=False).clamp(float(t.min()), float(t.max()))
-    if m is None:
-        return up[0, 0].numpy(), None
-    inner = -F.max_pool2d(-m, kernel_size=5, stride=1, padding=2)  # valid with all its 5x5 neighbours
-    return up[0, 0].numpy(), F.interpolate(inner, size=size, mode="nearest")[0, 0].numpy() > 0.5
+    shrink = own_mm < target_mm
+    resized = F.interpolate(t, size=size, mode="bicubic", align_corners=False, antialias=shrink)
+    out = resized.clamp(float(t.min()), float(t.max()))[0, 0].numpy()
+    if valid is None:
+        return out, None
+    m = torch.from_numpy(np.ascontiguousarray(valid, np.float32))[None, None]
+    reach = 2 * math.ceil(2 * max(1.0, target_mm / own_mm)) + 1  # the kernel's footprint in source pixels
+    inner = -F.max_pool2d(-m, kernel_size=reach, stride=1, padding=reach // 2)  # valid with all it reaches
+    if shrink:
+        return out, F.interpolate(inner, size=size, mode="area")[0, 0].numpy() > 0.999
+    return out, F.interpolate(inner, size=size, mode="nearest")[0, 0].numpy() > 0.5
