@@ -231,7 +231,7 @@ def _domain_files(folder: Path, label: str) -> list[Path]:
 
 def _read_index(index_path: Path, normalization: dict[str, Any], pitch_to: float | None) -> dict[str, Any]:
     """The cache index, or a fresh one when it is missing, unreadable, of another cache version
-    or made with another normalisation or pixel size to average to."""
+    or made with another normalisation or pixel size to resample to."""
     index: dict[str, Any] = {}
     if index_path.exists():
         try:

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from dicom_node.engine.pixel_spacing import SPACING_TOLERANCE, finer_domain, pixel_spacing_mm, spacing_range
+from dicom_node.engine.radiograph import DEFAULT_MAX_PIXELS
 
 __all__ = ["AVERAGED", "INTERPOLATED", "MAX_RESAMPLING", "left_alone", "pitch_target", "resampling",
            "to_pixel_size"]
@@ -66,21 +67,23 @@ def resampling(own_mm: float | None, target_mm: float | None, shape: tuple[int, 
     """How an image of ``own_mm`` pixels (and ``shape``) comes to ``target_mm`` by the rule:
     :data:`AVERAGED` (finer), :data:`INTERPOLATED` (coarser), or None (left alone: within the
     tolerance, further than :data:`MAX_RESAMPLING`, too large once interpolated, or a size unknown)."""
-    from dicom_node.engine.radiograph import DEFAULT_MAX_PIXELS
-
-    if own_mm is None or target_mm is None or max(own_mm, target_mm) > MAX_RESAMPLING * min(own_mm, target_mm):
+    if (own_mm is None or target_mm is None or not _apart(own_mm, target_mm, SPACING_TOLERANCE)
+            or _apart(own_mm, target_mm, MAX_RESAMPLING)):
         return None
-    if own_mm * SPACING_TOLERANCE < target_mm:
+    if own_mm < target_mm:
         return AVERAGED
-    if own_mm > target_mm * SPACING_TOLERANCE and shape[0] * shape[1] * (own_mm / target_mm) ** 2 <= DEFAULT_MAX_PIXELS:
-        return INTERPOLATED
-    return None
+    return INTERPOLATED if shape[0] * shape[1] * (own_mm / target_mm) ** 2 <= DEFAULT_MAX_PIXELS else None
 
 
 def left_alone(spacings: Sequence[float | None], target_mm: float) -> list[float]:
     """The pixel sizes, after loading, of B's images that the rule left more than the tolerance
     from ``target_mm`` (too far from it, or too large to interpolate), for a warning."""
-    return [s for s in spacings if s is not None and max(s, target_mm) > SPACING_TOLERANCE * min(s, target_mm)]
+    return [s for s in spacings if s is not None and _apart(s, target_mm, SPACING_TOLERANCE)]
+
+
+def _apart(a_mm: float, b_mm: float, factor: float) -> bool:
+    """Whether two pixel sizes lie more than ``factor`` apart."""
+    return max(a_mm, b_mm) > factor * min(a_mm, b_mm)
 
 
 def to_pixel_size(image: np.ndarray, valid: np.ndarray | None, own_mm: float,
