@@ -11,7 +11,7 @@ from dicom_node.engine import load_style_model, save_style_model, translate
 from dicom_node.engine.generator import ResnetGenerator
 from dicom_node.engine.model_file import StyleModel
 from dicom_node.engine.tone_filter import ToneFilter, binned_uniform_curve, gaussian_blur, uniform_curve
-from dicom_node.train.tone_fit import _keep_local_tone, fit_tone_filter
+from dicom_node.train.tone_fit import fit_tone_filter
 from tests.style_data import affine_psnr, demo_domains
 
 
@@ -53,10 +53,11 @@ def test_local_tone_curves_learn_a_demo_vendors_multiscale_equalisation_from_unp
     assert scores[8] > scores[1] + 2.0, scores  # measured +3.8 dB
     assert caplog.text.count("local tone curves not checked: no validation pairs") == 1  # bins 8 only
     caplog.clear()
-    fitted = tf.local_curves.clone()
     with caplog.at_level(logging.INFO, logger="dicom_node.train"):  # validation pairs confirm them: kept
-        _keep_local_tone(tf, [(x, y) for _, x, y in pairs])  # what fit_tone_filter(pairs=...) runs last
-    assert "local tone curves kept" in caplog.text and torch.equal(tf.local_curves, fitted)
+        checked = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8,
+                                  pairs=[(x, y) for _, x, y in pairs])
+    assert "local tone curves kept" in caplog.text
+    assert np.mean([affine_psnr(run(checked, x), y) for _, x, y in pairs]) > scores[1] + 2.0
 
 
 def test_local_tone_curves_that_validation_pairs_show_worse_are_left_out(caplog):
@@ -73,6 +74,13 @@ def test_local_tone_curves_that_validation_pairs_show_worse_are_left_out(caplog)
     assert "local tone curves left out" in caplog.text
     for x, y in pairs:
         assert np.abs(run(checked, x) - y).max() < 1e-5
+    # Left out, they are identity curves, which the stage skips (they would triple its time):
+    # applied anyway they give the same values.
+    assert tf.local_tone_changes() and not checked.local_tone_changes()
+    assert checked.describe()["local_tone"]["identity"] is True
+    with torch.no_grad():
+        before = checked.before_local_tone(torch.from_numpy(tests[0])[None, None])
+        assert torch.allclose(checked.local_tone(before), before, atol=1e-6)
 
 
 def affine_psnr(out: np.ndarray, target: np.ndarray) -> float:
@@ -84,6 +92,7 @@ def affine_psnr(out: np.ndarray, target: np.ndarray) -> float:
 def test_local_tone_curves_are_the_identity_until_fitted_and_blend_between_the_bins():
     x = torch.from_numpy(field(1))[None, None]
     assert torch.allclose(ToneFilter(band_knots=9, local_bins=4)(x), x, atol=1e-6)
+    assert not ToneFilter(band_knots=9, local_bins=4).local_tone_changes()
     values = torch.stack([torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 5) ** 3])
     lo, hi = torch.tensor(-1.0), torch.tensor(1.0)
     y = torch.linspace(-1.2, 1.2, 13)
@@ -128,7 +137,7 @@ def test_local_tone_curves_round_trip_through_a_model_file_and_tile_seamlessly(t
     diff = np.abs(translate(model, img, tile=64) - whole)
     assert diff.mean() < SEAMLESS_MEAN_BOUND * 2 / 100 and diff.max() < SEAMLESS_MAX_BOUND * 2 / 100
     assert model.generator.tone_filter is not None
-    assert model.generator.tone_filter.describe()["local_tone"] == {"bins": 8, "sigma_px": fitted.local_sigma}
+    assert model.generator.tone_filter.describe()["local_tone"] == {"bins": 8, "sigma_px": fitted.local_sigma, "identity": False}
 
 
 def test_flat_domains_leave_the_local_curves_at_the_identity():
