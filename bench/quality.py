@@ -45,7 +45,8 @@ space (data range 2).  Per method: mean over images, and the worst image's margi
 identity score.
 
 ``--local-tone-bins 8`` turns on the first stage's local tone curves (``model.local_tone_bins``)
-for ``tone_filter`` and the trained methods (``classic`` has no first stage).  The trainer keeps
+for ``tone_filter`` and the trained methods (``classic`` has no first stage); without it the
+trained methods run the trainer's default (``auto``: on with ``--val-half``).  The trainer keeps
 them only where its validation pairs show a gain; with them it also chooses how many quantiles
 its tone curves match and fits their output level (``train/tone_fit.py``).  The ``default`` runs
 get validation pairs only with ``--val-half``: the first half of the test pairs as ``data.val``,
@@ -258,7 +259,8 @@ def main() -> int:
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--local-tone-bins", type=int, default=1,
-                    help="model.local_tone_bins for the trained methods and tone_filter (default 1: off)")
+                    help="model.local_tone_bins for the trained methods and tone_filter (default 1: off for "
+                         "tone_filter, the trainer's auto for the trained methods: on with --val-half)")
     add_data_arguments(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training run (0: torch's default)")

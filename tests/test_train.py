@@ -22,7 +22,7 @@ from dicom_node.cli import main
 from dicom_node.config import ConfigError
 from dicom_node.engine import load_style_model, translate
 from dicom_node.engine.pixels import normalize, read_image_file
-from dicom_node.train.config import load_train_config
+from dicom_node.train.config import load_train_config, parse_train_config
 from dicom_node.train.export import latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
         assert prov["data"]["A"]["images"] == 3 and prov["data"]["B"]["images"] == 3
         assert prov["data"]["B"]["skipped_unreadable"] == 1  # broken.dcm skipped and counted
         assert prov["config"]["model"] == {"ngf": 8, "n_blocks": 2, "ndf": 8, "residual": False, "tone_filter": True,
-                                             "band_curves": True, "brightness_bins": 4, "local_tone_bins": 1}
+                                             "band_curves": True, "brightness_bins": 4, "local_tone_bins": "auto"}
         assert model.generator.tone_filter is not None  # the default: fitted from the two domains
         assert model.metadata["architecture"]["tone_filter"]["knots"] > 1
         assert model.metadata["architecture"]["tone_filter"]["band_knots"] > 1
@@ -173,6 +173,25 @@ def test_tiny_run_on_dicom_and_png_exports_two_usable_models(tmp_path, data, cap
     assert len(re.findall(r"quantiles, chosen on the 2 validation pairs|left out \(the identity\): every fit",
                           caplog.text)) == 2
     assert len(re.findall(r"first stage's shape kept [^\n]*on the 2 validation pairs", caplog.text)) == 2
+    # With validation pairs, local tone curves by default (model.local_tone_bins: auto), each
+    # direction's kept or left out by the pairs; the exported model carries them either way.
+    assert len(re.findall(r"local tone curves (kept|left out)[^\n]*on the 2 validation pairs", caplog.text)) == 2
+    assert all(m.metadata["architecture"]["tone_filter"]["local_bins"] == 8 for m in pair)
+
+
+def test_local_tone_curves_are_on_by_default_only_with_validation_pairs(tmp_path):
+    """``model.local_tone_bins: auto`` (the default) acts as 8 with data.val and as off without:
+    only pairs can show whether curves fitted per neighbourhood are the look or the content."""
+    base = {"data": {"a": "A", "b": "B"}}
+    assert parse_train_config(base, base_dir=tmp_path).local_tone_bins == 1
+    assert parse_train_config({"data": {**base["data"], "val": "V"}}, base_dir=tmp_path).local_tone_bins == 8
+    assert parse_train_config({"data": {**base["data"], "val": "V"}, "model": {"local_tone_bins": 1}},
+                              base_dir=tmp_path).local_tone_bins == 1
+    assert parse_train_config({"data": {**base["data"], "val": "V"}, "model": {"tone_filter": False}},
+                              base_dir=tmp_path).local_tone_bins == 1
+    assert parse_train_config({**base, "model": {"local_tone_bins": 4}}, base_dir=tmp_path).local_tone_bins == 4
+    with pytest.raises(ConfigError, match="model.local_tone_bins: must be an integer or auto"):
+        parse_train_config({**base, "model": {"local_tone_bins": "many"}}, base_dir=tmp_path)
 
 
 def test_resume_continues_step_count_optimizer_and_loss(tmp_path, data):

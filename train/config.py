@@ -16,7 +16,7 @@ from dicom_node.engine.yaml_config import ConfigError, load_config_file
 
 __all__ = [
     "DataSettings", "ModelSettings", "TrainSettings", "OutputSettings", "TrainConfig",
-    "load_train_config", "parse_train_config", "apply_overrides",
+    "load_train_config", "parse_train_config", "apply_overrides", "local_tone_bins", "AUTO_LOCAL_TONE_BINS",
 ]
 
 
@@ -55,10 +55,25 @@ class ModelSettings:
     # curve per band, as before
     brightness_bins: int = DEFAULT_BRIGHTNESS_BINS
     # local tone curves after that stage, one per bin of local brightness (a value may map
-    # differently in dark and in bright surroundings: adaptive equalisation); 1: off.  For
-    # domains that show the same exams: on crops of different anatomy they cost up to 1.3 dB (with
-    # data.val pairs the fit keeps them only where the pairs show a gain, train/tone_fit.py).
-    local_tone_bins: int = 1
+    # differently in dark and in bright surroundings: adaptive equalisation); 1: off.  auto:
+    # AUTO_LOCAL_TONE_BINS with data.val pairs, which keep them only where they show a gain
+    # (train/tone_fit.py), off without: on crops of different anatomy they cost up to 1.3 dB.
+    local_tone_bins: int | str = "auto"
+
+
+# model.local_tone_bins: auto, given validation pairs (bench/local_tone.py --with-pairs)
+AUTO_LOCAL_TONE_BINS = 8
+
+
+def local_tone_bins(model: dict[str, Any], validation_pairs: bool) -> int:
+    """How many local tone curves ``model`` (a config's model section, as saved) asks for:
+    ``auto`` is :data:`AUTO_LOCAL_TONE_BINS` with validation pairs (``data.val``) and off (1)
+    without, since only pairs can show whether they help; a section saved before the key
+    existed had none."""
+    bins = model.get("local_tone_bins", 1)
+    if bins == "auto":
+        return AUTO_LOCAL_TONE_BINS if validation_pairs and model.get("tone_filter", True) else 1
+    return int(bins)
 
 
 @dataclass
@@ -110,6 +125,11 @@ class TrainConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     source: str = "config"
+
+    @property
+    def local_tone_bins(self) -> int:
+        """``model.local_tone_bins`` as it acts (:func:`local_tone_bins`)."""
+        return local_tone_bins(asdict(self.model), self.data.val is not None)
 
     @property
     def model_name(self) -> str:
@@ -200,7 +220,7 @@ def parse_train_config(raw: Any, base_dir: Path = Path("."), source: str = "conf
         bins = values["model"].get(key, 1)
         if isinstance(bins, int) and bins > MAX_BRIGHTNESS_BINS:
             problems.append(f"model.{key}: {bins} is more than {MAX_BRIGHTNESS_BINS}")
-    if values["model"].get("local_tone_bins", 1) != 1 and values["model"].get("tone_filter") is False:
+    if values["model"].get("local_tone_bins", 1) not in (1, "auto") and values["model"].get("tone_filter") is False:
         problems.append("model.local_tone_bins: needs model.tone_filter")
     ps = t.get("patch_size", TrainSettings.patch_size)
     if isinstance(ps, int) and ps % 4:
@@ -246,9 +266,11 @@ def _check_value(section: str, key: str, value: Any, typ: Any, base_dir: Path, w
             problems.append(f"{where}: must be true or false")
             return _BAD
         return value
-    if typ == "int":
+    if typ == "int | str" and value == "auto":
+        return value
+    if typ in ("int", "int | str"):
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{where}: must be an integer")
+            problems.append(f"{where}: must be an integer" + (" or auto" if typ != "int" else ""))
             return _BAD
         if (section, key) in _POSITIVE and value < 1:
             problems.append(f"{where}: must be >= 1")

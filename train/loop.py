@@ -27,7 +27,7 @@ import torch
 from dicom_node.engine.errors import UserError
 from dicom_node.engine.pixel_spacing import unlike_domains
 
-from .config import TrainConfig
+from .config import TrainConfig, local_tone_bins
 from .cyclegan import CycleGAN
 from .data import DomainData, PatchSampler, find_image_files, load_domain, load_pairs, paired_indices
 from .distributed import DistInfo, barrier, init_distributed, pick_device, shutdown
@@ -184,7 +184,7 @@ class _Run:
 
             stage: dict[str, Any] = {"band_curves": cfg.model.band_curves,
                                      "brightness_bins": cfg.model.brightness_bins,
-                                     "local_bins": cfg.model.local_tone_bins, "seed": cfg.train.seed}
+                                     "local_bins": cfg.local_tone_bins, "seed": cfg.train.seed}
             ab, ba = [(x, y) for _, x, y in val_pairs], [(y, x) for _, x, y in val_pairs]  # local curves checked on them
             parts_a, parts_b = (d.body_parts if cfg.data.body_parts == "weigh" else [] for d in (a, b))
             model.set_tone_filters(fit_tone_filter(a.arrays, b.arrays, pairs=ab, src_parts=parts_a, dst_parts=parts_b,
@@ -260,7 +260,7 @@ class _Run:
         amp, channels_last = self._step_settings()
         return CycleGAN(ngf=cfg.model.ngf, n_blocks=cfg.model.n_blocks, ndf=cfg.model.ndf, residual=cfg.model.residual,
                         tone_filter=tone_filter_arguments(cfg.model.tone_filter, cfg.model.band_curves,
-                                                          cfg.model.brightness_bins, cfg.model.local_tone_bins),
+                                                          cfg.model.brightness_bins, cfg.local_tone_bins),
                         lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), lambda_cycle=cfg.train.lambda_cycle,
                         lambda_identity=cfg.train.lambda_identity,
                         lambda_paired=cfg.train.lambda_paired if paired else 0.0, pool_size=cfg.train.pool_size,
@@ -281,12 +281,16 @@ class _Run:
                 log.info("no checkpoint in %s: starting a new run", self.run_dir)
             return 0, False
         payload = load_checkpoint(ckpt)
-        # older runs had no tone filter, then no band curves, then no brightness bins
+        # older runs had no tone filter, then no band curves, then no brightness bins; local tone
+        # curves compare as they act (auto: by whether each run had validation pairs)
+        saved_config = payload["meta"]["config"]
         saved_model = {"tone_filter": False, "band_curves": False, "brightness_bins": 1, "local_tone_bins": 1,
-                       **payload["meta"]["config"]["model"]}
-        if saved_model != cfg.to_dict()["model"]:
+                       **saved_config["model"]}
+        saved_model["local_tone_bins"] = local_tone_bins(saved_model, saved_config.get("data", {}).get("val") is not None)
+        own_model = {**cfg.to_dict()["model"], "local_tone_bins": cfg.local_tone_bins}
+        if saved_model != own_model:
             raise UserError(f"{ckpt.name} was trained with model {saved_model}, the config says "
-                            f"{cfg.to_dict()['model']}; resume with the same model settings")
+                            f"{own_model}; resume with the same model settings")
         model.load_state_dict(payload["state"])
         start = payload["step"]
         if info.rank == 0:
