@@ -163,3 +163,26 @@ def test_the_stage_before_the_local_curves_is_fitted_as_without_them():
     for key, value in fits[0].state_dict().items():
         assert torch.equal(value, fits[1].state_dict()[key]), key
     assert torch.equal(toned, fits[0](torch.from_numpy(a[0])[None, None]))
+
+
+def test_with_pairs_the_local_curves_go_through_the_quantiles_the_pairs_chose(monkeypatch):
+    """With validation pairs the local curves match each neighbourhood's histogram through as
+    many quantiles as the pairs chose for the tone curves (every one would bring back the
+    content that a choice of fewer left out; bench/local_tone.py --with-pairs): through 2, each
+    curve is a straight line; through every one, it bends with the histograms."""
+    from dicom_node.train import tone_fit
+
+    a, b = [field(s) for s in range(4)], [equalised(field(s)) for s in range(10, 14)]
+    pairs = [(field(s), equalised(field(s))) for s in range(20, 22)]
+    seen, real_fit = [], tone_fit._fit_local_tone
+
+    def fit_and_keep(tf, *args):
+        real_fit(tf, *args)
+        seen.append(tf.local_curves.clone())
+
+    monkeypatch.setattr(tone_fit, "_fit_local_tone", fit_and_keep)
+    for chosen in (2, tone_fit.FULL_DETAIL):
+        monkeypatch.setattr(tone_fit, "choose_tone_detail", lambda stages, pairs, q=chosen: q)
+        fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=8, pairs=pairs)
+    bends = [float((c[:, 2:] - 2 * c[:, 1:-1] + c[:, :-2]).abs().max()) for c in seen]
+    assert len(bends) == 2 and bends[0] < 1e-5 and bends[1] > 1e-3, bends
