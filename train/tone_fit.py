@@ -355,15 +355,11 @@ def _fit_local_tone(tf: ToneFilter, filtered: list[torch.Tensor], dst: list[np.n
     tgt = values_and_surroundings([torch.from_numpy(im)[None, None] for im in dst], per_image[1])
     q_src, r_src, r_tgt = _ranked(src[1], tgt[1])
     tf.local_levels.copy_(torch.from_numpy(q_src.astype(np.float32)))
-    lo, hi = float(tf.tone_out.min()), float(tf.tone_out.max())  # all the values the curves can see
-    hi = max(hi, lo + 1e-6)
-    tf.local_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
-    grid = np.linspace(lo, hi, tf.local_curves.shape[1])
+    grid = _identity_local_tone(tf)
     bins = tf.local_bins
     for m in range(bins):
         in_src, in_tgt = _in_bin(r_src, m, bins), _in_bin(r_tgt, m, bins)
         if min(in_src.sum(), in_tgt.sum()) < MIN_BIN_PIXELS:  # no neighbourhood like it (flat images): no change
-            tf.local_curves[m].copy_(torch.from_numpy(grid.astype(np.float32)))
             continue
         tf.local_curves[m].copy_(torch.from_numpy(_matching_curve(src[0][in_src], tgt[0][in_tgt], grid, quantiles)))
 
@@ -378,9 +374,10 @@ def _with_local_tone_if_better(shaped: ToneFilter, chosen: ToneFilter, a: list[n
     same ``quantiles`` and the level the pairs give them.  Why the same quantiles: curves through
     every one match the whole of each neighbourhood's histogram, content included, which the
     pairs' choice of fewer had left out (``multiscale``, data seed 1: left out at every
-    quantile, kept and +3.8 dB through the chosen ones; bench/local_tone.py --with-pairs).  Why not on ``shaped``: the local curves match B's distributions per
-    neighbourhood and would put back the level and the bends the pairs took out (on the demo's
-    real crops 13 to 15 dB as written; on ``multiscale``, data seed 1, 3 dB).  Why the check:
+    quantile, kept and +3.8 dB through the chosen ones; bench/local_tone.py --with-pairs).  Why
+    not on ``shaped``: the local curves match B's distributions per neighbourhood and would put
+    back the level and the bends the pairs took out (on the demo's real crops 13 to 15 dB as
+    written; on ``multiscale``, data seed 1, 3 dB).  Why the check:
     a distribution per neighbourhood holds more of the domains' content than a whole image's; on
     crops of different anatomy they cost up to 1.3 dB (bench/local_tone.py)."""
     local = copy.deepcopy(chosen)
@@ -401,10 +398,12 @@ def _with_local_tone_if_better(shaped: ToneFilter, chosen: ToneFilter, a: list[n
 
 
 @torch.no_grad()
-def _identity_local_tone(tf: ToneFilter) -> None:
+def _identity_local_tone(tf: ToneFilter) -> np.ndarray:
     """``tf``'s local tone curves (in place) as the identity over every value its output tone
-    curve can give, so the stage's output is the one before them."""
-    lo, hi = float(tf.tone_out.min()), float(tf.tone_out.max())
+    curve can give, so the stage's output is the one before them; their grid of values."""
+    lo, hi = float(tf.tone_out.min()), float(tf.tone_out.max())  # all the values the curves can see
     hi = max(hi, lo + 1e-6)
     tf.local_range.copy_(torch.tensor([lo, hi], dtype=torch.float32))
-    tf.local_curves.copy_(torch.linspace(lo, hi, tf.local_curves.shape[1]).repeat(tf.local_bins, 1))
+    grid = np.linspace(lo, hi, tf.local_curves.shape[1])
+    tf.local_curves.copy_(torch.from_numpy(grid.astype(np.float32)).repeat(tf.local_bins, 1))
+    return grid
