@@ -98,8 +98,11 @@ def test_a_hanging_destination_does_not_delay_the_others(tmp_path, tiny_model_pa
         with node:
             assert send(node.port, study(1), called="KIM") == [0]
             assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 6)
-            rows = node.db.database.query("SELECT destination, state FROM deliveries ORDER BY destination")
-            assert rows == [("outbox", "delivered"), ("stuck", "pending")]
+            # the file lands before its row is marked delivered: wait briefly, well inside stuck's 8 s
+            def rows() -> list:
+                return node.db.database.query("SELECT destination, state FROM deliveries ORDER BY destination")
+            wait_for(lambda: rows() == [("outbox", "delivered"), ("stuck", "pending")], 1.5)
+            assert rows() == [("outbox", "delivered"), ("stuck", "pending")]
             hang.close()  # resets the half-open connection, so stopping the node is quick
     finally:
         hang.close()
