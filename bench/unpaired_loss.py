@@ -133,7 +133,8 @@ def run(pair: str, method: str, args: argparse.Namespace, seed: int) -> dict:
     source = Q.make_data(pair, args.work, args, paired=True) if method == "paired" else data
     a = Q.load_domain_arrays(source / "A", norms["A"])
     b = Q.load_domain_arrays(source / "B", norms["B"])
-    tf = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, seed=seed)  # the trainer's defaults
+    tf = fit_tone_filter(a, b, band_curves=True, brightness_bins=4, local_bins=args.local_tone_bins,
+                         seed=seed)  # the trainer's defaults without pairs (local curves: --local-tone-bins)
     with torch.no_grad():
         toned = [tf(torch.from_numpy(x)[None, None])[0, 0].numpy() for x in a]
     sigmas = [float(s) for s in args.sigmas.split(",")]
@@ -199,6 +200,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--proj", type=int, default=64, help="directions per step")
     ap.add_argument("--sigmas", default="0.7,1.4,2.8,5.6,11.2,22.4", help="octave bands of the features (px)")
+    ap.add_argument("--local-tone-bins", type=int, default=1,
+                    help="the first stage's local tone curves (model.local_tone_bins; default 1: off, as "
+                         "without pairs)")
     ap.add_argument("--shrink", type=float, default=0.0,
                     help="soft-threshold each quantile's shift at this many times its split-half noise (0: off)")
     ap.add_argument("--ngf", type=int, default=16)
