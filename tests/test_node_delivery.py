@@ -99,10 +99,10 @@ def test_a_hanging_destination_does_not_delay_the_others(tmp_path, tiny_model_pa
             assert send(node.port, study(1), called="KIM") == [0]
             assert wait_for(lambda: len(folder_uids(tmp_path / "outbox")) == 1, 6)
             # the file lands before its row is marked delivered: wait briefly, well inside stuck's 8 s
-            def rows() -> list:
-                return node.db.database.query("SELECT destination, state FROM deliveries ORDER BY destination")
-            wait_for(lambda: rows() == [("outbox", "delivered"), ("stuck", "pending")], 1.5)
-            assert rows() == [("outbox", "delivered"), ("stuck", "pending")]
+            expected = [("outbox", "delivered"), ("stuck", "pending")]
+            query = "SELECT destination, state FROM deliveries ORDER BY destination"
+            wait_for(lambda: node.db.database.query(query) == expected, 1.5)
+            assert node.db.database.query(query) == expected
             hang.close()  # resets the half-open connection, so stopping the node is quick
     finally:
         hang.close()
